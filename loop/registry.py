@@ -1,0 +1,100 @@
+"""The model registry: versions in `<workspace>/models/<version>/`, a `current.json` pointer, a decision log.
+
+Why a pointer file: switching the deployed model is one `os.replace` of a tiny JSON, so a sort that is
+reading the pointer sees either the old version or the new one, never half of each. Versions are never
+deleted by sortloop, so any earlier model can be restored.
+Caveat: version names are `v0001`, `v0002`, ... allocated under a lock; do not create them by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from loop.errors import ModelError
+from loop.tables import locked
+from loop.workspace import Workspace
+
+
+def pointer_path(ws: Workspace) -> Path:
+    return ws.models_dir / "current.json"
+
+
+def log_path(ws: Workspace) -> Path:
+    return ws.models_dir / "registry.jsonl"
+
+
+def model_dir(ws: Workspace, version: str) -> Path:
+    """Folder of one version; raises ModelError (listing what exists) if there is none."""
+    path = ws.models_dir / version
+    if not (path / "model.json").exists():
+        known = ", ".join(list_versions(ws)) or "none"
+        raise ModelError(f"no model version {version!r} in {ws.models_dir} (versions: {known})")
+    return path
+
+
+def list_versions(ws: Workspace) -> list[str]:
+    """All complete versions, oldest first."""
+    if not ws.models_dir.exists():
+        return []
+    return sorted(p.name for p in ws.models_dir.iterdir() if p.is_dir() and (p / "model.json").exists())
+
+
+def current_version(ws: Workspace) -> str | None:
+    """The deployed version, or None if nothing was ever deployed."""
+    path = pointer_path(ws)
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["version"]
+
+
+def current_model_dir(ws: Workspace) -> Path:
+    """Folder of the deployed model; raises ModelError with the fix if there is none."""
+    version = current_version(ws)
+    if version is None:
+        raise ModelError("no model is deployed yet; run `sortloop train` then `sortloop deploy`")
+    return model_dir(ws, version)
+
+
+def new_version_dir(ws: Workspace) -> tuple[str, Path]:
+    """Reserve the next version name and create its (empty) folder."""
+    ws.models_dir.mkdir(parents=True, exist_ok=True)
+    with locked(ws.models_dir / "versions"):
+        taken = [p.name for p in ws.models_dir.iterdir() if p.is_dir() and p.name.startswith("v")]
+        numbers = [int(n[1:]) for n in taken if n[1:].isdigit()]
+        version = f"v{max(numbers, default=0) + 1:04d}"
+        path = ws.models_dir / version
+        path.mkdir()
+    return version, path
+
+
+def set_current(ws: Workspace, version: str) -> None:
+    """Atomically point `current.json` at `version` (which must exist)."""
+    model_dir(ws, version)
+    payload = {"version": version, "since": datetime.now(UTC).isoformat()}
+    fd, tmp = tempfile.mkstemp(prefix=".current.", dir=ws.models_dir)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, pointer_path(ws))
+
+
+def append_log(ws: Workspace, event: dict) -> None:
+    """Append one decision (promoted, refused, rolled back, ...) to the registry log."""
+    record = {"at": datetime.now(UTC).isoformat(), **event}
+    with open(log_path(ws), "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_log(ws: Workspace) -> list[dict]:
+    """Every registry decision, oldest first."""
+    path = log_path(ws)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,85 @@
+"""Parquet tables that several processes may update: atomic replace under a file lock.
+
+Why: the scheduler, a `sort` started by hand and a `review pull` can all touch the manifest at once. Each
+update holds an exclusive lock for read-modify-write, writes a temp file in the same folder, fsyncs it and
+`os.replace`s it over the old one, so a kill -9 at any moment leaves the last complete table.
+Caveat: the lock is advisory (filelock); only sortloop code honours it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+from filelock import FileLock, Timeout
+
+from loop.errors import ManifestError
+
+LOCK_TIMEOUT_S = 120.0
+
+
+def empty_frame(columns: dict[str, str]) -> pd.DataFrame:
+    """A frame with the given columns and dtypes and no rows."""
+    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in columns.items()})
+
+
+def conform(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """Add missing columns, order and type them as `columns` says (extra columns are kept at the end)."""
+    df = df.copy()
+    for name, dtype in columns.items():
+        if name not in df.columns:
+            df[name] = pd.Series(index=df.index, dtype=dtype)
+        elif str(df[name].dtype) != dtype:
+            df[name] = df[name].astype(dtype)
+    extra = [c for c in df.columns if c not in columns]
+    return df[list(columns) + extra]
+
+
+def read_table(path: Path, columns: dict[str, str]) -> pd.DataFrame:
+    """The table at `path`, or an empty one with `columns` if it does not exist yet."""
+    if not path.exists():
+        return empty_frame(columns)
+    try:
+        return conform(pd.read_parquet(path), columns)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise ManifestError(f"cannot read {path}: {exc}; restore it from a backup or delete it") from exc
+
+
+def write_table_atomic(df: pd.DataFrame, path: Path) -> None:
+    """Replace `path` with `df` in one step: temp file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            df.to_parquet(fh, index=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock that guards `path` (a sibling `.lock` file)."""
+    lock = FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
+    try:
+        with lock:
+            yield
+    except Timeout:
+        raise ManifestError(f"{path} is locked by another sortloop process for over {LOCK_TIMEOUT_S:.0f} s") from None
+
+
+def update_table(
+    path: Path, columns: dict[str, str], change: Callable[[pd.DataFrame], pd.DataFrame]
+) -> pd.DataFrame:
+    """Read, apply `change`, and write back, all under the lock; returns the new table."""
+    with locked(path):
+        new = conform(change(read_table(path, columns)), columns)
+        write_table_atomic(new, path)
+        return new

@@ -1,0 +1,97 @@
+"""The workspace: one folder holding the manifest, label history, model registry, caches and the embedded
+Label Studio's data. Everything sortloop writes on its own account goes here (sorted copies go to the
+destination the user names, nothing else goes anywhere).
+
+Caveat: the workspace is found as `--workspace`, else `$SORTLOOP_WORKSPACE`, else `./data`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from loop.config import CONFIG_FILENAME, DEFAULT_TOML, Settings, load_settings
+from loop.errors import WorkspaceError
+
+DEFAULT_WORKSPACE = Path("data")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Paths inside one workspace folder, and its settings."""
+
+    root: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / CONFIG_FILENAME
+
+    @property
+    def manifest_dir(self) -> Path:
+        return self.root / "manifest"
+
+    @property
+    def history_dir(self) -> Path:
+        return self.root / "history"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Per-run records: sort logs, scheduler job store, reports."""
+        return self.root / "runs"
+
+    @property
+    def labelstudio_dir(self) -> Path:
+        return self.root / "labelstudio"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @cached_property
+    def settings(self) -> Settings:
+        return load_settings(self.config_file)
+
+    def folders(self) -> list[Path]:
+        return [self.manifest_dir, self.history_dir, self.models_dir, self.cache_dir, self.runs_dir]
+
+
+def resolve_root(path: Path | str | None = None) -> Path:
+    """The workspace folder: `path`, else `$SORTLOOP_WORKSPACE`, else `./data` (absolute)."""
+    chosen = path or os.environ.get("SORTLOOP_WORKSPACE") or DEFAULT_WORKSPACE
+    return Path(chosen).expanduser().resolve()
+
+
+def init_workspace(path: Path | str | None = None) -> Workspace:
+    """Create (or complete) a workspace; an existing config file is never overwritten.
+
+    Example:
+        >>> ws = init_workspace("/tmp/ws")   # doctest: +SKIP
+        >>> ws.config_file.exists()
+        True
+    """
+    ws = Workspace(resolve_root(path))
+    ws.root.mkdir(parents=True, exist_ok=True)
+    for folder in ws.folders():
+        folder.mkdir(exist_ok=True)
+    if not ws.config_file.exists():
+        ws.config_file.write_text(DEFAULT_TOML)
+    ws.settings  # noqa: B018  (fail now, with the key named, if the config is bad)
+    return ws
+
+
+def open_workspace(path: Path | str | None = None) -> Workspace:
+    """An existing workspace; raises WorkspaceError with the fix if it was never initialised."""
+    ws = Workspace(resolve_root(path))
+    if not ws.config_file.exists():
+        raise WorkspaceError(f"{ws.root} is not a sortloop workspace; run `sortloop init {ws.root}` first")
+    return ws

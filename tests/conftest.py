@@ -1,0 +1,37 @@
+"""Shared fixtures: a fresh workspace, the shared real-photo datasets, small generated images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SORTLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def ws(tmp_path: Path):
+    """A freshly initialised workspace in a temp folder."""
+    from loop.workspace import init_workspace
+
+    return init_workspace(tmp_path / "ws")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "ikea_products").exists():
+        pytest.fail(f"shared datasets not found at {SHARED_DATA}; set SORTLOOP_SHARED_DATA")
+    return SHARED_DATA
+
+
+def make_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (64, 48), fmt: str = "JPEG") -> Path:
+    """Write a small solid-colour image (with a diagonal stripe so near-duplicates differ by colour)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", size, color)
+    for i in range(min(size)):
+        img.putpixel((i, i), (255 - color[0], 255 - color[1], 255 - color[2]))
+    img.save(path, fmt)
+    return path
