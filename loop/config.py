@@ -147,7 +147,8 @@ def load_settings(config_file: Path | None) -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(part) for part in err["loc"])
-        raise ConfigError(f"{key}: {err['msg']} (got {err.get('input')!r}; check {config_file} and SORTLOOP_* variables)") from None
+        hint = f"got {err.get('input')!r}; check {config_file} and SORTLOOP_* variables"
+        raise ConfigError(f"{key}: {err['msg']} ({hint})") from None
 
 
 DEFAULT_TOML = '''# sortloop workspace configuration. Every key is optional; these are the defaults.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from loop.tables import locked, read_table, update_table, write_table_atomic, conform
+from loop.tables import conform, locked, read_table, update_table, write_table_atomic
 from loop.workspace import Workspace
 
 COLUMNS: dict[str, str] = {
@@ -88,7 +88,7 @@ class LabelChange:
     note: str = ""
 
 
-def _append_history(ws: Workspace, records: list[dict]) -> None:
+def append_history(ws: Workspace, records: list[dict]) -> None:
     """Append records to the history log and fsync, so they survive a crash right after."""
     path = history_path(ws)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +141,7 @@ def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
             df.at[c.image_id, "label_by"] = c.by
             df.at[c.image_id, "label_at"] = pd.Timestamp(at)
         if records:
-            _append_history(ws, records)
+            append_history(ws, records)
             write_table_atomic(conform(df.reset_index(drop=True), COLUMNS), path)
         return len(records)
 

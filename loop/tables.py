@@ -34,7 +34,10 @@ def conform(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
         if name not in df.columns:
             df[name] = pd.Series(index=df.index, dtype=dtype)
         elif str(df[name].dtype) != dtype:
-            df[name] = df[name].astype(dtype)
+            if dtype.startswith("datetime64") and "UTC" in dtype:
+                df[name] = pd.to_datetime(df[name], utc=True)
+            else:
+                df[name] = df[name].astype(dtype)
     extra = [c for c in df.columns if c not in columns]
     return df[list(columns) + extra]
 

@@ -1,0 +1,209 @@
+"""Ingest: add folders of images to the manifest, with labels from class folders, items and splits.
+
+Idempotent by construction: the manifest key is the sha256 of the bytes, so re-ingesting a tree (or a
+renamed copy of it) adds nothing. Unreadable files are reported with a reason and skipped.
+Caveat: with `--labeled` the label is the FIRST folder under the ingested root (`root/<label>/.../x.jpg`);
+files directly in the root are added unlabeled.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from loop import manifest
+from loop.errors import ConfigError, ImageError, SortloopError
+from loop.images import file_sha256, iter_image_files, open_image
+from loop.items import assign_items, exif_taken_at, perceptual_hash
+from loop.progress import ProgressCallback, no_progress
+from loop.splits import assign_splits
+from loop.tables import conform, locked, read_table, write_table_atomic
+from loop.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("user", "web")
+HASH_DECODE_SIZE = 128  # pHash works on 32x32, so a small JPEG draft is plenty and fast
+
+
+@dataclass
+class ImageInfo:
+    """What the manifest needs to know about a newly seen image."""
+
+    image_id: str
+    path: str
+    phash: str | None = None
+    taken_at: pd.Timestamp | None = None
+    label: str | None = None
+    item_id: str | None = None
+
+
+@dataclass
+class IngestReport:
+    """Outcome of one ingest: counts, and every file that could not be read with the reason."""
+
+    seen: int = 0
+    added: int = 0
+    already_present: int = 0
+    labeled: int = 0
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{self.seen} files: {self.added} added ({self.labeled} labeled), "
+            f"{self.already_present} already in the manifest, {len(self.unreadable)} unreadable"
+        )
+
+
+def describe_image(path: Path) -> ImageInfo:
+    """Hash, perceptual hash and EXIF time of one file; raises ImageError if it cannot be decoded."""
+    image_id = file_sha256(path)
+    img = open_image(path, draft_size=HASH_DECODE_SIZE)
+    taken = exif_taken_at(img) if img.getexif() else None
+    return ImageInfo(image_id=image_id, path=str(Path(path).resolve()), phash=perceptual_hash(img), taken_at=taken)
+
+
+def read_items_csv(csv_path: Path, root: Path) -> dict[str, str]:
+    """Map absolute resolved path -> item_id from a CSV with columns `path,item_id` (paths may be relative to root)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"path", "item_id"} <= set(reader.fieldnames):
+                raise ConfigError(f"{csv_path}: needs columns 'path' and 'item_id' (found {reader.fieldnames})")
+            mapping = {}
+            for row in reader:
+                p = Path(row["path"])
+                p = p if p.is_absolute() else root / p
+                mapping[str(p.resolve())] = row["item_id"]
+            return mapping
+    except OSError as exc:
+        raise ConfigError(f"cannot read items CSV {csv_path}: {exc}") from None
+
+
+def ingest_folder(
+    ws: Workspace,
+    folder: Path | str,
+    *,
+    source: str = "user",
+    labeled: bool = False,
+    items_csv: Path | str | None = None,
+    on_progress: ProgressCallback = no_progress,
+    threads: int = 4,
+) -> IngestReport:
+    """Add every image under `folder` to the manifest.
+
+    Args:
+        source: "user" for real photos (validation metrics are reported on these) or "web".
+        labeled: take the label from the first class folder under `folder`.
+        items_csv: optional CSV `path,item_id` giving explicit item groups (wins over inference).
+    Example:
+        >>> report = ingest_folder(ws, "photos/labeled", source="user", labeled=True)   # doctest: +SKIP
+        >>> print(report.summary())
+    """
+    if source not in SOURCES:
+        raise ConfigError(f"source must be one of {', '.join(SOURCES)} (got {source!r})")
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise SortloopError(f"{root} is not a folder")
+    explicit = read_items_csv(Path(items_csv), root) if items_csv else {}
+    known = set(manifest.load(ws)["image_id"].dropna())
+    files = list(iter_image_files(root))
+    report = IngestReport(seen=len(files))
+    infos: list[ImageInfo] = []
+
+    def one(path: Path) -> ImageInfo | tuple[str, str]:
+        try:
+            image_id = file_sha256(path)
+            if image_id in known:
+                return ImageInfo(image_id=image_id, path=str(path))
+            return describe_image(path)
+        except ImageError as exc:
+            return (str(path), exc.reason)
+        except OSError as exc:
+            return (str(path), f"unreadable ({exc.strerror or exc})")
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for done, (path, result) in enumerate(zip(files, pool.map(one, files), strict=True), start=1):
+            on_progress(done, len(files))
+            if isinstance(result, tuple):
+                report.unreadable.append(result)
+                logger.warning("skipped %s: %s", *result)
+                continue
+            if result.image_id in known:
+                report.already_present += 1
+                continue
+            known.add(result.image_id)  # a byte-identical copy later in the same tree is the same image
+            rel = Path(path).resolve().relative_to(root)
+            if labeled and len(rel.parts) > 1:
+                result.label = rel.parts[0]
+            result.item_id = explicit.get(str(Path(path).resolve()))
+            infos.append(result)
+    report.added = register_images(ws, infos, source=source, label_source="folder")
+    report.labeled = sum(1 for i in infos if i.label)
+    return report
+
+
+def register_images(
+    ws: Workspace, infos: list[ImageInfo], *, source: str = "user", label_source: str = "folder"
+) -> int:
+    """Add images not yet in the manifest (by image_id): items inferred, labels kept in the history, splits
+    assigned. Returns how many rows were added. Safe to call concurrently (manifest lock)."""
+    if not infos:
+        return 0
+    settings = ws.settings
+    path = manifest.manifest_path(ws)
+    with locked(path):
+        df = read_table(path, manifest.COLUMNS)
+        present = set(df["image_id"].dropna())
+        fresh, seen = [], set()
+        for info in infos:
+            if info.image_id in present or info.image_id in seen:
+                continue
+            seen.add(info.image_id)
+            fresh.append(info)
+        if not fresh:
+            return 0
+        stamp = manifest.now_utc()
+        new = conform(
+            pd.DataFrame(
+                {
+                    "image_id": [i.image_id for i in fresh],
+                    "path": [i.path for i in fresh],
+                    "source": source,
+                    "item_id": [i.item_id for i in fresh],
+                    "item_rule": ["csv" if i.item_id else None for i in fresh],
+                    "label": [i.label for i in fresh],
+                    "label_source": [label_source if i.label else None for i in fresh],
+                    "label_by": ["ingest" if i.label else None for i in fresh],
+                    "label_at": [stamp if i.label else pd.NaT for i in fresh],
+                    "phash": [i.phash for i in fresh],
+                    "taken_at": [i.taken_at if i.taken_at is not None else pd.NaT for i in fresh],
+                    "added_at": stamp,
+                }
+            ),
+            manifest.COLUMNS,
+        )
+        new = assign_items(
+            new,
+            df,
+            near_duplicate_distance=settings.items.near_duplicate_distance,
+            burst_seconds=settings.items.burst_seconds,
+        )
+        combined = assign_splits(pd.concat([df, new], ignore_index=True) if len(df) else new, settings.split)
+        history = [
+            {
+                "image_id": i.image_id, "old_label": None, "new_label": i.label, "old_source": None,
+                "source": label_source, "by": "ingest", "at": stamp.isoformat(), "note": i.path,
+            }
+            for i in fresh
+            if i.label
+        ]
+        if history:
+            manifest.append_history(ws, history)
+        write_table_atomic(conform(combined, manifest.COLUMNS), path)
+        return len(fresh)
