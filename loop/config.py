@@ -35,7 +35,7 @@ class SplitConfig(BaseModel):
 class ItemsConfig(BaseModel):
     """How photos of one physical item are grouped when no items CSV is given."""
 
-    near_duplicate_distance: int = Field(4, ge=0, le=64)  # perceptual-hash Hamming distance
+    near_duplicate_distance: int = Field(2, ge=0, le=64)  # perceptual-hash Hamming distance
     burst_seconds: float = Field(0.0, ge=0.0)  # same folder, EXIF time this close => one item; 0 = off
 
 
@@ -90,7 +90,8 @@ class ScheduleConfig(BaseModel):
     scan_minutes: float = Field(60, gt=0)
     watch_minutes: float = Field(5, gt=0)
     retrain_cron: str = "0 2 * * *"
-    misfire_grace_s: int = Field(6 * 3600, ge=1)
+    timezone: str = ""  # IANA name for the cron, e.g. "Europe/Paris"; empty = the machine's local zone
+    misfire_grace_s: int = Field(24 * 3600, ge=1)
     sorted_trees: list[Path] = Field(default_factory=list)
     inboxes: list[tuple[Path, Path]] = Field(default_factory=list)  # (source folder, destination)
 
@@ -160,7 +161,7 @@ web_valid_fraction = 0.2      # share of web-image items held out
 seed = 0
 
 [items]
-near_duplicate_distance = 4   # perceptual-hash bits that may differ for two photos to be one item
+near_duplicate_distance = 2   # perceptual-hash bits that may differ for two photos to be one item
 burst_seconds = 0             # >0: photos in one folder taken this close (EXIF time) are one item
 
 [model]
@@ -199,7 +200,8 @@ push_minutes = 10
 scan_minutes = 60
 watch_minutes = 5
 retrain_cron = "0 2 * * *"    # nightly at 02:00
-misfire_grace_s = 21600       # a nightly run missed by less than this runs once at start-up
+timezone = ""                 # zone of retrain_cron, e.g. "Europe/Paris"; empty = this machine's zone
+misfire_grace_s = 86400       # a run missed (machine off) by less than this runs once at start-up
 sorted_trees = []             # sorted destinations to scan for user moves
 inboxes = []                  # [["/photos/inbox", "/photos/sorted"], ...] sorted by the watch job
 '''

@@ -98,6 +98,8 @@ def open_image(path: Path, draft_size: int | None = None) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise ImageError(path, "not an image Pillow can read") from None
     except OSError as exc:
+        if "truncat" in str(exc).lower():
+            raise ImageError(path, f"truncated or corrupt image ({exc})") from None
         raise ImageError(path, f"unreadable ({exc})") from None
     except (ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(path, f"corrupt image ({exc})") from None

@@ -153,6 +153,6 @@ def history(ws: Workspace) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame(columns=cols)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    out = pd.DataFrame(rows, columns=cols)
+    out = pd.DataFrame(rows, columns=cols, dtype=object)
     out["at"] = pd.to_datetime(out["at"], utc=True, format="ISO8601")
     return out
