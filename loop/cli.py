@@ -114,5 +114,93 @@ def ingest(
         console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
 
 
+# --- the whole loop -------------------------------------------------------------------------------
+
+
+@command()
+def demo(
+    labeled: Annotated[Path, typer.Option(help="Folder of class folders to learn from.")],
+    new: Annotated[Path, typer.Option(help="Folder of photos to sort.")],
+    dest: Annotated[Path, typer.Option(help="Where the sorted copies go (<dest>/<category>/).")],
+    items: Annotated[Path | None, typer.Option(help="Optional CSV path,item_id for the labeled folder.")] = None,
+    review: Annotated[bool, typer.Option(help="Start the local Label Studio and push flagged photos.")] = True,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Run the whole loop once: ingest, train, deploy, sort, start Label Studio, push flagged photos.
+
+    Example: sortloop demo --labeled ~/photos/labeled --new ~/photos/inbox --dest ~/photos/sorted
+    """
+    from loop.quickstart import run_loop_once
+
+    with progress_bar("working") as on_progress:
+        report = run_loop_once(
+            labeled, new, dest, workspace=workspace, items_csv=items, with_review=review,
+            on_step=lambda name, result: out.print(f"[bold]{name}[/bold]: {result}", highlight=False),
+            on_progress=on_progress,
+        )
+    if report.review_url:
+        out.print(f"\nReview flagged photos at [bold]{report.review_url}[/bold]  (login: {report.username})")
+        if report.password:
+            out.print(f"password (shown once; also in {report.workspace}/labelstudio/credentials.json): "
+                      f"{report.password}")
+    out.print(f"Keep the loop running (pull, retrain nightly, sort inboxes): sortloop serve -w {report.workspace}")
+    if not report.sort_ok:
+        raise typer.Exit(1)
+
+
+# --- service -------------------------------------------------------------------------------------------
+
+
+@command()
+def serve(
+    init: Annotated[bool, typer.Option("--init", help="Create the workspace first if needed (containers).")] = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Run the loop as a service: pull/push reviews, scan sorted trees, sort inboxes, retrain nightly.
+
+    One per workspace (a lock refuses a second one); stop with Ctrl-C or SIGTERM.
+
+    Example: sortloop serve --workspace ./data
+    """
+    from loop.schedule import serve as run_service
+    from loop.workspace import init_workspace, open_workspace
+
+    ws = init_workspace(workspace) if init else open_workspace(workspace)
+    console.print(f"serving {ws.root}; job log in {ws.runs_dir / 'jobs.jsonl'} (Ctrl-C to stop)", highlight=False)
+    run_service(ws)
+    console.print("stopped", highlight=False)
+
+
+@command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Show the deployed model, candidates, labels, splits, flags, jobs and Label Studio reachability.
+
+    Example: sortloop status --json
+    """
+    from loop.status import collect_status, format_status
+    from loop.workspace import open_workspace
+
+    result = collect_status(open_workspace(workspace))
+    if as_json:
+        print_json(result)
+    else:
+        out.print(format_status(result), highlight=False, markup=False, soft_wrap=True)
+
+
+@command()
+def report(workspace: WorkspaceOption = None) -> None:
+    """Write an HTML report with plots (accuracy per version, recall, confusion, labels, flags).
+
+    Example: sortloop report && xdg-open data/report/index.html
+    """
+    from loop.report import write_report
+    from loop.workspace import open_workspace
+
+    out.print(f"report written: {write_report(open_workspace(workspace))}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover
     app()
