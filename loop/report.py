@@ -1,0 +1,384 @@
+"""`sortloop report`: one HTML page plus PNGs showing how the loop is learning.
+
+Plots (matplotlib, `Figure` objects only, so no GUI backend and no global pyplot state): accuracy of every
+model version on the user validation photos over time, per-class recall of the deployed model, its
+confusion matrix, labels gained per round (label history between trainings), and flags by reason.
+Caveat: the confusion matrix comes from the deployed model's `model.json` when it has one; otherwise it is
+computed now, with the deployed model, on the user validation photos labeled *now* (which may be more than
+there were when it was trained), and the page says so.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from loop.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+
+VERSION_HEADERS = ["version", "trained", "mode", "user-valid accuracy", "n", "web-valid accuracy", "decision", "why"]
+PLOTS = {
+    "accuracy": "accuracy.png",
+    "recall": "recall.png",
+    "confusion": "confusion.png",
+    "labels": "labels.png",
+    "flags": "flags.png",
+}
+
+
+def _figure(width: float = 7.0, height: float = 4.0) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _empty(fig: Any, text: str) -> None:
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12, color="0.4")
+
+
+def _versions(ws: Workspace) -> list[dict[str, Any]]:
+    from loop.registry import list_versions
+
+    rows = []
+    for version in list_versions(ws):
+        spec = json.loads((ws.models_dir / version / "model.json").read_text())
+        created = pd.Timestamp(spec["created_at"]) if spec.get("created_at") else None
+        if created is not None and created.tzinfo is None:
+            created = created.tz_localize("UTC")
+        rows.append({"version": version, "created_at": created, "spec": spec})
+    return rows
+
+
+def _metric(spec: dict[str, Any], split: str, key: str = "accuracy") -> float | None:
+    value = ((spec.get("metrics") or {}).get(split) or {}).get(key)
+    return None if value is None else float(value)
+
+
+# --- plots ---------------------------------------------------------------------------------------------
+
+
+def plot_accuracy(versions: list[dict[str, Any]], current: str | None, out: Path) -> None:
+    """Accuracy on user validation photos (and web validation images) per version, in training order."""
+    fig = _figure()
+    points = [
+        (v["created_at"], v["version"], _metric(v["spec"], "user_valid"), _metric(v["spec"], "web_valid"))
+        for v in versions
+    ]
+    points = [p for p in points if p[2] is not None]
+    if not points:
+        _empty(fig, "no model trained yet")
+    else:
+        ax = fig.subplots()
+        xs = list(range(len(points)))
+        ax.plot(xs, [p[2] for p in points], "o-", color="tab:blue", label="user photos (validation)")
+        web = [(x, p[3]) for x, p in zip(xs, points, strict=True) if p[3] is not None]
+        if web:
+            ax.plot(
+                [w[0] for w in web],
+                [w[1] for w in web],
+                "s--",
+                color="tab:gray",
+                alpha=0.7,
+                label="web images (validation)",
+            )
+        for x, p in zip(xs, points, strict=True):
+            ax.annotate(f"{p[2]:.3f}", (x, p[2]), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+            if p[1] == current:
+                ax.plot([x], [p[2]], "*", color="tab:orange", markersize=16, zorder=5, label="deployed")
+        labels = [f"{p[1]}\n{p[0]:%m-%d %H:%M}" if p[0] is not None else p[1] for p in points]
+        ax.set_xticks(xs, labels, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("accuracy")
+        ax.set_title("Accuracy per model version")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(out)
+
+
+def plot_recall(spec: dict[str, Any] | None, out: Path) -> None:
+    """Per-class recall of the deployed model on the user validation photos."""
+    fig = _figure()
+    per_class = ((spec or {}).get("metrics", {}).get("user_valid") or {}).get("per_class") or {}
+    if not per_class:
+        _empty(fig, "no deployed model" if spec is None else "no per-class metrics in model.json")
+    else:
+        classes = list(per_class)
+        recall = [float(per_class[c].get("recall") or 0.0) for c in classes]
+        ax = fig.subplots()
+        bars = ax.barh(classes, recall, color="tab:blue")
+        ax.bar_label(bars, labels=[f"{r:.2f}" for r in recall], fontsize=8, padding=2)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1.1)
+        ax.set_xlabel("recall (user validation photos)")
+        ax.set_title(f"Per-class recall of {spec['version']}")
+    fig.savefig(out)
+
+
+def plot_confusion(confusion: dict[str, Any] | None, version: str | None, out: Path) -> None:
+    """Confusion matrix (rows = true label, columns = predicted), counts with row-normalised colour."""
+    if confusion is None:
+        fig = _figure()
+        _empty(fig, "no deployed model" if version is None else "no labeled user validation photos")
+        fig.savefig(out)
+        return
+    classes, matrix = confusion["classes"], np.asarray(confusion["matrix"], dtype=float)
+    size = max(4.0, 0.55 * len(classes) + 2.0)
+    fig = _figure(size + 1.0, size)
+    ax = fig.subplots()
+    rows = matrix.sum(axis=1, keepdims=True)
+    norm = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            if matrix[i, j]:
+                ax.text(
+                    j,
+                    i,
+                    f"{int(matrix[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true label")
+    ax.set_title(f"Confusion matrix of {version} ({confusion.get('source', '')})", fontsize=10)
+    fig.savefig(out)
+
+
+def label_rounds(history: pd.DataFrame, versions: list[dict[str, Any]]) -> pd.DataFrame:
+    """Label changes per round, by source: a round ends when a version is trained; the last is "pending".
+
+    Returns:
+        A frame indexed by round name ("→v0001", ..., "pending") with one column per label source.
+    """
+    bounds = [(v["version"], v["created_at"]) for v in versions if v["created_at"] is not None]
+    names, edges = [f"→{name}" for name, _ in bounds] + ["pending"], [at for _, at in bounds]
+    if history.empty:
+        return pd.DataFrame(index=pd.Index(names, name="round"))
+    at = history["at"]
+    index = np.searchsorted(
+        np.array([e.value for e in edges], dtype="int64"), at.map(lambda t: t.value).to_numpy(), side="left"
+    )
+    frame = pd.DataFrame({"round": [names[i] for i in index], "source": history["source"].fillna("unknown")})
+    table = frame.groupby(["round", "source"]).size().unstack(fill_value=0)
+    return table.reindex(names, fill_value=0)
+
+
+def plot_labels(rounds: pd.DataFrame, out: Path) -> None:
+    """Stacked bars: label changes gained in each round, by who/what made them."""
+    fig = _figure()
+    if rounds.empty or rounds.to_numpy().sum() == 0:
+        _empty(fig, "no labels yet")
+    else:
+        ax = fig.subplots()
+        bottom = np.zeros(len(rounds))
+        for source in rounds.columns:
+            values = rounds[source].to_numpy()
+            ax.bar(rounds.index, values, bottom=bottom, label=str(source))
+            bottom += values
+        for x, total in enumerate(bottom):
+            ax.annotate(f"{int(total)}", (x, total), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+        ax.set_ylabel("label changes")
+        ax.set_title("Labels gained per round (between trainings)")
+        ax.legend(fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.savefig(out)
+
+
+def plot_flags(df: pd.DataFrame, out: Path) -> None:
+    """Stacked bars: flagged photos by reason, split by review status."""
+    fig = _figure()
+    flagged = df[df["flag"].notna()]
+    if flagged.empty:
+        _empty(fig, "no flagged photos")
+    else:
+        table = (
+            flagged.assign(status=flagged["review_status"].fillna("queued"))
+            .groupby(["flag", "status"])
+            .size()
+            .unstack(fill_value=0)
+        )
+        ax = fig.subplots()
+        bottom = np.zeros(len(table))
+        for status in table.columns:
+            values = table[status].to_numpy()
+            ax.bar(table.index, values, bottom=bottom, label=str(status))
+            bottom += values
+        ax.set_ylabel("photos")
+        ax.set_title("Flags by reason")
+        ax.legend(title="review status", fontsize=8)
+    fig.savefig(out)
+
+
+# --- confusion matrix ------------------------------------------------------------------------------------
+
+
+def current_confusion(ws: Workspace, spec: dict[str, Any], model_path: Path) -> dict[str, Any] | None:
+    """The deployed model's confusion matrix on user validation photos: from model.json, else computed now.
+
+    Returns:
+        {"classes": [...], "matrix": (K, K) counts, rows = true, "n": int, "source": text} or None when
+        there are no labeled user validation photos of the model's classes.
+    """
+    stored = ((spec.get("metrics") or {}).get("user_valid") or {}).get("confusion")
+    if stored:
+        matrix = stored["matrix"] if isinstance(stored, dict) else stored
+        classes = stored.get("classes", spec["classes"]) if isinstance(stored, dict) else spec["classes"]
+        n = int(np.asarray(matrix).sum())
+        return {
+            "classes": list(classes),
+            "matrix": np.asarray(matrix).tolist(),
+            "n": n,
+            "source": f"at training, n={n}",
+        }
+
+    from loop.artifact import load_predictor
+    from loop.images import load_model_input
+    from loop.manifest import load
+
+    df = load(ws)
+    classes = list(spec["classes"])
+    valid = df[(df["source"] == "user") & (df["split"] == "valid") & df["label"].isin(classes)]
+    if valid.empty:
+        return None
+    predictor = load_predictor(model_path)
+    matrix = np.zeros((len(classes), len(classes)), dtype=int)
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels = valid["path"].tolist(), valid["label"].tolist()
+    n = 0
+    for start in range(0, len(paths), 32):
+        batch, truths = [], []
+        for path, label in zip(paths[start : start + 32], labels[start : start + 32], strict=True):
+            try:
+                batch.append(load_model_input(Path(path), predictor.image_size))
+                truths.append(label)
+            except Exception as exc:  # unreadable or moved photo: leave it out of the matrix, say so
+                logger.warning("confusion matrix: skipping %s (%s)", path, exc)
+        if not batch:
+            continue
+        preds = predictor.predict(np.stack(batch)).argmax(axis=1)
+        for truth, pred in zip(truths, preds, strict=True):
+            matrix[index[truth], int(pred)] += 1
+            n += 1
+    if n == 0:
+        return None
+    return {"classes": classes, "matrix": matrix.tolist(), "n": n, "source": f"computed now, n={n}"}
+
+
+# --- the page ----------------------------------------------------------------------------------------------
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def write_report(ws: Workspace) -> Path:
+    """Write `<workspace>/report/index.html` and its PNGs; returns the HTML path.
+
+    Example:
+        >>> page = write_report(open_workspace("data"))   # doctest: +SKIP
+        >>> page.name
+        'index.html'
+    """
+    from loop.manifest import history, load
+    from loop.registry import current_version, read_log
+
+    out = ws.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    versions = _versions(ws)
+    current = current_version(ws)
+    spec = next((v["spec"] for v in versions if v["version"] == current), None)
+    df = load(ws)
+
+    plot_accuracy(versions, current, out / PLOTS["accuracy"])
+    plot_recall(spec, out / PLOTS["recall"])
+    confusion = current_confusion(ws, spec, ws.models_dir / current) if spec is not None and current else None
+    plot_confusion(confusion, current, out / PLOTS["confusion"])
+    rounds = label_rounds(history(ws), versions)
+    plot_labels(rounds, out / PLOTS["labels"])
+    plot_flags(df, out / PLOTS["flags"])
+
+    log = read_log(ws)
+    version_rows = []
+    for v in versions:
+        decisions = [e for e in log if e.get("version") == v["version"]]
+        last = decisions[-1] if decisions else {}
+        version_rows.append(
+            [
+                v["version"] + (" (deployed)" if v["version"] == current else ""),
+                "" if v["created_at"] is None else f"{v['created_at']:%Y-%m-%d %H:%M}",
+                v["spec"].get("train_mode", ""),
+                _fmt(_metric(v["spec"], "user_valid")),
+                ((v["spec"].get("metrics") or {}).get("user_valid") or {}).get("n", ""),
+                _fmt(_metric(v["spec"], "web_valid")),
+                last.get("event", last.get("action", "")),
+                "; ".join(last.get("reasons", []) or []),
+            ]
+        )
+    per_class_rows = []
+    if spec is not None:
+        for cls, m in (((spec.get("metrics") or {}).get("user_valid") or {}).get("per_class") or {}).items():
+            per_class_rows.append([cls, _fmt(m.get("precision")), _fmt(m.get("recall"))])
+    if spec is not None:
+        headline = (
+            f"Deployed model <b>{html.escape(current or '')}</b>: accuracy "
+            f"<b>{_fmt(_metric(spec, 'user_valid'))}</b> on "
+            f"{((spec.get('metrics') or {}).get('user_valid') or {}).get('n', '?')} user validation photos."
+        )
+    else:
+        headline = "No model deployed yet."
+    flagged = df[df["flag"].notna()]
+    round_rows = [
+        [name, *[int(x) for x in row], int(sum(row))] for name, row in zip(rounds.index, rounds.to_numpy(), strict=True)
+    ]
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    confusion_caption = "Confusion matrix of the deployed model" + (f" ({confusion['source']})" if confusion else "")
+    figure = '<figure><img src="{0}" alt="{1}"><figcaption>{1}</figcaption></figure>'
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>sortloop report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; }}
+th {{ background: #f3f3f3; }} img {{ max-width: 100%; }} figure {{ margin: 1.5em 0; }}
+</style></head><body>
+<h1>sortloop report</h1>
+<p>Workspace <code>{html.escape(str(ws.root))}</code>, written {stamp}. {headline}</p>
+<p>{len(df)} images, {int(df["label"].notna().sum())} labeled, {len(flagged)} flagged.</p>
+<h2>Model versions</h2>
+{_table(VERSION_HEADERS, version_rows)}
+{figure.format(PLOTS["accuracy"], "Accuracy per model version on user validation photos")}
+<h2>Deployed model</h2>
+{_table(["class", "precision", "recall"], per_class_rows) if per_class_rows else "<p>No per-class metrics.</p>"}
+{figure.format(PLOTS["recall"], "Per-class recall of the deployed model")}
+{figure.format(PLOTS["confusion"], confusion_caption)}
+<h2>Labels and flags</h2>
+{_table(["round", *[str(c) for c in rounds.columns], "total"], round_rows)}
+{figure.format(PLOTS["labels"], "Labels gained per round")}
+{figure.format(PLOTS["flags"], "Flags by reason")}
+</body></html>
+"""
+    page_path = out / "index.html"
+    tmp = page_path.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(page_path)
+    logger.info("report written to %s", page_path)
+    return page_path
