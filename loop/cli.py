@@ -202,5 +202,13 @@ def report(workspace: WorkspaceOption = None) -> None:
     out.print(f"report written: {write_report(open_workspace(workspace))}", highlight=False)
 
 
+# --- labeling -------------------------------------------------------------------------------------------
+
+from labeling.cli import labelstudio_app, review_app  # noqa: E402  (labeling.cli uses the helpers above)
+
+app.add_typer(labelstudio_app, name="labelstudio")
+app.add_typer(review_app, name="review")
+
+
 def main() -> None:  # pragma: no cover
     app()

@@ -1,0 +1,123 @@
+"""`sortloop labelstudio up|down|status` and `sortloop review push|pull`: thin typer sub-apps.
+
+Each command calls one library function and prints; `loop/cli.py` mounts them with `app.add_typer`.
+Caveat: the embedded server's password is printed only by the `up` that created it (it is also stored,
+owner-readable, in `<workspace>/labelstudio/credentials.json`); the API token is never printed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import typer
+
+labelstudio_app = typer.Typer(help="Run the embedded Label Studio review server.", no_args_is_help=True)
+review_app = typer.Typer(help="Send flagged photos to Label Studio and bring reviewers' labels back.",
+                         no_args_is_help=True)
+
+
+def _command(app: typer.Typer, name: str) -> Any:
+    """`app.command(name)` with loop.cli's friendly errors (looked up at call time: see the bottom import)."""
+
+    def decorate(func: Any) -> Any:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return friendly_errors(func)(*args, **kwargs)
+
+        return app.command(name)(wrapper)
+
+    return decorate
+
+
+@_command(labelstudio_app, "up")
+def up(workspace: WorkspaceOption = None) -> None:
+    """Start the local Label Studio (first start: about a minute, creates the admin login) and wait for it.
+
+    Example: sortloop labelstudio up
+    """
+    from labeling.server import credentials_path, up
+    from loop.workspace import open_workspace
+
+    ws = open_workspace(workspace)
+    console.print("starting Label Studio (the first start takes about a minute)...")
+    info = up(ws)
+    out.print(f"Label Studio is running at [bold]{info.url}[/bold] (pid {info.pid})")
+    if info.credentials is not None:
+        out.print(f"login: {info.credentials.username}")
+        if info.first_start:
+            out.print(f"password (shown once; stored in {credentials_path(ws)}): {info.credentials.password}")
+
+
+@_command(labelstudio_app, "down")
+def down(workspace: WorkspaceOption = None) -> None:
+    """Stop the local Label Studio.
+
+    Example: sortloop labelstudio down
+    """
+    from labeling.server import down
+    from loop.workspace import open_workspace
+
+    out.print("stopped Label Studio" if down(open_workspace(workspace)) else "Label Studio was not running")
+
+
+@_command(labelstudio_app, "status")
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."), workspace: WorkspaceOption = None
+) -> None:
+    """Say whether Label Studio (embedded or `labelstudio.url`) answers; exit 1 if it does not.
+
+    Example: sortloop labelstudio status --json
+    """
+    from labeling.server import status
+    from loop.workspace import open_workspace
+
+    info = status(open_workspace(workspace))
+    if as_json:
+        print_json({"url": info.url, "running": info.running, "pid": info.pid, "embedded": info.embedded})
+    else:
+        kind = "embedded" if info.embedded else "team server"
+        out.print(f"{kind} Label Studio at {info.url}: {'running' if info.running else 'NOT running'}")
+    if not info.running:
+        raise typer.Exit(1)
+
+
+@_command(review_app, "push")
+def push(
+    limit: int | None = typer.Option(None, help="Push at most this many (most useful first)."),
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Send flagged photos to Label Studio as tasks with the model's guess pre-filled (idempotent).
+
+    Example: sortloop review push
+    """
+    from labeling.push import push
+    from loop.workspace import open_workspace
+
+    with progress_bar("pushing") as on_progress:
+        report = push(open_workspace(workspace), limit=limit, on_progress=on_progress)
+    out.print(report.summary())
+
+
+@_command(review_app, "pull")
+def pull(workspace: WorkspaceOption = None) -> None:
+    """Bring reviewers' labels made since the last pull into the manifest and label history.
+
+    Exit code 1 if a label was rejected (not a known class); the others are applied.
+
+    Example: sortloop review pull
+    """
+    from labeling.pull import pull
+    from loop.workspace import open_workspace
+
+    report = pull(open_workspace(workspace))
+    out.print(report.summary())
+    for r in report.rejected:
+        console.print(f"[red]rejected[/red] task {r.task_id} (image {r.image_id[:12]}): {r.reason}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+# At the bottom on purpose: loop.cli imports this module at its end to mount the sub-apps, so importing
+# either module first works (names used above are looked up when a command runs).
+from loop.cli import WorkspaceOption, console, friendly_errors, out, print_json, progress_bar  # noqa: E402

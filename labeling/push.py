@@ -1,0 +1,158 @@
+"""`review push`: flagged images become Label Studio tasks with the model's guess pre-filled.
+
+Candidates are manifest rows with a `flag` (or `review_status == "queued"`) that were not reviewed yet
+and are not known to be in the project. "Known" is checked twice, because Label Studio ids are no
+permanent keys: the manifest's `review_task` hint (trusted only for the project it was set in), and the
+`image_id` (sha256) stored in every task of the project, listed before importing. So an image is never
+imported twice, even after a crash between an import and the manifest write.
+Order: user moves first, then lowest confidence first, so a reviewer with five minutes sees the most
+useful photos.
+Caveat: a row that was reviewed (`review_status` reviewed/skipped) is not pushed again even if it is
+flagged again later; set `review_status` to "queued" to ask for a second look.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+
+from labeling import payloads
+from labeling.client import Client, connect
+from labeling.project import ensure_project, remembered_project
+from loop import manifest as mf
+from loop.progress import ProgressCallback
+from loop.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+
+DONE_STATUSES = ("reviewed", "skipped")
+
+
+@dataclass(frozen=True)
+class PushReport:
+    """What one push did."""
+
+    url: str
+    project_id: int
+    candidates: int  # rows that wanted a task
+    imported: int  # new tasks created
+    linked: int  # already in the project: manifest hint restored, nothing imported
+    batches: int
+    seconds: float
+    project_created: bool = False
+
+    def summary(self) -> str:
+        return (f"pushed {self.imported} new task(s) to {self.url}/projects/{self.project_id} "
+                f"({self.linked} already there, {self.batches} batch(es), {self.seconds:.1f} s)")
+
+
+def select_candidates(df: pd.DataFrame, *, trust_hints: bool = True) -> pd.DataFrame:
+    """Rows to push, most useful first: user moves, then lowest `pred_conf` (unknown confidence last).
+
+    Args:
+        df: the manifest.
+        trust_hints: treat rows with `review_status == "pushed"` and a `review_task` as already pushed
+            (False when the project changed since those hints were written).
+    """
+    status = df["review_status"].astype("string")
+    wanted = df["flag"].notna() | status.eq("queued").fillna(False)
+    done = status.isin(DONE_STATUSES).fillna(False)
+    pushed = (status.eq("pushed").fillna(False) & df["review_task"].notna()) if trust_hints else False
+    rows = df[wanted & ~done & ~pushed].copy()
+    rows["_moved"] = rows["flag"].eq("user_moved").fillna(False)
+    rows = rows.sort_values(["_moved", "pred_conf", "image_id"], ascending=[False, True, True], na_position="last")
+    return rows.drop(columns="_moved")
+
+
+def project_image_ids(client: Client, project_id: int, *, page_size: int = 1000) -> dict[str, int]:
+    """`image_id -> task id` for every sortloop task in the project (light listing: id and data only)."""
+    found: dict[str, int] = {}
+    page, seen = 1, 0
+    while True:
+        body = client.get("/api/tasks/", project=project_id, page=page, page_size=page_size,
+                          fields="task_only", include="id,data")
+        tasks = body.get("tasks", [])
+        for t in tasks:
+            image_id = payloads.task_image_id(t)
+            if image_id:
+                found.setdefault(image_id, int(t["id"]))
+        seen += len(tasks)
+        if not tasks or seen >= int(body.get("total", 0)):
+            return found
+        page += 1
+
+
+def _mark_pushed(ws: Workspace, task_ids: dict[str, int]) -> None:
+    """Record `review_task` and `review_status = pushed` for these image ids, in one manifest write."""
+    if not task_ids:
+        return
+
+    def change(df: pd.DataFrame) -> pd.DataFrame:
+        hit = df["image_id"].isin(task_ids.keys())
+        df.loc[hit, "review_task"] = df.loc[hit, "image_id"].map(task_ids).astype("Int64")
+        df.loc[hit, "review_status"] = "pushed"
+        return df
+
+    mf.update(ws, change)
+
+
+def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallback | None = None) -> PushReport:
+    """Send flagged manifest rows to the workspace's Label Studio project as tasks with predictions.
+
+    Args:
+        limit: push at most this many (the most useful first); None = all.
+        on_progress: called with (tasks done, total) after each batch.
+
+    Raises:
+        LabelStudioError: the server is unreachable, refuses the token, or rejects a batch (rows of
+            earlier batches stay recorded as pushed; rerunning continues where it stopped).
+
+    Example:
+        >>> push(open_workspace("data")).summary()   # doctest: +SKIP
+        'pushed 42 new task(s) to http://127.0.0.1:8080/projects/1 (0 already there, 1 batch(es), 0.4 s)'
+    """
+    start = time.monotonic()
+    batch_size = ws.settings.labelstudio.push_batch_size
+    with connect(ws) as client:
+        previous = remembered_project(ws, client.url)
+        df = mf.load(ws)
+        project = ensure_project(client, ws, image_paths=[str(p) for p in df["path"].dropna()])
+        trust = previous == project.id and not project.created
+        rows = select_candidates(df, trust_hints=trust)
+        if limit is not None:
+            rows = rows.head(limit)
+        total = len(rows)
+        if total == 0:
+            return PushReport(client.url, project.id, 0, 0, 0, 0, time.monotonic() - start, project.created)
+
+        # Already in the project (a crash after an import, or hints from another project): link, don't import.
+        existing = {} if project.created else project_image_ids(client, project.id)
+        linked = {i: existing[i] for i in rows["image_id"] if i in existing}
+        _mark_pushed(ws, linked)
+        rows = rows[~rows["image_id"].isin(linked.keys())]
+
+        imported, batches = 0, 0
+        if on_progress:
+            on_progress(len(linked), total)
+        for begin in range(0, len(rows), batch_size):
+            batch = rows.iloc[begin:begin + batch_size]
+            tasks = [payloads.task(row) for _, row in batch.iterrows()]
+            answer = client.post(f"/api/projects/{project.id}/import", tasks, return_task_ids="true")
+            ids = answer.get("task_ids") or []
+            if len(ids) != len(tasks):
+                logger.warning("import returned %d task ids for %d tasks; relisting the project", len(ids), len(tasks))
+                listed = project_image_ids(client, project.id)
+                mapping = {i: listed[i] for i in batch["image_id"] if i in listed}
+            else:
+                mapping = dict(zip(batch["image_id"], (int(i) for i in ids), strict=True))
+            _mark_pushed(ws, mapping)  # per batch: a crash loses at most one batch's hints (relinked next time)
+            imported += len(tasks)
+            batches += 1
+            if on_progress:
+                on_progress(len(linked) + imported, total)
+        logger.info("pushed %d task(s) to project %s in %d batch(es)", imported, project.id, batches)
+        return PushReport(client.url, project.id, total, imported, len(linked), batches,
+                          time.monotonic() - start, project.created)
