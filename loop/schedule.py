@@ -184,11 +184,11 @@ def _sorted_trees(ws: Workspace) -> list[Path]:
 
 def scan_step(ws: Workspace) -> Outcome:
     """Scan each sorted tree for photos a person moved to another category folder."""
-    from loop.corrections import scan
-
     trees = _sorted_trees(ws)
     if not trees:
         return Outcome("no sorted trees configured (schedule.sorted_trees / schedule.inboxes)", skipped=True)
+    from loop.corrections import scan
+
     parts = []
     for tree in trees:
         if STOP.is_set():
@@ -207,11 +207,11 @@ def watch_step(ws: Workspace) -> Outcome:
     `sort_folder` reads the deployed-model pointer at each call, so a model deployed by the nightly retrain
     is used from the next run on, without restarting `serve`.
     """
-    from loop.sort import sort_folder
-
     inboxes = ws.settings.schedule.inboxes
     if not inboxes:
         return Outcome("no inboxes configured (schedule.inboxes)", skipped=True)
+    from loop.sort import sort_folder
+
     parts = []
     for src, dest in inboxes:
         if STOP.is_set():
