@@ -1,0 +1,140 @@
+"""docker-compose.yml and the worker's Dockerfile, checked without Docker (there is no engine here): services,
+shared volumes, environment that sortloop's settings really accept, and a worker command that exists."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from loop.cli import app
+from loop.config import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|:\?|-|\?)(?P<arg>[^}]*))?\}")
+# what a team's `.env` would hold (required variables, `${VAR:?...}`)
+DOTENV = {"SORTLOOP_LABELSTUDIO_TOKEN": "0123456789abcdef0123456789abcdef01234567", "LABEL_STUDIO_PASSWORD": "pw"}
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose-style `${VAR}`, `${VAR:-default}`, `${VAR:?error}`; a missing required variable fails."""
+
+    def sub(match: re.Match) -> str:
+        name, op, arg = match["name"], match["op"], match["arg"]
+        if env.get(name):
+            return env[name]
+        if op in (":-", "-"):
+            return arg
+        if op in (":?", "?"):
+            raise AssertionError(f"compose needs ${name}: {arg}")
+        return ""
+
+    return VAR.sub(sub, value)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: interpolate(str(v), DOTENV) for k, v in env.items()}
+
+
+def mounts(service: dict) -> dict[str, tuple[str, str]]:
+    """container path -> (source, mode) with variables resolved."""
+    result = {}
+    for spec in service.get("volumes") or []:
+        parts = interpolate(spec, DOTENV).split(":")
+        result[parts[1]] = (parts[0], parts[2] if len(parts) > 2 else "rw")
+    return result
+
+
+def test_services_are_label_studio_on_postgres_and_the_worker(compose):
+    services = compose["services"]
+    assert set(services) == {"db", "app", "nginx", "worker"}
+    assert "postgres" in services["db"]["image"] or "pgautoupgrade" in services["db"]["image"]
+    for name in ("app", "nginx"):
+        assert services[name]["image"].startswith("heartexlabs/label-studio:")
+    app_env = environment(services["app"])
+    assert app_env["DJANGO_DB"] == "default"
+    assert app_env["POSTGRE_HOST"] in services  # the db service by name
+    assert services["app"]["depends_on"]["db"]["condition"] == "service_healthy"
+    assert services["nginx"]["command"] == "nginx" and services["app"]["command"] == "label-studio-uwsgi"
+
+
+def test_label_studio_and_worker_share_the_token_and_the_photos(compose):
+    import labeling.server
+
+    services = compose["services"]
+    app_env, worker_env = environment(services["app"]), environment(services["worker"])
+    # one secret: it becomes the admin's legacy token on first start, and the worker authenticates with it
+    token = DOTENV["SORTLOOP_LABELSTUDIO_TOKEN"]
+    assert worker_env[labeling.server.TOKEN_ENV] == app_env["LABEL_STUDIO_USER_TOKEN"] == token
+    assert app_env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
+    assert app_env["LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED"] == "true"
+    # the same photo folder at the same path in both, so pushed tasks reference files LS can serve in place
+    app_mounts, worker_mounts = mounts(services["app"]), mounts(services["worker"])
+    assert app_mounts["/photos"][0] == worker_mounts["/photos"][0]
+    assert app_mounts["/photos"][1] == "ro" and worker_mounts["/photos"][1] == "rw"  # only the worker writes
+    assert "/photos".startswith(app_env["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"])
+    # the worker's workspace is a named, declared volume at $SORTLOOP_WORKSPACE
+    source = worker_mounts[worker_env["SORTLOOP_WORKSPACE"]][0]
+    assert source in compose["volumes"]
+    # the worker reaches Label Studio through the nginx service's container port
+    url = worker_env["SORTLOOP_LABELSTUDIO__URL"]
+    host, port = re.match(r"http://([^:/]+):(\d+)", url).groups()
+    assert host in services
+    assert any(str(p).endswith(f":{port}") for p in services[host]["ports"])
+
+
+def test_every_named_volume_is_declared(compose):
+    declared = set(compose["volumes"])
+    for service in compose["services"].values():
+        for source, _ in mounts(service).values():
+            if not source.startswith((".", "/")):
+                assert source in declared, source
+
+
+def test_worker_environment_is_accepted_by_sortloop_settings(compose, monkeypatch):
+    env = environment(compose["services"]["worker"])
+    for key in [k for k in os.environ if k.startswith("SORTLOOP_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+        if key.startswith("SORTLOOP_") and "__" in key:
+            section, field = key.removeprefix("SORTLOOP_").lower().split("__", 1)
+            assert section in Settings.model_fields, key
+            assert field in type(getattr(Settings(), section)).model_fields, key
+    settings = load_settings(None)
+    assert settings.labelstudio.url == env["SORTLOOP_LABELSTUDIO__URL"]
+    assert [(str(a), str(b)) for a, b in settings.schedule.inboxes] == [("/photos/inbox", "/photos/sorted")]
+    assert all(str(src).startswith("/photos") for src, _ in settings.schedule.inboxes)
+    assert settings.schedule.timezone == "UTC" and settings.schedule.retrain_cron == "0 2 * * *"
+
+
+def test_worker_command_is_a_real_sortloop_command_matching_the_dockerfile(compose):
+    worker = compose["services"]["worker"]
+    command = worker["command"]
+    command = shlex.split(command) if isinstance(command, str) else command
+    assert command[0] == "sortloop"
+    result = CliRunner().invoke(app, [*command[1:], "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Run the loop as a service" in result.output
+
+    dockerfile = (REPO / worker["build"] / "Dockerfile").read_text()
+    cmd = re.search(r"^CMD\s+(\[.*\])\s*$", dockerfile, re.M)
+    assert cmd and yaml.safe_load(cmd.group(1)) == command
+    copies = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    assert copies
+    for source in [s for sources in copies for s in sources]:
+        assert (REPO / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
+    assert "'.[train]'" in dockerfile  # the worker retrains, so it needs the train extra
