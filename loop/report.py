@@ -3,9 +3,9 @@
 Plots (matplotlib, `Figure` objects only, so no GUI backend and no global pyplot state): accuracy of every
 model version on the user validation photos over time, per-class recall of the deployed model, its
 confusion matrix, labels gained per round (label history between trainings), and flags by reason.
-Caveat: the confusion matrix comes from the deployed model's `model.json` when it has one; otherwise it is
-computed now, with the deployed model, on the user validation photos labeled *now* (which may be more than
-there were when it was trained), and the page says so.
+Caveat: every number comes from the versions' `model.json` (measured by `train` on the user validation
+photos labeled at the time); nothing is re-evaluated here, so `report` is fast and needs no model runtime.
+Versions trained on different validation sets are comparable only because splits are stable.
 """
 
 from __future__ import annotations
@@ -109,18 +109,19 @@ def plot_recall(spec: dict[str, Any] | None, out: Path) -> None:
     """Per-class recall of the deployed model on the user validation photos."""
     fig = _figure()
     per_class = ((spec or {}).get("metrics", {}).get("user_valid") or {}).get("per_class") or {}
-    if not per_class:
-        _empty(fig, "no deployed model" if spec is None else "no per-class metrics in model.json")
+    # a class with no validation photo has no recall (None): leave it out rather than draw a 0
+    recalls = {c: float(m["recall"]) for c, m in per_class.items() if m.get("recall") is not None}
+    if not recalls:
+        _empty(fig, "no deployed model" if spec is None else "no per-class recall in model.json")
     else:
-        classes = list(per_class)
-        recall = [float(per_class[c].get("recall") or 0.0) for c in classes]
+        classes, recall = list(recalls), list(recalls.values())
         ax = fig.subplots()
         bars = ax.barh(classes, recall, color="tab:blue")
         ax.bar_label(bars, labels=[f"{r:.2f}" for r in recall], fontsize=8, padding=2)
         ax.invert_yaxis()
         ax.set_xlim(0, 1.1)
         ax.set_xlabel("recall (user validation photos)")
-        ax.set_title(f"Per-class recall of {spec['version']}")
+        ax.set_title(f"Per-class recall of {spec.get('version', '')}")
     fig.savefig(out)
 
 
@@ -128,7 +129,7 @@ def plot_confusion(confusion: dict[str, Any] | None, version: str | None, out: P
     """Confusion matrix (rows = true label, columns = predicted), counts with row-normalised colour."""
     if confusion is None:
         fig = _figure()
-        _empty(fig, "no deployed model" if version is None else "no labeled user validation photos")
+        _empty(fig, "no deployed model" if version is None else "no confusion matrix in model.json")
         fig.savefig(out)
         return
     classes, matrix = confusion["classes"], np.asarray(confusion["matrix"], dtype=float)
@@ -226,56 +227,22 @@ def plot_flags(df: pd.DataFrame, out: Path) -> None:
 # --- confusion matrix ------------------------------------------------------------------------------------
 
 
-def current_confusion(ws: Workspace, spec: dict[str, Any], model_path: Path) -> dict[str, Any] | None:
-    """The deployed model's confusion matrix on user validation photos: from model.json, else computed now.
+def current_confusion(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The model's confusion matrix on the user validation photos, as `train` stored it in model.json.
 
     Returns:
-        {"classes": [...], "matrix": (K, K) counts, rows = true, "n": int, "source": text} or None when
-        there are no labeled user validation photos of the model's classes.
+        {"classes": [...], "matrix": (K, K) counts, rows = true label, "n": int, "source": text}, or None
+        when the model.json has none (or it is empty).
     """
     stored = ((spec.get("metrics") or {}).get("user_valid") or {}).get("confusion")
-    if stored:
-        matrix = stored["matrix"] if isinstance(stored, dict) else stored
-        classes = stored.get("classes", spec["classes"]) if isinstance(stored, dict) else spec["classes"]
-        n = int(np.asarray(matrix).sum())
-        return {
-            "classes": list(classes),
-            "matrix": np.asarray(matrix).tolist(),
-            "n": n,
-            "source": f"at training, n={n}",
-        }
-
-    from loop.artifact import load_predictor
-    from loop.images import load_model_input
-    from loop.manifest import load
-
-    df = load(ws)
-    classes = list(spec["classes"])
-    valid = df[(df["source"] == "user") & (df["split"] == "valid") & df["label"].isin(classes)]
-    if valid.empty:
+    if not stored:
         return None
-    predictor = load_predictor(model_path)
-    matrix = np.zeros((len(classes), len(classes)), dtype=int)
-    index = {c: i for i, c in enumerate(classes)}
-    paths, labels = valid["path"].tolist(), valid["label"].tolist()
-    n = 0
-    for start in range(0, len(paths), 32):
-        batch, truths = [], []
-        for path, label in zip(paths[start : start + 32], labels[start : start + 32], strict=True):
-            try:
-                batch.append(load_model_input(Path(path), predictor.image_size))
-                truths.append(label)
-            except Exception as exc:  # unreadable or moved photo: leave it out of the matrix, say so
-                logger.warning("confusion matrix: skipping %s (%s)", path, exc)
-        if not batch:
-            continue
-        preds = predictor.predict(np.stack(batch)).argmax(axis=1)
-        for truth, pred in zip(truths, preds, strict=True):
-            matrix[index[truth], int(pred)] += 1
-            n += 1
+    matrix = np.asarray(stored["matrix"] if isinstance(stored, dict) else stored)
+    classes = (stored.get("labels") or stored.get("classes")) if isinstance(stored, dict) else None
+    n = int(matrix.sum()) if matrix.size else 0
     if n == 0:
         return None
-    return {"classes": classes, "matrix": matrix.tolist(), "n": n, "source": f"computed now, n={n}"}
+    return {"classes": list(classes or spec["classes"]), "matrix": matrix.tolist(), "n": n, "source": f"n={n}"}
 
 
 # --- the page ----------------------------------------------------------------------------------------------
@@ -311,7 +278,7 @@ def write_report(ws: Workspace) -> Path:
 
     plot_accuracy(versions, current, out / PLOTS["accuracy"])
     plot_recall(spec, out / PLOTS["recall"])
-    confusion = current_confusion(ws, spec, ws.models_dir / current) if spec is not None and current else None
+    confusion = current_confusion(spec) if spec is not None else None
     plot_confusion(confusion, current, out / PLOTS["confusion"])
     rounds = label_rounds(history(ws), versions)
     plot_labels(rounds, out / PLOTS["labels"])
