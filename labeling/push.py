@@ -57,12 +57,14 @@ def select_candidates(df: pd.DataFrame, *, trust_hints: bool = True) -> pd.DataF
         trust_hints: treat rows with `review_status == "pushed"` and a `review_task` as already pushed
             (False when the project changed since those hints were written).
     """
-    status = df["review_status"].astype("string")
-    wanted = df["flag"].notna() | status.eq("queued").fillna(False)
-    done = status.isin(DONE_STATUSES).fillna(False)
-    pushed = (status.eq("pushed").fillna(False) & df["review_task"].notna()) if trust_hints else False
+    status = df["review_status"].astype(object)
+    wanted = df["flag"].notna().to_numpy() | (status == "queued").to_numpy(bool)
+    done = status.isin(DONE_STATUSES).to_numpy(bool)
+    pushed = (status == "pushed").to_numpy(bool) & df["review_task"].notna().to_numpy()
+    if not trust_hints:
+        pushed[:] = False
     rows = df[wanted & ~done & ~pushed].copy()
-    rows["_moved"] = rows["flag"].eq("user_moved").fillna(False)
+    rows["_moved"] = (rows["flag"].astype(object) == "user_moved").to_numpy(bool)
     rows = rows.sort_values(["_moved", "pred_conf", "image_id"], ascending=[False, True, True], na_position="last")
     return rows.drop(columns="_moved")
 

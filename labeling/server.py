@@ -322,9 +322,9 @@ def status(ws: Workspace) -> ServerInfo:
     cfg = ws.settings.labelstudio
     if cfg.url:
         return ServerInfo(cfg.url.rstrip("/"), is_healthy(cfg.url.rstrip("/")), None, False, None)
-    info = _read_pid(ws)
+    info = _read_pid(ws)  # None when this workspace did not start it (it may still answer)
     url = embedded_url(ws)
-    return ServerInfo(url, info is not None and is_healthy(url), int(info["pid"]) if info else None, True, data_dir(ws))
+    return ServerInfo(url, is_healthy(url), int(info["pid"]) if info else None, True, data_dir(ws))
 
 
 def connection(ws: Workspace) -> Connection:

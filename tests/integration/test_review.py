@@ -1,0 +1,226 @@
+"""Push and pull against a real Label Studio, with real photos; the SDK plays the reviewer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.integration.conftest import build_manifest
+
+pytestmark = pytest.mark.integration
+
+FLAGGED = [  # (true class, model's guess, confidence, flag)
+    ("chair", "chair", 0.45, "low_confidence"),
+    ("sofa", "chair", 0.30, "low_confidence"),
+    ("table", "table", 0.40, "low_confidence"),
+    ("bed", "sofa", 0.35, "low_confidence"),
+    ("chair", "table", 0.90, "user_moved"),
+    ("sofa", "sofa", 0.48, "low_confidence"),
+]
+LABELED = {"chair": 2, "sofa": 2, "table": 2, "bed": 2}
+
+
+def project_tasks(sdk, project_id: int) -> list:
+    return list(sdk.tasks.list(project=project_id, page_size=1000))
+
+
+def choice(label: str) -> list[dict]:
+    return [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
+
+
+def test_server_files_and_secrets(labelstudio):
+    from labeling import server
+
+    ws = labelstudio.owner
+    st = server.status(ws)
+    assert st.running and st.embedded and st.url == labelstudio.url
+    mode = stat.S_IMODE(os.stat(server.credentials_path(ws)).st_mode)
+    assert mode == 0o600
+    again = server.up(ws)  # already running: found, not restarted
+    assert again.pid == st.pid and not again.first_start
+    assert labelstudio.token not in server.log_path(ws).read_text(errors="replace")
+
+
+def test_push_creates_one_task_per_flagged_image_with_predictions(ls_ws, sdk):
+    from labeling.push import push
+    from loop import manifest as mf
+
+    ids = build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED)
+    first = push(ls_ws)
+    assert (first.imported, first.linked, first.candidates) == (len(FLAGGED), 0, len(FLAGGED))
+    tasks = project_tasks(sdk, first.project_id)
+    assert sorted(t.data["image_id"] for t in tasks) == sorted(ids)
+    by_image = {t.data["image_id"]: t for t in tasks}
+    for image_id, (_, guess, conf, _) in zip(ids, FLAGGED, strict=True):
+        (pred,) = by_image[image_id].predictions
+        assert pred.model_version == "v0001"
+        assert pred.score == pytest.approx(conf)
+        assert pred.result[0]["value"]["choices"] == [guess]
+    # most useful first: the user move, then lowest confidence
+    order = [t.data["image_id"] for t in sorted(tasks, key=lambda t: t.id)]
+    expected = [ids[4]] + [ids[i] for i in sorted(range(len(ids)), key=lambda i: FLAGGED[i][2]) if i != 4]
+    assert order == expected
+    df = mf.load(ls_ws).set_index("image_id")
+    assert (df.loc[ids, "review_status"] == "pushed").all()
+    assert set(df.loc[ids, "review_task"].astype(int)) == {t.id for t in tasks}
+
+    again = push(ls_ws)
+    assert (again.imported, again.candidates) == (0, 0)
+    assert len(project_tasks(sdk, first.project_id)) == len(FLAGGED)
+
+    # the manifest forgot its hints (say a crash after the import): the project's image ids still dedupe
+    mf.update(ls_ws, lambda d: d.assign(review_task=pd.NA, review_status=pd.NA))
+    third = push(ls_ws)
+    assert (third.imported, third.linked) == (0, len(FLAGGED))
+    assert len(project_tasks(sdk, first.project_id)) == len(FLAGGED)
+    assert (mf.load(ls_ws).set_index("image_id").loc[ids, "review_status"] == "pushed").all()
+
+
+def test_project_config_and_image_served(ls_ws, labelstudio):
+    import httpx
+
+    from labeling.client import connect
+    from labeling.payloads import config_classes
+    from labeling.project import find_project
+    from labeling.push import push
+
+    build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED[:2])
+    push(ls_ws)
+    with connect(ls_ws) as client:
+        project = find_project(client, ls_ws)
+        assert config_classes(project["label_config"]) == sorted(LABELED)
+        assert 'hotkey="1"' in project["label_config"]
+        task = client.get("/api/tasks/", project=project["id"], fields="task_only")["tasks"][0]
+    # served in place from the photo's own folder (no copy), to an authenticated client only
+    url = labelstudio.url + task["data"]["image"]
+    ok = httpx.get(url, headers={"Authorization": f"Token {labelstudio.token}"})
+    assert ok.status_code == 200 and ok.content == Path(task["data"]["path"]).read_bytes()
+    assert httpx.get(url).status_code in (401, 403)
+
+
+def test_pull_applies_reviews_exactly_and_is_incremental(ls_ws, sdk, labelstudio):
+    from labeling.pull import pull
+    from labeling.push import push
+    from loop import manifest as mf
+
+    ids = build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED)
+    report = push(ls_ws)
+    task_of = {t.data["image_id"]: t.id for t in project_tasks(sdk, report.project_id)}
+    agree, correct, table_task, edited, moved, untouched = ids
+    sdk.annotations.create(id=task_of[agree], result=choice("chair"), lead_time=1.0)  # agrees with the guess
+    sdk.annotations.create(id=task_of[correct], result=choice("sofa"))  # corrects "chair" -> "sofa"
+    sdk.annotations.create(id=task_of[table_task], result=[], was_cancelled=True)  # skipped
+    first_edit = sdk.annotations.create(id=task_of[edited], result=choice("sofa"))  # wrong at first
+    sdk.annotations.create(id=task_of[moved], result=choice("chair"))  # confirms the user's move
+
+    history_before = len(mf.history(ls_ws))
+    p1 = pull(ls_ws)
+    assert p1.ok and (p1.labeled, p1.skipped) == (4, 1)
+    df = mf.load(ls_ws).set_index("image_id")
+    assert df.loc[agree, "label"] == "chair" and df.loc[correct, "label"] == "sofa"
+    assert df.loc[edited, "label"] == "sofa" and df.loc[moved, "label"] == "chair"
+    assert pd.isna(df.loc[table_task, "label"]) and df.loc[table_task, "review_status"] == "skipped"
+    assert pd.isna(df.loc[untouched, "label"]) and df.loc[untouched, "review_status"] == "pushed"
+    reviewed = [agree, correct, edited, moved]
+    assert (df.loc[reviewed, "label_source"] == "review").all()
+    assert (df.loc[reviewed, "label_by"] == labelstudio.username).all()
+    assert (df.loc[reviewed, "review_status"] == "reviewed").all()
+    hist = mf.history(ls_ws).iloc[history_before:]
+    assert sorted(hist["image_id"]) == sorted(reviewed) and set(hist["source"]) == {"review"}
+
+    # nothing changed in Label Studio: a second pull changes nothing
+    p2 = pull(ls_ws)
+    assert (p2.labeled, p2.skipped) == (0, 0)
+    assert len(mf.history(ls_ws)) == history_before + 4
+
+    # the reviewer edits the earlier annotation: bed, not sofa
+    sdk.annotations.update(id=first_edit.id, result=choice("bed"))
+    p3 = pull(ls_ws)
+    assert p3.labeled == 1 and p3.tasks_seen == 1
+    df = mf.load(ls_ws).set_index("image_id")
+    assert df.loc[edited, "label"] == "bed"
+    last = mf.history(ls_ws).iloc[-1]
+    assert (last["image_id"], last["old_label"], last["new_label"]) == (edited, "sofa", "bed")
+    assert last["at"] == pd.Timestamp(sdk.annotations.get(id=first_edit.id).updated_at)
+
+    # a later user move is not overwritten by re-reading an old annotation of a touched task
+    mf.set_labels(ls_ws, [mf.LabelChange(agree, "table", "user_move", "scan")])
+    sdk.tasks.update(id=str(task_of[agree]), meta={"image_id": agree, "touched": True})
+    p4 = pull(ls_ws)
+    assert p4.labeled == 0
+    assert mf.load(ls_ws).set_index("image_id").loc[agree, "label"] == "table"
+
+    state = json.loads((ls_ws.labelstudio_dir / "pull.json").read_text())
+    assert state["watermark"] and state["project_id"] == report.project_id
+
+
+def test_unknown_label_is_rejected_unless_allowed(ls_ws, sdk):
+    from labeling import payloads
+    from labeling.client import connect
+    from labeling.pull import pull
+    from labeling.push import push
+    from loop import manifest as mf
+    from loop.workspace import open_workspace
+
+    ids = build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED[:2])
+    report = push(ls_ws)
+    with connect(ls_ws) as client:  # a team member adds a class in Label Studio's settings
+        client.patch(f"/api/projects/{report.project_id}/",
+                     {"label_config": payloads.label_config(sorted(LABELED) + ["lamp"])})
+    task_of = {t.data["image_id"]: t.id for t in project_tasks(sdk, report.project_id)}
+    sdk.annotations.create(id=task_of[ids[0]], result=choice("lamp"))
+    sdk.annotations.create(id=task_of[ids[1]], result=choice("sofa"))
+
+    p1 = pull(ls_ws)
+    assert not p1.ok and [r.image_id for r in p1.rejected] == [ids[0]] and "lamp" in p1.rejected[0].reason
+    assert p1.labeled == 1  # the good label is applied
+    assert pd.isna(mf.load(ls_ws).set_index("image_id").loc[ids[0], "label"])
+    assert not pull(ls_ws).ok  # not forgotten: the watermark did not move past it
+
+    text = ls_ws.config_file.read_text().replace("allow_new_classes = false", "allow_new_classes = true")
+    ls_ws.config_file.write_text(text)
+    p3 = pull(open_workspace(ls_ws.root))
+    assert p3.ok and p3.labeled == 1
+    assert mf.load(ls_ws).set_index("image_id").loc[ids[0], "label"] == "lamp"
+
+
+def test_cli_push_and_pull(ls_ws):
+    from typer.testing import CliRunner
+
+    from loop import manifest as mf
+    from loop.cli import app
+
+    build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED[:3])
+    runner = CliRunner()
+    res = runner.invoke(app, ["review", "push", "-w", str(ls_ws.root)])
+    assert res.exit_code == 0, res.output
+    assert "pushed 3 new task(s)" in res.output
+    res = runner.invoke(app, ["review", "pull", "-w", str(ls_ws.root)])
+    assert res.exit_code == 0 and "0 label(s) set" in res.output, res.output
+    assert (mf.load(ls_ws)["review_status"] == "pushed").sum() == 3
+    res = runner.invoke(app, ["labelstudio", "status", "--json", "-w", str(ls_ws.root)])
+    assert res.exit_code == 0 and json.loads(res.output)["running"] is True
+
+
+def test_up_times_out_with_a_clear_error(tmp_path):
+    from labeling import server
+    from loop.errors import LabelStudioError
+    from tests.integration.conftest import configure, free_port, template_dir
+
+    ws = configure(tmp_path / "ws", port=free_port(), title="timeout", extra="")
+    text = ws.config_file.read_text().replace("[labelstudio]", "[labelstudio]\nstart_timeout_s = 0.5")
+    ws.config_file.write_text(text)
+    ws = type(ws)(ws.root)  # fresh settings
+    shutil.copytree(template_dir(), server.data_dir(ws), symlinks=True)
+    server.write_credentials(server.credentials_path(ws), server.new_credentials("x@sortloop.test"))
+    with pytest.raises(LabelStudioError, match="did not answer") as err:
+        server.up(ws)
+    assert str(server.log_path(ws)) in str(err.value)
+    assert not server.status(ws).running and not server.pid_path(ws).exists()
+    assert not server.down(ws)
