@@ -1,0 +1,146 @@
+"""Label Studio pieces that need no server: payload shapes, decisions, candidate order, roots, secrets, retries."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import time
+
+import pandas as pd
+import pytest
+
+from labeling import payloads
+from loop.errors import LabelStudioError
+
+
+def ann(aid: int, label: str | None, updated: str, *, cancelled: bool = False, who: object = 1) -> dict:
+    return {"id": aid, "was_cancelled": cancelled, "updated_at": updated, "completed_by": who,
+            "result": payloads.choice_result(label) if label else []}
+
+
+def task(annotations: list[dict], image_id: str = "h1", tid: int = 7) -> dict:
+    return {"id": tid, "data": {"image_id": image_id}, "annotations": annotations}
+
+
+def test_label_config_round_trips_classes_with_hotkeys_and_escaping():
+    classes = ["chair", "chest of drawers", 'odd "quoted" & <class>']
+    xml = payloads.label_config(classes)
+    assert payloads.config_classes(xml) == classes
+    assert 'hotkey="1"' in xml and 'hotkey="3"' in xml
+    many = payloads.label_config([f"c{i}" for i in range(40)])
+    assert payloads.config_classes(many) == [f"c{i}" for i in range(40)]
+
+
+def test_image_url_is_relative_to_root_and_quoted():
+    assert payloads.image_url("/photos/my room/é 1.jpg") == "/data/local-files/?d=photos/my%20room/%C3%A9%201.jpg"
+
+
+def test_task_carries_hash_and_prediction():
+    row = pd.Series({"image_id": "abc", "path": "/p/x.jpg", "flag": "low_confidence", "pred_label": "sofa",
+                     "pred_conf": 0.42, "pred_model": "v0003"})
+    t = payloads.task(row)
+    assert t["data"]["image_id"] == t["meta"]["image_id"] == "abc"
+    assert t["predictions"] == [{"model_version": "v0003", "score": 0.42, "result": payloads.choice_result("sofa")}]
+    row2 = row.copy()
+    row2["pred_label"] = pd.NA
+    assert "predictions" not in payloads.task(row2)
+
+
+def test_decide_latest_non_cancelled_wins_over_earlier_and_later_skips():
+    d = payloads.decide(task([
+        ann(1, "chair", "2026-01-01T10:00:00Z"),
+        ann(2, "sofa", "2026-01-01T11:00:00Z", who={"id": 3, "email": "r@x.org"}),
+        ann(3, None, "2026-01-01T12:00:00Z", cancelled=True),
+    ]))
+    assert (d.kind, d.label, d.annotation_id, d.reviewer) == ("label", "sofa", 2, "r@x.org")
+    assert d.updated_at == pd.Timestamp("2026-01-01T11:00:00Z")
+
+
+def test_decide_skip_only_and_empty_results():
+    skipped = payloads.decide(task([ann(4, None, "2026-01-01T10:00:00Z", cancelled=True)]))
+    assert (skipped.kind, skipped.label) == ("skipped", None)
+    assert payloads.decide(task([ann(5, None, "2026-01-01T10:00:00Z")])) is None  # empty result: no label
+    assert payloads.decide(task([])) is None
+    assert payloads.decide({"id": 1, "data": {}, "annotations": [ann(6, "x", "2026-01-01T10:00:00Z")]}) is None
+
+
+def test_select_candidates_order_and_exclusions():
+    from labeling.push import select_candidates
+    from loop.manifest import COLUMNS
+    from loop.tables import conform
+
+    df = conform(pd.DataFrame({
+        "image_id": list("abcdefg"),
+        "flag": ["low_confidence", "user_moved", "low_confidence", None, "low_confidence", None, "low_confidence"],
+        "pred_conf": [0.4, 0.9, 0.1, 0.05, None, 0.2, 0.3],
+        "review_status": [None, None, None, None, None, "queued", "reviewed"],
+        "review_task": pd.array([None] * 7, dtype="Int64"),
+    }), COLUMNS)
+    assert list(select_candidates(df)["image_id"]) == ["b", "c", "f", "a", "e"]
+    df.loc[df.image_id == "c", ["review_status", "review_task"]] = ["pushed", 12]
+    assert "c" not in list(select_candidates(df)["image_id"])
+    assert "c" in list(select_candidates(df, trust_hints=False)["image_id"])
+
+
+def test_image_roots_minimal_and_bounded():
+    from labeling.project import image_roots
+
+    paths = ["/a/b/1.jpg", "/a/b/c/2.jpg", "/a/bc/3.jpg", "/x/4.jpg"]
+    assert image_roots(paths) == ["/a/b", "/a/bc", "/x"]
+    many = [f"/lib/2026/day{i:03d}/p.jpg" for i in range(200)]
+    assert image_roots(many, max_roots=10) == ["/lib/2026"]
+
+
+def test_credentials_are_owner_only_and_never_in_repr(tmp_path):
+    from labeling.server import new_credentials, read_credentials, write_credentials
+
+    creds = new_credentials("admin@x.org")
+    assert len(creds.token) == 40 and creds.password
+    path = tmp_path / "ls" / "credentials.json"
+    write_credentials(path, creds)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert read_credentials(path) == creds
+    assert creds.token not in repr(creds) and creds.password not in repr(creds)
+    path.write_text("{not json")
+    with pytest.raises(LabelStudioError, match="damaged"):
+        read_credentials(path)
+
+
+def test_connection_embedded_team_and_missing_token(ws, monkeypatch):
+    from labeling import server
+    from loop.workspace import open_workspace
+
+    monkeypatch.delenv(server.TOKEN_ENV, raising=False)
+    with pytest.raises(LabelStudioError, match="labelstudio up"):
+        server.connection(ws)
+    server.write_credentials(server.credentials_path(ws), server.new_credentials("a@b.c"))
+    conn = server.connection(ws)
+    assert conn.embedded and conn.url == "http://127.0.0.1:8080"
+    assert conn.token not in repr(conn)
+    monkeypatch.setenv("SORTLOOP_LABELSTUDIO__URL", "https://ls.example.org/")
+    team = open_workspace(ws.root)
+    with pytest.raises(LabelStudioError, match=server.TOKEN_ENV):
+        server.connection(team)
+    monkeypatch.setenv(server.TOKEN_ENV, "team-token")
+    conn = server.connection(team)
+    assert (conn.url, conn.token, conn.embedded) == ("https://ls.example.org", "team-token", False)
+    with pytest.raises(LabelStudioError, match="managed elsewhere"):
+        server.up(team)
+
+
+def test_unreachable_server_is_retried_then_reported(ws, monkeypatch):
+    from labeling import server
+    from labeling.client import connect
+    from loop.workspace import open_workspace
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("SORTLOOP_LABELSTUDIO__PORT", str(port))
+    monkeypatch.setenv(server.TOKEN_ENV, "whatever")
+    start = time.monotonic()
+    with pytest.raises(LabelStudioError) as err:
+        connect(open_workspace(ws.root), attempts=3, backoff_s=0.1)
+    assert time.monotonic() - start >= 0.3  # waited 0.1 + 0.2 between the three attempts
+    assert f"http://127.0.0.1:{port}" in str(err.value) and "3 attempts" in str(err.value)
