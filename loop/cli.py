@@ -162,12 +162,21 @@ def serve(
 
     Example: sortloop serve --workspace ./data
     """
+    import logging
+
+    from loop.schedule import job_log_path
     from loop.schedule import serve as run_service
     from loop.workspace import init_workspace, open_workspace
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.WARNING)  # job runs are logged by loop.schedule
     ws = init_workspace(workspace) if init else open_workspace(workspace)
-    console.print(f"serving {ws.root}; job log in {ws.runs_dir / 'jobs.jsonl'} (Ctrl-C to stop)", highlight=False)
-    run_service(ws)
+
+    def started(scheduler: Any) -> None:
+        jobs = ", ".join(f"{job.id} ({job.trigger})" for job in scheduler.get_jobs())
+        console.print(f"serving {ws.root}: {jobs}; job log {job_log_path(ws)}; Ctrl-C to stop", markup=False)
+
+    run_service(ws, on_started=started)
     console.print("stopped", highlight=False)
 
 

@@ -272,11 +272,7 @@ def retrain_step(ws: Workspace) -> Outcome:
     from loop.train import train
 
     result = train(ws)
-    acc = (result.metrics.get("user_valid") or {}).get("accuracy")
-    parts.append(
-        f"trained {result.version} ({result.mode}, {why})"
-        + (f", user-valid accuracy {acc:.3f}" if acc is not None else "")
-    )
+    parts.append(f"{_summarise(result).summary} ({why})")
     if STOP.is_set():
         return Outcome("; ".join([*parts, "not deployed: shutting down (run `sortloop deploy` later)"]))
 
@@ -475,8 +471,15 @@ def is_serving(ws: Workspace) -> bool:
     return False
 
 
-def serve(ws: Workspace, *, scheduler_cls: type[BaseScheduler] = BlockingScheduler) -> None:
+def serve(
+    ws: Workspace,
+    *,
+    scheduler_cls: type[BaseScheduler] = BlockingScheduler,
+    on_started: Callable[[BaseScheduler], None] | None = None,
+) -> None:
     """Run the scheduler until SIGTERM/SIGINT; then stop cleanly: running steps finish their current step.
+
+    `on_started(scheduler)` is called once the lock is held and the jobs are scheduled (the CLI prints there).
 
     Raises:
         WorkspaceError: another `serve` holds this workspace.
@@ -505,6 +508,8 @@ def serve(ws: Workspace, *, scheduler_cls: type[BaseScheduler] = BlockingSchedul
             ws, {"job": "serve", "start": _now().isoformat(), "ok": True, "summary": f"started (pid {os.getpid()})"}
         )
         try:
+            if on_started is not None:
+                on_started(scheduler)
             scheduler.start()
             if scheduler_cls is not BlockingScheduler:  # a background scheduler: wait here for the signal
                 STOP.wait()
