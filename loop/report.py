@@ -192,6 +192,7 @@ def plot_labels(rounds: pd.DataFrame, out: Path) -> None:
             bottom += values
         for x, total in enumerate(bottom):
             ax.annotate(f"{int(total)}", (x, total), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+        ax.margins(y=0.1)
         ax.set_ylabel("label changes")
         ax.set_title("Labels gained per round (between trainings)")
         ax.legend(fontsize=8)
