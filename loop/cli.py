@@ -148,6 +148,82 @@ def demo(
         raise typer.Exit(1)
 
 
+# --- model ---------------------------------------------------------------------------------------------
+
+
+@command()
+def train(
+    mode: Annotated[str | None, typer.Option(help="'head' (linear head on cached features) or 'finetune' (fastai); "
+                                             "default: model.train_mode.")] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Train a candidate model from the labeled manifest rows and store it as a new version (not deployed).
+
+    Example: sortloop train --mode head
+    """
+    from loop.train import train as run_training
+    from loop.workspace import open_workspace
+
+    with progress_bar("training") as on_progress:
+        result = run_training(open_workspace(workspace), mode=mode, on_progress=on_progress)
+    out.print(result.summary(), highlight=False)
+    out.print(f"candidate stored in {result.model_dir}; promote it with: sortloop deploy {result.version}")
+
+
+@command()
+def deploy(
+    version: Annotated[str | None, typer.Argument(help="Version to promote (default: the newest).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote even if the gate refuses (logged).")] = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Promote a candidate if it beats the deployed model on today's user validation photos.
+
+    Example: sortloop deploy v0003
+    """
+    from loop.gate import deploy as run_gate
+    from loop.workspace import open_workspace
+
+    with progress_bar("evaluating") as on_progress:
+        decision = run_gate(open_workspace(workspace), version, force=force, on_progress=on_progress)
+    out.print(decision.summary(), highlight=False, markup=False)
+    if not decision.promoted:
+        raise typer.Exit(2)
+
+
+@command()
+def rollback(workspace: WorkspaceOption = None) -> None:
+    """Restore the previously deployed model version.
+
+    Example: sortloop rollback
+    """
+    from loop.gate import rollback as run_rollback
+    from loop.workspace import open_workspace
+
+    out.print(f"deployed model is now {run_rollback(open_workspace(workspace))}")
+
+
+@command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """List model versions with their validation metrics; * marks the deployed one.
+
+    Example: sortloop models --json
+    """
+    from loop.gate import describe_versions
+    from loop.workspace import open_workspace
+
+    rows = describe_versions(open_workspace(workspace))
+    if as_json:
+        return print_json(rows)
+    for r in rows:
+        acc = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        out.print(f"{'*' if r['deployed'] else ' '} {r['version']}  {r['train_mode'] or '?':8s} user-valid "
+                  f"{acc(r['user_valid_accuracy'])} (n={r['user_valid_n']})  web-valid {acc(r['web_valid_accuracy'])}"
+                  f"  {str(r['created_at'])[:16]}", highlight=False)
+
+
 # --- service -------------------------------------------------------------------------------------------
 
 
