@@ -1,0 +1,70 @@
+// A reviewer in a real headless Chromium: log in, open a task, check the photo and the pre-filled guess,
+// pick another class, submit. Prints one JSON line with what it saw; exits non-zero on any failure.
+//
+// usage: node review.js '{"url": ..., "email": ..., "password": ..., "project": 1, "task": 3,
+//                         "pick": "sofa", "classes": ["chair", "sofa", "table"], "screenshot": "test-artifacts/x.png"}'
+// Caveat: choice labels render as "sofa[2]" (hotkey hint), so labels are matched by prefix, not exact text.
+const { chromium } = require('playwright-core');
+
+const ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+  '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'];
+
+async function main() {
+  const o = JSON.parse(process.argv[2]);
+  const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', args: ARGS });
+  const out = {};
+  const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+  try {
+    page.setDefaultTimeout(o.timeout_ms || 60000);
+
+    await page.goto(`${o.url}/user/login/`);
+    await page.fill('input[name=email]', o.email);
+    await page.fill('input[name=password]', o.password);
+    await Promise.all([page.waitForURL((u) => !u.pathname.startsWith('/user/login')), page.click('button[type=submit]')]);
+
+    await page.goto(`${o.url}/projects/${o.project}/data?task=${o.task}`);
+    // the task's photo, served in place through /data/local-files/
+    const img = page.locator('img[src*="local-files"]').last();
+    await img.waitFor({ state: 'visible' });
+    await page.waitForFunction((el) => el.complete && el.naturalWidth > 0, await img.elementHandle());
+    out.naturalWidth = await img.evaluate((el) => el.naturalWidth);
+    out.imageSrc = await img.getAttribute('src');
+
+    // the model's guess is pre-filled: its radio button is checked
+    // the model's guess is pre-filled: among the class choices ("chair[1]", ...), its radio is checked
+    await page.locator('label', { hasText: new RegExp(`^\\s*${o.pick}`) }).first().waitFor();
+    const radios = await page.locator('input[type=radio]').evaluateAll((els) => els.map((el) => {
+      let node = el;  // the nearest ancestor with text is the choice's label
+      while (node && !node.textContent.trim()) node = node.parentElement;
+      return { text: node ? node.textContent.trim() : '', checked: el.checked };
+    }));
+    out.choices = radios.filter((r) => o.classes.some((c) => r.text === c || r.text.startsWith(`${c}[`)));
+    out.prefilled = (out.choices.find((r) => r.checked) || { text: '' }).text;
+
+    // pick another class and submit
+    await page.locator('label', { hasText: new RegExp(`^\\s*${o.pick}`) }).first().click();
+    const submit = page.locator('button', { hasText: /^\s*Submit\s*$/ }).first();
+    await submit.waitFor();
+    const [response] = await Promise.all([
+      page.waitForResponse((r) => r.url().includes(`/api/tasks/${o.task}/annotations`) && r.request().method() === 'POST'),
+      submit.click(),
+    ]);
+    out.status = response.status();
+    out.annotation = await response.json();
+    await page.waitForTimeout(500);
+    if (o.screenshot) await page.screenshot({ path: o.screenshot, fullPage: false });
+  } catch (err) {
+    // keep evidence of what the page looked like
+    if (o.screenshot) await page.screenshot({ path: o.screenshot.replace(/\.png$/, '-error.png') }).catch(() => {});
+    err.message += `\nbuttons: ${JSON.stringify(await page.locator('button').allInnerTexts().catch(() => []))}`;
+    throw err;
+  } finally {
+    await browser.close();
+  }
+  console.log(JSON.stringify(out));
+}
+
+main().catch((err) => {
+  console.error(err && err.stack ? err.stack : String(err));
+  process.exit(1);
+});
