@@ -236,22 +236,44 @@ def latest_trained(ws: Workspace) -> tuple[str, dict[str, Any]] | None:
 
 
 def new_labels_since_last_train(ws: Workspace) -> tuple[bool, str]:
-    """Whether the labels differ from those the newest version was trained on, and why (one line)."""
-    from loop.manifest import load
-    from loop.train import labels_fingerprint
+    """Whether the training data differ from what the newest version was trained on, and why (one line).
+
+    Compares `loop.train.labels_fingerprint` of today's trainable rows with the newest model.json's.
+    """
+    from loop.train import labeled_rows, labels_fingerprint
 
     latest = latest_trained(ws)
     if latest is None:
         return True, "no model trained yet"
     version, spec = latest
-    current = labels_fingerprint(load(ws))
-    if spec.get("labels_fingerprint") == current:
+    if spec.get("labels_fingerprint") == labels_fingerprint(labeled_rows(ws)):
         return False, f"no new labels since {version} was trained"
     return True, f"labels changed since {version} was trained"
 
 
+def assign_new_splits(ws: Workspace) -> int:
+    """Give a train/valid side to labeled photos that have none yet (e.g. just reviewed); returns how many.
+
+    Reviewed photos arrive unlabeled at sort time, so they have no split until their label comes back; the
+    split rule (`loop.splits.assign_splits`, stable and item-grouped) only fills missing sides.
+    """
+    from loop import manifest
+    from loop.splits import assign_splits
+
+    counted: list[int] = []
+
+    def fill(df: Any) -> Any:
+        before = int((df["label"].notna() & df["split"].isna()).sum())
+        out = assign_splits(df, ws.settings.split)
+        counted.append(before - int((out["label"].notna() & out["split"].isna()).sum()))
+        return out
+
+    manifest.update(ws, fill)
+    return counted[0] if counted else 0
+
+
 def retrain_step(ws: Workspace) -> Outcome:
-    """The nightly cycle: pull reviews → train a candidate → gate → deploy or refuse (with reasons) → log.
+    """The nightly cycle: pull reviews → split new labels → train a candidate → gate → deploy or refuse → log.
 
     Skipped, with the reason, when the labels are exactly those the newest version was trained on. A
     failed pull (Label Studio down) is reported and training goes on with the labels already pulled.
@@ -265,6 +287,9 @@ def retrain_step(ws: Workspace) -> Outcome:
     if STOP.is_set():
         return Outcome("; ".join([*parts, "stopped before training: shutting down"]), skipped=True)
 
+    assigned = assign_new_splits(ws)
+    if assigned:
+        parts.append(f"{assigned} newly labeled photo(s) given a train/valid side")
     changed, why = new_labels_since_last_train(ws)
     if not changed:
         return Outcome("; ".join([*parts, f"retrain skipped: {why}"]), skipped=True)
