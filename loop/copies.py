@@ -1,0 +1,197 @@
+"""Sorted copies: the safe copy into a category folder, and the table recording every copy ever made.
+
+Safe copy: the bytes go to a hidden temp file in the target folder, are fsynced, and are then hard-linked
+to the final name (`os.link` fails if the name exists, so nothing is ever overwritten, even by two
+sorts racing into one folder); a file system without hard links falls back to a checked rename. An
+existing file with the same name and identical bytes means "already there" (skipped); different bytes
+get a unique name `name (2).jpg`. The copy is hashed while it is written, so the recorded `image_id` is
+the hash of the bytes that really landed.
+
+The records table (`<workspace>/runs/sorted_copies.parquet`, locked and atomic like the manifest) keeps,
+per copy: image_id, source path and its size/mtime, destination root and path, predicted label,
+confidence, score, model version, time, and — updated by `corrections.scan` — the copy's current
+category, size/mtime and status. Sort uses it to resume; scan uses size+mtime to avoid re-hashing.
+Caveat: originals are only ever read; but a source file changed between decode and copy is reported as
+a failure rather than copied, because its recorded hash would be wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pandas as pd
+
+from loop.tables import read_table, update_table
+from loop.workspace import Workspace
+
+RECORD_COLUMNS: dict[str, str] = {
+    "record_id": "string",
+    "image_id": "string",
+    "source_path": "string",
+    "source_size": "Int64",
+    "source_mtime_ns": "Int64",
+    "dest_root": "string",
+    "dest_path": "string",  # where the copy is now (scan follows moves)
+    "label": "string",  # predicted label at sort time
+    "confidence": "float64",
+    "score": "float64",
+    "flagged": "boolean",
+    "model_version": "string",
+    "sorted_at": "datetime64[ns, UTC]",
+    "run_id": "string",
+    "category": "string",  # the category folder the copy is in now (NA if moved out of all)
+    "dest_size": "Int64",
+    "dest_mtime_ns": "Int64",
+    "status": "string",  # present / deleted
+    "checked_at": "datetime64[ns, UTC]",
+}
+
+COPY_CHUNK = 1 << 20
+
+
+def records_path(ws: Workspace) -> Path:
+    return ws.runs_dir / "sorted_copies.parquet"
+
+
+def load_records(ws: Workspace, dest_root: Path | None = None) -> pd.DataFrame:
+    """All copy records (or those under one destination root)."""
+    df = read_table(records_path(ws), RECORD_COLUMNS)
+    if dest_root is not None:
+        df = df[df["dest_root"] == str(dest_root)].reset_index(drop=True)
+    return df
+
+
+def append_records(ws: Workspace, rows: list[dict]) -> None:
+    """Add copy records under the table lock."""
+    if not rows:
+        return
+    new = pd.DataFrame(rows)
+    update_table(
+        records_path(ws),
+        RECORD_COLUMNS,
+        lambda df: pd.concat([df, new], ignore_index=True) if len(df) else new,
+    )
+
+
+def update_records(ws: Workspace, changes: dict[str, dict]) -> None:
+    """Apply `{record_id: {column: value}}` under the table lock."""
+    if not changes:
+        return
+
+    def change(df: pd.DataFrame) -> pd.DataFrame:
+        index = {rid: i for i, rid in enumerate(df["record_id"])}
+        for rid, values in changes.items():
+            i = index.get(rid)
+            if i is None:
+                continue
+            for col, value in values.items():
+                df.at[i, col] = value
+        return df
+
+    update_table(records_path(ws), RECORD_COLUMNS, change)
+
+
+def new_record_id() -> str:
+    return uuid.uuid4().hex
+
+
+class SourceChanged(OSError):
+    """The source's bytes no longer hash to the image_id it was decoded with."""
+
+
+def same_content(path: Path, size: int, image_id: str) -> bool:
+    """True if `path` is a regular file with exactly these bytes (size check first, then sha256)."""
+    try:
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(COPY_CHUNK):
+                digest.update(block)
+        return digest.hexdigest() == image_id
+    except OSError:
+        return False
+
+
+def unique_name(name: str, n: int) -> str:
+    """`x.jpg` for n == 1, else `x (n).jpg`."""
+    if n == 1:
+        return name
+    stem, suffix = os.path.splitext(name)
+    return f"{stem} ({n}){suffix}"
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temp(src: Path, folder: Path, name: str, image_id: str) -> Path:
+    """Copy `src` to a hidden temp file in `folder`, fsynced, mtime kept; checks the bytes' hash."""
+    tmp = folder / f".{name}.sortloop-{uuid.uuid4().hex[:8]}.tmp"
+    digest = hashlib.sha256()
+    try:
+        with open(src, "rb") as fin, open(tmp, "xb") as fout:
+            while block := fin.read(COPY_CHUNK):
+                digest.update(block)
+                fout.write(block)
+            fout.flush()
+            os.fsync(fout.fileno())
+        if digest.hexdigest() != image_id:
+            raise SourceChanged(f"{src} changed while being sorted; run sort again")
+        # timestamps are a courtesy (e.g. FAT volumes refuse some); the bytes are what matter
+        with contextlib.suppress(OSError):
+            shutil.copystat(src, tmp, follow_symlinks=True)
+        return tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def safe_copy(src: Path, folder: Path, name: str, *, image_id: str, size: int) -> tuple[Path, bool]:
+    """Copy `src` into `folder` as `name` without ever overwriting; returns (final path, copied?).
+
+    copied is False when a file with identical bytes already sat at one of the candidate names
+    (`name`, `name (2)`, ...), which is then returned instead.
+
+    Raises:
+        OSError: the copy failed (no space, permission denied, ...); no partial file is left behind.
+        SourceChanged: the source's bytes no longer match `image_id`.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp: Path | None = None
+    n = 1
+    try:
+        while True:
+            target = folder / unique_name(name, n)
+            if target.exists() or target.is_symlink():
+                if same_content(target, size, image_id):
+                    return target, False
+                n += 1
+                continue
+            if tmp is None:
+                tmp = _write_temp(src, folder, name, image_id)
+            try:
+                os.link(tmp, target)  # atomic, and refuses to replace an existing name
+            except FileExistsError:
+                continue  # someone else took the name meanwhile: look at it again
+            except OSError:  # no hard links here (FAT, some network shares): rename after the check above
+                if target.exists():
+                    continue
+                os.replace(tmp, target)
+                tmp = None
+            _fsync_dir(folder)
+            return target, True
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)

@@ -1,0 +1,221 @@
+"""A streaming, bounded-memory decode pipeline: paths in, model inputs out, in order, in worker processes.
+
+Each file becomes a `Decoded` record: its sha256 (`image_id`), the model's view of it (uint8
+(size, size, 3), exactly what `loop.images.load_model_input` returns: JPEG draft + EXIF transpose +
+RGB + resize + centre crop), its perceptual hash and EXIF time (for the manifest), or, if it cannot be
+read, a one-line `error`. A broken file never raises out of the pipeline — not even one that crashes
+the decoder process: the pool is rebuilt and the culprit is reported.
+
+Why processes: decoding is CPU-bound Python/C that holds the GIL in places; worker processes decode the
+next images while the main process runs the model, and at most `prefetch` chunks are in flight, so
+memory stays flat however many files there are. Workers are started with "spawn" (never "fork"), because
+the main process may hold ONNX Runtime / torch threads.
+Caveat: results come back in input order, so one slow file (a huge PNG) delays the ones behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from loop.errors import ImageError, SortloopError
+from loop.images import file_sha256, open_image, resize_and_crop
+
+logger = logging.getLogger(__name__)
+
+POOL_START_TIMEOUT_S = 120.0
+CRASH_RETRIES = 1  # a file is retried alone this many times after its decoder process died
+
+
+@dataclass
+class Decoded:
+    """One file after decoding. `pixels` is None (and `error` set) when it could not be read."""
+
+    path: Path
+    image_id: str | None = None
+    pixels: np.ndarray | None = None  # uint8 (size, size, 3)
+    phash: str | None = None
+    taken_at: pd.Timestamp | None = None
+    size_bytes: int = -1
+    mtime_ns: int = -1
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def decode_one(path: Path, size: int, describe: bool = True) -> Decoded:
+    """Hash and decode one file into a `Decoded`; never raises (a failure becomes `error`).
+
+    Args:
+        path: the image file.
+        size: the model's input size (square).
+        describe: also compute the perceptual hash and EXIF time the manifest wants for new images.
+    """
+    path = Path(path)
+    rec = Decoded(path=path)
+    try:
+        st = path.stat()
+        rec.size_bytes, rec.mtime_ns = st.st_size, st.st_mtime_ns
+        rec.image_id = file_sha256(path)
+        # Same steps as loop.images.load_model_input, split so the oriented image also feeds pHash.
+        img = open_image(path, draft_size=size)
+        rec.pixels = np.asarray(resize_and_crop(img, size), dtype=np.uint8)
+        if describe:
+            from loop.items import exif_taken_at, perceptual_hash
+
+            rec.phash = perceptual_hash(img)
+            rec.taken_at = exif_taken_at(img) if img.getexif() else None
+    except ImageError as exc:
+        rec.error = exc.reason
+    except OSError as exc:  # vanished, permission denied, symlink loop, I/O error while hashing
+        rec.error = f"unreadable ({exc.strerror or exc})"
+    except Exception as exc:  # noqa: BLE001 - a decoder bug on one odd file must not stop a sort of thousands
+        logger.warning("unexpected error decoding %s", path, exc_info=True)
+        rec.error = f"unexpected decoder error ({type(exc).__name__}: {exc})"
+    if rec.error is not None:
+        rec.pixels = None
+    return rec
+
+
+def decode_chunk(paths: list[Path], size: int, describe: bool = True) -> list[Decoded]:
+    """`decode_one` over a few paths: one inter-process round trip for several files."""
+    return [decode_one(p, size, describe) for p in paths]
+
+
+DecodeFn = Callable[[list[Path], int, bool], list[Decoded]]
+
+
+@dataclass
+class _Task:
+    paths: list[Path]
+    future: Future | None
+    pool_generation: int
+    attempts: int = 0
+
+
+def _succeeded(future: Future | None) -> bool:
+    return future is not None and future.done() and not future.cancelled() and future.exception() is None
+
+
+def _ping() -> bool:
+    return True
+
+
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    """A spawn-context pool, checked to start: a pool that cannot start is an error, not N failed files."""
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pool.submit(_ping).result(timeout=POOL_START_TIMEOUT_S)
+    except (BrokenProcessPool, TimeoutError) as exc:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise SortloopError(
+            f"decoder worker processes did not start ({type(exc).__name__}). If you call sortloop from a "
+            "script, put the call under `if __name__ == \"__main__\":`; or set sort.workers = 0"
+        ) from None
+    return pool
+
+
+def decode_stream(
+    paths: Iterable[Path],
+    size: int,
+    *,
+    workers: int = 2,
+    chunk: int = 4,
+    prefetch: int | None = None,
+    describe: bool = True,
+    decode_fn: DecodeFn = decode_chunk,
+) -> Iterator[Decoded]:
+    """Decode `paths` lazily, in order, with at most `prefetch` chunks of `chunk` files in flight.
+
+    Args:
+        paths: any iterable (a generator over a huge tree is fine: it is consumed as needed).
+        size: model input size.
+        workers: decoder processes; 0 decodes in this process (no overlap with inference).
+        chunk: files per task sent to a worker.
+        prefetch: chunks in flight (default 4 per worker).
+        describe: compute pHash and EXIF time too.
+        decode_fn: module-level function (picklable) doing the work; tests swap it.
+    Yields:
+        One `Decoded` per path, in input order.
+
+    Example:
+        >>> for rec in decode_stream(iter_image_files(folder), 224, workers=2):   # doctest: +SKIP
+        ...     print(rec.path, rec.error or rec.pixels.shape)
+    """
+    source = iter(paths)
+    if workers <= 0:
+        for path in source:
+            yield from decode_fn([Path(path)], size, describe)
+        return
+
+    prefetch = prefetch or 4 * workers
+    pool = _new_pool(workers)
+    generation = 0
+    queue: deque[_Task] = deque()
+
+    def submit(task: _Task) -> None:
+        task.future = pool.submit(decode_fn, task.paths, size, describe)
+        task.pool_generation = generation
+
+    def refill() -> None:
+        while len(queue) < prefetch:
+            block = [Path(p) for p in islice(source, chunk)]
+            if not block:
+                return
+            task = _Task(block, None, generation)
+            submit(task)
+            queue.append(task)
+
+    try:
+        refill()
+        while queue:
+            task = queue[0]
+            try:
+                results = task.future.result()  # type: ignore[union-attr]
+            except BrokenProcessPool:
+                # A decoder process died (a crashing codec, the OOM killer). Rebuild the pool once per
+                # breakage, then retry the broken task's files one by one so only the culprit fails.
+                if task.pool_generation == generation:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = _new_pool(workers)
+                    generation += 1
+                    logger.warning("a decoder process died; restarted the pool")
+                queue.popleft()
+                if len(task.paths) > 1:
+                    singles = [_Task([p], None, generation) for p in task.paths]
+                elif task.attempts < CRASH_RETRIES:
+                    singles = [_Task(task.paths, None, generation, task.attempts + 1)]
+                else:
+                    yield Decoded(path=task.paths[0], error="the decoder process crashed on this file")
+                    continue
+                for t in singles:
+                    submit(t)
+                queue.extendleft(reversed(singles))
+                # tasks queued behind were submitted to the dead pool: resubmit them to the new one
+                for t in queue:
+                    if t.pool_generation != generation and not _succeeded(t.future):
+                        submit(t)
+                continue
+            queue.popleft()
+            refill()
+            yield from results
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def default_workers(configured: int) -> int:
+    """The configured worker count, capped at the number of CPUs (at least 0)."""
+    return max(0, min(configured, os.cpu_count() or 1))

@@ -1,0 +1,348 @@
+"""Sort a folder: copy every image under SRC into `DEST/<predicted label>/`, with the deployed model.
+
+How it is fast: files stream through `loop.decode` (JPEG draft decode + EXIF orientation in worker
+processes, a bounded number in flight), the model runs on batches through the portable artifact (ONNX
+Runtime by default: measured ~2x faster than torch on CPU; no fastai anywhere on this path), and
+decoding the next batch overlaps inference and copying of the current one.
+
+How it is safe: originals are only read. Copies go through `loop.copies.safe_copy` (temp name in the
+target folder, fsync, link/rename; never overwrites: identical bytes are skipped, different ones get
+`name (2).jpg`). Every copy is recorded in `<workspace>/runs/sorted_copies.parquet`, so a rerun copies
+nothing already sorted (a source file is recognised by path + size + mtime without being read again).
+The model version is fixed when the run starts: a deploy during a run does not change it.
+
+Layout: by default the source's sub-folders are kept under each category (`DEST/<label>/<sub/folders>/
+name`), because camera names repeat across folders (IMG_0001.JPG in every project), so a flat layout
+would rename many photos to `name (2).jpg` and lose which project each came from; `--flat` (or
+`sort.keep_tree = false`) puts every copy directly in `DEST/<label>/`. Either way `scan` reads the
+category from the first folder under DEST.
+
+Also written: predictions (`pred_label`, `pred_conf`, `pred_score`, `pred_model`) and `flag =
+low_confidence` into the manifest (new images are registered first), and the flagged copies into
+`DEST/_review.csv`.
+Caveat: flags are set only on images no person has labeled yet (`label_source` not review/user_move),
+and an existing `user_moved` flag is never replaced.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from loop import copies, manifest
+from loop.decode import Decoded, decode_stream, default_workers
+from loop.errors import SortloopError
+from loop.images import iter_image_files
+from loop.progress import ProgressCallback, no_progress
+from loop.select import get_strategy
+from loop.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+
+REVIEW_CSV = "_review.csv"
+REVIEW_COLUMNS = ["dest_path", "source_path", "pred_label", "pred_conf", "score", "strategy", "model_version",
+                  "image_id", "sorted_at"]
+FLUSH_EVERY = 256  # images between writes of the manifest and the records (a crash loses no copies:
+#                    a rerun finds them identical at their destination and records them then)
+HUMAN_SOURCES = ("review", "user_move")
+
+
+@dataclass
+class SortReport:
+    """What one sort run did. `failed` lists (path, reason) for every file that was not sorted."""
+
+    src: str = ""
+    dest: str = ""
+    model_version: str = ""
+    run_id: str = ""
+    seen: int = 0
+    copied: int = 0
+    already_sorted: int = 0
+    identical_existing: int = 0  # an identical file already sat at the destination name
+    renamed: int = 0  # copied under a unique name because a different file had the name
+    flagged: int = 0
+    registered: int = 0  # new images added to the manifest
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    per_label: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True if every file was sorted (or had been before)."""
+        return not self.failed
+
+    def summary(self) -> str:
+        rate = (self.copied + self.identical_existing) / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"sorted {self.seen} files from {self.src} into {self.dest} with model {self.model_version}: "
+            f"{self.copied} copied ({self.renamed} under a new name), {self.identical_existing} already there, "
+            f"{self.already_sorted} sorted before, {self.flagged} flagged for review, {len(self.failed)} failed "
+            f"({self.seconds:.1f} s, {rate:.1f} images/s)",
+        ]
+        if self.per_label:
+            lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(self.per_label.items())))
+        if self.failed:
+            reasons: dict[str, int] = {}
+            for _, reason in self.failed:
+                key = reason.split(" (")[0]
+                reasons[key] = reasons.get(key, 0) + 1
+            lines.append("  failures: " + ", ".join(f"{k} x{v}" for k, v in sorted(reasons.items())))
+        return "\n".join(lines)
+
+
+def sort_folder(
+    ws: Workspace,
+    src: Path | str,
+    dest: Path | str,
+    *,
+    keep_tree: bool | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> SortReport:
+    """Copy every image under `src` into `dest/<predicted label>/` with the deployed model.
+
+    Args:
+        ws: the workspace (its deployed model, manifest and settings `[sort]`).
+        src: a folder (searched recursively; directory symlinks are not followed) or one image file.
+        dest: the sorted tree (created if missing). May not be `src` itself or contain it.
+        keep_tree: keep `src`'s sub-folders under each category (default: setting `sort.keep_tree`).
+        on_progress: called with (files done, files total).
+    Returns:
+        A SortReport; `.ok` is False if any file failed (each listed with its reason).
+    Raises:
+        ModelError: no deployed model, or it does not load. SortloopError: bad `src`/`dest`.
+
+    Example:
+        >>> report = sort_folder(open_workspace("data"), "~/photos/new", "~/photos/sorted")   # doctest: +SKIP
+        >>> print(report.summary())
+    """
+    from loop.artifact import load_predictor
+    from loop.registry import current_model_dir
+
+    settings = ws.settings.sort
+    on_progress = on_progress or no_progress
+    src, dest = _check_folders(Path(src), Path(dest))
+    keep_tree = settings.keep_tree if keep_tree is None else keep_tree
+    strategy = get_strategy(settings.flag_strategy)
+    started = time.perf_counter()
+
+    # The model is fixed here, once: a deploy during the run changes the pointer, not this predictor.
+    predictor = load_predictor(current_model_dir(ws), runtime=settings.runtime)
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + copies.new_record_id()[:6]
+    report = SortReport(src=str(src), dest=str(dest), model_version=predictor.version, run_id=run_id)
+    logger.info("sorting %s -> %s with %r (run %s)", src, dest, predictor, run_id)
+
+    # Resume: what earlier runs already copied from here into this destination.
+    done = copies.load_records(ws, dest)
+    known = {(p, int(s), int(m)) for p, s, m in zip(done["source_path"], done["source_size"].fillna(-1),
+                                                    done["source_mtime_ns"].fillna(-1), strict=True)}
+    known_ids = set(zip(done["source_path"], done["image_id"], strict=True))
+    skip_dirs = [dest] if _is_within(dest, src) else []
+    total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))
+    on_progress(0, total)
+
+    pending = _Pending()
+    processed = 0
+
+    def todo() -> Iterator[Path]:
+        nonlocal processed
+        for path in iter_image_files(src, skip=skip_dirs):
+            try:
+                st = path.stat()
+                if (str(path), st.st_size, st.st_mtime_ns) in known:
+                    report.already_sorted += 1
+                    processed += 1
+                    continue
+            except OSError:
+                pass  # the decoder reports it with the reason
+            yield path
+
+    workers = default_workers(settings.workers)
+    stream = decode_stream(todo(), predictor.image_size, workers=workers)
+    try:
+        for batch, failures in _batches(stream, settings.batch_size, report):
+            if batch:
+                probs = predictor.predict(np.stack([rec.pixels for rec in batch]))
+                scores = strategy(probs)
+                for rec, p, s in zip(batch, probs, scores, strict=True):
+                    if (str(rec.path), rec.image_id) in known_ids:  # touched, not changed: still sorted
+                        report.already_sorted += 1
+                    else:
+                        _sort_one(rec, p, float(s), predictor, src, dest, keep_tree, settings.flag_threshold,
+                                  report, pending)
+            processed += len(batch) + failures
+            report.seen = processed
+            on_progress(processed, total)
+            if pending.size >= FLUSH_EVERY:
+                _flush(ws, dest, settings.flag_strategy, pending, report)
+    finally:
+        stream.close()
+        _flush(ws, dest, settings.flag_strategy, pending, report)
+        report.seen = processed
+        report.seconds = time.perf_counter() - started
+        _log_run(ws, report)
+    on_progress(processed, total)
+    logger.info(report.summary())
+    return report
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _check_folders(src: Path, dest: Path) -> tuple[Path, Path]:
+    src, dest = src.expanduser().absolute(), dest.expanduser().absolute()
+    if not src.exists():
+        raise SortloopError(f"{src} does not exist; give the folder of photos to sort")
+    if src.resolve() == dest.resolve():
+        raise SortloopError("source and destination are the same folder; sort into a different folder")
+    if src.is_dir() and _is_within(src, dest):
+        raise SortloopError(f"{src} is inside the destination {dest}; sort it into a folder outside it")
+    dest.mkdir(parents=True, exist_ok=True)
+    return src, dest
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    try:
+        inner.resolve().relative_to(outer.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _batches(stream: Iterator[Decoded], size: int, report: SortReport) -> Iterator[tuple[list[Decoded], int]]:
+    """Group decoded files into batches of `size`; failures go straight to the report.
+
+    Yields (batch, failures since the previous yield) so the caller can count progress.
+    """
+    batch: list[Decoded] = []
+    failures = 0
+    for rec in stream:
+        if rec.ok:
+            batch.append(rec)
+        else:
+            report.failed.append((str(rec.path), rec.error or "unreadable"))
+            logger.info("skipped %s: %s", rec.path, rec.error)
+            failures += 1
+        if len(batch) >= size or failures >= size:
+            yield batch, failures
+            batch, failures = [], 0
+    if batch or failures:
+        yield batch, failures
+
+
+class _Pending:
+    """Copies made since the last flush: records, manifest rows, review lines."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self.infos: list = []
+        self.preds: dict[str, tuple[str, float, float, bool]] = {}
+        self.review: list[dict] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.records)
+
+
+def _sort_one(rec: Decoded, probs: np.ndarray, score: float, predictor, src: Path, dest: Path,
+              keep_tree: bool, threshold: float, report: SortReport, pending: _Pending) -> None:
+    from loop.ingest import ImageInfo
+
+    k = int(np.argmax(probs))
+    label, conf = predictor.classes[k], float(probs[k])
+    flagged = score >= threshold
+    sub = rec.path.parent.relative_to(src) if keep_tree and src.is_dir() else Path()
+    folder = dest / label / sub
+    try:
+        final, copied = copies.safe_copy(rec.path, folder, rec.path.name, image_id=rec.image_id or "",
+                                         size=rec.size_bytes)
+    except OSError as exc:
+        report.failed.append((str(rec.path), f"copy failed ({exc.strerror or exc})"))
+        logger.warning("copy of %s failed: %s", rec.path, exc)
+        return
+    if copied:
+        report.copied += 1
+        report.renamed += final.name != rec.path.name
+    else:
+        report.identical_existing += 1
+    report.per_label[label] = report.per_label.get(label, 0) + 1
+    report.flagged += flagged
+    now = pd.Timestamp(datetime.now(UTC))
+    st = final.stat()
+    pending.records.append({
+        "record_id": copies.new_record_id(), "image_id": rec.image_id, "source_path": str(rec.path),
+        "source_size": rec.size_bytes, "source_mtime_ns": rec.mtime_ns, "dest_root": str(dest),
+        "dest_path": str(final), "label": label, "confidence": conf, "score": score, "flagged": flagged,
+        "model_version": predictor.version, "sorted_at": now, "run_id": report.run_id, "category": label,
+        "dest_size": st.st_size, "dest_mtime_ns": st.st_mtime_ns, "status": "present", "checked_at": now,
+    })
+    pending.infos.append(ImageInfo(image_id=rec.image_id or "", path=str(rec.path), phash=rec.phash,
+                                   taken_at=rec.taken_at))
+    pending.preds[rec.image_id or ""] = (label, conf, score, flagged)
+    if flagged:
+        pending.review.append({
+            "dest_path": str(final), "source_path": str(rec.path), "pred_label": label,
+            "pred_conf": f"{conf:.4f}", "score": f"{score:.4f}", "strategy": "", "model_version": predictor.version,
+            "image_id": rec.image_id, "sorted_at": now.isoformat(),
+        })
+
+
+def _flush(ws: Workspace, dest: Path, strategy: str, pending: _Pending, report: SortReport) -> None:
+    """Manifest first (register + predictions + flags), then the copy records, then _review.csv."""
+    if not pending.records:
+        return
+    from loop.ingest import register_images
+
+    report.registered += register_images(ws, pending.infos, source="user")
+    preds, version = pending.preds, report.model_version
+
+    def apply(df: pd.DataFrame) -> pd.DataFrame:
+        rows = df["image_id"].isin(preds.keys())
+        for i in df.index[rows]:
+            label, conf, score, flagged = preds[df.at[i, "image_id"]]
+            df.at[i, "pred_label"], df.at[i, "pred_conf"], df.at[i, "pred_score"] = label, conf, score
+            df.at[i, "pred_model"] = version
+            human = df.at[i, "label_source"] in HUMAN_SOURCES if not pd.isna(df.at[i, "label_source"]) else False
+            if flagged and not human and pd.isna(df.at[i, "flag"]):
+                df.at[i, "flag"] = "low_confidence"
+        return df
+
+    manifest.update(ws, apply)
+    copies.append_records(ws, pending.records)
+    if pending.review:
+        _append_review(dest / REVIEW_CSV, pending.review, strategy)
+    pending.records, pending.infos, pending.preds, pending.review = [], [], {}, []
+
+
+def _append_review(path: Path, rows: list[dict], strategy: str) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=REVIEW_COLUMNS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "strategy": strategy})
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _log_run(ws: Workspace, report: SortReport) -> None:
+    """One JSON line per run in `runs/sort_runs.jsonl`: counts, failures, the model version used."""
+    ws.runs_dir.mkdir(parents=True, exist_ok=True)
+    entry = {
+        "run_id": report.run_id, "at": datetime.now(UTC).isoformat(), "src": report.src, "dest": report.dest,
+        "model_version": report.model_version, "seen": report.seen, "copied": report.copied,
+        "already_sorted": report.already_sorted, "identical_existing": report.identical_existing,
+        "flagged": report.flagged, "failed": report.failed, "seconds": round(report.seconds, 3),
+    }
+    with open(ws.runs_dir / "sort_runs.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")

@@ -1,0 +1,233 @@
+"""Sorting real photos: copies land once with identical bytes, reruns copy nothing, flags, collisions."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from loop import copies, manifest
+from loop.cli import app
+from loop.decode import decode_one, decode_stream
+from loop.images import file_sha256, load_model_input
+from loop.registry import set_current
+from loop.sort import REVIEW_CSV, sort_folder
+from loop.workspace import Workspace
+from tests.unit.sort_helpers import deploy_copy, files_under, ikea_classes, sample_ikea
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    return {str(p.relative_to(folder)): (file_sha256(p), p.stat().st_mtime_ns) for p in files_under(folder)}
+
+
+@pytest.fixture
+def deployed(ws, sort_model):
+    deploy_copy(ws, sort_model)
+    return ws
+
+
+def test_sorts_real_photos_once_with_identical_bytes(deployed, shared_data, tmp_path) -> None:
+    src, dest = tmp_path / "inbox", tmp_path / "sorted"
+    sample_ikea(shared_data, src)
+    before = snapshot(src)
+    classes = ikea_classes(shared_data)
+
+    report = sort_folder(deployed, src, dest)
+
+    assert report.ok and report.failed == []
+    assert report.copied == len(before) and report.model_version == "v0001"
+    assert snapshot(src) == before  # originals untouched (bytes and mtimes)
+    copies_by_hash: dict[str, list[Path]] = {}
+    for path in files_under(dest):
+        assert path.parts[len(dest.parts)] in classes  # dest/<label>/...
+        copies_by_hash.setdefault(file_sha256(path), []).append(path)
+    assert sorted(copies_by_hash) == sorted(h for h, _ in before.values())
+    assert all(len(paths) == 1 for paths in copies_by_hash.values())  # exactly one class folder each
+    assert not [p for p in dest.rglob("*") if p.name.startswith(".")]  # no temp files left
+
+    records = copies.load_records(deployed, dest)
+    assert len(records) == len(before)
+    for rec in records.itertuples():
+        assert Path(rec.dest_path).exists() and file_sha256(Path(rec.dest_path)) == rec.image_id
+        assert Path(rec.dest_path).relative_to(dest).parts[0] == rec.label
+        assert rec.model_version == "v0001" and 0 < rec.confidence <= 1
+    df = manifest.load(deployed).set_index("image_id")
+    assert set(records.image_id) <= set(df.index)
+    for rec in records.itertuples():
+        row = df.loc[rec.image_id]
+        assert row.pred_label == rec.label and row.pred_model == "v0001"
+        assert row.pred_conf == pytest.approx(rec.confidence) and row.source == "user"
+        assert pd.notna(row.item_id)
+
+    again = sort_folder(deployed, src, dest)
+    assert again.copied == 0 and again.already_sorted == len(before) and again.ok
+    assert len(files_under(dest)) == len(before)
+    assert len(copies.load_records(deployed, dest)) == len(before)
+
+
+def test_keep_tree_and_flat_layouts(deployed, shared_data, tmp_path) -> None:
+    src = tmp_path / "inbox"
+    sample_ikea(shared_data, src, per_class=1, classes=2)
+    (src / "projects" / "a").mkdir(parents=True)
+    shutil.copy2(next(src.rglob("*.jpg")), src / "projects" / "a" / "deep.jpg")
+
+    sort_folder(deployed, src, tmp_path / "tree", keep_tree=True)
+    for rec in copies.load_records(deployed, tmp_path / "tree").itertuples():
+        rel = Path(rec.source_path).relative_to(src)
+        assert Path(rec.dest_path) == tmp_path / "tree" / rec.label / rel
+
+    sort_folder(deployed, src, tmp_path / "flat", keep_tree=False)
+    for rec in copies.load_records(deployed, tmp_path / "flat").itertuples():
+        assert Path(rec.dest_path).parent == tmp_path / "flat" / rec.label
+
+
+def test_name_collisions_never_overwrite(deployed, shared_data, tmp_path) -> None:
+    photo = sorted((shared_data / "ikea_products" / "sofa").glob("*.jpg"))[0]
+    src = tmp_path / "inbox"
+    for i in range(2):  # two DIFFERENT files (trailing bytes differ, pixels do not), same name
+        (src / f"d{i}").mkdir(parents=True)
+        (src / f"d{i}" / "IMG_0001.jpg").write_bytes(photo.read_bytes() + bytes([i]) * (i + 1))
+    dest = tmp_path / "sorted"
+    report = sort_folder(deployed, src, dest, keep_tree=False)
+    records = copies.load_records(deployed, dest)
+    assert records.label.nunique() == 1  # same pixels, same guess: both land in one folder
+    assert sorted(Path(p).name for p in records.dest_path) == ["IMG_0001 (2).jpg", "IMG_0001.jpg"]
+    assert report.renamed == 1 and report.copied == 2
+    for rec in records.itertuples():
+        assert file_sha256(Path(rec.dest_path)) == rec.image_id
+
+    # an identical file already at the destination name is not copied again
+    dest2 = tmp_path / "sorted2"
+    first = sort_folder(deployed, src / "d0", tmp_path / "probe", keep_tree=False)
+    label = next(iter(first.per_label))
+    (dest2 / label).mkdir(parents=True)
+    shutil.copy2(src / "d0" / "IMG_0001.jpg", dest2 / label / "IMG_0001.jpg")
+    report = sort_folder(deployed, src / "d0", dest2, keep_tree=False)
+    assert report.identical_existing == 1 and report.copied == 0
+    assert files_under(dest2) == [dest2 / label / "IMG_0001.jpg"]
+
+
+def test_flags_follow_threshold_and_review_csv(ws, sort_model, shared_data, tmp_path, monkeypatch) -> None:
+    deploy_copy(ws, sort_model)
+    src = tmp_path / "inbox"
+    sample_ikea(shared_data, src, per_class=3, classes=4)
+    probe = sort_folder(ws, src, tmp_path / "probe")
+    scores = copies.load_records(ws, tmp_path / "probe").score.to_numpy()
+    threshold = float(np.median(scores))  # about half above, half below: both sides exercised
+    assert scores.min() < threshold <= scores.max() and probe.ok
+
+    monkeypatch.setenv("SORTLOOP_SORT__FLAG_THRESHOLD", str(threshold))
+    monkeypatch.setenv("SORTLOOP_SORT__FLAG_STRATEGY", "least_confidence")
+    fresh = Workspace(ws.root)  # settings are read once per Workspace object
+    dest = tmp_path / "sorted"
+    report = sort_folder(fresh, src, dest)
+    records = copies.load_records(fresh, dest)
+    expected = set(records.dest_path[records.score >= threshold])
+    assert records.flagged.tolist() == (records.score >= threshold).tolist()
+    np.testing.assert_allclose(records.score, 1 - records.confidence, atol=1e-6)
+    assert report.flagged == len(expected) > 0
+    with open(dest / REVIEW_CSV, newline="") as fh:
+        listed = {row["dest_path"] for row in csv.DictReader(fh)}
+    assert listed == expected
+    df = manifest.load(fresh).set_index("image_id")
+    flagged_ids = set(records.image_id[records.flagged])
+    assert set(df.index[df.flag == "low_confidence"]) == flagged_ids
+
+
+def test_model_version_fixed_at_start(deployed, sort_model, shared_data, tmp_path) -> None:
+    deploy_copy(deployed, sort_model, "v0002")
+    set_current(deployed, "v0001")
+    src = tmp_path / "inbox"
+    sample_ikea(shared_data, src, per_class=2, classes=3)
+    calls = []
+
+    def deploy_during_run(done: int, total: int | None) -> None:
+        if not calls:
+            set_current(deployed, "v0002")  # a nightly deploy lands while we sort
+        calls.append(done)
+
+    report = sort_folder(deployed, src, tmp_path / "sorted", on_progress=deploy_during_run)
+    assert report.model_version == "v0001" and calls[-1] == report.seen == 6
+    assert set(copies.load_records(deployed, tmp_path / "sorted").model_version) == {"v0001"}
+    assert sort_folder(deployed, src, tmp_path / "next").model_version == "v0002"
+
+
+def test_interrupted_run_resumes_without_duplicates(deployed, shared_data, tmp_path, monkeypatch) -> None:
+    src, dest = tmp_path / "inbox", tmp_path / "sorted"
+    sample_ikea(shared_data, src, per_class=2, classes=3)
+    real_link, count = os.link, itertools.count()
+
+    def dying_link(a, b):
+        if next(count) == 3:
+            raise KeyboardInterrupt  # killed mid-copy
+        return real_link(a, b)
+
+    monkeypatch.setattr(copies.os, "link", dying_link)
+    with pytest.raises(KeyboardInterrupt):
+        sort_folder(deployed, src, dest)
+    monkeypatch.setattr(copies.os, "link", real_link)
+    assert not [p for p in dest.rglob("*") if p.name.startswith(".") and p.is_file()]  # no half files
+    assert len(files_under(dest)) == 3
+
+    report = sort_folder(deployed, src, dest)
+    assert report.ok and report.copied == 3 and report.already_sorted == 3
+    hashes = [file_sha256(p) for p in files_under(dest)]
+    assert len(hashes) == 6 and len(set(hashes)) == 6
+
+
+def test_decode_matches_the_one_preprocessing_path(shared_data, tmp_path) -> None:
+    from PIL import Image
+
+    photo = next((shared_data / "ikea_products" / "bed").glob("*.jpg"))
+    rotated = tmp_path / "rotated.jpg"
+    img = Image.open(photo)
+    exif = img.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90° on display
+    img.save(rotated, exif=exif)
+    for path in (photo, rotated):
+        rec = decode_one(path, 224)
+        assert rec.ok and rec.image_id == file_sha256(path) and rec.phash
+        np.testing.assert_array_equal(rec.pixels, load_model_input(path, 224))
+
+
+def test_decode_stream_is_ordered_and_lazy(shared_data) -> None:
+    photos = sorted((shared_data / "ikea_products").rglob("*.jpg"))[:6]
+    pulled = []
+
+    def endless():
+        for i in itertools.count():
+            pulled.append(i)
+            yield photos[i % len(photos)]
+
+    stream = decode_stream(endless(), 64, workers=1, chunk=2, prefetch=2, describe=False)
+    got = [next(stream).path for _ in range(8)]
+    stream.close()
+    assert got == [photos[i % 6] for i in range(8)]
+    assert len(pulled) <= 8 + 2 * 2 + 2  # only what was asked for plus the bounded prefetch
+
+
+def test_cli_sort(deployed, shared_data, tmp_path) -> None:
+    src = tmp_path / "inbox"
+    sample_ikea(shared_data, src, per_class=1, classes=2)
+    result = CliRunner().invoke(app, ["sort", str(src), str(tmp_path / "out"), "--flat", "-w", str(deployed.root)])
+    assert result.exit_code == 0, result.output
+    assert "2 copied" in result.output
+    records = copies.load_records(deployed, tmp_path / "out")
+    assert all(Path(p).parent.parent == tmp_path / "out" for p in records.dest_path)
+
+
+def test_refuses_dest_inside_src_and_missing_model(ws, tmp_path) -> None:
+    from loop.errors import ModelError, SortloopError
+
+    (tmp_path / "a").mkdir()
+    with pytest.raises(SortloopError, match="same folder"):
+        sort_folder(ws, tmp_path / "a", tmp_path / "a")
+    with pytest.raises(ModelError, match="deploy"):
+        sort_folder(ws, tmp_path / "a", tmp_path / "b")
