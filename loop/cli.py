@@ -148,6 +148,52 @@ def demo(
         raise typer.Exit(1)
 
 
+# --- sorting -------------------------------------------------------------------------------------------
+
+
+@command()
+def sort(
+    src: Annotated[Path, typer.Argument(help="Folder of photos to sort (searched recursively; never changed).")],
+    dest: Annotated[Path, typer.Argument(help="Sorted tree: copies go to DEST/<category>/.")],
+    keep_tree: Annotated[bool | None, typer.Option("--keep-tree/--flat", help="Keep SRC's sub-folders under "
+                                                   "each category (default: sort.keep_tree, true).")] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Copy every photo under SRC into DEST/<predicted category>/ with the deployed model; flag unsure ones.
+
+    Rerunning copies nothing already sorted. Exit code 1 if any file could not be sorted (listed with why).
+
+    Example: sortloop sort ~/photos/inbox ~/photos/sorted
+    """
+    from loop.sort import sort_folder
+    from loop.workspace import open_workspace
+
+    with progress_bar("sorting") as on_progress:
+        report = sort_folder(open_workspace(workspace), src, dest, keep_tree=keep_tree, on_progress=on_progress)
+    out.print(report.summary(), highlight=False)
+    for path, reason in report.failed:
+        console.print(f"[yellow]not sorted[/yellow] {path}: {reason}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@command()
+def scan(
+    dest: Annotated[Path, typer.Argument(help="A tree written by `sortloop sort`.")],
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Find sorted copies a person moved to another category folder and record them as corrections.
+
+    Example: sortloop scan ~/photos/sorted
+    """
+    from loop.corrections import scan as scan_tree
+    from loop.workspace import open_workspace
+
+    with progress_bar("scanning") as on_progress:
+        report = scan_tree(open_workspace(workspace), dest, on_progress=on_progress)
+    out.print(report.summary(), highlight=False)
+
+
 # --- model ---------------------------------------------------------------------------------------------
 
 

@@ -27,6 +27,15 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def sort_model(tmp_path_factory, shared_data) -> Path:
+    """An untrained model artifact (pretrained Lite0 body, random head, the 11 ikea classes), built once per
+    session, for sort mechanics. Deploy a copy with `tests.unit.sort_helpers.deploy_copy(ws, sort_model)`."""
+    from tests.unit.sort_helpers import build_sort_model
+
+    return build_sort_model(tmp_path_factory.mktemp("sort_model"), shared_data)
+
+
 def make_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (64, 48), fmt: str = "JPEG") -> Path:
     """Write a small solid-colour image (with a diagonal stripe so near-duplicates differ by colour)."""
     path.parent.mkdir(parents=True, exist_ok=True)
