@@ -170,7 +170,7 @@ def sort(
 
     with progress_bar("sorting") as on_progress:
         report = sort_folder(open_workspace(workspace), src, dest, keep_tree=keep_tree, on_progress=on_progress)
-    out.print(report.summary(), highlight=False)
+    out.print(report.summary(), highlight=False, soft_wrap=True)
     for path, reason in report.failed:
         console.print(f"[yellow]not sorted[/yellow] {path}: {reason}", highlight=False)
     if not report.ok:
@@ -191,7 +191,7 @@ def scan(
 
     with progress_bar("scanning") as on_progress:
         report = scan_tree(open_workspace(workspace), dest, on_progress=on_progress)
-    out.print(report.summary(), highlight=False)
+    out.print(report.summary(), highlight=False, soft_wrap=True)
 
 
 # --- model ---------------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ def conform(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
             df[name] = pd.Series(index=df.index, dtype=dtype)
         elif str(df[name].dtype) != dtype:
             if dtype.startswith("datetime64") and "UTC" in dtype:
-                df[name] = pd.to_datetime(df[name], utc=True)
+                # pandas 3 infers a unit (s/ms/us) per column; pin the declared one (ns), or setting a
+                # finer timestamp later raises "Invalid value ... for dtype datetime64[ms, UTC]"
+                df[name] = pd.to_datetime(df[name], utc=True).astype(dtype)
             else:
                 df[name] = df[name].astype(dtype)
     extra = [c for c in df.columns if c not in columns]
