@@ -28,6 +28,26 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_ikea(tmp_path_factory, shared_data):
+    """ikea_products ingested as user photos with its own item groups, trained (head mode) and deployed,
+    once per session. Read-only: copy it with `tests.unit.model_helpers.copy_workspace` to change it.
+
+    Yields (workspace, TrainResult, Decision).
+    """
+    from loop.gate import deploy
+    from loop.train import train
+    from loop.workspace import init_workspace
+    from tests.unit.model_helpers import ingest_ikea
+
+    root = tmp_path_factory.mktemp("trained_ikea")
+    ws = init_workspace(root / "ws")
+    ingest_ikea(ws, shared_data, root)
+    result = train(ws, mode="head")
+    decision = deploy(ws, result.version)
+    return ws, result, decision
+
+
+@pytest.fixture(scope="session")
 def sort_model(tmp_path_factory, shared_data) -> Path:
     """An untrained model artifact (pretrained Lite0 body, random head, the 11 ikea classes), built once per
     session, for sort mechanics. Deploy a copy with `tests.unit.sort_helpers.deploy_copy(ws, sort_model)`."""
