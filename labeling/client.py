@@ -61,8 +61,8 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Send one request; returns the decoded JSON (None for an empty body).
+    def request(self, method: str, path: str, *, missing_ok: bool = False, **kwargs: Any) -> Any:
+        """Send one request; returns the decoded JSON (None for an empty body, or a 404 if `missing_ok`).
 
         Raises:
             LabelStudioError: unreachable after all attempts, or an HTTP error answer.
@@ -87,6 +87,8 @@ class Client:
                 f"Label Studio at {self.url} refused the token ({response.status_code}: {_reason(response)}); "
                 "check SORTLOOP_LABELSTUDIO_TOKEN or the workspace's labelstudio/credentials.json"
             )
+        if response.status_code == 404 and missing_ok:
+            return None
         if response.status_code >= 400:
             raise LabelStudioError(
                 f"Label Studio at {self.url} answered {response.status_code} to {method} {path}: {_reason(response)}"

@@ -160,25 +160,42 @@ def _str(value: object) -> str | None:
     return None if value is None or pd.isna(value) else str(value)
 
 
+def _updated_after(updated_after: str | None) -> list[dict]:
+    if not updated_after:
+        return []
+    return [{"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime", "value": updated_after}]
+
+
 def pull_view(project_id: int, updated_after: str | None) -> dict:
     """A temporary Data Manager tab holding the tasks changed after `updated_after` (ISO, microseconds, Z).
 
     The comparison is strict; with None the tab holds every task.
     """
-    items = []
-    if updated_after:
-        items.append({"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime",
-                      "value": updated_after})
-    return {"project": project_id,
-            "data": {"title": "sortloop pull (temporary)", "filters": {"conjunction": "and", "items": items}}}
+    filters = {"conjunction": "and", "items": _updated_after(updated_after)}
+    return {"project": project_id, "data": {"title": "sortloop pull (temporary)", "filters": filters}}
 
 
-def pull_snapshot(view_id: int) -> dict:
-    """An export snapshot of tab `view_id`: tasks with any annotation (skips too), annotators expanded."""
+def pull_snapshot(view_id: int | None) -> dict:
+    """An export snapshot of the tasks with a non-cancelled annotation (in tab `view_id`, if given).
+
+    All their annotations are included (skips too), with the annotators' e-mails expanded.
+    """
+    task_filter: dict = {"annotated": "only"}
+    if view_id is not None:
+        task_filter["view"] = view_id
     return {
         "title": "sortloop pull",
-        "task_filter_options": {"view": view_id, "only_with_annotations": True},
+        "task_filter_options": task_filter,
         "annotation_filter_options": {"usual": True, "ground_truth": True, "skipped": True},
         "serialization_options": {"annotations__completed_by": {"only_id": False},
                                   "predictions": {"only_id": True}, "drafts": {"only_id": True}},
     }
+
+
+def skipped_only_query(updated_after: str | None) -> dict:
+    """Data Manager filter: tasks changed after `updated_after` whose only annotations are skips."""
+    items = _updated_after(updated_after) + [
+        {"filter": "filter:tasks:cancelled_annotations", "operator": "greater", "type": "Number", "value": 0},
+        {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+    ]
+    return {"filters": {"conjunction": "and", "items": items}}

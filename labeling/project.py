@@ -108,9 +108,9 @@ def find_project(client: Client, ws: Workspace) -> dict | None:
     title = ws.settings.labelstudio.project_title
     remembered = remembered_project(ws, client.url)
     if remembered is not None:
-        for project in _list_projects(client, ids=str(remembered)):
-            if int(project["id"]) == remembered and project["title"] == title:
-                return client.get(f"/api/projects/{remembered}")
+        project = client.request("GET", f"/api/projects/{remembered}", missing_ok=True)
+        if project is not None and project.get("title") == title:
+            return project
     matches = [p for p in _list_projects(client, title=title) if p["title"] == title]
     if len(matches) > 1:
         logger.warning("%d projects titled %r; using the oldest (id %s)", len(matches), title, matches[0]["id"])
