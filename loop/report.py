@@ -67,41 +67,58 @@ def _metric(spec: dict[str, Any], split: str, key: str = "accuracy") -> float | 
 # --- plots ---------------------------------------------------------------------------------------------
 
 
-def plot_accuracy(versions: list[dict[str, Any]], current: str | None, out: Path) -> None:
-    """Accuracy on user validation photos (and web validation images) per version, in training order."""
-    fig = _figure()
-    points = [
-        (v["created_at"], v["version"], _metric(v["spec"], "user_valid"), _metric(v["spec"], "web_valid"))
-        for v in versions
-    ]
+def plot_accuracy(
+    versions: list[dict[str, Any]], current: str | None, out: Path, decisions: dict[str, dict[str, Any]] | None = None
+) -> None:
+    """Accuracy per version on the user validation photos, with the gate's verdicts.
+
+    The line is each version's accuracy when it was trained (model.json). Where the gate judged a version,
+    a grey diamond shows the then-deployed model on the *same* photos, and the marker says promoted (green)
+    or refused (red x); the orange star is the version deployed now.
+    """
+    decisions = decisions or {}
+    fig = _figure(7.5, 4.2)
+    points = [(v["created_at"], v["version"], _metric(v["spec"], "user_valid")) for v in versions]
     points = [p for p in points if p[2] is not None]
     if not points:
         _empty(fig, "no model trained yet")
-    else:
-        ax = fig.subplots()
-        xs = list(range(len(points)))
-        ax.plot(xs, [p[2] for p in points], "o-", color="tab:blue", label="user photos (validation)")
-        web = [(x, p[3]) for x, p in zip(xs, points, strict=True) if p[3] is not None]
-        if web:
-            ax.plot(
-                [w[0] for w in web],
-                [w[1] for w in web],
-                "s--",
-                color="tab:gray",
-                alpha=0.7,
-                label="web images (validation)",
-            )
-        for x, p in zip(xs, points, strict=True):
-            ax.annotate(f"{p[2]:.3f}", (x, p[2]), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-            if p[1] == current:
-                ax.plot([x], [p[2]], "*", color="tab:orange", markersize=16, zorder=5, label="deployed")
-        labels = [f"{p[1]}\n{p[0]:%m-%d %H:%M}" if p[0] is not None else p[1] for p in points]
-        ax.set_xticks(xs, labels, fontsize=8)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("accuracy")
-        ax.set_title("Accuracy per model version")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        fig.savefig(out)
+        return
+    ax = fig.subplots()
+    xs = list(range(len(points)))
+    ax.plot(xs, [p[2] for p in points], "-", color="tab:blue", zorder=2, label="version, at training (user photos)")
+    seen: set[str] = set()
+
+    def once(label: str) -> str:
+        """The label the first time, then a hidden one (matplotlib skips labels starting with "_")."""
+        if label in seen:
+            return "_" + label
+        seen.add(label)
+        return label
+
+    for x, (_, version, acc) in zip(xs, points, strict=True):
+        decision = decisions.get(version) or {}
+        event = decision.get("event")
+        if event in ("promoted", "forced"):
+            ax.plot([x], [acc], "o", color="tab:green", markersize=8, zorder=3, label=once("promoted by the gate"))
+        elif event == "refused":
+            ax.plot([x], [acc], "X", color="tab:red", markersize=9, zorder=3, label=once("refused by the gate"))
+        else:
+            ax.plot([x], [acc], "o", color="tab:blue", markersize=6, zorder=3)
+        rival = (decision.get("current") or {}).get("accuracy")
+        if rival is not None:
+            ax.plot([x, x], [acc, rival], ":", color="0.5", zorder=1)
+            ax.plot([x], [rival], "D", color="0.5", markersize=5, zorder=3, label=once("deployed model, same photos"))
+        if version == current:
+            ax.plot([x], [acc], "*", color="tab:orange", markersize=17, zorder=4, label=once("deployed now"))
+        ax.annotate(f"{acc:.3f}", (x, acc), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+    labels = [f"{p[1]}\n{p[0]:%m-%d %H:%M}" if p[0] is not None else p[1] for p in points]
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy on user validation photos")
+    ax.set_title("Accuracy per model version")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
     fig.savefig(out)
 
 
@@ -277,7 +294,9 @@ def write_report(ws: Workspace) -> Path:
     spec = next((v["spec"] for v in versions if v["version"] == current), None)
     df = load(ws)
 
-    plot_accuracy(versions, current, out / PLOTS["accuracy"])
+    log = read_log(ws)
+    decisions = {e["version"]: e for e in log if e.get("event") in ("promoted", "forced", "refused") and "version" in e}
+    plot_accuracy(versions, current, out / PLOTS["accuracy"], decisions)
     plot_recall(spec, out / PLOTS["recall"])
     confusion = current_confusion(spec) if spec is not None else None
     plot_confusion(confusion, current, out / PLOTS["confusion"])
@@ -285,7 +304,6 @@ def write_report(ws: Workspace) -> Path:
     plot_labels(rounds, out / PLOTS["labels"])
     plot_flags(df, out / PLOTS["flags"])
 
-    log = read_log(ws)
     version_rows = []
     for v in versions:
         decisions = [e for e in log if e.get("version") == v["version"]]
