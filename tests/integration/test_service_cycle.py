@@ -1,9 +1,10 @@
 """The loop as a service, once around, against a real Label Studio and real photos.
 
 The scheduler `serve` builds runs each job when the test moves that job's next run time to "now" (the
-fast clock): watch sorts an inbox with the deployed model and flags photos; push sends them to Label
-Studio; a reviewer (the official SDK) labels them; pull brings the labels back; the nightly retrain trains
-a candidate, the gate deploys it, and the next watch run sorts with the new version without a restart.
+fast clock): watch sorts an inbox with the deployed model and flags photos; scan picks up a copy a person
+moved to another category folder; push sends the flagged photos to Label Studio; a reviewer (the official
+SDK) labels them; pull brings the labels back; the nightly retrain trains a candidate, the gate deploys
+it, and the next watch run sorts with the new version without a restart.
 """
 
 from __future__ import annotations
@@ -95,6 +96,18 @@ def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, 
         assert (inbox_rows["pred_model"] == first.version).all()
         assert (inbox_rows["flag"] == "low_confidence").all() and inbox_rows["label"].isna().all()
 
+        # 2b. scan: a person moves one wrongly sorted copy into its right folder; that is a correction
+        wrong = inbox_rows[inbox_rows["pred_label"] != inbox_rows.index.map(truth)]
+        assert len(wrong), "the weak model got every inbox photo right; the scan check needs one wrong"
+        moved_path, moved_row = wrong.index[0], wrong.iloc[0]
+        (copy,) = dest.joinpath(moved_row["pred_label"]).rglob(Path(moved_path).name)
+        (dest / truth[moved_path]).mkdir(exist_ok=True)
+        copy.rename(dest / truth[moved_path] / copy.name)
+        scanned = run_now(scheduler, ws, "scan")
+        assert scanned["ok"], scanned
+        row = manifest.load(ws).set_index("path").loc[moved_path]
+        assert (row["label"], row["label_source"], row["flag"]) == (truth[moved_path], "user_move", "user_moved")
+
         # 3. push: one task per flagged photo, with the model's guess
         pushed = run_now(scheduler, ws, "push")
         assert pushed["ok"], pushed
@@ -115,7 +128,7 @@ def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, 
         df = manifest.load(ws).set_index("image_id")
         reviewed = df.loc[list(id_to_truth)]
         assert (reviewed["label"] == reviewed.index.map(id_to_truth)).all()
-        assert (reviewed["label_source"] == "review").all()
+        assert reviewed["label_source"].isin(["review", "user_move"]).all()
 
         # 6. the nightly retrain: pull (nothing new) -> split the new labels -> train -> gate -> deploy
         retrained = run_now(scheduler, ws, "retrain")
