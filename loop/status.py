@@ -200,7 +200,11 @@ def format_status(status: dict[str, Any]) -> str:
         )
     for cand in status["candidates"]:
         decision = cand["last_decision"]
-        note = f" - {decision.get('event', decision.get('action', ''))}" if decision else " - not gated yet"
+        if decision is None:
+            note = " - not gated yet"
+        else:
+            failed = [r for r in decision.get("reasons") or [] if r.startswith("FAIL")]
+            note = f" - {decision.get('event', '')}" + (f" ({'; '.join(failed)})" if failed else "")
         lines.append(
             f"candidate   {cand['version']}: user-valid accuracy {_fmt_acc(cand['user_valid_accuracy'])}{note}"
         )
