@@ -163,7 +163,10 @@ def run_job(job_id: str, root: str) -> dict[str, Any]:
             unexpected = exc
         record["end"] = _now().isoformat()
         append_job_log(ws, record)
-        logger.info("job %s: %s", job_id, record.get("summary") or record.get("error"))
+        if record["ok"]:
+            logger.info("job %s: %s", job_id, record["summary"])
+        else:
+            logger.warning("job %s failed: %s", job_id, record["error"])
         if unexpected is not None:
             raise unexpected
         return record
