@@ -36,17 +36,19 @@ def up(workspace: WorkspaceOption = None) -> None:
 
     Example: sortloop labelstudio up
     """
-    from labeling.server import credentials_path, up
+    from labeling.server import credentials_path, status, up
     from loop.workspace import open_workspace
 
     ws = open_workspace(workspace)
-    console.print("starting Label Studio (the first start takes about a minute)...")
+    if not status(ws).running:
+        console.print("starting Label Studio (the first start takes about a minute)...")
     info = up(ws)
-    out.print(f"Label Studio is running at [bold]{info.url}[/bold] (pid {info.pid})")
+    out.print(f"Label Studio is running at [bold]{info.url}[/bold] (pid {info.pid})", highlight=False)
     if info.credentials is not None:
-        out.print(f"login: {info.credentials.username}")
+        out.print(f"login: {info.credentials.username}", highlight=False, soft_wrap=True)
         if info.first_start:
-            out.print(f"password (shown once; stored in {credentials_path(ws)}): {info.credentials.password}")
+            out.print(f"password (shown once; stored in {credentials_path(ws)}): {info.credentials.password}",
+                      highlight=False, soft_wrap=True)
 
 
 @_command(labelstudio_app, "down")

@@ -255,9 +255,18 @@ def _read_pid(ws: Workspace) -> dict | None:
         return None
     try:
         info = json.loads(path.read_text())
-        return info if _alive(int(info["pid"])) else None
+        pid = int(info["pid"])
     except (ValueError, KeyError):
         return None
+    return info if _alive(pid) and _is_label_studio(pid) else None
+
+
+def _is_label_studio(pid: int) -> bool:
+    """Guard against a recycled pid: the process must be a `label-studio` command."""
+    try:
+        return b"label-studio" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return not Path("/proc").is_dir()  # no procfs (macOS): trust the pid file
 
 
 # --- the three commands -----------------------------------------------------------------------------

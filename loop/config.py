@@ -189,10 +189,13 @@ max_recall_drop = 0.10        # ...and no class may lose more recall than this
 [labelstudio]
 url = ""                      # empty: the embedded local server; else e.g. "https://ls.example.com"
                               # token: SORTLOOP_LABELSTUDIO_TOKEN or <workspace>/labelstudio/credentials.json
+host = "127.0.0.1"             # the embedded server listens here only
 port = 8080
-username = "admin@sortloop.local"
-project_title = "sortloop review"
-allow_new_classes = false
+username = "admin@sortloop.local"   # the embedded server's admin, created on its first start
+project_title = "sortloop review"   # one project per workspace, found by this title
+start_timeout_s = 180         # `labelstudio up` gives up (with the log's path) after this long
+push_batch_size = 500         # tasks per import request
+allow_new_classes = false     # true: a label a reviewer adds in Label Studio becomes a new class
 
 [schedule]
 pull_minutes = 10
