@@ -214,7 +214,7 @@ def test_up_times_out_with_a_clear_error(tmp_path):
     from tests.integration.conftest import configure, free_port, template_dir
 
     ws = configure(tmp_path / "ws", port=free_port(), title="timeout", extra="")
-    text = ws.config_file.read_text().replace("[labelstudio]", "[labelstudio]\nstart_timeout_s = 0.5")
+    text = ws.config_file.read_text().replace("start_timeout_s = 180", "start_timeout_s = 0.5")
     ws.config_file.write_text(text)
     ws = type(ws)(ws.root)  # fresh settings
     shutil.copytree(template_dir(), server.data_dir(ws), symlinks=True)
