@@ -40,9 +40,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def label_studio_version() -> str:
+    from importlib.metadata import version
+
+    return version("label-studio")
+
+
 def is_valid(template: Path) -> bool:
-    """A complete template: marker written last, database present."""
-    return (template / MARKER).exists() and (template / "label_studio.sqlite3").exists()
+    """A complete template (marker written last, database present) made by this Label Studio version."""
+    if not ((template / MARKER).exists() and (template / "label_studio.sqlite3").exists()):
+        return False
+    try:
+        return json.loads((template / MARKER).read_text()).get("label_studio") == label_studio_version()
+    except ValueError:
+        return False
 
 
 def read_marker(template: Path) -> Credentials:
@@ -70,7 +81,7 @@ def build(template: Path, *, timeout_s: float = 600.0) -> float:
         stop_process(proc.pid)
         proc.wait(timeout=30)
     elapsed = time.monotonic() - start
-    (data / MARKER).write_text(json.dumps(TEST_CREDENTIALS.__dict__))
+    (data / MARKER).write_text(json.dumps({**TEST_CREDENTIALS.__dict__, "label_studio": label_studio_version()}))
     if template.exists():
         shutil.rmtree(template)
     os.replace(data, template)
