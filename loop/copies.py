@@ -126,7 +126,8 @@ def unique_name(name: str, n: int) -> str:
     return f"{stem} ({n}){suffix}"
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename/link in `folder` durable (POSIX; a no-op elsewhere)."""
     if os.name != "posix":
         return
     fd = os.open(folder, os.O_RDONLY)
@@ -158,11 +159,14 @@ def _write_temp(src: Path, folder: Path, name: str, image_id: str) -> Path:
         raise
 
 
-def safe_copy(src: Path, folder: Path, name: str, *, image_id: str, size: int) -> tuple[Path, bool]:
+def safe_copy(
+    src: Path, folder: Path, name: str, *, image_id: str, size: int, sync_dir: bool = True
+) -> tuple[Path, bool]:
     """Copy `src` into `folder` as `name` without ever overwriting; returns (final path, copied?).
 
     copied is False when a file with identical bytes already sat at one of the candidate names
-    (`name`, `name (2)`, ...), which is then returned instead.
+    (`name`, `name (2)`, ...), which is then returned instead. With `sync_dir=False` the caller must
+    `fsync_dir(folder)` before relying on the new name surviving a power cut (sort does it per flush).
 
     Raises:
         OSError: the copy failed (no space, permission denied, ...); no partial file is left behind.
@@ -190,7 +194,8 @@ def safe_copy(src: Path, folder: Path, name: str, *, image_id: str, size: int) -
                     continue
                 os.replace(tmp, target)
                 tmp = None
-            _fsync_dir(folder)
+            if sync_dir:
+                fsync_dir(folder)
             return target, True
     finally:
         if tmp is not None:

@@ -31,7 +31,9 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -168,6 +170,7 @@ def sort_folder(
 
     workers = default_workers(settings.workers)
     stream = decode_stream(todo(), predictor.image_size, workers=workers)
+    copier = _Copier(report, pending, predictor.version)
     try:
         for batch, failures in _batches(stream, settings.batch_size, report):
             if batch:
@@ -176,16 +179,23 @@ def sort_folder(
                 for rec, p, s in zip(batch, probs, scores, strict=True):
                     if (str(rec.path), rec.image_id) in known_ids:  # touched, not changed: still sorted
                         report.already_sorted += 1
-                    else:
-                        _sort_one(rec, p, float(s), predictor, src, dest, keep_tree, settings.flag_threshold,
-                                  report, pending)
+                        continue
+                    k = int(np.argmax(p))
+                    label = predictor.classes[k]
+                    sub = rec.path.parent.relative_to(src) if keep_tree and src.is_dir() else Path()
+                    copier.submit(rec, label, float(p[k]), float(s), float(s) >= settings.flag_threshold,
+                                  dest / label / sub)
+            copier.collect()
             processed += len(batch) + failures
             report.seen = processed
             on_progress(processed, total)
             if pending.size >= FLUSH_EVERY:
+                copier.collect(wait=True)
                 _flush(ws, dest, settings.flag_strategy, pending, report)
+        copier.collect(wait=True)
     finally:
         stream.close()
+        copier.close()  # finishes copies in flight (and records them) even when interrupted
         _flush(ws, dest, settings.flag_strategy, pending, report)
         report.seen = processed
         report.seconds = time.perf_counter() - started
@@ -240,66 +250,104 @@ def _batches(stream: Iterator[Decoded], size: int, report: SortReport) -> Iterat
 
 
 class _Pending:
-    """Copies made since the last flush: records, manifest rows, review lines."""
+    """Copies made since the last flush: records, manifest rows, review lines, folders to fsync."""
 
     def __init__(self) -> None:
         self.records: list[dict] = []
         self.infos: list = []
         self.preds: dict[str, tuple[str, float, float, bool]] = {}
         self.review: list[dict] = []
+        self.folders: set[Path] = set()
 
     @property
     def size(self) -> int:
         return len(self.records)
 
 
-def _sort_one(rec: Decoded, probs: np.ndarray, score: float, predictor, src: Path, dest: Path,
-              keep_tree: bool, threshold: float, report: SortReport, pending: _Pending) -> None:
-    from loop.ingest import ImageInfo
+@dataclass
+class _Job:
+    rec: Decoded
+    label: str
+    conf: float
+    score: float
+    flagged: bool
+    future: Future
 
-    k = int(np.argmax(probs))
-    label, conf = predictor.classes[k], float(probs[k])
-    flagged = score >= threshold
-    sub = rec.path.parent.relative_to(src) if keep_tree and src.is_dir() else Path()
-    folder = dest / label / sub
-    try:
-        final, copied = copies.safe_copy(rec.path, folder, rec.path.name, image_id=rec.image_id or "",
-                                         size=rec.size_bytes)
-    except OSError as exc:
-        report.failed.append((str(rec.path), f"copy failed ({exc.strerror or exc})"))
-        logger.warning("copy of %s failed: %s", rec.path, exc)
-        return
-    if copied:
-        report.copied += 1
-        report.renamed += final.name != rec.path.name
-    else:
-        report.identical_existing += 1
-    report.per_label[label] = report.per_label.get(label, 0) + 1
-    report.flagged += flagged
-    now = pd.Timestamp(datetime.now(UTC))
-    st = final.stat()
-    pending.records.append({
-        "record_id": copies.new_record_id(), "image_id": rec.image_id, "source_path": str(rec.path),
-        "source_size": rec.size_bytes, "source_mtime_ns": rec.mtime_ns, "dest_root": str(dest),
-        "dest_path": str(final), "label": label, "confidence": conf, "score": score, "flagged": flagged,
-        "model_version": predictor.version, "sorted_at": now, "run_id": report.run_id, "category": label,
-        "dest_size": st.st_size, "dest_mtime_ns": st.st_mtime_ns, "status": "present", "checked_at": now,
-    })
-    pending.infos.append(ImageInfo(image_id=rec.image_id or "", path=str(rec.path), phash=rec.phash,
-                                   taken_at=rec.taken_at))
-    pending.preds[rec.image_id or ""] = (label, conf, score, flagged)
-    if flagged:
-        pending.review.append({
-            "dest_path": str(final), "source_path": str(rec.path), "pred_label": label,
-            "pred_conf": f"{conf:.4f}", "score": f"{score:.4f}", "strategy": "", "model_version": predictor.version,
-            "image_id": rec.image_id, "sorted_at": now.isoformat(),
+
+class _Copier:
+    """Copies files in one background thread (in submission order), so file I/O and fsync overlap
+    inference; results are recorded in the main thread, in order, by `collect`."""
+
+    def __init__(self, report: SortReport, pending: _Pending, version: str) -> None:
+        self.report, self.pending, self.version = report, pending, version
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sortloop-copy")
+        self.jobs: deque[_Job] = deque()
+
+    def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path) -> None:
+        future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
+                                  size=rec.size_bytes, sync_dir=False)
+        self.jobs.append(_Job(rec, label, conf, score, flagged, future))
+
+    def collect(self, wait: bool = False) -> None:
+        """Record finished copies (all of them if `wait`); re-raises anything but an OSError."""
+        while self.jobs and (wait or self.jobs[0].future.done()):
+            job = self.jobs.popleft()
+            try:
+                final, copied = job.future.result()
+            except OSError as exc:  # includes SourceChanged; the file is reported, the run goes on
+                self.report.failed.append((str(job.rec.path), f"copy failed ({exc.strerror or exc})"))
+                logger.warning("copy of %s failed: %s", job.rec.path, exc)
+                continue
+            self._record(job, final, copied)
+
+    def close(self) -> None:
+        """Let copies in flight finish and record the ones that succeeded (used on the way out)."""
+        self.pool.shutdown(wait=True)
+        while self.jobs:
+            job = self.jobs.popleft()
+            if not job.future.cancelled() and job.future.exception() is None:
+                self._record(job, *job.future.result())
+
+    def _record(self, job: _Job, final: Path, copied: bool) -> None:
+        from loop.ingest import ImageInfo
+
+        rec, report, pending = job.rec, self.report, self.pending
+        if copied:
+            report.copied += 1
+            report.renamed += final.name != rec.path.name
+        else:
+            report.identical_existing += 1
+        report.per_label[job.label] = report.per_label.get(job.label, 0) + 1
+        report.flagged += job.flagged
+        now = pd.Timestamp(datetime.now(UTC))
+        st = final.stat()
+        pending.folders.add(final.parent)
+        pending.records.append({
+            "record_id": copies.new_record_id(), "image_id": rec.image_id, "source_path": str(rec.path),
+            "source_size": rec.size_bytes, "source_mtime_ns": rec.mtime_ns, "dest_root": report.dest,
+            "dest_path": str(final), "label": job.label, "confidence": job.conf, "score": job.score,
+            "flagged": job.flagged, "model_version": self.version, "sorted_at": now, "run_id": report.run_id,
+            "category": job.label, "dest_size": st.st_size, "dest_mtime_ns": st.st_mtime_ns, "status": "present",
+            "checked_at": now,
         })
+        pending.infos.append(ImageInfo(image_id=rec.image_id or "", path=str(rec.path), phash=rec.phash,
+                                       taken_at=rec.taken_at))
+        pending.preds[rec.image_id or ""] = (job.label, job.conf, job.score, job.flagged)
+        if job.flagged:
+            pending.review.append({
+                "dest_path": str(final), "source_path": str(rec.path), "pred_label": job.label,
+                "pred_conf": f"{job.conf:.4f}", "score": f"{job.score:.4f}", "strategy": "",
+                "model_version": self.version, "image_id": rec.image_id, "sorted_at": now.isoformat(),
+            })
 
 
 def _flush(ws: Workspace, dest: Path, strategy: str, pending: _Pending, report: SortReport) -> None:
-    """Manifest first (register + predictions + flags), then the copy records, then _review.csv."""
+    """Copies made durable (directory fsync), then the manifest (register + predictions + flags), then the
+    copy records, then _review.csv: a crash in between only means a rerun re-finds identical copies."""
     if not pending.records:
         return
+    for folder in pending.folders:
+        copies.fsync_dir(folder)
     from loop.ingest import register_images
 
     report.registered += register_images(ws, pending.infos, source="user")
@@ -321,6 +369,7 @@ def _flush(ws: Workspace, dest: Path, strategy: str, pending: _Pending, report: 
     if pending.review:
         _append_review(dest / REVIEW_CSV, pending.review, strategy)
     pending.records, pending.infos, pending.preds, pending.review = [], [], {}, []
+    pending.folders.clear()
 
 
 def _append_review(path: Path, rows: list[dict], strategy: str) -> None:

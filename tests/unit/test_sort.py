@@ -174,10 +174,13 @@ def test_interrupted_run_resumes_without_duplicates(deployed, shared_data, tmp_p
         sort_folder(deployed, src, dest)
     monkeypatch.setattr(copies.os, "link", real_link)
     assert not [p for p in dest.rglob("*") if p.name.startswith(".") and p.is_file()]  # no half files
-    assert len(files_under(dest)) == 3
+    assert 3 <= len(files_under(dest)) < 6  # the 4th copy died; copies already in flight may have landed
+    recorded = len(copies.load_records(deployed, dest))
+    assert recorded >= 3  # finished copies were recorded on the way out
 
     report = sort_folder(deployed, src, dest)
-    assert report.ok and report.copied == 3 and report.already_sorted == 3
+    assert report.ok and report.already_sorted == recorded and report.copied >= 1
+    assert report.copied + report.identical_existing + report.already_sorted == 6
     hashes = [file_sha256(p) for p in files_under(dest)]
     assert len(hashes) == 6 and len(set(hashes)) == 6
 
