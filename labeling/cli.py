@@ -120,6 +120,30 @@ def pull(workspace: WorkspaceOption = None) -> None:
         raise typer.Exit(1)
 
 
+@_command(review_app, "listen")
+def listen(workspace: WorkspaceOption = None) -> None:
+    """Pull as soon as a reviewer saves, via a Label Studio webhook (needs labelstudio.webhook_port). Ctrl-C stops.
+
+    Example: SORTLOOP_LABELSTUDIO__WEBHOOK_PORT=8099 sortloop review listen
+    """
+    import time
+
+    from labeling.pull import pull
+    from labeling.webhook import listen, receiver_url
+    from loop.workspace import open_workspace
+
+    ws = open_workspace(workspace)
+    receiver = listen(ws, on_event=lambda: out.print(pull(ws).summary(), highlight=False))
+    out.print(f"listening for Label Studio at {receiver_url(ws)}; Ctrl-C stops", highlight=False)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        receiver.stop()
+
+
 # At the bottom on purpose: loop.cli imports this module at its end to mount the sub-apps, so importing
 # either module first works (names used above are looked up when a command runs).
 from loop.cli import WorkspaceOption, console, friendly_errors, out, print_json, progress_bar  # noqa: E402

@@ -147,8 +147,14 @@ def label_studio_executable() -> Path:
     return exe
 
 
-def server_env(data: Path, creds: Credentials, *, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a non-interactive `label-studio start` (SQLite, no telemetry, local files on)."""
+def server_env(
+    data: Path, creds: Credentials, *, base: dict[str, str] | None = None, local_webhooks: bool = False
+) -> dict[str, str]:
+    """Environment for a non-interactive `label-studio start` (SQLite, no telemetry, local files on).
+
+    `local_webhooks` turns Label Studio's SSRF protection off so it may call sortloop's webhook receiver on
+    127.0.0.1 (it also lets admins import tasks from local URLs; only set with `labelstudio.webhook_port`).
+    """
     env = dict(os.environ if base is None else base)
     for key in ("DJANGO_DB", "DATABASE_NAME", "LABEL_STUDIO_DATABASE_NAME", "LABEL_STUDIO_HOST", "HOST"):
         env.pop(key, None)  # SQLite in the data dir, URLs relative to where it is served
@@ -170,17 +176,22 @@ def server_env(data: Path, creds: Credentials, *, base: dict[str, str] | None = 
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if local_webhooks:
+        env["SSRF_PROTECTION_ENABLED"] = "false"
     return env
 
 
-def start_process(data: Path, creds: Credentials, *, host: str, port: int, log_file: Path) -> subprocess.Popen:
+def start_process(
+    data: Path, creds: Credentials, *, host: str, port: int, log_file: Path, local_webhooks: bool = False
+) -> subprocess.Popen:
     """Launch `label-studio start` detached in its own session; returns the process (the server itself)."""
     data.mkdir(parents=True, exist_ok=True)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     cmd = [str(label_studio_executable()), "start", "--no-browser", "--internal-host", host, "--port", str(port)]
     with open(log_file, "ab") as log:
         return subprocess.Popen(
-            cmd, env=server_env(data, creds), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cmd, env=server_env(data, creds, local_webhooks=local_webhooks), stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, cwd=data,
         )
 
@@ -303,7 +314,8 @@ def up(ws: Workspace) -> ServerInfo:
     if creds is None:
         creds = new_credentials(cfg.username)
         write_credentials(credentials_path(ws), creds)  # before the start, so a crash cannot lose them
-    proc = start_process(data, creds, host=cfg.host, port=cfg.port, log_file=log_path(ws))
+    proc = start_process(data, creds, host=cfg.host, port=cfg.port, log_file=log_path(ws),
+                         local_webhooks=cfg.webhook_port > 0)
     pid_path(ws).write_text(json.dumps({"pid": proc.pid, "url": url, "started_at": datetime.now(UTC).isoformat()}))
     logger.info("started Label Studio pid %d at %s (data %s)", proc.pid, url, data)
     try:

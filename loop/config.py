@@ -80,6 +80,7 @@ class LabelStudioConfig(BaseModel):
     start_timeout_s: float = Field(180.0, gt=0)
     push_batch_size: int = Field(500, ge=1)
     allow_new_classes: bool = False
+    webhook_port: int = Field(0, ge=0, le=65535)  # 0 = off; else `review listen` pulls on each annotation
 
 
 class ScheduleConfig(BaseModel):
@@ -196,6 +197,8 @@ project_title = "sortloop review"   # one project per workspace, found by this t
 start_timeout_s = 180         # `labelstudio up` gives up (with the log's path) after this long
 push_batch_size = 500         # tasks per import request
 allow_new_classes = false     # true: a label a reviewer adds in Label Studio becomes a new class
+webhook_port = 0              # >0: `sortloop review listen` receives Label Studio webhooks here (127.0.0.1)
+                              # and pulls at once; the embedded server must be restarted to allow it
 
 [schedule]
 pull_minutes = 10

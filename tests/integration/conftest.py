@@ -14,6 +14,8 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,21 +54,27 @@ def template_dir() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def configure(root: Path, *, port: int, title: str, extra: str = "") -> object:
-    """Init a workspace at `root` whose embedded Label Studio is on `port`, with its own project title."""
+def configure(root: Path, *, port: int, title: str, replace: dict[str, str] | None = None) -> object:
+    """Init a workspace at `root` whose embedded Label Studio is on `port`, with its own project title.
+
+    `replace` maps default config lines (e.g. "webhook_port = 0") to the lines to use instead.
+    """
     from loop.workspace import init_workspace, open_workspace
 
     ws = init_workspace(root)
     text = ws.config_file.read_text()
-    text = text.replace("port = 8080", f"port = {port}")
-    text = text.replace('project_title = "sortloop review"', f'project_title = "{title}"')
-    ws.config_file.write_text(text + extra)
+    lines = {"port = 8080": f"port = {port}", 'project_title = "sortloop review"': f'project_title = "{title}"'}
+    for old, new in {**lines, **(replace or {})}.items():
+        if old not in text:
+            raise KeyError(f"{old!r} is not in the default config")
+        text = text.replace(old, new)
+    ws.config_file.write_text(text)
     return open_workspace(root)
 
 
-@pytest.fixture(scope="module")
-def labelstudio(tmp_path_factory: pytest.TempPathFactory):
-    """A real Label Studio server for this module, started by `labeling.server.up`, stopped after."""
+@contextmanager
+def running_labelstudio(root: Path, *, replace: dict[str, str] | None = None) -> Iterator[LabelStudio]:
+    """A server started by `labeling.server.up` on a copy of the template, in workspace `root`."""
     sys.path.insert(0, str(REPO / "tests"))
     from prepare_labelstudio import read_marker
 
@@ -75,7 +83,7 @@ def labelstudio(tmp_path_factory: pytest.TempPathFactory):
     template = template_dir()
     creds = read_marker(template)
     port = free_port()
-    ws = configure(tmp_path_factory.mktemp("ls-owner") / "ws", port=port, title="owner")
+    ws = configure(root, port=port, title="owner", replace=replace)
     shutil.copytree(template, server.data_dir(ws), symlinks=True)
     server.write_credentials(server.credentials_path(ws), creds)
     info = server.up(ws)
@@ -83,6 +91,13 @@ def labelstudio(tmp_path_factory: pytest.TempPathFactory):
         yield LabelStudio(info.url, port, creds.username, creds.password, creds.token, ws)
     finally:
         server.down(ws)
+
+
+@pytest.fixture(scope="module")
+def labelstudio(tmp_path_factory: pytest.TempPathFactory):
+    """A real Label Studio server for this module, started by `labeling.server.up`, stopped after."""
+    with running_labelstudio(tmp_path_factory.mktemp("ls-owner") / "ws") as ls:
+        yield ls
 
 
 @pytest.fixture

@@ -213,10 +213,8 @@ def test_up_times_out_with_a_clear_error(tmp_path):
     from loop.errors import LabelStudioError
     from tests.integration.conftest import configure, free_port, template_dir
 
-    ws = configure(tmp_path / "ws", port=free_port(), title="timeout", extra="")
-    text = ws.config_file.read_text().replace("start_timeout_s = 180", "start_timeout_s = 0.5")
-    ws.config_file.write_text(text)
-    ws = type(ws)(ws.root)  # fresh settings
+    ws = configure(tmp_path / "ws", port=free_port(), title="timeout",
+                   replace={"start_timeout_s = 180": "start_timeout_s = 0.5"})
     shutil.copytree(template_dir(), server.data_dir(ws), symlinks=True)
     server.write_credentials(server.credentials_path(ws), server.new_credentials("x@sortloop.test"))
     with pytest.raises(LabelStudioError, match="did not answer") as err:

@@ -144,3 +144,33 @@ def test_unreachable_server_is_retried_then_reported(ws, monkeypatch):
         connect(open_workspace(ws.root), attempts=3, backoff_s=0.1)
     assert time.monotonic() - start >= 0.3  # waited 0.1 + 0.2 between the three attempts
     assert f"http://127.0.0.1:{port}" in str(err.value) and "3 attempts" in str(err.value)
+
+
+def test_webhook_receiver_needs_a_port_and_the_secret(ws, monkeypatch):
+    import httpx
+
+    from labeling.webhook import HEADER, Receiver, receiver_url, secret_path
+    from loop.workspace import open_workspace
+
+    with pytest.raises(LabelStudioError, match="webhook_port"):
+        Receiver(ws)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("SORTLOOP_LABELSTUDIO__WEBHOOK_PORT", str(port))
+    ws = open_workspace(ws.root)
+    events = []
+    with Receiver(ws, on_event=lambda: events.append(1), debounce_s=0.05) as receiver:
+        secret = secret_path(ws).read_text()
+        assert stat.S_IMODE(os.stat(secret_path(ws)).st_mode) == 0o600
+        assert httpx.post(receiver_url(ws), headers={HEADER: "nope"}).status_code == 403
+        wrong_path = receiver_url(ws).replace("/labelstudio/webhook", "/x")
+        assert httpx.post(wrong_path, headers={HEADER: secret}).status_code == 404
+        for _ in range(3):  # a burst of saves ...
+            assert httpx.post(receiver_url(ws), json={"action": "ANNOTATION_CREATED"},
+                              headers={HEADER: secret}).status_code == 204
+        deadline = time.monotonic() + 5
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    assert receiver.calls == 3 and 1 <= len(events) <= 2  # ... coalesces into one or two pulls
