@@ -289,3 +289,18 @@ def test_retrain_is_skipped_when_no_labels_changed_since_the_last_version(ws, tm
     set_labels(ws, [LabelChange(image_id, "green", "review", "tester")])
     changed, why = schedule.new_labels_since_last_train(ws)
     assert changed and "v0001" in why
+
+
+def test_a_shutdown_during_the_nightly_pull_stops_before_training(ws, monkeypatch):
+    def pull_then_signal(ws):
+        schedule.STOP.set()  # SIGTERM arrives while pull runs
+        return "pulled 5 labels"
+
+    monkeypatch.setitem(schedule.STEPS, "pull", pull_then_signal)
+    schedule.STOP.clear()
+    try:
+        outcome = schedule.retrain_step(ws)
+    finally:
+        schedule.STOP.clear()
+    assert outcome.skipped and "pulled 5 labels" in outcome.summary and "stopped before training" in outcome.summary
+    assert not any(ws.models_dir.iterdir())  # no version was started
