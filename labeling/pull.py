@@ -7,7 +7,8 @@ labeled. Labels go through `loop.manifest.set_labels` (source "review", by = the
 the annotation's time), so they land in the label history too.
 
 Dedupe: each image remembers the annotation (id, updated_at) last applied, so a task touched for another
-reason (a comment, a new prediction) does not re-apply an old annotation over a later user move.
+reason (a comment, a new prediction) does not re-apply an old annotation over a later user move, and the
+`OVERLAP_S` re-read before the watermark (for saves committed after a later one) costs nothing.
 Never loses a label: the watermark (`<workspace>/labelstudio/pull.json`) is written only after the
 manifest writes succeeded, and it never moves past a task whose label was rejected.
 Caveat: a label that is not a known class (deployed model's classes + manifest labels) is rejected and
@@ -34,6 +35,8 @@ from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
+OVERLAP_S = 60.0  # each pull re-reads this much before the watermark; the per-image dedupe makes it free
+
 
 @dataclass(frozen=True)
 class Rejected:
@@ -51,7 +54,7 @@ class PullReport:
 
     url: str
     project_id: int | None
-    tasks_seen: int = 0
+    tasks_seen: int = 0  # tasks with a decision not seen by an earlier pull
     labeled: int = 0  # labels that changed in the manifest (each has a history line)
     confirmed: int = 0  # reviewed, label and source already as the reviewer said
     skipped: int = 0
@@ -176,7 +179,10 @@ def pull(ws: Workspace) -> PullReport:
             return PullReport(client.url, None)
         pid = int(project["id"])
         state = read_state(ws, client.url, pid)
-        tasks = changed_tasks(client, pid, state["watermark"])
+        since = None
+        if state["watermark"]:  # re-read a short overlap: a save committed late may carry an older time
+            since = _iso(pd.Timestamp(state["watermark"]) - pd.Timedelta(seconds=OVERLAP_S))
+        tasks = changed_tasks(client, pid, since)
         if not tasks:
             return PullReport(client.url, pid, watermark=state["watermark"], seconds=time.monotonic() - start)
 
@@ -196,13 +202,16 @@ def pull(ws: Workspace) -> PullReport:
     allow_new = ws.settings.labelstudio.allow_new_classes
     applied: dict[str, list] = state["applied"]
     changes, statuses, rejected, unknown, hold_before = [], {}, [], 0, None
+    fresh = 0
     for d in decisions.values():
         key = [d.annotation_id, _iso(d.updated_at)]
+        if applied.get(d.image_id) == key:
+            continue  # this exact annotation was handled before: do not re-apply over later changes
+        fresh += 1
         if d.image_id not in in_manifest:
             unknown += 1
+            applied[d.image_id] = key
             continue
-        if applied.get(d.image_id) == key:
-            continue  # this exact annotation was applied before: do not re-apply over later changes
         if d.kind == "label" and d.label not in allowed and not allow_new:
             rejected.append(Rejected(d.image_id, d.task_id, str(d.label),
                                      f"{d.label!r} is not a known class ({', '.join(sorted(allowed))}); fix it in "
@@ -229,12 +238,14 @@ def pull(ws: Workspace) -> PullReport:
 
     # Only now, with the manifest written, may the watermark move (never past a rejected task).
     newest = max(pd.Timestamp(t["updated_at"]) for t in tasks)
+    if state["watermark"]:
+        newest = max(newest, pd.Timestamp(state["watermark"]))  # the overlap may return only older tasks
     if hold_before is not None:
         newest = min(newest, hold_before - pd.Timedelta(microseconds=1))
-    state["watermark"] = _iso(newest)  # every fetched task is newer than the old watermark
+    state["watermark"] = _iso(newest)
     write_state(ws, state)
     n_skipped = sum(1 for s, _ in statuses.values() if s == "skipped")
-    report = PullReport(client.url, pid, len(tasks), labeled, len(changes) - labeled, n_skipped, unknown, rejected,
+    report = PullReport(client.url, pid, fresh, labeled, len(changes) - labeled, n_skipped, unknown, rejected,
                         state["watermark"], time.monotonic() - start)
     logger.info(report.summary())
     return report
