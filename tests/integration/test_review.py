@@ -222,3 +222,29 @@ def test_up_times_out_with_a_clear_error(tmp_path):
     assert str(server.log_path(ws)) in str(err.value)
     assert not server.status(ws).running and not server.pid_path(ws).exists()
     assert not server.down(ws)
+
+
+def test_failed_manifest_write_keeps_the_watermark_and_loses_nothing(ls_ws, sdk, monkeypatch):
+    from labeling import pull as pull_module
+    from labeling.push import push
+    from loop import manifest as mf
+    from loop.errors import ManifestError
+
+    ids = build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED[:2])
+    report = push(ls_ws)
+    task_of = {t.data["image_id"]: t.id for t in project_tasks(sdk, report.project_id)}
+    sdk.annotations.create(id=task_of[ids[1]], result=choice("sofa"))
+    state_file = ls_ws.labelstudio_dir / "pull.json"
+
+    def broken(*args, **kwargs):
+        raise ManifestError("disk full (simulated)")
+
+    monkeypatch.setattr(mf, "set_labels", broken)
+    with pytest.raises(ManifestError):
+        pull_module.pull(ls_ws)
+    assert not state_file.exists()
+    monkeypatch.undo()
+
+    done = pull_module.pull(ls_ws)
+    assert done.labeled == 1 and state_file.exists()
+    assert mf.load(ls_ws).set_index("image_id").loc[ids[1], "label"] == "sofa"
