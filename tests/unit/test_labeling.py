@@ -174,3 +174,21 @@ def test_webhook_receiver_needs_a_port_and_the_secret(ws, monkeypatch):
             time.sleep(0.05)
         time.sleep(0.3)
     assert receiver.calls == 3 and 1 <= len(events) <= 2  # ... coalesces into one or two pulls
+
+
+def test_known_classes_are_the_deployed_models_then_the_manifests(ws):
+    import json
+
+    from labeling.project import known_classes
+    from loop import manifest as mf
+    from loop.registry import new_version_dir, set_current
+    from loop.tables import conform
+
+    rows = pd.DataFrame({"image_id": ["a", "b", "c"], "path": ["/p/a", "/p/b", "/p/c"],
+                         "label": ["sofa", "chair", None]})
+    mf.update(ws, lambda _: conform(rows, mf.COLUMNS))
+    assert known_classes(ws) == ["chair", "sofa"]  # no model yet: the manifest's labels, sorted
+    version, folder = new_version_dir(ws)
+    (folder / "model.json").write_text(json.dumps({"version": version, "classes": ["table", "chair"]}))
+    set_current(ws, version)
+    assert known_classes(ws) == ["table", "chair", "sofa"]  # model order first, then manifest extras
