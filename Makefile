@@ -32,4 +32,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check loop labeling tests bench
 
 clean:
-	rm -rf $(VENV) .cache node_modules
+	rm -rf $(VENV) .cache tests/browser/node_modules test-artifacts

@@ -33,7 +33,8 @@ WRITER = textwrap.dedent(
 
 
 def run_writer(ws_root, tag: str, n: int, rows: int = 1) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(ws_root), tag, str(n), str(rows)], stdout=subprocess.PIPE)
+    args = [sys.executable, "-c", WRITER, str(ws_root), tag, str(n), str(rows)]
+    return subprocess.Popen(args, stdout=subprocess.PIPE)
 
 
 def test_two_writer_processes_never_lose_each_others_rows(ws):
