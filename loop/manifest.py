@@ -2,7 +2,8 @@
 
 A renamed or copied photo has the same `image_id`, so it is the same image. Every label change goes
 through `set_labels`, which appends to the label history (`history/labels.jsonl`) *before* replacing the
-manifest, so a label a reviewer gave is never lost even if the process dies mid-write.
+manifest, so a label a reviewer gave is never lost even if the process dies mid-write, and which gives a
+newly labeled photo its train/valid side (`loop.splits`).
 Caveat: `path` is where the image was first seen; later copies elsewhere do not move it.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from loop.splits import assign_splits
 from loop.tables import conform, locked, read_table, update_table, write_table_atomic
 from loop.workspace import Workspace
 
@@ -142,7 +144,9 @@ def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
             df.at[c.image_id, "label_at"] = pd.Timestamp(at)
         if records:
             append_history(ws, records)
-            write_table_atomic(conform(df.reset_index(drop=True), COLUMNS), path)
+            # A photo labeled for the first time (review, user move) gets its stable train/valid side now.
+            df = assign_splits(df.reset_index(drop=True), ws.settings.split)
+            write_table_atomic(conform(df, COLUMNS), path)
         return len(records)
 
 

@@ -254,29 +254,8 @@ def new_labels_since_last_train(ws: Workspace) -> tuple[bool, str]:
     return True, f"labels changed since {version} was trained"
 
 
-def assign_new_splits(ws: Workspace) -> int:
-    """Give a train/valid side to labeled photos that have none yet (e.g. just reviewed); returns how many.
-
-    Reviewed photos arrive unlabeled at sort time, so they have no split until their label comes back; the
-    split rule (`loop.splits.assign_splits`, stable and item-grouped) only fills missing sides.
-    """
-    from loop import manifest
-    from loop.splits import assign_splits
-
-    counted: list[int] = []
-
-    def fill(df: Any) -> Any:
-        before = int((df["label"].notna() & df["split"].isna()).sum())
-        out = assign_splits(df, ws.settings.split)
-        counted.append(before - int((out["label"].notna() & out["split"].isna()).sum()))
-        return out
-
-    manifest.update(ws, fill)
-    return counted[0] if counted else 0
-
-
 def retrain_step(ws: Workspace) -> Outcome:
-    """The nightly cycle: pull reviews → split new labels → train a candidate → gate → deploy or refuse → log.
+    """The nightly cycle: pull reviews → train a candidate → gate → deploy or refuse → log.
 
     Skipped, with the reason, when the labels are exactly those the newest version was trained on. A
     failed pull (Label Studio down) is reported and training goes on with the labels already pulled.
@@ -290,9 +269,6 @@ def retrain_step(ws: Workspace) -> Outcome:
     if STOP.is_set():
         return Outcome("; ".join([*parts, "stopped before training: shutting down"]), skipped=True)
 
-    assigned = assign_new_splits(ws)
-    if assigned:
-        parts.append(f"{assigned} newly labeled photo(s) given a train/valid side")
     changed, why = new_labels_since_last_train(ws)
     if not changed:
         return Outcome("; ".join([*parts, f"retrain skipped: {why}"]), skipped=True)

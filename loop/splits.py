@@ -68,10 +68,3 @@ def straddling_items(df: pd.DataFrame) -> list[str]:
     """Items with photos on both sides of the split (should always be empty)."""
     sides = df.dropna(subset=["split"]).groupby("item_id")["split"].nunique()
     return sorted(sides[sides > 1].index.astype(str))
-
-
-def ensure_splits(ws) -> pd.DataFrame:  # noqa: ANN001 - Workspace, imported lazily to avoid a cycle
-    """Give every labeled item in the workspace's manifest a split (stable); returns the manifest."""
-    from loop import manifest
-
-    return manifest.update(ws, lambda df: assign_splits(df, ws.settings.split))

@@ -98,3 +98,14 @@ def test_environment_overrides_toml(tmp_path, monkeypatch):
     assert open_workspace(ws.root).settings.sort.flag_threshold == 0.3
     monkeypatch.setenv("SORTLOOP_SORT__FLAG_THRESHOLD", "0.7")
     assert open_workspace(ws.root).settings.sort.flag_threshold == 0.7
+
+
+def test_a_first_label_gives_the_photo_a_stable_split(ws):
+    rows = pd.DataFrame({"image_id": ["r1", "r2"], "path": ["x", "y"], "source": "user", "item_id": ["i1", "i2"]})
+    manifest.update(ws, lambda df: pd.concat([df, rows]))
+    assert manifest.load(ws)["split"].isna().all()  # unlabeled: no side yet
+    manifest.set_labels(ws, [manifest.LabelChange("r1", "bed", "review", "ana")])
+    first = manifest.load(ws).set_index("image_id")
+    assert first.at["r1", "split"] == "train" and pd.isna(first.at["r2", "split"])
+    manifest.set_labels(ws, [manifest.LabelChange("r1", "sofa", "review", "bo")])  # relabel keeps its side
+    assert manifest.load(ws).set_index("image_id").at["r1", "split"] == "train"
