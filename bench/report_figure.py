@@ -11,7 +11,7 @@ accuracy, v0004 refused for a recall drop on `bench` despite higher accuracy).
 Caveat: the reviewer is simulated (no Label Studio here) and photos are labeled in a fixed pseudo-random
 order, so the numbers show how the loop behaves on this dataset, not on yours. Takes a few minutes on 2 cores.
 
-Usage:  .venv/bin/python docs/report_figure.py [--data ../shared/data/ikea_products] [--rounds 4]
+Usage:  .venv/bin/python bench/report_figure.py [--data ../shared/data/ikea_products] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def main() -> None:
 
     page = write_report(ws)
     for name in ("accuracy", "labels"):
-        shutil.copy(page.parent / PLOTS[name], HERE / f"report-{PLOTS[name]}")
-    print(f"report: {page}; copied report-{PLOTS['accuracy']} and report-{PLOTS['labels']} to {HERE}")
+        shutil.copy(page.parent / PLOTS[name], HERE / "figures" / f"report-{PLOTS[name]}")
+    print(f"report: {page}; copied report-{PLOTS['accuracy']} and report-{PLOTS['labels']} to {HERE / 'figures'}")
 
 
 if __name__ == "__main__":
