@@ -371,11 +371,13 @@ def fit_finetune(
         def after_epoch(self) -> None:
             logger.info("epoch %d: %s", self.epoch, self.recorder.log)
 
+    report = ReportProgress()
     learn = Learner(dls, net, loss_func=CrossEntropyLossFlat(), metrics=accuracy, splitter=body_and_head,
-                    train_bn=False, cbs=[BodyBatchNormEval(), ReportProgress()])
+                    train_bn=False, cbs=[BodyBatchNormEval(), report])
     learn.remove_cb(FastaiProgress)
     with learn.no_logging():
         learn.fine_tune(settings.epochs, base_lr=settings.learning_rate, freeze_epochs=1)
+    learn.remove_cb(report)
 
     # Validation probabilities the fastai way, on every validation row (test_dl: no labels needed).
     net.eval()
