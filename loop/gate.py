@@ -94,13 +94,14 @@ def compare(candidate: dict, current: dict | None, *, min_accuracy_gain: float, 
 
 
 def deploy(ws: Workspace, version: str | None = None, *, force: bool = False,
-           on_progress: ProgressCallback = no_progress) -> Decision:
+           on_progress: ProgressCallback | None = None) -> Decision:
     """Promote `version` (default: the newest) if it passes the gate, or if `force`.
 
     Example:
         >>> decision = deploy(open_workspace("data"))     # doctest: +SKIP
         >>> print(decision.summary())
     """
+    on_progress = on_progress or no_progress
     versions = registry.list_versions(ws)
     if not versions:
         raise ModelError("no model versions yet; run `sortloop train` first")

@@ -80,7 +80,7 @@ def labels_fingerprint(df: pd.DataFrame) -> str:
 
 
 def train(
-    ws: Workspace, *, mode: str | None = None, pretrained: bool = True, on_progress: ProgressCallback = no_progress
+    ws: Workspace, *, mode: str | None = None, pretrained: bool = True, on_progress: ProgressCallback | None = None
 ) -> TrainResult:
     """Train a candidate model from the manifest and write it as a new registry version.
 
@@ -96,6 +96,7 @@ def train(
         >>> print(result.summary())
     """
     settings = ws.settings.model
+    on_progress = on_progress or no_progress
     mode = mode or settings.train_mode
     if mode not in MODES:
         raise ModelError(f"unknown training mode {mode!r}; valid: {', '.join(MODES)}")
