@@ -156,11 +156,15 @@ def scan(ws: Workspace, dest: Path | str, *, on_progress: ProgressCallback | Non
                 by_hash[file_sha256(Path(path))].append(path)
             except OSError:
                 continue
+        resolved: dict[str, dict] = {}  # old dest_path -> update: records sharing one copy share its fate
         for rec in missing:
+            if rec["dest_path"] in resolved:
+                updates[rec["record_id"]] = resolved[rec["dest_path"]]
+                continue
             candidates = [p for p in by_hash.get(rec["image_id"], []) if p not in claimed]
             if not candidates:
                 report.deleted.append(rec["dest_path"])
-                updates[rec["record_id"]] = {"status": "deleted", "checked_at": now}
+                updates[rec["record_id"]] = resolved[rec["dest_path"]] = {"status": "deleted", "checked_at": now}
                 continue
             new_path = candidates[0]
             claimed.add(new_path)
@@ -173,8 +177,10 @@ def scan(ws: Workspace, dest: Path | str, *, on_progress: ProgressCallback | Non
             elif new_cat != old_cat:
                 report.corrections.append(move)
             size, mtime = on_disk[new_path]
-            updates[rec["record_id"]] = {"dest_path": new_path, "category": new_cat, "dest_size": size,
-                                         "dest_mtime_ns": mtime, "checked_at": now}
+            updates[rec["record_id"]] = resolved[rec["dest_path"]] = {
+                "dest_path": new_path, "category": new_cat, "dest_size": size, "dest_mtime_ns": mtime,
+                "checked_at": now,
+            }
     for path in report.modified:  # keep reporting an edited copy once, then stop following it
         rid = present.loc[present["dest_path"] == path, "record_id"]
         for r in rid:

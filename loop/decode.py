@@ -114,18 +114,110 @@ def _ping() -> bool:
     return True
 
 
-def _new_pool(workers: int) -> ProcessPoolExecutor:
-    """A spawn-context pool, checked to start: a pool that cannot start is an error, not N failed files."""
+def _start_pool(workers: int) -> tuple[ProcessPoolExecutor, Future]:
+    """A spawn-context pool; the returned ping future says whether its processes started."""
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return pool, pool.submit(_ping)
+
+
+def _check_started(pool: ProcessPoolExecutor, ping: Future) -> None:
+    """A pool whose processes cannot start is an error for the whole run, not N failed files."""
     try:
-        pool.submit(_ping).result(timeout=POOL_START_TIMEOUT_S)
+        ping.result(timeout=POOL_START_TIMEOUT_S)
     except (BrokenProcessPool, TimeoutError) as exc:
         pool.shutdown(wait=False, cancel_futures=True)
         raise SortloopError(
             f"decoder worker processes did not start ({type(exc).__name__}). If you call sortloop from a "
             "script, put the call under `if __name__ == \"__main__\":`; or set sort.workers = 0"
         ) from None
-    return pool
+
+
+class DecodeStream:
+    """The parallel pipeline behind `decode_stream`: starts its worker processes and the first tasks at
+    construction (so they warm up while the caller loads its model), yields `Decoded` in input order."""
+
+    def __init__(self, paths: Iterable[Path], size: int, *, workers: int, chunk: int, prefetch: int,
+                 describe: bool, decode_fn: DecodeFn) -> None:
+        self.source = iter(paths)
+        self.size, self.workers, self.chunk, self.prefetch = size, workers, chunk, prefetch
+        self.describe, self.decode_fn = describe, decode_fn
+        self.pool, self._ping = _start_pool(workers)
+        self.generation = 0
+        self.queue: deque[_Task] = deque()
+        self._closed = False
+        self._refill()
+        self._gen = self._run()
+
+    def __iter__(self) -> DecodeStream:
+        return self
+
+    def __next__(self) -> Decoded:
+        return next(self._gen)
+
+    def __enter__(self) -> DecodeStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop: cancel what is queued and let the worker processes exit."""
+        if not self._closed:
+            self._closed = True
+            self._gen.close()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, task: _Task) -> None:
+        task.future = self.pool.submit(self.decode_fn, task.paths, self.size, self.describe)
+        task.pool_generation = self.generation
+
+    def _refill(self) -> None:
+        while len(self.queue) < self.prefetch:
+            block = [Path(p) for p in islice(self.source, self.chunk)]
+            if not block:
+                return
+            task = _Task(block, None, self.generation)
+            self._submit(task)
+            self.queue.append(task)
+
+    def _restart_pool(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool, ping = _start_pool(self.workers)
+        _check_started(self.pool, ping)
+        self.generation += 1
+        logger.warning("a decoder process died; restarted the pool")
+
+    def _run(self) -> Iterator[Decoded]:
+        _check_started(self.pool, self._ping)
+        queue = self.queue
+        while queue:
+            task = queue[0]
+            try:
+                results = task.future.result()  # type: ignore[union-attr]
+            except BrokenProcessPool:
+                # A decoder process died (a crashing codec, the OOM killer). Rebuild the pool once per
+                # breakage, then retry the broken task's files one by one so only the culprit fails.
+                if task.pool_generation == self.generation:
+                    self._restart_pool()
+                queue.popleft()
+                if len(task.paths) > 1:
+                    retry = [_Task([p], None, self.generation) for p in task.paths]
+                elif task.attempts < CRASH_RETRIES:
+                    retry = [_Task(task.paths, None, self.generation, task.attempts + 1)]
+                else:
+                    yield Decoded(path=task.paths[0], error="the decoder process crashed on this file")
+                    continue
+                for t in retry:
+                    self._submit(t)
+                queue.extendleft(reversed(retry))
+                # tasks queued behind were submitted to the dead pool: resubmit them to the new one
+                for t in queue:
+                    if t.pool_generation != self.generation and not _succeeded(t.future):
+                        self._submit(t)
+                continue
+            queue.popleft()
+            self._refill()
+            yield from results
 
 
 def decode_stream(
@@ -140,6 +232,9 @@ def decode_stream(
 ) -> Iterator[Decoded]:
     """Decode `paths` lazily, in order, with at most `prefetch` chunks of `chunk` files in flight.
 
+    With workers > 0 the processes start and the first `prefetch` chunks are taken from `paths` and
+    submitted right away (call `.close()` on the result, or use it as a context manager, to stop early).
+
     Args:
         paths: any iterable (a generator over a huge tree is fine: it is consumed as needed).
         size: model input size.
@@ -150,70 +245,48 @@ def decode_stream(
         decode_fn: module-level function (picklable) doing the work; tests swap it.
     Yields:
         One `Decoded` per path, in input order.
+    Raises:
+        SortloopError: the worker processes cannot start at all.
 
     Example:
-        >>> for rec in decode_stream(iter_image_files(folder), 224, workers=2):   # doctest: +SKIP
-        ...     print(rec.path, rec.error or rec.pixels.shape)
+        >>> with decode_stream(iter_image_files(folder), 224, workers=2) as stream:   # doctest: +SKIP
+        ...     for rec in stream:
+        ...         print(rec.path, rec.error or rec.pixels.shape)
     """
-    source = iter(paths)
     if workers <= 0:
+        return _serial(iter(paths), size, describe, decode_fn)
+    return DecodeStream(paths, size, workers=workers, chunk=chunk, prefetch=prefetch or 4 * workers,
+                        describe=describe, decode_fn=decode_fn)
+
+
+class _Serial:
+    """`decode_stream` with no worker processes (same interface: iterator with close and with-support)."""
+
+    def __init__(self, gen: Iterator[Decoded]) -> None:
+        self._gen = gen
+
+    def __iter__(self) -> _Serial:
+        return self
+
+    def __next__(self) -> Decoded:
+        return next(self._gen)
+
+    def __enter__(self) -> _Serial:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._gen.close()  # type: ignore[attr-defined]
+
+
+def _serial(source: Iterator, size: int, describe: bool, decode_fn: DecodeFn) -> _Serial:
+    def run() -> Iterator[Decoded]:
         for path in source:
             yield from decode_fn([Path(path)], size, describe)
-        return
 
-    prefetch = prefetch or 4 * workers
-    pool = _new_pool(workers)
-    generation = 0
-    queue: deque[_Task] = deque()
-
-    def submit(task: _Task) -> None:
-        task.future = pool.submit(decode_fn, task.paths, size, describe)
-        task.pool_generation = generation
-
-    def refill() -> None:
-        while len(queue) < prefetch:
-            block = [Path(p) for p in islice(source, chunk)]
-            if not block:
-                return
-            task = _Task(block, None, generation)
-            submit(task)
-            queue.append(task)
-
-    try:
-        refill()
-        while queue:
-            task = queue[0]
-            try:
-                results = task.future.result()  # type: ignore[union-attr]
-            except BrokenProcessPool:
-                # A decoder process died (a crashing codec, the OOM killer). Rebuild the pool once per
-                # breakage, then retry the broken task's files one by one so only the culprit fails.
-                if task.pool_generation == generation:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    pool = _new_pool(workers)
-                    generation += 1
-                    logger.warning("a decoder process died; restarted the pool")
-                queue.popleft()
-                if len(task.paths) > 1:
-                    singles = [_Task([p], None, generation) for p in task.paths]
-                elif task.attempts < CRASH_RETRIES:
-                    singles = [_Task(task.paths, None, generation, task.attempts + 1)]
-                else:
-                    yield Decoded(path=task.paths[0], error="the decoder process crashed on this file")
-                    continue
-                for t in singles:
-                    submit(t)
-                queue.extendleft(reversed(singles))
-                # tasks queued behind were submitted to the dead pool: resubmit them to the new one
-                for t in queue:
-                    if t.pool_generation != generation and not _succeeded(t.future):
-                        submit(t)
-                continue
-            queue.popleft()
-            refill()
-            yield from results
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    return _Serial(run())
 
 
 def default_workers(configured: int) -> int:

@@ -127,7 +127,7 @@ def sort_folder(
         >>> report = sort_folder(open_workspace("data"), "~/photos/new", "~/photos/sorted")   # doctest: +SKIP
         >>> print(report.summary())
     """
-    from loop.artifact import load_predictor
+    from loop.artifact import load_predictor, read_spec
     from loop.registry import current_model_dir
 
     settings = ws.settings.sort
@@ -137,11 +137,11 @@ def sort_folder(
     strategy = get_strategy(settings.flag_strategy)
     started = time.perf_counter()
 
-    # The model is fixed here, once: a deploy during the run changes the pointer, not this predictor.
-    predictor = load_predictor(current_model_dir(ws), runtime=settings.runtime)
+    # The model is fixed here, once: a deploy during the run changes the pointer, not this folder.
+    model_dir = current_model_dir(ws)
+    image_size = int(read_spec(model_dir)["image_size"])
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + copies.new_record_id()[:6]
-    report = SortReport(src=str(src), dest=str(dest), model_version=predictor.version, run_id=run_id)
-    logger.info("sorting %s -> %s with %r (run %s)", src, dest, predictor, run_id)
+    report = SortReport(src=str(src), dest=str(dest), run_id=run_id)
 
     # Resume: what earlier runs already copied from here into this destination.
     done = copies.load_records(ws, dest)
@@ -149,9 +149,6 @@ def sort_folder(
                                                     done["source_mtime_ns"].fillna(-1), strict=True)}
     known_ids = set(zip(done["source_path"], done["image_id"], strict=True))
     skip_dirs = [dest] if _is_within(dest, src) else []
-    total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))
-    on_progress(0, total)
-
     pending = _Pending()
     processed = 0
 
@@ -168,8 +165,21 @@ def sort_folder(
                 pass  # the decoder reports it with the reason
             yield path
 
-    workers = default_workers(settings.workers)
-    stream = decode_stream(todo(), predictor.image_size, workers=workers)
+    # Start decoding now: the worker processes spawn and decode the first batches while the model loads
+    # and the tree is counted. Two batches in flight (~10 MB at 224 px) give slack for uneven decode times.
+    workers, chunk = default_workers(settings.workers), 4
+    stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
+                           prefetch=max(4 * workers, 2 * settings.batch_size // chunk))
+    try:
+        predictor = load_predictor(model_dir, runtime=settings.runtime)
+        total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))
+    except BaseException:
+        stream.close()
+        raise
+    report.model_version = predictor.version
+    logger.info("sorting %s -> %s with %r (run %s)", src, dest, predictor, run_id)
+    on_progress(processed, total)
+
     copier = _Copier(report, pending, predictor.version)
     try:
         for batch, failures in _batches(stream, settings.batch_size, report):

@@ -124,6 +124,24 @@ def test_move_back_and_forth_records_each_decision(sorted_tree) -> None:
     assert hist[hist.image_id == rec.image_id].new_label.tolist() == [a, rec.label]
 
 
+def test_copy_shared_by_two_sources_moves_once(sorted_tree, tmp_path) -> None:
+    ws, dest, records, classes = sorted_tree
+    rec = records.iloc[0]
+    twin = tmp_path / "second_inbox" / Path(rec.source_path).relative_to(tmp_path / "inbox")
+    twin.parent.mkdir(parents=True)
+    shutil.copy2(rec.source_path, twin)  # same bytes, same relative name: lands on the same copy
+    report = sort_folder(ws, tmp_path / "second_inbox", dest)
+    assert report.identical_existing == 1 and report.copied == 0
+    target = dest / other_class(classes, rec.label) / "moved.jpg"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(rec.dest_path, target)
+
+    scanned = corrections.scan(ws, dest)
+    assert len(scanned.corrections) == 1 and scanned.deleted == []
+    now = copies.load_records(ws, dest)
+    assert set(now.dest_path[now.image_id == rec.image_id]) == {str(target)}
+
+
 def test_cli_scan_and_errors(sorted_tree, tmp_path) -> None:
     ws, dest, records, classes = sorted_tree
     rec = records.iloc[0]
