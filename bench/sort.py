@@ -13,11 +13,13 @@ noise so they compress like real photos, ~2 MB each; written to a temp folder, n
                 processes). Decode and forward share the same cores, so the ceiling for the pipeline is
                 1 / (1/decode + 1/forward).
 
-Targets: (b) >= 10x (a), and (b) >= 70% of the limit. Timings vary +-20-30% between runs on a shared
-2-core machine; the ratios, measured in one run, are what to read.
+Targets: (b) >= 10x (a), and (b) >= 70% of the limit. Timings vary a lot on a shared 2-core machine, so
+(b) and (c) run interleaved for `--rounds` rounds and the best round of each is reported (each round is
+printed too); the ratios, measured in one run, are what to read.
 Caveat: the naive baseline is slow (~3-4 images/s), so `--naive-n` times it on a subset (default: all).
 
-usage: .venv/bin/python bench/sort.py [--n 200] [--naive-n N] [--workers 2] [--keep]
+usage: .venv/bin/python bench/sort.py [--n 200] [--naive-n N] [--rounds 3] [--workers 2] [--keep]
+       (quick check: --n 40 --naive-n 10 --rounds 1)
 """
 
 from __future__ import annotations
@@ -182,6 +184,7 @@ def main() -> None:
     parser.add_argument("--naive-n", type=int, default=None,
                         help="images for the slow naive baseline (default n; 0 skips it)")
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: sort.workers)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (b) and (c); best is kept")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -202,21 +205,29 @@ def main() -> None:
         workers = ws.settings.sort.workers if args.workers is None else args.workers
         model_dir = current_model_dir(ws)
 
-        # (c) limits first (they also warm the page cache for everyone equally)
-        decode_rate, arrays = decode_limit(paths, workers)
+        # (b) and (c), interleaved over rounds so a burst of load from other processes hits all of them
+        # alike; the best round of each is reported (the machine's capability, not its noise).
         batch = ws.settings.sort.batch_size
-        batches = [np.stack(arrays[i:i + batch]) for i in range(0, len(arrays), batch)]
-        fwd = {rt: forward_limit(model_dir, rt, batches) for rt in ("onnx", "torch")}
         default_rt = ws.settings.sort.runtime
+        decode_rates, fwd_rates, sort_rates, torch_rate = [], [], [], float("nan")
+        for r in range(args.rounds):
+            rate, arrays = decode_limit(paths, workers)
+            decode_rates.append(rate)
+            batches = [np.stack(arrays[i:i + batch]) for i in range(0, len(arrays), batch)]
+            fwd_rates.append(forward_limit(model_dir, default_rt, batches))
+            if r == 0:
+                torch_rate = forward_limit(model_dir, "torch" if default_rt == "onnx" else "onnx", batches)
+            start = time.perf_counter()
+            with ChildRSS() as children:
+                report = sort_folder(ws, scratch / "photos", scratch / f"sorted{r}")
+            sort_rates.append(len(paths) / (time.perf_counter() - start))
+            if not report.ok or report.copied != len(paths):
+                raise SystemExit(f"sort did not copy everything: {report.summary()}")
+            print(f"round {r + 1}: decode {decode_rates[-1]:.1f}, forward {fwd_rates[-1]:.1f}, "
+                  f"sort {sort_rates[-1]:.1f} images/s (load average {os.getloadavg()[0]:.1f})", flush=True)
+        decode_rate, sort_rate = max(decode_rates), max(sort_rates)
+        fwd = {default_rt: max(fwd_rates), ("torch" if default_rt == "onnx" else "onnx"): torch_rate}
         limit = 1.0 / (1.0 / decode_rate + 1.0 / fwd[default_rt])
-
-        # (b) sortloop
-        start = time.perf_counter()
-        with ChildRSS() as children:
-            report = sort_folder(ws, scratch / "photos", scratch / "sorted")
-        sort_rate = len(paths) / (time.perf_counter() - start)
-        if not report.ok or report.copied != len(paths):
-            raise SystemExit(f"sort did not copy everything: {report.summary()}")
         peak_main = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
         # (a) the notebook way
@@ -225,12 +236,14 @@ def main() -> None:
 
         print()
         print(f"{'what':58s} images/s")
+        print(f"best of {args.rounds} rounds for (b) and (c); load average now {os.getloadavg()[0]:.1f} "
+              f"on {os.cpu_count()} CPUs")
         print(f"{'(a) naive: load_learner + learn.predict(path) + copy':58s} {naive_rate:8.1f}   "
               f"({len(naive_paths)} images)")
         what = f"(b) sortloop sort ({default_rt}, {workers} decode workers, batch {batch})"
         print(f"{what:58s} {sort_rate:8.1f}")
         print(f"{'(c) forward alone, ONNX Runtime, pre-decoded batches':58s} {fwd['onnx']:8.1f}")
-        print(f"{'(c) forward alone, torch (channels_last), pre-decoded':58s} {fwd['torch']:8.1f}")
+        print(f"{'(c) forward alone, torch (channels_last), pre-decoded':58s} {fwd['torch']:8.1f}   (round 1)")
         print(f"{'(c) draft decode alone (load_model_input, ' + str(workers) + ' processes)':58s} {decode_rate:8.1f}")
         print(f"{'(c) limit 1/(1/decode + 1/forward[' + default_rt + '])':58s} {limit:8.1f}")
         print()
