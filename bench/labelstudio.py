@@ -5,7 +5,10 @@ each compared with Label Studio's own bulk operation measured in the same run on
 * pull  vs one JSON export (`GET /api/projects/{id}/export?exportType=JSON`, annotated tasks) of the same
   project.
 
-Target: each ratio <= 1.3. The server is a copy of the test template data dir (`tests/prepare_labelstudio.py`),
+Both sides go through label-studio-sdk (sortloop's `labeling` uses it too), so the SDK's request encoding
+(~0.06 ms per task) is in both. Target: each ratio <= 1.3 at the default sizes; at small sizes the fixed
+costs of a push (project lookup, one local-files storage per image folder, manifest writes) weigh more.
+The server is a copy of the test template data dir (`tests/prepare_labelstudio.py`),
 started with `labeling.server.up` on a free port in a temporary workspace, and stopped at the end.
 Caveat: to keep the run short, the M reviewed tasks are created by one bulk import of tasks *with*
 annotations for M further manifest images (creating annotations one by one through the API runs at ~6/s);

@@ -2,7 +2,8 @@
 and a local-files storage per image root so photos are served in place (never uploaded or copied).
 
 The project is found by the id remembered in `<workspace>/labelstudio/project.json` (if it still exists on
-that server with the configured title), else by its exact title, else created.
+that server with the configured title), else by its exact title, else created; all through the SDK's typed
+project and local-storage calls (`labeling.client`).
 Caveat: the label config only ever *grows*: a class that disappears from the model and the manifest stays
 in the config, because removing a choice would orphan annotations that use it. The storages are never
 synced (a sync would import every file of the folder as a task); they exist only to grant file access.
@@ -15,6 +16,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pandas as pd
 
@@ -103,23 +105,25 @@ def remembered_project(ws: Workspace, url: str) -> int | None:
     return int(state["project_id"]) if state.get("url") == url and state.get("project_id") else None
 
 
-def find_project(client: Client, ws: Workspace) -> dict | None:
-    """The workspace's project on this server (by remembered id, then exact title), or None."""
+def find_project(client: Client, ws: Workspace) -> Any | None:
+    """The workspace's project on this server (by remembered id, then exact title) as the SDK's model, or None."""
     title = ws.settings.labelstudio.project_title
     remembered = remembered_project(ws, client.url)
     if remembered is not None:
-        project = client.request("GET", f"/api/projects/{remembered}", missing_ok=True)
-        if project is not None and project.get("title") == title:
+        project = client.call(f"get project {remembered}", client.projects.get, remembered, missing_ok=True)
+        if project is not None and project.title == title:
             return project
-    matches = [p for p in _list_projects(client, title=title) if p["title"] == title]
+    matches = sorted(int(p.id) for p in _list_projects(client, title) if p.title == title)
     if len(matches) > 1:
-        logger.warning("%d projects titled %r; using the oldest (id %s)", len(matches), title, matches[0]["id"])
-    return client.get(f"/api/projects/{min(int(p['id']) for p in matches)}") if matches else None
+        logger.warning("%d projects titled %r; using the oldest (id %s)", len(matches), title, matches[0])
+    return client.call(f"get project {matches[0]}", client.projects.get, matches[0]) if matches else None
 
 
-def _list_projects(client: Client, **params: str) -> list[dict]:
-    page = client.get("/api/projects/", page_size=1000, **params)
-    return page["results"] if isinstance(page, dict) else page
+def _list_projects(client: Client, title: str) -> list[Any]:
+    found: list[Any] = []
+    for page in client.pages(f"list projects titled {title!r}", client.projects.list, title=title, page_size=1000):
+        found += page
+    return found
 
 
 def ensure_project(
@@ -146,16 +150,18 @@ def ensure_project(
         if not classes:
             raise LabelStudioError("no classes known yet: ingest labeled photos (`sortloop ingest --labeled`) "
                                    "or deploy a model before pushing to Label Studio")
-        project = client.post("/api/projects/", {"title": title, "label_config": payloads.label_config(classes),
-                                                 "show_skip_button": True, "show_collab_predictions": True})
+        project = client.call(f"create project {title!r}", client.projects.create, idempotent=False, title=title,
+                              label_config=payloads.label_config(classes), show_skip_button=True,
+                              show_collab_predictions=True)
         created = True
-        logger.info("created Label Studio project %s (%r) with %d classes", project["id"], title, len(classes))
-    pid = int(project["id"])
+        logger.info("created Label Studio project %s (%r) with %d classes", project.id, title, len(classes))
+    pid = int(project.id)
 
-    current = payloads.config_classes(project["label_config"])
+    current = payloads.config_classes(project.label_config)
     wanted = current + [c for c in classes if c not in current]
     if wanted != current:
-        client.patch(f"/api/projects/{pid}/", {"label_config": payloads.label_config(wanted)})
+        client.call(f"update the label config of project {pid}", client.projects.update, pid,
+                    label_config=payloads.label_config(wanted))
         logger.info("project %s: added classes %s to the label config", pid, wanted[len(current):])
 
     added = _ensure_storages(client, pid, image_roots(image_paths))
@@ -164,7 +170,8 @@ def ensure_project(
 
 
 def _ensure_storages(client: Client, pid: int, roots: list[str]) -> list[str]:
-    existing = [s["path"] for s in client.get("/api/storages/localfiles/", project=pid)]
+    existing = [s.path for s in client.call(f"list local-files storages of project {pid}",
+                                            client.import_storage.local.list, project=pid) if s.path]
     added = []
     for root in roots:
         if any(_is_under(root, path) for path in existing):
@@ -172,10 +179,9 @@ def _ensure_storages(client: Client, pid: int, roots: list[str]) -> list[str]:
         if not Path(root).is_dir():
             logger.warning("image folder %s no longer exists; its photos cannot be shown in Label Studio", root)
             continue
-        client.post("/api/storages/localfiles/", {
-            "project": pid, "path": root, "title": f"sortloop {root}"[:250], "use_blob_urls": False,
-            "recursive_scan": False,
-        })
+        client.call(f"add a local-files storage for {root} to project {pid}", client.import_storage.local.create,
+                    idempotent=False, project=pid, path=root, title=f"sortloop {root}"[:250], use_blob_urls=False,
+                    recursive_scan=False)
         existing.append(root)
         added.append(root)
     if added:

@@ -1,7 +1,8 @@
 """`review pull`: reviewers' decisions in Label Studio become manifest labels (incrementally).
 
 Only tasks changed since the watermark are fetched: `updated_at > watermark` AND at least one annotation,
-cancelled ones included (a skip does not count in `total_annotations`), through Label Studio's bulk export.
+cancelled ones included (a skip does not count in `total_annotations`), through Label Studio's bulk export
+(an export snapshot made and read with the SDK's `projects.exports` calls, see `changed_tasks`).
 Per image the latest non-cancelled annotation wins; a task with only cancelled annotations is recorded as skipped, not
 labeled. Labels go through `loop.manifest.set_labels` (source "review", by = the reviewer's e-mail, at =
 the annotation's time), so they land in the label history too.
@@ -114,47 +115,55 @@ def write_state(ws: Workspace, state: dict) -> None:
 def changed_tasks(client: Client, project_id: int, watermark: str | None, *, timeout_s: float = 600.0) -> list[dict]:
     """Tasks with any annotation (skips included) whose `updated_at` is after `watermark` (all if None).
 
-    Tasks with a real annotation come through Label Studio's own bulk export: an export snapshot,
-    filtered on the server by a temporary Data Manager tab (`updated_at > watermark`) and "annotated
-    only", annotators' e-mails expanded; measured about as fast as a plain JSON export and much faster
-    than paging `/api/tasks?fields=all`. The rare skip-only tasks (not "annotated") come from one filtered
-    `/api/tasks` query. The tab and the snapshot are deleted afterwards.
+    Tasks with a real annotation come through Label Studio's own bulk export: an export snapshot
+    (`projects.exports.create/get/download/delete`), filtered on the server by a temporary Data Manager tab
+    (`views.create`, `updated_at > watermark`) and "annotated only", annotators' e-mails expanded; measured
+    about as fast as a plain JSON export and much faster than paging `tasks.list(fields="all")`. The rare
+    skip-only tasks (not "annotated") come from one filtered `tasks.list` query. The tab and the snapshot
+    are deleted afterwards. Returns tasks as Label Studio's JSON (dicts).
     """
-    view = client.post("/api/dm/views/", payloads.pull_view(project_id, watermark)) if watermark else None
+    view = None
+    if watermark:
+        body = payloads.pull_view(project_id, watermark)
+        view = client.call(f"create a pull tab in project {project_id}", client.views.create, idempotent=False,
+                           project=body["project"], data=body["data"])
     try:
-        tasks = _snapshot(client, project_id, view["id"] if view else None, timeout_s)
+        tasks = _snapshot(client, project_id, int(view.id) if view else None, timeout_s)
     finally:
         if view:
-            client.request("DELETE", f"/api/dm/views/{view['id']}/")
+            client.call(f"delete pull tab {view.id}", client.views.delete, str(view.id), missing_ok=True)
     by_id = {int(t["id"]): t for t in tasks if t.get("annotations")}
     query = json.dumps(payloads.skipped_only_query(watermark))
-    page, seen = 1, 0
-    while True:
-        body = client.get("/api/tasks/", project=project_id, page=page, page_size=1000, query=query, fields="all")
-        for t in body.get("tasks", []):
-            by_id.setdefault(int(t["id"]), t)
-        seen += len(body.get("tasks", []))
-        if not body.get("tasks") or seen >= int(body.get("total", 0)):
-            break
-        page += 1
+    for page in client.pages(f"list skipped tasks of project {project_id}", client.tasks.list, project=project_id,
+                             page_size=1000, query=query, fields="all"):
+        for t in page:
+            by_id.setdefault(int(t.id), t.model_dump(mode="json"))
     return list(by_id.values())
 
 
 def _snapshot(client: Client, project_id: int, view_id: int | None, timeout_s: float) -> list[dict]:
-    snap = client.post(f"/api/projects/{project_id}/exports/", payloads.pull_snapshot(view_id))
+    where = f"project {project_id}"
+    snap = client.call(f"create an export snapshot of {where}", client.projects.exports.create, project_id,
+                       idempotent=False, **payloads.pull_snapshot(view_id))
     try:
         deadline = time.monotonic() + timeout_s
-        while snap.get("status") not in ("completed", "failed"):
+        status = snap.status
+        while status not in ("completed", "failed"):
             if time.monotonic() > deadline:
-                raise LabelStudioError(f"export snapshot {snap['id']} on {client.url} did not finish in "
+                raise LabelStudioError(f"export snapshot {snap.id} on {client.url} did not finish in "
                                        f"{timeout_s:.0f} s")
             time.sleep(0.5)
-            snap = client.get(f"/api/projects/{project_id}/exports/{snap['id']}")
-        if snap["status"] == "failed":
-            raise LabelStudioError(f"Label Studio at {client.url} failed to export project {project_id}")
-        return client.get(f"/api/projects/{project_id}/exports/{snap['id']}/download", exportType="JSON")
+            status = client.call(f"check export snapshot {snap.id} of {where}", client.projects.exports.get,
+                                 project_id, snap.id).status
+        if status == "failed":
+            raise LabelStudioError(f"Label Studio at {client.url} failed to export {where}")
+        # the download is a byte stream of Label Studio's export JSON, read whole (a retry re-reads it whole)
+        raw = client.call(f"download export snapshot {snap.id} of {where}",
+                          lambda: b"".join(client.projects.exports.download(project_id, snap.id, export_type="JSON")))
+        return json.loads(raw)
     finally:
-        client.request("DELETE", f"/api/projects/{project_id}/exports/{snap['id']}")
+        client.call(f"delete export snapshot {snap.id} of {where}", client.projects.exports.delete, project_id,
+                    snap.id, missing_ok=True)
 
 
 def _iso(ts: pd.Timestamp) -> str:
@@ -177,7 +186,7 @@ def pull(ws: Workspace) -> PullReport:
         project = find_project(client, ws)
         if project is None:
             return PullReport(client.url, None)
-        pid = int(project["id"])
+        pid = int(project.id)
         state = read_state(ws, client.url, pid)
         since = None
         if state["watermark"]:  # re-read a short overlap: a save committed late may carry an older time

@@ -6,7 +6,8 @@ permanent keys: the manifest's `review_task` hint (trusted only for the project 
 `image_id` (sha256) stored in every task of the project, listed before importing. So an image is never
 imported twice, even after a crash between an import and the manifest write.
 Order: user moves first, then lowest confidence first, so a reviewer with five minutes sees the most
-useful photos.
+useful photos. Tasks go in batches through the SDK's `projects.import_tasks(return_task_ids=True)` (Label
+Studio's own bulk import; the payloads are built in `labeling.payloads`).
 Caveat: a row that was reviewed (`review_status` reviewed/skipped) is not pushed again even if it is
 flagged again later; set `review_status` to "queued" to ask for a second look.
 """
@@ -72,19 +73,13 @@ def select_candidates(df: pd.DataFrame, *, trust_hints: bool = True) -> pd.DataF
 def project_image_ids(client: Client, project_id: int, *, page_size: int = 1000) -> dict[str, int]:
     """`image_id -> task id` for every sortloop task in the project (light listing: id and data only)."""
     found: dict[str, int] = {}
-    page, seen = 1, 0
-    while True:
-        body = client.get("/api/tasks/", project=project_id, page=page, page_size=page_size,
-                          fields="task_only", include="id,data")
-        tasks = body.get("tasks", [])
-        for t in tasks:
-            image_id = payloads.task_image_id(t)
+    for page in client.pages(f"list the tasks of project {project_id}", client.tasks.list, project=project_id,
+                             page_size=page_size, fields="task_only", include="id,data"):
+        for t in page:
+            image_id = payloads.task_image_id({"data": t.data, "meta": t.meta})
             if image_id:
-                found.setdefault(image_id, int(t["id"]))
-        seen += len(tasks)
-        if not tasks or seen >= int(body.get("total", 0)):
-            return found
-        page += 1
+                found.setdefault(image_id, int(t.id))
+    return found
 
 
 def _mark_pushed(ws: Workspace, task_ids: dict[str, int]) -> None:
@@ -142,8 +137,10 @@ def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallba
         for begin in range(0, len(rows), batch_size):
             batch = rows.iloc[begin:begin + batch_size]
             tasks = [payloads.task(row) for _, row in batch.iterrows()]
-            answer = client.post(f"/api/projects/{project.id}/import", tasks, return_task_ids="true")
-            ids = answer.get("task_ids") or []
+            # not idempotent: an import is never retried once sent (no duplicate tasks; a rerun relinks)
+            answer = client.call(f"import {len(tasks)} tasks into project {project.id}", client.projects.import_tasks,
+                                 idempotent=False, id=project.id, request=tasks, return_task_ids=True)
+            ids = answer.task_ids or []
             if len(ids) != len(tasks):
                 logger.warning("import returned %d task ids for %d tasks; relisting the project", len(ids), len(tasks))
                 listed = project_image_ids(client, project.id)

@@ -14,7 +14,9 @@ logged-in user whose project has a local-files storage whose path is a prefix of
 Caveat: legacy token auth can only be switched on when the organisation is created, i.e. on the very first
 start of a data dir; a data dir created by hand without it answers 401 to the stored token.
 A team server is used instead when `labelstudio.url` is set; its token comes from
-`SORTLOOP_LABELSTUDIO_TOKEN`. The token and password are never written to a log.
+`SORTLOOP_LABELSTUDIO_TOKEN`: a Personal Access Token (what Label Studio 1.23 issues by default; the SDK
+exchanges it for short-lived access tokens) or a legacy token where the team enabled those.
+The token and password are never written to a log.
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ class Connection:
     """Where to reach Label Studio and how to authenticate."""
 
     url: str
-    token: str
+    token: str  # a legacy API token or a Personal Access Token (JWT); the SDK handles both
     embedded: bool
+    source: str = "the API token"  # where the token came from, for error messages
 
     def __repr__(self) -> str:
         return f"Connection(url={self.url!r}, token=***, embedded={self.embedded})"
@@ -351,6 +354,8 @@ def status(ws: Workspace) -> ServerInfo:
 def connection(ws: Workspace) -> Connection:
     """URL and token to use: a team server (`labelstudio.url` + `SORTLOOP_LABELSTUDIO_TOKEN`) or the embedded one.
 
+    The token may be a legacy API token or a Personal Access Token; `labeling.client` handles both.
+
     Raises:
         LabelStudioError: no token is available, with the fix.
     """
@@ -360,11 +365,12 @@ def connection(ws: Workspace) -> Connection:
         if not env_token:
             raise LabelStudioError(f"labelstudio.url is {cfg.url} but {TOKEN_ENV} is not set; "
                                    "put that server's API token in it")
-        return Connection(cfg.url.rstrip("/"), env_token, embedded=False)
+        return Connection(cfg.url.rstrip("/"), env_token, embedded=False, source=f"the token in {TOKEN_ENV}")
     creds = read_credentials(credentials_path(ws))
     if env_token:
-        return Connection(embedded_url(ws), env_token, embedded=True)
+        return Connection(embedded_url(ws), env_token, embedded=True, source=f"the token in {TOKEN_ENV}")
     if creds is None:
         raise LabelStudioError("no Label Studio credentials yet; run `sortloop labelstudio up` first "
                                f"(or set labelstudio.url and {TOKEN_ENV} for a team server)")
-    return Connection(embedded_url(ws), creds.token, embedded=True)
+    return Connection(embedded_url(ws), creds.token, embedded=True,
+                      source=f"the token in {credentials_path(ws)}")

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from labeling.client import Client
 from loop.errors import LabelStudioError, SortloopError
@@ -55,16 +56,17 @@ def receiver_url(ws: Workspace) -> str:
     return f"http://{cfg.host}:{cfg.webhook_port}{PATH}"
 
 
-def ensure_webhook(client: Client, ws: Workspace, project_id: int) -> dict:
-    """Register (or update) the project's webhook to this workspace's receiver; idempotent."""
+def ensure_webhook(client: Client, ws: Workspace, project_id: int) -> Any:
+    """Register (or update) the project's webhook to this workspace's receiver; idempotent. Returns the SDK's model."""
     url = receiver_url(ws)
-    body = {"project": project_id, "url": url, "send_payload": False, "send_for_all_actions": False,
+    body = {"url": url, "send_payload": False, "send_for_all_actions": False,
             "headers": {HEADER: webhook_secret(ws)}, "is_active": True, "actions": ACTIONS}
-    for hook in client.get("/api/webhooks/", project=project_id):
-        if hook.get("url") == url:
-            return client.patch(f"/api/webhooks/{hook['id']}/", body)
+    for hook in client.call(f"list webhooks of project {project_id}", client.webhooks.list, project=str(project_id)):
+        if hook.url == url:
+            return client.call(f"update webhook {hook.id}", client.webhooks.update, hook.id, **body)
     try:
-        return client.post("/api/webhooks/", body)
+        return client.call(f"register a webhook for project {project_id}", client.webhooks.create, idempotent=False,
+                           project=project_id, **body)
     except LabelStudioError as exc:
         if "reserved network" in str(exc) or "403" in str(exc):
             raise LabelStudioError(f"{exc}; start the embedded server with labelstudio.webhook_port set "
@@ -186,7 +188,7 @@ def listen(ws: Workspace, *, on_event: Callable[[], object] | None = None, debou
             project = find_project(client, ws)
             if project is None:
                 raise LabelStudioError("no sortloop project yet; run `sortloop review push` first")
-            ensure_webhook(client, ws, int(project["id"]))
+            ensure_webhook(client, ws, int(project.id))
     except BaseException:
         receiver.stop()
         raise

@@ -114,7 +114,7 @@ def ls_ws(labelstudio: LabelStudio, tmp_path: Path, request: pytest.FixtureReque
 
 @pytest.fixture
 def sdk(labelstudio: LabelStudio):
-    """The official SDK, as an independent client playing the reviewer."""
+    """A second SDK client (legacy token), separate from sortloop's, playing the reviewer."""
     from label_studio_sdk import LabelStudio as SDK
 
     return SDK(base_url=labelstudio.url, api_key=labelstudio.token, timeout=120)

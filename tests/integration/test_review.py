@@ -94,13 +94,15 @@ def test_project_config_and_image_served(ls_ws, labelstudio):
     push(ls_ws)
     with connect(ls_ws) as client:
         project = find_project(client, ls_ws)
-        assert config_classes(project["label_config"]) == sorted(LABELED)
-        assert 'hotkey="1"' in project["label_config"]
-        task = client.get("/api/tasks/", project=project["id"], fields="task_only")["tasks"][0]
+        assert config_classes(project.label_config) == sorted(LABELED)
+        assert 'hotkey="1"' in project.label_config
+        task = next(iter(client.tasks.list(project=project.id, fields="task_only", page_size=1)))
+        storages = [s.path for s in client.import_storage.local.list(project=project.id)]
+    assert str(Path(task.data["path"]).parent) in storages  # a storage per image folder grants access
     # served in place from the photo's own folder (no copy), to an authenticated client only
-    url = labelstudio.url + task["data"]["image"]
+    url = labelstudio.url + task.data["image"]
     ok = httpx.get(url, headers={"Authorization": f"Token {labelstudio.token}"})
-    assert ok.status_code == 200 and ok.content == Path(task["data"]["path"]).read_bytes()
+    assert ok.status_code == 200 and ok.content == Path(task.data["path"]).read_bytes()
     assert httpx.get(url).status_code in (401, 403)
 
 
@@ -171,8 +173,7 @@ def test_unknown_label_is_rejected_unless_allowed(ls_ws, sdk):
     ids = build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED[:2])
     report = push(ls_ws)
     with connect(ls_ws) as client:  # a team member adds a class in Label Studio's settings
-        client.patch(f"/api/projects/{report.project_id}/",
-                     {"label_config": payloads.label_config(sorted(LABELED) + ["lamp"])})
+        client.projects.update(report.project_id, label_config=payloads.label_config(sorted(LABELED) + ["lamp"]))
     task_of = {t.data["image_id"]: t.id for t in project_tasks(sdk, report.project_id)}
     sdk.annotations.create(id=task_of[ids[0]], result=choice("lamp"))
     sdk.annotations.create(id=task_of[ids[1]], result=choice("sofa"))

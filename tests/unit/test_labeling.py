@@ -160,19 +160,20 @@ def test_webhook_receiver_needs_a_port_and_the_secret(ws, monkeypatch):
     monkeypatch.setenv("SORTLOOP_LABELSTUDIO__WEBHOOK_PORT", str(port))
     ws = open_workspace(ws.root)
     events = []
-    with Receiver(ws, on_event=lambda: events.append(1), debounce_s=0.05) as receiver:
+    # debounce well above the time three local posts take on a busy 2-core machine
+    with Receiver(ws, on_event=lambda: events.append(1), debounce_s=0.5) as receiver, httpx.Client() as http:
         secret = secret_path(ws).read_text()
         assert stat.S_IMODE(os.stat(secret_path(ws)).st_mode) == 0o600
-        assert httpx.post(receiver_url(ws), headers={HEADER: "nope"}).status_code == 403
+        assert http.post(receiver_url(ws), headers={HEADER: "nope"}).status_code == 403
         wrong_path = receiver_url(ws).replace("/labelstudio/webhook", "/x")
-        assert httpx.post(wrong_path, headers={HEADER: secret}).status_code == 404
+        assert http.post(wrong_path, headers={HEADER: secret}).status_code == 404
         for _ in range(3):  # a burst of saves ...
-            assert httpx.post(receiver_url(ws), json={"action": "ANNOTATION_CREATED"},
-                              headers={HEADER: secret}).status_code == 204
+            assert http.post(receiver_url(ws), json={"action": "ANNOTATION_CREATED"},
+                             headers={HEADER: secret}).status_code == 204
         deadline = time.monotonic() + 5
         while not events and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.3)
+        time.sleep(0.8)
     assert receiver.calls == 3 and 1 <= len(events) <= 2  # ... coalesces into one or two pulls
 
 
@@ -192,3 +193,106 @@ def test_known_classes_are_the_deployed_models_then_the_manifests(ws):
     (folder / "model.json").write_text(json.dumps({"version": version, "classes": ["table", "chair"]}))
     set_current(ws, version)
     assert known_classes(ws) == ["table", "chair", "sofa"]  # model order first, then manifest extras
+
+
+class FakeLabelStudio:
+    """A tiny real HTTP server answering canned responses per path; records (method, path, Authorization)."""
+
+    def __init__(self, answers: dict[str, list[tuple[int, object]]]):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.answers = answers
+        self.seen: list[tuple[str, str, str]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = self.path.split("?")[0]
+                fake.seen.append((self.command, path, self.headers.get("Authorization", "")))
+                queue = fake.answers.get(path) or [(404, {"detail": "Not found."})]
+                status, body = queue.pop(0) if len(queue) > 1 else queue[0]
+                if callable(body):
+                    status, body = body(self.headers.get("Authorization", ""))
+                raw = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            do_GET = do_POST = _answer  # noqa: N815
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeLabelStudio:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+WHOAMI = "/api/current-user/whoami"
+ME = {"id": 1, "email": "admin@x.org", "username": "admin"}
+
+
+def test_transient_answers_are_retried_for_reads_but_an_import_is_sent_once():
+    from labeling.client import Client
+
+    answers = {WHOAMI: [(503, {"detail": "starting"}), (502, "bad gateway"), (200, ME)],
+               "/api/projects/1/import": [(503, {"detail": "busy"})]}
+    with FakeLabelStudio(answers) as fake:
+        client = Client(fake.url, "legacy-token", backoff_s=0.01, token_source="the token in X")
+        assert client.whoami().email == "admin@x.org"
+        assert [p for _, p, _ in fake.seen] == [WHOAMI] * 3
+        assert {auth for *_, auth in fake.seen} == {"Token legacy-token"}
+        with pytest.raises(LabelStudioError, match="503") as err:
+            client.call("import 1 tasks", client.projects.import_tasks, idempotent=False, id=1,
+                        request=[{"data": {"image": "x"}}], return_task_ids=True)
+        assert fake.url in str(err.value)
+        assert [p for _, p, _ in fake.seen].count("/api/projects/1/import") == 1  # neither we nor the SDK retried
+        client.close()
+
+
+def test_refused_token_names_its_source_and_the_personal_access_token_fix():
+    from labeling.client import Client
+
+    detail = ("Authentication token no longer valid: legacy token authentication has been disabled for this "
+              "organization")
+    with FakeLabelStudio({WHOAMI: [(401, {"detail": detail})]}) as fake:
+        client = Client(fake.url, "legacy-token", backoff_s=0.01, token_source="the token in SORTLOOP_X")
+        with pytest.raises(LabelStudioError) as err:
+            client.whoami()
+        text = str(err.value)
+        assert fake.url in text and "SORTLOOP_X" in text and "401" in text and "Personal Access Token" in text
+        assert len(fake.seen) == 1  # a refusal is not retried
+
+
+def test_personal_access_token_is_exchanged_for_a_bearer_access_token():
+    import jwt
+
+    from labeling.client import Client
+
+    now = int(time.time())
+    KEY = "k" * 32  # noqa: N806 (the fake server never checks signatures; long enough to keep pyjwt quiet)
+    pat = jwt.encode({"exp": now + 3600, "token_type": "refresh"}, KEY, algorithm="HS256")
+    access = jwt.encode({"exp": now + 300, "token_type": "access"}, KEY, algorithm="HS256")
+    answers = {"/api/token/refresh/": [(200, {"access": access})],
+               WHOAMI: [(200, lambda auth: (200, ME) if auth == f"Bearer {access}" else (401, {"detail": auth}))]}
+    with FakeLabelStudio(answers) as fake:
+        client = Client(fake.url, pat, token_source="the token in SORTLOOP_X")
+        assert client.whoami().email == "admin@x.org"
+        assert client.whoami().email == "admin@x.org"
+        assert [p for _, p, _ in fake.seen] == ["/api/token/refresh/", WHOAMI, WHOAMI]  # refreshed once, reused
+        expired = jwt.encode({"exp": now - 10, "token_type": "refresh"}, KEY, algorithm="HS256")
+        with pytest.raises(LabelStudioError, match="SORTLOOP_X.*expired"):
+            Client(fake.url, expired, token_source="the token in SORTLOOP_X")
