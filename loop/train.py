@@ -6,9 +6,10 @@ Read `train` top to bottom; each phase says why it is there. Two modes:
   LogisticRegression with C chosen by group k-fold over item groups, then *folded into the network's own
   classifier layer*, so the artifact is a plain timm network like any other. Measured on ~400 real photos:
   as accurate as the best fine-tuning (0.70-0.73 on unseen items) and ~100x cheaper to retrain.
-- "finetune": a fastai Learner over the SAME timm network: one-cycle `fine_tune`, fastai's default
-  augmentations, body BatchNorm kept in eval mode and `train_bn=False` (letting the pretrained BatchNorm
-  statistics move cost ~0.15 accuracy on this kind of data). fastai is imported only on this path.
+- "finetune" (`loop.finetune`): a fastai Learner over the SAME timm network, its classifier started from
+  the head mode's linear probe: one-cycle `fine_tune`, fastai's default augmentations, body BatchNorm kept
+  in eval mode and `train_bn=False` (letting the pretrained BatchNorm statistics move cost ~0.15 accuracy
+  on this kind of data). fastai is imported only on this path.
 
 Both read images from the resized cache and are scored on the user-photo validation set; the promotion
 gate (`loop.gate`) decides which model ships.
@@ -136,8 +137,10 @@ def train(
         details, valid_probs = fit_head(ws, net, backbone, train_rows, valid_rows, classes,
                                         pretrained=pretrained, on_progress=on_progress)
     else:
+        from loop.finetune import fit_finetune  # fastai is imported only on this path
+
         details, valid_probs = fit_finetune(ws, net, backbone, train_rows, valid_rows, classes,
-                                            on_progress=on_progress)
+                                            pretrained=pretrained, on_progress=on_progress)
 
     # 5. Evaluate on the user-photo validation set (and, separately, web images).
     metrics = metrics_by_source(valid_rows, valid_probs, classes)
@@ -208,21 +211,38 @@ def fit_head(
         (details for model.json, validation probs (N, K) from the in-memory torch head).
     """
     import torch
+
+    details = linear_probe(ws, net, backbone, train_rows, classes, pretrained=pretrained, on_progress=on_progress)
+
+    # Validation probabilities through the torch classifier itself (no mirror: the network sees one view).
+    valid_feats = _features(ws, net, backbone, valid_rows["image_id"].tolist(), pretrained=pretrained,
+                            on_progress=on_progress)
+    probs = np.zeros((0, len(classes)), np.float32)
+    if len(valid_feats):
+        with torch.inference_mode():
+            probs = torch.softmax(net.get_classifier()(torch.from_numpy(valid_feats[:, 0])), dim=1).numpy()
+    return details, probs
+
+
+def linear_probe(
+    ws: Workspace,
+    net: torch.nn.Module,
+    backbone: Backbone,
+    train_rows: pd.DataFrame,
+    classes: list[str],
+    *,
+    pretrained: bool = True,
+    on_progress: ProgressCallback = no_progress,
+) -> dict:
+    """Set `net`'s classifier to the best linear head on its frozen body's features; returns its details."""
+    import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
-    settings = ws.settings.model
-    size = settings.image_size
-    folder = features_dir(ws.cache_dir, backbone.name, size,
-                          weights_tag(ws, backbone.name, pretrained=pretrained, seed=settings.seed))
-
-    def features(ids: list[str]) -> np.ndarray:
-        return cached_features(net, ids, lambda i: load_resized(ws, i, size), folder=folder, mean=backbone.mean,
-                               std=backbone.std, batch_size=settings.batch_size, on_progress=on_progress)
-
     # Every training image contributes itself and its mirror (same item group, so CV never splits them).
-    train_feats = features(train_rows["image_id"].tolist())
+    train_feats = _features(ws, net, backbone, train_rows["image_id"].tolist(), pretrained=pretrained,
+                            on_progress=on_progress)
     x = train_feats.reshape(-1, train_feats.shape[-1])
     y = np.repeat(train_rows["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy(), 2)
     groups = np.repeat(train_rows["item_id"].fillna(train_rows["image_id"]).astype(str).to_numpy(), 2)
@@ -230,7 +250,7 @@ def fit_head(
     # C by group k-fold: held-out folds are unseen items, like the validation set. One BLAS thread:
     # these fits are tiny, and multi-threaded BLAS on a busy machine made them ~50x slower (measured).
     with threadpool_limits(1):
-        c_value, cv_scores = choose_c(x, y, groups, seed=settings.seed)
+        c_value, cv_scores = choose_c(x, y, groups, seed=ws.settings.model.seed)
         scaler = StandardScaler().fit(x)
         model = LogisticRegression(C=c_value, max_iter=3000).fit(scaler.transform(x), y)
 
@@ -244,16 +264,19 @@ def fit_head(
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(weight.astype(np.float32)))
         head.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+    return {"head": "standard_scaler+logistic_regression", "C": c_value, "cv_accuracy": cv_scores,
+            "mirror_augmented": True}
 
-    # Validation probabilities through the torch classifier itself (no mirror: the network sees one view).
-    valid_feats = features(valid_rows["image_id"].tolist())
-    probs = np.zeros((0, len(classes)), np.float32)
-    if len(valid_feats):
-        with torch.inference_mode():
-            probs = torch.softmax(head(torch.from_numpy(valid_feats[:, 0])), dim=1).numpy()
-    details = {"head": "standard_scaler+logistic_regression", "C": c_value, "cv_accuracy": cv_scores,
-               "mirror_augmented": True}
-    return details, probs
+
+def _features(ws: Workspace, net: torch.nn.Module, backbone: Backbone, ids: list[str], *, pretrained: bool,
+              on_progress: ProgressCallback) -> np.ndarray:
+    """(N, 2, F) cached body features (image, mirror) of `ids`, keyed by the body's weights."""
+    settings = ws.settings.model
+    size = settings.image_size
+    folder = features_dir(ws.cache_dir, backbone.name, size,
+                          weights_tag(ws, backbone.name, pretrained=pretrained, seed=settings.seed))
+    return cached_features(net, ids, lambda i: load_resized(ws, i, size), folder=folder, mean=backbone.mean,
+                           std=backbone.std, batch_size=settings.batch_size, on_progress=on_progress)
 
 
 def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, seed: int = 0) -> tuple[float, dict]:
@@ -282,114 +305,3 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, seed: int = 0)
     best = max(HEAD_C_GRID, key=lambda c: (correct[c], -abs(np.log(c))))
     logger.info("head C by group %d-fold: %s -> C=%s", folds.n_splits, scores, best)
     return best, scores
-
-
-# --- mode "finetune": fastai over the same network ------------------------------------------------------
-
-
-def fit_finetune(
-    ws: Workspace,
-    net: torch.nn.Module,
-    backbone: Backbone,
-    train_rows: pd.DataFrame,
-    valid_rows: pd.DataFrame,
-    classes: list[str],
-    *,
-    on_progress: ProgressCallback = no_progress,
-) -> tuple[dict, np.ndarray]:
-    """fastai `fine_tune` of `net` in place (one-cycle, default augmentations, body BatchNorm frozen).
-
-    Returns:
-        (details for model.json, validation probs (N, K) from fastai's `get_preds`).
-    """
-    from fastai.vision.all import (
-        Callback,
-        CategoryBlock,
-        ColReader,
-        ColSplitter,
-        CrossEntropyLossFlat,
-        DataBlock,
-        ImageBlock,
-        Learner,
-        Normalize,
-        TrainEvalCallback,
-        accuracy,
-        aug_transforms,
-        set_seed,
-    )
-    from fastai.vision.all import (
-        ProgressCallback as FastaiProgress,
-    )
-    from torch import nn
-
-    settings = ws.settings.model
-    size = settings.image_size
-    set_seed(settings.seed, reproducible=True)
-
-    # fastai sees the resized PNGs; validation rows with a learnable label give it a loss to report.
-    known = valid_rows[valid_rows["label"].astype(str).isin(classes)]
-    if known.empty:
-        raise ModelError("finetune mode needs validation photos of the trained classes; ingest more labeled photos")
-    frame = pd.concat([train_rows.assign(is_valid=False), known.assign(is_valid=True)], ignore_index=True)
-    frame["file"] = [str(resized_path(ws, i, size)) for i in frame["image_id"]]
-    frame["label"] = frame["label"].astype(str)
-    block = DataBlock(
-        blocks=(ImageBlock, CategoryBlock(vocab=classes)),
-        get_x=ColReader("file"), get_y=ColReader("label"), splitter=ColSplitter("is_valid"),
-        batch_tfms=[*aug_transforms(), Normalize.from_stats(list(backbone.mean), list(backbone.std))],
-    )
-    dls = block.dataloaders(frame, bs=settings.batch_size, num_workers=0)
-    if list(dls.vocab) != classes:
-        raise ModelError(f"fastai's class order {list(dls.vocab)} differs from {classes}")
-
-    head_params = {id(p) for p in net.get_classifier().parameters()}
-
-    def body_and_head(model: nn.Module) -> list[list[nn.Parameter]]:
-        params = list(model.parameters())
-        return [[p for p in params if id(p) not in head_params], [p for p in params if id(p) in head_params]]
-
-    class BodyBatchNormEval(Callback):
-        """Keep every BatchNorm in eval mode: the pretrained running statistics must not move."""
-
-        order = TrainEvalCallback.order + 1  # after fastai has put the model in train mode
-
-        def before_train(self) -> None:
-            for module in self.learn.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-
-    class ReportProgress(Callback):
-        order = 60  # after the Recorder, so the epoch's log is complete
-
-        def before_fit(self) -> None:
-            self.done, self.total = 0, self.n_epoch * len(self.dls.train)
-
-        def after_batch(self) -> None:
-            if self.training:
-                self.done += 1
-                on_progress(self.done, self.total)
-
-        def after_epoch(self) -> None:
-            logger.info("epoch %d: %s", self.epoch, self.recorder.log)
-
-    report = ReportProgress()
-    learn = Learner(dls, net, loss_func=CrossEntropyLossFlat(), metrics=accuracy, splitter=body_and_head,
-                    train_bn=False, cbs=[BodyBatchNormEval(), report])
-    learn.remove_cb(FastaiProgress)
-    with learn.no_logging():
-        learn.fine_tune(settings.epochs, base_lr=settings.learning_rate, freeze_epochs=1)
-    learn.remove_cb(report)
-
-    # Validation probabilities the fastai way, on every validation row (test_dl: no labels needed).
-    net.eval()
-    probs = np.zeros((0, len(classes)), np.float32)
-    if len(valid_rows):
-        files = pd.DataFrame({"file": [str(resized_path(ws, i, size)) for i in valid_rows["image_id"]]})
-        test_dl = dls.test_dl(files, num_workers=0)
-        with learn.no_logging():
-            preds, _ = learn.get_preds(dl=test_dl)
-        probs = preds.float().numpy()
-    details = {"fastai": "fine_tune", "epochs": settings.epochs, "freeze_epochs": 1,
-               "base_lr": settings.learning_rate, "batch_size": settings.batch_size,
-               "augmentations": "aug_transforms()", "train_bn": False, "body_batchnorm": "eval"}
-    return details, probs
