@@ -4,8 +4,8 @@ Safe copy: the bytes go to a hidden temp file in the target folder, are fsynced,
 to the final name (`os.link` fails if the name exists, so nothing is ever overwritten, even by two
 sorts racing into one folder); a file system without hard links falls back to a checked rename. An
 existing file with the same name and identical bytes means "already there" (skipped); different bytes
-get a unique name `name (2).jpg`. The copy is hashed while it is written, so the recorded `image_id` is
-the hash of the bytes that really landed.
+get a unique name `name (2).jpg`. The source must still be the file that was hashed: same size and mtime
+before and after the copy (or, without a known mtime, the same sha256 of the bytes copied).
 
 The records table (`<workspace>/runs/sorted_copies.parquet`, locked and atomic like the manifest) keeps,
 per copy: image_id, source path and its size/mtime, destination root and path, predicted label,
@@ -137,18 +137,28 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_temp(src: Path, folder: Path, name: str, image_id: str) -> Path:
-    """Copy `src` to a hidden temp file in `folder`, fsynced, mtime kept; checks the bytes' hash."""
+def _write_temp(src: Path, folder: Path, name: str, image_id: str, size: int, mtime_ns: int | None) -> Path:
+    """Copy `src` to a hidden temp file in `folder`, fsynced, mtime kept, and check it is the expected file:
+    by its (size, mtime) before and after the copy when `mtime_ns` is given (the caller hashed these bytes
+    moments ago), else by hashing the bytes copied."""
     tmp = folder / f".{name}.sortloop-{uuid.uuid4().hex[:8]}.tmp"
-    digest = hashlib.sha256()
+    digest = hashlib.sha256() if mtime_ns is None else None
     try:
         with open(src, "rb") as fin, open(tmp, "xb") as fout:
+            before = os.fstat(fin.fileno())
             while block := fin.read(COPY_CHUNK):
-                digest.update(block)
+                if digest is not None:
+                    digest.update(block)
                 fout.write(block)
             fout.flush()
             os.fsync(fout.fileno())
-        if digest.hexdigest() != image_id:
+            after = os.fstat(fin.fileno())
+        if digest is not None:
+            changed = digest.hexdigest() != image_id
+        else:
+            expected = (size, mtime_ns)
+            changed = (before.st_size, before.st_mtime_ns) != expected or (after.st_size, after.st_mtime_ns) != expected
+        if changed:
             raise SourceChanged(f"{src} changed while being sorted; run sort again")
         # timestamps are a courtesy (e.g. FAT volumes refuse some); the bytes are what matter
         with contextlib.suppress(OSError):
@@ -160,13 +170,16 @@ def _write_temp(src: Path, folder: Path, name: str, image_id: str) -> Path:
 
 
 def safe_copy(
-    src: Path, folder: Path, name: str, *, image_id: str, size: int, sync_dir: bool = True
+    src: Path, folder: Path, name: str, *, image_id: str, size: int, mtime_ns: int | None = None,
+    sync_dir: bool = True,
 ) -> tuple[Path, bool]:
     """Copy `src` into `folder` as `name` without ever overwriting; returns (final path, copied?).
 
     copied is False when a file with identical bytes already sat at one of the candidate names
     (`name`, `name (2)`, ...), which is then returned instead. With `sync_dir=False` the caller must
     `fsync_dir(folder)` before relying on the new name surviving a power cut (sort does it per flush).
+    With `mtime_ns` (the source's, when `image_id` was computed) the source is checked by size + mtime
+    instead of being hashed a second time.
 
     Raises:
         OSError: the copy failed (no space, permission denied, ...); no partial file is left behind.
@@ -184,7 +197,7 @@ def safe_copy(
                 n += 1
                 continue
             if tmp is None:
-                tmp = _write_temp(src, folder, name, image_id)
+                tmp = _write_temp(src, folder, name, image_id, size, mtime_ns)
             try:
                 os.link(tmp, target)  # atomic, and refuses to replace an existing name
             except FileExistsError:

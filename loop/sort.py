@@ -295,7 +295,7 @@ class _Copier:
 
     def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path) -> None:
         future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
-                                  size=rec.size_bytes, sync_dir=False)
+                                  size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False)
         self.jobs.append(_Job(rec, label, conf, score, flagged, future))
 
     def collect(self, wait: bool = False) -> None:

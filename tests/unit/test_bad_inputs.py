@@ -27,6 +27,7 @@ BROKEN = {
     "notes.jpg": "not an image",
     "bomb.png": "too large",
     "loop.jpg": "symbolic links",
+    "pipe.jpg": "not a regular file",
 }
 READABLE = ["cmyk.jpg", "sixteen.png", "alpha.png", "café photos/été 1 ☀ (copy).jpg", "plain.jpg"]
 
@@ -46,6 +47,7 @@ def make_zoo(folder: Path, photo: Path) -> None:
     (folder / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
                                       + png_chunk(b"IDAT", zlib.compress(b"\0" * 16)) + png_chunk(b"IEND", b""))
     (folder / "loop.jpg").symlink_to(folder / "loop.jpg")  # a symlink loop with an image name
+    os.mkfifo(folder / "pipe.jpg")  # reading it would block forever
     (folder / "sub").mkdir()
     (folder / "sub" / "back").symlink_to(folder)  # a directory loop: must not be walked forever
     img = Image.open(photo)

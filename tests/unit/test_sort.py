@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from loop import copies, manifest
 from loop.cli import app
 from loop.decode import decode_one, decode_stream
-from loop.images import file_sha256, load_model_input
+from loop.images import file_sha256, load_model_input, open_image
+from loop.items import exif_taken_at, perceptual_hash
 from loop.registry import set_current
 from loop.sort import REVIEW_CSV, sort_folder
 from loop.workspace import Workspace
@@ -194,10 +195,34 @@ def test_decode_matches_the_one_preprocessing_path(shared_data, tmp_path) -> Non
     exif = img.getexif()
     exif[0x0112] = 6  # orientation: rotate 90° on display
     img.save(rotated, exif=exif)
-    for path in (photo, rotated):
+    exif[0x8769] = {36867: "2024:05:01 13:45:10"}  # DateTimeOriginal, in the EXIF sub-IFD
+    dated = tmp_path / "dated.jpg"
+    img.save(dated, exif=exif)
+    for path in (photo, rotated, dated):
         rec = decode_one(path, 224)
         assert rec.ok and rec.image_id == file_sha256(path) and rec.phash
         np.testing.assert_array_equal(rec.pixels, load_model_input(path, 224))
+        # pHash and EXIF time exactly as ingest computes them (loop.items), from the same decode
+        oriented = open_image(path, draft_size=224)
+        assert rec.phash == perceptual_hash(oriented)
+        assert rec.taken_at == (exif_taken_at(oriented) if oriented.getexif() else None)
+    assert decode_one(dated, 224).taken_at == pd.Timestamp("2024-05-01 13:45:10", tz="UTC")
+
+
+def test_safe_copy_refuses_a_changed_source(tmp_path) -> None:
+    src = tmp_path / "a.jpg"
+    src.write_bytes(b"first version")
+    st = src.stat()
+    image_id = file_sha256(src)
+    with pytest.raises(copies.SourceChanged):
+        copies.safe_copy(src, tmp_path / "out", "a.jpg", image_id=image_id, size=st.st_size,
+                         mtime_ns=st.st_mtime_ns - 1)
+    with pytest.raises(copies.SourceChanged):
+        copies.safe_copy(src, tmp_path / "out", "a.jpg", image_id="0" * 64, size=st.st_size)
+    assert list((tmp_path / "out").iterdir()) == []  # no temp file, no copy
+    final, copied = copies.safe_copy(src, tmp_path / "out", "a.jpg", image_id=image_id, size=st.st_size,
+                                     mtime_ns=st.st_mtime_ns)
+    assert copied and final.read_bytes() == b"first version" and final.stat().st_mtime_ns == st.st_mtime_ns
 
 
 def test_decode_stream_is_ordered_and_lazy(shared_data) -> None:
