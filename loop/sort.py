@@ -133,6 +133,7 @@ def sort_folder(
     settings = ws.settings.sort
     on_progress = on_progress or no_progress
     src, dest = _check_folders(Path(src), Path(dest))
+    dest_is_new = not dest.exists()
     keep_tree = settings.keep_tree if keep_tree is None else keep_tree
     strategy = get_strategy(settings.flag_strategy)
     started = time.perf_counter()
@@ -143,8 +144,16 @@ def sort_folder(
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + copies.new_record_id()[:6]
     report = SortReport(src=str(src), dest=str(dest), run_id=run_id)
 
-    # Resume: what earlier runs already copied from here into this destination.
+    # Resume: what earlier runs already copied from here into this destination. If the whole destination
+    # is gone, so are its copies: their records are retired (a full re-sort follows, and scan must not
+    # mistake the new copies for moves of the old ones).
     done = copies.load_records(ws, dest)
+    done = done[done["status"] != "gone"]
+    if dest_is_new and len(done):
+        logger.info("%s no longer exists: retiring %d records of earlier sorts into it", dest, len(done))
+        copies.update_records(ws, {rid: {"status": "gone"} for rid in done["record_id"]})
+        done = done.iloc[0:0]
+    dest.mkdir(parents=True, exist_ok=True)
     known = {(p, int(s), int(m)) for p, s, m in zip(done["source_path"], done["source_size"].fillna(-1),
                                                     done["source_mtime_ns"].fillna(-1), strict=True)}
     known_ids = set(zip(done["source_path"], done["image_id"], strict=True))
@@ -226,7 +235,6 @@ def _check_folders(src: Path, dest: Path) -> tuple[Path, Path]:
         raise SortloopError("source and destination are the same folder; sort into a different folder")
     if src.is_dir() and _is_within(src, dest):
         raise SortloopError(f"{src} is inside the destination {dest}; sort it into a folder outside it")
-    dest.mkdir(parents=True, exist_ok=True)
     return src, dest
 
 

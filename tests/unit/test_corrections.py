@@ -142,6 +142,16 @@ def test_copy_shared_by_two_sources_moves_once(sorted_tree, tmp_path) -> None:
     assert set(now.dest_path[now.image_id == rec.image_id]) == {str(target)}
 
 
+def test_deleted_destination_is_sorted_afresh(sorted_tree) -> None:
+    ws, dest, records, _ = sorted_tree
+    shutil.rmtree(dest)
+    src = Path(records.source_path.iloc[0]).parents[1]
+    report = sort_folder(ws, src, dest)
+    assert report.copied == len(records) and report.already_sorted == 0
+    scanned = corrections.scan(ws, dest)  # the retired records are not mistaken for moved copies
+    assert scanned.moves == [] and scanned.deleted == [] and scanned.unchanged == len(records)
+
+
 def test_cli_scan_and_errors(sorted_tree, tmp_path) -> None:
     ws, dest, records, classes = sorted_tree
     rec = records.iloc[0]
