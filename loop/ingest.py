@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,11 +66,11 @@ def describe_image(path: Path) -> ImageInfo:
     image_id = file_sha256(path)
     img = open_image(path, draft_size=HASH_DECODE_SIZE)
     taken = exif_taken_at(img) if img.getexif() else None
-    return ImageInfo(image_id=image_id, path=str(Path(path).resolve()), phash=perceptual_hash(img), taken_at=taken)
+    return ImageInfo(image_id=image_id, path=str(Path(path).absolute()), phash=perceptual_hash(img), taken_at=taken)
 
 
 def read_items_csv(csv_path: Path, root: Path) -> dict[str, str]:
-    """Map absolute resolved path -> item_id from a CSV with columns `path,item_id` (paths may be relative to root)."""
+    """Map absolute path -> item_id from a CSV with columns `path,item_id` (paths may be relative to root)."""
     try:
         with open(csv_path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
@@ -79,7 +80,7 @@ def read_items_csv(csv_path: Path, root: Path) -> dict[str, str]:
             for row in reader:
                 p = Path(row["path"])
                 p = p if p.is_absolute() else root / p
-                mapping[str(p.resolve())] = row["item_id"]
+                mapping[os.path.normpath(p)] = row["item_id"]
             return mapping
     except OSError as exc:
         raise ConfigError(f"cannot read items CSV {csv_path}: {exc}") from None
@@ -138,10 +139,10 @@ def ingest_folder(
                 report.already_present += 1
                 continue
             known.add(result.image_id)  # a byte-identical copy later in the same tree is the same image
-            rel = Path(path).resolve().relative_to(root)
+            rel = Path(path).relative_to(root)  # as walked: a symlinked file may point elsewhere
             if labeled and len(rel.parts) > 1:
                 result.label = rel.parts[0]
-            result.item_id = explicit.get(str(Path(path).resolve()))
+            result.item_id = explicit.get(os.path.normpath(path))
             infos.append(result)
     report.added = register_images(ws, infos, source=source, label_source="folder")
     report.labeled = sum(1 for i in infos if i.label)

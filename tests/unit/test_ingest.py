@@ -92,3 +92,14 @@ def test_items_csv_with_bad_columns_is_a_clear_error(ws, tmp_path):
         csv.writer(fh).writerows([["file", "group"], ["x/a.jpg", "g1"]])
     result = runner.invoke(app, ["ingest", str(tmp_path / "p"), "--items", str(bad), "-w", str(ws.root)])
     assert result.exit_code == 1 and "needs columns 'path' and 'item_id'" in result.output
+
+
+def test_symlinked_files_pointing_outside_the_folder_are_ingested_where_found(ws, tmp_path):
+    outside = make_image(tmp_path / "elsewhere" / "real.jpg", (90, 30, 160))
+    link = tmp_path / "photos" / "bed" / "link.jpg"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+    report = ingest_folder(ws, tmp_path / "photos", labeled=True)
+    assert (report.added, report.labeled) == (1, 1)
+    row = manifest.load(ws).iloc[0]
+    assert row["label"] == "bed" and row["path"] == str(link)
