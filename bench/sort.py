@@ -14,9 +14,10 @@ noise so they compress like real photos, ~2 MB each; written to a temp folder, n
                 1 / (1/decode + 1/forward).
 
 Targets: (b) >= 10x (a), and (b) >= 70% of the limit. Timings vary a lot on a shared 2-core machine, so
-(b) and (c) run interleaved for `--rounds` rounds and the best round of each is reported (each round is
-printed too); the ratios, measured in one run, are what to read.
-Caveat: the naive baseline is slow (~3-4 images/s), so `--naive-n` times it on a subset (default: all).
+(a), (b) and (c) run interleaved in `--rounds` rounds (the naive loop on a different slice of the images
+each round), ratios are taken within each round, and the median is reported with every round printed.
+Caveat: the naive baseline is slow (~1-4 images/s), so `--naive-n` times it on a subset (default: all N,
+split over the rounds); its one-off `load_learner` is not timed (ours: model load and process start are).
 
 usage: .venv/bin/python bench/sort.py [--n 200] [--naive-n N] [--rounds 3] [--workers 2] [--keep]
        (quick check: --n 40 --naive-n 10 --rounds 1)
@@ -81,8 +82,8 @@ def build_model(root: Path):
     return ws, net, spec
 
 
-def naive_baseline(net, spec: dict, paths: list[Path], scratch: Path) -> float:
-    """The notebook way; returns images/s. Learner on the same network, exported and loaded back."""
+def naive_learner(net, spec: dict, scratch: Path):
+    """The notebook's learner: fastai `Learner` on the same network, exported to a .pkl and loaded back."""
     from fastai.vision.all import (
         CategoryBlock,
         CrossEntropyLossFlat,
@@ -100,12 +101,14 @@ def naive_baseline(net, spec: dict, paths: list[Path], scratch: Path) -> float:
                       item_tfms=Resize(spec["image_size"]),
                       batch_tfms=Normalize.from_stats(spec["mean"], spec["std"]))
     dls = block.dataloaders(IKEA, bs=8, num_workers=0)
-    learn = Learner(dls, net, loss_func=CrossEntropyLossFlat())
     pkl = scratch / "export.pkl"
-    learn.export(pkl)
-    dest = scratch / "naive_sorted"
+    Learner(dls, net, loss_func=CrossEntropyLossFlat()).export(pkl)
+    return load_learner(pkl)
+
+
+def naive_sort(learner, paths: list[Path], dest: Path) -> float:
+    """The notebook way, one by one: `learn.predict(path)` + `shutil.copy`; returns images/s."""
     start = time.perf_counter()
-    learner = load_learner(pkl)
     for path in paths:
         with learner.no_bar():
             label, _, _ = learner.predict(path)
@@ -205,52 +208,65 @@ def main() -> None:
         workers = ws.settings.sort.workers if args.workers is None else args.workers
         model_dir = current_model_dir(ws)
 
-        # (b) and (c), interleaved over rounds so a burst of load from other processes hits all of them
-        # alike; the best round of each is reported (the machine's capability, not its noise).
+        # (a), (b) and (c) interleaved in rounds, so a burst of load from the other processes on this machine
+        # hits all of them alike: ratios are computed per round, and their median is reported.
         batch = ws.settings.sort.batch_size
         default_rt = ws.settings.sort.runtime
-        decode_rates, fwd_rates, sort_rates, torch_rate = [], [], [], float("nan")
+        other_rt = "torch" if default_rt == "onnx" else "onnx"
+        learner = naive_learner(net, spec, scratch)
+        naive_n = len(paths) if args.naive_n is None else args.naive_n
+        rows = []
         for r in range(args.rounds):
-            rate, arrays = decode_limit(paths, workers)
-            decode_rates.append(rate)
+            row = {}
+            row["decode"], arrays = decode_limit(paths, workers)
             batches = [np.stack(arrays[i:i + batch]) for i in range(0, len(arrays), batch)]
-            fwd_rates.append(forward_limit(model_dir, default_rt, batches))
+            row["forward"] = forward_limit(model_dir, default_rt, batches)
             if r == 0:
-                torch_rate = forward_limit(model_dir, "torch" if default_rt == "onnx" else "onnx", batches)
+                row[other_rt] = forward_limit(model_dir, other_rt, batches)
+            row["limit"] = 1.0 / (1.0 / row["decode"] + 1.0 / row["forward"])
             start = time.perf_counter()
             with ChildRSS() as children:
                 report = sort_folder(ws, scratch / "photos", scratch / f"sorted{r}")
-            sort_rates.append(len(paths) / (time.perf_counter() - start))
+            row["sort"] = len(paths) / (time.perf_counter() - start)
             if not report.ok or report.copied != len(paths):
                 raise SystemExit(f"sort did not copy everything: {report.summary()}")
-            print(f"round {r + 1}: decode {decode_rates[-1]:.1f}, forward {fwd_rates[-1]:.1f}, "
-                  f"sort {sort_rates[-1]:.1f} images/s (load average {os.getloadavg()[0]:.1f})", flush=True)
-        decode_rate, sort_rate = max(decode_rates), max(sort_rates)
-        fwd = {default_rt: max(fwd_rates), ("torch" if default_rt == "onnx" else "onnx"): torch_rate}
-        limit = 1.0 / (1.0 / decode_rate + 1.0 / fwd[default_rt])
+            part = paths[r * naive_n // args.rounds:(r + 1) * naive_n // args.rounds]  # each image once
+            row["naive"] = naive_sort(learner, part, scratch / "naive_sorted") if part else float("nan")
+            row["naive_n"] = len(part)
+            rows.append(row)
+            print(f"round {r + 1}: naive {row['naive']:.1f} ({len(part)} images), sort {row['sort']:.1f}, "
+                  f"decode {row['decode']:.1f}, forward {row['forward']:.1f}, limit {row['limit']:.1f} images/s  "
+                  f"-> sort/naive {row['sort'] / row['naive']:.1f}x, sort/limit {row['sort'] / row['limit']:.0%}  "
+                  f"(load average {os.getloadavg()[0]:.1f})", flush=True)
         peak_main = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-        # (a) the notebook way
-        naive_paths = paths[: len(paths) if args.naive_n is None else args.naive_n]
-        naive_rate = naive_baseline(net, spec, naive_paths, scratch) if naive_paths else float("nan")
+        def med(key: str) -> float:
+            return float(np.median([row[key] for row in rows]))
 
         print()
+        print(f"median of {args.rounds} rounds on {os.cpu_count()} CPUs (load average now {os.getloadavg()[0]:.1f})")
         print(f"{'what':58s} images/s")
-        print(f"best of {args.rounds} rounds for (b) and (c); load average now {os.getloadavg()[0]:.1f} "
-              f"on {os.cpu_count()} CPUs")
-        print(f"{'(a) naive: load_learner + learn.predict(path) + copy':58s} {naive_rate:8.1f}   "
-              f"({len(naive_paths)} images)")
+        print(f"{'(a) naive: load_learner + learn.predict(path) + copy':58s} {med('naive'):8.1f}   "
+              f"({sum(row['naive_n'] for row in rows)} images in all)")
         what = f"(b) sortloop sort ({default_rt}, {workers} decode workers, batch {batch})"
-        print(f"{what:58s} {sort_rate:8.1f}")
-        print(f"{'(c) forward alone, ONNX Runtime, pre-decoded batches':58s} {fwd['onnx']:8.1f}")
-        print(f"{'(c) forward alone, torch (channels_last), pre-decoded':58s} {fwd['torch']:8.1f}   (round 1)")
-        print(f"{'(c) draft decode alone (load_model_input, ' + str(workers) + ' processes)':58s} {decode_rate:8.1f}")
-        print(f"{'(c) limit 1/(1/decode + 1/forward[' + default_rt + '])':58s} {limit:8.1f}")
+        print(f"{what:58s} {med('sort'):8.1f}")
+        print(f"{'(c) forward alone, ' + default_rt + ', pre-decoded batches':58s} {med('forward'):8.1f}")
+        print(f"{'(c) forward alone, ' + other_rt + ', pre-decoded batches':58s} {rows[0][other_rt]:8.1f}   (round 1)")
+        print(f"{'(c) draft decode alone (load_model_input, ' + str(workers) + ' processes)':58s} {med('decode'):8.1f}")
+        print(f"{'(c) limit 1/(1/decode + 1/forward)':58s} {med('limit'):8.1f}")
         print()
-        print(f"sortloop / naive = {sort_rate / naive_rate:.1f}x   (target >= 10x)")
-        print(f"sortloop / limit = {sort_rate / limit:.0%}   (target >= 70%)")
-        print(f"onnx / torch forward = {fwd['onnx'] / fwd['torch']:.2f}x  -> default runtime: {default_rt}")
-        print(f"peak RSS: main {peak_main:.0f} MB, largest decode worker {children.peak_mb:.0f} MB")
+        ratios_naive = [row["sort"] / row["naive"] for row in rows]
+        ratios_limit = [row["sort"] / row["limit"] for row in rows]
+        print(f"sortloop / naive = {np.median(ratios_naive):.1f}x median (rounds: "
+              f"{', '.join(f'{x:.1f}' for x in ratios_naive)})   target >= 10x")
+        print(f"sortloop / limit = {np.median(ratios_limit):.0%} median (rounds: "
+              f"{', '.join(f'{x:.0%}' for x in ratios_limit)})   target >= 70%")
+        print(f"limit / naive    = {np.median([row['limit'] / row['naive'] for row in rows]):.1f}x "
+              "(the most any pipeline could gain here)")
+        print(f"{default_rt} / {other_rt} forward = {rows[0]['forward'] / rows[0][other_rt]:.2f}x "
+              f"-> default runtime: {default_rt}")
+        print(f"peak RSS: main {peak_main:.0f} MB (includes the fastai baseline), "
+              f"largest decode worker {children.peak_mb:.0f} MB")
     finally:
         if args.keep:
             print(f"kept {scratch}")
