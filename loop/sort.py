@@ -43,7 +43,7 @@ import pandas as pd
 
 from loop import copies, manifest
 from loop.decode import Decoded, decode_stream, default_workers
-from loop.errors import SortloopError
+from loop.errors import ModelError, SortloopError
 from loop.images import iter_image_files
 from loop.progress import ProgressCallback, no_progress
 from loop.select import get_strategy
@@ -156,7 +156,9 @@ def sort_folder(
     dest.mkdir(parents=True, exist_ok=True)
     known = {(p, int(s), int(m)) for p, s, m in zip(done["source_path"], done["source_size"].fillna(-1),
                                                     done["source_mtime_ns"].fillna(-1), strict=True)}
-    known_ids = set(zip(done["source_path"], done["image_id"], strict=True))
+    known_ids = {(p, i): rid for p, i, rid in zip(done["source_path"], done["image_id"], done["record_id"],
+                                                  strict=True)}
+    touched: dict[str, dict] = {}
     skip_dirs = [dest] if _is_within(dest, src) else []
     pending = _Pending()
     processed = 0
@@ -186,6 +188,11 @@ def sort_folder(
         stream.close()
         raise
     report.model_version = predictor.version
+    try:
+        _check_classes(predictor.classes)
+    except BaseException:
+        stream.close()
+        raise
     logger.info("sorting %s -> %s with %r (run %s)", src, dest, predictor, run_id)
     on_progress(processed, total)
 
@@ -196,8 +203,10 @@ def sort_folder(
                 probs = predictor.predict(np.stack([rec.pixels for rec in batch]))
                 scores = strategy(probs)
                 for rec, p, s in zip(batch, probs, scores, strict=True):
-                    if (str(rec.path), rec.image_id) in known_ids:  # touched, not changed: still sorted
+                    rid = known_ids.get((str(rec.path), rec.image_id))
+                    if rid is not None:  # touched, not changed: still sorted; remember its new mtime
                         report.already_sorted += 1
+                        touched[rid] = {"source_size": rec.size_bytes, "source_mtime_ns": rec.mtime_ns}
                         continue
                     k = int(np.argmax(p))
                     label = predictor.classes[k]
@@ -216,6 +225,7 @@ def sort_folder(
         stream.close()
         copier.close()  # finishes copies in flight (and records them) even when interrupted
         _flush(ws, dest, settings.flag_strategy, pending, report)
+        copies.update_records(ws, touched)
         report.seen = processed
         report.seconds = time.perf_counter() - started
         _log_run(ws, report)
@@ -236,6 +246,14 @@ def _check_folders(src: Path, dest: Path) -> tuple[Path, Path]:
     if src.is_dir() and _is_within(src, dest):
         raise SortloopError(f"{src} is inside the destination {dest}; sort it into a folder outside it")
     return src, dest
+
+
+def _check_classes(classes: list[str]) -> None:
+    """Class names become folder names under DEST, and `scan` reads them back: refuse unusable ones."""
+    for name in classes:
+        if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith((".", "_")):
+            raise ModelError(f"class name {name!r} cannot be a category folder (no path separators, no leading "
+                             "'.' or '_'); rename that class folder and retrain")
 
 
 def _is_within(inner: Path, outer: Path) -> bool:

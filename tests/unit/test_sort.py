@@ -67,10 +67,15 @@ def test_sorts_real_photos_once_with_identical_bytes(deployed, shared_data, tmp_
         assert row.pred_conf == pytest.approx(rec.confidence) and row.source == "user"
         assert pd.notna(row.item_id)
 
+    touched = next(src.rglob("*.jpg"))
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
     again = sort_folder(deployed, src, dest)
     assert again.copied == 0 and again.already_sorted == len(before) and again.ok
     assert len(files_under(dest)) == len(before)
-    assert len(copies.load_records(deployed, dest)) == len(before)
+    records = copies.load_records(deployed, dest)
+    assert len(records) == len(before)
+    row = records[records.source_path == str(touched)].iloc[0]
+    assert row.source_mtime_ns == touched.stat().st_mtime_ns  # next time it is skipped without reading it
 
 
 def test_keep_tree_and_flat_layouts(deployed, shared_data, tmp_path) -> None:
@@ -259,3 +264,13 @@ def test_refuses_dest_inside_src_and_missing_model(ws, tmp_path) -> None:
         sort_folder(ws, tmp_path / "a", tmp_path / "a")
     with pytest.raises(ModelError, match="deploy"):
         sort_folder(ws, tmp_path / "a", tmp_path / "b")
+
+
+@pytest.mark.parametrize("name", ["", "..", "a/b", "_misc", ".hidden"])
+def test_unusable_class_names_are_refused(name: str) -> None:
+    from loop.errors import ModelError
+    from loop.sort import _check_classes
+
+    _check_classes(["chair", "table"])
+    with pytest.raises(ModelError, match="category folder"):
+        _check_classes(["chair", name])
