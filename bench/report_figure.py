@@ -3,7 +3,7 @@
 Round 0 labels a quarter of `ikea_products` (as if from labeled folders; the rest arrives unlabeled, as
 sorting registers it), trains and deploys. Each later round plays the reviewer with the dataset's own
 class of another quarter of the photos (label source "review"), then runs the nightly retrain exactly as
-`sortloop serve` does (`loop.schedule.retrain_step`: split the new labels, train, gate, deploy or
+`sortloop serve` does (`loop.jobs.retrain_step`: pull, train, gate, deploy or
 refuse). Then `sortloop report` draws the plots; the accuracy and labels-per-round PNGs are copied next
 to this script (measured 2026-11-28: v0001 0.489 deployed, v0002 0.681 promoted, v0003 refused for
 accuracy, v0004 refused for a recall drop on `bench` despite higher accuracy).
@@ -34,7 +34,7 @@ def main() -> None:
 
     from dataclasses import replace
 
-    from loop import schedule
+    from loop import jobs
     from loop.gate import deploy
     from loop.images import iter_image_files
     from loop.ingest import describe_image, register_images
@@ -43,7 +43,7 @@ def main() -> None:
     from loop.train import train
     from loop.workspace import init_workspace
 
-    schedule.STEPS["pull"] = lambda ws: "reviews set directly by the simulated reviewer"  # no Label Studio here
+    jobs.STEPS["pull"] = lambda ws: "reviews set directly by the simulated reviewer"  # no Label Studio here
     ws = init_workspace(args.workspace or Path(tempfile.mkdtemp(prefix="sortloop-figure-")) / "ws")
     infos = [describe_image(path) for path in iter_image_files(args.data)]
     truth = {info.image_id: Path(info.path).parent.name for info in infos}
@@ -59,7 +59,7 @@ def main() -> None:
     print(f"round 0: {result.summary()}; {'deployed' if decision.promoted else 'refused'}")
     for round_no, chunk in enumerate(chunks[1:], start=1):
         set_labels(ws, [LabelChange(i.image_id, truth[i.image_id], "review", "simulated reviewer") for i in chunk])
-        print(f"round {round_no}: {schedule.retrain_step(ws).summary}")
+        print(f"round {round_no}: {jobs.retrain_step(ws).summary}")
 
     page = write_report(ws)
     for name in ("accuracy", "labels"):

@@ -286,12 +286,12 @@ def serve(
     """
     import logging
 
-    from loop.schedule import job_log_path
+    from loop.jobs import job_log_path
     from loop.schedule import serve as run_service
     from loop.workspace import init_workspace, open_workspace
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apscheduler.scheduler").setLevel(logging.WARNING)  # job runs are logged by loop.schedule
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.WARNING)  # job runs are logged by loop.jobs
     ws = init_workspace(workspace) if init else open_workspace(workspace)
 
     def started(scheduler: Any) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from loop import schedule
+from loop import jobs, schedule
 from loop.workspace import Workspace
 from tests.integration.conftest import photos
 
@@ -34,11 +34,11 @@ LATER_PER_CLASS = 1  # dropped into the inbox after the redeploy
 
 def run_now(scheduler, ws: Workspace, job_id: str, timeout: float = 900.0) -> dict:
     """Make the scheduler run `job_id` now and wait for its job-log record."""
-    done = len([r for r in schedule.read_job_log(ws) if r["job"] == job_id])
+    done = len([r for r in jobs.read_job_log(ws) if r["job"] == job_id])
     scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        records = [r for r in schedule.read_job_log(ws) if r["job"] == job_id]
+        records = [r for r in jobs.read_job_log(ws) if r["job"] == job_id]
         if len(records) > done:
             return records[-1]
         time.sleep(0.2)
@@ -82,7 +82,7 @@ def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, 
 
     new = slice(LABELED_PER_CLASS, LABELED_PER_CLASS + INBOX_PER_CLASS)
     truth = link_photos(inbox, [(c, p) for c in CLASSES for p in pool[c][new]])
-    schedule.STOP.clear()
+    jobs.STOP.clear()
     scheduler = schedule.build_scheduler(ws, scheduler_cls=BackgroundScheduler)
     scheduler.start()
     try:

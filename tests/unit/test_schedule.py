@@ -18,7 +18,7 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from typer.testing import CliRunner
 
-from loop import schedule
+from loop import jobs, schedule
 from loop.cli import app
 from loop.errors import ManifestError, WorkspaceError
 from loop.workspace import Workspace
@@ -54,13 +54,13 @@ def counted(monkeypatch):
     def make(job_id):
         def step(ws):
             calls.append(job_id)
-            return schedule.Outcome(f"{job_id} ran")
+            return jobs.Outcome(f"{job_id} ran")
 
         return step
 
     for job_id in schedule.JOB_IDS:
-        monkeypatch.setitem(schedule.STEPS, job_id, make(job_id))
-    schedule.STOP.clear()
+        monkeypatch.setitem(jobs.STEPS, job_id, make(job_id))
+    jobs.STOP.clear()
     return calls
 
 
@@ -74,7 +74,7 @@ def test_jobs_have_fixed_ids_options_and_a_store_in_the_workspace(ws, utc_env, m
         jobs = {job.id: job for job in scheduler.get_jobs()}
         assert set(jobs) == {"pull", "push", "scan", "watch", "retrain"}
         for job_id, job in jobs.items():
-            assert job.func_ref == "loop.schedule:run_job"
+            assert job.func_ref == "loop.jobs:run_job"
             assert job.args == (job_id, str(ws.root))
             assert job.coalesce is True and job.max_instances == 1 and job.misfire_grace_time == 1234
         assert str(jobs["retrain"].trigger) == "cron[month='*', day='*', day_of_week='*', hour='2', minute='0']"
@@ -136,7 +136,7 @@ def test_restart_runs_a_missed_nightly_retrain_exactly_once(ws, utc_env, counted
         scheduler.shutdown(wait=True)
     assert counted.count("retrain") == 1
     assert counted.count("pull") == 0  # 10-minute intervals are not due yet
-    runs = [r for r in schedule.read_job_log(ws) if r["job"] == "retrain"]
+    runs = [r for r in jobs.read_job_log(ws) if r["job"] == "retrain"]
     assert len(runs) == 1 and runs[0]["ok"] and runs[0]["summary"] == "retrain ran"
     assert schedule.next_run_times(ws)["retrain"] > datetime.now(UTC)
 
@@ -148,11 +148,11 @@ def test_a_run_missed_beyond_the_grace_time_is_logged_not_run(ws, utc_env, count
     scheduler = schedule.build_scheduler(fresh(ws), scheduler_cls=BackgroundScheduler)
     scheduler.start()
     try:
-        assert wait_for(lambda: any(r.get("missed") for r in schedule.read_job_log(ws)))
+        assert wait_for(lambda: any(r.get("missed") for r in jobs.read_job_log(ws)))
     finally:
         scheduler.shutdown(wait=True)
     assert counted.count("retrain") == 0
-    missed = [r for r in schedule.read_job_log(ws) if r.get("missed")]
+    missed = [r for r in jobs.read_job_log(ws) if r.get("missed")]
     assert len(missed) == 1 and missed[0]["job"] == "retrain" and "misfire_grace_s" in missed[0]["summary"]
 
 
@@ -170,7 +170,7 @@ def test_a_changed_schedule_replaces_the_stored_next_run(ws, utc_env, counted, m
 
 
 def test_run_job_records_success_expected_failure_and_bugs(ws, monkeypatch):
-    schedule.STOP.clear()
+    jobs.STOP.clear()
 
     def fails(ws):
         raise ManifestError("manifest is locked")
@@ -178,28 +178,28 @@ def test_run_job_records_success_expected_failure_and_bugs(ws, monkeypatch):
     def bug(ws):
         raise ZeroDivisionError("oops")
 
-    monkeypatch.setitem(schedule.STEPS, "pull", lambda ws: "pulled 3")
-    monkeypatch.setitem(schedule.STEPS, "push", fails)
-    monkeypatch.setitem(schedule.STEPS, "scan", bug)
-    assert schedule.run_job("pull", str(ws.root))["ok"] is True
-    assert schedule.run_job("push", str(ws.root))["error"] == "manifest is locked"
+    monkeypatch.setitem(jobs.STEPS, "pull", lambda ws: "pulled 3")
+    monkeypatch.setitem(jobs.STEPS, "push", fails)
+    monkeypatch.setitem(jobs.STEPS, "scan", bug)
+    assert jobs.run_job("pull", str(ws.root))["ok"] is True
+    assert jobs.run_job("push", str(ws.root))["error"] == "manifest is locked"
     with pytest.raises(ZeroDivisionError):
-        schedule.run_job("scan", str(ws.root))
-    log = schedule.read_job_log(ws)
+        jobs.run_job("scan", str(ws.root))
+    log = jobs.read_job_log(ws)
     assert [(r["job"], r["ok"]) for r in log] == [("pull", True), ("push", False), ("scan", False)]
     assert log[0]["summary"] == "pulled 3" and log[2]["error"] == "ZeroDivisionError: oops"
     assert all(r["start"] <= r["end"] for r in log)
 
-    schedule.STOP.set()
+    jobs.STOP.set()
     try:
-        record = schedule.run_job("pull", str(ws.root))
+        record = jobs.run_job("pull", str(ws.root))
     finally:
-        schedule.STOP.clear()
+        jobs.STOP.clear()
     assert record["skipped"] and "shutting down" in record["summary"]
 
 
 def test_scan_and_watch_say_when_nothing_is_configured(ws):
-    assert schedule.scan_step(ws).skipped and schedule.watch_step(ws).skipped
+    assert jobs.scan_step(ws).skipped and jobs.watch_step(ws).skipped
 
 
 def test_second_serve_on_the_same_workspace_refuses(ws):
@@ -216,7 +216,7 @@ def test_second_serve_on_the_same_workspace_refuses(ws):
 SERVE_SCRIPT = """
 import sys, time
 from pathlib import Path
-from loop import schedule
+from loop import jobs, schedule
 from loop.workspace import open_workspace
 
 marks = Path(sys.argv[2])
@@ -228,7 +228,7 @@ def slow_pull(ws):
     (marks / f"end-{n}").touch()
     return "slow pull done"
 
-schedule.STEPS["pull"] = slow_pull
+jobs.STEPS["pull"] = slow_pull
 schedule.serve(open_workspace(sys.argv[1]))
 """
 
@@ -257,7 +257,7 @@ def test_serve_refuses_a_second_process_and_stops_cleanly_on_sigterm(ws, tmp_pat
     assert proc.returncode == 0, output
     assert (marks / "end-0").exists()  # the step in progress finished
     assert not (marks / "start-1").exists()  # and nothing new started after the signal
-    log = schedule.read_job_log(ws)
+    log = jobs.read_job_log(ws)
     pulls = [r for r in log if r["job"] == "pull" and not r.get("skipped")]
     assert len(pulls) == 1 and pulls[0]["ok"] and pulls[0]["summary"] == "slow pull done"
     assert [r["summary"] for r in log if r["job"] == "serve"][-1] == "stopped"
@@ -280,27 +280,27 @@ def test_retrain_is_skipped_when_no_labels_changed_since_the_last_version(ws, tm
     (version_dir / "model.json").write_text(json.dumps(spec))
 
     pulls = []
-    monkeypatch.setitem(schedule.STEPS, "pull", lambda ws: pulls.append(1) or "0 new labels")
-    schedule.STOP.clear()
-    outcome = schedule.retrain_step(ws)
+    monkeypatch.setitem(jobs.STEPS, "pull", lambda ws: pulls.append(1) or "0 new labels")
+    jobs.STOP.clear()
+    outcome = jobs.retrain_step(ws)
     assert outcome.skipped and "no new labels since v0001" in outcome.summary and pulls == [1]
 
     image_id = load(ws)["image_id"].iloc[0]
     set_labels(ws, [LabelChange(image_id, "green", "review", "tester")])
-    changed, why = schedule.new_labels_since_last_train(ws)
+    changed, why = jobs.new_labels_since_last_train(ws)
     assert changed and "v0001" in why
 
 
 def test_a_shutdown_during_the_nightly_pull_stops_before_training(ws, monkeypatch):
     def pull_then_signal(ws):
-        schedule.STOP.set()  # SIGTERM arrives while pull runs
+        jobs.STOP.set()  # SIGTERM arrives while pull runs
         return "pulled 5 labels"
 
-    monkeypatch.setitem(schedule.STEPS, "pull", pull_then_signal)
-    schedule.STOP.clear()
+    monkeypatch.setitem(jobs.STEPS, "pull", pull_then_signal)
+    jobs.STOP.clear()
     try:
-        outcome = schedule.retrain_step(ws)
+        outcome = jobs.retrain_step(ws)
     finally:
-        schedule.STOP.clear()
+        jobs.STOP.clear()
     assert outcome.skipped and "pulled 5 labels" in outcome.summary and "stopped before training" in outcome.summary
     assert not any(ws.models_dir.iterdir())  # no version was started

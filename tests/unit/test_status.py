@@ -13,7 +13,7 @@ import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 from typer.testing import CliRunner
 
-from loop import manifest, schedule
+from loop import jobs, manifest, schedule
 from loop.cli import app
 from loop.status import collect_status, format_status
 from loop.workspace import Workspace
@@ -83,18 +83,18 @@ def test_jobs_show_last_and_next_runs_without_starting_a_scheduler(ws, closed_po
     scheduler.start(paused=True)
     expected = {job.id: job.next_run_time for job in scheduler.get_jobs()}
     scheduler.shutdown(wait=False)
-    monkeypatch.setitem(schedule.STEPS, "pull", lambda ws: "pulled 2 labels")
-    schedule.STOP.clear()
-    schedule.run_job("pull", str(ws.root))
+    monkeypatch.setitem(jobs.STEPS, "pull", lambda ws: "pulled 2 labels")
+    jobs.STOP.clear()
+    jobs.run_job("pull", str(ws.root))
 
-    jobs = collect_status(ws)["jobs"]
+    shown = collect_status(ws)["jobs"]
     assert set(expected) == {"pull", "push", "retrain"}
     for job_id, when in expected.items():
-        assert jobs[job_id]["scheduled"] and datetime.fromisoformat(jobs[job_id]["next_run"]) == when
-    assert not jobs["watch"]["scheduled"]
-    assert jobs["pull"]["last_run"]["summary"] == "pulled 2 labels" and jobs["pull"]["runs"] == 1
-    assert jobs["push"]["last_run"] is None
-    assert datetime.fromisoformat(jobs["pull"]["last_run"]["end"]) <= datetime.now(UTC)
+        assert shown[job_id]["scheduled"] and datetime.fromisoformat(shown[job_id]["next_run"]) == when
+    assert not shown["watch"]["scheduled"]
+    assert shown["pull"]["last_run"]["summary"] == "pulled 2 labels" and shown["pull"]["runs"] == 1
+    assert shown["push"]["last_run"] is None
+    assert datetime.fromisoformat(shown["pull"]["last_run"]["end"]) <= datetime.now(UTC)
 
 
 class Health(BaseHTTPRequestHandler):
