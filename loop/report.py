@@ -195,6 +195,16 @@ def label_rounds(history: pd.DataFrame, versions: list[dict[str, Any]]) -> pd.Da
     return table.reindex(names, fill_value=0)
 
 
+def _stacked_bars(ax: Any, table: pd.DataFrame) -> np.ndarray:
+    """One bar per row of `table`, stacked by column (each column a legend entry); returns the totals."""
+    bottom = np.zeros(len(table))
+    for column in table.columns:
+        values = table[column].to_numpy()
+        ax.bar(table.index, values, bottom=bottom, label=str(column))
+        bottom += values
+    return bottom
+
+
 def plot_labels(rounds: pd.DataFrame, out: Path) -> None:
     """Stacked bars: label changes gained in each round, by who/what made them."""
     fig = _figure()
@@ -202,11 +212,7 @@ def plot_labels(rounds: pd.DataFrame, out: Path) -> None:
         _empty(fig, "no labels yet")
     else:
         ax = fig.subplots()
-        bottom = np.zeros(len(rounds))
-        for source in rounds.columns:
-            values = rounds[source].to_numpy()
-            ax.bar(rounds.index, values, bottom=bottom, label=str(source))
-            bottom += values
+        bottom = _stacked_bars(ax, rounds)
         for x, total in enumerate(bottom):
             ax.annotate(f"{int(total)}", (x, total), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
         ax.margins(y=0.1)
@@ -231,11 +237,7 @@ def plot_flags(df: pd.DataFrame, out: Path) -> None:
             .unstack(fill_value=0)
         )
         ax = fig.subplots()
-        bottom = np.zeros(len(table))
-        for status in table.columns:
-            values = table[status].to_numpy()
-            ax.bar(table.index, values, bottom=bottom, label=str(status))
-            bottom += values
+        _stacked_bars(ax, table)
         ax.set_ylabel("photos")
         ax.set_title("Flags by reason")
         ax.legend(title="review status", fontsize=8)
