@@ -103,3 +103,36 @@ def test_symlinked_files_pointing_outside_the_folder_are_ingested_where_found(ws
     assert (report.added, report.labeled) == (1, 1)
     row = manifest.load(ws).iloc[0]
     assert row["label"] == "bed" and row["path"] == str(link)
+
+
+def _photo_taken_at(path, when: str, color) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", (64, 48), color)
+    for i in range(48):  # a different stripe per photo, so pHash alone would not join them
+        img.putpixel((i if sum(color) % 2 else 63 - i, i), (255, 255, 255))
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[36867] = when  # DateTimeOriginal
+    img.save(path, "JPEG", exif=exif)
+
+
+def test_burst_rule_joins_photos_taken_seconds_apart_in_one_folder_when_enabled(ws, tmp_path):
+    shots = tmp_path / "shots"
+    _photo_taken_at(shots / "table" / "a.jpg", "2026:05:01 10:00:00", (200, 30, 30))
+    _photo_taken_at(shots / "table" / "b.jpg", "2026:05:01 10:00:04", (30, 200, 30))
+    _photo_taken_at(shots / "table" / "c.jpg", "2026:05:01 11:30:00", (30, 30, 201))
+    ws.config_file.write_text("[items]\nburst_seconds = 10\n")
+    ws = open_workspace(ws.root)
+    ingest_folder(ws, shots, labeled=True)
+    df = manifest.load(ws).assign(name=lambda d: d["path"].str.rsplit("/", n=1).str[-1]).set_index("name")
+    assert df.at["a.jpg", "item_id"] == df.at["b.jpg", "item_id"] and df.at["b.jpg", "item_rule"] == "burst"
+    assert df.at["c.jpg", "item_id"] != df.at["a.jpg", "item_id"]  # 90 minutes later: another item
+    assert df.at["a.jpg", "taken_at"] == pd.Timestamp("2026-05-01 10:00:00", tz="UTC")
+
+
+def test_burst_rule_is_off_by_default(ws, tmp_path):
+    _photo_taken_at(tmp_path / "s" / "x" / "a.jpg", "2026:05:01 10:00:00", (200, 30, 30))
+    _photo_taken_at(tmp_path / "s" / "x" / "b.jpg", "2026:05:01 10:00:01", (30, 200, 30))
+    ingest_folder(ws, tmp_path / "s", labeled=True)
+    assert manifest.load(ws)["item_id"].nunique() == 2
