@@ -249,7 +249,12 @@ def _onnx_session(path: Path, threads: int | None) -> Any:
 
 
 def _torch_network(spec: dict, weights: Path, threads: int | None) -> Any:
-    import torch
+    try:
+        import timm  # noqa: F401  (build_network needs it)
+        import torch
+    except ImportError:
+        raise ModelError("runtime 'torch' needs torch and timm: `pip install 'sortloop[train]'`, "
+                         "or sort with the default runtime 'onnx' (sort.runtime)") from None
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
