@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
 from loop.errors import ImageError, SortloopError
-from loop.images import file_sha256, open_image, resize_and_crop
+from loop.images import exif_time_raw, file_sha256, open_image, perceptual_hash, resize_and_crop
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,38 +62,9 @@ class Decoded:
     @property
     def taken_at(self) -> pd.Timestamp | None:
         """EXIF capture time as a UTC timestamp (camera local time taken as UTC), or None."""
-        return taken_at_from_raw(self.taken_raw)
+        from loop.items import parse_exif_time  # pandas: only in the main process, never in workers
 
-
-# EXIF tags, as in loop.items.exif_taken_at (not imported from there: workers must not import pandas)
-EXIF_IFD, DATETIME_ORIGINAL, DATETIME = 0x8769, 36867, 306
-
-
-def describe_image(img: Image.Image) -> tuple[str, str | None]:
-    """pHash and raw EXIF time of a decoded image, computed exactly as `loop.items` does
-    (`perceptual_hash`, `exif_taken_at`) but without importing pandas, which would add ~0.4 s of
-    start-up CPU to every worker process."""
-    import imagehash
-
-    phash = str(imagehash.phash(img))
-    try:
-        exif = img.getexif()
-        raw = exif.get_ifd(EXIF_IFD).get(DATETIME_ORIGINAL) or exif.get(DATETIME) if exif else None
-    except Exception:  # noqa: BLE001 - malformed EXIF is common and never fatal
-        raw = None
-    return phash, (str(raw) if raw else None)
-
-
-def taken_at_from_raw(raw: str | None) -> pd.Timestamp | None:
-    """Parse an EXIF date ("2024:05:01 13:45:10") as `loop.items.exif_taken_at` does."""
-    if not raw:
-        return None
-    import pandas as pd
-
-    try:
-        return pd.Timestamp(pd.to_datetime(raw.strip("\x00 "), format="%Y:%m:%d %H:%M:%S"), tz="UTC")
-    except (ValueError, TypeError):
-        return None
+        return parse_exif_time(self.taken_raw)
 
 
 def decode_one(path: Path, size: int, describe: bool = True) -> Decoded:
@@ -117,7 +87,7 @@ def decode_one(path: Path, size: int, describe: bool = True) -> Decoded:
         img = open_image(path, draft_size=size)
         rec.pixels = np.asarray(resize_and_crop(img, size), dtype=np.uint8)
         if describe:
-            rec.phash, rec.taken_raw = describe_image(img)
+            rec.phash, rec.taken_raw = perceptual_hash(img), exif_time_raw(img)
     except ImageError as exc:
         rec.error = exc.reason
     except OSError as exc:  # vanished, permission denied, symlink loop, I/O error while hashing

@@ -137,6 +137,30 @@ def load_model_input(path: Path, size: int) -> np.ndarray:
     return np.asarray(resize_and_crop(open_image(path, draft_size=size), size), dtype=np.uint8)
 
 
+# EXIF tags for the capture time: the Exif sub-IFD's DateTimeOriginal, else IFD0's DateTime.
+EXIF_IFD, DATETIME_ORIGINAL, DATETIME = 0x8769, 36867, 306
+
+
+def perceptual_hash(img: Image.Image) -> str:
+    """64-bit pHash as 16 hex digits (item grouping compares these)."""
+    import imagehash  # lazily: decode workers should start fast
+
+    return str(imagehash.phash(img))
+
+
+def exif_time_raw(img: Image.Image) -> str | None:
+    """EXIF DateTimeOriginal (or DateTime) as written, e.g. "2024:05:01 13:45:10", or None.
+
+    Kept free of pandas so decode worker processes can call it; `loop.items.parse_exif_time` parses it.
+    """
+    try:
+        exif = img.getexif()
+        raw = exif.get_ifd(EXIF_IFD).get(DATETIME_ORIGINAL) or exif.get(DATETIME) if exif else None
+    except Exception:  # noqa: BLE001 - malformed EXIF is common and never fatal
+        return None
+    return str(raw) if raw else None
+
+
 def normalise(batch: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), scaled to [0, 1] then standardised per channel.
 

@@ -19,8 +19,8 @@ import pandas as pd
 
 from loop import manifest
 from loop.errors import ConfigError, ImageError, SortloopError
-from loop.images import file_sha256, iter_image_files, open_image
-from loop.items import assign_items, exif_taken_at, perceptual_hash
+from loop.images import file_sha256, iter_image_files, open_image, perceptual_hash
+from loop.items import assign_items, exif_taken_at
 from loop.progress import ProgressCallback, no_progress
 from loop.splits import assign_splits
 from loop.tables import conform, locked, read_table, write_table_atomic
@@ -65,7 +65,7 @@ def describe_image(path: Path) -> ImageInfo:
     """Hash, perceptual hash and EXIF time of one file; raises ImageError if it cannot be decoded."""
     image_id = file_sha256(path)
     img = open_image(path, draft_size=HASH_DECODE_SIZE)
-    taken = exif_taken_at(img) if img.getexif() else None
+    taken = exif_taken_at(img)
     return ImageInfo(image_id=image_id, path=str(Path(path).absolute()), phash=perceptual_hash(img), taken_at=taken)
 
 

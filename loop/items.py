@@ -20,34 +20,26 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import imagehash
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-EXIF_IFD = 0x8769
-DATETIME_ORIGINAL = 36867
-DATETIME = 306
+from loop.images import exif_time_raw
 
 
-def perceptual_hash(img: Image.Image) -> str:
-    """64-bit pHash as 16 hex digits."""
-    return str(imagehash.phash(img))
-
-
-def exif_taken_at(img: Image.Image) -> pd.Timestamp | None:
-    """EXIF DateTimeOriginal (or DateTime) as a UTC timestamp (camera local time taken as UTC), or None."""
-    try:
-        exif = img.getexif()
-        raw = exif.get_ifd(EXIF_IFD).get(DATETIME_ORIGINAL) or exif.get(DATETIME)
-    except Exception:  # noqa: BLE001 - malformed EXIF is common and never fatal
-        return None
+def parse_exif_time(raw: str | None) -> pd.Timestamp | None:
+    """An EXIF date ("2024:05:01 13:45:10") as a UTC timestamp (camera local time taken as UTC), or None."""
     if not raw:
         return None
     try:
-        return pd.Timestamp(pd.to_datetime(str(raw).strip("\x00 "), format="%Y:%m:%d %H:%M:%S"), tz="UTC")
+        return pd.Timestamp(pd.to_datetime(raw.strip("\x00 "), format="%Y:%m:%d %H:%M:%S"), tz="UTC")
     except (ValueError, TypeError):
         return None
+
+
+def exif_taken_at(img: Image.Image) -> pd.Timestamp | None:
+    """The image's EXIF capture time (DateTimeOriginal, else DateTime) as a UTC timestamp, or None."""
+    return parse_exif_time(exif_time_raw(img))
 
 
 def _hash_bits(hashes: Sequence[str]) -> np.ndarray:

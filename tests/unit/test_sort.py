@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from loop import copies, manifest
 from loop.cli import app
 from loop.decode import decode_one, decode_stream
-from loop.images import file_sha256, load_model_input, open_image
-from loop.items import exif_taken_at, perceptual_hash
+from loop.images import file_sha256, load_model_input, open_image, perceptual_hash
+from loop.items import exif_taken_at
 from loop.registry import set_current
 from loop.sort import REVIEW_CSV, sort_folder
 from loop.workspace import Workspace
