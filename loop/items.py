@@ -54,15 +54,15 @@ def _popcount64(x: np.ndarray) -> np.ndarray:
     return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
 
 
-def nearest_by_hash(
-    query: str, pool: Sequence[str], max_distance: int, allowed: np.ndarray | None = None
-) -> int:
-    """Index of the pool hash closest to `query` within `max_distance` bits (among `allowed`), else -1."""
+def nearest_by_hash(query: np.uint64, pool: np.ndarray, max_distance: int, allowed: np.ndarray) -> int:
+    """Index of the pool hash closest to `query` within `max_distance` bits (among `allowed`), else -1.
+
+    Shapes: pool (P,) uint64 hash bits, allowed (P,) bool.
+    """
     if len(pool) == 0:
         return -1
-    dist = _popcount64(np.bitwise_xor(_hash_bits(pool), _hash_bits([query])[0])).astype(np.int64)
-    if allowed is not None:
-        dist[~allowed] = 65
+    dist = _popcount64(np.bitwise_xor(pool, query)).astype(np.int64)
+    dist[~allowed] = 65
     j = int(np.argmin(dist))
     return j if dist[j] <= max_distance else -1
 
@@ -90,18 +90,21 @@ def assign_items(
     new = new.copy()
     todo = new["item_id"].isna()
     # Pool = existing photos with a hash, then the new ones in order: a photo may join an earlier one.
-    known_hash = existing.dropna(subset=["phash"])
-    pool_hashes: list[str] = list(known_hash["phash"])
-    pool_items: list[str] = list(known_hash["item_id"])
-    pool_labels: list[object] = list(known_hash["label"])
+    # Hash bits and labels are known up front; the pool grows as rows get their item (`size`).
+    known = existing.dropna(subset=["phash"])
+    joining = new.loc[todo & new["phash"].notna()]
+    pool_bits = _hash_bits([*known["phash"], *joining["phash"]])
+    pool_labels = np.array([None if pd.isna(x) else str(x) for x in [*known["label"], *joining["label"]]], object)
+    pool_items: list[str] = list(known["item_id"])
     for idx in new.index[todo]:
         row = new.loc[idx]
         item, rule = None, None
-        if not pd.isna(row["phash"]) and pool_hashes:
+        size = len(pool_items)
+        if not pd.isna(row["phash"]) and size:
             # Photos with two different labels cannot show the same item, however alike they look.
-            labels = pd.Series(pool_labels, dtype="object")
-            allowed = (labels.isna() | (labels == row["label"]) | pd.isna(row["label"])).to_numpy(bool)
-            j = nearest_by_hash(row["phash"], pool_hashes, near_duplicate_distance, allowed)
+            labels = pool_labels[:size]
+            allowed = pd.isna(labels) | (labels == row["label"]) if not pd.isna(row["label"]) else np.ones(size, bool)
+            j = nearest_by_hash(_hash_bits([row["phash"]])[0], pool_bits[:size], near_duplicate_distance, allowed)
             if j >= 0:
                 item, rule = pool_items[j], "near_duplicate"
         if item is None and burst_seconds > 0 and not pd.isna(row["taken_at"]):
@@ -111,9 +114,7 @@ def assign_items(
             item, rule = single_item_id(row["image_id"]), "single"
         new.at[idx, "item_id"], new.at[idx, "item_rule"] = item, rule
         if not pd.isna(row["phash"]):
-            pool_hashes.append(row["phash"])
             pool_items.append(item)
-            pool_labels.append(row["label"])
     return new
 
 
