@@ -61,9 +61,9 @@ class IngestReport:
         )
 
 
-def describe_image(path: Path) -> ImageInfo:
-    """Hash, perceptual hash and EXIF time of one file; raises ImageError if it cannot be decoded."""
-    image_id = file_sha256(path)
+def describe_image(path: Path, image_id: str | None = None) -> ImageInfo:
+    """Hash (unless given), perceptual hash and EXIF time of one file; raises ImageError if it cannot be decoded."""
+    image_id = image_id or file_sha256(path)
     img = open_image(path, draft_size=HASH_DECODE_SIZE)
     taken = exif_taken_at(img)
     return ImageInfo(image_id=image_id, path=str(Path(path).absolute()), phash=perceptual_hash(img), taken_at=taken)
@@ -122,7 +122,7 @@ def ingest_folder(
             image_id = file_sha256(path)
             if image_id in known:
                 return ImageInfo(image_id=image_id, path=str(path))
-            return describe_image(path)
+            return describe_image(path, image_id)
         except ImageError as exc:
             return (str(path), exc.reason)
         except OSError as exc:
