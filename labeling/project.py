@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -22,6 +21,7 @@ import pandas as pd
 
 from labeling import payloads
 from labeling.client import Client
+from loop.atomic import write_json_atomic
 from loop.errors import LabelStudioError, ModelError
 from loop.workspace import Workspace
 
@@ -92,11 +92,7 @@ def _read_state(ws: Workspace) -> dict:
 
 
 def _write_state(ws: Workspace, state: dict) -> None:
-    path = state_path(ws)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(state_path(ws), state, indent=1)
 
 
 def remembered_project(ws: Workspace, url: str) -> int | None:

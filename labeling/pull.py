@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from labeling import payloads
 from labeling.client import Client, connect
 from labeling.project import find_project, known_classes
 from loop import manifest as mf
+from loop.atomic import write_json_atomic
 from loop.errors import LabelStudioError
 from loop.workspace import Workspace
 
@@ -102,14 +102,7 @@ def read_state(ws: Workspace, url: str, project_id: int) -> dict:
 
 
 def write_state(ws: Workspace, state: dict) -> None:
-    path = state_path(ws)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(state_path(ws), state)
 
 
 def changed_tasks(client: Client, project_id: int, watermark: str | None, *, timeout_s: float = 600.0) -> list[dict]:

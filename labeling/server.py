@@ -36,6 +36,7 @@ from pathlib import Path
 
 import httpx
 
+from loop.atomic import write_json_atomic
 from loop.errors import LabelStudioError
 from loop.workspace import Workspace
 
@@ -115,13 +116,8 @@ def new_credentials(username: str) -> Credentials:
 
 def write_credentials(path: Path, creds: Credentials) -> None:
     """Store credentials readable by the owner only (0600), created with that mode from the start."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"username": creds.username, "password": creds.password, "token": creds.token}, fh)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    data = {"username": creds.username, "password": creds.password, "token": creds.token}
+    write_json_atomic(path, data, perms=0o600)
 
 
 def read_credentials(path: Path) -> Credentials | None:

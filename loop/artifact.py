@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from loop.atomic import write_json_atomic
 from loop.errors import ModelError
 from loop.images import normalise
 
@@ -112,7 +112,7 @@ def save_artifact(model: torch.nn.Module, spec: dict, out_dir: Path | str) -> Pa
     full.setdefault("created_at", datetime.now(UTC).isoformat())
     full.setdefault("versions", runtime_versions())
     full["files"] = {"weights": WEIGHTS_FILE, "onnx": ONNX_FILE, "onnx_opset": ONNX_OPSET}
-    _write_json_atomic(out_dir / SPEC_FILE, full)
+    write_json_atomic(out_dir / SPEC_FILE, full, indent=2, default=str)
     logger.info("saved model artifact to %s", out_dir)
     return out_dir
 
@@ -271,15 +271,3 @@ def _torch_network(spec: dict, weights: Path, threads: int | None) -> Any:
     return net.eval().to(memory_format=torch.channels_last)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loop.atomic import atomic_write
 from loop.errors import ModelError
 from loop.workspace import Workspace
 
@@ -160,15 +159,7 @@ def create_network(
 
 
 def _save_atomic(tensors: dict, target: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(target, durable=False) as fh:  # a cache: recomputed if lost
+        fh.write(save(tensors))

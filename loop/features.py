@@ -12,14 +12,13 @@ weights; a random-initialised body gets its own key. Delete `<workspace>/cache/f
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from loop.atomic import atomic_write
 from loop.images import normalise
 from loop.progress import ProgressCallback, no_progress
 
@@ -82,7 +81,5 @@ def cached_features(
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
+    with atomic_write(path, durable=False) as fh:  # a cache: recomputed if lost
         np.save(fh, array.astype(np.float32))
-    os.replace(tmp, path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from loop.atomic import append_jsonl
 from loop.errors import SortloopError
 from loop.workspace import Workspace, open_workspace
 
@@ -68,11 +68,8 @@ def now_utc() -> datetime:
 def append_job_log(ws: Workspace, record: dict[str, Any]) -> None:
     """Append one record (a job run, a missed run, serve start/stop) to `runs/jobs.jsonl`."""
     ws.runs_dir.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, default=str, ensure_ascii=False) + "\n"
-    with FileLock(str(job_log_path(ws)) + ".lock", timeout=30), open(job_log_path(ws), "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    with FileLock(str(job_log_path(ws)) + ".lock", timeout=30):
+        append_jsonl(job_log_path(ws), [record], default=str, ensure_ascii=False)
 
 
 def read_job_log(ws: Workspace) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ Caveat: `path` is where the image was first seen; later copies elsewhere do not 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from loop.atomic import append_jsonl
 from loop.splits import assign_splits
 from loop.tables import conform, locked, read_table, update_table, write_table_atomic
 from loop.workspace import Workspace
@@ -92,13 +92,7 @@ class LabelChange:
 
 def append_history(ws: Workspace, records: list[dict]) -> None:
     """Append records to the history log and fsync, so they survive a crash right after."""
-    path = history_path(ws)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_jsonl(history_path(ws), records, ensure_ascii=False)
 
 
 def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:

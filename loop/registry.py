@@ -9,11 +9,10 @@ Caveat: version names are `v0001`, `v0002`, ... allocated under a lock; do not c
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from loop.atomic import append_jsonl, write_json_atomic
 from loop.errors import ModelError
 from loop.tables import locked
 from loop.workspace import Workspace
@@ -74,22 +73,12 @@ def new_version_dir(ws: Workspace) -> tuple[str, Path]:
 def set_current(ws: Workspace, version: str) -> None:
     """Atomically point `current.json` at `version` (which must exist)."""
     model_dir(ws, version)
-    payload = {"version": version, "since": datetime.now(UTC).isoformat()}
-    fd, tmp = tempfile.mkstemp(prefix=".current.", dir=ws.models_dir)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, pointer_path(ws))
+    write_json_atomic(pointer_path(ws), {"version": version, "since": datetime.now(UTC).isoformat()})
 
 
 def append_log(ws: Workspace, event: dict) -> None:
     """Append one decision (promoted, refused, rolled back, ...) to the registry log."""
-    record = {"at": datetime.now(UTC).isoformat(), **event}
-    with open(log_path(ws), "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_jsonl(log_path(ws), [{"at": datetime.now(UTC).isoformat(), **event}])
 
 
 def read_log(ws: Workspace) -> list[dict]:

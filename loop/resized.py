@@ -11,8 +11,6 @@ usable if its cache entry exists, and is reported as skipped otherwise.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from loop.atomic import atomic_write
 from loop.errors import ImageError
 from loop.images import load_model_input
 from loop.progress import ProgressCallback, no_progress
@@ -74,12 +73,5 @@ def load_resized(ws: Workspace, image_id: str, size: int) -> np.ndarray:
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(array).save(fh, "PNG", compress_level=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, durable=False) as fh:  # a cache: recomputed if lost
+        Image.fromarray(array).save(fh, "PNG", compress_level=1)

@@ -27,7 +27,6 @@ and an existing `user_moved` flag is never replaced.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import time
@@ -42,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from loop import copies, manifest
+from loop.atomic import append_jsonl
 from loop.decode import Decoded, decode_stream, default_workers
 from loop.errors import ModelError, SortloopError
 from loop.images import iter_image_files
@@ -429,5 +429,4 @@ def _log_run(ws: Workspace, report: SortReport) -> None:
         "already_sorted": report.already_sorted, "identical_existing": report.identical_existing,
         "flagged": report.flagged, "failed": report.failed, "seconds": round(report.seconds, 3),
     }
-    with open(ws.runs_dir / "sort_runs.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(entry) + "\n")
+    append_jsonl(ws.runs_dir / "sort_runs.jsonl", [entry])

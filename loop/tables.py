@@ -8,8 +8,6 @@ Caveat: the lock is advisory (filelock); only sortloop code honours it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 from filelock import FileLock, Timeout
 
+from loop.atomic import atomic_write
 from loop.errors import ManifestError
 
 LOCK_TIMEOUT_S = 120.0
@@ -56,17 +55,8 @@ def read_table(path: Path, columns: dict[str, str]) -> pd.DataFrame:
 
 def write_table_atomic(df: pd.DataFrame, path: Path) -> None:
     """Replace `path` with `df` in one step: temp file, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            df.to_parquet(fh, index=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        df.to_parquet(fh, index=False)
 
 
 @contextmanager
