@@ -10,12 +10,15 @@ behind (harmless; sortloop never reads hidden files).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -58,3 +61,20 @@ def append_jsonl(path: Path | str, records: Iterable[Any], **dump_options: Any) 
             fh.write(json.dumps(record, **dump_options) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def read_jsonl(path: Path | str) -> list[Any]:
+    """Every record of a JSON-lines file, oldest first ([] if absent). A damaged line — the torn last line
+    of a crash mid-append — is logged and skipped, so a log stays readable whatever happened to it."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("ignoring a damaged line in %s", path)
+    return records

@@ -23,7 +23,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from loop.atomic import append_jsonl
+from loop.atomic import append_jsonl, read_jsonl
 from loop.errors import SortloopError
 from loop.workspace import Workspace, open_workspace
 
@@ -74,16 +74,7 @@ def append_job_log(ws: Workspace, record: dict[str, Any]) -> None:
 
 def read_job_log(ws: Workspace) -> list[dict[str, Any]]:
     """Every job-log record, oldest first (a torn last line from a crash is ignored)."""
-    path = job_log_path(ws)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("ignoring a damaged line in %s", path)
-    return records
+    return read_jsonl(job_log_path(ws))
 
 
 # --- running one job ---------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ Caveat: `path` is where the image was first seen; later copies elsewhere do not 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from loop.atomic import append_jsonl
+from loop.atomic import append_jsonl, read_jsonl
 from loop.splits import assign_splits
 from loop.tables import conform, locked, read_table, update_table, write_table_atomic
 from loop.workspace import Workspace
@@ -150,7 +149,7 @@ def history(ws: Workspace) -> pd.DataFrame:
     cols = ["image_id", "old_label", "new_label", "old_source", "source", "by", "at", "note"]
     if not path.exists():
         return pd.DataFrame(columns=cols)
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(path)
     out = pd.DataFrame(rows, columns=cols, dtype=object)
     out["at"] = pd.to_datetime(out["at"], utc=True, format="ISO8601")
     return out

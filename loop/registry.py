@@ -12,7 +12,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loop.atomic import append_jsonl, write_json_atomic
+from loop.atomic import append_jsonl, read_jsonl, write_json_atomic
 from loop.errors import ModelError
 from loop.tables import locked
 from loop.workspace import Workspace
@@ -82,8 +82,5 @@ def append_log(ws: Workspace, event: dict) -> None:
 
 
 def read_log(ws: Workspace) -> list[dict]:
-    """Every registry decision, oldest first."""
-    path = log_path(ws)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every registry decision, oldest first (a line torn by a crash is skipped)."""
+    return read_jsonl(log_path(ws))

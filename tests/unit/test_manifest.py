@@ -109,3 +109,12 @@ def test_a_first_label_gives_the_photo_a_stable_split(ws):
     assert first.at["r1", "split"] == "train" and pd.isna(first.at["r2", "split"])
     manifest.set_labels(ws, [manifest.LabelChange("r1", "sofa", "review", "bo")])  # relabel keeps its side
     assert manifest.load(ws).set_index("image_id").at["r1", "split"] == "train"
+
+
+def test_a_history_line_torn_by_a_crash_does_not_hide_the_others(ws):
+    manifest.update(ws, lambda df: pd.concat([df, pd.DataFrame({"image_id": ["t1"], "path": ["x"]})]))
+    manifest.set_labels(ws, [manifest.LabelChange("t1", "desk", "review", "ana")])
+    with open(manifest.history_path(ws), "a", encoding="utf-8") as fh:
+        fh.write('{"image_id": "t1", "old_lab')  # a kill -9 in the middle of an append
+    hist = manifest.history(ws)
+    assert list(hist["new_label"]) == ["desk"]
