@@ -1,7 +1,9 @@
 """sortloop: sort photos into category folders with a classifier that learns from its users.
 
-The library lives here; `loop.cli` is a thin typer layer over it. Labeling (Label Studio) lives in the
-sibling package `labeling`, which depends on this one and never the other way round.
+Three layers, imports pointing down: the core library lives here (manifest, ingest, train, sort, ...);
+the Label Studio adapter is the sibling package `labeling`, which builds on the core; the application
+(CLI, scheduled jobs, `serve`, demo, status) is `loop.app`, which composes both. The core never imports
+`labeling` or `loop.app`.
 """
 
 __version__ = "0.1.0"

@@ -18,9 +18,9 @@ import pandas as pd
 
 from loop.backbones import Backbone
 from loop.errors import ModelError
+from loop.head import linear_probe
 from loop.progress import ProgressCallback, no_progress
 from loop.resized import resized_path
-from loop.train import linear_probe
 from loop.workspace import Workspace
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loop import manifest, registry
-from loop.cli import app
+from loop.app.cli import app
 from tests.integration.conftest import configure, free_port, photos, template_dir
 
 pytestmark = pytest.mark.integration

@@ -195,7 +195,7 @@ def test_cli_push_and_pull(ls_ws):
     from typer.testing import CliRunner
 
     from loop import manifest as mf
-    from loop.cli import app
+    from loop.app.cli import app
 
     build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED[:3])
     runner = CliRunner()

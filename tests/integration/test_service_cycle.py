@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from loop import jobs, schedule
+from loop.app import jobs, schedule
 from loop.workspace import Workspace
 from tests.integration.conftest import photos
 
@@ -58,11 +58,11 @@ def link_photos(folder: Path, items: list[tuple[str, Path]]) -> dict[str, str]:
 
 def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, sdk, tmp_path, monkeypatch):
     from loop import manifest
+    from loop.app.status import collect_status
     from loop.gate import deploy
     from loop.images import file_sha256
     from loop.ingest import ImageInfo, register_images
     from loop.registry import current_version
-    from loop.status import collect_status
     from loop.train import train
 
     per_class = LABELED_PER_CLASS + INBOX_PER_CLASS + LATER_PER_CLASS

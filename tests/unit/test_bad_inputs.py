@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from loop import copies
-from loop.cli import app
+from loop.app.cli import app
 from loop.decode import decode_chunk, decode_stream
 from loop.images import file_sha256
 from loop.sort import sort_folder

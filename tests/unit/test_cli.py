@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from loop.cli import app
+from loop.app.cli import app
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from loop.cli import app
+from loop.app.cli import app
 from loop.config import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loop import copies, corrections, manifest
-from loop.cli import app
+from loop.app.cli import app
 from loop.errors import SortloopError
 from loop.sort import sort_folder
 from tests.unit.sort_helpers import deploy_copy, ikea_classes, sample_ikea

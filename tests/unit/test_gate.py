@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loop import manifest, registry
-from loop.cli import app
+from loop.app.cli import app
 from loop.errors import ModelError
 from loop.gate import compare, deploy, deployment_stack, rollback
 from loop.train import train

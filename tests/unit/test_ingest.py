@@ -10,7 +10,7 @@ import pandas as pd
 from typer.testing import CliRunner
 
 from loop import manifest
-from loop.cli import app
+from loop.app.cli import app
 from loop.images import file_sha256
 from loop.ingest import ingest_folder
 from loop.splits import straddling_items

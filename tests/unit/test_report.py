@@ -8,7 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from loop import manifest
-from loop.cli import app
+from loop.app.cli import app
 from loop.report import PLOTS, _versions, current_confusion, label_rounds, write_report
 from loop.workspace import Workspace
 from tests.unit.serve_helpers import build

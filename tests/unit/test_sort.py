@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loop import copies, manifest
-from loop.cli import app
+from loop.app.cli import app
 from loop.decode import decode_one, decode_stream
 from loop.images import file_sha256, load_model_input, open_image, perceptual_hash
 from loop.items import exif_taken_at

@@ -13,9 +13,10 @@ import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 from typer.testing import CliRunner
 
-from loop import jobs, manifest, schedule
-from loop.cli import app
-from loop.status import collect_status, format_status
+from loop import manifest
+from loop.app import jobs, schedule
+from loop.app.cli import app
+from loop.app.status import collect_status, format_status
 from loop.workspace import Workspace
 from tests.unit.serve_helpers import build
 

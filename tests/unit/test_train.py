@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from loop import manifest, registry
+from loop.app.cli import app
 from loop.artifact import read_spec
-from loop.cli import app
 from loop.errors import ModelError
 from loop.train import labeled_rows, labels_fingerprint, train
 from tests.unit.model_helpers import PREDICT_CODE, copy_workspace, run_without_fastai, tiny_ikea_folder

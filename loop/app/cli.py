@@ -1,79 +1,30 @@
 """The `sortloop` command line: a thin typer layer; each command calls one library function and prints.
 
 Library errors (`SortloopError`) become one red line and exit code 1; there are no tracebacks for
-expected failures. Shared options (workspace) are defined once here.
+expected failures. Shared options and helpers live in `loop.app.console`; the Label Studio sub-commands
+in `loop.app.labelstudio_cli`.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from loop.errors import SortloopError
-from loop.progress import ProgressCallback
+from loop.app.console import WorkspaceOption, command_of, console, out, print_json, progress_bar
+from loop.app.labelstudio_cli import labelstudio_app, review_app
 
 app = typer.Typer(
     help="Sort photos into category folders with a classifier that learns from your corrections.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
-
-WorkspaceOption = Annotated[
-    Path | None,
-    typer.Option("--workspace", "-w", envvar="SORTLOOP_WORKSPACE", help="Workspace folder (default ./data)."),
-]
 
 
-def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn SortloopError into a one-line message and exit code 1."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except SortloopError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
-def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def command(*args: Any, **kwargs: Any) -> Any:
     """`@app.command` with friendly errors."""
-
-    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        return app.command(*args, **kwargs)(friendly_errors(func))
-
-    return decorate
-
-
-@contextmanager
-def progress_bar(description: str) -> Iterator[ProgressCallback]:
-    """A rich progress bar on stderr; yields an `on_progress(done, total)` callback for the library."""
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int | None) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
-def print_json(data: Any) -> None:
-    out.print_json(json.dumps(data, default=str))
+    return command_of(app, *args, **kwargs)
 
 
 # --- workspace and data -----------------------------------------------------------------------------
@@ -130,7 +81,7 @@ def demo(
 
     Example: sortloop demo --labeled ~/photos/labeled --new ~/photos/inbox --dest ~/photos/sorted
     """
-    from loop.quickstart import run_loop_once
+    from loop.app.demo import run_loop_once
 
     with progress_bar("working") as on_progress:
         report = run_loop_once(
@@ -286,12 +237,12 @@ def serve(
     """
     import logging
 
-    from loop.jobs import job_log_path
-    from loop.schedule import serve as run_service
+    from loop.app.jobs import job_log_path
+    from loop.app.schedule import serve as run_service
     from loop.workspace import init_workspace, open_workspace
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apscheduler.scheduler").setLevel(logging.WARNING)  # job runs are logged by loop.jobs
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.WARNING)  # job runs are logged by loop.app.jobs
     ws = init_workspace(workspace) if init else open_workspace(workspace)
 
     def started(scheduler: Any) -> None:
@@ -311,7 +262,7 @@ def status(
 
     Example: sortloop status --json
     """
-    from loop.status import collect_status, format_status
+    from loop.app.status import collect_status, format_status
     from loop.workspace import open_workspace
 
     result = collect_status(open_workspace(workspace))
@@ -334,8 +285,6 @@ def report(workspace: WorkspaceOption = None) -> None:
 
 
 # --- labeling -------------------------------------------------------------------------------------------
-
-from labeling.cli import labelstudio_app, review_app  # noqa: E402  (labeling.cli uses the helpers above)
 
 app.add_typer(labelstudio_app, name="labelstudio")
 app.add_typer(review_app, name="review")

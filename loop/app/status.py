@@ -115,8 +115,8 @@ def _labels_and_splits(ws: Workspace, last_trained_at: pd.Timestamp | None) -> d
 
 
 def _jobs(ws: Workspace) -> dict[str, Any]:
-    from loop.jobs import read_job_log
-    from loop.schedule import JOB_IDS, is_serving, next_run_times
+    from loop.app.jobs import read_job_log
+    from loop.app.schedule import JOB_IDS, is_serving, next_run_times
 
     next_runs = next_run_times(ws)
     log = read_job_log(ws)

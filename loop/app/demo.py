@@ -2,19 +2,19 @@
 
 ingest a labeled folder → train → deploy (gated) → sort a new folder → start the local Label Studio →
 push the flagged photos for review. Each step is the same library call the CLI and the scheduler use.
-Caveat: `loop` must not depend on `labeling` (ARCHITECTURE), so the two Label Studio steps are imported
-by name at run time; this module is the only composition point besides the CLI and the scheduler.
+Application layer: it composes the core and the Label Studio adapter with plain imports. Caveat: the first
+start of the embedded Label Studio migrates its database (about a minute on 2 cores).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from labeling import push, server
 from loop.ingest import ingest_folder
 from loop.progress import ProgressCallback, no_progress
 from loop.workspace import Workspace, init_workspace
@@ -80,8 +80,6 @@ def run_loop_once(
     step("sort", sorted_report.summary())
 
     if with_review:
-        server = importlib.import_module("labeling.server")
-        push = importlib.import_module("labeling.push")
         info = server.up(ws)
         report.review_url = info.url
         if info.credentials is not None:

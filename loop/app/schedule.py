@@ -2,7 +2,7 @@
 
 One APScheduler 3.x scheduler per workspace, guarded by a lock file (`runs/serve.lock`), with its job store
 in its own SQLite file (`runs/scheduler.sqlite`) so schedules survive a restart. Jobs have fixed ids
-(`pull`, `push`, `scan`, `watch`, `retrain`); each is `loop.jobs.run_job(job_id, workspace_root)`,
+(`pull`, `push`, `scan`, `watch`, `retrain`); each is `loop.app.jobs.run_job(job_id, workspace_root)`,
 which opens the workspace, runs one step and appends the outcome to the job log (`runs/jobs.jsonl`) that
 `sortloop status` reads. Steps run one at a time (a process-wide mutex), so a retrain never races a pull.
 `coalesce=True` plus a generous `misfire_grace_time` make a nightly run missed while the machine was off
@@ -10,8 +10,7 @@ run exactly once at start-up.
 
 Caveat: `replace_existing=True` alone would overwrite the stored next run time on every start and silently
 drop a missed night; `build_scheduler` therefore keeps the stored next run time of any job whose trigger
-and arguments did not change. Steps that talk to Label Studio are referenced by text
-(`"labeling.pull:pull"`), so `loop` never imports `labeling` (labeling depends on loop, not the reverse).
+and arguments did not change.
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from filelock import FileLock, Timeout
 
+from loop.app.jobs import STOP, append_job_log, now_utc, sorted_trees
 from loop.errors import ConfigError, WorkspaceError
-from loop.jobs import STOP, append_job_log, now_utc, sorted_trees
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -147,7 +146,7 @@ def build_scheduler(ws: Workspace, *, scheduler_cls: type[BaseScheduler] = Block
         ):
             kwargs["next_run_time"] = old.next_run_time
         scheduler.add_job(
-            "loop.jobs:run_job",
+            "loop.app.jobs:run_job",
             trigger,
             args=[job_id, root],
             id=job_id,

@@ -1,36 +1,22 @@
 """`sortloop labelstudio up|down|status` and `sortloop review push|pull`: thin typer sub-apps.
 
-Each command calls one library function and prints; `loop/cli.py` mounts them with `app.add_typer`.
+Each command calls one library function and prints; `loop.app.cli` mounts them with `app.add_typer`.
 Caveat: the embedded server's password is printed only by the `up` that created it (it is also stored,
 owner-readable, in `<workspace>/labelstudio/credentials.json`); the API token is never printed.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import typer
+
+from loop.app.console import WorkspaceOption, command_of, console, out, print_json, progress_bar
 
 labelstudio_app = typer.Typer(help="Run the embedded Label Studio review server.", no_args_is_help=True)
 review_app = typer.Typer(help="Send flagged photos to Label Studio and bring reviewers' labels back.",
                          no_args_is_help=True)
 
 
-def _command(app: typer.Typer, name: str) -> Any:
-    """`app.command(name)` with loop.cli's friendly errors (looked up at call time: see the bottom import)."""
-
-    def decorate(func: Any) -> Any:
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return friendly_errors(func)(*args, **kwargs)
-
-        return app.command(name)(wrapper)
-
-    return decorate
-
-
-@_command(labelstudio_app, "up")
+@command_of(labelstudio_app, "up")
 def up(workspace: WorkspaceOption = None) -> None:
     """Start the local Label Studio (first start: about a minute, creates the admin login) and wait for it.
 
@@ -51,7 +37,7 @@ def up(workspace: WorkspaceOption = None) -> None:
                       highlight=False, soft_wrap=True)
 
 
-@_command(labelstudio_app, "down")
+@command_of(labelstudio_app, "down")
 def down(workspace: WorkspaceOption = None) -> None:
     """Stop the local Label Studio.
 
@@ -63,7 +49,7 @@ def down(workspace: WorkspaceOption = None) -> None:
     out.print("stopped Label Studio" if down(open_workspace(workspace)) else "Label Studio was not running")
 
 
-@_command(labelstudio_app, "status")
+@command_of(labelstudio_app, "status")
 def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."), workspace: WorkspaceOption = None
 ) -> None:
@@ -84,7 +70,7 @@ def status(
         raise typer.Exit(1)
 
 
-@_command(review_app, "push")
+@command_of(review_app, "push")
 def push(
     limit: int | None = typer.Option(None, help="Push at most this many (most useful first)."),
     workspace: WorkspaceOption = None,
@@ -101,7 +87,7 @@ def push(
     out.print(report.summary())
 
 
-@_command(review_app, "pull")
+@command_of(review_app, "pull")
 def pull(workspace: WorkspaceOption = None) -> None:
     """Bring reviewers' labels made since the last pull into the manifest and label history.
 
@@ -120,7 +106,7 @@ def pull(workspace: WorkspaceOption = None) -> None:
         raise typer.Exit(1)
 
 
-@_command(review_app, "listen")
+@command_of(review_app, "listen")
 def listen(workspace: WorkspaceOption = None) -> None:
     """Pull as soon as a reviewer saves, via a Label Studio webhook (needs labelstudio.webhook_port). Ctrl-C stops.
 
@@ -142,8 +128,3 @@ def listen(workspace: WorkspaceOption = None) -> None:
         pass
     finally:
         receiver.stop()
-
-
-# At the bottom on purpose: loop.cli imports this module at its end to mount the sub-apps, so importing
-# either module first works (names used above are looked up when a command runs).
-from loop.cli import WorkspaceOption, console, friendly_errors, out, print_json, progress_bar  # noqa: E402

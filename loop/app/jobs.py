@@ -3,15 +3,14 @@
 Every job is the module-level `run_job(job_id, workspace_root)` (plain arguments, so the job store can
 persist it): it opens the workspace, runs the step `STEPS[job_id]` and appends the outcome to
 `runs/jobs.jsonl`, which `sortloop status` reads. Steps run one at a time (a process-wide mutex), so a
-retrain never races a pull. The scheduling itself (triggers, job store, lock, signals) is `loop.schedule`.
+retrain never races a pull. The scheduling itself (triggers, job store, lock, signals) is `loop.app.schedule`.
 
-Caveat: steps that talk to Label Studio are referenced by text (`"labeling.pull:pull"`), so `loop` never
-imports `labeling` (labeling depends on loop, not the reverse).
+This is the application layer: it composes the core (`loop`) and the Label Studio adapter (`labeling`) with
+plain imports. Caveat: a step holds the process-wide mutex for its whole run, so a long retrain delays a pull.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import threading
@@ -23,6 +22,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from labeling.pull import pull
+from labeling.push import push
 from loop.atomic import append_jsonl, read_jsonl
 from loop.errors import SortloopError
 from loop.workspace import Workspace, open_workspace
@@ -30,16 +31,6 @@ from loop.workspace import Workspace, open_workspace
 logger = logging.getLogger(__name__)
 
 JOB_LOG_FILE = "jobs.jsonl"
-
-# What each job runs: "module:function" taking the Workspace (text, so loop never imports labeling) or a
-# callable. Tests may swap an entry for a counting function.
-STEPS: dict[str, str | Callable[[Workspace], Any]] = {
-    "pull": "labeling.pull:pull",
-    "push": "labeling.push:push",
-    "scan": "loop.jobs:scan_step",
-    "watch": "loop.jobs:watch_step",
-    "retrain": "loop.jobs:retrain_step",
-}
 
 # Set by SIGTERM/SIGINT in `serve`: running steps stop at their next step boundary, queued ones do not start.
 STOP = threading.Event()
@@ -80,13 +71,6 @@ def read_job_log(ws: Workspace) -> list[dict[str, Any]]:
 # --- running one job ---------------------------------------------------------------------------------
 
 
-def _resolve(step: str | Callable[[Workspace], Any]) -> Callable[[Workspace], Any]:
-    if callable(step):
-        return step
-    module, _, name = step.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def _summarise(result: Any) -> Outcome:
     if isinstance(result, Outcome):
         return result
@@ -116,7 +100,7 @@ def run_job(job_id: str, root: str) -> dict[str, Any]:
         logger.info("job %s: start", job_id)
         unexpected: BaseException | None = None
         try:
-            outcome = _summarise(_resolve(STEPS[job_id])(ws))
+            outcome = _summarise(STEPS[job_id](ws))
             record.update(ok=True, skipped=outcome.skipped, summary=outcome.summary)
         except SortloopError as exc:
             record.update(ok=False, skipped=False, error=str(exc))
@@ -225,7 +209,7 @@ def retrain_step(ws: Workspace) -> Outcome:
     """
     parts: list[str] = []
     try:
-        parts.append(f"pull: {_summarise(_resolve(STEPS['pull'])(ws)).summary}")
+        parts.append(f"pull: {_summarise(STEPS['pull'](ws)).summary}")
     except SortloopError as exc:
         parts.append(f"pull failed ({exc}); using the labels already in the manifest")
     if STOP.is_set():
@@ -250,3 +234,13 @@ def retrain_step(ws: Workspace) -> Outcome:
     else:
         parts.append(f"refused {decision.version}: " + "; ".join(decision.reasons))
     return Outcome("; ".join(parts))
+
+
+# What each job runs: a function of the Workspace. Tests may swap an entry for a counting function.
+STEPS: dict[str, Callable[[Workspace], Any]] = {
+    "pull": pull,
+    "push": push,
+    "scan": scan_step,
+    "watch": watch_step,
+    "retrain": retrain_step,
+}
