@@ -49,6 +49,7 @@ class ModelConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
     seed: int = 0
+    feature_engine: Literal["local", "ray"] = "local"  # where new photos' body features are computed
 
 
 class SortConfig(BaseModel):
@@ -60,6 +61,14 @@ class SortConfig(BaseModel):
     flag_threshold: float = Field(0.5, ge=0.0, le=1.0)  # flag when the strategy's score >= this
     keep_tree: bool = True
     runtime: Literal["onnx", "torch"] = "onnx"
+    engine: Literal["local", "ray"] = "local"  # "ray": decode, predict and copy on a Ray cluster ([ray])
+
+
+class RayConfig(BaseModel):
+    """The Ray cluster used when `sort.engine` or `model.feature_engine` is "ray" (extra `sortloop[ray]`)."""
+
+    address: str = ""  # "" = $RAY_ADDRESS or Ray's default; "local" = a fresh local instance; "host:6379"
+    actors: int = Field(0, ge=0)  # actors in the pool (1 CPU each); 0 = one per CPU of the cluster
 
 
 class GateConfig(BaseModel):
@@ -107,6 +116,7 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     sort: SortConfig = SortConfig()
     gate: GateConfig = GateConfig()
+    ray: RayConfig = RayConfig()
     labelstudio: LabelStudioConfig = LabelStudioConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
@@ -174,6 +184,7 @@ epochs = 8
 batch_size = 32
 learning_rate = 0.002
 seed = 0
+feature_engine = "local"      # "ray": compute new photos' features on the Ray cluster of [ray] (train --ray)
 
 [sort]
 batch_size = 32
@@ -184,6 +195,13 @@ flag_threshold = 0.5          # flag for review when the score is at least this 
 keep_tree = true              # DEST/<category>/<source sub-folders>/name: camera names (IMG_0001.JPG) repeat
                               # across folders, so flat (false / --flat) renames many to "name (2).jpg"
 runtime = "onnx"              # or "torch"; ONNX Runtime measured ~3x faster on CPU (bench/sort.py)
+engine = "local"              # "ray": decode, predict and copy on the Ray cluster of [ray] (sort --ray)
+
+[ray]                         # needs `pip install 'sortloop[ray]'`; SRC, DEST (and for training the
+                              # workspace) must be mounted at the same path on every Ray node
+address = ""                  # "" = $RAY_ADDRESS or Ray's default; "local" = a fresh local instance;
+                              # "head-host:6379" = an existing cluster (`ray start --head`)
+actors = 0                    # model copies in the pool, 1 CPU each; 0 = one per CPU in the cluster
 
 [gate]
 min_accuracy_gain = 0.0       # candidate must beat the deployed model by more than this
