@@ -85,7 +85,7 @@ def connected(address: str = "") -> Iterator[None]:
             ray.shutdown()
 
 
-def _pooled(rows: list[dict], actor: type, init: dict[str, Any], batch_size: int, actors: int) -> Any:
+def pooled(rows: list[dict], actor: type, init: dict[str, Any], batch_size: int, actors: int) -> Any:
     """A Ray Dataset of `rows` mapped in batches by a pool of `actor`s (1 CPU each) built with `init`.
 
     Object refs in `init` are wrapped in a list, so the actor fetches them itself (once, at start) and Ray
@@ -204,7 +204,7 @@ def sort_batches(
         model = ray.put({name: (model_dir / name).read_bytes() for name in names})
         rows = [{"path": str(p), "known": ",".join(known.get(str(p), []))} for p in paths]
         job = SortJob(str(src), str(dest), keep_tree, runtime)
-        dataset = _pooled(rows, _SortActor, {"model": [model], "job": job}, batch_size, actors)
+        dataset = pooled(rows, _SortActor, {"model": [model], "job": job}, batch_size, actors)
         placed_names: dict[Path, set[str]] = {}
         for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             recs, placed = _unpack(out)
@@ -279,7 +279,7 @@ def ray_features(ws: Workspace, net: torch.nn.Module, backbone: Backbone) -> Rem
 
             weights = ray.put(save({k: v.contiguous() for k, v in net.state_dict().items()}))
             rows = [{"image_id": i, "file": str(resized_path(ws, i, size))} for i in image_ids]
-            dataset = _pooled(rows, _FeatureActor, {
+            dataset = pooled(rows, _FeatureActor, {
                 "weights": [weights], "architecture": backbone.name, "num_classes": int(net.num_classes),
                 "mean": list(backbone.mean), "std": list(backbone.std)}, batch_size, actors)
             for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
