@@ -206,16 +206,32 @@ def sort_batches(
         job = SortJob(str(src), str(dest), keep_tree, runtime)
         dataset = pooled(rows, _SortActor, {"model": [model], "job": job}, batch_size, actors)
         placed_names: dict[Path, set[str]] = {}
-        for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        seen: set[Path] = set()  # a batch re-run after a crash must not be recorded twice, however Ray delivers it
+        for out in _results(dataset, "sort"):
             recs, placed = _unpack(out)
-            for rec, where in zip(recs, placed, strict=True):
-                if isinstance(where, tuple):
-                    placed_names.setdefault(where[0].parent, set()).add(rec.path.name)
-            yield recs, np.asarray(out["probs"], np.float32), placed
+            fresh = [i for i, rec in enumerate(recs) if rec.path not in seen]
+            for i in fresh:
+                seen.add(recs[i].path)
+                if isinstance(placed[i], tuple):
+                    placed_names.setdefault(placed[i][0].parent, set()).add(recs[i].path.name)
+            yield [recs[i] for i in fresh], np.asarray(out["probs"], np.float32)[fresh], [placed[i] for i in fresh]
         # An actor killed mid-copy leaves its temp file; its batch was re-run, so the copy itself is there.
         removed = sum(copies.remove_orphan_temps(folder, names) for folder, names in placed_names.items())
         if removed:
             logger.warning("removed %d temp files left by Ray workers that died mid-copy", removed)
+
+
+def _results(dataset: Any, what: str) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset's output batches as they finish; a failure of the job itself (not of one file: those
+    come back as per-file errors) becomes one SortloopError instead of a Ray traceback."""
+    import ray.exceptions
+
+    try:
+        yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+    except ray.exceptions.RayError as exc:
+        reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+        raise SortloopError(f"the Ray {what} job failed ({reason}); what finished is kept, run it again to "
+                            "resume (worker logs: /tmp/ray/session_latest/logs on each node)") from exc
 
 
 def _unpack(out: dict[str, np.ndarray]) -> tuple[list[Decoded], list[Placed]]:
@@ -282,7 +298,7 @@ def ray_features(ws: Workspace, net: torch.nn.Module, backbone: Backbone) -> Rem
             dataset = pooled(rows, _FeatureActor, {
                 "weights": [weights], "architecture": backbone.name, "num_classes": int(net.num_classes),
                 "mean": list(backbone.mean), "std": list(backbone.std)}, batch_size, actors)
-            for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for out in _results(dataset, "feature extraction"):
                 yield [str(i) for i in out["image_id"]], np.asarray(out["features"], np.float32)
 
     return compute
