@@ -165,27 +165,58 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(ray_local, trained
     assert sorted(report.failed) == sorted(ref.failed)
 
 
-def test_train_ray_extracts_the_same_features(ray_local, trained_ikea, tmp_path, monkeypatch) -> None:
-    """`train --ray`: features missing from the cache are computed on Ray, identical to the local ones."""
-    from typer.testing import CliRunner
-
+def test_ray_feature_extraction_fills_the_cache_like_local(ray_local, trained_ikea, tmp_path, monkeypatch) -> None:
+    """With model.feature_engine = "ray" (what `train --ray` sets), features missing from the cache are
+    computed by Ray actors, identical to the local ones, and written into the same cache."""
     import loop.features
-    from loop.app.cli import app
+    from loop.backbones import create_network, get_backbone
+    from loop.head import _features
     from tests.unit.model_helpers import copy_workspace
 
     ws = copy_workspace(trained_ikea[0], tmp_path / "ws")
     folders = list((ws.cache_dir / "features").iterdir())
     assert len(folders) == 1
-    local = {p.name: np.load(p) for p in folders[0].glob("*.npy")}
+    local = {p.stem: np.load(p) for p in folders[0].glob("*.npy")}
     dropped = sorted(local)[::8]  # ~50 photos "new" to the cache
-    for name in dropped:
-        (folders[0] / name).unlink()
+    for image_id in dropped:
+        (folders[0] / f"{image_id}.npy").unlink()
 
     def no_local(*args, **kwargs):
-        raise AssertionError("features computed locally despite --ray")
+        raise AssertionError("features computed locally despite feature_engine = 'ray'")
 
-    monkeypatch.setattr(loop.features, "body_features", no_local)  # the driver's copy; Ray actors import their own
-    result = CliRunner().invoke(app, ["train", "--ray", "-w", str(ws.root)])
-    assert result.exit_code == 0, result.output
-    for name in dropped:
-        np.testing.assert_allclose(np.load(folders[0] / name), local[name], atol=1e-5)
+    monkeypatch.setattr(loop.features, "body_features", no_local)  # the driver's; Ray actors import their own
+    ws.settings.model.feature_engine = "ray"
+    backbone = get_backbone(ws.settings.model.backbone)
+    net = create_network(ws, backbone.name, 3)  # the same pretrained body; the classifier plays no part
+    feats = _features(ws, net, backbone, dropped + sorted(local)[1:3], pretrained=True, on_progress=lambda *a: None)
+
+    assert feats.shape == (len(dropped) + 2, 2, local[dropped[0]].shape[-1])
+    for image_id in dropped:
+        np.testing.assert_allclose(np.load(folders[0] / f"{image_id}.npy"), local[image_id], atol=1e-5)
+
+
+def test_cli_ray_options_select_the_ray_engine(ws, monkeypatch) -> None:
+    """`train --ray` and `sort --ray --ray-address` hand the engine and the cluster address to the library."""
+    from typer.testing import CliRunner
+
+    import loop.sort
+    import loop.train
+    from loop.app.cli import app
+    from loop.errors import SortloopError
+
+    seen = {}
+
+    def fake_train(ws, **kwargs):
+        seen["train"] = (ws.settings.model.feature_engine, ws.settings.ray.address)
+        raise SortloopError("stop here")
+
+    def fake_sort(ws, src, dest, **kwargs):
+        seen["sort"] = (kwargs["engine"], ws.settings.ray.address)
+        raise SortloopError("stop here")
+
+    monkeypatch.setattr(loop.train, "train", fake_train)
+    monkeypatch.setattr(loop.sort, "sort_folder", fake_sort)
+    runner = CliRunner()
+    runner.invoke(app, ["train", "--ray", "--ray-address", "head:6379", "-w", str(ws.root)])
+    runner.invoke(app, ["sort", "a", "b", "--ray", "--ray-address", "local", "-w", str(ws.root)])
+    assert seen == {"train": ("ray", "head:6379"), "sort": ("ray", "local")}
