@@ -47,8 +47,9 @@ RECORD_COLUMNS: dict[str, str] = {
     "category": "string",  # the category folder the copy is in now (NA if moved out of all)
     "dest_size": "Int64",
     "dest_mtime_ns": "Int64",
-    "status": "string",  # present / deleted
+    "status": "string",  # present / deleted / modified / gone
     "checked_at": "datetime64[ns, UTC]",
+    "placed_by": "string",  # who put the copy where it is: sort, apply, resort, undo, or user (scan saw it moved)
 }
 
 COPY_CHUNK = 1 << 20
