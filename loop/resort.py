@@ -112,6 +112,7 @@ def _plan(ws: Workspace, report: ResortReport, on_progress: ProgressCallback) ->
     from loop.sort import _check_classes  # moving to loop.classnames
 
     settings = ws.settings.sort
+    report.model_version = current_model_dir(ws).name  # raises the "nothing deployed" error first
     df = manifest.load(ws).set_index("image_id")
     checked_by_person = set(df.index[df["label"].notna() | (df["review_status"] == "reviewed").fillna(False)])
     records = copies.load_records(ws, Path(report.dest))
