@@ -98,8 +98,12 @@ def resort(ws: Workspace, dest: Path | str, *, dry_run: bool = False,
     if dry_run:  # no lock, no recovery: a dry run writes nothing
         report.moves = _plan(ws, report, on_progress or no_progress)
         return report
+    # The model runs outside the moves lock (minutes on a big tree; a `scan` meanwhile must not wait that
+    # long); the plan is then checked again under the lock against what changed in the meantime.
+    moves.recover(ws)
+    planned = _plan(ws, report, on_progress or no_progress)
     with moves.exclusive(ws):
-        planned = _plan(ws, report, on_progress or no_progress)
+        planned = _still_unchecked(ws, planned, report)
         report.moves = moves.run_batch(ws, "resort", report.run_id, planned, dest_roots=[root],
                                        info={"dest": root, "model_version": report.model_version})
     logger.info(report.summary())
@@ -160,6 +164,26 @@ def _plan(ws: Workspace, report: ResortReport, on_progress: ProgressCallback) ->
         stream.close()
     on_progress(total, total)
     return planned
+
+
+def _still_unchecked(ws: Workspace, planned: list[moves.Move], report: ResortReport) -> list[moves.Move]:
+    """The planned moves whose photo is still unlabeled and whose copy is still where sortloop left it."""
+    if not planned:
+        return planned
+    df = manifest.load(ws).set_index("image_id")
+    labeled = set(df.index[df["label"].notna() | (df["review_status"] == "reviewed").fillna(False)])
+    records = copies.load_records(ws).set_index("record_id")
+    keep = []
+    for m in planned:
+        rec = records.loc[m.record_ids[0]] if m.record_ids[0] in records.index else None
+        if m.image_id in labeled:
+            report.human += 1
+        elif (rec is None or rec["dest_path"] != m.src or rec["status"] != "present" or str(rec["placed_by"]) == "user"
+              or copy_state(rec) != "ok"):
+            report.changed.append(m.src)
+        else:
+            keep.append(m)
+    return keep
 
 
 def _predict(batch: list, predictor: Any, strategy: Any, threshold: float, by_path: dict[str, pd.DataFrame],

@@ -128,3 +128,23 @@ def test_resort_keeps_peoples_photos_and_undo_restores_the_tree_exactly(sorted_t
     with pytest.raises(SortloopError, match="no re-sort to undo"):
         undo_resort(ws)
 
+
+
+def test_a_label_given_while_the_model_runs_keeps_the_copy(sorted_tree, sort_model, monkeypatch) -> None:
+    from loop import resort as resort_module
+
+    ws, dest, _ = sorted_tree
+    deploy_reversed(ws, sort_model)
+    real_plan, labeled = resort_module._plan, []
+
+    def plan_then_review(*args, **kwargs):
+        planned = real_plan(*args, **kwargs)
+        first = planned[0]
+        manifest.set_labels(ws, [manifest.LabelChange(first.image_id, first.old_category, "review", "r@test")])
+        labeled.append(first)
+        return planned
+
+    monkeypatch.setattr(resort_module, "_plan", plan_then_review)
+    report = resort(ws, dest)
+    assert labeled and labeled[0].image_id not in {m.image_id for m in report.moves}
+    assert Path(labeled[0].src).exists() and report.human == 1 and report.moves
