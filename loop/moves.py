@@ -19,6 +19,7 @@ removes the old one. On file systems without hard links a checked rename is used
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -96,8 +97,6 @@ def _recover_locked(ws: Workspace) -> bool:
     path = journal_path(ws)
     if not path.exists():
         return False
-    import json
-
     try:
         batch = json.loads(path.read_text())
     except ValueError:  # torn? impossible with the atomic write; refuse to guess
@@ -174,30 +173,13 @@ def _update_manifest(ws: Workspace, updates: dict[str, dict[str, Any]]) -> None:
     manifest.update(ws, change)
 
 
-def read_log(ws: Workspace, run_id: str) -> dict:
-    """The log of one run of moves (apply, resort or undo)."""
-    import json
-
-    path = log_path(ws, run_id)
-    if not path.exists():
-        raise SortloopError(f"no run {run_id!r} in {path.parent}; `sortloop resort --list` shows the runs")
-    return json.loads(path.read_text())
-
-
 def list_logs(ws: Workspace, kind: str | None = None) -> list[dict]:
     """Every logged run (optionally of one kind), oldest first."""
-    import json
-
     folder = ws.runs_dir / LOG_DIR
     if not folder.is_dir():
         return []
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     return [r for r in runs if kind is None or r["kind"] == kind]
-
-
-def mark_log(ws: Workspace, run_id: str, **fields: Any) -> None:
-    """Add fields to a run's log (e.g. `undone_by`)."""
-    write_json_atomic(log_path(ws, run_id), {**read_log(ws, run_id), **fields}, default=str, indent=1)
 
 
 # --- one move ---------------------------------------------------------------------------------------------

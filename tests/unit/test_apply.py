@@ -39,6 +39,7 @@ def pending(dest: Path) -> set[str]:
 @pytest.fixture
 def sorted_tree(ws, sort_model, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("SORTLOOP_SORT__FLAG_THRESHOLD", "0")  # every copy flagged: _review.csv lists all
+    monkeypatch.setenv("SORTLOOP_SORT__WORKERS", "0")  # a handful of photos: no decoder processes to start
     deploy_copy(ws, sort_model)
     src, dest = tmp_path / "inbox", tmp_path / "sorted"
     sample_ikea(shared_data, src, per_class=2, classes=3)

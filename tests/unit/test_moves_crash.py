@@ -94,7 +94,8 @@ def assert_records_match_disk(ws, dest: Path) -> None:
 
 
 @pytest.fixture
-def tree(ws, sort_model, shared_data, tmp_path):
+def tree(ws, sort_model, shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("SORTLOOP_SORT__WORKERS", "0")  # a handful of photos: no decoder processes to start
     deploy_copy(ws, sort_model)
     src, dest = tmp_path / "inbox", tmp_path / "sorted"
     sample_ikea(shared_data, src, per_class=2, classes=3)

@@ -51,6 +51,7 @@ def review_rows(dest: Path) -> dict[str, dict]:
 @pytest.fixture
 def sorted_tree(ws, sort_model, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("SORTLOOP_SORT__FLAG_THRESHOLD", "0.5")
+    monkeypatch.setenv("SORTLOOP_SORT__WORKERS", "0")  # a handful of photos: no decoder processes to start
     deploy_copy(ws, sort_model)
     src, dest = tmp_path / "inbox", tmp_path / "sorted"
     sample_ikea(shared_data, src, per_class=2, classes=4)
