@@ -193,7 +193,7 @@ def pull(ws: Workspace) -> PullReport:
     except SortloopError as exc:
         return replace(report, folders_error=str(exc))
     return replace(report, folders=applied.summary() if applied.moved or applied.placed_by_person
-                   or applied.edited else "")
+                   or applied.edited or applied.failed else "")
 
 
 def _pull(ws: Workspace) -> PullReport:

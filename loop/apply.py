@@ -40,11 +40,12 @@ class ApplyReport:
     placed_by_person: list[str] = field(default_factory=list)  # moved/renamed by a person, or missing
     edited: list[str] = field(default_factory=list)
     missing_dests: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, why the move failed): the copy stayed
 
     def summary(self) -> str:
         text = (f"labels applied to {len(self.dests)} sorted tree(s): {len(self.moved)} cop(ies) moved to their "
                 f"label's folder, {len(self.placed_by_person)} left where a person put them, "
-                f"{len(self.edited)} edited (left alone)")
+                f"{len(self.edited)} edited (left alone)" + (f", {len(self.failed)} FAILED" if self.failed else ""))
         if self.missing_dests:
             text += f"; missing: {', '.join(self.missing_dests)}"
         for old, new in self.moved[:20]:
@@ -53,12 +54,18 @@ class ApplyReport:
             text += f"\n  left (a person moved it): {path}"
         for path in self.edited[:20]:
             text += f"\n  left (edited): {path}"
+        for path, why in self.failed[:20]:
+            text += f"\n  NOT moved ({why}): {path}"
         return text
 
 
 def check_folder_name(name: str, *, what: str) -> None:
-    """Refuse a label that cannot be a category folder (the sort's check), saying how to fix it."""
-    from loop.sort import _check_classes  # moving to loop.classnames (one check for sort, apply, resort)
+    """Refuse a label that cannot be a category folder, saying how to fix it (used by apply and resort).
+
+    The rule itself is the sort's (`loop.sort._check_classes`), the one check being moved to
+    `loop.classnames` (which adds Windows-reserved names); this is the only place that calls it here.
+    """
+    from loop.sort import _check_classes
 
     try:
         _check_classes([name])
@@ -121,8 +128,9 @@ def apply_labels(ws: Workspace, dest: Path | str | None = None) -> ApplyReport:
         planned = _plan(ws, report)
         done = moves.run_batch(ws, "apply", report.run_id, planned, dest_roots=report.dests)
     report.moved = [(m.src, m.final) for m in done if m.final]
-    report.placed_by_person += [m.src for m in done if not m.final]
-    if report.moved or report.placed_by_person or report.edited:
+    report.placed_by_person += [m.src for m in done if not m.final and not m.error]
+    report.failed = [(m.src, m.error) for m in done if m.error]
+    if report.moved or report.placed_by_person or report.edited or report.failed:
         logger.info(report.summary())
     return report
 

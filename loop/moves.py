@@ -63,6 +63,7 @@ class Move:
     manifest_updates: dict[str, Any] = field(default_factory=dict)
     old_manifest: dict[str, Any] = field(default_factory=dict)
     final: str | None = None  # where the copy ended up (set when done; None: the source had vanished)
+    error: str | None = None  # why the move failed (the copy stayed where it was)
 
 
 def journal_path(ws: Workspace) -> Path:
@@ -129,9 +130,14 @@ def _execute(ws: Workspace, batch: dict, always_log: bool = True) -> dict:
     from loop.review_list import write_review_csv
 
     for m in batch["moves"]:
-        final = move_copy(Path(m["src"]), Path(m["folder"]), m["name"], image_id=m["image_id"], size=m["size"])
+        try:
+            final = move_copy(Path(m["src"]), Path(m["folder"]), m["name"], image_id=m["image_id"],
+                              size=m["size"])
+        except OSError as exc:  # permission denied, another file system...: this copy stays, the rest go on
+            final, m["error"] = None, f"{exc.strerror or exc}"
+            logger.warning("could not move %s: %s", m["src"], m["error"])
         m["final"] = None if final is None else str(final)
-        if final is None:
+        if final is None and not m.get("error"):
             logger.warning("%s is no longer where it was; not moved", m["src"])
     moves = batch["moves"]
     if moves or always_log:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from loop import copies, manifest, moves
-from loop.apply import copy_state, recorded_roots, target_folder
+from loop.apply import check_folder_name, copy_state, recorded_roots, target_folder
 from loop.decode import decode_stream, default_workers
 from loop.errors import SortloopError
 from loop.progress import ProgressCallback, no_progress
@@ -57,7 +57,7 @@ class ResortReport:
         done = self.moves if self.dry_run else [m for m in self.moves if m.final]
         text = (f"re-sorted {self.dest} with model {self.model_version}: {self.checked} unchecked copies looked at, "
                 f"{verb} {len(done)}; {self.human} checked by a person (kept), {len(self.changed)} moved or "
-                f"edited by a person (kept), {len(self.failed)} unreadable"
+                f"edited by a person (kept), {len(self.failed)} failed (unreadable or not movable)"
                 + ("" if self.dry_run or not done else f" (undo: sortloop undo {self.run_id})"))
         for m in self.moves:
             old, new = m.old_record, m.record_updates
@@ -106,6 +106,7 @@ def resort(ws: Workspace, dest: Path | str, *, dry_run: bool = False,
         planned = _still_unchecked(ws, planned, report)
         report.moves = moves.run_batch(ws, "resort", report.run_id, planned, dest_roots=[root],
                                        info={"dest": root, "model_version": report.model_version})
+    report.failed += [(m.src, m.error) for m in report.moves if m.error]
     logger.info(report.summary())
     return report
 
@@ -113,7 +114,6 @@ def resort(ws: Workspace, dest: Path | str, *, dry_run: bool = False,
 def _plan(ws: Workspace, report: ResortReport, on_progress: ProgressCallback) -> list[moves.Move]:
     from loop.artifact import load_predictor
     from loop.registry import current_model_dir
-    from loop.sort import _check_classes  # moving to loop.classnames
 
     settings = ws.settings.sort
     report.model_version = current_model_dir(ws).name  # raises the "nothing deployed" error first
@@ -135,7 +135,8 @@ def _plan(ws: Workspace, report: ResortReport, on_progress: ProgressCallback) ->
 
     model_dir = current_model_dir(ws)
     predictor = load_predictor(model_dir, runtime=settings.runtime)
-    _check_classes(predictor.classes)
+    for name in predictor.classes:
+        check_folder_name(name, what=f"class of model {predictor.version}")
     report.model_version = predictor.version
     strategy = get_strategy(settings.flag_strategy)
     by_path = {str(g.iloc[0]["dest_path"]): g for g in groups}

@@ -139,3 +139,31 @@ def test_label_with_no_folder_gets_one_and_name_taken_gets_a_new_name(sorted_tre
     assert renamed.exists() and not old.exists() and "2 cop(ies) moved" in res.output
     moved_other = dest / "new-class" / Path(other.dest_path).relative_to(dest / other.label)
     assert moved_other.exists() and not Path(other.dest_path).exists()
+
+
+def test_a_move_that_fails_leaves_that_copy_and_moves_the_others(sorted_tree, monkeypatch) -> None:
+    import errno
+
+    from loop import moves
+
+    ws, _, dest, records, classes = sorted_tree
+    stuck, other = records.iloc[0], records.iloc[1]
+    for rec in (stuck, other):
+        review(ws, rec.image_id, other_class(classes, rec.label))
+    real_link, real_replace = os.link, os.replace
+
+    def no_cross_device(real):
+        def call(src, dst, *args, **kwargs):
+            if str(src) == stuck.dest_path:  # this copy's target is on another file system
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return real(src, dst, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(moves.os, "link", no_cross_device(real_link))
+    monkeypatch.setattr(moves.os, "replace", no_cross_device(real_replace))
+    report = apply_labels(ws)
+    assert [p for p, _ in report.failed] == [stuck.dest_path] and Path(stuck.dest_path).exists()
+    assert [old for old, _ in report.moved] == [other.dest_path] and not Path(other.dest_path).exists()
+    assert not moves.journal_path(ws).exists() and "1 FAILED" in report.summary()
+    monkeypatch.undo()
+    assert [old for old, _ in apply_labels(ws).moved] == [stuck.dest_path]  # retried by the next run
