@@ -12,6 +12,8 @@ reason (a comment, a new prediction) does not re-apply an old annotation over a 
 `OVERLAP_S` re-read before the watermark (for saves committed after a later one) costs nothing.
 Never loses a label: the watermark (`<workspace>/labelstudio/pull.json`) is written only after the
 manifest writes succeeded, and it never moves past a task whose label was rejected.
+Afterwards the sorted folders follow the labels: `loop.apply.apply_labels` moves the copies of labeled
+photos to their label's folder (a refusal there is reported in the PullReport; no label is lost).
 Caveat: a label that is not a known class (deployed model's classes + manifest labels) is rejected and
 reported, unless `labelstudio.allow_new_classes` is true; fix it in Label Studio and pull again.
 """

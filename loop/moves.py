@@ -126,7 +126,8 @@ def run_batch(ws: Workspace, kind: str, run_id: str, moves: list[Move], *, dest_
 
 
 def _execute(ws: Workspace, batch: dict, always_log: bool = True) -> dict:
-    """Do every move (idempotently), then record them, then log, then drop the journal."""
+    """Do every move (idempotently), then log the run, record the moves (copy records, manifest), rebuild
+    `_review.csv`, and only then drop the journal: a crash at any point is finished by `recover`."""
     from loop.review_list import write_review_csv
 
     for m in batch["moves"]:
