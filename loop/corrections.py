@@ -9,6 +9,10 @@ keeps the label history) and the manifest flag `user_moved`, so a reviewer can c
 reported as deleted; a deletion is not a label. Moved out of every category (to DEST itself or a folder
 starting with "_" or ".") → reported, not a label.
 
+Copies sortloop moved itself (`apply`, `resort`) are in the records already, so they are not moves; scan
+holds the moves lock (`loop.moves.exclusive`) and finishes a batch a crash interrupted before it looks.
+A move scan follows is marked `placed_by = user`: apply and resort never move that copy again.
+
 Caveat: a copy moved OUTSIDE the sorted tree looks deleted; a copy that was edited (new bytes) is a
 different image and is reported as modified, not followed.
 """
