@@ -8,20 +8,24 @@ moves for a person's corrections. So every batch of moves is written first to `r
 unfinished journal; every step is idempotent, so recovering twice is harmless. Batches run under one
 lock (`runs/moves.lock`), which `scan` takes too.
 
-One move = `os.link(src, target)` (fails if the name exists, so nothing is ever overwritten) then
-`os.unlink(src)`; the same naming rules as the sort copy: a name held by different bytes gets
-`name (2).jpg`, identical bytes there count as done (the source copy is then removed).
-Caveat: between the link and the unlink (microseconds) the copy has two names for one file (one inode,
-never two copies of the bytes); a kill -9 exactly then leaves both names until the next run's recovery
-removes the old one. On file systems without hard links a checked rename is used instead.
+One move = one `renameat2(RENAME_NOREPLACE)` on Linux: atomic, and refused if the name exists, so a copy
+is always in exactly one place and nothing is ever overwritten. Elsewhere (or where the file system
+lacks it): `os.link(src, target)` (also refuses an existing name) then `os.unlink(src)`. The naming rules
+are the sort copy's: a name held by different bytes gets `name (2).jpg`; identical bytes there count as
+done (the source copy is then removed).
+Caveat: on the link + unlink path, a kill -9 in the microseconds between the two leaves two names for one
+file (one inode, never two copies of the bytes) until the next run's recovery removes the old name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -216,6 +220,13 @@ def move_copy(src: Path, folder: Path, name: str, *, image_id: str, size: int) -
         if not src.exists():
             return None
         try:
+            if rename_noreplace(src, target):
+                copies.fsync_dir(folder)
+                copies.fsync_dir(src.parent)
+                return target
+        except FileExistsError:
+            continue  # someone else took the name meanwhile: look at it again
+        try:
             os.link(src, target)  # atomic, and refuses to replace an existing name
         except FileExistsError:
             continue  # someone else took the name meanwhile: look at it again
@@ -237,3 +248,39 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def _load_renameat2() -> object | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.renameat2
+    except (OSError, AttributeError):  # glibc older than 2.28, musl without it
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_RENAMEAT2 = _load_renameat2()
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+
+
+def rename_noreplace(src: Path, target: Path) -> bool:
+    """Rename `src` to `target` atomically unless `target` exists (Linux `renameat2`).
+
+    Returns False when this system or file system cannot do it (the caller falls back to link + unlink).
+    Raises:
+        FileExistsError: `target` exists. OSError: any other failure of the rename itself.
+    """
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):  # not here: use the fallback
+        return False
+    if err == errno.EEXIST:
+        raise FileExistsError(err, os.strerror(err), str(target))
+    raise OSError(err, os.strerror(err), str(src))

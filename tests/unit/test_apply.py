@@ -159,6 +159,9 @@ def test_a_move_that_fails_leaves_that_copy_and_moves_the_others(sorted_tree, mo
             return real(src, dst, *args, **kwargs)
         return call
 
+    real_rename = moves.rename_noreplace
+    monkeypatch.setattr(moves, "rename_noreplace",
+                        lambda src, dst: str(src) != stuck.dest_path and real_rename(src, dst))
     monkeypatch.setattr(moves.os, "link", no_cross_device(real_link))
     monkeypatch.setattr(moves.os, "replace", no_cross_device(real_replace))
     report = apply_labels(ws)

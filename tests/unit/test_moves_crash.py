@@ -1,7 +1,8 @@
 """kill -9 in the middle of an apply or a re-sort: every copy stays in one place, and the next run finishes.
 
 A child process runs the real `apply_labels` / `resort` and SIGKILLs itself at a chosen moment: right after
-the n-th hard link of a move (before the old name is removed), or after every file moved but before the
+the n-th move (an atomic no-replace rename), right after the n-th hard link on the link + unlink path
+(systems without renameat2; the old name is not removed yet), or after every file moved but before the
 copy records were written. The parent then checks the tree as the kill left it and after the next run.
 """
 
@@ -35,8 +36,19 @@ from loop.workspace import open_workspace
 root, dest, job, moment, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 ws = open_workspace(root)
 die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-if moment == "after_link":  # the copy has its new name, the old one is not removed yet
-    real_link, count = os.link, [0]
+count = [0]
+if moment == "after_move":  # the n-th copy was just renamed (atomic), nothing recorded yet
+    real_rename = moves.rename_noreplace
+    def rename(src, dst):
+        done = real_rename(src, dst)
+        count[0] += 1
+        if count[0] == n:
+            die()
+        return done
+    moves.rename_noreplace = rename
+elif moment == "after_link":  # no renameat2 here: the n-th copy has its new name, the old one not removed yet
+    moves._RENAMEAT2 = None
+    real_link = os.link
     def link(src, dst, *a, **k):
         real_link(src, dst, *a, **k)
         count[0] += 1
@@ -104,7 +116,7 @@ def tree(ws, sort_model, shared_data, tmp_path, monkeypatch):
     return fresh, dest, copies.load_records(fresh, dest), ikea_classes(shared_data)
 
 
-@pytest.mark.parametrize("moment", ["after_link", "before_records"])
+@pytest.mark.parametrize("moment", ["after_move", "after_link", "before_records"])
 def test_kill_mid_apply(tree, moment) -> None:
     ws, dest, records, classes = tree
     changes = [manifest.LabelChange(r.image_id, next(c for c in classes if c != r.label), "review", "r@test")
@@ -123,7 +135,7 @@ def test_kill_mid_apply(tree, moment) -> None:
         assert rec.category == labels[rec.image_id] and rec.placed_by == "apply"
 
 
-@pytest.mark.parametrize("moment", ["after_link", "before_records"])
+@pytest.mark.parametrize("moment", ["after_move", "before_records"])
 def test_kill_mid_resort_then_undo(tree, sort_model, moment) -> None:
     ws, dest, records, _ = tree
     before = tree_state(dest)
