@@ -149,3 +149,17 @@ def test_a_label_given_while_the_model_runs_keeps_the_copy(sorted_tree, sort_mod
     report = resort(ws, dest)
     assert labeled and labeled[0].image_id not in {m.image_id for m in report.moves}
     assert Path(labeled[0].src).exists() and report.human == 1 and report.moves
+
+
+def test_serve_step_resorts_every_tree_after_a_deploy_unless_turned_off(sorted_tree, sort_model, monkeypatch) -> None:
+    from loop.app.jobs import resort_step
+
+    ws, dest, _ = sorted_tree
+    deploy_reversed(ws, sort_model)
+    monkeypatch.setenv("SORTLOOP_SORT__RESORT_AFTER_DEPLOY", "false")
+    before = tree_state(dest)
+    off = resort_step(Workspace(ws.root))
+    assert off.skipped and "off" in off.summary and tree_state(dest) == before
+    monkeypatch.delenv("SORTLOOP_SORT__RESORT_AFTER_DEPLOY")
+    on = resort_step(Workspace(ws.root))  # on by default
+    assert f"re-sorted {dest} with model v0002" in on.summary and tree_state(dest) != before
