@@ -7,7 +7,8 @@ workspace), then per batch hashes and decodes the files (`loop.decode.decode_chu
 each photo into DEST with `loop.copies.safe_copy`. The driver gets back, per file, what it needs to record
 the copy; it writes the copy records, manifest rows, flags and `_review.csv` itself, once, under the usual
 locks. If an actor dies, Ray restarts it and runs its batch again: a copy made before the crash is found
-identical at its name and not made twice, and temp files the dead copier left are removed at the end.
+identical at its name and not made twice (the report counts it as "already there"), a batch delivered twice
+is recorded once, and temp files the dead copier left are removed at the end.
 
 Features (`sortloop train --ray`): the same pool shape over a torch body built from shipped weights; the
 actors read the resized cache and return features; the driver writes the feature cache.
@@ -88,9 +89,9 @@ def connected(address: str = "") -> Iterator[None]:
 def pooled(rows: list[dict], actor: type, init: dict[str, Any], batch_size: int, actors: int) -> Any:
     """A Ray Dataset of `rows` mapped in batches by a pool of `actor`s (1 CPU each) built with `init`.
 
-    Object refs in `init` are wrapped in a list, so the actor fetches them itself (once, at start) and Ray
-    keeps them alive while the driver holds them, for actors it restarts. Batches shrink for small inputs
-    so that every actor gets work.
+    Pass object refs in `init` inside a list: the actor then fetches them itself (once, at start), and they
+    stay alive for actors Ray restarts as long as the driver holds them. Batches shrink for small inputs so
+    that every actor gets work.
     """
     import ray
     import ray.data
