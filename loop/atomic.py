@@ -152,20 +152,20 @@ def read_jsonl(path: Path | str) -> list[Any]:
     return records
 
 
-def remove_stale_temps(folder: Path, *, skip: Iterable[Path] = ()) -> list[Path]:
-    """Delete the temp files of atomic writes that were killed, under `folder` (recursively, minus `skip`).
+def remove_stale_temps(folder: Path, *, recursive: bool = True) -> list[Path]:
+    """Delete the temp files of atomic writes that were killed, in `folder` (and its sub-folders).
 
     A temp is stale when the process named in it is gone (same host name), or, for a temp whose owner
     cannot be checked (another host or container, an older name), when it is older than STALE_AFTER_S; a
     live writer's temp is never touched.
     Returns the removed paths.
     """
-    skipped = {Path(p).resolve() for p in skip}
     removed: list[Path] = []
     now = time.time()
     for dirpath, dirnames, filenames in os.walk(folder):
         here = Path(dirpath)
-        dirnames[:] = [d for d in dirnames if (here / d).resolve() not in skipped]
+        if not recursive:
+            dirnames.clear()
         for name in filenames:
             match = _TEMP_NAME.match(name)
             if not match and not _OLD_TEMP_NAME.match(name):
