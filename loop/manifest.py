@@ -5,8 +5,8 @@ through `set_labels` (new labeled rows through `ingest.register_images`), which 
 photo its train/valid side (`loop.splits`) and keeps the label history (`history/labels.jsonl`) exactly
 equal to what the manifest committed, whatever moment a process is killed at (`commit_with_history`):
 the changes are first written as intents (`history/labels.pending.jsonl`), then the manifest is replaced,
-then they are appended to the history; an intent left by a kill is appended at the next start only if the
-manifest shows it (`recover_history`), so no phantom line, no lost line, no line twice.
+then they are appended to the history; an intent left by a kill is appended the next time the history is
+read or a label written, only if the manifest shows it (`recover_history`): no phantom, lost or doubled line.
 Caveat: `path` is where the image was first seen; later copies elsewhere do not move it.
 """
 

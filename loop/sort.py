@@ -223,11 +223,11 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
                     copier.submit(rec, label, float(p[k]), float(s), float(s) >= settings.flag_threshold,
                                   dest / label / sub)
             copier.collect()
-            if copier.disk_full:
-                break
             processed += len(batch) + failures
             report.seen = processed
             on_progress(processed, total)
+            if copier.disk_full:
+                break
             if pending.size >= FLUSH_EVERY:
                 copier.collect(wait=True)
                 _flush(ws, dest, settings.flag_strategy, pending, report)
@@ -240,6 +240,7 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
         stream.close()
         copier.close()  # finishes copies in flight (and records them) even when interrupted
         report.seen = processed
+        report.seconds = time.perf_counter() - started
         for finish in (lambda: _flush(ws, dest, settings.flag_strategy, pending, report),
                        lambda: copies.update_records(ws, touched), lambda: _log_run(ws, report)):
             try:
@@ -248,7 +249,6 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
                 if not is_disk_full(exc):
                     raise
                 disk_full = disk_full or exc
-        report.seconds = time.perf_counter() - started
     disk_full = disk_full or copier.disk_full
     if disk_full is not None:
         logger.warning("stopped: disk full (%s). %s", disk_full, report.summary())
