@@ -119,7 +119,11 @@ def commit_with_history(ws: Workspace, df: pd.DataFrame, records: list[dict]) ->
     records = [{**r, "txn": txn} for r in records]
     with atomic_write(pending_path(ws), "w") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    write_table_atomic(conform(df, COLUMNS), manifest_path(ws))
+    try:
+        write_table_atomic(conform(df, COLUMNS), manifest_path(ws))
+    except OSError:  # a full disk: the manifest is unchanged (atomic), so the intents are void
+        pending_path(ws).unlink(missing_ok=True)
+        raise
     append_jsonl(history_path(ws), records, ensure_ascii=False)
     pending_path(ws).unlink()
 
