@@ -1,7 +1,8 @@
 """Ingest: add folders of images to the manifest, with labels from class folders, items and splits.
 
 Idempotent by construction: the manifest key is the sha256 of the bytes, so re-ingesting a tree (or a
-renamed copy of it) adds nothing. Unreadable files are reported with a reason and skipped.
+renamed copy of it) adds nothing. Unreadable files (including FIFOs and devices named like images, which
+are never opened) are reported with a reason and skipped; a GIF is its first frame.
 Caveat: with `--labeled` the label is the FIRST folder under the ingested root (`root/<label>/.../x.jpg`);
 files directly in the root are added unlabeled.
 """
@@ -105,6 +106,9 @@ def ingest_folder(
         source: "user" for real photos (validation metrics are reported on these) or "web".
         labeled: take the label from the first class folder under `folder`.
         items_csv: optional CSV `path,item_id` giving explicit item groups (wins over inference).
+    Raises:
+        ConfigError: a bad source or items CSV. DiskFullError: the workspace's disk is full (nothing was
+        added; `.summary` says what was found).
     Example:
         >>> report = ingest_folder(ws, "photos/labeled", source="user", labeled=True)   # doctest: +SKIP
         >>> print(report.summary())
