@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 HISTORY_FILE = "labels.jsonl"
 PENDING_FILE = "labels.pending.jsonl"  # intents of the one label write in progress (see commit_with_history)
+HUMAN_SOURCES = ("review", "user_move")  # label sources that mean a person looked at this photo
 
 
 def manifest_path(ws: Workspace) -> Path:

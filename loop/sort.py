@@ -18,17 +18,15 @@ would rename many photos to `name (2).jpg` and lose which project each came from
 category from the first folder under DEST.
 
 Also written: predictions (`pred_label`, `pred_conf`, `pred_score`, `pred_model`) and `flag =
-low_confidence` into the manifest (new images are registered first), and the flagged copies into
-`DEST/_review.csv`.
+low_confidence` into the manifest (new images are registered first), and `DEST/_review.csv` (rebuilt
+from the records by `loop.review_list`: the flagged copies no person has looked at yet).
 Caveat: flags are set only on images no person has labeled yet (`label_source` not review/user_move),
 and an existing `user_moved` flag is never replaced.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -46,17 +44,15 @@ from loop.decode import Decoded, decode_stream, default_workers
 from loop.errors import DiskFullError, ModelError, SortloopError, is_disk_full
 from loop.images import iter_image_files
 from loop.progress import ProgressCallback, no_progress
+from loop.review_list import REVIEW_CSV, write_review_csv  # noqa: F401  (REVIEW_CSV: re-exported)
 from loop.select import get_strategy
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
-REVIEW_CSV = "_review.csv"
-REVIEW_COLUMNS = ["dest_path", "source_path", "pred_label", "pred_conf", "score", "strategy", "model_version",
-                  "image_id", "sorted_at"]
 FLUSH_EVERY = 256  # images between writes of the manifest and the records (a crash loses no copies:
 #                    a rerun finds them identical at their destination and records them then)
-HUMAN_SOURCES = ("review", "user_move")
+HUMAN_SOURCES = manifest.HUMAN_SOURCES
 
 
 @dataclass
@@ -230,7 +226,7 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
                 break
             if pending.size >= FLUSH_EVERY:
                 copier.collect(wait=True)
-                _flush(ws, dest, settings.flag_strategy, pending, report)
+                _flush(ws, dest, pending, report)
         copier.collect(wait=True)
     except OSError as exc:
         if not is_disk_full(exc):
@@ -241,8 +237,8 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
         copier.close()  # finishes copies in flight (and records them) even when interrupted
         report.seen = processed
         report.seconds = time.perf_counter() - started
-        for finish in (lambda: _flush(ws, dest, settings.flag_strategy, pending, report),
-                       lambda: copies.update_records(ws, touched), lambda: _log_run(ws, report)):
+        for finish in (lambda: _flush(ws, dest, pending, report), lambda: copies.update_records(ws, touched),
+                       lambda: write_review_csv(ws, dest), lambda: _log_run(ws, report)):
             try:
                 finish()
             except OSError as exc:
@@ -257,8 +253,6 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
     on_progress(processed, total)
     logger.info(report.summary())
     return report
-
-
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -319,7 +313,7 @@ class _Pending:
         self.records: list[dict] = []
         self.infos: list = []
         self.preds: dict[str, tuple[str, float, float, bool]] = {}
-        self.review: list[dict] = []
+        self.flagged = False  # a flagged copy since the last flush: `_review.csv` is rebuilt
         self.folders: set[Path] = set()
 
     @property
@@ -394,20 +388,15 @@ class _Copier:
             "dest_path": str(final), "label": job.label, "confidence": job.conf, "score": job.score,
             "flagged": job.flagged, "model_version": self.version, "sorted_at": now, "run_id": report.run_id,
             "category": job.label, "dest_size": st.st_size, "dest_mtime_ns": st.st_mtime_ns, "status": "present",
-            "checked_at": now,
+            "checked_at": now, "placed_by": "sort",
         })
         pending.infos.append(ImageInfo(image_id=rec.image_id or "", path=str(rec.path), phash=rec.phash,
                                        taken_at=rec.taken_at))
         pending.preds[rec.image_id or ""] = (job.label, job.conf, job.score, job.flagged)
-        if job.flagged:
-            pending.review.append({
-                "dest_path": str(final), "source_path": str(rec.path), "pred_label": job.label,
-                "pred_conf": f"{job.conf:.4f}", "score": f"{job.score:.4f}", "strategy": "",
-                "model_version": self.version, "image_id": rec.image_id, "sorted_at": now.isoformat(),
-            })
+        pending.flagged |= job.flagged
 
 
-def _flush(ws: Workspace, dest: Path, strategy: str, pending: _Pending, report: SortReport) -> None:
+def _flush(ws: Workspace, dest: Path, pending: _Pending, report: SortReport) -> None:
     """Copies made durable (directory fsync), then the manifest (register + predictions + flags), then the
     copy records, then _review.csv: a crash in between only means a rerun re-finds identical copies. Each
     part is cleared once written, so calling it again after a failure (a full disk) redoes only the rest."""
@@ -437,21 +426,9 @@ def _flush(ws: Workspace, dest: Path, strategy: str, pending: _Pending, report: 
     copies.append_records(ws, pending.records)
     pending.records = []
     pending.folders.clear()
-    if pending.review:
-        review, pending.review = pending.review, []  # never appended twice, even if this append fails
-        _append_review(dest / REVIEW_CSV, review, strategy)
-
-
-def _append_review(path: Path, rows: list[dict], strategy: str) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=REVIEW_COLUMNS)
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "strategy": strategy})
-        fh.flush()
-        os.fsync(fh.fileno())
+    if pending.flagged:
+        pending.flagged = False  # rebuilt from the records, so nothing is lost if this write fails
+        write_review_csv(ws, dest)
 
 
 def _log_run(ws: Workspace, report: SortReport) -> None:
