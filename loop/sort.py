@@ -356,7 +356,7 @@ class _Copier:
                 self.report.failed.append((str(job.rec.path), f"copy failed ({exc.strerror or exc})"))
                 logger.warning("copy of %s failed: %s", job.rec.path, exc)
                 if is_disk_full(exc) and self.disk_full is None:
-                    self.disk_full = exc
+                    self.disk_full = DiskFullError(self.report.dest)
                 continue
             self._record(job, final, copied)
 

@@ -56,6 +56,9 @@ def test_sort_into_a_full_dest_stops_cleanly_and_resumes(ws, sort_model, shared_
         records = copies.load_records(ws, dest)
         assert sorted(records["source_path"]) == sorted(str(src / p.name) for p in photos)  # each once
         assert len({p for p in dest.rglob("*.jpg") if not p.name.startswith(".")}) == len(photos)
+        # the review list survived the full disk: header first, one line per flagged copy
+        lines = (dest / "_review.csv").read_text(encoding="utf-8").splitlines()
+        assert lines[0].startswith("dest_path,") and len(lines) - 1 == int(records["flagged"].sum()) > 0
 
 
 def test_ingest_into_a_full_workspace_stops_cleanly_and_resumes(tmp_path) -> None:
