@@ -141,7 +141,7 @@ class _SortActor:
         ok = [i for i, rec in enumerate(recs) if rec.ok]
         if ok:
             probs[ok] = predictor.predict(np.stack([recs[i].pixels for i in ok]))
-        dest_path, copied, copy_error = [""] * n, np.zeros(n, bool), [""] * n
+        dest_path, copied, copy_error, copy_errno = [""] * n, np.zeros(n, bool), [""] * n, np.zeros(n, np.int64)
         for i in ok:
             rec = recs[i]
             if rec.image_id in str(batch["known"][i]).split(","):
@@ -152,8 +152,8 @@ class _SortActor:
                 final, copied[i] = copies.safe_copy(rec.path, folder, rec.path.name, image_id=rec.image_id or "",
                                                     size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False)
                 dest_path[i] = str(final)
-            except OSError as exc:  # includes SourceChanged; reported per file by the driver
-                copy_error[i] = str(exc.strerror or exc)
+            except OSError as exc:  # includes SourceChanged; reported per file by the driver (a full disk
+                copy_error[i], copy_errno[i] = str(exc.strerror or exc), exc.errno or 0  # stops the run there)
         return {
             "path": np.array([str(r.path) for r in recs], dtype=object),
             "image_id": np.array([r.image_id or "" for r in recs], dtype=object),
@@ -166,6 +166,7 @@ class _SortActor:
             "dest_path": np.array(dest_path, dtype=object),
             "copied": copied,
             "copy_error": np.array(copy_error, dtype=object),
+            "copy_errno": copy_errno,
         }
 
 
@@ -244,7 +245,8 @@ def _unpack(out: dict[str, np.ndarray]) -> tuple[list[Decoded], list[Placed]]:
                       mtime_ns=int(out["mtime_ns"][i]), error=out["error"][i] or None)
         recs.append(rec)
         if out["copy_error"][i]:
-            placed.append(OSError(out["copy_error"][i]))
+            code = int(out["copy_errno"][i])
+            placed.append(OSError(code, out["copy_error"][i]) if code else OSError(out["copy_error"][i]))
         elif out["dest_path"][i]:
             placed.append((Path(out["dest_path"][i]), bool(out["copied"][i])))
         else:
