@@ -62,6 +62,13 @@ class SortConfig(BaseModel):
     runtime: Literal["onnx", "torch"] = "onnx"
 
 
+class ReviewConfig(BaseModel):
+    """What a reviewer sees next (`sortloop select`, `review push`): strategy and daily budget."""
+
+    strategy: str = "hybrid"  # a name in loop.select.BATCH_STRATEGIES (checked when used)
+    daily_budget: int = Field(100, ge=0)  # photos pushed per day (UTC) besides user moves; 0 = no limit
+
+
 class GateConfig(BaseModel):
     """When a candidate model may replace the deployed one."""
 
@@ -107,6 +114,7 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     sort: SortConfig = SortConfig()
     gate: GateConfig = GateConfig()
+    review: ReviewConfig = ReviewConfig()
     labelstudio: LabelStudioConfig = LabelStudioConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
@@ -188,6 +196,12 @@ runtime = "onnx"              # or "torch"; ONNX Runtime measured ~3x faster on 
 [gate]
 min_accuracy_gain = 0.0       # candidate must beat the deployed model by more than this
 max_recall_drop = 0.10        # ...and no class may lose more recall than this
+
+[review]
+strategy = "hybrid"           # what `review push` sends next, from unlabeled and flagged photos: "hybrid"
+                              # (margin + class balance + diversity), "margin", "least_confidence",
+                              # "entropy", "badge", "typiclust", "random"; few labels: typiclust (cold start)
+daily_budget = 100            # photos pushed per day (UTC) besides user moves, which always go; 0 = no limit
 
 [labelstudio]
 url = ""                      # empty: the embedded local server; else e.g. "https://ls.example.com"
