@@ -146,6 +146,19 @@ def queue(ws: Workspace, selection: Selection) -> int:
     return marked
 
 
+def choose(ws: Workspace, budget: int, strategy: str | None = None, *, dry_run: bool = False,
+           on_progress: ProgressCallback | None = None) -> Selection:
+    """`select`, then `queue` the result unless `dry_run`: what `sortloop select` does.
+
+    Example:
+        >>> choose(open_workspace("data"), 50, "margin").image_ids[:3]   # doctest: +SKIP
+    """
+    selection = select(ws, budget, strategy, on_progress=on_progress)
+    if not dry_run:
+        queue(ws, selection)
+    return selection
+
+
 def push_log_path(ws: Workspace) -> Path:
     return ws.history_dir / PUSH_LOG
 
