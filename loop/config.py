@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from loop.errors import ConfigError
+from loop.select import DEFAULT_BATCH_STRATEGY
 
 CONFIG_FILENAME = "sortloop.toml"
 
@@ -65,7 +66,7 @@ class SortConfig(BaseModel):
 class ReviewConfig(BaseModel):
     """What a reviewer sees next (`sortloop select`, `review push`): strategy and daily budget."""
 
-    strategy: str = "hybrid"  # a name in loop.select.BATCH_STRATEGIES (checked when used)
+    strategy: str = DEFAULT_BATCH_STRATEGY  # a name in loop.select.BATCH_STRATEGIES (checked when used)
     daily_budget: int = Field(100, ge=0)  # photos pushed per day (UTC) besides user moves; 0 = no limit
 
 
