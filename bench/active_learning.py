@@ -35,7 +35,7 @@ from loop.features import cached_features, features_dir
 from loop.head import choose_c
 from loop.images import load_model_input
 from loop.probe import fit_head, head_probs
-from loop.select import BATCH_STRATEGIES, Pool, select_batch
+from loop.select import BATCH_STRATEGIES, COLD_START_PER_CLASS, Pool, is_cold_start, select_batch
 from loop.workspace import init_workspace
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -95,7 +95,8 @@ def accuracy(feats: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarr
     return float((head_probs(model, feats[test, 0], k).argmax(axis=1) == y[test]).mean())
 
 
-def run_curve(feats, y, pool, test, c, k, strategy, seed, batch, max_labels) -> list[tuple[int, float, str]]:
+def run_curve(feats, y, pool, test, c, k, strategy, seed, batch, max_labels,
+              cold_per_class: int = COLD_START_PER_CLASS) -> list[tuple[int, float, str]]:
     """[(labels, test accuracy, strategy used)] for one strategy, from one photo per class."""
     rng = np.random.default_rng(seed)
     labeled = [int(rng.choice(pool[y[pool] == j])) for j in range(k) if (y[pool] == j).any()]
@@ -109,8 +110,9 @@ def run_curve(feats, y, pool, test, c, k, strategy, seed, batch, max_labels) -> 
         if len(lab) >= max_labels or len(cand) == 0:
             return curve
         probs = head_probs(model, feats[cand, 0], k)
+        cold = is_cold_start(y[lab], k, per_class=cold_per_class)
         picks, used = select_batch(Pool(probs, emb[cand], emb[lab], y[lab]), batch, strategy,
-                                   seed=seed * 1000 + len(lab))
+                                   seed=seed * 1000 + len(lab), cold_start=cold)
         labeled.extend(int(i) for i in cand[picks])
 
 
@@ -128,7 +130,8 @@ def labels_needed(curve: pd.DataFrame, target: float, *, stay: bool = False) -> 
     return float(curve["labels"].iloc[hit[0]]) if len(hit) else float("nan")
 
 
-def bench_dataset(name: str, seeds: int, batch: int, strategies: list[str]) -> tuple[pd.DataFrame, dict]:
+def bench_dataset(name: str, seeds: int, batch: int, strategies: list[str],
+                  cold_per_class: int = COLD_START_PER_CLASS) -> tuple[pd.DataFrame, dict]:
     frame, feats = dataset_features(name)
     classes = sorted(frame["label"].unique())
     y = frame["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
@@ -146,7 +149,8 @@ def bench_dataset(name: str, seeds: int, batch: int, strategies: list[str]) -> t
         max_labels = min(MAX_LABELS.get(name, 400), len(pool))
         for strategy in strategies:
             t0 = time.perf_counter()
-            for n, acc, used in run_curve(feats, y, pool, test, c, k, strategy, seed, batch, max_labels):
+            for n, acc, used in run_curve(feats, y, pool, test, c, k, strategy, seed, batch, max_labels,
+                                          cold_per_class):
                 rows.append({"dataset": name, "seed": seed, "strategy": strategy, "labels": n, "accuracy": acc,
                              "used": used})
             print(f"  {name} seed {seed} {strategy:16s} {time.perf_counter() - t0:5.1f} s", flush=True)
@@ -236,13 +240,15 @@ def main() -> None:
     # typiclust alone is left out by default (it is every strategy's cold start already); add it by name.
     parser.add_argument("--strategies", nargs="+", default=[s for s in BATCH_STRATEGIES if s != "typiclust"],
                         choices=list(BATCH_STRATEGIES))
+    parser.add_argument("--cold-start-per-class", type=int, default=COLD_START_PER_CLASS,
+                        help="labels per class below which strategies use typiclust (loop.select's default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     all_curves, fulls, tables, audits = [], {}, [], []
     for name in args.datasets:
-        curves, info = bench_dataset(name, args.seeds, args.batch, args.strategies)
+        curves, info = bench_dataset(name, args.seeds, args.batch, args.strategies, args.cold_start_per_class)
         all_curves.append(curves)
         fulls[name] = info["full"]
         table = summarise(curves, info["full"])

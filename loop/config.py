@@ -202,9 +202,10 @@ min_accuracy_gain = 0.0       # candidate must beat the deployed model by more t
 max_recall_drop = 0.10        # ...and no class may lose more recall than this
 
 [review]
-strategy = "hybrid"           # what `review push` sends next, from unlabeled and flagged photos: "hybrid"
-                              # (margin + class balance + diversity), "margin", "least_confidence",
-                              # "entropy", "badge", "typiclust", "random"; few labels: typiclust (cold start)
+strategy = "margin"           # what `review push` sends next, from unlabeled and flagged photos: "margin"
+                              # (best in bench/active_learning.py), "hybrid" (margin + class balance +
+                              # diversity), "least_confidence", "entropy", "badge", "typiclust", "random";
+                              # with few labels every strategy but random starts with typiclust (cold start)
 daily_budget = 100            # photos pushed per day (UTC) besides user moves, which always go; 0 = no limit
 
 [labelstudio]

@@ -12,7 +12,8 @@ Which to use:
 
 Batch strategies (`BATCH_STRATEGIES`, used by `sortloop select` and `review push`) compose a score with
 a picker from `loop.pickers`: `random` (the baseline), `least_confidence` / `margin` / `entropy` (top
-scores), `hybrid` (margin + class-balanced candidates + k-means diversity), `badge` and `typiclust`.
+scores), `hybrid` (margin + class-balanced candidates + k-means diversity), `badge` and `typiclust`;
+the default, `margin`, is what bench/active_learning.py favours.
 At cold start (few labels, or a class with none) every non-random strategy uses `typiclust` until the
 model is trustworthy (`is_cold_start`).
 
@@ -182,7 +183,7 @@ BATCH_STRATEGIES: dict[str, BatchStrategy] = {
     "badge": badge,
     "typiclust": typiclust,
 }
-DEFAULT_BATCH_STRATEGY = "hybrid"
+DEFAULT_BATCH_STRATEGY = "margin"  # best of the strategies in bench/active_learning.py (README)
 
 
 def get_batch_strategy(name: str) -> BatchStrategy:
