@@ -35,7 +35,14 @@ from loop.features import cached_features, features_dir
 from loop.head import choose_c
 from loop.images import load_model_input
 from loop.probe import fit_head, head_probs
-from loop.select import BATCH_STRATEGIES, COLD_START_PER_CLASS, Pool, is_cold_start, select_batch
+from loop.select import (
+    BATCH_STRATEGIES,
+    COLD_START_PER_CLASS,
+    DEFAULT_BATCH_STRATEGY,
+    Pool,
+    is_cold_start,
+    select_batch,
+)
 from loop.workspace import init_workspace
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -219,9 +226,12 @@ def plot(curves: pd.DataFrame, fulls: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         data = curves[curves["dataset"] == name]
+        seeds = data["seed"].nunique()
         for strategy, g in data.groupby("strategy"):
-            m = g.groupby("labels")["accuracy"].mean()
-            ax.plot(m.index, m.to_numpy(), label=strategy, lw=2.2 if strategy in ("random", "hybrid") else 1.2)
+            m = g.groupby("labels")["accuracy"].agg(["mean", "count"])
+            m = m[m["count"] == seeds]["mean"]  # label counts every seed reached, as in `summarise`
+            ax.plot(m.index, m.to_numpy(), label=strategy,
+                    lw=2.2 if strategy in ("random", DEFAULT_BATCH_STRATEGY) else 1.2)
         ax.axhline(TARGET * fulls[name], color="grey", ls="--", lw=1, label=f"{TARGET:.0%} of all labels")
         ax.set_title(f"{name}: test accuracy (unseen items) vs labels")
         ax.set_xlabel("labels given")
