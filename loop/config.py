@@ -49,6 +49,7 @@ class ModelConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
     seed: int = 0
+    int8: bool = True  # also write a gated INT8 copy of model.onnx at train time (loop.quantize)
 
 
 class SortConfig(BaseModel):
@@ -60,6 +61,7 @@ class SortConfig(BaseModel):
     flag_threshold: float = Field(0.5, ge=0.0, le=1.0)  # flag when the strategy's score >= this
     keep_tree: bool = True
     runtime: Literal["onnx", "torch"] = "onnx"
+    precision: Literal["auto", "float"] = "auto"  # auto: the INT8 model when it passed its gate
 
 
 class GateConfig(BaseModel):
@@ -174,6 +176,7 @@ epochs = 8
 batch_size = 32
 learning_rate = 0.002
 seed = 0
+int8 = true                   # also write model.int8.onnx, used by sort only if it agrees with float (>= 99.5%)
 
 [sort]
 batch_size = 32
@@ -184,6 +187,7 @@ flag_threshold = 0.5          # flag for review when the score is at least this 
 keep_tree = true              # DEST/<category>/<source sub-folders>/name: camera names (IMG_0001.JPG) repeat
                               # across folders, so flat (false / --flat) renames many to "name (2).jpg"
 runtime = "onnx"              # or "torch"; ONNX Runtime measured ~3x faster on CPU (bench/sort.py)
+precision = "auto"            # "auto": the INT8 model when it passed its gate (see `sortloop status`); "float"
 
 [gate]
 min_accuracy_gain = 0.0       # candidate must beat the deployed model by more than this

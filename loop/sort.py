@@ -182,7 +182,7 @@ def sort_folder(
     stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
                            prefetch=max(4 * workers, 2 * settings.batch_size // chunk))
     try:
-        predictor = load_predictor(model_dir, runtime=settings.runtime)
+        predictor = load_predictor(model_dir, runtime=settings.runtime, precision=settings.precision)
         total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))
     except BaseException:
         stream.close()
