@@ -43,7 +43,7 @@ ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # written by loop.quantize; used only when model.json["int8"]["passed"]
 ONNX_OPSET = 17
 RUNTIMES = ("onnx", "torch")
-PRECISIONS = ("auto", "float")  # auto: INT8 ONNX when model.json["int8"]["passed"], else float
+PRECISIONS = ("auto", "float", "int8")  # auto: INT8 ONNX when model.json["int8"]["passed"]; int8: even if not
 REQUIRED_SPEC_KEYS = ("architecture", "classes", "image_size", "mean", "std")
 
 
@@ -192,7 +192,10 @@ class Predictor:
         self.runtime = runtime
         self._session: Any = None
         self._net: Any = None
-        self.int8 = runtime == "onnx" and precision == "auto" and int8_passed(self.spec)
+        self.int8 = runtime == "onnx" and (precision == "int8" or (precision == "auto" and int8_passed(self.spec)))
+        if precision == "int8" and (runtime != "onnx" or not (self.model_dir / INT8_FILE).exists()):
+            raise ModelError(f"precision 'int8' needs runtime 'onnx' and {INT8_FILE} in {self.model_dir}; "
+                             "retrain with model.int8 = true, or use precision 'auto'")
         if runtime == "onnx":
             self._session = _onnx_session(self.model_dir / (INT8_FILE if self.int8 else ONNX_FILE), threads)
         else:
@@ -239,8 +242,9 @@ def load_predictor(model_dir: Path | str, runtime: str = "onnx", *, threads: int
         model_dir: a version folder, e.g. `registry.current_model_dir(ws)`.
         runtime: "onnx" (default, ~2x faster on CPU, no torch import) or "torch" (timm, strict load).
         threads: intra-op threads (None = the runtime's default, all cores).
-        precision: "float" (default), or "auto": the INT8 ONNX model when it passed its gate
-            (`model.json["int8"]["passed"]`, see loop.quantize), else float.
+        precision: "float" (default); "auto": the INT8 ONNX model when it passed its gate
+            (`model.json["int8"]["passed"]`, see loop.quantize), else float; "int8": the INT8 model even
+            if the gate refused it (the user's risk).
     Raises:
         ModelError: missing/damaged files or weights that do not fit the described network.
     """

@@ -61,7 +61,7 @@ class SortConfig(BaseModel):
     flag_threshold: float = Field(0.5, ge=0.0, le=1.0)  # flag when the strategy's score >= this
     keep_tree: bool = True
     runtime: Literal["onnx", "torch"] = "onnx"
-    precision: Literal["auto", "float"] = "auto"  # auto: the INT8 model when it passed its gate
+    precision: Literal["auto", "float", "int8"] = "auto"  # auto: the INT8 model when it passed its gate
 
 
 class GateConfig(BaseModel):
@@ -187,7 +187,8 @@ flag_threshold = 0.5          # flag for review when the score is at least this 
 keep_tree = true              # DEST/<category>/<source sub-folders>/name: camera names (IMG_0001.JPG) repeat
                               # across folders, so flat (false / --flat) renames many to "name (2).jpg"
 runtime = "onnx"              # or "torch"; ONNX Runtime measured ~3x faster on CPU (bench/sort.py)
-precision = "auto"            # "auto": the INT8 model when it passed its gate (see `sortloop status`); "float"
+precision = "auto"            # "auto": the INT8 model when it passed its gate (see `sortloop status`);
+                              # "float"; "int8": the INT8 model even if its gate refused it
 
 [gate]
 min_accuracy_gain = 0.0       # candidate must beat the deployed model by more than this

@@ -135,3 +135,22 @@ def _expected(model_dir: Path, folder: Path, precision: str) -> dict[str, float]
     paths = sorted(folder.rglob("*.jpg"))
     probs = load_predictor(model_dir, precision=precision).predict(np.stack([load_model_input(p, 224) for p in paths]))
     return {p.name: float(row.max()) for p, row in zip(paths, probs, strict=True)}
+
+
+def test_status_says_which_model_sort_runs_and_why(ws, sort_model, photos, monkeypatch) -> None:
+    from loop.app.status import collect_status, format_status
+
+    _, batch = photos
+    model_dir = _deployed(ws, sort_model)
+    monkeypatch.setattr(quantize, "MIN_AGREEMENT", 1.01)
+    quantize.quantize_artifact(model_dir, batch[:4], batch[4:8])
+    status = collect_status(ws, check_labelstudio=False)
+    assert status["model"]["sort_precision"]["int8"] is False
+    assert "sorting     float model: kept float: top-1 agrees" in format_status(status)
+
+    spec = read_spec(model_dir)
+    spec["int8"]["passed"] = True
+    quantize.write_json_atomic(model_dir / "model.json", spec)
+    assert collect_status(ws, check_labelstudio=False)["model"]["sort_precision"]["int8"] is True
+    ws.settings.sort.precision = "float"
+    assert "sort.precision = 'float'" in format_status(collect_status(ws, check_labelstudio=False))
