@@ -18,17 +18,15 @@ would rename many photos to `name (2).jpg` and lose which project each came from
 category from the first folder under DEST.
 
 Also written: predictions (`pred_label`, `pred_conf`, `pred_score`, `pred_model`) and `flag =
-low_confidence` into the manifest (new images are registered first), and the flagged copies into
-`DEST/_review.csv`.
+low_confidence` into the manifest (new images are registered first), and `DEST/_review.csv` (rebuilt
+from the records by `loop.review_list`: the flagged copies no person has looked at yet).
 Caveat: flags are set only on images no person has labeled yet (`label_source` not review/user_move),
 and an existing `user_moved` flag is never replaced.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -43,20 +41,18 @@ import pandas as pd
 from loop import copies, manifest
 from loop.atomic import append_jsonl
 from loop.decode import Decoded, decode_stream, default_workers
-from loop.errors import ModelError, SortloopError
+from loop.errors import DiskFullError, ModelError, SortloopError, is_disk_full
 from loop.images import iter_image_files
 from loop.progress import ProgressCallback, no_progress
+from loop.review_list import REVIEW_CSV, write_review_csv  # noqa: F401  (REVIEW_CSV: re-exported)
 from loop.select import get_strategy
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
-REVIEW_CSV = "_review.csv"
-REVIEW_COLUMNS = ["dest_path", "source_path", "pred_label", "pred_conf", "score", "strategy", "model_version",
-                  "image_id", "sorted_at"]
 FLUSH_EVERY = 256  # images between writes of the manifest and the records (a crash loses no copies:
 #                    a rerun finds them identical at their destination and records them then)
-HUMAN_SOURCES = ("review", "user_move")
+HUMAN_SOURCES = manifest.HUMAN_SOURCES
 
 
 @dataclass
@@ -121,18 +117,26 @@ def sort_folder(
     Returns:
         A SortReport; `.ok` is False if any file failed (each listed with its reason).
     Raises:
-        ModelError: no deployed model, or it does not load. SortloopError: bad `src`/`dest`.
+        ModelError: no deployed model, or it does not load. SortloopError: bad `src`/`dest`, or another sort
+        is writing into `dest` right now. DiskFullError: DEST's or the workspace's disk filled up; every
+        copy made is recorded, `.summary` says what was done, and a rerun after freeing space continues.
 
     Example:
         >>> report = sort_folder(open_workspace("data"), "~/photos/new", "~/photos/sorted")   # doctest: +SKIP
         >>> print(report.summary())
     """
+    src, dest = _check_folders(Path(src), Path(dest))
+    with copies.dest_lock(ws, dest):  # one sort at a time per destination (a second one refuses clearly)
+        return _sort_locked(ws, src, dest, keep_tree=keep_tree, on_progress=on_progress or no_progress)
+
+
+def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None,
+                 on_progress: ProgressCallback) -> SortReport:
+    """`sort_folder` once the destination is locked and the folders checked."""
     from loop.artifact import load_predictor, read_spec
     from loop.registry import current_model_dir
 
     settings = ws.settings.sort
-    on_progress = on_progress or no_progress
-    src, dest = _check_folders(Path(src), Path(dest))
     dest_is_new = not dest.exists()
     keep_tree = settings.keep_tree if keep_tree is None else keep_tree
     strategy = get_strategy(settings.flag_strategy)
@@ -197,6 +201,7 @@ def sort_folder(
     on_progress(processed, total)
 
     copier = _Copier(report, pending, predictor.version)
+    disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
     try:
         for batch, failures in _batches(stream, settings.batch_size, report):
             if batch:
@@ -217,18 +222,34 @@ def sort_folder(
             processed += len(batch) + failures
             report.seen = processed
             on_progress(processed, total)
+            if copier.disk_full:
+                break
             if pending.size >= FLUSH_EVERY:
                 copier.collect(wait=True)
-                _flush(ws, dest, settings.flag_strategy, pending, report)
+                _flush(ws, dest, pending, report)
         copier.collect(wait=True)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        disk_full = exc
     finally:
         stream.close()
         copier.close()  # finishes copies in flight (and records them) even when interrupted
-        _flush(ws, dest, settings.flag_strategy, pending, report)
-        copies.update_records(ws, touched)
         report.seen = processed
         report.seconds = time.perf_counter() - started
-        _log_run(ws, report)
+        for finish in (lambda: _flush(ws, dest, pending, report), lambda: copies.update_records(ws, touched),
+                       lambda: write_review_csv(ws, dest), lambda: _log_run(ws, report)):
+            try:
+                finish()
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                disk_full = disk_full or exc
+    disk_full = disk_full or copier.disk_full
+    if disk_full is not None:
+        logger.warning("stopped: disk full (%s). %s", disk_full, report.summary())
+        where = getattr(disk_full, "path", None) or disk_full.filename or dest
+        raise DiskFullError(where, summary=report.summary()) from None
     on_progress(processed, total)
     logger.info(report.summary())
     return report
@@ -292,7 +313,7 @@ class _Pending:
         self.records: list[dict] = []
         self.infos: list = []
         self.preds: dict[str, tuple[str, float, float, bool]] = {}
-        self.review: list[dict] = []
+        self.flagged = False  # a flagged copy since the last flush: `_review.csv` is rebuilt
         self.folders: set[Path] = set()
 
     @property
@@ -318,6 +339,7 @@ class _Copier:
         self.report, self.pending, self.version = report, pending, version
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sortloop-copy")
         self.jobs: deque[_Job] = deque()
+        self.disk_full: OSError | None = None  # the first "no space left" of a copy: the run stops
 
     def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path) -> None:
         future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
@@ -333,6 +355,8 @@ class _Copier:
             except OSError as exc:  # includes SourceChanged; the file is reported, the run goes on
                 self.report.failed.append((str(job.rec.path), f"copy failed ({exc.strerror or exc})"))
                 logger.warning("copy of %s failed: %s", job.rec.path, exc)
+                if is_disk_full(exc) and self.disk_full is None:
+                    self.disk_full = DiskFullError(self.report.dest)
                 continue
             self._record(job, final, copied)
 
@@ -364,22 +388,18 @@ class _Copier:
             "dest_path": str(final), "label": job.label, "confidence": job.conf, "score": job.score,
             "flagged": job.flagged, "model_version": self.version, "sorted_at": now, "run_id": report.run_id,
             "category": job.label, "dest_size": st.st_size, "dest_mtime_ns": st.st_mtime_ns, "status": "present",
-            "checked_at": now,
+            "checked_at": now, "placed_by": "sort",
         })
         pending.infos.append(ImageInfo(image_id=rec.image_id or "", path=str(rec.path), phash=rec.phash,
                                        taken_at=rec.taken_at))
         pending.preds[rec.image_id or ""] = (job.label, job.conf, job.score, job.flagged)
-        if job.flagged:
-            pending.review.append({
-                "dest_path": str(final), "source_path": str(rec.path), "pred_label": job.label,
-                "pred_conf": f"{job.conf:.4f}", "score": f"{job.score:.4f}", "strategy": "",
-                "model_version": self.version, "image_id": rec.image_id, "sorted_at": now.isoformat(),
-            })
+        pending.flagged |= job.flagged
 
 
-def _flush(ws: Workspace, dest: Path, strategy: str, pending: _Pending, report: SortReport) -> None:
+def _flush(ws: Workspace, dest: Path, pending: _Pending, report: SortReport) -> None:
     """Copies made durable (directory fsync), then the manifest (register + predictions + flags), then the
-    copy records, then _review.csv: a crash in between only means a rerun re-finds identical copies."""
+    copy records, then _review.csv: a crash in between only means a rerun re-finds identical copies. Each
+    part is cleared once written, so calling it again after a failure (a full disk) redoes only the rest."""
     if not pending.records:
         return
     for folder in pending.folders:
@@ -387,6 +407,7 @@ def _flush(ws: Workspace, dest: Path, strategy: str, pending: _Pending, report: 
     from loop.ingest import register_images
 
     report.registered += register_images(ws, pending.infos, source="user")
+    pending.infos = []
     preds, version = pending.preds, report.model_version
 
     def apply(df: pd.DataFrame) -> pd.DataFrame:
@@ -401,23 +422,13 @@ def _flush(ws: Workspace, dest: Path, strategy: str, pending: _Pending, report: 
         return df
 
     manifest.update(ws, apply)
+    pending.preds = {}
     copies.append_records(ws, pending.records)
-    if pending.review:
-        _append_review(dest / REVIEW_CSV, pending.review, strategy)
-    pending.records, pending.infos, pending.preds, pending.review = [], [], {}, []
+    pending.records = []
     pending.folders.clear()
-
-
-def _append_review(path: Path, rows: list[dict], strategy: str) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=REVIEW_COLUMNS)
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "strategy": strategy})
-        fh.flush()
-        os.fsync(fh.fileno())
+    if pending.flagged:
+        pending.flagged = False  # rebuilt from the records, so nothing is lost if this write fails
+        write_review_csv(ws, dest)
 
 
 def _log_run(ws: Workspace, report: SortReport) -> None:

@@ -72,6 +72,7 @@ def test_sort_falls_back_to_float_when_the_int8_gate_fails(ws, sort_model, photo
     assert report.ok
     assert _sorted_confidences(ws, tmp_path / "sorted") == pytest.approx(_expected(model_dir, folder, "float"),
                                                                           abs=1e-6)
+    assert load_predictor(model_dir, precision="int8").int8  # the user may still force it
 
 
 def test_sort_uses_int8_when_it_passed(ws, sort_model, photos, tmp_path, monkeypatch) -> None:
