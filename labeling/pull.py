@@ -13,7 +13,8 @@ reason (a comment, a new prediction) does not re-apply an old annotation over a 
 Never loses a label: the watermark (`<workspace>/labelstudio/pull.json`) is written only after the
 manifest writes succeeded, and it never moves past a task whose label was rejected.
 Caveat: a label that is not a known class (deployed model's classes + manifest labels) is rejected and
-reported, unless `labelstudio.allow_new_classes` is true; fix it in Label Studio and pull again.
+reported, unless `labelstudio.allow_new_classes` is true; a label that cannot be a class name at all
+(`loop.classnames`: "../../etc", "_x", ...) is always rejected. Fix it in Label Studio and pull again.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from labeling.client import Client, connect
 from labeling.project import find_project, known_classes
 from loop import manifest as mf
 from loop.atomic import write_json_atomic
+from loop.classnames import class_name_problem
 from loop.errors import LabelStudioError
 from loop.workspace import Workspace
 
@@ -163,6 +165,20 @@ def _iso(ts: pd.Timestamp) -> str:
     return ts.tz_convert("UTC").strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _label_problem(d: payloads.Decision, allowed: set[str], allow_new: bool) -> str | None:
+    """Why a reviewer's label cannot be applied, or None: every label must be a valid class name (even with
+    `allow_new_classes`), and a known class unless new ones are allowed."""
+    if d.kind != "label":
+        return None
+    problem = class_name_problem(d.label)
+    if problem is not None:
+        return f"{d.label!r} cannot be a class name ({problem}); pick another label in Label Studio"
+    if d.label not in allowed and not allow_new:
+        return (f"{d.label!r} is not a known class ({', '.join(sorted(allowed))}); fix it in Label Studio or set "
+                "labelstudio.allow_new_classes = true")
+    return None
+
+
 def pull(ws: Workspace) -> PullReport:
     """Bring reviewers' decisions made since the last pull into the manifest and label history.
 
@@ -214,10 +230,9 @@ def pull(ws: Workspace) -> PullReport:
             unknown += 1
             applied[d.image_id] = key
             continue
-        if d.kind == "label" and d.label not in allowed and not allow_new:
-            rejected.append(Rejected(d.image_id, d.task_id, str(d.label),
-                                     f"{d.label!r} is not a known class ({', '.join(sorted(allowed))}); fix it in "
-                                     "Label Studio or set labelstudio.allow_new_classes = true"))
+        reason = _label_problem(d, allowed, allow_new)
+        if reason is not None:
+            rejected.append(Rejected(d.image_id, d.task_id, str(d.label), reason))
             task_updated = min(pd.Timestamp(t["updated_at"]) for t in tasks if int(t["id"]) == d.task_id)
             hold_before = task_updated if hold_before is None else min(hold_before, task_updated)
             continue

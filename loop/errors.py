@@ -36,3 +36,7 @@ class ModelError(SortloopError):
 
 class LabelStudioError(SortloopError):
     """Label Studio is unreachable, misconfigured, or answered with an error."""
+
+
+class ClassNameError(SortloopError):
+    """A class name that cannot be a category folder (path separators, hidden, empty...)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from loop.atomic import append_jsonl, read_jsonl
+from loop.classnames import check_class_name
 from loop.splits import assign_splits
 from loop.tables import conform, locked, read_table, update_table, write_table_atomic
 from loop.workspace import Workspace
@@ -98,13 +99,16 @@ def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
     """Apply label changes to the manifest and the history log; returns how many labels changed.
 
     A change that repeats the current label and source is a no-op (no history line), so replaying the
-    same changes is safe. Unknown image ids raise ManifestError: the caller must ingest first.
+    same changes is safe. Unknown image ids raise ManifestError: the caller must ingest first; a label
+    that cannot be a class raises ClassNameError (nothing is written then).
     """
     from loop.errors import ManifestError
 
     changes = list(changes)
     if not changes:
         return 0
+    for c in changes:
+        check_class_name(c.label)
     path = manifest_path(ws)
     with locked(path):
         df = read_table(path, COLUMNS)

@@ -42,6 +42,7 @@ import pandas as pd
 
 from loop import copies, manifest
 from loop.atomic import append_jsonl
+from loop.classnames import class_name_problem
 from loop.decode import Decoded, decode_stream, default_workers
 from loop.errors import ModelError, SortloopError
 from loop.images import iter_image_files
@@ -251,9 +252,11 @@ def _check_folders(src: Path, dest: Path) -> tuple[Path, Path]:
 def _check_classes(classes: list[str]) -> None:
     """Class names become folder names under DEST, and `scan` reads them back: refuse unusable ones."""
     for name in classes:
-        if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith((".", "_")):
-            raise ModelError(f"class name {name!r} cannot be a category folder (no path separators, no leading "
-                             "'.' or '_'); rename that class folder and retrain")
+        problem = class_name_problem(name)
+        if problem is not None:
+            raise ModelError(f"the deployed model's class {name!r} cannot be a category folder ({problem}); "
+                             "fix the label (`sortloop train` refuses such labels) and retrain, or "
+                             "`sortloop rollback`")
 
 
 def _is_within(inner: Path, outer: Path) -> bool:
