@@ -98,8 +98,11 @@ def test_project_config_and_image_served(ls_ws, labelstudio):
         assert 'hotkey="1"' in project.label_config
         task = next(iter(client.tasks.list(project=project.id, fields="task_only", page_size=1)))
         storages = [s.path for s in client.import_storage.local.list(project=project.id)]
-    assert str(Path(task.data["path"]).parent) in storages  # a storage per image folder grants access
-    # served in place from the photo's own folder (no copy), to an authenticated client only
+    from labeling.served import storage_dir
+
+    assert storages == [str(storage_dir(ls_ws))]  # one storage: the served photos, nothing else
+    assert task.data["image"] == f"/data/local-files/?d=photos/{task.data['image_id']}.jpg"
+    # served from its published entry (named by hash), to an authenticated client only
     url = labelstudio.url + task.data["image"]
     ok = httpx.get(url, headers={"Authorization": f"Token {labelstudio.token}"})
     assert ok.status_code == 200 and ok.content == Path(task.data["path"]).read_bytes()
