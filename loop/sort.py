@@ -191,6 +191,7 @@ def sort_folder(
     report.model_version = predictor.version
     try:
         _check_classes(predictor.classes)
+        _check_category_folders(dest, predictor.classes)
     except BaseException:
         stream.close()
         raise
@@ -259,6 +260,15 @@ def _check_classes(classes: list[str]) -> None:
                              "`sortloop rollback`")
 
 
+def _check_category_folders(dest: Path, classes: list[str]) -> None:
+    """Before any copy: a category folder that is a symlink or resolves outside DEST is refused."""
+    for name in classes:
+        try:
+            copies.check_target_folder(dest / name, dest)
+        except copies.UnsafeFolder as exc:
+            raise SortloopError(f"category folder refused: {exc}") from None
+
+
 def _is_within(inner: Path, outer: Path) -> bool:
     try:
         inner.resolve().relative_to(outer.resolve())
@@ -324,7 +334,8 @@ class _Copier:
 
     def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path) -> None:
         future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
-                                  size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False)
+                                  size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False,
+                                  root=Path(self.report.dest))
         self.jobs.append(_Job(rec, label, conf, score, flagged, future))
 
     def collect(self, wait: bool = False) -> None:
