@@ -198,3 +198,12 @@ def skipped_only_query(updated_after: str | None) -> dict:
         {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
     ]
     return {"filters": {"conjunction": "and", "items": items}}
+
+
+def unannotated_query(updated_after: str | None) -> dict:
+    """Data Manager filter: tasks changed after `updated_after` with no annotation and no skip (e.g. all deleted)."""
+    items = _updated_after(updated_after) + [
+        {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0},
+        {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+    ]
+    return {"filters": {"conjunction": "and", "items": items}}

@@ -3,9 +3,10 @@
 Only tasks changed since the watermark are fetched: `updated_at > watermark` AND at least one annotation,
 cancelled ones included (a skip does not count in `total_annotations`), through Label Studio's bulk export
 (an export snapshot made and read with the SDK's `projects.exports` calls, see `changed_tasks`).
-Per image the latest non-cancelled annotation wins; a task with only cancelled annotations is recorded as skipped, not
-labeled. Labels go through `loop.manifest.set_labels` (source "review", by = the reviewer's e-mail, at =
-the annotation's time), so they land in the label history too.
+Per image the latest non-cancelled annotation wins; a task with only cancelled annotations is recorded as skipped,
+not labeled; a task whose annotations were all deleted after a pull takes its label back (`labeling.deleted`).
+Labels go through `loop.manifest.set_labels` (source "review", by = the reviewer's e-mail, at = the
+annotation's time), so they land in the label history too.
 
 Dedupe: each image remembers the annotation (id, updated_at) last applied, so a task touched for another
 reason (a comment, a new prediction) does not re-apply an old annotation over a later user move, and the
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from labeling import payloads
+from labeling import deleted, payloads
 from labeling.client import Client, connect
 from labeling.project import find_project, known_classes
 from loop import manifest as mf
@@ -38,6 +39,7 @@ from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
+RERUN = "run the pull again (nothing was applied yet; the watermark did not move)"
 OVERLAP_S = 60.0  # each pull re-reads this much before the watermark; the per-image dedupe makes it free
 
 
@@ -65,6 +67,7 @@ class PullReport:
     rejected: list[Rejected] = field(default_factory=list)
     watermark: str | None = None
     seconds: float = 0.0
+    reverted: int = 0  # labels taken back because their annotation was deleted in Label Studio
 
     @property
     def ok(self) -> bool:
@@ -75,6 +78,8 @@ class PullReport:
             return f"nothing to pull: no sortloop project on {self.url} yet (run `sortloop review push`)"
         text = (f"pulled {self.tasks_seen} changed task(s) from {self.url}/projects/{self.project_id}: "
                 f"{self.labeled} label(s) set, {self.confirmed} unchanged, {self.skipped} skipped")
+        if self.reverted:
+            text += f", {self.reverted} reverted (annotation deleted)"
         if self.unknown_images:
             text += f", {self.unknown_images} for images not in this manifest"
         if self.rejected:
@@ -121,7 +126,7 @@ def changed_tasks(client: Client, project_id: int, watermark: str | None, *, tim
     if watermark:
         body = payloads.pull_view(project_id, watermark)
         view = client.call(f"create a pull tab in project {project_id}", client.views.create, idempotent=False,
-                           project=body["project"], data=body["data"])
+                           rerun_hint=RERUN, project=body["project"], data=body["data"])
     try:
         tasks = _snapshot(client, project_id, int(view.id) if view else None, timeout_s)
     finally:
@@ -139,7 +144,7 @@ def changed_tasks(client: Client, project_id: int, watermark: str | None, *, tim
 def _snapshot(client: Client, project_id: int, view_id: int | None, timeout_s: float) -> list[dict]:
     where = f"project {project_id}"
     snap = client.call(f"create an export snapshot of {where}", client.projects.exports.create, project_id,
-                       idempotent=False, **payloads.pull_snapshot(view_id))
+                       idempotent=False, rerun_hint=RERUN, **payloads.pull_snapshot(view_id))
     try:
         deadline = time.monotonic() + timeout_s
         status = snap.status
@@ -201,7 +206,8 @@ def pull(ws: Workspace) -> PullReport:
         if state["watermark"]:  # re-read a short overlap: a save committed late may carry an older time
             since = _iso(pd.Timestamp(state["watermark"]) - pd.Timedelta(seconds=OVERLAP_S))
         tasks = changed_tasks(client, pid, since)
-        if not tasks:
+        emptied = deleted.emptied_tasks(client, pid, since) if state["applied"] else []
+        if not tasks and not emptied:
             return PullReport(client.url, pid, watermark=state["watermark"], seconds=time.monotonic() - start)
 
         # One decision per image: the latest annotation over all its tasks (dedupe by annotation id).
@@ -243,6 +249,14 @@ def pull(ws: Workspace) -> PullReport:
         statuses[d.image_id] = ("reviewed" if d.kind == "label" else "skipped", d.task_id)
         applied[d.image_id] = key
 
+    # Decisions deleted in Label Studio since they were applied: their labels are taken back.
+    taken_back, gone = deleted.reverts(ws, [t for t in emptied if t["image_id"] not in decisions], applied)
+    changes += taken_back
+    for t in emptied:
+        if t["image_id"] in gone:
+            statuses[t["image_id"]] = ("pushed", t["id"])
+            del applied[t["image_id"]]
+
     labeled = mf.set_labels(ws, changes)
     if statuses:
         def change(frame: pd.DataFrame) -> pd.DataFrame:
@@ -254,7 +268,7 @@ def pull(ws: Workspace) -> PullReport:
         mf.update(ws, change)
 
     # Only now, with the manifest written, may the watermark move (never past a rejected task).
-    newest = max(pd.Timestamp(t["updated_at"]) for t in tasks)
+    newest = max([pd.Timestamp(t["updated_at"]) for t in tasks] + [t["updated_at"] for t in emptied])
     if state["watermark"]:
         newest = max(newest, pd.Timestamp(state["watermark"]))  # the overlap may return only older tasks
     if hold_before is not None:
@@ -263,6 +277,6 @@ def pull(ws: Workspace) -> PullReport:
     write_state(ws, state)
     n_skipped = sum(1 for s, _ in statuses.values() if s == "skipped")
     report = PullReport(client.url, pid, fresh, labeled, len(changes) - labeled, n_skipped, unknown, rejected,
-                        state["watermark"], time.monotonic() - start)
+                        state["watermark"], time.monotonic() - start, reverted=len(taken_back))
     logger.info(report.summary())
     return report

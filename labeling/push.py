@@ -158,7 +158,8 @@ def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallba
             tasks = [payloads.task(row, names[row["image_id"]]) for _, row in batch.iterrows()]
             # not idempotent: an import is never retried once sent (no duplicate tasks; a rerun relinks)
             answer = client.call(f"import {len(tasks)} tasks into project {project.id}", client.projects.import_tasks,
-                                 idempotent=False, id=project.id, request=tasks, return_task_ids=True)
+                                 idempotent=False, id=project.id, request=tasks, return_task_ids=True,
+                                 rerun_hint="run the push again (it never imports an image twice)")
             ids = answer.task_ids or []
             if len(ids) != len(tasks):
                 logger.warning("import returned %d task ids for %d tasks; relisting the project", len(ids), len(tasks))

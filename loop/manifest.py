@@ -80,11 +80,13 @@ def now_utc() -> pd.Timestamp:
 
 @dataclass(frozen=True)
 class LabelChange:
-    """One label decision: `image_id` is now `label`, said by `by` through `source`."""
+    """One label decision: `image_id` is now `label`, said by `by` through `source`.
+
+    `label` None takes a label back (the photo becomes unlabeled; `source` None then)."""
 
     image_id: str
-    label: str
-    source: str
+    label: str | None
+    source: str | None
     by: str
     at: pd.Timestamp | None = None
     note: str = ""
@@ -108,7 +110,8 @@ def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
     if not changes:
         return 0
     for c in changes:
-        check_class_name(c.label)
+        if c.label is not None:
+            check_class_name(c.label)
     path = manifest_path(ws)
     with locked(path):
         df = read_table(path, COLUMNS)
@@ -119,24 +122,24 @@ def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
         df = df.set_index("image_id", drop=False)
         records, stamp = [], now_utc()
         for c in changes:
-            old_label, old_source = df.at[c.image_id, "label"], df.at[c.image_id, "label_source"]
-            if (not pd.isna(old_label) and old_label == c.label) and old_source == c.source:
+            old_label, old_source = _opt(df.at[c.image_id, "label"]), _opt(df.at[c.image_id, "label_source"])
+            if old_label == c.label and old_source == c.source:
                 continue
             at = c.at if c.at is not None else stamp
             records.append(
                 {
                     "image_id": c.image_id,
-                    "old_label": None if pd.isna(old_label) else str(old_label),
+                    "old_label": old_label,
                     "new_label": c.label,
-                    "old_source": None if pd.isna(old_source) else str(old_source),
+                    "old_source": old_source,
                     "source": c.source,
                     "by": c.by,
                     "at": pd.Timestamp(at).isoformat(),
                     "note": c.note,
                 }
             )
-            df.at[c.image_id, "label"] = c.label
-            df.at[c.image_id, "label_source"] = c.source
+            df.at[c.image_id, "label"] = pd.NA if c.label is None else c.label
+            df.at[c.image_id, "label_source"] = pd.NA if c.source is None else c.source
             df.at[c.image_id, "label_by"] = c.by
             df.at[c.image_id, "label_at"] = pd.Timestamp(at)
         if records:
@@ -145,6 +148,10 @@ def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
             df = assign_splits(df.reset_index(drop=True), ws.settings.split)
             write_table_atomic(conform(df, COLUMNS), path)
         return len(records)
+
+
+def _opt(value: object) -> str | None:
+    return None if pd.isna(value) else str(value)
 
 
 def history(ws: Workspace) -> pd.DataFrame:
