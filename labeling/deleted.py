@@ -6,7 +6,8 @@ change goes to the label history with `by = "labelstudio-delete"`; the task stay
 the image is `pushed` again (not re-imported) and a new annotation is pulled as usual. A task that still
 has other annotations needs nothing here: the export brings it back and its latest remaining annotation
 wins. Deleting an annotation bumps the task's `updated_at` (measured on 1.23.2), so the emptied tasks
-are found by one Data Manager query per pull (`updated_at` after the watermark, no annotation at all).
+are found by one Data Manager query per pull: `updated_at` after the watermark, no annotation at all, and
+a task id within the range of the reviewed tasks (so a fresh push of unannotated tasks is not listed).
 Caveat: a label changed since by someone else (a user move, another pull) is left alone: only the label
 that the deleted annotation set is taken back.
 """
@@ -27,12 +28,13 @@ logger = logging.getLogger(__name__)
 BY = "labelstudio-delete"
 
 
-def emptied_tasks(client: Client, project_id: int, updated_after: str | None) -> list[dict]:
-    """Tasks changed after `updated_after` that have no annotation left (nor a skip): [{id, image_id, updated_at}].
-
-    New tasks match too (they have none yet); only the images sortloop applied a decision for matter.
+def emptied_tasks(client: Client, project_id: int, updated_after: str | None, task_ids: list[int]) -> list[dict]:
+    """Tasks among `task_ids`' range changed after `updated_after` that have no annotation left (nor a skip):
+    [{id, image_id, updated_at}]. Unreviewed tasks in the range match too; only applied decisions matter.
     """
-    query = json.dumps(payloads.unannotated_query(updated_after))
+    if not task_ids:
+        return []
+    query = json.dumps(payloads.unannotated_query(updated_after, (min(task_ids), max(task_ids))))
     found = []
     for page in client.pages(f"list emptied tasks of project {project_id}", client.tasks.list, project=project_id,
                              page_size=1000, query=query, fields="task_only", include="id,data,updated_at"):

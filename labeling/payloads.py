@@ -200,9 +200,12 @@ def skipped_only_query(updated_after: str | None) -> dict:
     return {"filters": {"conjunction": "and", "items": items}}
 
 
-def unannotated_query(updated_after: str | None) -> dict:
-    """Data Manager filter: tasks changed after `updated_after` with no annotation and no skip (e.g. all deleted)."""
+def unannotated_query(updated_after: str | None, task_ids: tuple[int, int]) -> dict:
+    """Data Manager filter: tasks with ids in [min, max] changed after `updated_after` with no annotation and no
+    skip (e.g. all deleted). The id range keeps tasks pushed after the reviewed ones out of the answer."""
     items = _updated_after(updated_after) + [
+        {"filter": "filter:tasks:id", "operator": "in", "type": "Number",
+         "value": {"min": task_ids[0], "max": task_ids[1]}},
         {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0},
         {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
     ]

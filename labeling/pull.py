@@ -196,6 +196,7 @@ def pull(ws: Workspace) -> PullReport:
         'pulled 3 changed task(s) from http://127.0.0.1:8080/projects/1: 2 label(s) set, 0 unchanged, 1 skipped'
     """
     start = time.monotonic()
+    df = mf.load(ws)
     with connect(ws) as client:
         project = find_project(client, ws)
         if project is None:
@@ -206,7 +207,8 @@ def pull(ws: Workspace) -> PullReport:
         if state["watermark"]:  # re-read a short overlap: a save committed late may carry an older time
             since = _iso(pd.Timestamp(state["watermark"]) - pd.Timedelta(seconds=OVERLAP_S))
         tasks = changed_tasks(client, pid, since)
-        emptied = deleted.emptied_tasks(client, pid, since) if state["applied"] else []
+        reviewed_tasks = df.loc[df["image_id"].isin(state["applied"].keys()), "review_task"].dropna()
+        emptied = deleted.emptied_tasks(client, pid, since, [int(t) for t in reviewed_tasks])
         if not tasks and not emptied:
             return PullReport(client.url, pid, watermark=state["watermark"], seconds=time.monotonic() - start)
 
@@ -220,7 +222,6 @@ def pull(ws: Workspace) -> PullReport:
             if prev is None or (d.updated_at, d.annotation_id) > (prev.updated_at, prev.annotation_id):
                 decisions[d.image_id] = d
 
-    df = mf.load(ws)
     in_manifest = set(df["image_id"])
     allowed = set(known_classes(ws, df))
     allow_new = ws.settings.labelstudio.allow_new_classes
