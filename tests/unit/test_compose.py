@@ -71,7 +71,7 @@ def test_services_are_label_studio_on_postgres_and_the_worker(compose):
     assert services["nginx"]["command"] == "nginx" and services["app"]["command"] == "label-studio-uwsgi"
 
 
-def test_label_studio_and_worker_share_the_token_and_the_photos(compose):
+def test_label_studio_and_worker_share_the_token_and_only_the_served_photos(compose):
     import labeling.server
 
     services = compose["services"]
