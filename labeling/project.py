@@ -133,8 +133,37 @@ def ensure_project(client: Client, ws: Workspace, *, classes: list[str] | None =
         logger.info("project %s: added classes %s to the label config", pid, wanted[len(current):])
 
     added = _ensure_storage(client, pid, str(served.prepare(ws)))  # the server checks that the folder exists
-    _write_state(ws, {"url": client.url, "project_id": pid, "title": title})
+    state = _read_state(ws)
+    if not created and not (state.get("url") == client.url and state.get("project_id") == pid and state.get("served")):
+        _point_tasks_at_served(client, ws, pid)
+    _write_state(ws, {"url": client.url, "project_id": pid, "title": title, "served": True})
     return ProjectInfo(pid, title, wanted, created, added)
+
+
+def _point_tasks_at_served(client: Client, ws: Workspace, pid: int) -> int:
+    """Once per project: tasks pushed by versions that served photos in place (`?d=<absolute path>`) get their
+    photo published and their image URL pointed at it, so they still show after the upgrade; returns how many."""
+    from loop import manifest as mf
+
+    paths = mf.load(ws).dropna(subset=["path"]).set_index("image_id")["path"]
+    prefix = payloads.image_url("")
+    stale: dict[int, tuple[str, dict]] = {}
+    for page in client.pages(f"list the tasks of project {pid}", client.tasks.list, project=pid, page_size=1000,
+                             fields="task_only", include="id,data"):
+        for t in page:
+            image_id = payloads.task_image_id({"data": t.data, "meta": None})
+            if image_id in paths.index and not str((t.data or {}).get(payloads.TO_NAME, "")).startswith(prefix):
+                stale[int(t.id)] = (image_id, dict(t.data))
+    names, _ = served.publish(ws, {image_id: str(paths[image_id]) for image_id, _ in stale.values()})
+    moved = 0
+    for tid, (image_id, data) in stale.items():
+        if image_id in names:  # a refused photo (symlink out, gone...) keeps its old, now unserved, URL
+            client.call(f"point task {tid} at its served photo", client.tasks.update, str(tid),
+                        data={**data, payloads.TO_NAME: payloads.image_url(names[image_id])})
+            moved += 1
+    if moved:
+        logger.info("project %s: %d task(s) from an earlier version now show their served photo", pid, moved)
+    return moved
 
 
 def _ensure_storage(client: Client, pid: int, root: str) -> list[str]:

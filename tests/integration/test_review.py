@@ -314,3 +314,34 @@ def test_a_label_that_cannot_be_a_class_is_rejected_even_when_new_classes_are_al
     df = mf.load(ws).set_index("image_id")
     assert pd.isna(df.loc[bad, "label"]) and df.loc[good, "label"] == "lamp"
     assert "../../etc" not in set(mf.history(ws)["new_label"].dropna())
+
+
+def test_tasks_and_storages_of_an_earlier_version_are_brought_to_the_served_folder(ls_ws, sdk, labelstudio):
+    import httpx
+
+    from labeling import payloads
+    from labeling.project import state_path
+    from labeling.push import push
+    from labeling.served import served_dir, storage_dir
+
+    build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED[:2])
+    report = push(ls_ws)
+    # as an earlier version left the project: tasks pointing at the photo in place, a storage per folder
+    tasks = project_tasks(sdk, report.project_id)
+    for t in tasks:
+        sdk.tasks.update(id=str(t.id), data={**t.data, "image": "/data/local-files/?d=" + t.data["path"].lstrip("/")})
+    legacy = served_dir(ls_ws) / "legacy-folder"
+    legacy.mkdir()
+    sdk.import_storage.local.create(project=report.project_id, path=str(legacy), use_blob_urls=False)
+    state = json.loads(state_path(ls_ws).read_text())
+    del state["served"]
+    state_path(ls_ws).write_text(json.dumps(state))
+
+    again = push(ls_ws)
+    assert again.imported == 0
+    storages = [s.path for s in sdk.import_storage.local.list(project=report.project_id)]
+    assert storages == [str(storage_dir(ls_ws))]
+    for t in project_tasks(sdk, report.project_id):
+        assert t.data["image"] == payloads.image_url(f"{t.data['image_id']}.jpg")
+        shown = httpx.get(labelstudio.url + t.data["image"], headers={"Authorization": f"Token {labelstudio.token}"})
+        assert shown.status_code == 200 and shown.content == Path(t.data["path"]).read_bytes()
