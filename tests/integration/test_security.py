@@ -7,6 +7,7 @@ that made earlier versions serve the credentials), with more photo folders than 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -127,3 +128,18 @@ def file_sha256_bytes(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
+
+
+def test_up_restarts_a_server_an_earlier_version_started_with_document_root_slash(site):
+    from labeling import served, server
+
+    _, ls = site
+    ws = ls.owner
+    info = json.loads(server.pid_path(ws).read_text())
+    del info["document_root"]  # what an earlier version wrote: its server served from "/"
+    server.pid_path(ws).write_text(json.dumps(info))
+    again = server.up(ws)
+    assert again.running and again.pid != info["pid"]
+    assert json.loads(server.pid_path(ws).read_text())["document_root"] == str(served.served_dir(ws))
+    environ = Path(f"/proc/{again.pid}/environ").read_bytes().split(b"\0")
+    assert f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={served.served_dir(ws)}".encode() in environ

@@ -69,3 +69,12 @@ def test_training_refuses_a_bad_label_already_in_an_old_manifest(ws, tmp_path) -
                                              split=pd.array(["train"] * len(df), dtype="string")))
     with pytest.raises(ModelError, match=r"'\.\./\.\./etc' cannot be a class"):
         train(ws)
+
+
+def test_scan_does_not_take_an_unusable_folder_for_a_category(tmp_path) -> None:
+    from loop.corrections import category_of
+
+    dest = tmp_path / "sorted"
+    assert category_of(dest / "chair" / "a.jpg", dest) == "chair"
+    for name in ("_misc", ".trash", " chair", "a\nb"):
+        assert category_of(dest / name / "a.jpg", dest) is None
