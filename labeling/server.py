@@ -29,7 +29,6 @@ import logging
 import os
 import secrets
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import httpx
 
-from labeling import served
+from labeling import private, served
 from loop.atomic import write_json_atomic
 from loop.errors import LabelStudioError
 from loop.workspace import Workspace
@@ -47,7 +46,6 @@ from loop.workspace import Workspace
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "SORTLOOP_LABELSTUDIO_TOKEN"
-SERVER_UMASK = 0o077
 
 
 @dataclass(frozen=True)
@@ -199,34 +197,8 @@ def start_process(
         return subprocess.Popen(
             cmd, env=server_env(data, creds, document_root=document_root, local_webhooks=local_webhooks),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=data, umask=SERVER_UMASK,
+            start_new_session=True, cwd=data, umask=private.SERVER_UMASK,
         )
-
-
-def make_owner_only(folder: Path) -> int:
-    """Folders 0700 and files without group/other bits under `folder` (itself included), never following a
-    symlink; returns how many modes changed. For trees an older version left readable."""
-    changed = 0
-    if not folder.is_dir() or folder.is_symlink():
-        return 0
-    paths = [folder]
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        paths += [Path(dirpath, name) for name in dirnames + filenames]
-    for path in paths:
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            continue  # removed meanwhile (the server's temp files)
-        if stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
-            continue  # a hard link to a user's photo (served folder): its mode is the original's
-        mode = stat.S_IMODE(st.st_mode)
-        wanted = 0o700 if stat.S_ISDIR(st.st_mode) else mode & 0o700
-        if mode != wanted:
-            os.chmod(path, wanted)
-            changed += 1
-    if changed:
-        logger.info("made %d file(s) and folder(s) under %s owner-only", changed, folder)
-    return changed
 
 
 def is_healthy(url: str, timeout: float = 2.0) -> bool:
@@ -338,7 +310,7 @@ def up(ws: Workspace) -> ServerInfo:
     url = embedded_url(ws)
     data = data_dir(ws)
     root = served.prepare(ws).parent  # also makes labelstudio/ owner-only
-    make_owner_only(ws.labelstudio_dir)
+    private.make_owner_only(ws.labelstudio_dir)
     running = _read_pid(ws)
     if running and is_healthy(url):
         if running.get("document_root") == str(root):
