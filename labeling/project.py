@@ -70,7 +70,7 @@ def _read_state(ws: Workspace) -> dict:
 
 
 def _write_state(ws: Workspace, state: dict) -> None:
-    write_json_atomic(state_path(ws), state, indent=1)
+    write_json_atomic(state_path(ws), state, indent=1, perms=0o600)
 
 
 def remembered_project(ws: Workspace, url: str) -> int | None:

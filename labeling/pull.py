@@ -109,7 +109,7 @@ def read_state(ws: Workspace, url: str, project_id: int) -> dict:
 
 
 def write_state(ws: Workspace, state: dict) -> None:
-    write_json_atomic(state_path(ws), state)
+    write_json_atomic(state_path(ws), state, perms=0o600)
 
 
 def changed_tasks(client: Client, project_id: int, watermark: str | None, *, timeout_s: float = 600.0) -> list[dict]:

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -24,11 +26,16 @@ N_FOLDERS = 70  # more than earlier versions' 64 storages, which collapsed them 
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory):
-    """A home folder holding 70 photo folders and the workspace, whose embedded server is running."""
-    home = tmp_path_factory.mktemp("home")
-    with running_labelstudio(home / "ws") as ls:
-        yield home, ls
+def site():
+    """A home folder holding 70 photo folders and the workspace, whose embedded server is running. Other
+    users may enter it (0755, unlike pytest's own temp folders), so file modes alone decide what they read."""
+    home = Path(tempfile.mkdtemp(prefix="sortloop-home-"))
+    os.chmod(home, 0o755)
+    try:
+        with running_labelstudio(home / "ws") as ls:
+            yield home, ls
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def fetch(ls, d: str, *, token: bool = True) -> httpx.Response:
@@ -95,28 +102,57 @@ def test_only_pushed_photos_are_served_never_credentials_database_or_symlink_tar
 
 
 def test_the_labelstudio_tree_is_owner_only_and_up_repairs_it(site):
-    from labeling import server
+    from labeling import served, server
+    from labeling.pull import pull
 
     _, ls = site
     ws = ls.owner
+    # after up, a push and a pull (the first test), with the server running: every folder is 0700 and every
+    # file 0600, except what Django chmods to 0644 itself (uploads, export snapshots), in those 0700 folders
+    pull(ws)
+    assert stat.S_IMODE(ws.labelstudio_dir.stat().st_mode) == 0o700
+    loose = loose_modes(ws.labelstudio_dir)
+    assert all(Path(name).parts[:2] == ("server", "media") and mode == "0o644" for name, mode in loose), loose
+    assert {p.name for p in ws.labelstudio_dir.iterdir()} >= {"credentials.json", "project.json",
+                                                              "server", "served", "server.log", "server.pid"}
+    # another local user can read none of it: not the credentials, the database, an export, a served photo
+    private = [server.credentials_path(ws), server.data_dir(ws) / "label_studio.sqlite3",
+               *[ws.labelstudio_dir / name for name, _ in loose[:1]], next(served.storage_dir(ws).iterdir())]
+    if os.geteuid() == 0:
+        for path in private:
+            assert not readable_by_nobody(path), path
+
     db = server.data_dir(ws) / "label_studio.sqlite3"
     os.chmod(db, 0o644)  # as an older version left it
     os.chmod(server.data_dir(ws), 0o755)
     again = server.up(ws)
     assert again.running and not again.first_start
+    assert loose_modes(ws.labelstudio_dir) == []
+    # the server process creates files owner-only from now on
+    umask = [line for line in Path(f"/proc/{again.pid}/status").read_text().splitlines() if line.startswith("Umask")]
+    assert umask == ["Umask:\t0077"]
+
+
+def loose_modes(tree: Path) -> list[tuple[str, str]]:
+    """Files readable or folders enterable by group/other under `tree`."""
     loose = []
-    for dirpath, dirnames, filenames in os.walk(ws.labelstudio_dir):
+    for dirpath, dirnames, filenames in os.walk(tree):
         for name in [*dirnames, *filenames]:
             st = (Path(dirpath) / name).lstat()
             if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                 continue  # a hard link to a photo keeps the photo's own mode (inside 0700 folders)
-            if stat.S_IMODE(st.st_mode) & 0o077 or (stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) != 0o700):
-                loose.append((name, oct(stat.S_IMODE(st.st_mode))))
-    assert stat.S_IMODE(ws.labelstudio_dir.stat().st_mode) == 0o700
-    assert not loose
-    # the server process creates files owner-only from now on
-    umask = [line for line in Path(f"/proc/{again.pid}/status").read_text().splitlines() if line.startswith("Umask")]
-    assert umask == ["Umask:\t0077"]
+            mode = stat.S_IMODE(st.st_mode)
+            if mode & 0o077 or (stat.S_ISDIR(st.st_mode) and mode != 0o700):
+                loose.append((str(Path(dirpath, name).relative_to(tree)), oct(mode)))
+    return loose
+
+
+def readable_by_nobody(path: Path) -> bool:
+    """Whether user `nobody` (uid 65534) can read `path` (run as root only)."""
+    out = subprocess.run(["head", "-c", "1", str(path)], user=65534, group=65534, extra_groups=[],
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0 or b"Permission denied" in out.stderr, out.stderr
+    return out.returncode == 0
 
 
 def flag_unlabeled(df):
