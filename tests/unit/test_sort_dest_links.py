@@ -4,6 +4,7 @@ outside DEST, is refused, and nothing lands outside."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -52,3 +53,21 @@ def test_a_symlinked_sub_folder_fails_its_files_only(deployed, shared_data, tmp_
     assert report.copied == len(files_under(src / "other"))
     assert files_under(elsewhere) == []
     shutil.rmtree(elsewhere)
+
+
+def test_apply_does_not_move_a_copy_into_a_symlinked_category(deployed, shared_data, tmp_path) -> None:
+    from loop import copies, manifest
+    from loop.apply import apply_labels
+
+    src, dest, elsewhere = tmp_path / "inbox", tmp_path / "sorted", tmp_path / "elsewhere"
+    sample_ikea(shared_data, src, per_class=1, classes=1)
+    assert sort_folder(deployed, src, dest).ok
+    rec = copies.load_records(deployed, dest).iloc[0]
+    other = next(c for c in ikea_classes(shared_data) if not (dest / c).exists())
+    elsewhere.mkdir()
+    (dest / other).symlink_to(elsewhere)
+    manifest.set_labels(deployed, [manifest.LabelChange(rec.image_id, other, "review", "r@example.org")])
+
+    applied = apply_labels(deployed)
+    assert not applied.moved and len(applied.failed) == 1 and "symlink" in applied.failed[0][1]
+    assert files_under(elsewhere) == [] and Path(rec.dest_path).exists()
