@@ -187,7 +187,7 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
     stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
                            prefetch=max(4 * workers, 2 * settings.batch_size // chunk))
     try:
-        predictor = load_predictor(model_dir, runtime=settings.runtime)
+        predictor = load_predictor(model_dir, runtime=settings.runtime, precision=settings.precision)
         total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))
     except BaseException:
         stream.close()
