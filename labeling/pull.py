@@ -56,8 +56,8 @@ class PullReport:
     url: str
     project_id: int | None
     tasks_seen: int = 0  # tasks with a decision not seen by an earlier pull
-    labeled: int = 0  # labels that changed in the manifest (each has a history line)
-    confirmed: int = 0  # reviewed, label and source already as the reviewer said
+    labeled: int = 0  # photos whose class changed (new or different label)
+    confirmed: int = 0  # reviewed, class already as the reviewer said (only the label's source may change)
     skipped: int = 0
     unknown_images: int = 0  # tasks for images not in this manifest (ignored)
     rejected: list[Rejected] = field(default_factory=list)
@@ -228,7 +228,11 @@ def pull(ws: Workspace) -> PullReport:
         statuses[d.image_id] = ("reviewed" if d.kind == "label" else "skipped", d.task_id)
         applied[d.image_id] = key
 
-    labeled = mf.set_labels(ws, changes)
+    # "set" counts photos whose class changed; a review that confirms the class (even if it only changes the
+    # label's source, e.g. folder -> review) counts as unchanged.
+    current = df.set_index("image_id")["label"]
+    labeled = sum(1 for c in changes if pd.isna(current.get(c.image_id)) or current.get(c.image_id) != c.label)
+    mf.set_labels(ws, changes)
     if statuses:
         def change(frame: pd.DataFrame) -> pd.DataFrame:
             hit = frame["image_id"].isin(statuses.keys())

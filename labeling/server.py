@@ -83,6 +83,7 @@ class ServerInfo:
     credentials: Credentials | None = None
     first_start: bool = False  # credentials were just created: show them to the user once
     startup_s: float | None = None
+    foreign: bool = False  # the embedded URL answers, but not with this workspace's server
 
 
 def data_dir(ws: Workspace) -> Path:
@@ -342,9 +343,11 @@ def status(ws: Workspace) -> ServerInfo:
     cfg = ws.settings.labelstudio
     if cfg.url:
         return ServerInfo(cfg.url.rstrip("/"), is_healthy(cfg.url.rstrip("/")), None, False, None)
-    info = _read_pid(ws)  # None when this workspace did not start it (it may still answer)
+    info = _read_pid(ws)  # None when this workspace did not start it (it may still answer: someone else's)
     url = embedded_url(ws)
-    return ServerInfo(url, is_healthy(url), int(info["pid"]) if info else None, True, data_dir(ws))
+    answers = is_healthy(url)
+    return ServerInfo(url, answers and info is not None, int(info["pid"]) if info else None, True, data_dir(ws),
+                      foreign=answers and info is None)
 
 
 def connection(ws: Workspace) -> Connection:

@@ -7,19 +7,51 @@ in `loop.app.labelstudio_cli`.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 
-from loop.app.console import WorkspaceOption, command_of, console, out, print_json, progress_bar
+from loop.app.console import (
+    GlobalOptions,
+    JsonOption,
+    WorkspaceOption,
+    command_of,
+    console,
+    out,
+    print_json,
+    progress_bar,
+    set_global_options,
+)
 from loop.app.labelstudio_cli import labelstudio_app, review_app
+from loop.config import ModelConfig
+
+# Choices listed in --help, from the library's own lists.
+Source = StrEnum("Source", {name: name for name in ("user", "web")})  # loop.ingest.SOURCES (pandas: slow import)
+TrainMode = StrEnum("TrainMode", {name: name for name in get_args(ModelConfig.model_fields["train_mode"].annotation)})
 
 app = typer.Typer(
     help="Sort photos into category folders with a classifier that learns from your corrections.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
+
+
+@app.callback()
+def global_options(
+    ctx: typer.Context,
+    workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace folder for every command "
+                                                   "(default $SORTLOOP_WORKSPACE, else ./data).")] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Log what happens (-vv: debug).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output, for the commands that read state.")] = False,
+) -> None:
+    """Sort photos into category folders with a classifier that learns from your corrections.
+
+    Example: sortloop -w ./data status --json
+    """
+    set_global_options(ctx, GlobalOptions(workspace=workspace, verbose=verbose, as_json=as_json))
 
 
 def command(*args: Any, **kwargs: Any) -> Any:
@@ -31,7 +63,9 @@ def command(*args: Any, **kwargs: Any) -> Any:
 
 
 @command()
-def init(path: Annotated[Path | None, typer.Argument(help="Workspace folder (default ./data).")] = None) -> None:
+def init(
+    path: Annotated[Path | None, typer.Argument(metavar="PATH", help="Workspace folder (default ./data).")] = None,
+) -> None:
     """Create a workspace: config file with documented defaults, manifest, history, models, caches.
 
     Example: sortloop init ./data
@@ -44,8 +78,8 @@ def init(path: Annotated[Path | None, typer.Argument(help="Workspace folder (def
 
 @command()
 def ingest(
-    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
-    source: Annotated[str, typer.Option(help="'user' for real photos, 'web' for web images.")] = "user",
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder of images (searched recursively).")],
+    source: Annotated[Source, typer.Option(help="'user' for real photos, 'web' for web images.")] = Source.user,
     labeled: Annotated[bool, typer.Option(help="Take labels from class folder names (imagenet style).")] = False,
     items: Annotated[Path | None, typer.Option(help="CSV with columns path,item_id.")] = None,
     workspace: WorkspaceOption = None,
@@ -59,7 +93,8 @@ def ingest(
 
     ws = open_workspace(workspace)
     with progress_bar("ingesting") as on_progress:
-        report = ingest_folder(ws, folder, source=source, labeled=labeled, items_csv=items, on_progress=on_progress)
+        report = ingest_folder(ws, folder, source=source.value, labeled=labeled, items_csv=items,
+                               on_progress=on_progress)
     out.print(report.summary())
     for path, reason in report.unreadable:
         console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
@@ -104,8 +139,9 @@ def demo(
 
 @command()
 def sort(
-    src: Annotated[Path, typer.Argument(help="Folder of photos to sort (searched recursively; never changed).")],
-    dest: Annotated[Path, typer.Argument(help="Sorted tree: copies go to DEST/<category>/.")],
+    src: Annotated[Path, typer.Argument(metavar="SRC",
+                                        help="Folder of photos to sort (searched recursively; never changed).")],
+    dest: Annotated[Path, typer.Argument(metavar="DEST", help="Sorted tree: copies go to DEST/<category>/.")],
     keep_tree: Annotated[bool | None, typer.Option("--keep-tree/--flat", help="Keep SRC's sub-folders under "
                                                    "each category (default: sort.keep_tree, true).")] = None,
     workspace: WorkspaceOption = None,
@@ -130,7 +166,7 @@ def sort(
 
 @command()
 def scan(
-    dest: Annotated[Path, typer.Argument(help="A tree written by `sortloop sort`.")],
+    dest: Annotated[Path, typer.Argument(metavar="DEST", help="A tree written by `sortloop sort`.")],
     workspace: WorkspaceOption = None,
 ) -> None:
     """Find sorted copies a person moved to another category folder and record them as corrections.
@@ -150,8 +186,8 @@ def scan(
 
 @command()
 def train(
-    mode: Annotated[str | None, typer.Option(help="'head' (linear head on cached features) or 'finetune' (fastai); "
-                                             "default: model.train_mode.")] = None,
+    mode: Annotated[TrainMode | None, typer.Option(help="'head' (linear head on cached features) or 'finetune' "
+                                                   "(fastai); default: model.train_mode.")] = None,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Train a candidate model from the labeled manifest rows and store it as a new version (not deployed).
@@ -162,14 +198,15 @@ def train(
     from loop.workspace import open_workspace
 
     with progress_bar("training") as on_progress:
-        result = run_training(open_workspace(workspace), mode=mode, on_progress=on_progress)
+        result = run_training(open_workspace(workspace), mode=mode and mode.value, on_progress=on_progress)
     out.print(result.summary(), highlight=False)
     out.print(f"candidate stored in {result.model_dir}; promote it with: sortloop deploy {result.version}")
 
 
 @command()
 def deploy(
-    version: Annotated[str | None, typer.Argument(help="Version to promote (default: the newest).")] = None,
+    version: Annotated[str | None, typer.Argument(metavar="VERSION",
+                                                  help="Version to promote (default: the newest).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Promote even if the gate refuses (logged).")] = False,
     workspace: WorkspaceOption = None,
 ) -> None:
@@ -201,7 +238,7 @@ def rollback(workspace: WorkspaceOption = None) -> None:
 
 @command()
 def models(
-    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    as_json: JsonOption = False,
     workspace: WorkspaceOption = None,
 ) -> None:
     """List model versions with their validation metrics; * marks the deployed one.
@@ -255,7 +292,7 @@ def serve(
 
 @command()
 def status(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    as_json: JsonOption = False,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Show the deployed model, candidates, labels, splits, flags, jobs and Label Studio reachability.
