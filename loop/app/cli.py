@@ -7,6 +7,7 @@ in `loop.app.labelstudio_cli`.
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, get_args
@@ -98,6 +99,58 @@ def ingest(
     out.print(report.summary())
     for path, reason in report.unreadable:
         console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
+
+
+@command()
+def labels(
+    label: Annotated[str | None, typer.Option(help="Only this class ('none': unlabeled).")] = None,
+    source: Annotated[str | None, typer.Option(help="Only 'user' or 'web' photos.")] = None,
+    label_source: Annotated[str | None, typer.Option(help="Only labels from folder, review, user_move...")] = None,
+    flag: Annotated[str | None, typer.Option(help="Only this flag (low_confidence, user_moved; 'none').")] = None,
+    review: Annotated[str | None, typer.Option(help="Only this review status (queued, pushed, reviewed, "
+                                               "skipped; 'none').")] = None,
+    split: Annotated[str | None, typer.Option(help="Only 'train' or 'valid' ('none': no side yet).")] = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV (every column, full sha256).")] = False,
+    as_json: JsonOption = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """List, filter and export the labels in the manifest.
+
+    Example: sortloop labels --label chair --review reviewed --csv > chairs.csv
+    """
+    from loop.labels import select_labels
+    from loop.workspace import open_workspace
+
+    rows = select_labels(open_workspace(workspace), label=label, source=source, label_source=label_source,
+                         flag=flag, review=review, split=split)
+    if as_json:
+        return print_json(json.loads(rows.to_json(orient="records")))
+    if as_csv:
+        return out.file.write(rows.to_csv(index=False))
+    if not rows.empty:
+        short = rows.assign(image_id=rows["image_id"].str[:12], pred_conf=rows["pred_conf"].round(3)).astype(object)
+        out.print(short.where(short.notna(), "-").to_string(index=False), highlight=False, markup=False)
+    console.print(f"{len(rows)} photo(s)", highlight=False)
+
+
+@command()
+def history(
+    image: Annotated[str, typer.Argument(metavar="IMAGE", help="A photo's path, or a prefix of its sha256.")],
+    as_json: JsonOption = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Show one photo's label history: who changed it, from what to what, when, and through which way.
+
+    Example: sortloop history ~/photos/sorted/chair/IMG_0001.JPG
+    """
+    from loop.labels import image_history
+    from loop.workspace import open_workspace
+
+    found = image_history(open_workspace(workspace), image)
+    if as_json:
+        return print_json({"image": json.loads(found.row.to_json(date_format="iso")),
+                           "changes": json.loads(found.changes.to_json(orient="records", date_format="iso"))})
+    out.print("\n".join(found.lines()), highlight=False, markup=False)
 
 
 # --- the whole loop -------------------------------------------------------------------------------
