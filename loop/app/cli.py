@@ -24,8 +24,10 @@ from loop.app.console import (
     print_json,
     progress_bar,
     set_global_options,
+    sortloop_command,
 )
 from loop.app.labelstudio_cli import labelstudio_app, review_app
+from loop.app.watch_cli import watch_app
 from loop.config import ModelConfig
 
 # Choices listed in --help, from the library's own lists.
@@ -328,6 +330,7 @@ def serve(
     import logging
 
     from loop.app.jobs import job_log_path
+    from loop.app.schedule import describe_jobs
     from loop.app.schedule import serve as run_service
     from loop.workspace import init_workspace, open_workspace
 
@@ -336,8 +339,9 @@ def serve(
     ws = init_workspace(workspace) if init else open_workspace(workspace)
 
     def started(scheduler: Any) -> None:
-        jobs = ", ".join(f"{job.id} ({job.trigger})" for job in scheduler.get_jobs())
-        console.print(f"serving {ws.root}: {jobs}; job log {job_log_path(ws)}; Ctrl-C to stop", markup=False)
+        console.print(f"serving {ws.root} (job log {job_log_path(ws)}; Ctrl-C to stop):", markup=False)
+        for line in describe_jobs(ws, scheduler, sortloop=sortloop_command()):
+            console.print(f"  {line}", markup=False, highlight=False)
 
     run_service(ws, on_started=started)
     console.print("stopped", highlight=False)
@@ -378,6 +382,7 @@ def report(workspace: WorkspaceOption = None) -> None:
 
 app.add_typer(labelstudio_app, name="labelstudio")
 app.add_typer(review_app, name="review")
+app.add_typer(watch_app, name="watch")
 
 
 def main() -> None:  # pragma: no cover
