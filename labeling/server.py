@@ -346,8 +346,22 @@ def status(ws: Workspace) -> ServerInfo:
     info = _read_pid(ws)  # None when this workspace did not start it (it may still answer: someone else's)
     url = embedded_url(ws)
     answers = is_healthy(url)
-    return ServerInfo(url, answers and info is not None, int(info["pid"]) if info else None, True, data_dir(ws),
-                      foreign=answers and info is None)
+    ours = info is not None or (answers and _accepts_our_token(ws, url))
+    return ServerInfo(url, answers and ours, int(info["pid"]) if info else None, True, data_dir(ws),
+                      foreign=answers and not ours)
+
+
+def _accepts_our_token(ws: Workspace, url: str) -> bool:
+    """Whether a server this workspace did not start still accepts its stored token (a shared server)."""
+    creds = read_credentials(credentials_path(ws))
+    if creds is None:
+        return False
+    try:
+        answer = httpx.get(f"{url}/api/current-user/whoami", headers={"Authorization": f"Token {creds.token}"},
+                           timeout=5.0)
+    except httpx.HTTPError:
+        return False
+    return answer.status_code == 200
 
 
 def connection(ws: Workspace) -> Connection:

@@ -249,3 +249,22 @@ def test_failed_manifest_write_keeps_the_watermark_and_loses_nothing(ls_ws, sdk,
     done = pull_module.pull(ls_ws)
     assert done.labeled == 1 and state_file.exists()
     assert mf.load(ls_ws).set_index("image_id").loc[ids[1], "label"] == "sofa"
+
+
+def test_a_review_that_confirms_the_class_counts_as_unchanged(ls_ws, sdk):
+    """A moved photo (label user_move) confirmed by a reviewer: only the label's source changes."""
+    from labeling.pull import pull
+    from labeling.push import push
+    from loop import manifest as mf
+
+    (moved,) = build_manifest(ls_ws, labeled=LABELED, flagged=[("chair", "table", 0.9, "user_moved")])
+    mf.set_labels(ls_ws, [mf.LabelChange(moved, "chair", "user_move", "scan")])
+    report = push(ls_ws)
+    task_id = int(mf.load(ls_ws).set_index("image_id").loc[moved, "review_task"])
+    sdk.annotations.create(id=task_id, result=choice("chair"))
+    pulled = pull(ls_ws)
+    assert report.imported == 1 and pulled.ok
+    assert (pulled.labeled, pulled.confirmed) == (0, 1)
+    assert "0 label(s) set, 1 unchanged" in pulled.summary()
+    row = mf.load(ls_ws).set_index("image_id").loc[moved]
+    assert (row["label"], row["label_source"]) == ("chair", "review")  # the review is still recorded
