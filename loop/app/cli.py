@@ -8,16 +8,19 @@ in `loop.app.labelstudio_cli`.
 from __future__ import annotations
 
 import json
+import shlex
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, get_args
 
 import typer
+from rich.markup import escape
 
 from loop.app.console import (
     GlobalOptions,
     JsonOption,
     WorkspaceOption,
+    cli_hint,
     command_of,
     console,
     out,
@@ -161,32 +164,62 @@ def history(
 @command()
 def demo(
     labeled: Annotated[Path, typer.Option(help="Folder of class folders to learn from.")],
-    new: Annotated[Path, typer.Option(help="Folder of photos to sort.")],
+    new: Annotated[Path, typer.Option(help="Folder of photos to sort; the same as --labeled: sort the held-out "
+                                      "photos.")],
     dest: Annotated[Path, typer.Option(help="Where the sorted copies go (<dest>/<category>/).")],
     items: Annotated[Path | None, typer.Option(help="Optional CSV path,item_id for the labeled folder.")] = None,
+    holdout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of each class's items held out of "
+                                           "training and sorted as new photos.")] = 0.3,
     review: Annotated[bool, typer.Option(help="Start the local Label Studio and push flagged photos.")] = True,
+    simulate_review: Annotated[int, typer.Option(min=0, metavar="N", help="Then play the reviewer: label N flagged "
+                                                 "held-out photos with their true class, retrain, gate.")] = 0,
     workspace: WorkspaceOption = None,
 ) -> None:
-    """Run the whole loop once: ingest, train, deploy, sort, start Label Studio, push flagged photos.
+    """Run the whole loop once: ingest, hold out new photos, train, deploy, sort, start Label Studio, push.
 
-    Example: sortloop demo --labeled ~/photos/labeled --new ~/photos/inbox --dest ~/photos/sorted
+    Example: sortloop demo --labeled ~/photos/labeled --new ~/photos/labeled --dest ~/photos/sorted --simulate-review 40
     """
     from loop.app.demo import run_loop_once
 
-    with progress_bar("working") as on_progress:
-        report = run_loop_once(
-            labeled, new, dest, workspace=workspace, items_csv=items, with_review=review,
-            on_step=lambda name, result: out.print(f"[bold]{name}[/bold]: {result}", highlight=False),
-            on_progress=on_progress,
-        )
-    if report.review_url:
-        out.print(f"\nReview flagged photos at [bold]{report.review_url}[/bold]  (login: {report.username})")
-        if report.password:
-            out.print(f"password (shown once; also in {report.workspace}/labelstudio/credentials.json): "
-                      f"{report.password}")
-    out.print(f"Keep the loop running (pull, retrain nightly, sort inboxes): sortloop serve -w {report.workspace}")
+    report = run_loop_once(
+        labeled, new, dest, workspace=workspace, items_csv=items, holdout=holdout, with_review=review,
+        on_step=lambda name, result: out.print(f"[bold]{name}[/bold]: {escape(result)}", highlight=False),
+        step_progress=progress_bar,
+    )
+    if simulate_review:
+        from loop.app.demo_review import simulate_review as play_reviewer
+        from loop.workspace import open_workspace
+
+        played = play_reviewer(open_workspace(report.workspace), simulate_review, step_progress=progress_bar)
+        out.print("\n".join(played.lines()), highlight=False, markup=False)
+    again = " ".join(["demo", "--labeled", shlex.quote(str(labeled)), "--new", shlex.quote(str(new)), "--dest",
+                      shlex.quote(str(dest)), *(["--no-review"] if not review else []), "--simulate-review 40"])
+    out.print("\n".join(next_steps(report, again)), highlight=False)
     if not report.sort_ok:
         raise typer.Exit(1)
+
+
+def next_steps(report: Any, simulate: str) -> list[str]:
+    """What to do after `demo`, as commands that run as printed."""
+    run = lambda args: cli_hint(args, report.workspace)  # noqa: E731
+    lines = ["", "[bold]Next steps[/bold]"]
+    if report.review_url:
+        login = f" (login {report.username}" + (f", password {report.password} - shown once, also in "
+                                                f"{report.workspace}/labelstudio/credentials.json" if report.password
+                                                else "") + ")"
+        lines.append(f"  1. review the flagged photos in your browser: {report.review_url}{login}")
+    else:
+        lines.append(f"  1. start the review server and send the flagged photos: {run('labelstudio up')} && "
+                     f"{run('review push')}")
+    lines += [f"  2. bring the reviewers' labels back:  {run('review pull')}",
+              f"  3. train a candidate model:           {run('train')}",
+              f"  4. deploy it if it beats the current: {run('deploy')}",
+              f"  or keep the loop running (pull, push, scan {report.dest}, nightly retrain): {run('serve')}",
+              f"  no reviewer at hand? play one: {run(simulate)}"]
+    typed = run("x").split()[0]
+    if typed != "sortloop":
+        lines.append(f"  (or `source {Path(typed).parent}/activate` once, then type plain `sortloop`)")
+    return lines
 
 
 # --- sorting -------------------------------------------------------------------------------------------

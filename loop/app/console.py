@@ -129,9 +129,9 @@ def progress_bar(description: str) -> Iterator[ProgressCallback]:
     task: list[Any] = []
 
     def update(done: int, total: int | None) -> None:
+        if not total:  # nothing to count (e.g. every feature already cached): never show "0/0"
+            return
         if not task:
-            if not total:
-                return
             bar.start()
             task.append(bar.add_task(description, total=total))
         bar.update(task[0], completed=done, total=total)

@@ -74,6 +74,10 @@ def test_no_progress_bar_when_nothing_is_counted(monkeypatch):
         update(0, 0)
         update(0, None)
     assert buffer.getvalue() == ""
+    with app_console.progress_bar("training") as update:  # a later phase with nothing to do keeps the bar
+        update(16, 16)
+        update(0, 0)
+    assert "16/16" in buffer.getvalue() and "0/0" not in buffer.getvalue()
 
 
 def test_a_progress_bar_is_erased_when_the_work_fails(monkeypatch):
