@@ -285,10 +285,12 @@ def train(
     from loop.train import train as run_training
     from loop.workspace import open_workspace
 
+    ws = open_workspace(workspace)
     with progress_bar("training") as on_progress:
-        result = run_training(open_workspace(workspace), mode=mode and mode.value, on_progress=on_progress)
+        result = run_training(ws, mode=mode and mode.value, on_progress=on_progress)
     out.print(result.summary(), highlight=False)
-    out.print(f"candidate stored in {result.model_dir}; promote it with: sortloop deploy {result.version}")
+    promote = cli_hint(f"deploy {result.version}", ws.root)
+    out.print(f"candidate stored in {result.model_dir}; promote it with: {promote}", highlight=False)
 
 
 @command()

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from loop.app.console import JsonOption, WorkspaceOption, command_of, out, print_json
+from loop.app.console import JsonOption, WorkspaceOption, cli_hint, command_of, out, print_json
 
 watch_app = typer.Typer(help="Inboxes `serve` sorts and sorted trees it scans for user moves.", no_args_is_help=True)
 
@@ -110,4 +110,5 @@ def list_(as_json: JsonOption = False, workspace: WorkspaceOption = None) -> Non
     for tree in trees:
         out.print(f"scan  {tree}", highlight=False)
     if not inboxes and not trees:
-        out.print("nothing registered: sortloop watch add INBOX DEST, sortloop watch add-tree DEST", highlight=False)
+        out.print(f"nothing registered: {cli_hint('watch add INBOX DEST', ws.root)}, "
+                  f"{cli_hint('watch add-tree DEST', ws.root)}", highlight=False)
