@@ -15,6 +15,7 @@ Caveat: the first start of the embedded Label Studio migrates its database (abou
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -104,10 +105,17 @@ def prepare(ws: Workspace, labeled: Path, *, holdout: float, items_csv: Path | s
                        for r in learn.itertuples()])
     state = {"labeled": str(root), "held_out": {i: c for i, c in zip(truth["image_id"], truth["truth"],
                                                                       strict=True) if i in held}}
-    write_json_atomic(state_path(ws), state, indent=1)
+    write_state(ws, state)
     items_held = truth.loc[truth["image_id"].isin(held), "item_id"].nunique()
     return (f"{report.summary()}; learning from {len(truth) - len(held)} photos, holding out {len(held)} photos "
             f"({items_held} items) as new photos", state["held_out"])
+
+
+def write_state(ws: Workspace, state: dict[str, Any]) -> None:
+    """Update `runs/demo.json` (labeled folder, held-out photos and their classes, sorted tree)."""
+    path = state_path(ws)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    write_json_atomic(path, {**old, **state}, indent=1)
 
 
 def _class_under(root: Path, path: str) -> str | None:
@@ -207,6 +215,7 @@ def run_loop_once(
         sorted_report = sort_folder(ws, src, report.dest, on_progress=on_progress)
     report.sort_ok = sorted_report.ok
     step("sort", sorted_report.summary())
+    write_state(ws, {"dest": str(report.dest)})
     added = add_sorted_tree(ws, report.dest)
     step("scan", f"{'registered' if added else 'already registered'} {report.dest} for `serve` to scan for moves")
 

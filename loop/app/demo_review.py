@@ -3,8 +3,11 @@
 The simulated reviewer answers the N most useful flagged held-out photos (least confident first) with their
 true class (kept by `loop.app.demo` in `runs/demo.json`). When the workspace's Label Studio is running and
 the photos were pushed, it annotates the real tasks through the API and `review pull` brings the labels
-back; otherwise it writes them through `loop.manifest.set_labels`, the same call a pull makes. Then the
-loop does what the nightly job does: train a candidate if the labels changed, and let the gate decide.
+back; otherwise it writes them through `loop.manifest.set_labels`, the same call a pull makes. If fewer
+than N photos were flagged (a confident model flags few, even when wrong), the simulated user spends the
+rest as a person browsing the sorted folders would: moving misfiled copies into their right category
+folder, which `scan` records as corrections. Then the loop does what the nightly job does: train a
+candidate if the labels changed, and let the gate decide.
 Caveat: the gate may refuse the candidate (e.g. a class's recall dropped on a few validation photos); the
 result says so with the gate's own reasons rather than claiming an improvement.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
@@ -36,6 +40,7 @@ class SimulatedReview:
 
     reviewed: int = 0
     corrected: int = 0  # reviews whose class differs from the model's guess
+    moved: int = 0  # misfiled sorted copies moved to their right folder (recorded by `scan`)
     via: str = ""  # "Label Studio" or "set_labels"
     old_version: str | None = None
     new_version: str | None = None
@@ -50,6 +55,9 @@ class SimulatedReview:
         """What to print: the review, then the old and new model side by side, then the gate's decision."""
         out = [f"simulated review: {self.reviewed} flagged photo(s) labeled with their true class via {self.via} "
                f"({self.corrected} corrected the model's guess)"]
+        if self.moved:
+            out.append(f"simulated user: moved {self.moved} misfiled sorted copies into their right category "
+                       "folder; `scan` recorded them as corrections")
         if self.new_version is None:
             return [*out, f"no new model: {self.note}"]
         if self.old_accuracy is not None and self.new_accuracy is not None:
@@ -90,6 +98,9 @@ def simulate_review(ws: Workspace, n: int, *, step_progress: StepProgress = _no_
         _review_directly(ws, chosen)
         result.via = "set_labels (Label Studio not running)"
 
+    if len(chosen) < n:
+        result.moved = _move_misfiled(ws, n - len(chosen))
+
     changed, why = new_labels_since_last_train(ws)
     if not changed:
         result.note = why
@@ -108,6 +119,41 @@ def simulate_review(ws: Workspace, n: int, *, step_progress: StepProgress = _no_
     if decision.current_metrics:
         result.old_accuracy = decision.current_metrics.get("accuracy")
     return result
+
+
+def _move_misfiled(ws: Workspace, n: int) -> int:
+    """Move up to `n` held-out photos' sorted copies from a wrong category folder to the right one, then `scan`.
+
+    Returns how many copies were moved (and recorded as corrections by the scan).
+    """
+    import os
+
+    from loop.copies import load_records
+    from loop.corrections import scan
+
+    state = json.loads(state_path(ws).read_text())
+    dest = Path(state.get("dest") or "")
+    if not state.get("dest") or not dest.is_dir():
+        return 0
+    truth = state["held_out"]
+    labels = mf.load(ws).set_index("image_id")["label_source"]
+    records = load_records(ws, dest)
+    records = records[(records["status"] == "present") & records["image_id"].isin(truth)]
+    wrong = records[(records["category"] != records["image_id"].map(truth))
+                    & ~records["image_id"].map(labels).isin(["review", "user_move"])]
+    moved = 0
+    for row in wrong.sort_values("dest_path").head(n).itertuples():
+        old = Path(str(row.dest_path))
+        rel = old.relative_to(dest / str(row.category))
+        new = dest / truth[row.image_id] / rel
+        if new.exists() or not old.exists():
+            continue
+        new.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(old, new)
+        moved += 1
+    if moved:
+        scan(ws, dest)
+    return moved
 
 
 def _review_in_labelstudio(ws: Workspace, chosen: pd.DataFrame) -> None:
