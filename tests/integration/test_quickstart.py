@@ -74,6 +74,12 @@ def test_demo_learns_from_a_simulated_review_and_a_rerun_trains_nothing(tmp_path
         annotated = [t for t in client.tasks.list(project=project.id, fields="all") if t.annotations]
         assert {t.data["image_id"] for t in annotated} == set(reviewed["image_id"])
 
+        # fewer flagged photos than asked for: the simulated user moved misfiled copies, and scan recorded them
+        moved = df[df["label_source"] == "user_move"]
+        if len(reviewed) < 40:
+            assert "simulated user: moved" in text and len(moved) > 0
+        assert (moved["label"] == moved["image_id"].map(held)).all()
+
         # the new model: promoted by the gate, more accurate than the first on the same photos
         found = re.search(r"accuracy on the same (\d+) user validation photos: v0001 \(before\) ([0-9.]+) -> "
                           r"v0002 \(after review\) ([0-9.]+)", text)
