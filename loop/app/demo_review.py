@@ -81,7 +81,7 @@ def pick(ws: Workspace, n: int) -> pd.DataFrame:
 def read_truth(ws: Workspace) -> dict[str, str]:
     path = state_path(ws)
     if not path.exists():
-        raise SortloopError("no held-out photos on record; run `sortloop demo` (without --no-holdout) first")
+        raise SortloopError("no held-out photos on record; run `sortloop demo` first (with --holdout above 0)")
     return dict(json.loads(path.read_text())["held_out"])
 
 
