@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 from typer.core import TyperCommand
 
-from loop.errors import SortloopError
+from loop.errors import DiskFullError, SortloopError, is_disk_full
 from loop.progress import ProgressCallback
 
 # soft_wrap: never break a line at the console width (a pipe or log file gets whole lines, printed commands
@@ -77,7 +77,8 @@ _CTX = "_sortloop_ctx"
 
 
 def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Apply the global options, and turn SortloopError into a one-line message and exit code 1.
+    """Apply the global options, and turn SortloopError (and a full disk anywhere) into a one-line message and
+    exit code 1; a command stopped midway (DiskFullError) first prints the summary of what it did.
 
     The wrapper asks typer for the click context through an extra keyword-only parameter added to its
     signature (typer injects a `typer.Context`-typed parameter); the command itself never sees it.
@@ -90,8 +91,13 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             _apply_global_options(ctx, kwargs)
         try:
             return func(*args, **kwargs)
-        except SortloopError as exc:
-            console.print(Text.assemble(("error:", "red"), f" {exc}"), highlight=False)
+        except (SortloopError, OSError) as exc:
+            if not isinstance(exc, SortloopError) and not is_disk_full(exc):
+                raise
+            if isinstance(exc, DiskFullError) and exc.summary:
+                out.print(exc.summary, highlight=False, markup=False, soft_wrap=True)
+            message = exc if isinstance(exc, SortloopError) else DiskFullError(exc.filename or "a folder it writes")
+            console.print(Text.assemble(("error:", "red"), f" {message}"), highlight=False)
             raise typer.Exit(1) from None
 
     sig = inspect.signature(func, eval_str=True)
