@@ -191,7 +191,7 @@ flag_threshold = 0.5          # flag for review when the score is at least this 
                               # least_confidence = 1 - confidence, so 0.5 flags guesses under 50% sure
 keep_tree = true              # DEST/<category>/<source sub-folders>/name: camera names (IMG_0001.JPG) repeat
                               # across folders, so flat (false / --flat) renames many to "name (2).jpg"
-runtime = "onnx"              # or "torch"; ONNX Runtime measured ~3x faster on CPU (bench/sort.py)
+runtime = "onnx"              # or "torch"; bench/sort.py prints both runtimes' forward rates
 precision = "auto"            # "auto": the INT8 model when it passed its gate (see `sortloop status`);
                               # "float"; "int8": the INT8 model even if its gate refused it
 resort_after_deploy = true    # serve: after a deploy, move copies no person has checked to the new model's

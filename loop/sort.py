@@ -86,7 +86,7 @@ class SortReport:
             f"sorted {self.seen} files from {self.src} into {self.dest} with model {self.model_version}: "
             f"{self.copied} copied ({self.renamed} under a new name), {self.identical_existing} already there, "
             f"{self.already_sorted} sorted before, {self.flagged} flagged for review, {len(self.failed)} failed "
-            f"({self.seconds:.1f} s, {rate:.1f} images/s)",
+            f"({self.seconds:.1f} s" + (f", {rate:.1f} images/s)" if rate > 0 else ")"),
         ]
         if self.per_label:
             lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(self.per_label.items())))
