@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from loop.errors import ConfigError
+from loop.select import DEFAULT_BATCH_STRATEGY
 
 CONFIG_FILENAME = "sortloop.toml"
 MINUTES_PER_WEEK = 7 * 24 * 60
@@ -50,6 +51,7 @@ class ModelConfig(BaseModel):
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(2e-3, gt=0, le=1.0)
     seed: int = 0
+    int8: bool = True  # also write a gated INT8 copy of model.onnx at train time (loop.quantize)
     feature_engine: Literal["local", "ray"] = "local"  # where new photos' body features are computed
 
 
@@ -62,6 +64,7 @@ class SortConfig(BaseModel):
     flag_threshold: float = Field(0.5, ge=0.0, le=1.0)  # flag when the strategy's score >= this
     keep_tree: bool = True
     runtime: Literal["onnx", "torch"] = "onnx"
+    precision: Literal["auto", "float", "int8"] = "auto"  # auto: the INT8 model when it passed its gate
     resort_after_deploy: bool = True  # serve: after a deploy, re-sort copies no person has checked
     engine: Literal["local", "ray"] = "local"  # "ray": decode, predict and copy on a Ray cluster ([ray])
 
@@ -71,6 +74,13 @@ class RayConfig(BaseModel):
 
     address: str = ""  # "" = $RAY_ADDRESS or Ray's default; "local" = a fresh local instance; "host:6379"
     actors: int = Field(0, ge=0)  # actors in the pool (1 CPU each); 0 = one per CPU of the cluster
+
+
+class ReviewConfig(BaseModel):
+    """What a reviewer sees next (`sortloop select`, `review push`): strategy and daily budget."""
+
+    strategy: str = DEFAULT_BATCH_STRATEGY  # a name in loop.select.BATCH_STRATEGIES (checked when used)
+    daily_budget: int = Field(100, ge=0)  # photos pushed per day (UTC) besides user moves; 0 = no limit
 
 
 class GateConfig(BaseModel):
@@ -93,6 +103,7 @@ class LabelStudioConfig(BaseModel):
     push_batch_size: int = Field(500, ge=1, le=10000)
     allow_new_classes: bool = False
     webhook_port: int = Field(0, ge=0, le=65535)  # 0 = off; else `review listen` pulls on each annotation
+    served_dir: str = ""  # "" = <workspace>/labelstudio/served: the only folder Label Studio serves
 
 
 class ScheduleConfig(BaseModel):
@@ -121,6 +132,7 @@ class Settings(BaseSettings):
     sort: SortConfig = SortConfig()
     gate: GateConfig = GateConfig()
     ray: RayConfig = RayConfig()
+    review: ReviewConfig = ReviewConfig()
     labelstudio: LabelStudioConfig = LabelStudioConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
@@ -188,6 +200,7 @@ epochs = 8
 batch_size = 32
 learning_rate = 0.002
 seed = 0
+int8 = true                   # also write model.int8.onnx, used by sort only if it agrees with float (>= 99.5%)
 feature_engine = "local"      # "ray": compute new photos' features on the Ray cluster of [ray] (train --ray)
 
 [sort]
@@ -198,7 +211,9 @@ flag_threshold = 0.5          # flag for review when the score is at least this 
                               # least_confidence = 1 - confidence, so 0.5 flags guesses under 50% sure
 keep_tree = true              # DEST/<category>/<source sub-folders>/name: camera names (IMG_0001.JPG) repeat
                               # across folders, so flat (false / --flat) renames many to "name (2).jpg"
-runtime = "onnx"              # or "torch"; ONNX Runtime measured ~3x faster on CPU (bench/sort.py)
+runtime = "onnx"              # or "torch"; bench/sort.py prints both runtimes' forward rates
+precision = "auto"            # "auto": the INT8 model when it passed its gate (see `sortloop status`);
+                              # "float"; "int8": the INT8 model even if its gate refused it
 resort_after_deploy = true    # serve: after a deploy, move copies no person has checked to the new model's
                               # class (`sortloop undo` puts them back)
 engine = "local"              # "ray": decode, predict and copy on the Ray cluster of [ray] (sort --ray)
@@ -213,6 +228,13 @@ actors = 0                    # model copies in the pool, 1 CPU each; 0 = one pe
 min_accuracy_gain = 0.0       # candidate must beat the deployed model by more than this (0 to <1)
 max_recall_drop = 0.10        # ...and no class may lose more recall than this
 
+[review]
+strategy = "margin"           # what `review push` sends next, from unlabeled and flagged photos: "margin"
+                              # (best in bench/active_learning.py), "hybrid" (margin + class balance +
+                              # diversity), "least_confidence", "entropy", "badge", "typiclust", "random";
+                              # with few labels every strategy but random starts with typiclust (cold start)
+daily_budget = 100            # photos pushed per day (UTC) besides user moves, which always go; 0 = no limit
+
 [labelstudio]
 url = ""                      # empty: the embedded local server; else e.g. "https://ls.example.com"
                               # token: SORTLOOP_LABELSTUDIO_TOKEN or <workspace>/labelstudio/credentials.json
@@ -225,6 +247,9 @@ push_batch_size = 500         # tasks per import request
 allow_new_classes = false     # true: a label a reviewer adds in Label Studio becomes a new class
 webhook_port = 0              # >0: `sortloop review listen` receives Label Studio webhooks here (127.0.0.1)
                               # and pulls at once; the embedded server must be restarted to allow it
+served_dir = ""               # the only folder Label Studio serves: pushed photos (hard links or copies)
+                              # named by hash; empty = <workspace>/labelstudio/served. A team server must
+                              # see it at the same path (docker-compose: the `served` volume at /served)
 
 [schedule]
 pull_minutes = 10             # intervals: 1 minute to 1 week (10080)

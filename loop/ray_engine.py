@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loop import copies
-from loop.artifact import ONNX_FILE, SPEC_FILE, WEIGHTS_FILE, load_predictor
+from loop.artifact import INT8_FILE, ONNX_FILE, SPEC_FILE, WEIGHTS_FILE, load_predictor
 from loop.backbones import Backbone
 from loop.decode import Decoded, decode_chunk
 from loop.errors import SortloopError
@@ -116,6 +116,7 @@ class SortJob:
     dest: str
     keep_tree: bool
     runtime: str
+    int8: bool = False  # the gated INT8 ONNX model, when the driver's predictor uses it
 
 
 class _SortActor:
@@ -129,7 +130,8 @@ class _SortActor:
         with tempfile.TemporaryDirectory(prefix="sortloop-model-") as folder:  # sessions load it into memory
             for name, data in files.items():
                 (Path(folder) / name).write_bytes(data)
-            self.predictor = load_predictor(folder, runtime=job.runtime, threads=1)
+            self.predictor = load_predictor(folder, runtime=job.runtime, threads=1,
+                                            precision="int8" if job.int8 else "float")
         self.job = job
         self.src, self.dest = Path(job.src), Path(job.dest)
 
@@ -150,7 +152,8 @@ class _SortActor:
             folder = copies.category_folder(self.dest, label, self.src, rec.path, keep_tree=self.job.keep_tree)
             try:
                 final, copied[i] = copies.safe_copy(rec.path, folder, rec.path.name, image_id=rec.image_id or "",
-                                                    size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False)
+                                                    size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False,
+                                                    root=self.dest)
                 dest_path[i] = str(final)
             except OSError as exc:  # includes SourceChanged; reported per file by the driver (a full disk
                 copy_error[i], copy_errno[i] = str(exc.strerror or exc), exc.errno or 0  # stops the run there)
@@ -182,6 +185,7 @@ def sort_batches(
     dest: Path,
     keep_tree: bool,
     runtime: str = "onnx",
+    int8: bool = False,
     batch_size: int = 32,
     address: str = "",
     actors: int = 0,
@@ -192,6 +196,7 @@ def sort_batches(
         paths: the files to sort (listed by the driver; already-sorted ones left out).
         known: source path -> image_ids it was sorted with before (not copied again if unchanged).
         model_dir: the artifact folder (its bytes are shipped; workers need not see the workspace).
+        int8: use the gated INT8 ONNX model, as the driver's `Predictor.int8` says (same results as local).
     Yields:
         Records in completion order: failed ones carry `error` (their probs are NaN, placed None); placed
         is where the worker's copy landed, the copy's OSError, or None for a file sorted before.
@@ -202,10 +207,10 @@ def sort_batches(
         import ray
         import ray.data
 
-        names = [SPEC_FILE, ONNX_FILE if runtime == "onnx" else WEIGHTS_FILE]
+        names = [SPEC_FILE, (INT8_FILE if int8 else ONNX_FILE) if runtime == "onnx" else WEIGHTS_FILE]
         model = ray.put({name: (model_dir / name).read_bytes() for name in names})
         rows = [{"path": str(p), "known": ",".join(known.get(str(p), []))} for p in paths]
-        job = SortJob(str(src), str(dest), keep_tree, runtime)
+        job = SortJob(str(src), str(dest), keep_tree, runtime, int8)
         dataset = pooled(rows, _SortActor, {"model": [model], "job": job}, batch_size, actors)
         placed_names: dict[Path, set[str]] = {}
         seen: set[Path] = set()  # a batch re-run after a crash must not be recorded twice, however Ray delivers it
