@@ -52,6 +52,7 @@ class ModelConfig(BaseModel):
     learning_rate: float = Field(2e-3, gt=0, le=1.0)
     seed: int = 0
     int8: bool = True  # also write a gated INT8 copy of model.onnx at train time (loop.quantize)
+    feature_engine: Literal["local", "ray"] = "local"  # where new photos' body features are computed
 
 
 class SortConfig(BaseModel):
@@ -65,6 +66,14 @@ class SortConfig(BaseModel):
     runtime: Literal["onnx", "torch"] = "onnx"
     precision: Literal["auto", "float", "int8"] = "auto"  # auto: the INT8 model when it passed its gate
     resort_after_deploy: bool = True  # serve: after a deploy, re-sort copies no person has checked
+    engine: Literal["local", "ray"] = "local"  # "ray": decode, predict and copy on a Ray cluster ([ray])
+
+
+class RayConfig(BaseModel):
+    """The Ray cluster used when `sort.engine` or `model.feature_engine` is "ray" (extra `sortloop[ray]`)."""
+
+    address: str = ""  # "" = $RAY_ADDRESS or Ray's default; "local" = a fresh local instance; "host:6379"
+    actors: int = Field(0, ge=0)  # actors in the pool (1 CPU each); 0 = one per CPU of the cluster
 
 
 class ReviewConfig(BaseModel):
@@ -122,6 +131,7 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     sort: SortConfig = SortConfig()
     gate: GateConfig = GateConfig()
+    ray: RayConfig = RayConfig()
     review: ReviewConfig = ReviewConfig()
     labelstudio: LabelStudioConfig = LabelStudioConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -191,6 +201,7 @@ batch_size = 32
 learning_rate = 0.002
 seed = 0
 int8 = true                   # also write model.int8.onnx, used by sort only if it agrees with float (>= 99.5%)
+feature_engine = "local"      # "ray": compute new photos' features on the Ray cluster of [ray] (train --ray)
 
 [sort]
 batch_size = 32
@@ -205,6 +216,13 @@ precision = "auto"            # "auto": the INT8 model when it passed its gate (
                               # "float"; "int8": the INT8 model even if its gate refused it
 resort_after_deploy = true    # serve: after a deploy, move copies no person has checked to the new model's
                               # class (`sortloop undo` puts them back)
+engine = "local"              # "ray": decode, predict and copy on the Ray cluster of [ray] (sort --ray)
+
+[ray]                         # needs `pip install 'sortloop[ray]'`; SRC, DEST (and for training the
+                              # workspace) must be mounted at the same path on every Ray node
+address = ""                  # "" = $RAY_ADDRESS or Ray's default; "local" = a fresh local instance;
+                              # "head-host:6379" = an existing cluster (`ray start --head`)
+actors = 0                    # model copies in the pool, 1 CPU each; 0 = one per CPU in the cluster
 
 [gate]
 min_accuracy_gain = 0.0       # candidate must beat the deployed model by more than this (0 to <1)

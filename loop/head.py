@@ -17,6 +17,7 @@ import pandas as pd
 from loop.backbones import Backbone, weights_tag
 from loop.features import cached_features, features_dir
 from loop.progress import ProgressCallback, no_progress
+from loop.ray_engine import ray_features
 from loop.resized import load_resized
 from loop.workspace import Workspace
 
@@ -110,8 +111,9 @@ def _features(ws: Workspace, net: torch.nn.Module, backbone: Backbone, ids: list
     size = settings.image_size
     folder = features_dir(ws.cache_dir, backbone.name, size,
                           weights_tag(ws, backbone.name, pretrained=pretrained, seed=settings.seed))
+    remote = ray_features(ws, net, backbone) if settings.feature_engine == "ray" else None  # train --ray
     return cached_features(net, ids, lambda i: load_resized(ws, i, size), folder=folder, mean=backbone.mean,
-                           std=backbone.std, batch_size=settings.batch_size, on_progress=on_progress)
+                           std=backbone.std, batch_size=settings.batch_size, on_progress=on_progress, remote=remote)
 
 
 def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, seed: int = 0) -> tuple[float, dict]:
