@@ -44,6 +44,7 @@ from loop import copies, manifest
 from loop.atomic import append_jsonl
 from loop.decode import Decoded, decode_stream, default_workers
 from loop.errors import ModelError, SortloopError
+from loop.flagging import describe, settings_point
 from loop.images import iter_image_files
 from loop.progress import ProgressCallback, no_progress
 from loop.select import get_strategy
@@ -135,12 +136,18 @@ def sort_folder(
     src, dest = _check_folders(Path(src), Path(dest))
     dest_is_new = not dest.exists()
     keep_tree = settings.keep_tree if keep_tree is None else keep_tree
-    strategy = get_strategy(settings.flag_strategy)
     started = time.perf_counter()
 
     # The model is fixed here, once: a deploy during the run changes the pointer, not this folder.
     model_dir = current_model_dir(ws)
-    image_size = int(read_spec(model_dir)["image_size"])
+    spec = read_spec(model_dir)
+    image_size = int(spec["image_size"])
+    # Flags: the strategy and threshold that meet the user's goal (catch rate or budget) for THIS model,
+    # from the curves estimated at its training (`loop.flagging`).
+    point = settings_point(spec, settings)
+    flag_strategy, threshold = point["strategy"], point["threshold"]
+    strategy = get_strategy(flag_strategy)
+    logger.info("flags: %s", describe(point))
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + copies.new_record_id()[:6]
     report = SortReport(src=str(src), dest=str(dest), run_id=run_id)
 
@@ -211,20 +218,20 @@ def sort_folder(
                     k = int(np.argmax(p))
                     label = predictor.classes[k]
                     sub = rec.path.parent.relative_to(src) if keep_tree and src.is_dir() else Path()
-                    copier.submit(rec, label, float(p[k]), float(s), float(s) >= settings.flag_threshold,
-                                  dest / label / sub)
+                    flagged = threshold is not None and float(s) >= threshold
+                    copier.submit(rec, label, float(p[k]), float(s), flagged, dest / label / sub)
             copier.collect()
             processed += len(batch) + failures
             report.seen = processed
             on_progress(processed, total)
             if pending.size >= FLUSH_EVERY:
                 copier.collect(wait=True)
-                _flush(ws, dest, settings.flag_strategy, pending, report)
+                _flush(ws, dest, flag_strategy, pending, report)
         copier.collect(wait=True)
     finally:
         stream.close()
         copier.close()  # finishes copies in flight (and records them) even when interrupted
-        _flush(ws, dest, settings.flag_strategy, pending, report)
+        _flush(ws, dest, flag_strategy, pending, report)
         copies.update_records(ws, touched)
         report.seen = processed
         report.seconds = time.perf_counter() - started

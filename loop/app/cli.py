@@ -152,9 +152,14 @@ def scan(
 def train(
     mode: Annotated[str | None, typer.Option(help="'head' (linear head on cached features) or 'finetune' (fastai); "
                                              "default: model.train_mode.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Train even if the labels and settings are those of the "
+                                        "newest version.")] = False,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Train a candidate model from the labeled manifest rows and store it as a new version (not deployed).
+
+    Every label trains except the small gate set; metrics, calibration and flag sizing come from
+    item-grouped cross-validation. With nothing new to learn from, it says so and makes no version.
 
     Example: sortloop train --mode head
     """
@@ -162,9 +167,10 @@ def train(
     from loop.workspace import open_workspace
 
     with progress_bar("training") as on_progress:
-        result = run_training(open_workspace(workspace), mode=mode, on_progress=on_progress)
+        result = run_training(open_workspace(workspace), mode=mode, force=force, on_progress=on_progress)
     out.print(result.summary(), highlight=False)
-    out.print(f"candidate stored in {result.model_dir}; promote it with: sortloop deploy {result.version}")
+    if not result.unchanged:
+        out.print(f"candidate stored in {result.model_dir}; promote it with: sortloop deploy {result.version}")
 
 
 @command()

@@ -35,7 +35,7 @@ def test_demo_runs_the_whole_loop_once(tmp_path):
 
     # a low threshold so that some of the 18 new photos are surely flagged
     ws = configure(tmp_path / "ws", port=free_port(), title="demo",
-                   replace={"flag_threshold = 0.5": "flag_threshold = 0.2"})
+                   replace={"# flag_threshold = 0.5": "flag_threshold = 0.2"})
     template = template_dir()
     shutil.copytree(template, server.data_dir(ws), symlinks=True)
     server.write_credentials(server.credentials_path(ws), read_marker(template))
