@@ -1,9 +1,9 @@
 """Does the product learn from every label, flag what it gets wrong, and improve with reviews?
 
 For each dataset (`../shared/data/ikea_products`, `../shared/data/eth80`), the dataset's item groups
-(product families / physical objects) are split three ways, whole groups only: half **labeled** (the
-user's folder), a quarter **pool** (new photos the loop may ask a reviewer about), a quarter **test**
-(unseen items, never labeled, never reviewed). Then, through the product's own library calls (what the
+(product families / physical objects) are split three ways per class, whole groups only: ~5/12
+**labeled** (the user's folder), a third **pool** (new photos the loop may ask a reviewer about), a
+quarter **test** (unseen items, never labeled, never reviewed). Then, through the product's own library calls (what the
 CLI runs): `ingest --labeled --items` -> `train` -> `deploy`, and it reports
 
 1. accuracy on the test items of the deployed model vs an **all-labels probe**: the same recipe
@@ -61,14 +61,14 @@ CACHE = REPO / ".cache" / "bench-learning"
 
 
 def split_groups(meta: pd.DataFrame, seed: int) -> dict[str, pd.DataFrame]:
-    """Whole groups, per class: half labeled, a quarter pool, a quarter test (each class in each part)."""
+    """Whole groups, per class: a quarter test, a third pool, the rest (~5/12) labeled (each class in each)."""
     rng = np.random.default_rng(seed)
     parts: dict[str, list[str]] = {"labeled": [], "pool": [], "test": []}
     for _, groups in meta.groupby("cls")["group"]:
         names = list(rng.permutation(sorted(groups.unique())))
         n = len(names)
         n_test = max(1, round(n / 4))
-        n_pool = max(1, round(n / 4)) if n > 2 else 0
+        n_pool = max(1, round(n / 3)) if n > 2 else 0
         parts["test"] += names[:n_test]
         parts["pool"] += names[n_test:n_test + n_pool]
         parts["labeled"] += names[n_test + n_pool:]
@@ -207,7 +207,8 @@ def run_dataset(name: str, args, scratch: Path) -> None:
     test_feats = features.of(test_paths)[:, 0]
     test_labels = parts["test"]["cls"].tolist()
 
-    # 1. the product's own path vs the all-labels probe on the same features
+    # 1. the product's own path vs the all-labels probe on the same features (cached first for both)
+    lab_feats = features.of([dataset / p for p in parts["labeled"]["path"]])
     ingest_folder(ws, labeled_dir, source="user", labeled=True, items_csv=labeled_items)
     started = time.perf_counter()
     trained = train(ws)
@@ -216,7 +217,6 @@ def run_dataset(name: str, args, scratch: Path) -> None:
     sample = min(16, len(test_paths))
     gap = check_against_onnx(ws, test_paths[:sample], test_feats[:sample])
     result = test_report(ws, test_feats, test_labels)
-    lab_feats = features.of([dataset / p for p in parts["labeled"]["path"]])
     classes = sorted(parts["labeled"]["cls"].unique())
     y = np.array([classes.index(c) for c in parts["labeled"]["cls"]])
     y_test = np.array([classes.index(c) if c in classes else -1 for c in test_labels])

@@ -175,11 +175,6 @@ def get_backbone(name: str, weights_file: Path | None = None) -> Backbone:
                     drop_rate=0.0)
 
 
-def choose_backbone_name(ws: Workspace, settings) -> str:
-    """`model.backbone` (the configured one; `loop.train` may compare `model.backbone_candidates`)."""
-    return settings.backbone
-
-
 def pretrained_weights(ws: Workspace, name: str) -> Path:
     """Path of the cached ImageNet weights for backbone `name` (converted or fetched on first use)."""
     cache = weights_dir(ws)

@@ -136,6 +136,25 @@ def linear_probe(
             "cv_folds": n_folds, "mirror_augmented": True}, oof
 
 
+def backbone_cv_accuracy(ws: Workspace, name: str, train_rows: pd.DataFrame, classes: list[str], *,
+                         on_progress: ProgressCallback = no_progress) -> float:
+    """Item-grouped CV accuracy of the head recipe on backbone `name`'s features (for choosing a backbone)."""
+    from threadpoolctl import threadpool_limits
+
+    from loop.backbones import create_network, get_backbone
+
+    settings = ws.settings.model
+    backbone = get_backbone(name, settings.backbone_weights_file)
+    net = create_network(ws, name, len(classes), seed=settings.seed)
+    feats = _features(ws, net, backbone, train_rows["image_id"].tolist(), pretrained=True, on_progress=on_progress)
+    x = feats.reshape(-1, feats.shape[-1])
+    y = np.repeat(train_rows["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy(), 2)
+    groups = np.repeat(train_rows["item_id"].fillna(train_rows["image_id"]).astype(str).to_numpy(), 2)
+    with threadpool_limits(1):
+        _, scores, _, _ = choose_c(x, y, groups, n_classes=len(classes), folds=settings.cv_folds, seed=settings.seed)
+    return max(scores.values()) if scores else 0.0
+
+
 def _full_coef(model, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(K, F) weights and (K,) biases of a fitted LogisticRegression, with every class a row.
 

@@ -43,11 +43,11 @@ import pandas as pd
 
 from loop import manifest, registry
 from loop.artifact import read_spec, save_artifact
-from loop.backbones import choose_backbone_name, create_network, get_backbone, weights_tag
+from loop.backbones import create_network, get_backbone, weights_tag
 from loop.errors import ModelError
 from loop.estimates import describe_learning, learning_estimates, oof_frame
 from loop.evaluate import confusion_png, metrics_by_source, summary_line
-from loop.head import fit_head
+from loop.head import backbone_cv_accuracy, fit_head
 from loop.progress import ProgressCallback, no_progress
 from loop.resized import ensure_resized, resized_path
 from loop.workspace import Workspace
@@ -106,7 +106,8 @@ def recipe(ws: Workspace, mode: str, backbone: str, pretrained: bool) -> dict:
     m = ws.settings.model
     out = {"mode": mode, "backbone": backbone, "image_size": m.image_size, "pretrained": pretrained,
            "seed": m.seed, "cv_folds": m.cv_folds, "calibrate": m.calibrate,
-           "backbone_weights_file": str(m.backbone_weights_file or "")}
+           "backbone_weights_file": str(m.backbone_weights_file or ""),
+           "backbone_candidates": list(m.backbone_candidates)}
     if mode == "finetune":
         out.update(epochs=m.epochs, batch_size=m.batch_size, learning_rate=m.learning_rate)
     return out
@@ -173,8 +174,7 @@ def train(
     rows = labeled_rows(ws)
     if rows.empty:
         raise ModelError("no labeled images with a split in the manifest; run `sortloop ingest FOLDER --labeled`")
-    backbone = get_backbone(choose_backbone_name(ws, settings), settings)
-    this_recipe = recipe(ws, mode, backbone.name, pretrained)
+    this_recipe = recipe(ws, mode, settings.backbone, pretrained)
     fingerprint = labels_fingerprint(rows)
     same = None if force else _unchanged(ws, fingerprint, this_recipe)
     if same is not None:
@@ -200,6 +200,14 @@ def train(
     if unlearnable:
         logger.warning("labels only in the gate set (cannot be learned yet): %s", ", ".join(unlearnable))
     n_new = new_label_count(ws, train_rows)
+    backbone_cv: dict[str, float] = {}
+    name = settings.backbone
+    if pretrained and len(settings.backbone_candidates) > 1:  # let the data choose, by item-grouped CV
+        backbone_cv = {c: backbone_cv_accuracy(ws, c, train_rows, classes, on_progress=on_progress)
+                       for c in settings.backbone_candidates}
+        name = max(backbone_cv, key=lambda c: (backbone_cv[c], c == settings.backbone))
+        logger.info("backbone by item-grouped CV: %s -> %s", backbone_cv, name)
+    backbone = get_backbone(name, settings.backbone_weights_file)
     logger.info("training %s on %d labels (%s new, %d classes), gate set %d", mode, len(train_rows), n_new,
                 len(classes), len(valid_rows))
 
@@ -246,7 +254,7 @@ def train(
             "drop_rate": backbone.drop_rate,
             "metrics": metrics,
             "train_mode": mode,
-            "training": details,
+            "training": {**details, **({"backbone_cv_accuracy": backbone_cv} if backbone_cv else {})},
             "temperature": temperature,
             **extras,
             "pretrained": pretrained,
