@@ -66,6 +66,7 @@ class SortConfig(BaseModel):
     flag_threshold: float | None = Field(None, ge=0.0, le=1.0)  # or: a fixed score threshold (wins over both)
     keep_tree: bool = True
     runtime: Literal["onnx", "torch"] = "onnx"
+    resort_after_deploy: bool = True  # serve: after a deploy, re-sort copies no person has checked
 
 
 class GateConfig(BaseModel):
@@ -202,6 +203,8 @@ flag_target = 0.8             # flag enough photos to catch this share of the mo
 keep_tree = true              # DEST/<category>/<source sub-folders>/name: camera names (IMG_0001.JPG) repeat
                               # across folders, so flat (false / --flat) renames many to "name (2).jpg"
 runtime = "onnx"              # or "torch"; ONNX Runtime measured ~3x faster on CPU (bench/sort.py)
+resort_after_deploy = true    # serve: after a deploy, move copies no person has checked to the new model's
+                              # class (`sortloop undo` puts them back)
 
 [gate]
 min_accuracy_gain = -0.05     # candidate accuracy on the gate photos >= deployed + this (a few photos of

@@ -10,7 +10,9 @@ before and after the copy (or, without a known mtime, the same sha256 of the byt
 The records table (`<workspace>/runs/sorted_copies.parquet`, locked and atomic like the manifest) keeps,
 per copy: image_id, source path and its size/mtime, destination root and path, predicted label,
 confidence, score, model version, time, and — updated by `corrections.scan` — the copy's current
-category, size/mtime and status. Sort uses it to resume; scan uses size+mtime to avoid re-hashing.
+category, size/mtime and status, and who placed it there (`placed_by`: sort, apply, resort, undo — moves
+sortloop made itself, through `loop.moves` — or user, a move `scan` followed). Sort uses it to resume;
+scan uses size+mtime to avoid re-hashing; apply and resort never move a copy a person placed.
 Caveat: originals are only ever read; but a source file changed between decode and copy is reported as
 a failure rather than copied, because its recorded hash would be wrong.
 """
@@ -47,8 +49,9 @@ RECORD_COLUMNS: dict[str, str] = {
     "category": "string",  # the category folder the copy is in now (NA if moved out of all)
     "dest_size": "Int64",
     "dest_mtime_ns": "Int64",
-    "status": "string",  # present / deleted
+    "status": "string",  # present / deleted / modified / gone
     "checked_at": "datetime64[ns, UTC]",
+    "placed_by": "string",  # who put the copy where it is: sort, apply, resort, undo, or user (scan saw it moved)
 }
 
 COPY_CHUNK = 1 << 20

@@ -88,8 +88,8 @@ def compare(paired: Paired | None, candidate_n: int, *, min_accuracy_gain: float
 
     - overall: the candidate's accuracy must be at least the current one's + `min_accuracy_gain` (default
       -0.05: a photo or two of noise on a small gate set is no reason to keep a model that learned from
-      fewer labels), and not significantly worse by McNemar's exact test (a binomial test on the discordant photos: those exactly
-      one of the two models gets right);
+      fewer labels), and not significantly worse by McNemar's exact test (a binomial test on the
+      discordant photos: those exactly one of the two models gets right);
     - per class: a class regresses when the candidate loses more of its photos than it gains and the loss
       is significant (one-sided binomial on that class's discordant photos, p < alpha), or its recall
       drops by more than `max_recall_drop` on at least `min_class_support` photos. One photo of a

@@ -18,17 +18,15 @@ would rename many photos to `name (2).jpg` and lose which project each came from
 category from the first folder under DEST.
 
 Also written: predictions (`pred_label`, `pred_conf`, `pred_score`, `pred_model`) and `flag =
-low_confidence` into the manifest (new images are registered first), and the flagged copies into
-`DEST/_review.csv`.
+low_confidence` into the manifest (new images are registered first), and `DEST/_review.csv` (rebuilt
+from the records by `loop.review_list`: the flagged copies no person has looked at yet).
 Caveat: flags are set only on images no person has labeled yet (`label_source` not review/user_move),
 and an existing `user_moved` flag is never replaced.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -47,17 +45,15 @@ from loop.errors import ModelError, SortloopError
 from loop.flagging import describe, settings_point
 from loop.images import iter_image_files
 from loop.progress import ProgressCallback, no_progress
+from loop.review_list import REVIEW_CSV, write_review_csv  # noqa: F401  (REVIEW_CSV: re-exported)
 from loop.select import get_strategy
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
-REVIEW_CSV = "_review.csv"
-REVIEW_COLUMNS = ["dest_path", "source_path", "pred_label", "pred_conf", "score", "strategy", "model_version",
-                  "image_id", "sorted_at"]
 FLUSH_EVERY = 256  # images between writes of the manifest and the records (a crash loses no copies:
 #                    a rerun finds them identical at their destination and records them then)
-HUMAN_SOURCES = ("review", "user_move")
+HUMAN_SOURCES = manifest.HUMAN_SOURCES
 
 
 @dataclass
@@ -226,13 +222,14 @@ def sort_folder(
             on_progress(processed, total)
             if pending.size >= FLUSH_EVERY:
                 copier.collect(wait=True)
-                _flush(ws, dest, flag_strategy, pending, report)
+                _flush(ws, dest, pending, report)
         copier.collect(wait=True)
     finally:
         stream.close()
         copier.close()  # finishes copies in flight (and records them) even when interrupted
-        _flush(ws, dest, flag_strategy, pending, report)
+        _flush(ws, dest, pending, report)
         copies.update_records(ws, touched)
+        write_review_csv(ws, dest)
         report.seen = processed
         report.seconds = time.perf_counter() - started
         _log_run(ws, report)
@@ -299,7 +296,7 @@ class _Pending:
         self.records: list[dict] = []
         self.infos: list = []
         self.preds: dict[str, tuple[str, float, float, bool]] = {}
-        self.review: list[dict] = []
+        self.flagged = False  # a flagged copy since the last flush: `_review.csv` is rebuilt
         self.folders: set[Path] = set()
 
     @property
@@ -371,20 +368,15 @@ class _Copier:
             "dest_path": str(final), "label": job.label, "confidence": job.conf, "score": job.score,
             "flagged": job.flagged, "model_version": self.version, "sorted_at": now, "run_id": report.run_id,
             "category": job.label, "dest_size": st.st_size, "dest_mtime_ns": st.st_mtime_ns, "status": "present",
-            "checked_at": now,
+            "checked_at": now, "placed_by": "sort",
         })
         pending.infos.append(ImageInfo(image_id=rec.image_id or "", path=str(rec.path), phash=rec.phash,
                                        taken_at=rec.taken_at))
         pending.preds[rec.image_id or ""] = (job.label, job.conf, job.score, job.flagged)
-        if job.flagged:
-            pending.review.append({
-                "dest_path": str(final), "source_path": str(rec.path), "pred_label": job.label,
-                "pred_conf": f"{job.conf:.4f}", "score": f"{job.score:.4f}", "strategy": "",
-                "model_version": self.version, "image_id": rec.image_id, "sorted_at": now.isoformat(),
-            })
+        pending.flagged |= job.flagged
 
 
-def _flush(ws: Workspace, dest: Path, strategy: str, pending: _Pending, report: SortReport) -> None:
+def _flush(ws: Workspace, dest: Path, pending: _Pending, report: SortReport) -> None:
     """Copies made durable (directory fsync), then the manifest (register + predictions + flags), then the
     copy records, then _review.csv: a crash in between only means a rerun re-finds identical copies."""
     if not pending.records:
@@ -409,22 +401,10 @@ def _flush(ws: Workspace, dest: Path, strategy: str, pending: _Pending, report: 
 
     manifest.update(ws, apply)
     copies.append_records(ws, pending.records)
-    if pending.review:
-        _append_review(dest / REVIEW_CSV, pending.review, strategy)
-    pending.records, pending.infos, pending.preds, pending.review = [], [], {}, []
+    if pending.flagged:
+        write_review_csv(ws, dest)
+    pending.records, pending.infos, pending.preds, pending.flagged = [], [], {}, False
     pending.folders.clear()
-
-
-def _append_review(path: Path, rows: list[dict], strategy: str) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=REVIEW_COLUMNS)
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "strategy": strategy})
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _log_run(ws: Workspace, report: SortReport) -> None:
