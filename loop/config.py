@@ -74,7 +74,7 @@ class GateConfig(BaseModel):
 
     # candidate accuracy on the gate photos >= current + this: the default tolerates a few photos of noise
     # (the candidate learned from more labels); set > 0 to demand a gain
-    min_accuracy_gain: float = Field(-0.05, ge=-1.0, le=1.0)
+    min_accuracy_gain: float = Field(-0.10, ge=-1.0, le=1.0)
     alpha: float = Field(0.05, gt=0.0, lt=1.0)  # significance of the paired tests (McNemar, per-class binomial)
     max_recall_drop: float = Field(0.10, ge=0.0, le=1.0)  # a class losing more recall than this, with...
     min_class_support: int = Field(10, ge=1)  # ...at least this many gate photos, regresses even if not significant
@@ -207,7 +207,7 @@ resort_after_deploy = true    # serve: after a deploy, move copies no person has
                               # class (`sortloop undo` puts them back)
 
 [gate]
-min_accuracy_gain = -0.05     # candidate accuracy on the gate photos >= deployed + this (a few photos of
+min_accuracy_gain = -0.10     # candidate accuracy on the gate photos >= deployed + this (a few photos of
                               # noise are tolerated: it learned from more labels; > 0 demands a gain), and
 alpha = 0.05                  # not significantly worse (McNemar); a class regresses if its loss is significant
 max_recall_drop = 0.10        # (one-sided binomial) or larger than this on at least

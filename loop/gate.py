@@ -9,7 +9,7 @@ class the current model gets right does. Refusals carry n, the discordant counts
 `force=True` overrides and says so in the log. `rollback` restores the previously deployed version.
 Every decision goes to the registry log.
 Caveat: the very first deploy has nothing to beat; it promotes if the candidate can be measured at all.
-A tie, or a loss within `gate.min_accuracy_gain` (-0.05) that is not significant, promotes: the candidate
+A tie, or a loss within `gate.min_accuracy_gain` (-0.10) that is not significant, promotes: the candidate
 learned from more labels. Successive small losses could add up; the report's accuracy plot shows them.
 """
 
@@ -87,7 +87,7 @@ def compare(paired: Paired | None, candidate_n: int, *, min_accuracy_gain: float
     """Apply the gate's paired rules to two models' outcomes on the same photos.
 
     - overall: the candidate's accuracy must be at least the current one's + `min_accuracy_gain` (default
-      -0.05: a photo or two of noise on a small gate set is no reason to keep a model that learned from
+      -0.10: a photo or two of noise on a small gate set is no reason to keep a model that learned from
       fewer labels), and not significantly worse by McNemar's exact test (a binomial test on the
       discordant photos: those exactly one of the two models gets right);
     - per class: a class regresses when the candidate loses more of its photos than it gains and the loss
