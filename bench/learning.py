@@ -22,7 +22,8 @@ frozen in head mode, so this is the deployed network's output; checked against O
 Timings are printed only as ratios. Features are cached in `.cache/bench-learning/` (first run: minutes
 on 2 cores for eth80's 2298 photos; then seconds).
 
-    .venv/bin/python bench/learning.py [--datasets ikea_products eth80] [--rounds 3] [--reviews 30]
+    .venv/bin/python bench/learning.py [--datasets ikea_products eth80] [--rounds 3] [--reviews 30] [--seed 0]
+    (--rounds 0: parts 1-3 only, e.g. to repeat them over other splits with --seed)
 """
 
 from __future__ import annotations
@@ -250,6 +251,8 @@ def run_dataset(name: str, args, scratch: Path) -> None:
     print(f"  calibration: T={cal['temperature']:.2f}; ECE out of fold {cal['ece_oof_before']:.3f} -> "
           f"{cal['ece_oof_after']:.3f}; on test items {result['ece_before']:.3f} -> {result['ece_after']:.3f}")
 
+    if args.rounds == 0:
+        return
     # 4. the loop: rounds of reviews, product selection vs random
     truth = dict(zip(features_ids(pool_dir, parts["pool"]), parts["pool"]["cls"], strict=True))
     pool_ids = list(truth)
@@ -297,7 +300,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["ikea_products", "eth80"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reviews", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="which three-way split of the item groups")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp:

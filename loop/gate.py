@@ -7,7 +7,9 @@ discordant photos, per class with a one-sided binomial test on that class's disc
 `compare`). A noisy one-photo wobble in a small class no longer blocks a clearly better model; losing a
 class the current model gets right does. Refusals carry n, the discordant counts and the p-values.
 `force=True` overrides and says so in the log. `rollback` restores the previously deployed version.
-Every decision goes to the registry log.
+Every decision goes to the registry log. With too few items per class for a gate set (fewer than ~5),
+it falls back to prequential evaluation (`prequential`): the labels new since the deployed model, which it
+never trained on, scored by it and, out of fold, by the candidate.
 Caveat: the very first deploy has nothing to beat; it promotes if the candidate can be measured at all.
 A tie, or a loss within `gate.min_accuracy_gain` (-0.10) that is not significant, promotes: the candidate
 learned from more labels. Successive small losses could add up; the report's accuracy plot shows them.
@@ -172,13 +174,18 @@ def deploy(ws: Workspace, version: str | None = None, *, force: bool = False,
         current_dir = registry.model_dir(ws, current) if current else None
         rows, excluded = gate_rows(ws, [candidate_dir] + ([current_dir] if current_dir else []))
         candidate_metrics, candidate_right = _measure(ws, candidate_dir, rows, on_progress)
-        current_metrics, paired = None, None
-        if current_dir is not None:
+        current_metrics, paired, note = None, None, None
+        if rows.empty:  # too few items per class for a gate set: fall back to the labels new since
+            candidate_metrics, current_metrics, paired, note = prequential(ws, candidate_dir, current_dir,
+                                                                           on_progress)
+        elif current_dir is not None:
             current_metrics, current_right = _measure(ws, current_dir, rows, on_progress)
             paired = Paired(rows["label"].astype(str).to_numpy(), candidate_right, current_right)
         ok, reasons = compare(paired, candidate_metrics["n"], min_accuracy_gain=gate.min_accuracy_gain,
                               alpha=gate.alpha, max_recall_drop=gate.max_recall_drop,
                               min_class_support=gate.min_class_support)
+        if note:
+            reasons.append(note)
         if excluded:
             reasons.append(f"{excluded} gate photos left out: a compared model trained on them")
         forced = force and not ok
@@ -265,6 +272,48 @@ def gate_rows(ws: Workspace, model_dirs: list) -> tuple[pd.DataFrame, int]:
             trained.update(seen["image_id"].astype(str))
     keep = ~rows["image_id"].astype(str).isin(trained)
     return rows[keep].reset_index(drop=True), int((~keep).sum())
+
+
+def prequential(ws: Workspace, candidate_dir, current_dir, on_progress: ProgressCallback
+                ) -> tuple[dict, dict | None, Paired | None, str | None]:
+    """The fallback when the gate set is empty (fewer than ~5 items per class): compare on the labels that
+    are new since the deployed model, which it never trained on, against the candidate's out-of-fold
+    predictions of the same photos (a fold model that never saw their items).
+
+    With nothing deployed, the candidate's out-of-fold accuracy is the evidence for a first deployment.
+    Returns:
+        (candidate metrics, current metrics or None, paired outcomes or None, a note for the reasons).
+    """
+    from loop.evaluate import classification_metrics
+    from loop.train import labeled_rows, training_set
+
+    empty = {"n": 0, "accuracy": None, "per_class": {}}
+    path = candidate_dir / "oof_predictions.parquet"
+    if not path.exists():
+        return empty, None, None, None
+    oof = pd.read_parquet(path)
+    oof = oof[oof["source"] == "user"]
+    classes = read_spec(candidate_dir)["classes"]
+    if current_dir is None:
+        metrics = classification_metrics(oof["label"].tolist(), np.stack(oof["probs"].to_numpy()), classes)
+        return metrics, None, None, (f"no gate photos (too few items per class): first deployment on the "
+                                     f"out-of-fold accuracy {metrics['accuracy']:.3f} of {metrics['n']} photos")
+    seen = training_set(current_dir)
+    if seen is None:
+        return empty, None, None, None
+    today = labeled_rows(ws).set_index("image_id")["label"].astype(str)
+    new = oof[~oof["image_id"].isin(seen["image_id"]) & oof["image_id"].isin(today.index)].reset_index(drop=True)
+    if new.empty:
+        return empty, None, None, None
+    rows = labeled_rows(ws).set_index("image_id").loc[new["image_id"]].reset_index()
+    probs = np.stack(new["probs"].to_numpy())
+    labels = rows["label"].astype(str).to_numpy()
+    candidate_metrics = classification_metrics(labels.tolist(), probs, classes)
+    candidate_right = np.array([classes[i] for i in probs.argmax(axis=1)]) == labels
+    current_metrics, current_right = _measure(ws, current_dir, rows, on_progress)
+    return candidate_metrics, current_metrics, Paired(labels, candidate_right, current_right), (
+        f"no gate photos (too few items per class): compared on the {len(new)} labels new since the deployed "
+        "model, which it never trained on, against the candidate's out-of-fold predictions")
 
 
 def _measure(ws: Workspace, model_dir, rows: pd.DataFrame, on_progress: ProgressCallback) -> tuple[dict, np.ndarray]:

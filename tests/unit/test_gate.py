@@ -172,3 +172,32 @@ def test_a_reviewed_photo_changes_the_next_candidates_training_set(trained_ikea,
     assert not result.unchanged and result.n_new == 1
     after = set(training_set(result.model_dir)["image_id"])
     assert after - before == {new_id}
+
+
+def test_without_a_gate_set_the_gate_compares_on_the_labels_new_since_the_deployed_model(ws, tmp_path,
+                                                                                       shared_data):
+    """Too few items per class for a gate set: first deploy on out-of-fold accuracy, then prequential."""
+    from loop.ingest import ingest_folder
+    from loop.workspace import open_workspace
+    from tests.unit.model_helpers import tiny_ikea_folder
+
+    ws.config_file.write_text("[split]\nuser_valid_fraction = 0.0\n")
+    ws = open_workspace(ws.root)
+    folder = tiny_ikea_folder(shared_data, tmp_path / "tiny", per_class=10)
+    ingest_folder(ws, folder, source="user", labeled=True, items_csv=tmp_path / "tiny_items.csv")
+    held = manifest.load(ws).groupby("label").head(3)["image_id"].tolist()  # labeled later
+    manifest.update(ws, lambda d: d.assign(label=d["label"].where(~d["image_id"].isin(held)),
+                                           split=d["split"].where(~d["image_id"].isin(held))))
+    first = train(ws, mode="head")
+    decision = deploy(ws, first.version)
+    assert decision.promoted and "first deployment on the out-of-fold accuracy" in decision.reasons[-1]
+
+    by_id = manifest.load(ws).set_index("image_id")
+    changes = [manifest.LabelChange(i, by_id.at[i, "path"].split("/")[-2], "review", "r@example.com") for i in held]
+    manifest.set_labels(ws, changes)  # the held photos get their labels by review (folder = true class)
+    assert manifest.load(ws).set_index("image_id").loc[held, "split"].eq("train").all()
+    second = train(ws, mode="head")
+    decision = deploy(ws, second.version)
+    assert decision.candidate_metrics["n"] == decision.current_metrics["n"] == len(held)
+    assert any(f"compared on the {len(held)} labels new since the deployed model" in r for r in decision.reasons)
+    assert not set(held) & set(training_set(first.model_dir)["image_id"])  # the deployed model never saw them
