@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 CURVE_POINTS = 101  # flag shares 0, 0.01, ..., 1.0
 DEFAULT_STRATEGY = "least_confidence"
+MIN_PHOTOS = 20  # fewer predictions (or no mistake among them) give no curve: the fixed threshold (0.5) applies
 
 
 def catch_curve(scores: np.ndarray, wrong: np.ndarray, points: int = CURVE_POINTS) -> dict:
@@ -72,11 +73,14 @@ def point_for_budget(curve: dict, budget: float) -> int:
 def estimate(probs: np.ndarray, labels: np.ndarray) -> dict:
     """Catch curves of every strategy from out-of-fold `probs` (N, K) and true class indices `labels` (N,).
 
-    Labels outside the columns (index -1 or >= K) count as mistakes.
+    Labels outside the columns (index -1 or >= K) count as mistakes. With fewer than MIN_PHOTOS
+    predictions or no mistake at all there is nothing to size on: no curves (sort then uses a fixed 0.5).
     """
     probs = np.asarray(probs, np.float64)
     labels = np.asarray(labels)
     wrong = probs.argmax(axis=1) != labels if len(probs) else np.zeros(0, bool)
+    if len(probs) < MIN_PHOTOS or not wrong.any():  # nothing to size the flags on: the fixed threshold applies
+        return {"n": int(len(probs)), "mistakes": int(wrong.sum()), "curves": {}}
     curves = {name: catch_curve(score(probs, name), wrong) for name in STRATEGIES}
     return {"n": int(len(probs)), "mistakes": int(wrong.sum()), "curves": curves}
 

@@ -51,6 +51,9 @@ def test_auto_picks_the_strategy_that_needs_the_fewest_flags():
 
 def test_fixed_threshold_and_models_without_curves():
     assert operating_point(None)["threshold"] == 0.5  # an older model.json: the old default
+    perfect = np.eye(3)[np.arange(30) % 3]
+    assert estimate(perfect, np.arange(30) % 3)["curves"] == {}  # no mistake to size on...
+    assert operating_point(estimate(perfect, np.arange(30) % 3))["threshold"] == 0.5  # ...the fixed default
     spec = {"flagging": estimate(*(lambda lg, y: (calibrated(lg, 1.0), y))(*overconfident()))}
     point = settings_point(spec, SortConfig(flag_threshold=0.3, flag_strategy="margin"))
     assert point["threshold"] == 0.3 and point["strategy"] == "margin" and point["expected_share"] is not None
