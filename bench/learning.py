@@ -23,6 +23,7 @@ Timings are printed only as ratios. Features are cached in `.cache/bench-learnin
 on 2 cores for eth80's 2298 photos; then seconds).
 
     .venv/bin/python bench/learning.py [--datasets ikea_products eth80] [--rounds 3] [--reviews 30] [--seed 0]
+                                       [--per-group N]
     (--rounds 0: parts 1-3 only, e.g. to repeat them over other splits with --seed)
 """
 
@@ -195,6 +196,10 @@ def review(ws, ids: list[str], truth: dict[str, str]) -> None:
 def run_dataset(name: str, args, scratch: Path) -> None:
     dataset = DATA / name
     meta = pd.read_csv(dataset / "manifest.csv")
+    if args.per_group:  # e.g. eth80's 41 views of each object: every k-th view, evenly spread
+        keep = [i for _, g in meta.groupby("group")
+                for i in g.index[np.linspace(0, len(g) - 1, min(args.per_group, len(g))).round().astype(int)]]
+        meta = meta.loc[sorted(set(keep))].reset_index(drop=True)
     parts = split_groups(meta, args.seed)
     print(f"\n=== {name}: {len(meta)} photos, {meta['group'].nunique()} item groups; labeled "
           f"{len(parts['labeled'])} / pool {len(parts['pool'])} / test {len(parts['test'])} photos "
@@ -301,6 +306,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reviews", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0, help="which three-way split of the item groups")
+    parser.add_argument("--per-group", type=int, default=0, help="at most this many photos per item group "
+                        "(evenly spread; 0 = all), to bound the first run's feature extraction on 2 cores")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp:
