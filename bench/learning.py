@@ -235,8 +235,10 @@ def run_dataset(name: str, args, scratch: Path) -> None:
     print(f"  feature shortcut vs ONNX Runtime on {sample} test photos: max |dp| = {gap:.1e}; "
           f"time ratio product train (incl. CV, calibration, ONNX export) / probe fit = {train_s / probe_s:.1f}x")
     cv = spec["metrics"]["cv_user"]
-    print(f"  out-of-fold accuracy {cv['accuracy']:.3f} (n={cv['n']}), gate-set accuracy "
-          f"{spec['metrics']['user_valid']['accuracy']:.3f} (n={spec['metrics']['user_valid']['n']})")
+    gate = spec["metrics"]["user_valid"]
+    gate_text = f"{gate['accuracy']:.3f}" if gate["accuracy"] is not None else "none (too few items per class)"
+    print(f"  out-of-fold accuracy {cv['accuracy']:.3f} (n={cv['n']}), gate-set accuracy {gate_text} "
+          f"(n={gate['n']})")
 
     # 2. the catch curve and the operating point, estimated vs measured on unseen items
     point = result["point"]

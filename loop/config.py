@@ -22,13 +22,16 @@ from pydantic_settings import (
 from loop.errors import ConfigError
 
 CONFIG_FILENAME = "sortloop.toml"
+MINUTES_PER_WEEK = 7 * 24 * 60
 
 
 class SplitConfig(BaseModel):
     """How images are split into train/valid (valid = the gate set), per source, always by whole items."""
 
-    user_valid_fraction: float = Field(0.2, ge=0.0, le=1.0)  # the gate set; the rest trains (CV for metrics)
-    web_valid_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    # the gate set; the rest trains (CV for metrics). 0: no gate set (the gate compares on labels new since
+    # the deployed model); 1 would leave nothing to train on
+    user_valid_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    web_valid_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 0
 
 
@@ -36,7 +39,7 @@ class ItemsConfig(BaseModel):
     """How photos of one physical item are grouped when no items CSV is given."""
 
     near_duplicate_distance: int = Field(2, ge=0, le=64)  # perceptual-hash Hamming distance
-    burst_seconds: float = Field(0.0, ge=0.0)  # same folder, EXIF time this close => one item; 0 = off
+    burst_seconds: float = Field(0.0, ge=0.0, le=3600.0)  # same folder, EXIF time this close => one item; 0 = off
 
 
 class ModelConfig(BaseModel):
@@ -45,9 +48,9 @@ class ModelConfig(BaseModel):
     backbone: str = "tf_efficientnet_lite0"
     image_size: int = Field(224, ge=32, le=1024)
     train_mode: Literal["head", "finetune"] = "head"
-    epochs: int = Field(8, ge=1)
-    batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(2e-3, gt=0)
+    epochs: int = Field(8, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    learning_rate: float = Field(2e-3, gt=0, le=1.0)
     seed: int = 0
     cv_folds: int = Field(5, ge=2, le=20)  # item-grouped folds for out-of-fold metrics, calibration, flags
     calibrate: bool = True  # temperature scaling fitted on out-of-fold predictions, folded into the model
@@ -58,8 +61,8 @@ class ModelConfig(BaseModel):
 class SortConfig(BaseModel):
     """Sorting and flagging."""
 
-    batch_size: int = Field(32, ge=1)
-    workers: int = Field(2, ge=0)  # decode processes; 0 = decode in the main process
+    batch_size: int = Field(32, ge=1, le=4096)
+    workers: int = Field(2, ge=0, le=256)  # decode processes; 0 = decode in the main process
     flag_strategy: Literal["auto", "least_confidence", "margin", "entropy"] = "auto"  # auto: the model's pick
     flag_target: float = Field(0.8, gt=0.0, le=1.0)  # share of the model's mistakes the flags should catch
     flag_budget: float | None = Field(None, gt=0.0, le=1.0)  # or: share of photos to flag (wins over target)
@@ -73,11 +76,13 @@ class GateConfig(BaseModel):
     """When a candidate model may replace the deployed one."""
 
     # candidate accuracy on the gate photos >= current + this: the default tolerates a few photos of noise
-    # (the candidate learned from more labels); set > 0 to demand a gain
-    min_accuracy_gain: float = Field(-0.10, ge=-1.0, le=1.0)
+    # (the candidate learned from more labels; significant losses are refused anyway); > 0 demands a gain;
+    # below -0.5 the rule would be off
+    min_accuracy_gain: float = Field(-0.10, ge=-0.5, lt=1.0)
     alpha: float = Field(0.05, gt=0.0, lt=1.0)  # significance of the paired tests (McNemar, per-class binomial)
     max_recall_drop: float = Field(0.10, ge=0.0, le=1.0)  # a class losing more recall than this, with...
-    min_class_support: int = Field(10, ge=1)  # ...at least this many gate photos, regresses even if not significant
+    min_class_support: int = Field(10, ge=1, le=100000)  # ...this many gate photos: regressed, even if not
+    # significant
 
 
 class LabelStudioConfig(BaseModel):
@@ -88,8 +93,8 @@ class LabelStudioConfig(BaseModel):
     port: int = Field(8080, ge=1, le=65535)
     username: str = "admin@sortloop.local"
     project_title: str = "sortloop review"
-    start_timeout_s: float = Field(180.0, gt=0)
-    push_batch_size: int = Field(500, ge=1)
+    start_timeout_s: float = Field(180.0, gt=0.0, le=3600.0)
+    push_batch_size: int = Field(500, ge=1, le=10000)
     allow_new_classes: bool = False
     webhook_port: int = Field(0, ge=0, le=65535)  # 0 = off; else `review listen` pulls on each annotation
 
@@ -97,13 +102,14 @@ class LabelStudioConfig(BaseModel):
 class ScheduleConfig(BaseModel):
     """What `sortloop serve` runs and when."""
 
-    pull_minutes: float = Field(10, gt=0)
-    push_minutes: float = Field(10, gt=0)
-    scan_minutes: float = Field(60, gt=0)
-    watch_minutes: float = Field(5, gt=0)
+    # at least a minute: shorter intervals only pile up job runs and log lines; at most a week
+    pull_minutes: float = Field(10, ge=1, le=MINUTES_PER_WEEK)
+    push_minutes: float = Field(10, ge=1, le=MINUTES_PER_WEEK)
+    scan_minutes: float = Field(60, ge=1, le=MINUTES_PER_WEEK)
+    watch_minutes: float = Field(5, ge=1, le=MINUTES_PER_WEEK)
     retrain_cron: str = "0 2 * * *"
     timezone: str = ""  # IANA name for the cron, e.g. "Europe/Paris"; empty = the machine's local zone
-    misfire_grace_s: int = Field(24 * 3600, ge=1)
+    misfire_grace_s: int = Field(24 * 3600, ge=1, le=7 * 24 * 3600)
     sorted_trees: list[Path] = Field(default_factory=list)
     inboxes: list[tuple[Path, Path]] = Field(default_factory=list)  # (source folder, destination)
 
@@ -207,9 +213,9 @@ resort_after_deploy = true    # serve: after a deploy, move copies no person has
                               # class (`sortloop undo` puts them back)
 
 [gate]
-min_accuracy_gain = -0.10     # candidate accuracy on the gate photos >= deployed + this (a few photos of
-                              # noise are tolerated: it learned from more labels; > 0 demands a gain), and
-alpha = 0.05                  # not significantly worse (McNemar); a class regresses if its loss is significant
+min_accuracy_gain = -0.10     # candidate accuracy on the gate photos >= deployed + this (-0.5 to <1; a few
+                              # photos of noise are tolerated: it learned from more labels; > 0 demands a gain),
+alpha = 0.05                  # and not significantly worse (McNemar); a class regresses if its loss is significant
 max_recall_drop = 0.10        # (one-sided binomial) or larger than this on at least
 min_class_support = 10        # this many of its gate photos
 
@@ -227,7 +233,7 @@ webhook_port = 0              # >0: `sortloop review listen` receives Label Stud
                               # and pulls at once; the embedded server must be restarted to allow it
 
 [schedule]
-pull_minutes = 10
+pull_minutes = 10             # intervals: 1 minute to 1 week (10080)
 push_minutes = 10
 scan_minutes = 60
 watch_minutes = 5

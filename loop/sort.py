@@ -41,7 +41,7 @@ import pandas as pd
 from loop import copies, manifest
 from loop.atomic import append_jsonl
 from loop.decode import Decoded, decode_stream, default_workers
-from loop.errors import ModelError, SortloopError
+from loop.errors import DiskFullError, ModelError, SortloopError, is_disk_full
 from loop.flagging import describe, settings_point
 from loop.images import iter_image_files
 from loop.progress import ProgressCallback, no_progress
@@ -118,18 +118,26 @@ def sort_folder(
     Returns:
         A SortReport; `.ok` is False if any file failed (each listed with its reason).
     Raises:
-        ModelError: no deployed model, or it does not load. SortloopError: bad `src`/`dest`.
+        ModelError: no deployed model, or it does not load. SortloopError: bad `src`/`dest`, or another sort
+        is writing into `dest` right now. DiskFullError: DEST's or the workspace's disk filled up; every
+        copy made is recorded, `.summary` says what was done, and a rerun after freeing space continues.
 
     Example:
         >>> report = sort_folder(open_workspace("data"), "~/photos/new", "~/photos/sorted")   # doctest: +SKIP
         >>> print(report.summary())
     """
+    src, dest = _check_folders(Path(src), Path(dest))
+    with copies.dest_lock(ws, dest):  # one sort at a time per destination (a second one refuses clearly)
+        return _sort_locked(ws, src, dest, keep_tree=keep_tree, on_progress=on_progress or no_progress)
+
+
+def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None,
+                 on_progress: ProgressCallback) -> SortReport:
+    """`sort_folder` once the destination is locked and the folders checked."""
     from loop.artifact import load_predictor, read_spec
     from loop.registry import current_model_dir
 
     settings = ws.settings.sort
-    on_progress = on_progress or no_progress
-    src, dest = _check_folders(Path(src), Path(dest))
     dest_is_new = not dest.exists()
     keep_tree = settings.keep_tree if keep_tree is None else keep_tree
     started = time.perf_counter()
@@ -200,6 +208,7 @@ def sort_folder(
     on_progress(processed, total)
 
     copier = _Copier(report, pending, predictor.version)
+    disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
     try:
         for batch, failures in _batches(stream, settings.batch_size, report):
             if batch:
@@ -220,19 +229,34 @@ def sort_folder(
             processed += len(batch) + failures
             report.seen = processed
             on_progress(processed, total)
+            if copier.disk_full:
+                break
             if pending.size >= FLUSH_EVERY:
                 copier.collect(wait=True)
                 _flush(ws, dest, pending, report)
         copier.collect(wait=True)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        disk_full = exc
     finally:
         stream.close()
         copier.close()  # finishes copies in flight (and records them) even when interrupted
-        _flush(ws, dest, pending, report)
-        copies.update_records(ws, touched)
-        write_review_csv(ws, dest)
         report.seen = processed
         report.seconds = time.perf_counter() - started
-        _log_run(ws, report)
+        for finish in (lambda: _flush(ws, dest, pending, report), lambda: copies.update_records(ws, touched),
+                       lambda: write_review_csv(ws, dest), lambda: _log_run(ws, report)):
+            try:
+                finish()
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                disk_full = disk_full or exc
+    disk_full = disk_full or copier.disk_full
+    if disk_full is not None:
+        logger.warning("stopped: disk full (%s). %s", disk_full, report.summary())
+        where = getattr(disk_full, "path", None) or disk_full.filename or dest
+        raise DiskFullError(where, summary=report.summary()) from None
     on_progress(processed, total)
     logger.info(report.summary())
     return report
@@ -322,6 +346,7 @@ class _Copier:
         self.report, self.pending, self.version = report, pending, version
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sortloop-copy")
         self.jobs: deque[_Job] = deque()
+        self.disk_full: OSError | None = None  # the first "no space left" of a copy: the run stops
 
     def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path) -> None:
         future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
@@ -337,6 +362,8 @@ class _Copier:
             except OSError as exc:  # includes SourceChanged; the file is reported, the run goes on
                 self.report.failed.append((str(job.rec.path), f"copy failed ({exc.strerror or exc})"))
                 logger.warning("copy of %s failed: %s", job.rec.path, exc)
+                if is_disk_full(exc) and self.disk_full is None:
+                    self.disk_full = DiskFullError(self.report.dest)
                 continue
             self._record(job, final, copied)
 
@@ -378,7 +405,8 @@ class _Copier:
 
 def _flush(ws: Workspace, dest: Path, pending: _Pending, report: SortReport) -> None:
     """Copies made durable (directory fsync), then the manifest (register + predictions + flags), then the
-    copy records, then _review.csv: a crash in between only means a rerun re-finds identical copies."""
+    copy records, then _review.csv: a crash in between only means a rerun re-finds identical copies. Each
+    part is cleared once written, so calling it again after a failure (a full disk) redoes only the rest."""
     if not pending.records:
         return
     for folder in pending.folders:
@@ -386,6 +414,7 @@ def _flush(ws: Workspace, dest: Path, pending: _Pending, report: SortReport) -> 
     from loop.ingest import register_images
 
     report.registered += register_images(ws, pending.infos, source="user")
+    pending.infos = []
     preds, version = pending.preds, report.model_version
 
     def apply(df: pd.DataFrame) -> pd.DataFrame:
@@ -400,11 +429,13 @@ def _flush(ws: Workspace, dest: Path, pending: _Pending, report: SortReport) -> 
         return df
 
     manifest.update(ws, apply)
+    pending.preds = {}
     copies.append_records(ws, pending.records)
-    if pending.flagged:
-        write_review_csv(ws, dest)
-    pending.records, pending.infos, pending.preds, pending.flagged = [], [], {}, False
+    pending.records = []
     pending.folders.clear()
+    if pending.flagged:
+        pending.flagged = False  # rebuilt from the records, so nothing is lost if this write fails
+        write_review_csv(ws, dest)
 
 
 def _log_run(ws: Workspace, report: SortReport) -> None:
