@@ -85,13 +85,13 @@ def _binomial_p(k: int, n: int, alternative: str = "greater") -> float:
 
 
 def compare(paired: Paired | None, candidate_n: int, *, min_accuracy_gain: float, alpha: float,
-            max_recall_drop: float, min_class_support: int) -> tuple[bool, list[str]]:
+            max_recall_drop: float, min_class_support: int, where: str = "gate photos") -> tuple[bool, list[str]]:
     """Apply the gate's paired rules to two models' outcomes on the same photos.
 
-    - overall: the candidate's accuracy must be at least the current one's + `min_accuracy_gain` (default
-      -0.10: a photo or two of noise on a small gate set is no reason to keep a model that learned from
-      fewer labels), and not significantly worse by McNemar's exact test (a binomial test on the
-      discordant photos: those exactly one of the two models gets right);
+    - overall: not significantly worse by McNemar's exact test (a binomial test on the discordant photos:
+      those exactly one of the two models gets right), and, on at least `min_class_support` photos, an
+      accuracy at least the current one's + `min_accuracy_gain` (default -0.10: a photo or two of noise
+      is no reason to keep a model that learned from fewer labels);
     - per class: a class regresses when the candidate loses more of its photos than it gains and the loss
       is significant (one-sided binomial on that class's discordant photos, p < alpha), or its recall
       drops by more than `max_recall_drop` on at least `min_class_support` photos. One photo of a
@@ -114,17 +114,18 @@ def compare(paired: Paired | None, candidate_n: int, *, min_accuracy_gain: float
     lost = int((~paired.candidate & paired.current).sum())
     p_two = min(1.0, 2 * _binomial_p(min(gained, lost), gained + lost, "less")) if gained + lost else 1.0
     p_worse = _binomial_p(lost, gained + lost)
-    evidence = (f"on the same {n} gate photos: candidate right where the current is wrong on {gained}, "
+    evidence = (f"on the same {n} {where}: candidate right where the current is wrong on {gained}, "
                 f"the reverse on {lost} (McNemar exact p={p_two:.3g})")
     reasons, ok = [], True
     gain = acc - cur
-    if gain >= min_accuracy_gain - 1e-12 and not p_worse < alpha:
-        reasons.append(f"accuracy {acc:.3f} vs current {cur:.3f} (gain {gain:+.3f} >= {min_accuracy_gain:.3f}) "
-                       + evidence)
+    large = gain < min_accuracy_gain - 1e-12 and n >= min_class_support  # a few photos prove nothing
+    if not large and not p_worse < alpha:
+        reasons.append(f"accuracy {acc:.3f} vs current {cur:.3f} (gain {gain:+.3f}; not significantly worse, "
+                       f"not below {min_accuracy_gain:.3f} on >= {min_class_support} photos) " + evidence)
     else:
         ok = False
         why = (f"significantly worse, one-sided p={p_worse:.3g} < {alpha}" if p_worse < alpha
-               else f"gain {gain:+.3f} is below {min_accuracy_gain:.3f}")
+               else f"gain {gain:+.3f} is below {min_accuracy_gain:.3f} on >= {min_class_support} photos")
         reasons.append(f"FAIL: accuracy {acc:.3f} vs current {cur:.3f} ({why}) " + evidence)
     regressed = []
     for name in sorted(set(paired.labels.tolist())):
@@ -183,7 +184,8 @@ def deploy(ws: Workspace, version: str | None = None, *, force: bool = False,
             paired = Paired(rows["label"].astype(str).to_numpy(), candidate_right, current_right)
         ok, reasons = compare(paired, candidate_metrics["n"], min_accuracy_gain=gate.min_accuracy_gain,
                               alpha=gate.alpha, max_recall_drop=gate.max_recall_drop,
-                              min_class_support=gate.min_class_support)
+                              min_class_support=gate.min_class_support,
+                              where="new labels" if note else "gate photos")
         if note:
             reasons.append(note)
         if excluded:

@@ -66,7 +66,8 @@ def test_ties_and_noise_promote_and_a_required_gain_is_enforced():
     ok, reasons = compare(paired({"a": (15, 0, 3, 4)}), 22, **RULES)  # three of 22: -0.136, a large loss
     assert not ok and "below -0.100" in reasons[0]
     ok, reasons = compare(pairs, pairs.n, **{**RULES, "min_accuracy_gain": 0.05})
-    assert not ok and "below 0.050" in reasons[0]
+    assert not ok and "below 0.050 on >= 10 photos" in reasons[0]
+    assert compare(paired({"a": (2, 0, 1, 0)}), 3, **RULES)[0]  # one photo of three proves nothing
 
 
 def test_compare_first_deploy_needs_measurable_photos():
