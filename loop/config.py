@@ -213,10 +213,10 @@ resort_after_deploy = true    # serve: after a deploy, move copies no person has
                               # class (`sortloop undo` puts them back)
 
 [gate]
-min_accuracy_gain = -0.10     # candidate accuracy on the gate photos >= deployed + this (-0.5 to <1; a few
-                              # photos of noise are tolerated: it learned from more labels; > 0 demands a gain),
-alpha = 0.05                  # and not significantly worse (McNemar); a class regresses if its loss is significant
-max_recall_drop = 0.10        # (one-sided binomial) or larger than this on at least
+min_accuracy_gain = -0.10     # refuse a candidate whose gate accuracy is below deployed + this (-0.5 to <1;
+                              # > 0 demands a gain) on at least min_class_support photos, or that is
+alpha = 0.05                  # significantly worse (McNemar); a class regresses if its loss is significant
+max_recall_drop = 0.10        # (one-sided binomial) or its recall drops more than this on at least
 min_class_support = 10        # this many of its gate photos
 
 [labelstudio]
