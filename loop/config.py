@@ -56,6 +56,7 @@ class ModelConfig(BaseModel):
     calibrate: bool = True  # temperature scaling fitted on out-of-fold predictions, folded into the model
     backbone_weights_file: Path | None = None  # timm hub backbones: a local weight file instead of a download
     backbone_candidates: list[str] = Field(default_factory=list)  # >1: `train` picks one by item-grouped CV
+    int8: bool = True  # also write a gated INT8 copy of model.onnx at train time (loop.quantize)
 
 
 class SortConfig(BaseModel):
@@ -69,6 +70,7 @@ class SortConfig(BaseModel):
     flag_threshold: float | None = Field(None, ge=0.0, le=1.0)  # or: a fixed score threshold (wins over both)
     keep_tree: bool = True
     runtime: Literal["onnx", "torch"] = "onnx"
+    precision: Literal["auto", "float", "int8"] = "auto"  # auto: the INT8 model when it passed its gate
     resort_after_deploy: bool = True  # serve: after a deploy, re-sort copies no person has checked
 
 
@@ -97,6 +99,7 @@ class LabelStudioConfig(BaseModel):
     push_batch_size: int = Field(500, ge=1, le=10000)
     allow_new_classes: bool = False
     webhook_port: int = Field(0, ge=0, le=65535)  # 0 = off; else `review listen` pulls on each annotation
+    served_dir: str = ""  # "" = <workspace>/labelstudio/served: the only folder Label Studio serves
 
 
 class ScheduleConfig(BaseModel):
@@ -196,6 +199,7 @@ cv_folds = 5                  # item-grouped folds: out-of-fold metrics, calibra
 calibrate = true              # temperature scaling on out-of-fold predictions (ships in model.onnx/json)
 # backbone_weights_file = "/path/to/weights.safetensors"   # for a timm hub backbone, instead of a download
 backbone_candidates = []      # e.g. ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]: pick by grouped CV
+int8 = true                   # also write model.int8.onnx, used by sort only if it agrees with float (>= 99.5%)
 
 [sort]
 batch_size = 32
@@ -208,7 +212,9 @@ flag_target = 0.8             # flag enough photos to catch this share of the mo
 # flag_threshold = 0.5        # instead: a fixed score threshold (0..1, higher = less sure)
 keep_tree = true              # DEST/<category>/<source sub-folders>/name: camera names (IMG_0001.JPG) repeat
                               # across folders, so flat (false / --flat) renames many to "name (2).jpg"
-runtime = "onnx"              # or "torch"; ONNX Runtime measured ~3x faster on CPU (bench/sort.py)
+runtime = "onnx"              # or "torch"; bench/sort.py prints both runtimes' forward rates
+precision = "auto"            # "auto": the INT8 model when it passed its gate (see `sortloop status`);
+                              # "float"; "int8": the INT8 model even if its gate refused it
 resort_after_deploy = true    # serve: after a deploy, move copies no person has checked to the new model's
                               # class (`sortloop undo` puts them back)
 
@@ -231,6 +237,9 @@ push_batch_size = 500         # tasks per import request
 allow_new_classes = false     # true: a label a reviewer adds in Label Studio becomes a new class
 webhook_port = 0              # >0: `sortloop review listen` receives Label Studio webhooks here (127.0.0.1)
                               # and pulls at once; the embedded server must be restarted to allow it
+served_dir = ""               # the only folder Label Studio serves: pushed photos (hard links or copies)
+                              # named by hash; empty = <workspace>/labelstudio/served. A team server must
+                              # see it at the same path (docker-compose: the `served` volume at /served)
 
 [schedule]
 pull_minutes = 10             # intervals: 1 minute to 1 week (10080)

@@ -40,6 +40,7 @@ import pandas as pd
 
 from loop import copies, manifest
 from loop.atomic import append_jsonl
+from loop.classnames import class_name_problem
 from loop.decode import Decoded, decode_stream, default_workers
 from loop.errors import DiskFullError, ModelError, SortloopError, is_disk_full
 from loop.flagging import describe, settings_point
@@ -86,7 +87,7 @@ class SortReport:
             f"sorted {self.seen} files from {self.src} into {self.dest} with model {self.model_version}: "
             f"{self.copied} copied ({self.renamed} under a new name), {self.identical_existing} already there, "
             f"{self.already_sorted} sorted before, {self.flagged} flagged for review, {len(self.failed)} failed "
-            f"({self.seconds:.1f} s, {rate:.1f} images/s)",
+            f"({self.seconds:.1f} s" + (f", {rate:.1f} images/s)" if rate > 0 else ")"),
         ]
         if self.per_label:
             lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(self.per_label.items())))
@@ -193,7 +194,7 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
     stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
                            prefetch=max(4 * workers, 2 * settings.batch_size // chunk))
     try:
-        predictor = load_predictor(model_dir, runtime=settings.runtime)
+        predictor = load_predictor(model_dir, runtime=settings.runtime, precision=settings.precision)
         total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))
     except BaseException:
         stream.close()
@@ -201,6 +202,7 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
     report.model_version = predictor.version
     try:
         _check_classes(predictor.classes)
+        _check_category_folders(dest, predictor.classes)
     except BaseException:
         stream.close()
         raise
@@ -279,9 +281,20 @@ def _check_folders(src: Path, dest: Path) -> tuple[Path, Path]:
 def _check_classes(classes: list[str]) -> None:
     """Class names become folder names under DEST, and `scan` reads them back: refuse unusable ones."""
     for name in classes:
-        if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith((".", "_")):
-            raise ModelError(f"class name {name!r} cannot be a category folder (no path separators, no leading "
-                             "'.' or '_'); rename that class folder and retrain")
+        problem = class_name_problem(name)
+        if problem is not None:
+            raise ModelError(f"the deployed model's class {name!r} cannot be a category folder ({problem}); "
+                             "fix the label (`sortloop train` refuses such labels) and retrain, or "
+                             "`sortloop rollback`")
+
+
+def _check_category_folders(dest: Path, classes: list[str]) -> None:
+    """Before any copy: a category folder that is a symlink or resolves outside DEST is refused."""
+    for name in classes:
+        try:
+            copies.check_target_folder(dest / name, dest)
+        except copies.UnsafeFolder as exc:
+            raise SortloopError(f"category folder refused: {exc}") from None
 
 
 def _is_within(inner: Path, outer: Path) -> bool:
@@ -350,7 +363,8 @@ class _Copier:
 
     def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path) -> None:
         future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
-                                  size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False)
+                                  size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False,
+                                  root=Path(self.report.dest))
         self.jobs.append(_Job(rec, label, conf, score, flagged, future))
 
     def collect(self, wait: bool = False) -> None:
