@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from loop.errors import ConfigError
+from loop.select import DEFAULT_BATCH_STRATEGY
 
 CONFIG_FILENAME = "sortloop.toml"
 MINUTES_PER_WEEK = 7 * 24 * 60
@@ -72,6 +73,13 @@ class SortConfig(BaseModel):
     runtime: Literal["onnx", "torch"] = "onnx"
     precision: Literal["auto", "float", "int8"] = "auto"  # auto: the INT8 model when it passed its gate
     resort_after_deploy: bool = True  # serve: after a deploy, re-sort copies no person has checked
+
+
+class ReviewConfig(BaseModel):
+    """What a reviewer sees next (`sortloop select`, `review push`): strategy and daily budget."""
+
+    strategy: str = DEFAULT_BATCH_STRATEGY  # a name in loop.select.BATCH_STRATEGIES (checked when used)
+    daily_budget: int = Field(100, ge=0)  # photos pushed per day (UTC) besides user moves; 0 = no limit
 
 
 class GateConfig(BaseModel):
@@ -127,6 +135,7 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     sort: SortConfig = SortConfig()
     gate: GateConfig = GateConfig()
+    review: ReviewConfig = ReviewConfig()
     labelstudio: LabelStudioConfig = LabelStudioConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
@@ -224,6 +233,13 @@ min_accuracy_gain = -0.10     # refuse a candidate whose gate accuracy is below 
 alpha = 0.05                  # significantly worse (McNemar); a class regresses if its loss is significant
 max_recall_drop = 0.10        # (one-sided binomial) or its recall drops more than this on at least
 min_class_support = 10        # this many of its gate photos
+
+[review]
+strategy = "margin"           # what `review push` sends next, from unlabeled and flagged photos: "margin"
+                              # (best in bench/active_learning.py), "hybrid" (margin + class balance +
+                              # diversity), "least_confidence", "entropy", "badge", "typiclust", "random";
+                              # with few labels every strategy but random starts with typiclust (cold start)
+daily_budget = 100            # photos pushed per day (UTC) besides user moves, which always go; 0 = no limit
 
 [labelstudio]
 url = ""                      # empty: the embedded local server; else e.g. "https://ls.example.com"
