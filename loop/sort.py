@@ -44,6 +44,7 @@ from loop.atomic import append_jsonl
 from loop.classnames import class_name_problem
 from loop.decode import Decoded, decode_stream, default_workers
 from loop.errors import DiskFullError, ModelError, SortloopError, is_disk_full
+from loop.flagging import describe, settings_point
 from loop.images import iter_image_files
 from loop.progress import ProgressCallback, no_progress
 from loop.review_list import REVIEW_CSV, write_review_csv  # noqa: F401  (REVIEW_CSV: re-exported)
@@ -148,12 +149,18 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
     settings = ws.settings.sort
     dest_is_new = not dest.exists()
     keep_tree = settings.keep_tree if keep_tree is None else keep_tree
-    strategy = get_strategy(settings.flag_strategy)
     started = time.perf_counter()
 
     # The model is fixed here, once: a deploy during the run changes the pointer, not this folder.
     model_dir = current_model_dir(ws)
-    image_size = int(read_spec(model_dir)["image_size"])
+    spec = read_spec(model_dir)
+    image_size = int(spec["image_size"])
+    # Flags: the strategy and threshold that meet the user's goal (catch rate or budget) for THIS model,
+    # from the curves estimated at its training (`loop.flagging`).
+    point = settings_point(spec, settings)
+    flag_strategy, threshold = point["strategy"], point["threshold"]
+    strategy = get_strategy(flag_strategy)
+    logger.info("flags: %s", describe(point))
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + copies.new_record_id()[:6]
     report = SortReport(src=str(src), dest=str(dest), run_id=run_id)
 
@@ -241,7 +248,8 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
                         continue
                     k = int(np.argmax(p))
                     label = predictor.classes[k]
-                    copier.submit(rec, label, float(p[k]), float(s), float(s) >= settings.flag_threshold,
+                    flagged = threshold is not None and float(s) >= threshold
+                    copier.submit(rec, label, float(p[k]), float(s), flagged,
                                   copies.category_folder(dest, label, src, rec.path, keep_tree=keep_tree),
                                   done=placed[i] if placed is not None else None)
             copier.collect()

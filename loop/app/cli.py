@@ -414,9 +414,14 @@ def train(
                                                    "(fastai); default: model.train_mode.")] = None,
     ray: RayOption = False,
     ray_address: RayAddressOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Train even if the labels and settings are those of the "
+                                        "newest version.")] = False,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Train a candidate model from the labeled manifest rows and store it as a new version (not deployed).
+
+    Every label trains except the small gate set; metrics, calibration and flag sizing come from
+    item-grouped cross-validation. With nothing new to learn from, it says so and makes no version.
 
     With --ray, the features of photos not in the feature cache yet are computed on a Ray cluster (the
     workspace mounted at the same path on every node).
@@ -429,10 +434,11 @@ def train(
     if ray:
         ws.settings.model.feature_engine = "ray"
     with progress_bar("training") as on_progress:
-        result = run_training(ws, mode=mode and mode.value, on_progress=on_progress)
+        result = run_training(ws, mode=mode and mode.value, force=force, on_progress=on_progress)
     out.print(result.summary(), highlight=False)
-    promote = cli_hint(f"deploy {result.version}", ws.root)
-    out.print(f"candidate stored in {result.model_dir}; promote it with: {promote}", highlight=False)
+    if not result.unchanged:
+        promote = cli_hint(f"deploy {result.version}", ws.root)
+        out.print(f"candidate stored in {result.model_dir}; promote it with: {promote}", highlight=False)
 
 
 @command()
