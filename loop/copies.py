@@ -11,23 +11,33 @@ The records table (`<workspace>/runs/sorted_copies.parquet`, locked and atomic l
 per copy: image_id, source path and its size/mtime, destination root and path, predicted label,
 confidence, score, model version, time, and — updated by `corrections.scan` — the copy's current
 category, size/mtime and status. Sort uses it to resume; scan uses size+mtime to avoid re-hashing.
+Windows rules, on every copy (a sorted tree is often opened or copied on Windows): a name is made
+portable first (`portable_name`: forbidden characters `<>:"/\\|?*` and control characters become `_`,
+trailing dots and spaces go, device names such as `CON` or `com1.jpg` get a `_` suffix), an existing name
+that differs only in case (`Chair.jpg` vs `chair.jpg`) counts as taken, and a name that would push the
+full path past 260 characters is shortened (stem cut, a short hash of the original name added).
 Caveat: originals are only ever read; but a source file changed between decode and copy is reported as
-a failure rather than copied, because its recorded hash would be wrong.
+a failure rather than copied, because its recorded hash would be wrong. The 260-character rule is applied
+to the path on this machine; the same tree under a longer root elsewhere can still exceed it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
+import threading
+import unicodedata
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # the records table needs pandas; the safe copy (and the standalone sorter) does not
+    import pandas as pd
 
-from loop.tables import read_table, update_table
-from loop.workspace import Workspace
+    from loop.workspace import Workspace
 
 RECORD_COLUMNS: dict[str, str] = {
     "record_id": "string",
@@ -60,6 +70,8 @@ def records_path(ws: Workspace) -> Path:
 
 def load_records(ws: Workspace, dest_root: Path | None = None) -> pd.DataFrame:
     """All copy records (or those under one destination root)."""
+    from loop.tables import read_table
+
     df = read_table(records_path(ws), RECORD_COLUMNS)
     if dest_root is not None:
         df = df[df["dest_root"] == str(dest_root)].reset_index(drop=True)
@@ -70,6 +82,10 @@ def append_records(ws: Workspace, rows: list[dict]) -> None:
     """Add copy records under the table lock."""
     if not rows:
         return
+    import pandas as pd
+
+    from loop.tables import update_table
+
     new = pd.DataFrame(rows)
     update_table(
         records_path(ws),
@@ -82,6 +98,7 @@ def update_records(ws: Workspace, changes: dict[str, dict]) -> None:
     """Apply `{record_id: {column: value}}` under the table lock."""
     if not changes:
         return
+    from loop.tables import update_table
 
     def change(df: pd.DataFrame) -> pd.DataFrame:
         index = {rid: i for i, rid in enumerate(df["record_id"])}
@@ -126,6 +143,128 @@ def unique_name(name: str, n: int) -> str:
     return f"{stem} ({n}){suffix}"
 
 
+# --- Windows file-system rules (applied everywhere: sorted trees travel to Windows PCs and shares) ----------
+
+WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*')
+WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)),
+                              *(f"LPT{i}" for i in range(10)), "COM¹", "COM²", "COM³", "LPT¹", "LPT²", "LPT³"})
+WINDOWS_MAX_PATH = 259  # characters in a full path (MAX_PATH is 260 including the terminating NUL)
+MAX_NAME_BYTES = 255  # one path component (ext4, NTFS, APFS)
+MIN_NAME_ROOM = 40  # a kept sub-tree deeper than this leaves too little room for names: copy beside it
+
+
+def windows_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a file or folder name on Windows (a few words), or None if it can."""
+    if any(ch in WINDOWS_FORBIDDEN or unicodedata.category(ch) == "Cc" for ch in name):
+        return 'it contains a character Windows forbids in names (<>:"/\\|?* or a control character)'
+    if name != name.rstrip(". "):
+        return "it ends with a dot or a space (Windows drops them)"
+    if _device_stem(name).upper() in WINDOWS_RESERVED:
+        return "Windows reserves it for a device (CON, PRN, AUX, NUL, COM1-9, LPT1-9, with any extension)"
+    return None
+
+
+def portable_name(name: str) -> str:
+    """`name` made valid on Windows and Linux alike: forbidden characters -> `_`, trailing dots and spaces
+    dropped, a device name gets `_` after its stem (`CON.jpg` -> `CON_.jpg`). Valid names are unchanged."""
+    out = "".join("_" if ch in WINDOWS_FORBIDDEN or unicodedata.category(ch) == "Cc" else ch for ch in name)
+    out = out.rstrip(". ") or "_"
+    stem = _device_stem(out)
+    if stem.upper() in WINDOWS_RESERVED:
+        out = stem + "_" + out[len(stem):]
+    return out
+
+
+def fit_name(folder: Path, name: str) -> str:
+    """`name`, shortened if `folder/name` would pass Windows' 260-character paths or 255 bytes per name.
+
+    A shortened name keeps its extension and gets `~` + 6 hex digits of the full name, so two long names
+    that share a beginning stay distinct.
+    Raises:
+        OSError(ENAMETOOLONG): `folder` alone leaves no room for a name.
+    """
+    room = WINDOWS_MAX_PATH - len(str(folder)) - 1
+    if len(name) <= room and len(name.encode("utf-8")) <= MAX_NAME_BYTES:
+        return name
+    stem, suffix = os.path.splitext(name)
+    tag = "~" + hashlib.sha1(name.encode("utf-8")).hexdigest()[:6]
+    keep = min(len(stem), room - len(suffix) - len(tag))
+    if keep < 1:
+        raise OSError(errno.ENAMETOOLONG, f"{folder} is too deep for a Windows path (260 characters); "
+                      "sort into a folder nearer the drive's root")
+    while keep > 1 and len((stem[:keep] + tag + suffix).encode("utf-8")) > MAX_NAME_BYTES:
+        keep -= 1
+    return stem[:keep].rstrip(". ") + tag + suffix
+
+
+def portable_folder(base: Path, parts: tuple[str, ...] | list[str]) -> Path:
+    """`base/<parts>` with each part made portable and matched to an existing sibling folder that differs
+    only in case (`Trip` and `trip` would merge on Windows anyway); `base` itself when the result would
+    leave under MIN_NAME_ROOM characters for file names in a Windows path."""
+    folder = base
+    for part in parts:
+        name = portable_name(part)
+        twin = case_twin(folder, name)
+        if twin is not None and (folder / twin).is_dir():
+            name = twin
+        folder = folder / name
+    if len(str(folder)) > WINDOWS_MAX_PATH - MIN_NAME_ROOM:
+        return base
+    return folder
+
+
+def case_twin(folder: Path, name: str) -> str | None:
+    """The name of the entry in `folder` that equals `name` ignoring case (itself included), or None."""
+    return _listing(folder).get(name.casefold())
+
+
+_listings: dict[str, tuple[int, dict[str, str]]] = {}  # folder -> (its mtime_ns, {casefolded: name})
+_listings_lock = threading.Lock()
+MAX_CACHED_FOLDERS = 4096
+
+
+def _listing(folder: Path) -> dict[str, str]:
+    """A folder's names by casefold, cached until its mtime changes (sort updates it for its own copies,
+    so a folder is listed once per run, not once per copy)."""
+    try:
+        mtime = os.stat(folder).st_mtime_ns
+    except OSError:
+        return {}
+    key = str(folder)
+    with _listings_lock:
+        hit = _listings.get(key)
+        if hit is not None and hit[0] == mtime:
+            return hit[1]
+    names: dict[str, str] = {}
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            names.setdefault(entry.name.casefold(), entry.name)
+    with _listings_lock:
+        if len(_listings) >= MAX_CACHED_FOLDERS:
+            _listings.clear()
+        _listings[key] = (mtime, names)
+    return names
+
+
+def _remember(folder: Path, name: str) -> None:
+    """Add a name we just created to `folder`'s cached listing (and its new mtime)."""
+    with contextlib.suppress(OSError):
+        names = dict(_listing_cached(folder))
+        names.setdefault(name.casefold(), name)
+        with _listings_lock:
+            _listings[str(folder)] = (os.stat(folder).st_mtime_ns, names)
+
+
+def _listing_cached(folder: Path) -> dict[str, str]:
+    with _listings_lock:
+        hit = _listings.get(str(folder))
+    return hit[1] if hit is not None else _listing(folder)
+
+
+def _device_stem(name: str) -> str:
+    return name.split(".")[0].rstrip(" ")
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename/link in `folder` durable (POSIX; a no-op elsewhere)."""
     if os.name != "posix":
@@ -141,7 +280,7 @@ def _write_temp(src: Path, folder: Path, name: str, image_id: str, size: int, mt
     """Copy `src` to a hidden temp file in `folder`, fsynced, mtime kept, and check it is the expected file:
     by its (size, mtime) before and after the copy when `mtime_ns` is given (the caller hashed these bytes
     moments ago), else by hashing the bytes copied."""
-    tmp = folder / f".{name}.sortloop-{uuid.uuid4().hex[:8]}.tmp"
+    tmp = folder / f".sortloop-{uuid.uuid4().hex[:12]}.tmp"  # short: the final name may use all 255 bytes
     digest = hashlib.sha256() if mtime_ns is None else None
     try:
         with open(src, "rb") as fin, open(tmp, "xb") as fout:
@@ -179,18 +318,22 @@ def safe_copy(
     (`name`, `name (2)`, ...), which is then returned instead. With `sync_dir=False` the caller must
     `fsync_dir(folder)` before relying on the new name surviving a power cut (sort does it per flush).
     With `mtime_ns` (the source's, when `image_id` was computed) the source is checked by size + mtime
-    instead of being hashed a second time.
+    instead of being hashed a second time. The name follows the Windows rules (see the module docstring).
 
     Raises:
         OSError: the copy failed (no space, permission denied, ...); no partial file is left behind.
         SourceChanged: the source's bytes no longer match `image_id`.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    name = portable_name(name)
     tmp: Path | None = None
     n = 1
     try:
         while True:
-            target = folder / unique_name(name, n)
+            target = folder / fit_name(folder, unique_name(name, n))
+            twin = case_twin(folder, target.name)
+            if twin is not None and twin != target.name:  # `chair.jpg` is taken on Windows by `Chair.jpg`
+                target = folder / twin
             if target.exists() or target.is_symlink():
                 if same_content(target, size, image_id):
                     return target, False
@@ -209,6 +352,10 @@ def safe_copy(
                 tmp = None
             if sync_dir:
                 fsync_dir(folder)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+                tmp = None
+            _remember(folder, target.name)
             return target, True
     finally:
         if tmp is not None:

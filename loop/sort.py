@@ -1,14 +1,16 @@
 """Sort a folder: copy every image under SRC into `DEST/<predicted label>/`, with the deployed model.
 
-How it is fast: files stream through `loop.decode` (JPEG draft decode + EXIF orientation in worker
-processes, a bounded number in flight), the model runs on batches through the portable artifact (ONNX
-Runtime by default: measured ~2x faster than torch on CPU; no fastai anywhere on this path), and
-decoding the next batch overlaps inference and copying of the current one.
+How it is fast: the pipeline is `loop.sortcore` (shared with the standalone sorter): files stream through
+`loop.decode` (JPEG draft decode + EXIF orientation in worker processes, a bounded number in flight), the
+model runs on batches through the portable artifact (ONNX Runtime by default: measured ~2x faster than
+torch on CPU; no fastai anywhere on this path), and decoding the next batch overlaps inference and
+copying of the current one. This module adds the workspace: manifest, copy records, run log.
 
 How it is safe: originals are only read. Copies go through `loop.copies.safe_copy` (temp name in the
 target folder, fsync, link/rename; never overwrites: identical bytes are skipped, different ones get
-`name (2).jpg`). Every copy is recorded in `<workspace>/runs/sorted_copies.parquet`, so a rerun copies
-nothing already sorted (a source file is recognised by path + size + mtime without being read again).
+`name (2).jpg`; names follow Windows' rules). Every copy is recorded in
+`<workspace>/runs/sorted_copies.parquet`, so a rerun copies nothing already sorted (a source file is
+recognised by path + size + mtime without being read again).
 The model version is fixed when the run starts: a deploy during a run does not change it.
 
 Layout: by default the source's sub-folders are kept under each category (`DEST/<label>/<sub/folders>/
@@ -26,80 +28,31 @@ and an existing `user_moved` flag is never replaced.
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from loop import copies, manifest
 from loop.atomic import append_jsonl
-from loop.decode import Decoded, decode_stream, default_workers
-from loop.errors import ModelError, SortloopError
-from loop.images import iter_image_files
-from loop.progress import ProgressCallback, no_progress
-from loop.select import get_strategy
+from loop.decode import Decoded
+from loop.progress import ProgressCallback
+from loop.sortcore import (  # noqa: F401  (REVIEW_* and SortReport are part of this module's interface)
+    REVIEW_COLUMNS,
+    REVIEW_CSV,
+    Placed,
+    SortOptions,
+    SortReport,
+    check_folders,
+    sort_into,
+)
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
-REVIEW_CSV = "_review.csv"
-REVIEW_COLUMNS = ["dest_path", "source_path", "pred_label", "pred_conf", "score", "strategy", "model_version",
-                  "image_id", "sorted_at"]
-FLUSH_EVERY = 256  # images between writes of the manifest and the records (a crash loses no copies:
-#                    a rerun finds them identical at their destination and records them then)
 HUMAN_SOURCES = ("review", "user_move")
-
-
-@dataclass
-class SortReport:
-    """What one sort run did. `failed` lists (path, reason) for every file that was not sorted."""
-
-    src: str = ""
-    dest: str = ""
-    model_version: str = ""
-    run_id: str = ""
-    seen: int = 0
-    copied: int = 0
-    already_sorted: int = 0
-    identical_existing: int = 0  # an identical file already sat at the destination name
-    renamed: int = 0  # copied under a unique name because a different file had the name
-    flagged: int = 0
-    registered: int = 0  # new images added to the manifest
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    per_label: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        """True if every file was sorted (or had been before)."""
-        return not self.failed
-
-    def summary(self) -> str:
-        rate = (self.copied + self.identical_existing) / self.seconds if self.seconds > 0 else 0.0
-        lines = [
-            f"sorted {self.seen} files from {self.src} into {self.dest} with model {self.model_version}: "
-            f"{self.copied} copied ({self.renamed} under a new name), {self.identical_existing} already there, "
-            f"{self.already_sorted} sorted before, {self.flagged} flagged for review, {len(self.failed)} failed "
-            f"({self.seconds:.1f} s, {rate:.1f} images/s)",
-        ]
-        if self.per_label:
-            lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(self.per_label.items())))
-        if self.failed:
-            reasons: dict[str, int] = {}
-            for _, reason in self.failed:
-                key = reason.split(" (")[0]
-                reasons[key] = reasons.get(key, 0) + 1
-            lines.append("  failures: " + ", ".join(f"{k} x{v}" for k, v in sorted(reasons.items())))
-        return "\n".join(lines)
 
 
 def sort_folder(
@@ -127,20 +80,15 @@ def sort_folder(
         >>> report = sort_folder(open_workspace("data"), "~/photos/new", "~/photos/sorted")   # doctest: +SKIP
         >>> print(report.summary())
     """
-    from loop.artifact import load_predictor, read_spec
     from loop.registry import current_model_dir
 
-    settings = ws.settings.sort
-    on_progress = on_progress or no_progress
-    src, dest = _check_folders(Path(src), Path(dest))
+    options = sort_options(ws, keep_tree=keep_tree)
+    src, dest = check_folders(Path(src), Path(dest))
     dest_is_new = not dest.exists()
-    keep_tree = settings.keep_tree if keep_tree is None else keep_tree
-    strategy = get_strategy(settings.flag_strategy)
     started = time.perf_counter()
 
     # The model is fixed here, once: a deploy during the run changes the pointer, not this folder.
     model_dir = current_model_dir(ws)
-    image_size = int(read_spec(model_dir)["image_size"])
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + copies.new_record_id()[:6]
     report = SortReport(src=str(src), dest=str(dest), run_id=run_id)
 
@@ -154,240 +102,28 @@ def sort_folder(
         copies.update_records(ws, {rid: {"status": "gone"} for rid in done["record_id"]})
         done = done.iloc[0:0]
     dest.mkdir(parents=True, exist_ok=True)
-    known = {(p, int(s), int(m)) for p, s, m in zip(done["source_path"], done["source_size"].fillna(-1),
-                                                    done["source_mtime_ns"].fillna(-1), strict=True)}
-    known_ids = {(p, i): rid for p, i, rid in zip(done["source_path"], done["image_id"], done["record_id"],
-                                                  strict=True)}
-    touched: dict[str, dict] = {}
-    skip_dirs = [dest] if _is_within(dest, src) else []
-    pending = _Pending()
-    processed = 0
-
-    def todo() -> Iterator[Path]:
-        nonlocal processed
-        for path in iter_image_files(src, skip=skip_dirs):
-            try:
-                st = path.stat()
-                if (str(path), st.st_size, st.st_mtime_ns) in known:
-                    report.already_sorted += 1
-                    processed += 1
-                    continue
-            except OSError:
-                pass  # the decoder reports it with the reason
-            yield path
-
-    # Start decoding now: the worker processes spawn and decode the first batches while the model loads
-    # and the tree is counted. Two batches in flight (~10 MB at 224 px) give slack for uneven decode times.
-    workers, chunk = default_workers(settings.workers), 4
-    stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
-                           prefetch=max(4 * workers, 2 * settings.batch_size // chunk))
+    sink = _WorkspaceSink(ws, done)
     try:
-        predictor = load_predictor(model_dir, runtime=settings.runtime)
-        total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))
-    except BaseException:
-        stream.close()
-        raise
-    report.model_version = predictor.version
-    try:
-        _check_classes(predictor.classes)
-    except BaseException:
-        stream.close()
-        raise
-    logger.info("sorting %s -> %s with %r (run %s)", src, dest, predictor, run_id)
-    on_progress(processed, total)
-
-    copier = _Copier(report, pending, predictor.version)
-    try:
-        for batch, failures in _batches(stream, settings.batch_size, report):
-            if batch:
-                probs = predictor.predict(np.stack([rec.pixels for rec in batch]))
-                scores = strategy(probs)
-                for rec, p, s in zip(batch, probs, scores, strict=True):
-                    rid = known_ids.get((str(rec.path), rec.image_id))
-                    if rid is not None:  # touched, not changed: still sorted; remember its new mtime
-                        report.already_sorted += 1
-                        touched[rid] = {"source_size": rec.size_bytes, "source_mtime_ns": rec.mtime_ns}
-                        continue
-                    k = int(np.argmax(p))
-                    label = predictor.classes[k]
-                    sub = rec.path.parent.relative_to(src) if keep_tree and src.is_dir() else Path()
-                    copier.submit(rec, label, float(p[k]), float(s), float(s) >= settings.flag_threshold,
-                                  dest / label / sub)
-            copier.collect()
-            processed += len(batch) + failures
-            report.seen = processed
-            on_progress(processed, total)
-            if pending.size >= FLUSH_EVERY:
-                copier.collect(wait=True)
-                _flush(ws, dest, settings.flag_strategy, pending, report)
-        copier.collect(wait=True)
+        sort_into(src, dest, model_dir, sink, report, options=options, on_progress=on_progress)
     finally:
-        stream.close()
-        copier.close()  # finishes copies in flight (and records them) even when interrupted
-        _flush(ws, dest, settings.flag_strategy, pending, report)
-        copies.update_records(ws, touched)
-        report.seen = processed
+        copies.update_records(ws, sink.touched)
         report.seconds = time.perf_counter() - started
         _log_run(ws, report)
-    on_progress(processed, total)
     logger.info(report.summary())
     return report
 
 
-# --- helpers -----------------------------------------------------------------------------------------
+def sort_options(ws: Workspace, *, keep_tree: bool | None = None) -> SortOptions:
+    """The workspace's `[sort]` settings as the pipeline's options (`keep_tree` overrides the setting)."""
+    s = ws.settings.sort
+    return SortOptions(flag_strategy=s.flag_strategy, flag_threshold=s.flag_threshold,
+                       keep_tree=s.keep_tree if keep_tree is None else keep_tree, batch_size=s.batch_size,
+                       workers=s.workers, runtime=s.runtime)
 
 
-def _check_folders(src: Path, dest: Path) -> tuple[Path, Path]:
-    src, dest = src.expanduser().absolute(), dest.expanduser().absolute()
-    if not src.exists():
-        raise SortloopError(f"{src} does not exist; give the folder of photos to sort")
-    if src.resolve() == dest.resolve():
-        raise SortloopError("source and destination are the same folder; sort into a different folder")
-    if src.is_dir() and _is_within(src, dest):
-        raise SortloopError(f"{src} is inside the destination {dest}; sort it into a folder outside it")
-    return src, dest
-
-
-def _check_classes(classes: list[str]) -> None:
-    """Class names become folder names under DEST, and `scan` reads them back: refuse unusable ones."""
-    for name in classes:
-        if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith((".", "_")):
-            raise ModelError(f"class name {name!r} cannot be a category folder (no path separators, no leading "
-                             "'.' or '_'); rename that class folder and retrain")
-
-
-def _is_within(inner: Path, outer: Path) -> bool:
-    try:
-        inner.resolve().relative_to(outer.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def _batches(stream: Iterator[Decoded], size: int, report: SortReport) -> Iterator[tuple[list[Decoded], int]]:
-    """Group decoded files into batches of `size`; failures go straight to the report.
-
-    Yields (batch, failures since the previous yield) so the caller can count progress.
-    """
-    batch: list[Decoded] = []
-    failures = 0
-    for rec in stream:
-        if rec.ok:
-            batch.append(rec)
-        else:
-            report.failed.append((str(rec.path), rec.error or "unreadable"))
-            logger.info("skipped %s: %s", rec.path, rec.error)
-            failures += 1
-        if len(batch) >= size or failures >= size:
-            yield batch, failures
-            batch, failures = [], 0
-    if batch or failures:
-        yield batch, failures
-
-
-class _Pending:
-    """Copies made since the last flush: records, manifest rows, review lines, folders to fsync."""
-
-    def __init__(self) -> None:
-        self.records: list[dict] = []
-        self.infos: list = []
-        self.preds: dict[str, tuple[str, float, float, bool]] = {}
-        self.review: list[dict] = []
-        self.folders: set[Path] = set()
-
-    @property
-    def size(self) -> int:
-        return len(self.records)
-
-
-@dataclass
-class _Job:
-    rec: Decoded
-    label: str
-    conf: float
-    score: float
-    flagged: bool
-    future: Future
-
-
-class _Copier:
-    """Copies files in one background thread (in submission order), so file I/O and fsync overlap
-    inference; results are recorded in the main thread, in order, by `collect`."""
-
-    def __init__(self, report: SortReport, pending: _Pending, version: str) -> None:
-        self.report, self.pending, self.version = report, pending, version
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sortloop-copy")
-        self.jobs: deque[_Job] = deque()
-
-    def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path) -> None:
-        future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
-                                  size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False)
-        self.jobs.append(_Job(rec, label, conf, score, flagged, future))
-
-    def collect(self, wait: bool = False) -> None:
-        """Record finished copies (all of them if `wait`); re-raises anything but an OSError."""
-        while self.jobs and (wait or self.jobs[0].future.done()):
-            job = self.jobs.popleft()
-            try:
-                final, copied = job.future.result()
-            except OSError as exc:  # includes SourceChanged; the file is reported, the run goes on
-                self.report.failed.append((str(job.rec.path), f"copy failed ({exc.strerror or exc})"))
-                logger.warning("copy of %s failed: %s", job.rec.path, exc)
-                continue
-            self._record(job, final, copied)
-
-    def close(self) -> None:
-        """Let copies in flight finish and record the ones that succeeded (used on the way out)."""
-        self.pool.shutdown(wait=True)
-        while self.jobs:
-            job = self.jobs.popleft()
-            if not job.future.cancelled() and job.future.exception() is None:
-                self._record(job, *job.future.result())
-
-    def _record(self, job: _Job, final: Path, copied: bool) -> None:
-        from loop.ingest import ImageInfo
-
-        rec, report, pending = job.rec, self.report, self.pending
-        if copied:
-            report.copied += 1
-            report.renamed += final.name != rec.path.name
-        else:
-            report.identical_existing += 1
-        report.per_label[job.label] = report.per_label.get(job.label, 0) + 1
-        report.flagged += job.flagged
-        now = pd.Timestamp(datetime.now(UTC))
-        st = final.stat()
-        pending.folders.add(final.parent)
-        pending.records.append({
-            "record_id": copies.new_record_id(), "image_id": rec.image_id, "source_path": str(rec.path),
-            "source_size": rec.size_bytes, "source_mtime_ns": rec.mtime_ns, "dest_root": report.dest,
-            "dest_path": str(final), "label": job.label, "confidence": job.conf, "score": job.score,
-            "flagged": job.flagged, "model_version": self.version, "sorted_at": now, "run_id": report.run_id,
-            "category": job.label, "dest_size": st.st_size, "dest_mtime_ns": st.st_mtime_ns, "status": "present",
-            "checked_at": now,
-        })
-        pending.infos.append(ImageInfo(image_id=rec.image_id or "", path=str(rec.path), phash=rec.phash,
-                                       taken_at=rec.taken_at))
-        pending.preds[rec.image_id or ""] = (job.label, job.conf, job.score, job.flagged)
-        if job.flagged:
-            pending.review.append({
-                "dest_path": str(final), "source_path": str(rec.path), "pred_label": job.label,
-                "pred_conf": f"{job.conf:.4f}", "score": f"{job.score:.4f}", "strategy": "",
-                "model_version": self.version, "image_id": rec.image_id, "sorted_at": now.isoformat(),
-            })
-
-
-def _flush(ws: Workspace, dest: Path, strategy: str, pending: _Pending, report: SortReport) -> None:
-    """Copies made durable (directory fsync), then the manifest (register + predictions + flags), then the
-    copy records, then _review.csv: a crash in between only means a rerun re-finds identical copies."""
-    if not pending.records:
-        return
-    for folder in pending.folders:
-        copies.fsync_dir(folder)
-    from loop.ingest import register_images
-
-    report.registered += register_images(ws, pending.infos, source="user")
-    preds, version = pending.preds, report.model_version
+def record_predictions(ws: Workspace, preds: dict[str, tuple[str, float, float, bool]], version: str) -> None:
+    """Predictions into the manifest (`{image_id: (label, conf, score, flagged)}`), and the flag
+    `low_confidence` on flagged images no person has labeled and that carry no flag yet."""
 
     def apply(df: pd.DataFrame) -> pd.DataFrame:
         rows = df["image_id"].isin(preds.keys())
@@ -401,23 +137,53 @@ def _flush(ws: Workspace, dest: Path, strategy: str, pending: _Pending, report: 
         return df
 
     manifest.update(ws, apply)
-    copies.append_records(ws, pending.records)
-    if pending.review:
-        _append_review(dest / REVIEW_CSV, pending.review, strategy)
-    pending.records, pending.infos, pending.preds, pending.review = [], [], {}, []
-    pending.folders.clear()
 
 
-def _append_review(path: Path, rows: list[dict], strategy: str) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=REVIEW_COLUMNS)
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "strategy": strategy})
-        fh.flush()
-        os.fsync(fh.fileno())
+class _WorkspaceSink:
+    """The workspace's memory of a sort: the copy-records table (resume, scan) and the manifest."""
+
+    describe = True
+
+    def __init__(self, ws: Workspace, done: pd.DataFrame) -> None:
+        self.ws = ws
+        self.known = {(p, int(s), int(m)) for p, s, m in zip(
+            done["source_path"], done["source_size"].fillna(-1), done["source_mtime_ns"].fillna(-1), strict=True)}
+        self.known_ids = {(p, i): rid for p, i, rid in zip(done["source_path"], done["image_id"],
+                                                           done["record_id"], strict=True)}
+        self.touched: dict[str, dict] = {}
+
+    def is_done(self, path: Path, size: int, mtime_ns: int) -> bool:
+        return (str(path), size, mtime_ns) in self.known
+
+    def seen_before(self, rec: Decoded) -> bool:
+        rid = self.known_ids.get((str(rec.path), rec.image_id))
+        if rid is None:
+            return False
+        self.touched[rid] = {"source_size": rec.size_bytes, "source_mtime_ns": rec.mtime_ns}  # its new mtime
+        return True
+
+    def flush(self, placed: list[Placed], report: SortReport) -> None:
+        """The manifest (register + predictions + flags), then the copy records."""
+        from loop.ingest import ImageInfo, register_images
+
+        infos = [ImageInfo(image_id=p.rec.image_id or "", path=str(p.rec.path), phash=p.rec.phash,
+                           taken_at=p.rec.taken_at) for p in placed]
+        report.registered += register_images(self.ws, infos, source="user")
+        record_predictions(self.ws, {p.rec.image_id or "": (p.label, p.conf, p.score, p.flagged) for p in placed},
+                           report.model_version)
+        records = []
+        for p in placed:
+            st = p.final.stat()
+            now = pd.Timestamp(p.sorted_at)
+            records.append({
+                "record_id": copies.new_record_id(), "image_id": p.rec.image_id, "source_path": str(p.rec.path),
+                "source_size": p.rec.size_bytes, "source_mtime_ns": p.rec.mtime_ns, "dest_root": report.dest,
+                "dest_path": str(p.final), "label": p.label, "confidence": p.conf, "score": p.score,
+                "flagged": p.flagged, "model_version": report.model_version, "sorted_at": now,
+                "run_id": report.run_id, "category": p.label, "dest_size": st.st_size,
+                "dest_mtime_ns": st.st_mtime_ns, "status": "present", "checked_at": now,
+            })
+        copies.append_records(self.ws, records)
 
 
 def _log_run(ws: Workspace, report: SortReport) -> None:

@@ -1,0 +1,349 @@
+"""The sort pipeline itself, without a workspace: decode -> predict -> flag -> safe copy -> `_review.csv`.
+
+Why a module of its own: `sortloop sort` (`loop.sort`, which adds the manifest, the copy-records table and
+the run log) and the standalone sorter frozen for PCs without Python (`loop.app.sorter`, which keeps its
+record inside DEST) must give the same labels, confidences and flags on the same photos, so both run
+exactly this code. It needs only numpy, Pillow and ONNX Runtime: no pandas, no torch, no workspace.
+What differs is a `Sink`: which files count as sorted before, and where each flushed batch is recorded.
+
+How it is fast: files stream through `loop.decode` (worker processes, a bounded number in flight), the
+model runs on batches, and copies happen in a background thread, so decoding, inference and file I/O
+overlap. Caveat: the model is fixed when the run starts (a deploy during a run is picked up by the next).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from loop import copies
+from loop.artifact import Predictor, read_spec
+from loop.decode import Decoded, decode_stream, default_workers
+from loop.errors import ModelError, SortloopError
+from loop.images import iter_image_files
+from loop.progress import ProgressCallback, no_progress
+from loop.select import get_strategy
+
+logger = logging.getLogger(__name__)
+
+REVIEW_CSV = "_review.csv"
+REVIEW_COLUMNS = ["dest_path", "source_path", "pred_label", "pred_conf", "score", "strategy", "model_version",
+                  "image_id", "sorted_at"]
+FLUSH_EVERY = 256  # images between flushes of the records (a crash loses no copies: a rerun finds them
+#                    identical at their destination and records them then)
+
+
+@dataclass
+class SortOptions:
+    """How to sort: the `[sort]` settings of a workspace, or the ones a bundle carries in its model.json."""
+
+    flag_strategy: str = "least_confidence"
+    flag_threshold: float = 0.5
+    keep_tree: bool = True
+    batch_size: int = 32
+    workers: int = 2
+    runtime: str = "onnx"
+
+
+@dataclass
+class SortReport:
+    """What one sort run did. `failed` lists (path, reason) for every file that was not sorted."""
+
+    src: str = ""
+    dest: str = ""
+    model_version: str = ""
+    run_id: str = ""
+    seen: int = 0
+    copied: int = 0
+    already_sorted: int = 0
+    identical_existing: int = 0  # an identical file already sat at the destination name
+    renamed: int = 0  # copied under a unique name because a different file had the name
+    flagged: int = 0
+    registered: int = 0  # new images added to the manifest
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    per_label: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True if every file was sorted (or had been before)."""
+        return not self.failed
+
+    def summary(self) -> str:
+        rate = (self.copied + self.identical_existing) / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"sorted {self.seen} files from {self.src} into {self.dest} with model {self.model_version}: "
+            f"{self.copied} copied ({self.renamed} under a new name), {self.identical_existing} already there, "
+            f"{self.already_sorted} sorted before, {self.flagged} flagged for review, {len(self.failed)} failed "
+            f"({self.seconds:.1f} s, {rate:.1f} images/s)",
+        ]
+        if self.per_label:
+            lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(self.per_label.items())))
+        if self.failed:
+            reasons: dict[str, int] = {}
+            for _, reason in self.failed:
+                key = reason.split(" (")[0]
+                reasons[key] = reasons.get(key, 0) + 1
+            lines.append("  failures: " + ", ".join(f"{k} x{v}" for k, v in sorted(reasons.items())))
+        return "\n".join(lines)
+
+
+@dataclass
+class Placed:
+    """One photo sorted: where its copy is (`copied` False: identical bytes were already there)."""
+
+    rec: Decoded
+    label: str
+    conf: float
+    score: float
+    flagged: bool
+    final: Path
+    copied: bool
+    sorted_at: datetime
+
+
+class Sink(Protocol):
+    """Where a sort keeps its memory: what was sorted before, and the record of each flushed batch."""
+
+    describe: bool  # compute pHash and EXIF time per image (the manifest wants them; a DEST record does not)
+
+    def is_done(self, path: Path, size: int, mtime_ns: int) -> bool:
+        """True if this source file (same path, size, mtime) was sorted into DEST before: not read again."""
+
+    def seen_before(self, rec: Decoded) -> bool:
+        """True if this path with these bytes was sorted before (only touched): not copied again."""
+
+    def flush(self, placed: list[Placed], report: SortReport) -> None:
+        """Record durable copies (called in order, after their folders were fsynced)."""
+
+
+def sort_into(
+    src: Path, dest: Path, model_dir: Path, sink: Sink, report: SortReport, *,
+    options: SortOptions, on_progress: ProgressCallback | None = None,
+) -> SortReport:
+    """Sort every image under `src` into `dest/<predicted label>/` with the artifact in `model_dir`.
+
+    The caller checked the folders (`check_folders`) and created `dest`. Flagged copies are appended to
+    `dest/_review.csv`; everything else is recorded through `sink`. Fills and returns `report`.
+
+    Raises:
+        ModelError: the artifact does not load or has class names that cannot be folders.
+    """
+    on_progress = on_progress or no_progress
+    strategy = get_strategy(options.flag_strategy)
+    image_size = int(read_spec(model_dir)["image_size"])
+    skip_dirs = [dest] if is_within(dest, src) else []
+    processed = 0
+
+    def todo() -> Iterator[Path]:
+        nonlocal processed
+        for path in iter_image_files(src, skip=skip_dirs):
+            try:
+                st = path.stat()
+                if sink.is_done(path, st.st_size, st.st_mtime_ns):
+                    report.already_sorted += 1
+                    processed += 1
+                    continue
+            except OSError:
+                pass  # the decoder reports it with the reason
+            yield path
+
+    # Start decoding now: the worker processes spawn and decode the first batches while the model loads
+    # and the tree is counted. Two batches in flight (~10 MB at 224 px) give slack for uneven decode times.
+    workers, chunk = default_workers(options.workers), 4
+    stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
+                           prefetch=max(4 * workers, 2 * options.batch_size // chunk), describe=sink.describe)
+    try:
+        predictor = Predictor(model_dir, options.runtime)
+        check_classes(predictor.classes)
+        total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))
+    except BaseException:
+        stream.close()
+        raise
+    report.model_version = predictor.version
+    logger.info("sorting %s -> %s with %r (run %s)", src, dest, predictor, report.run_id)
+    on_progress(processed, total)
+
+    pending: list[Placed] = []
+    copier = _Copier(report, pending)
+    try:
+        for batch, failures in _batches(stream, options.batch_size, report):
+            if batch:
+                probs = predictor.predict(np.stack([rec.pixels for rec in batch]))
+                scores = strategy(probs)
+                for rec, p, s in zip(batch, probs, scores, strict=True):
+                    if sink.seen_before(rec):
+                        report.already_sorted += 1
+                        continue
+                    k = int(np.argmax(p))
+                    label = predictor.classes[k]
+                    sub = rec.path.parent.relative_to(src).parts if options.keep_tree and src.is_dir() else ()
+                    copier.submit(rec, label, float(p[k]), float(s), float(s) >= options.flag_threshold,
+                                  copies.portable_folder(dest / label, sub))
+            copier.collect()
+            processed += len(batch) + failures
+            report.seen = processed
+            on_progress(processed, total)
+            if len(pending) >= FLUSH_EVERY:
+                copier.collect(wait=True)
+                _flush(dest, sink, pending, report, options.flag_strategy)
+        copier.collect(wait=True)
+    finally:
+        stream.close()
+        copier.close()  # finishes copies in flight (and records them) even when interrupted
+        _flush(dest, sink, pending, report, options.flag_strategy)
+        report.seen = processed
+    on_progress(processed, total)
+    return report
+
+
+def check_folders(src: Path, dest: Path) -> tuple[Path, Path]:
+    """Absolute `src` and `dest`, or SortloopError if sorting `src` into `dest` makes no sense."""
+    src, dest = src.expanduser().absolute(), dest.expanduser().absolute()
+    if not src.exists():
+        raise SortloopError(f"{src} does not exist; give the folder of photos to sort")
+    if src.resolve() == dest.resolve():
+        raise SortloopError("source and destination are the same folder; sort into a different folder")
+    if src.is_dir() and is_within(src, dest):
+        raise SortloopError(f"{src} is inside the destination {dest}; sort it into a folder outside it")
+    return src, dest
+
+
+def check_classes(classes: list[str]) -> None:
+    """Class names become folder names under DEST, and `scan` reads them back: refuse unusable ones."""
+    for name in classes:
+        if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith((".", "_")):
+            raise ModelError(f"class name {name!r} cannot be a category folder (no path separators, no leading "
+                             "'.' or '_'); rename that class folder and retrain")
+
+
+def is_within(inner: Path, outer: Path) -> bool:
+    try:
+        inner.resolve().relative_to(outer.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def append_review(path: Path, placed: list[Placed], strategy: str, version: str) -> None:
+    """Append the flagged copies to `DEST/_review.csv` (header on first write), durably."""
+    rows = [p for p in placed if p.flagged]
+    if not rows:
+        return
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=REVIEW_COLUMNS)
+        if new:
+            writer.writeheader()
+        for p in rows:
+            writer.writerow({
+                "dest_path": str(p.final), "source_path": str(p.rec.path), "pred_label": p.label,
+                "pred_conf": f"{p.conf:.4f}", "score": f"{p.score:.4f}", "strategy": strategy,
+                "model_version": version, "image_id": p.rec.image_id, "sorted_at": p.sorted_at.isoformat(),
+            })
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _batches(stream: Iterator[Decoded], size: int, report: SortReport) -> Iterator[tuple[list[Decoded], int]]:
+    """Group decoded files into batches of `size`; failures go straight to the report.
+
+    Yields (batch, failures since the previous yield) so the caller can count progress.
+    """
+    batch: list[Decoded] = []
+    failures = 0
+    for rec in stream:
+        if rec.ok:
+            batch.append(rec)
+        else:
+            report.failed.append((str(rec.path), rec.error or "unreadable"))
+            logger.info("skipped %s: %s", rec.path, rec.error)
+            failures += 1
+        if len(batch) >= size or failures >= size:
+            yield batch, failures
+            batch, failures = [], 0
+    if batch or failures:
+        yield batch, failures
+
+
+def _flush(dest: Path, sink: Sink, pending: list[Placed], report: SortReport, strategy: str) -> None:
+    """Copies made durable (directory fsync), then the sink's records, then _review.csv: a crash in between
+    only means a rerun re-finds identical copies."""
+    if not pending:
+        return
+    for folder in {p.final.parent for p in pending}:
+        copies.fsync_dir(folder)
+    sink.flush(list(pending), report)
+    append_review(dest / REVIEW_CSV, pending, strategy, report.model_version)
+    pending.clear()
+
+
+@dataclass
+class _Job:
+    rec: Decoded
+    label: str
+    conf: float
+    score: float
+    flagged: bool
+    future: Future
+
+
+class _Copier:
+    """Copies files in one background thread (in submission order), so file I/O and fsync overlap
+    inference; results are counted and queued for the sink in the main thread, in order, by `collect`."""
+
+    def __init__(self, report: SortReport, pending: list[Placed]) -> None:
+        self.report, self.pending = report, pending
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sortloop-copy")
+        self.jobs: deque[_Job] = deque()
+
+    def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path) -> None:
+        future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
+                                  size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False)
+        self.jobs.append(_Job(rec, label, conf, score, flagged, future))
+
+    def collect(self, wait: bool = False) -> None:
+        """Record finished copies (all of them if `wait`); re-raises anything but an OSError."""
+        while self.jobs and (wait or self.jobs[0].future.done()):
+            job = self.jobs.popleft()
+            try:
+                final, copied = job.future.result()
+            except OSError as exc:  # includes SourceChanged; the file is reported, the run goes on
+                self.report.failed.append((str(job.rec.path), f"copy failed ({exc.strerror or exc})"))
+                logger.warning("copy of %s failed: %s", job.rec.path, exc)
+                continue
+            self._record(job, final, copied)
+
+    def close(self) -> None:
+        """Let copies in flight finish and record the ones that succeeded (used on the way out)."""
+        self.pool.shutdown(wait=True)
+        while self.jobs:
+            job = self.jobs.popleft()
+            if not job.future.cancelled() and job.future.exception() is None:
+                self._record(job, *job.future.result())
+
+    def _record(self, job: _Job, final: Path, copied: bool) -> None:
+        report = self.report
+        if copied:
+            report.copied += 1
+            report.renamed += final.name != job.rec.path.name
+        else:
+            report.identical_existing += 1
+        report.per_label[job.label] = report.per_label.get(job.label, 0) + 1
+        report.flagged += job.flagged
+        self.pending.append(Placed(job.rec, job.label, job.conf, job.score, job.flagged, final, copied,
+                                   datetime.now(UTC)))
+
