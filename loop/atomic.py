@@ -34,7 +34,8 @@ def atomic_write(path: Path | str, mode: str = "wb", *, perms: int = 0o644, dura
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, perms)
+        if hasattr(os, "fchmod"):  # POSIX; Windows (Python < 3.13) has no fchmod and no such bits
+            os.fchmod(fd, perms)
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
             if durable:

@@ -9,6 +9,7 @@ keeps the label history) and the manifest flag `user_moved`, so a reviewer can c
 reported as deleted; a deletion is not a label. Moved out of every category (to DEST itself or a folder
 starting with "_" or ".") → reported, not a label.
 
+Copies made by the standalone sorter on another PC are imported first from DEST/.sortloop (loop.handback).
 Caveat: a copy moved OUTSIDE the sorted tree looks deleted; a copy that was edited (new bytes) is a
 different image and is reported as modified, not followed.
 """
@@ -24,6 +25,7 @@ import pandas as pd
 
 from loop import copies, manifest
 from loop.errors import SortloopError
+from loop.handback import import_dest_record
 from loop.images import file_sha256, iter_image_files
 from loop.progress import ProgressCallback, no_progress
 from loop.workspace import Workspace
@@ -105,6 +107,7 @@ def scan(ws: Workspace, dest: Path | str, *, on_progress: ProgressCallback | Non
     dest = Path(dest).expanduser().absolute()
     if not dest.is_dir():
         raise SortloopError(f"{dest} is not a folder; give the destination you sorted into")
+    import_dest_record(ws, dest)  # copies made by the standalone sorter (DEST/.sortloop/copies.csv), if any
     records = copies.load_records(ws, dest)
     if records.empty:
         raise SortloopError(f"nothing was ever sorted into {dest} with this workspace; run `sortloop sort` first")

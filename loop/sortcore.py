@@ -220,11 +220,21 @@ def check_folders(src: Path, dest: Path) -> tuple[Path, Path]:
 
 
 def check_classes(classes: list[str]) -> None:
-    """Class names become folder names under DEST, and `scan` reads them back: refuse unusable ones."""
+    """Class names become folder names under DEST (on Windows too), and `scan` reads them back: refuse
+    unusable ones, and two names that differ only in case (one folder on Windows)."""
+    seen: dict[str, str] = {}
     for name in classes:
         if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith((".", "_")):
             raise ModelError(f"class name {name!r} cannot be a category folder (no path separators, no leading "
                              "'.' or '_'); rename that class folder and retrain")
+        problem = copies.windows_name_problem(name)
+        if problem is not None:
+            raise ModelError(f"class name {name!r} cannot be a category folder on Windows ({problem}); rename that "
+                             "class folder and retrain")
+        twin = seen.setdefault(name.casefold(), name)
+        if twin != name:
+            raise ModelError(f"class names {twin!r} and {name!r} differ only in case: one folder on Windows; "
+                             "merge or rename them and retrain")
 
 
 def is_within(inner: Path, outer: Path) -> bool:

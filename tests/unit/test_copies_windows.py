@@ -98,3 +98,14 @@ def test_kept_sub_folders_are_portable_and_merge_case_variants(tmp_path: Path) -
     assert portable_folder(base, ("trip", "CON", "a:b.")) == base / "Trip" / "CON_" / "a_b"
     deep = tuple(["x" * 50] * 6)
     assert portable_folder(base, deep) == base  # too deep for Windows: the copy goes to the category itself
+
+
+@pytest.mark.parametrize("classes", [["chair", "CON"], ["chair", "desk."], ["chair", "a:b"], ["chair", "Chair"],
+                                     ["chair", "nul.x"]])
+def test_class_names_that_cannot_be_windows_folders_are_refused(classes: list[str]) -> None:
+    from loop.errors import ModelError
+    from loop.sortcore import check_classes
+
+    check_classes(["chair", "table", "Sofa"])
+    with pytest.raises(ModelError, match="Windows"):
+        check_classes(classes)
