@@ -121,7 +121,8 @@ def build_bundle(
             _swap_in(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    size = out.stat().st_size if as_zip else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    size = out.stat().st_size if as_zip else sum(p.lstat().st_size for p in out.rglob("*")
+                                                 if p.is_file() and not p.is_symlink())
     report = BundleReport(out, str(info["model_version"]), built_at, size, frozen, built, replaced)
     logger.info(report.summary())
     return report

@@ -41,9 +41,8 @@ def default_dest(src: Path) -> Path:
     return src.with_name(src.name + SORTED_SUFFIX)
 
 
-def options_from(model_dir: Path, *, keep_tree: bool | None = None, workers: int | None = None) -> SortOptions:
-    """The sort settings a bundle carries in `model.json` ("sorting"), else the defaults."""
-    spec = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+def options_from(spec: dict, *, keep_tree: bool | None = None, workers: int | None = None) -> SortOptions:
+    """The sort settings a bundle carries in its `model.json` ("sorting"), else the defaults."""
     known = SortOptions.__dataclass_fields__
     options = SortOptions(**{k: v for k, v in spec.get("sorting", {}).items() if k in known})
     if keep_tree is not None:
@@ -64,8 +63,8 @@ def sort_standalone(src: Path, dest: Path, model_dir: Path, *, keep_tree: bool |
         raise SortloopError(f"no model in {model_dir}; keep the 'model' folder beside the sorter (unzip the "
                             "whole bundle), or pass --model")
     src, dest = check_folders(src, dest)
-    options = options_from(model_dir, keep_tree=keep_tree, workers=workers)
     spec = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    options = options_from(spec, keep_tree=keep_tree, workers=workers)
     version, built_at = str(spec.get("version", "")), spec.get("bundle", {}).get("built_at")
     destrecord.check_bundle(dest, built_at, version)
     dest.mkdir(parents=True, exist_ok=True)

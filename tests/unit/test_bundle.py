@@ -172,6 +172,20 @@ def test_bundle_layout_replacement_and_zip(ws, sort_model: Path, tmp_path: Path)
         build_bundle(ws, tmp_path / "x", sorter=tmp_path)
 
 
+def test_bundle_command(ws, sort_model: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from loop.app.cli import app
+
+    deploy_copy(ws, sort_model)
+    result = CliRunner().invoke(app, ["bundle", str(tmp_path / "b"), "--zip", "--sorter", str(_fake_sorter(tmp_path)),
+                                      "-w", str(ws.root)])
+    assert result.exit_code == 0, result.output
+    assert "model v0001" in result.output and (tmp_path / "b.zip").is_file()
+    result = CliRunner().invoke(app, ["bundle", str(tmp_path / "c"), "--sorter", str(tmp_path), "-w", str(ws.root)])
+    assert result.exit_code == 1 and "no sortloop-sort" in result.output
+
+
 # --- the Windows CI recipe ---------------------------------------------------------------------------------
 
 
