@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from loop.atomic import write_json_atomic
 from loop.decode import Decoded
 from loop.errors import SortloopError
-from loop.sortcore import Placed, SortReport
+from loop.sortcore import REVIEW_CSV, Placed, SortReport, append_review
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ class DestRecordSink:
 
     describe = False  # pHash and EXIF time are for the manifest; the main machine computes what it needs
 
-    def __init__(self, dest: Path) -> None:
-        self.dest = Path(dest)
+    def __init__(self, dest: Path, flag_strategy: str) -> None:
+        self.dest, self.flag_strategy = Path(dest), flag_strategy
         rows = read_rows(self.dest)
         self.known = {(r["source_path"], int(r["source_size"]), int(r["source_mtime_ns"])) for r in rows}
         self.known_ids = {(r["source_path"], r["image_id"]) for r in rows}
@@ -106,7 +106,7 @@ class DestRecordSink:
         return (str(rec.path), rec.image_id) in self.known_ids
 
     def flush(self, placed: list[Placed], report: SortReport) -> None:
-        """Append one row per copy, fsynced (header on first write)."""
+        """Append one row per copy, fsynced (header on first write); then the flagged ones to _review.csv."""
         path = copies_csv(self.dest)
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
@@ -126,6 +126,7 @@ class DestRecordSink:
                 })
             fh.flush()
             os.fsync(fh.fileno())
+        append_review(self.dest / REVIEW_CSV, placed, self.flag_strategy, report.model_version)
         for p in placed:
             self.known.add((str(p.rec.path), p.rec.size_bytes, p.rec.mtime_ns))
             self.known_ids.add((str(p.rec.path), p.rec.image_id or ""))

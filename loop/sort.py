@@ -45,6 +45,7 @@ from loop.sortcore import (  # noqa: F401  (REVIEW_* and SortReport are part of 
     Placed,
     SortOptions,
     SortReport,
+    append_review,
     check_folders,
     sort_into,
 )
@@ -102,7 +103,7 @@ def sort_folder(
         copies.update_records(ws, {rid: {"status": "gone"} for rid in done["record_id"]})
         done = done.iloc[0:0]
     dest.mkdir(parents=True, exist_ok=True)
-    sink = _WorkspaceSink(ws, done)
+    sink = _WorkspaceSink(ws, dest, done)
     try:
         sort_into(src, dest, model_dir, sink, report, options=options, on_progress=on_progress)
     finally:
@@ -144,8 +145,8 @@ class _WorkspaceSink:
 
     describe = True
 
-    def __init__(self, ws: Workspace, done: pd.DataFrame) -> None:
-        self.ws = ws
+    def __init__(self, ws: Workspace, dest: Path, done: pd.DataFrame) -> None:
+        self.ws, self.dest = ws, dest
         self.known = {(p, int(s), int(m)) for p, s, m in zip(
             done["source_path"], done["source_size"].fillna(-1), done["source_mtime_ns"].fillna(-1), strict=True)}
         self.known_ids = {(p, i): rid for p, i, rid in zip(done["source_path"], done["image_id"],
@@ -163,7 +164,7 @@ class _WorkspaceSink:
         return True
 
     def flush(self, placed: list[Placed], report: SortReport) -> None:
-        """The manifest (register + predictions + flags), then the copy records."""
+        """The manifest (register + predictions + flags), then the copy records, then _review.csv."""
         from loop.ingest import ImageInfo, register_images
 
         infos = [ImageInfo(image_id=p.rec.image_id or "", path=str(p.rec.path), phash=p.rec.phash,
@@ -184,6 +185,7 @@ class _WorkspaceSink:
                 "dest_mtime_ns": st.st_mtime_ns, "status": "present", "checked_at": now,
             })
         copies.append_records(self.ws, records)
+        append_review(self.dest / REVIEW_CSV, placed, self.ws.settings.sort.flag_strategy, report.model_version)
 
 
 def _log_run(ws: Workspace, report: SortReport) -> None:

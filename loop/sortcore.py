@@ -4,7 +4,8 @@ Why a module of its own: `sortloop sort` (`loop.sort`, which adds the manifest, 
 the run log) and the standalone sorter frozen for PCs without Python (`loop.app.sorter`, which keeps its
 record inside DEST) must give the same labels, confidences and flags on the same photos, so both run
 exactly this code. It needs only numpy, Pillow and ONNX Runtime: no pandas, no torch, no workspace.
-What differs is a `Sink`: which files count as sorted before, and where each flushed batch is recorded.
+What differs is a `Sink`: which files count as sorted before, and where each flushed batch is recorded
+(the workspace's tables, or a record inside DEST).
 
 How it is fast: files stream through `loop.decode` (worker processes, a bounded number in flight), the
 model runs on batches, and copies happen in a background thread, so decoding, inference and file I/O
@@ -124,7 +125,8 @@ class Sink(Protocol):
         """True if this path with these bytes was sorted before (only touched): not copied again."""
 
     def flush(self, placed: list[Placed], report: SortReport) -> None:
-        """Record durable copies (called in order, after their folders were fsynced)."""
+        """Record durable copies (in order, after their folders were fsynced) and list the flagged ones in
+        `DEST/_review.csv`."""
 
 
 def sort_into(
@@ -133,8 +135,8 @@ def sort_into(
 ) -> SortReport:
     """Sort every image under `src` into `dest/<predicted label>/` with the artifact in `model_dir`.
 
-    The caller checked the folders (`check_folders`) and created `dest`. Flagged copies are appended to
-    `dest/_review.csv`; everything else is recorded through `sink`. Fills and returns `report`.
+    The caller checked the folders (`check_folders`) and created `dest`. Copies are recorded through
+    `sink` (which also lists the flagged ones in `dest/_review.csv`). Fills and returns `report`.
 
     Raises:
         ModelError: the artifact does not load or has class names that cannot be folders.
@@ -196,12 +198,12 @@ def sort_into(
             on_progress(processed, total)
             if len(pending) >= FLUSH_EVERY:
                 copier.collect(wait=True)
-                _flush(dest, sink, pending, report, options.flag_strategy)
+                _flush(sink, pending, report)
         copier.collect(wait=True)
     finally:
         stream.close()
         copier.close()  # finishes copies in flight (and records them) even when interrupted
-        _flush(dest, sink, pending, report, options.flag_strategy)
+        _flush(sink, pending, report)
         report.seen = processed
     on_progress(processed, total)
     return report
@@ -289,15 +291,14 @@ def _batches(stream: Iterator[Decoded], size: int, report: SortReport) -> Iterat
         yield batch, failures
 
 
-def _flush(dest: Path, sink: Sink, pending: list[Placed], report: SortReport, strategy: str) -> None:
-    """Copies made durable (directory fsync), then the sink's records, then _review.csv: a crash in between
+def _flush(sink: Sink, pending: list[Placed], report: SortReport) -> None:
+    """Copies made durable (directory fsync), then the sink's records and review list: a crash in between
     only means a rerun re-finds identical copies."""
     if not pending:
         return
     for folder in {p.final.parent for p in pending}:
         copies.fsync_dir(folder)
     sink.flush(list(pending), report)
-    append_review(dest / REVIEW_CSV, pending, strategy, report.model_version)
     pending.clear()
 
 

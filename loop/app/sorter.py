@@ -72,7 +72,7 @@ def sort_standalone(src: Path, dest: Path, model_dir: Path, *, keep_tree: bool |
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     report = SortReport(src=str(src), dest=str(dest), run_id=run_id)
     try:
-        sort_into(src, dest, model_dir, destrecord.DestRecordSink(dest), report, options=options,
+        sort_into(src, dest, model_dir, destrecord.DestRecordSink(dest, options.flag_strategy), report, options=options,
                   on_progress=on_progress)
     finally:
         report.seconds = time.perf_counter() - started
