@@ -12,6 +12,8 @@ reason (a comment, a new prediction) does not re-apply an old annotation over a 
 `OVERLAP_S` re-read before the watermark (for saves committed after a later one) costs nothing.
 Never loses a label: the watermark (`<workspace>/labelstudio/pull.json`) is written only after the
 manifest writes succeeded, and it never moves past a task whose label was rejected.
+Afterwards the sorted folders follow the labels: `loop.apply.apply_labels` moves the copies of labeled
+photos to their label's folder (a refusal there is reported in the PullReport; no label is lost).
 Caveat: a label that is not a known class (deployed model's classes + manifest labels) is rejected and
 reported, unless `labelstudio.allow_new_classes` is true; fix it in Label Studio and pull again.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -30,8 +32,9 @@ from labeling import payloads
 from labeling.client import Client, connect
 from labeling.project import find_project, known_classes
 from loop import manifest as mf
+from loop.apply import apply_labels
 from loop.atomic import write_json_atomic
-from loop.errors import LabelStudioError
+from loop.errors import LabelStudioError, SortloopError
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -63,10 +66,12 @@ class PullReport:
     rejected: list[Rejected] = field(default_factory=list)
     watermark: str | None = None
     seconds: float = 0.0
+    folders: str = ""  # what `loop.apply.apply_labels` did to the sorted trees afterwards
+    folders_error: str = ""  # why it moved nothing (e.g. a label unusable as a folder name)
 
     @property
     def ok(self) -> bool:
-        return not self.rejected
+        return not self.rejected and not self.folders_error
 
     def summary(self) -> str:
         if self.project_id is None:
@@ -77,7 +82,12 @@ class PullReport:
             text += f", {self.unknown_images} for images not in this manifest"
         if self.rejected:
             text += f", {len(self.rejected)} REJECTED"
-        return text + f" ({self.seconds:.1f} s)"
+        text += f" ({self.seconds:.1f} s)"
+        if self.folders:
+            text += f"\n{self.folders}"
+        if self.folders_error:
+            text += f"\nsorted folders NOT updated: {self.folders_error}"
+        return text
 
 
 def state_path(ws: Workspace) -> Path:
@@ -164,7 +174,8 @@ def _iso(ts: pd.Timestamp) -> str:
 
 
 def pull(ws: Workspace) -> PullReport:
-    """Bring reviewers' decisions made since the last pull into the manifest and label history.
+    """Bring reviewers' decisions made since the last pull into the manifest and label history, then move
+    the sorted copies of labeled photos to their label's folder (`loop.apply.apply_labels`).
 
     Raises:
         LabelStudioError: the server is unreachable or refuses the token (nothing is written then).
@@ -174,6 +185,20 @@ def pull(ws: Workspace) -> PullReport:
         >>> pull(open_workspace("data")).summary()   # doctest: +SKIP
         'pulled 3 changed task(s) from http://127.0.0.1:8080/projects/1: 2 label(s) set, 0 unchanged, 1 skipped'
     """
+    report = _pull(ws)
+    if report.project_id is None:
+        return report
+    # The labels are in the manifest (and the watermark moved): now the folders follow them. A refusal here
+    # (a label unusable as a folder) loses no label; it is reported and the next pull or `apply` retries.
+    try:
+        applied = apply_labels(ws)
+    except SortloopError as exc:
+        return replace(report, folders_error=str(exc))
+    return replace(report, folders=applied.summary() if applied.moved or applied.placed_by_person
+                   or applied.edited or applied.failed else "")
+
+
+def _pull(ws: Workspace) -> PullReport:
     start = time.monotonic()
     with connect(ws) as client:
         project = find_project(client, ws)

@@ -60,6 +60,7 @@ class SortConfig(BaseModel):
     flag_threshold: float = Field(0.5, ge=0.0, le=1.0)  # flag when the strategy's score >= this
     keep_tree: bool = True
     runtime: Literal["onnx", "torch"] = "onnx"
+    resort_after_deploy: bool = True  # serve: after a deploy, re-sort copies no person has checked
 
 
 class GateConfig(BaseModel):
@@ -184,6 +185,8 @@ flag_threshold = 0.5          # flag for review when the score is at least this 
 keep_tree = true              # DEST/<category>/<source sub-folders>/name: camera names (IMG_0001.JPG) repeat
                               # across folders, so flat (false / --flat) renames many to "name (2).jpg"
 runtime = "onnx"              # or "torch"; ONNX Runtime measured ~3x faster on CPU (bench/sort.py)
+resort_after_deploy = true    # serve: after a deploy, move copies no person has checked to the new model's
+                              # class (`sortloop undo` puts them back)
 
 [gate]
 min_accuracy_gain = 0.0       # candidate must beat the deployed model by more than this

@@ -10,7 +10,9 @@ before and after the copy (or, without a known mtime, the same sha256 of the byt
 The records table (`<workspace>/runs/sorted_copies.parquet`, locked and atomic like the manifest) keeps,
 per copy: image_id, source path and its size/mtime, destination root and path, predicted label,
 confidence, score, model version, time, and — updated by `corrections.scan` — the copy's current
-category, size/mtime and status. Sort uses it to resume; scan uses size+mtime to avoid re-hashing.
+category, size/mtime and status, and who placed it there (`placed_by`: sort, apply, resort, undo — moves
+sortloop made itself, through `loop.moves` — or user, a move `scan` followed). Sort uses it to resume;
+scan uses size+mtime to avoid re-hashing; apply and resort never move a copy a person placed.
 Windows rules, on every copy (a sorted tree is often opened or copied on Windows): a name is made
 portable first (`portable_name`: forbidden characters `<>:"/\\|?*` and control characters become `_`,
 trailing dots and spaces go, device names such as `CON` or `com1.jpg` get a `_` suffix), an existing name
@@ -57,8 +59,9 @@ RECORD_COLUMNS: dict[str, str] = {
     "category": "string",  # the category folder the copy is in now (NA if moved out of all)
     "dest_size": "Int64",
     "dest_mtime_ns": "Int64",
-    "status": "string",  # present / deleted
+    "status": "string",  # present / deleted / modified / gone
     "checked_at": "datetime64[ns, UTC]",
+    "placed_by": "string",  # who put the copy where it is: sort, apply, resort, undo, or user (scan saw it moved)
 }
 
 COPY_CHUNK = 1 << 20
@@ -213,6 +216,15 @@ def portable_folder(base: Path, parts: tuple[str, ...] | list[str]) -> Path:
     return folder
 
 
+def candidate(folder: Path, name: str, n: int) -> Path:
+    """The n-th path to try for `name` in `folder` under the Windows rules (copies and moves alike):
+    `unique_name` fitted to 260 characters, or the existing entry equal to it ignoring case (which the
+    caller then treats as taken, or as already there if its bytes are identical)."""
+    target = folder / fit_name(folder, unique_name(name, n))
+    twin = case_twin(folder, target.name)
+    return folder / twin if twin is not None and twin != target.name else target
+
+
 def case_twin(folder: Path, name: str) -> str | None:
     """The name of the entry in `folder` that equals `name` ignoring case (itself included), or None."""
     return _listing(folder).get(name.casefold())
@@ -330,10 +342,7 @@ def safe_copy(
     n = 1
     try:
         while True:
-            target = folder / fit_name(folder, unique_name(name, n))
-            twin = case_twin(folder, target.name)
-            if twin is not None and twin != target.name:  # `chair.jpg` is taken on Windows by `Chair.jpg`
-                target = folder / twin
+            target = candidate(folder, name, n)  # `chair.jpg` is taken on Windows by `Chair.jpg`
             if target.exists() or target.is_symlink():
                 if same_content(target, size, image_id):
                     return target, False

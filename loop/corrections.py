@@ -9,7 +9,11 @@ keeps the label history) and the manifest flag `user_moved`, so a reviewer can c
 reported as deleted; a deletion is not a label. Moved out of every category (to DEST itself or a folder
 starting with "_" or ".") → reported, not a label.
 
+Copies sortloop moved itself (`apply`, `resort`) are in the records already, so they are not moves; scan
+holds the moves lock (`loop.moves.exclusive`) and finishes a batch a crash interrupted before it looks.
+A move scan follows is marked `placed_by = user`: apply and resort never move that copy again.
 Copies made by the standalone sorter on another PC are imported first from DEST/.sortloop (loop.handback).
+
 Caveat: a copy moved OUTSIDE the sorted tree looks deleted; a copy that was edited (new bytes) is a
 different image and is reported as modified, not followed.
 """
@@ -23,11 +27,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from loop import copies, manifest
+from loop import copies, manifest, moves
 from loop.errors import SortloopError
 from loop.handback import import_dest_record
 from loop.images import file_sha256, iter_image_files
 from loop.progress import ProgressCallback, no_progress
+from loop.review_list import write_review_csv
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -103,10 +108,15 @@ def scan(ws: Workspace, dest: Path | str, *, on_progress: ProgressCallback | Non
     Example:
         >>> print(scan(open_workspace("data"), "~/photos/sorted").summary())   # doctest: +SKIP
     """
-    on_progress = on_progress or no_progress
     dest = Path(dest).expanduser().absolute()
     if not dest.is_dir():
         raise SortloopError(f"{dest} is not a folder; give the destination you sorted into")
+    # sortloop's own moves (apply, resort) finish first and do not run meanwhile: never taken for a person's
+    with moves.exclusive(ws):
+        return _scan(ws, dest, on_progress or no_progress)
+
+
+def _scan(ws: Workspace, dest: Path, on_progress: ProgressCallback) -> ScanReport:
     import_dest_record(ws, dest)  # copies made by the standalone sorter (DEST/.sortloop/copies.csv), if any
     records = copies.load_records(ws, dest)
     if records.empty:
@@ -182,7 +192,7 @@ def scan(ws: Workspace, dest: Path | str, *, on_progress: ProgressCallback | Non
             size, mtime = on_disk[new_path]
             updates[rec["record_id"]] = resolved[rec["dest_path"]] = {
                 "dest_path": new_path, "category": new_cat, "dest_size": size, "dest_mtime_ns": mtime,
-                "checked_at": now,
+                "checked_at": now, "placed_by": "user",  # apply and resort never move it again
             }
     for path in report.modified:  # keep reporting an edited copy once, then stop following it
         rid = present.loc[present["dest_path"] == path, "record_id"]
@@ -191,6 +201,8 @@ def scan(ws: Workspace, dest: Path | str, *, on_progress: ProgressCallback | Non
 
     report.labels_changed = _record_corrections(ws, report.corrections)
     copies.update_records(ws, updates)
+    if updates:
+        write_review_csv(ws, dest)
     on_progress(total, total)
     logger.info(report.summary())
     return report

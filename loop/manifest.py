@@ -45,6 +45,7 @@ COLUMNS: dict[str, str] = {
 }
 
 HISTORY_FILE = "labels.jsonl"
+HUMAN_SOURCES = ("review", "user_move")  # label sources that mean a person looked at this photo
 
 
 def manifest_path(ws: Workspace) -> Path:

@@ -20,8 +20,8 @@ would rename many photos to `name (2).jpg` and lose which project each came from
 category from the first folder under DEST.
 
 Also written: predictions (`pred_label`, `pred_conf`, `pred_score`, `pred_model`) and `flag =
-low_confidence` into the manifest (new images are registered first), and the flagged copies into
-`DEST/_review.csv`.
+low_confidence` into the manifest (new images are registered first), and `DEST/_review.csv` (rebuilt
+from the records by `loop.review_list`: the flagged copies no person has looked at yet).
 Caveat: flags are set only on images no person has labeled yet (`label_source` not review/user_move),
 and an existing `user_moved` flag is never replaced.
 """
@@ -39,13 +39,11 @@ from loop import copies, manifest
 from loop.atomic import append_jsonl
 from loop.decode import Decoded
 from loop.progress import ProgressCallback
-from loop.sortcore import (  # noqa: F401  (REVIEW_* and SortReport are part of this module's interface)
-    REVIEW_COLUMNS,
-    REVIEW_CSV,
+from loop.review_list import REVIEW_CSV, write_review_csv  # noqa: F401  (REVIEW_CSV: re-exported)
+from loop.sortcore import (  # noqa: F401  (SortReport is part of this module's interface)
     Placed,
     SortOptions,
     SortReport,
-    append_review,
     check_folders,
     sort_into,
 )
@@ -53,7 +51,7 @@ from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
-HUMAN_SOURCES = ("review", "user_move")
+HUMAN_SOURCES = manifest.HUMAN_SOURCES
 
 
 def sort_folder(
@@ -108,6 +106,7 @@ def sort_folder(
         sort_into(src, dest, model_dir, sink, report, options=options, on_progress=on_progress)
     finally:
         copies.update_records(ws, sink.touched)
+        write_review_csv(ws, dest)
         report.seconds = time.perf_counter() - started
         _log_run(ws, report)
     logger.info(report.summary())
@@ -164,7 +163,7 @@ class _WorkspaceSink:
         return True
 
     def flush(self, placed: list[Placed], report: SortReport) -> None:
-        """The manifest (register + predictions + flags), then the copy records, then _review.csv."""
+        """The manifest (register + predictions + flags), then the copy records, then _review.csv (rebuilt)."""
         from loop.ingest import ImageInfo, register_images
 
         infos = [ImageInfo(image_id=p.rec.image_id or "", path=str(p.rec.path), phash=p.rec.phash,
@@ -182,10 +181,11 @@ class _WorkspaceSink:
                 "dest_path": str(p.final), "label": p.label, "confidence": p.conf, "score": p.score,
                 "flagged": p.flagged, "model_version": report.model_version, "sorted_at": now,
                 "run_id": report.run_id, "category": p.label, "dest_size": st.st_size,
-                "dest_mtime_ns": st.st_mtime_ns, "status": "present", "checked_at": now,
+                "dest_mtime_ns": st.st_mtime_ns, "status": "present", "checked_at": now, "placed_by": "sort",
             })
         copies.append_records(self.ws, records)
-        append_review(self.dest / REVIEW_CSV, placed, self.ws.settings.sort.flag_strategy, report.model_version)
+        if any(p.flagged for p in placed):
+            write_review_csv(self.ws, self.dest)
 
 
 def _log_run(ws: Workspace, report: SortReport) -> None:

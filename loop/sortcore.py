@@ -247,8 +247,17 @@ def is_within(inner: Path, outer: Path) -> bool:
         return False
 
 
+def review_row(dest_path: str, source_path: str, label: str, conf: float, score: float, strategy: str,
+               version: str, image_id: str, sorted_at: str) -> dict[str, str]:
+    """One line of `_review.csv` (columns REVIEW_COLUMNS), as both the workspace and a DEST record write it."""
+    return {"dest_path": dest_path, "source_path": source_path, "pred_label": label, "pred_conf": f"{conf:.4f}",
+            "score": f"{score:.4f}", "strategy": strategy, "model_version": version, "image_id": image_id,
+            "sorted_at": sorted_at}
+
+
 def append_review(path: Path, placed: list[Placed], strategy: str, version: str) -> None:
-    """Append the flagged copies to `DEST/_review.csv` (header on first write), durably."""
+    """Append the flagged copies to `DEST/_review.csv` (header on first write), durably: the standalone
+    sorter's review list (a workspace rebuilds its list from the records instead: `loop.review_list`)."""
     rows = [p for p in placed if p.flagged]
     if not rows:
         return
@@ -258,11 +267,8 @@ def append_review(path: Path, placed: list[Placed], strategy: str, version: str)
         if new:
             writer.writeheader()
         for p in rows:
-            writer.writerow({
-                "dest_path": str(p.final), "source_path": str(p.rec.path), "pred_label": p.label,
-                "pred_conf": f"{p.conf:.4f}", "score": f"{p.score:.4f}", "strategy": strategy,
-                "model_version": version, "image_id": p.rec.image_id, "sorted_at": p.sorted_at.isoformat(),
-            })
+            writer.writerow(review_row(str(p.final), str(p.rec.path), p.label, p.conf, p.score, strategy, version,
+                                       p.rec.image_id or "", p.sorted_at.isoformat()))
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -146,6 +146,59 @@ def scan(
 
 
 @command()
+def apply(
+    dest: Annotated[Path | None, typer.Argument(help="A tree written by `sortloop sort` (default: every one).")] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Move sorted copies of labeled photos (reviews, confirmed moves) to their label's category folder.
+
+    Only copies sortloop made and nobody moved or edited move; `review pull` runs this by itself.
+
+    Example: sortloop apply ~/photos/sorted
+    """
+    from loop.apply import apply_labels
+    from loop.workspace import open_workspace
+
+    out.print(apply_labels(open_workspace(workspace), dest).summary(), highlight=False, soft_wrap=True)
+
+
+@command()
+def resort(
+    dest: Annotated[Path, typer.Argument(help="A tree written by `sortloop sort`.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the moves (old -> new class, both "
+                                          "confidences); change nothing.")] = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Move copies no person has checked to the class the deployed model gives them now (logged; undoable).
+
+    Photos a person labeled, reviewed or moved are never re-routed. Undo a run with `sortloop undo`.
+
+    Example: sortloop resort ~/photos/sorted --dry-run
+    """
+    from loop.resort import resort as run_resort
+    from loop.workspace import open_workspace
+
+    with progress_bar("re-sorting") as on_progress:
+        report = run_resort(open_workspace(workspace), dest, dry_run=dry_run, on_progress=on_progress)
+    out.print(report.summary(), highlight=False, soft_wrap=True, markup=False)
+
+
+@command()
+def undo(
+    run: Annotated[str | None, typer.Argument(help="The re-sort run id (default: the latest not undone).")] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Put back the copies a re-sort moved, with their old predictions and flags.
+
+    Example: sortloop undo
+    """
+    from loop.resort import undo_resort
+    from loop.workspace import open_workspace
+
+    out.print(undo_resort(open_workspace(workspace), run).summary(), highlight=False, soft_wrap=True)
+
+
+@command()
 def bundle(
     target: Annotated[Path, typer.Argument(metavar="OUT", help="Bundle folder to write (or zip file with --zip).")],
     zip_: Annotated[bool, typer.Option("--zip", help="Write one zip file instead of a folder.")] = False,

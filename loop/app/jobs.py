@@ -231,9 +231,34 @@ def retrain_step(ws: Workspace) -> Outcome:
     decision = deploy(ws, result.version)
     if decision.promoted:
         parts.append(f"deployed {decision.version}")
+        if STOP.is_set():
+            parts.append("not re-sorted: shutting down (run `sortloop resort DEST` later)")
+        else:
+            parts.append(resort_step(ws).summary)
     else:
         parts.append(f"refused {decision.version}: " + "; ".join(decision.reasons))
     return Outcome("; ".join(parts))
+
+
+def resort_step(ws: Workspace) -> Outcome:
+    """After a deploy: re-sort every sorted tree on record (setting `sort.resort_after_deploy`)."""
+    if not ws.settings.sort.resort_after_deploy:
+        return Outcome("re-sort off (sort.resort_after_deploy = false)", skipped=True)
+    from loop.apply import recorded_roots
+    from loop.resort import resort
+
+    parts = []
+    for root in recorded_roots(ws, None):
+        if STOP.is_set():
+            parts.append("stopped: shutting down")
+            break
+        if not Path(root).is_dir():
+            continue
+        try:
+            parts.append(resort(ws, root).summary().splitlines()[0])
+        except SortloopError as exc:
+            parts.append(f"re-sort of {root} failed: {exc}")
+    return Outcome("; ".join(parts) or "re-sort: no sorted trees on record")
 
 
 # What each job runs: a function of the Workspace. Tests may swap an entry for a counting function.

@@ -249,3 +249,44 @@ def test_failed_manifest_write_keeps_the_watermark_and_loses_nothing(ls_ws, sdk,
     done = pull_module.pull(ls_ws)
     assert done.labeled == 1 and state_file.exists()
     assert mf.load(ls_ws).set_index("image_id").loc[ids[1], "label"] == "sofa"
+
+
+def test_pulled_correction_moves_the_sorted_copy(ls_ws, sdk, sort_model, shared_data, tmp_path, monkeypatch):
+    """A reviewer corrects a sorted photo in Label Studio; `review pull` moves its copy to the right folder."""
+    import csv
+
+    from labeling.pull import pull
+    from labeling.push import push
+    from loop import copies, corrections
+    from loop.review_list import REVIEW_CSV
+    from loop.sort import sort_folder
+    from loop.workspace import Workspace
+    from tests.unit.sort_helpers import deploy_copy, ikea_classes, sample_ikea
+
+    monkeypatch.setenv("SORTLOOP_SORT__FLAG_THRESHOLD", "0")  # every copy flagged, so every photo is pushed
+    ws = Workspace(ls_ws.root)
+    deploy_copy(ws, sort_model)
+    src, dest = tmp_path / "inbox", tmp_path / "sorted"
+    sample_ikea(shared_data, src, per_class=1, classes=3)
+    assert sort_folder(ws, src, dest).ok
+    records = copies.load_records(ws, dest)
+    report = push(ws)
+    task_of = {t.data["image_id"]: t.id for t in project_tasks(sdk, report.project_id)}
+    rec = records.iloc[0]
+    truth = Path(rec.source_path).parent.name  # the photo's real class (its ikea folder)
+    label = truth if truth != rec.label else next(c for c in ikea_classes(shared_data) if c != rec.label)
+    sdk.annotations.create(id=task_of[rec.image_id], result=choice(label))
+
+    pulled = pull(ws)
+
+    old = Path(rec.dest_path)
+    new = dest / label / old.relative_to(dest / rec.label)
+    assert pulled.ok and pulled.labeled == 1 and f"{old} -> {new}" in pulled.summary()
+    assert not old.exists() and new.read_bytes() == Path(rec.source_path).read_bytes()
+    assert Path(rec.source_path).exists()  # the original stays
+    with open(dest / REVIEW_CSV, newline="") as fh:
+        listed = {row["image_id"] for row in csv.DictReader(fh)}
+    assert listed == set(records.image_id) - {rec.image_id}  # reviewed: off the pending list
+    assert corrections.scan(ws, dest).moves == []  # the move is sortloop's, not a person's correction
+    before = sorted(p for p in dest.rglob("*") if p.is_file())
+    assert pull(ws).folders == "" and sorted(p for p in dest.rglob("*") if p.is_file()) == before  # rerun: no-op

@@ -129,6 +129,13 @@ def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, 
         reviewed = df.loc[list(id_to_truth)]
         assert (reviewed["label"] == reviewed.index.map(id_to_truth)).all()
         assert reviewed["label_source"].isin(["review", "user_move"]).all()
+        # ...and the sorted folders follow: every copy now sits in its photo's reviewed class
+        from loop import copies
+
+        records = copies.load_records(ws, dest)
+        assert (records["category"] == records["source_path"].map(truth)).all()
+        assert all(Path(p).parent.relative_to(dest).parts[0] == c for p, c in zip(records.dest_path,
+                                                                               records.category, strict=True))
 
         # 6. the nightly retrain: pull (nothing new) -> split the new labels -> train -> gate -> deploy
         retrained = run_now(scheduler, ws, "retrain")
@@ -136,6 +143,8 @@ def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, 
         second = current_version(ws)
         assert second != first.version, retrained["summary"]
         assert f"deployed {second}" in retrained["summary"]
+        assert f"re-sorted {dest} with model {second}" in retrained["summary"]  # every photo reviewed: kept
+        assert "moved 0;" in retrained["summary"]
         spec = json.loads((ws.models_dir / second / "model.json").read_text())
         first_spec = json.loads((ws.models_dir / first.version / "model.json").read_text())
         assert spec["labels_fingerprint"] != first_spec["labels_fingerprint"]
