@@ -109,3 +109,18 @@ def test_class_names_that_cannot_be_windows_folders_are_refused(classes: list[st
     check_classes(["chair", "table", "Sofa"])
     with pytest.raises(ModelError, match="Windows"):
         check_classes(classes)
+
+
+def test_moves_follow_the_same_rules(tmp_path: Path) -> None:
+    from loop.moves import move_copy
+
+    dest = tmp_path / "dest"
+    (dest / "desk").mkdir(parents=True)
+    (dest / "desk" / "Chair.jpg").write_bytes(b"another photo")
+    copy = dest / "chair" / "chair.jpg"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(b"moved photo")
+    final = move_copy(copy, dest / "desk", copy.name, image_id=hashlib.sha256(b"moved photo").hexdigest(),
+                      size=len(b"moved photo"))
+    assert final == dest / "desk" / "chair (2).jpg" and final.read_bytes() == b"moved photo"
+    assert (dest / "desk" / "Chair.jpg").read_bytes() == b"another photo" and not copy.exists()
