@@ -33,7 +33,7 @@ from pathlib import Path
 
 from loop import __version__
 from loop.artifact import ONNX_FILE, SPEC_FILE, read_spec
-from loop.errors import SortloopError
+from loop.errors import ModelError, SortloopError
 from loop.registry import current_model_dir
 from loop.sort import sort_options
 from loop.sortcore import check_classes
@@ -98,6 +98,9 @@ def build_bundle(
     model_dir = current_model_dir(ws)
     spec = read_spec(model_dir)
     check_classes(list(spec["classes"]))
+    if not (model_dir / ONNX_FILE).is_file():
+        raise ModelError(f"{model_dir / ONNX_FILE} is missing: the sorter needs the ONNX export; retrain, or "
+                         "deploy a version that has one")
     replaced = _existing_bundle(out)
     if sorter is not None:
         frozen, built = _check_sorter(Path(sorter).expanduser().absolute()), False

@@ -16,7 +16,7 @@ import pytest
 from loop import copies, destrecord, manifest
 from loop.app.bundle import BUNDLE_JSON, EXE_NAME, BundleError, build_bundle
 from loop.corrections import scan
-from loop.errors import SortloopError
+from loop.errors import ModelError, SortloopError
 from loop.sort import sort_folder
 from tests.unit.model_helpers import copy_workspace
 from tests.unit.sort_helpers import deploy_copy, sample_ikea
@@ -170,6 +170,10 @@ def test_bundle_layout_replacement_and_zip(ws, sort_model: Path, tmp_path: Path)
     assert (other / "keep.jpg").read_bytes() == b"mine"
     with pytest.raises(BundleError, match="no sortloop-sort"):
         build_bundle(ws, tmp_path / "x", sorter=tmp_path)
+    (ws.models_dir / "v0002" / "model.onnx").unlink()
+    with pytest.raises(ModelError, match="ONNX"):
+        build_bundle(ws, out, sorter=fake)
+    assert json.loads((out / BUNDLE_JSON).read_text())["model_version"] == "v0002"  # the old bundle is kept
 
 
 def test_bundle_command(ws, sort_model: Path, tmp_path: Path) -> None:
