@@ -65,9 +65,11 @@ class ScanReport:
     deleted: list[str] = field(default_factory=list)
     modified: list[str] = field(default_factory=list)
     uncategorised: list[str] = field(default_factory=list)
+    imported: int = 0  # copies the standalone sorter made, imported from DEST/.sortloop by this scan
 
     def summary(self) -> str:
-        text = (
+        text = f"imported {self.imported} copies the standalone sorter made; " if self.imported else ""
+        text += (
             f"scanned {self.checked} sorted copies in {self.dest}: {self.unchanged} unchanged, "
             f"{len(self.corrections)} moved to another category (corrections, {self.labels_changed} labels "
             f"changed), {len(self.moves) - len(self.corrections)} other moves, {len(self.deleted)} deleted, "
@@ -117,11 +119,11 @@ def scan(ws: Workspace, dest: Path | str, *, on_progress: ProgressCallback | Non
 
 
 def _scan(ws: Workspace, dest: Path, on_progress: ProgressCallback) -> ScanReport:
-    import_dest_record(ws, dest)  # copies made by the standalone sorter (DEST/.sortloop/copies.csv), if any
+    imported = import_dest_record(ws, dest)  # copies made by the standalone sorter (DEST/.sortloop), if any
     records = copies.load_records(ws, dest)
     if records.empty:
         raise SortloopError(f"nothing was ever sorted into {dest} with this workspace; run `sortloop sort` first")
-    report = ScanReport(dest=str(dest))
+    report = ScanReport(dest=str(dest), imported=imported)
     present = records[records["status"] == "present"]
     total = len(present)
     on_progress(0, total)

@@ -101,11 +101,18 @@ def test_sorter_matches_sort_without_heavy_imports_and_scan_brings_moves_back(so
     moved, new_cat = _move_one(dest, classes)
     report = scan(ws, dest)
     assert [(Path(m.new_path), m.new_category) for m in report.corrections] == [(moved, new_cat)]
+    assert report.imported == 12 and report.summary().startswith("imported 12 copies")
     df = manifest.load(ws).set_index("image_id")
     moved_id = next(r["image_id"] for r in rows if Path(r["dest_path"]).name == moved.name)
     assert df.at[moved_id, "label"] == new_cat and df.at[moved_id, "label_source"] == "user_move"
     assert df.loc[sorted(flagged - {moved_id}), "flag"].eq("low_confidence").all()
-    assert len(copies.load_records(ws, dest)) == 12 and scan(ws, dest).corrections == []  # imported once
+    again = scan(ws, dest)
+    assert len(copies.load_records(ws, dest)) == 12 and again.imported == 0 and again.corrections == []  # once
+
+    # a crash mid-append leaves a torn last line: it is skipped, the rest still reads
+    with open(destrecord.copies_csv(dest), "a", encoding="utf-8") as fh:
+        fh.write("deadbeef,abc,/x.jpg,12")
+    assert len(destrecord.read_rows(dest)) == 12
 
 
 def test_an_older_bundle_refuses_a_folder_a_newer_one_sorted(sorter_setup, tmp_path: Path) -> None:
