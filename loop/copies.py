@@ -18,8 +18,13 @@ portable first (`portable_name`: forbidden characters `<>:"/\\|?*` and control c
 trailing dots and spaces go, device names such as `CON` or `com1.jpg` get a `_` suffix), an existing name
 that differs only in case (`Chair.jpg` vs `chair.jpg`) counts as taken, and a name that would push the
 full path past 260 characters is shortened (stem cut, a short hash of the original name added).
+One sort at a time writes into a destination (`dest_lock`, a lock file in the workspace keyed by the
+destination's real path): a second sort into the same DEST refuses at once with a clear error instead of
+racing the first (two racing sorts used to record every copy twice). Records are also idempotent: a
+record for a (source, dest path, image) already recorded as present is not added again.
 Caveat: originals are only ever read; but a source file changed between decode and copy is reported as
-a failure rather than copied, because its recorded hash would be wrong. The 260-character rule is applied
+a failure rather than copied, because its recorded hash would be wrong. The destination lock is per
+workspace: two workspaces sorting into one DEST are not serialised. The 260-character rule is applied
 to the path on this machine; the same tree under a longer root elsewhere can still exceed it.
 """
 
@@ -33,8 +38,11 @@ import shutil
 import threading
 import unicodedata
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from loop.errors import SortloopError
 
 if TYPE_CHECKING:  # the records table needs pandas; the safe copy (and the standalone sorter) does not
     import pandas as pd
@@ -82,7 +90,8 @@ def load_records(ws: Workspace, dest_root: Path | None = None) -> pd.DataFrame:
 
 
 def append_records(ws: Workspace, rows: list[dict]) -> None:
-    """Add copy records under the table lock."""
+    """Add copy records under the table lock; a row whose (source, dest path, image) is already recorded as
+    present is skipped, so replaying a write (a retry after a failure) never doubles a record."""
     if not rows:
         return
     import pandas as pd
@@ -90,11 +99,38 @@ def append_records(ws: Workspace, rows: list[dict]) -> None:
     from loop.tables import update_table
 
     new = pd.DataFrame(rows)
-    update_table(
-        records_path(ws),
-        RECORD_COLUMNS,
-        lambda df: pd.concat([df, new], ignore_index=True) if len(df) else new,
-    )
+    key = ["source_path", "dest_path", "image_id"]
+
+    def change(df: pd.DataFrame) -> pd.DataFrame:
+        known = set(df.loc[df["status"] == "present", key].itertuples(index=False, name=None))
+        fresh = new[[k not in known for k in new[key].itertuples(index=False, name=None)]].drop_duplicates(key)
+        return pd.concat([df, fresh], ignore_index=True) if len(df) else fresh
+
+    update_table(records_path(ws), RECORD_COLUMNS, change)
+
+
+@contextlib.contextmanager
+def dest_lock(ws: Workspace, dest: Path) -> Iterator[None]:
+    """Hold the lock that lets one sort at a time write into `dest`.
+
+    Raises:
+        SortloopError: another sort (this machine, this workspace) is writing into `dest` now.
+    """
+    from filelock import FileLock, Timeout
+
+    real = Path(dest).expanduser().resolve()
+    path = ws.runs_dir / "locks" / f"dest-{hashlib.sha256(str(real).encode()).hexdigest()[:16]}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise SortloopError(f"another sort is writing into {real} right now; let it finish, then run this one "
+                            "again (it continues where that one stopped)") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def update_records(ws: Workspace, changes: dict[str, dict]) -> None:

@@ -14,7 +14,9 @@ Caveat: stdlib only (the standalone sorter ships without pandas); the import int
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import logging
 import os
@@ -109,24 +111,42 @@ class DestRecordSink:
         """Append one row per copy, fsynced (header on first write); then the flagged ones to _review.csv."""
         path = copies_csv(self.dest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with open(path, "a", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-            if new:
-                writer.writeheader()
-            for p in placed:
-                st = p.final.stat()
-                writer.writerow({
-                    "record_id": uuid.uuid4().hex, "image_id": p.rec.image_id, "source_path": str(p.rec.path),
-                    "source_size": p.rec.size_bytes, "source_mtime_ns": p.rec.mtime_ns,
-                    "dest_path": PurePosixPath(*p.final.relative_to(self.dest).parts).as_posix(),
-                    "label": p.label, "confidence": repr(p.conf), "score": repr(p.score), "flagged": int(p.flagged),
-                    "model_version": report.model_version, "sorted_at": p.sorted_at.isoformat(),
-                    "run_id": report.run_id, "dest_size": st.st_size, "dest_mtime_ns": st.st_mtime_ns,
-                })
-            fh.flush()
-            os.fsync(fh.fileno())
-        append_review(self.dest / REVIEW_CSV, placed, self.flag_strategy, report.model_version)
-        for p in placed:
+        new = not path.exists() or path.stat().st_size == 0
+        fresh = [p for p in placed if (str(p.rec.path), p.rec.image_id or "") not in self.known_ids]  # a retry
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        for p in fresh:
+            st = p.final.stat()
+            writer.writerow({
+                "record_id": uuid.uuid4().hex, "image_id": p.rec.image_id, "source_path": str(p.rec.path),
+                "source_size": p.rec.size_bytes, "source_mtime_ns": p.rec.mtime_ns,
+                "dest_path": PurePosixPath(*p.final.relative_to(self.dest).parts).as_posix(),
+                "label": p.label, "confidence": repr(p.conf), "score": repr(p.score), "flagged": int(p.flagged),
+                "model_version": report.model_version, "sorted_at": p.sorted_at.isoformat(),
+                "run_id": report.run_id, "dest_size": st.st_size, "dest_mtime_ns": st.st_mtime_ns,
+            })
+        _append_whole(path, text.getvalue().encode("utf-8"))
+        for p in fresh:
             self.known.add((str(p.rec.path), p.rec.size_bytes, p.rec.mtime_ns))
             self.known_ids.add((str(p.rec.path), p.rec.image_id or ""))
+        append_review(self.dest / REVIEW_CSV, placed, self.flag_strategy, report.model_version)
+
+
+def _append_whole(path: Path, data: bytes) -> None:
+    """Append `data` and fsync, or leave the file as it was (a full disk must not leave half a batch)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)

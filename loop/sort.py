@@ -38,6 +38,7 @@ import pandas as pd
 from loop import copies, manifest
 from loop.atomic import append_jsonl
 from loop.decode import Decoded
+from loop.errors import DiskFullError, is_disk_full
 from loop.progress import ProgressCallback
 from loop.review_list import REVIEW_CSV, write_review_csv  # noqa: F401  (REVIEW_CSV: re-exported)
 from loop.sortcore import (  # noqa: F401  (SortReport is part of this module's interface)
@@ -73,16 +74,25 @@ def sort_folder(
     Returns:
         A SortReport; `.ok` is False if any file failed (each listed with its reason).
     Raises:
-        ModelError: no deployed model, or it does not load. SortloopError: bad `src`/`dest`.
+        ModelError: no deployed model, or it does not load. SortloopError: bad `src`/`dest`, or another sort
+        is writing into `dest` right now. DiskFullError: DEST's or the workspace's disk filled up; every
+        copy made is recorded, `.summary` says what was done, and a rerun after freeing space continues.
 
     Example:
         >>> report = sort_folder(open_workspace("data"), "~/photos/new", "~/photos/sorted")   # doctest: +SKIP
         >>> print(report.summary())
     """
+    src, dest = check_folders(Path(src), Path(dest))
+    with copies.dest_lock(ws, dest):  # one sort at a time per destination (a second one refuses clearly)
+        return _sort_locked(ws, src, dest, keep_tree=keep_tree, on_progress=on_progress)
+
+
+def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None,
+                 on_progress: ProgressCallback | None) -> SortReport:
+    """`sort_folder` once the destination is locked and the folders checked."""
     from loop.registry import current_model_dir
 
     options = sort_options(ws, keep_tree=keep_tree)
-    src, dest = check_folders(Path(src), Path(dest))
     dest_is_new = not dest.exists()
     started = time.perf_counter()
 
@@ -102,13 +112,25 @@ def sort_folder(
         done = done.iloc[0:0]
     dest.mkdir(parents=True, exist_ok=True)
     sink = _WorkspaceSink(ws, dest, done)
+    disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
     try:
         sort_into(src, dest, model_dir, sink, report, options=options, on_progress=on_progress)
+    except DiskFullError as exc:
+        disk_full = exc
     finally:
-        copies.update_records(ws, sink.touched)
-        write_review_csv(ws, dest)
         report.seconds = time.perf_counter() - started
-        _log_run(ws, report)
+        for finish in (lambda: copies.update_records(ws, sink.touched), lambda: write_review_csv(ws, dest),
+                       lambda: _log_run(ws, report)):
+            try:
+                finish()
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                disk_full = disk_full or exc
+    if disk_full is not None:
+        logger.warning("stopped: disk full (%s). %s", disk_full, report.summary())
+        where = getattr(disk_full, "path", None) or disk_full.filename or dest
+        raise DiskFullError(where, summary=report.summary()) from None
     logger.info(report.summary())
     return report
 

@@ -30,7 +30,7 @@ import numpy as np
 from loop import copies
 from loop.artifact import Predictor, read_spec
 from loop.decode import Decoded, decode_stream, default_workers
-from loop.errors import ModelError, SortloopError
+from loop.errors import DiskFullError, ModelError, SortloopError, is_disk_full
 from loop.images import iter_image_files
 from loop.progress import ProgressCallback, no_progress
 from loop.select import get_strategy
@@ -140,6 +140,7 @@ def sort_into(
 
     Raises:
         ModelError: the artifact does not load or has class names that cannot be folders.
+        DiskFullError: a disk filled up; what was copied before is recorded through `sink` first.
     """
     on_progress = on_progress or no_progress
     strategy = get_strategy(options.flag_strategy)
@@ -178,6 +179,7 @@ def sort_into(
 
     pending: list[Placed] = []
     copier = _Copier(report, pending)
+    disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
     try:
         for batch, failures in _batches(stream, options.batch_size, report):
             if batch:
@@ -196,15 +198,30 @@ def sort_into(
             processed += len(batch) + failures
             report.seen = processed
             on_progress(processed, total)
+            if copier.disk_full:
+                break
             if len(pending) >= FLUSH_EVERY:
                 copier.collect(wait=True)
                 _flush(sink, pending, report)
         copier.collect(wait=True)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        disk_full = exc
     finally:
         stream.close()
         copier.close()  # finishes copies in flight (and records them) even when interrupted
-        _flush(sink, pending, report)
         report.seen = processed
+        try:
+            _flush(sink, pending, report)  # again after a failed flush: the sinks' writes are idempotent
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            disk_full = disk_full or exc
+    disk_full = disk_full or copier.disk_full
+    if disk_full is not None:
+        where = getattr(disk_full, "path", None) or disk_full.filename or dest
+        raise DiskFullError(where, summary=report.summary()) from None
     on_progress(processed, total)
     return report
 
@@ -326,6 +343,7 @@ class _Copier:
         self.report, self.pending = report, pending
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sortloop-copy")
         self.jobs: deque[_Job] = deque()
+        self.disk_full: OSError | None = None  # the first "no space left" of a copy: the run stops
 
     def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path) -> None:
         future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
@@ -341,6 +359,8 @@ class _Copier:
             except OSError as exc:  # includes SourceChanged; the file is reported, the run goes on
                 self.report.failed.append((str(job.rec.path), f"copy failed ({exc.strerror or exc})"))
                 logger.warning("copy of %s failed: %s", job.rec.path, exc)
+                if is_disk_full(exc) and self.disk_full is None:
+                    self.disk_full = DiskFullError(self.report.dest)
                 continue
             self._record(job, final, copied)
 

@@ -52,6 +52,8 @@ def ingest(
 ) -> None:
     """Add a folder of images to the manifest (idempotent), group them into items, assign splits.
 
+    Exit code 1 if any file could not be read (each listed with why; the others are added), like sort.
+
     Example: sortloop ingest ~/photos/labeled --source user --labeled
     """
     from loop.ingest import ingest_folder
@@ -63,6 +65,8 @@ def ingest(
     out.print(report.summary())
     for path, reason in report.unreadable:
         console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
+    if report.unreadable:
+        raise typer.Exit(1)
 
 
 # --- the whole loop -------------------------------------------------------------------------------

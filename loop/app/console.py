@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from loop.errors import SortloopError
+from loop.errors import DiskFullError, SortloopError, is_disk_full
 from loop.progress import ProgressCallback
 
 console = Console(stderr=True)
@@ -29,14 +29,20 @@ WorkspaceOption = Annotated[
 
 
 def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn SortloopError into a one-line message and exit code 1."""
+    """Turn SortloopError (and a full disk anywhere) into a one-line message and exit code 1; a command
+    stopped midway (DiskFullError) first prints the summary of what it did."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except SortloopError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        except (SortloopError, OSError) as exc:
+            if not isinstance(exc, SortloopError) and not is_disk_full(exc):
+                raise
+            if isinstance(exc, DiskFullError) and exc.summary:
+                out.print(exc.summary, highlight=False, markup=False, soft_wrap=True)
+            message = exc if isinstance(exc, SortloopError) else DiskFullError(exc.filename or "a folder it writes")
+            console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper

@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     except SortloopError as exc:
         sys.stderr.write("\n")
         print(f"error: {exc}", file=sys.stderr)
+        if getattr(exc, "summary", ""):  # a full disk: what was done before it stopped
+            print(exc.summary)
         code = 2
     except KeyboardInterrupt:
         print("\nstopped; run it again to finish (photos already sorted are skipped)", file=sys.stderr)
