@@ -7,13 +7,15 @@ each compared with Label Studio's own bulk operation measured in the same run on
 
 Both sides go through label-studio-sdk (sortloop's `labeling` uses it too), so the SDK's request encoding
 (~0.06 ms per task) is in both. Target: each ratio <= 1.3 at the default sizes; at small sizes the fixed
-costs of a push (project lookup, one local-files storage per image folder, manifest writes) weigh more.
+costs of a push (project lookup, the storage, manifest writes) weigh more. The push includes publishing
+each photo into the served folder (a hard link, checked by hashing it: `labeling.served`).
 The server is a copy of the test template data dir (`tests/prepare_labelstudio.py`),
 started with `labeling.server.up` on a free port in a temporary workspace, and stopped at the end.
 Caveat: to keep the run short, the M reviewed tasks are created by one bulk import of tasks *with*
 annotations for M further manifest images (creating annotations one by one through the API runs at ~6/s);
-to `pull` they are ordinary annotated tasks of the project. Manifest rows are synthetic (unique ids) but
-point at real photos from ../shared/data/ikea_products, so the local-files storages are real.
+to `pull` they are ordinary annotated tasks of the project. Each manifest row is its own file: a real photo
+from ../shared/data/ikea_products with a few unique bytes appended (so each has its own sha256), written
+to the temporary folder.
 
 usage: .venv/bin/python bench/labelstudio.py [--n 10000] [--labels 1000]
 """
@@ -67,16 +69,26 @@ def start_server(root: Path):
 
 
 def synthetic_manifest(ws, n_flagged: int, n_reviewed: int) -> pd.DataFrame:
-    """n_flagged + n_reviewed rows pointing at real photos, unique ids, predictions and flags set."""
+    """n_flagged + n_reviewed rows, each a distinct file (real photo + unique trailing bytes), predictions and
+    flags set."""
     from loop import manifest as mf
     from loop.tables import conform
 
     photos = sorted(IKEA.glob("*/*.jpg"))
     classes = sorted({p.parent.name for p in photos})
     total = n_flagged + n_reviewed
+    folder = ws.root.parent / "photos"
+    folder.mkdir()
+    paths, ids = [], []
+    for i in range(total):
+        data = photos[i % len(photos)].read_bytes() + f"bench-{i}".encode()  # after the JPEG's end: still valid
+        path = folder / f"{i:06d}.jpg"
+        path.write_bytes(data)
+        paths.append(str(path))
+        ids.append(hashlib.sha256(data).hexdigest())
     rows = pd.DataFrame({
-        "image_id": [hashlib.sha256(f"bench-{i}".encode()).hexdigest() for i in range(total)],
-        "path": [str(photos[i % len(photos)]) for i in range(total)],
+        "image_id": ids,
+        "path": paths,
         "source": "user",
         "pred_label": [photos[(i * 7) % len(photos)].parent.name for i in range(total)],
         "pred_conf": [0.2 + 0.6 * ((i * 37) % 1000) / 1000 for i in range(total)],
@@ -105,6 +117,7 @@ def main() -> None:
     from labeling import payloads, server
     from labeling.pull import pull
     from labeling.push import push
+    from labeling.served import served_name
     from loop import manifest as mf
 
     tmp = Path(tempfile.mkdtemp(prefix="sortloop-bench-ls-"))
@@ -117,7 +130,7 @@ def main() -> None:
         classes = sorted(set(mf.load(ws)["label"].dropna()))
 
         # --- push: baseline = one import_tasks call of the same payloads into a fresh project
-        tasks = [payloads.task(r) for _, r in flagged.iterrows()]
+        tasks = [payloads.task(r, served_name(r["image_id"], r["path"])) for _, r in flagged.iterrows()]
         base = sdk.projects.create(title="bench bulk import", label_config=payloads.label_config(classes))
         t = time.perf_counter()
         answer = sdk.projects.import_tasks(id=base.id, request=tasks, return_task_ids=True)
@@ -135,7 +148,7 @@ def main() -> None:
         # --- pull: M reviewed tasks (bulk-imported with annotations) into the workspace's project
         annotated = []
         for i, (_, r) in enumerate(reviewed.iterrows()):
-            task = payloads.task(r)
+            task = payloads.task(r, served_name(r["image_id"], r["path"]))
             task["annotations"] = [{"result": payloads.choice_result(classes[i % len(classes)]), "lead_time": 2.0}]
             annotated.append(task)
         sdk.projects.import_tasks(id=report.project_id, request=annotated)

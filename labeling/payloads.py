@@ -2,15 +2,14 @@
 
 Tasks carry the image's content hash (`image_id`, sha256) in `data` and `meta`: that is the permanent key.
 Label Studio task ids are only hints (SQLite reuses a deleted maximum id).
-Caveat: images are referenced by `/data/local-files/?d=<path relative to />`, which only works on a server
-whose `LOCAL_FILES_DOCUMENT_ROOT` is `/` and whose project has a local-files storage covering the folder
-(see `labeling.server` and `labeling.project`).
+Caveat: images are referenced by `/data/local-files/?d=photos/<served name>`, relative to the server's
+`LOCAL_FILES_DOCUMENT_ROOT`, which must be the workspace's served folder (`labeling.served`), with the
+project's one local-files storage on its `photos` sub-folder (`labeling.project`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
@@ -18,6 +17,7 @@ import pandas as pd
 
 FROM_NAME = "label"  # the Choices control
 TO_NAME = "image"  # the Image object; task data key holding the image URL is also "image"
+SERVED_SUBDIR = "photos"  # the storage folder under the document root (a storage may not BE the root)
 HOTKEYS = "1234567890" + "qwertyuiopasdfgzxcvbnm"  # h, j, k, l avoided: the editor uses some of them
 
 
@@ -51,10 +51,9 @@ def config_classes(config_xml: str) -> list[str]:
     return []
 
 
-def image_url(path: str) -> str:
-    """The local-files URL Label Studio serves `path` (absolute) under, with document root `/`."""
-    rel = str(PurePosixPath(path)).lstrip("/")
-    return "/data/local-files/?d=" + quote(rel)
+def image_url(served_name: str) -> str:
+    """The local-files URL of a published photo (`labeling.served`), relative to the served folder."""
+    return "/data/local-files/?d=" + quote(f"{SERVED_SUBDIR}/{served_name}")
 
 
 def choice_result(label: str) -> list[dict]:
@@ -70,12 +69,12 @@ def prediction(label: str, score: float | None, model_version: str | None) -> di
     return pred
 
 
-def task(row: pd.Series) -> dict:
-    """A task for one manifest row, with the model's prediction when the row has one."""
+def task(row: pd.Series, served_name: str) -> dict:
+    """A task for one manifest row whose photo is published as `served_name`, with the model's prediction."""
     image_id = str(row["image_id"])
     out: dict = {
         "data": {
-            TO_NAME: image_url(str(row["path"])),
+            TO_NAME: image_url(served_name),
             "image_id": image_id,
             "path": str(row["path"]),
             "flag": None if pd.isna(row.get("flag")) else str(row["flag"]),
@@ -196,6 +195,18 @@ def skipped_only_query(updated_after: str | None) -> dict:
     """Data Manager filter: tasks changed after `updated_after` whose only annotations are skips."""
     items = _updated_after(updated_after) + [
         {"filter": "filter:tasks:cancelled_annotations", "operator": "greater", "type": "Number", "value": 0},
+        {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+    ]
+    return {"filters": {"conjunction": "and", "items": items}}
+
+
+def unannotated_query(updated_after: str | None, task_ids: tuple[int, int]) -> dict:
+    """Data Manager filter: tasks with ids in [min, max] changed after `updated_after` with no annotation and no
+    skip (e.g. all deleted). The id range keeps tasks pushed after the reviewed ones out of the answer."""
+    items = _updated_after(updated_after) + [
+        {"filter": "filter:tasks:id", "operator": "in", "type": "Number",
+         "value": {"min": task_ids[0], "max": task_ids[1]}},
+        {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0},
         {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
     ]
     return {"filters": {"conjunction": "and", "items": items}}

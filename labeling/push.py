@@ -8,6 +8,9 @@ imported twice, even after a crash between an import and the manifest write.
 Order: user moves first, then lowest confidence first, so a reviewer with five minutes sees the most
 useful photos. Tasks go in batches through the SDK's `projects.import_tasks(return_task_ids=True)` (Label
 Studio's own bulk import; the payloads are built in `labeling.payloads`).
+Each photo is published into the served folder first (`labeling.served`: a hard link or copy named by its
+hash); a photo that may not be served (a symlink leaving its folder, missing, changed) is not sent, and
+is reported in `PushReport.refused` (it stays flagged: the next push tries again).
 Caveat: a row that was reviewed (`review_status` reviewed/skipped) is not pushed again even if it is
 flagged again later; set `review_status` to "queued" to ask for a second look.
 """
@@ -16,11 +19,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
-from labeling import payloads
+from labeling import payloads, served
 from labeling.client import Client, connect
 from labeling.project import ensure_project, remembered_project
 from loop import manifest as mf
@@ -44,10 +47,20 @@ class PushReport:
     batches: int
     seconds: float
     project_created: bool = False
+    refused: dict[str, str] = field(default_factory=dict)  # image_id -> why its photo may not be served
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused
 
     def summary(self) -> str:
-        return (f"pushed {self.imported} new task(s) to {self.url}/projects/{self.project_id} "
+        text = (f"pushed {self.imported} new task(s) to {self.url}/projects/{self.project_id} "
                 f"({self.linked} already there, {self.batches} batch(es), {self.seconds:.1f} s)")
+        for reason in list(self.refused.values())[:10]:
+            text += f"\n  not sent: {reason}"
+        if len(self.refused) > 10:
+            text += f"\n  ... and {len(self.refused) - 10} more not sent"
+        return text
 
 
 def select_candidates(df: pd.DataFrame, *, trust_hints: bool = True) -> pd.DataFrame:
@@ -116,7 +129,7 @@ def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallba
     with connect(ws) as client:
         previous = remembered_project(ws, client.url)
         df = mf.load(ws)
-        project = ensure_project(client, ws, image_paths=[str(p) for p in df["path"].dropna()])
+        project = ensure_project(client, ws)
         trust = previous == project.id and not project.created
         rows = select_candidates(df, trust_hints=trust)
         if limit is not None:
@@ -131,15 +144,22 @@ def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallba
         _mark_pushed(ws, linked)
         rows = rows[~rows["image_id"].isin(linked.keys())]
 
-        imported, batches = 0, 0
+        imported, batches, refused = 0, 0, {}
         if on_progress:
             on_progress(len(linked), total)
         for begin in range(0, len(rows), batch_size):
             batch = rows.iloc[begin:begin + batch_size]
-            tasks = [payloads.task(row) for _, row in batch.iterrows()]
+            # Only published photos become tasks: the server may show nothing else (labeling.served).
+            names, bad = served.publish(ws, dict(zip(batch["image_id"], batch["path"].astype(str), strict=True)))
+            refused.update(bad)
+            batch = batch[batch["image_id"].isin(names.keys())]
+            if batch.empty:
+                continue
+            tasks = [payloads.task(row, names[row["image_id"]]) for _, row in batch.iterrows()]
             # not idempotent: an import is never retried once sent (no duplicate tasks; a rerun relinks)
             answer = client.call(f"import {len(tasks)} tasks into project {project.id}", client.projects.import_tasks,
-                                 idempotent=False, id=project.id, request=tasks, return_task_ids=True)
+                                 idempotent=False, id=project.id, request=tasks, return_task_ids=True,
+                                 rerun_hint="run the push again (it never imports an image twice)")
             ids = answer.task_ids or []
             if len(ids) != len(tasks):
                 logger.warning("import returned %d task ids for %d tasks; relisting the project", len(ids), len(tasks))
@@ -154,4 +174,4 @@ def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallba
                 on_progress(len(linked) + imported, total)
         logger.info("pushed %d task(s) to project %s in %d batch(es)", imported, project.id, batches)
         return PushReport(client.url, project.id, total, imported, len(linked), batches,
-                          time.monotonic() - start, project.created)
+                          time.monotonic() - start, project.created, refused)

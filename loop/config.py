@@ -84,6 +84,7 @@ class LabelStudioConfig(BaseModel):
     push_batch_size: int = Field(500, ge=1, le=10000)
     allow_new_classes: bool = False
     webhook_port: int = Field(0, ge=0, le=65535)  # 0 = off; else `review listen` pulls on each annotation
+    served_dir: str = ""  # "" = <workspace>/labelstudio/served: the only folder Label Studio serves
 
 
 class ScheduleConfig(BaseModel):
@@ -207,6 +208,9 @@ push_batch_size = 500         # tasks per import request
 allow_new_classes = false     # true: a label a reviewer adds in Label Studio becomes a new class
 webhook_port = 0              # >0: `sortloop review listen` receives Label Studio webhooks here (127.0.0.1)
                               # and pulls at once; the embedded server must be restarted to allow it
+served_dir = ""               # the only folder Label Studio serves: pushed photos (hard links or copies)
+                              # named by hash; empty = <workspace>/labelstudio/served. A team server must
+                              # see it at the same path (docker-compose: the `served` volume at /served)
 
 [schedule]
 pull_minutes = 10             # intervals: 1 minute to 1 week (10080)

@@ -160,6 +160,30 @@ class SourceChanged(OSError):
     """The source's bytes no longer hash to the image_id it was decoded with."""
 
 
+class UnsafeFolder(OSError):
+    """A target folder that is, or passes through, a symlink below the destination, or lies outside it."""
+
+
+def check_target_folder(folder: Path, root: Path) -> None:
+    """Refuse to write into `folder` unless it stays inside `root` (DEST): no existing folder between them
+    is a symlink, and its real path lies under root's real path. `root` itself may be a symlink.
+
+    Raises:
+        UnsafeFolder: with the offending folder and what to do.
+    """
+    real_root = Path(os.path.realpath(root))
+    path = root
+    for part in folder.relative_to(root).parts:
+        path = path / part
+        if path.is_symlink():
+            raise UnsafeFolder(f"{path} is a symlink (to {os.path.realpath(path)}); sortloop only writes inside "
+                               f"{root}: replace the link with a real folder")
+        if not path.exists():
+            return
+        if not Path(os.path.realpath(path)).is_relative_to(real_root):
+            raise UnsafeFolder(f"{path} resolves outside {root}; sortloop only writes inside it")
+
+
 def same_content(path: Path, size: int, image_id: str) -> bool:
     """True if `path` is a regular file with exactly these bytes (size check first, then sha256)."""
     try:
@@ -358,7 +382,7 @@ def _write_temp(src: Path, folder: Path, name: str, image_id: str, size: int, mt
 
 def safe_copy(
     src: Path, folder: Path, name: str, *, image_id: str, size: int, mtime_ns: int | None = None,
-    sync_dir: bool = True,
+    sync_dir: bool = True, root: Path | None = None,
 ) -> tuple[Path, bool]:
     """Copy `src` into `folder` as `name` without ever overwriting; returns (final path, copied?).
 
@@ -366,12 +390,16 @@ def safe_copy(
     (`name`, `name (2)`, ...), which is then returned instead. With `sync_dir=False` the caller must
     `fsync_dir(folder)` before relying on the new name surviving a power cut (sort does it per flush).
     With `mtime_ns` (the source's, when `image_id` was computed) the source is checked by size + mtime
-    instead of being hashed a second time. The name follows the Windows rules (see the module docstring).
+    instead of being hashed a second time. With `root`, `folder` must stay inside it (`check_target_folder`).
+    Names follow the Windows rules (see the module docstring).
 
     Raises:
         OSError: the copy failed (no space, permission denied, ...); no partial file is left behind.
         SourceChanged: the source's bytes no longer match `image_id`.
+        UnsafeFolder: `folder` is, or passes through, a symlink below `root`, or lies outside it.
     """
+    if root is not None:
+        check_target_folder(folder, root)
     folder.mkdir(parents=True, exist_ok=True)
     name = portable_name(name)
     tmp: Path | None = None

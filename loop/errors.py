@@ -63,3 +63,7 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+class ClassNameError(SortloopError):
+    """A class name that cannot be a category folder (path separators, hidden, empty...)."""

@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from loop import manifest
-from loop.errors import ConfigError, DiskFullError, ImageError, SortloopError
+from loop.classnames import check_class_name
+from loop.errors import ClassNameError, ConfigError, DiskFullError, ImageError, SortloopError
 from loop.images import check_regular_file, file_sha256, iter_image_files, open_image, perceptual_hash
 from loop.items import assign_items, exif_taken_at
 from loop.progress import ProgressCallback, no_progress
@@ -121,6 +122,8 @@ def ingest_folder(
     explicit = read_items_csv(Path(items_csv), root) if items_csv else {}
     known = set(manifest.load(ws)["image_id"].dropna())
     files = list(iter_image_files(root))
+    if labeled:
+        _check_class_folders(root, files)
     report = IngestReport(seen=len(files))
     infos: list[ImageInfo] = []
 
@@ -161,13 +164,28 @@ def ingest_folder(
     return report
 
 
+def _check_class_folders(root: Path, files: list[Path]) -> None:
+    """Refuse, before reading any photo, a class folder whose name cannot be a class."""
+    for name in sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1}):
+        try:
+            check_class_name(name)
+        except ClassNameError as exc:
+            raise ClassNameError(f"class folder {root / name}: {exc}; rename the folder and ingest again") from None
+
+
 def register_images(
     ws: Workspace, infos: list[ImageInfo], *, source: str = "user", label_source: str = "folder"
 ) -> int:
     """Add images not yet in the manifest (by image_id): items inferred, labels kept in the history, splits
-    assigned. Returns how many rows were added. Safe to call concurrently (manifest lock)."""
+    assigned. Returns how many rows were added. Safe to call concurrently (manifest lock).
+
+    Raises:
+        ClassNameError: a label cannot be a class (nothing is written then).
+    """
     if not infos:
         return 0
+    for label in {i.label for i in infos if i.label is not None}:
+        check_class_name(label)
     settings = ws.settings
     path = manifest.manifest_path(ws)
     with locked(path):

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from loop.atomic import append_jsonl, atomic_write, read_jsonl
+from loop.classnames import check_class_name
 from loop.splits import assign_splits
 from loop.tables import conform, locked, read_table, update_table, write_table_atomic
 from loop.workspace import Workspace
@@ -89,11 +90,13 @@ def now_utc() -> pd.Timestamp:
 
 @dataclass(frozen=True)
 class LabelChange:
-    """One label decision: `image_id` is now `label`, said by `by` through `source`."""
+    """One label decision: `image_id` is now `label`, said by `by` through `source`.
+
+    `label` None takes a label back (the photo becomes unlabeled; `source` None then)."""
 
     image_id: str
-    label: str
-    source: str
+    label: str | None
+    source: str | None
     by: str
     at: pd.Timestamp | None = None
     note: str = ""
@@ -158,9 +161,10 @@ def _committed(df: pd.DataFrame, record: dict) -> bool:
     if image_id not in df.index:
         return False
     row = df.loc[image_id]
-    if pd.isna(row["label"]) or pd.isna(row["label_at"]):
+    if pd.isna(row["label_at"]):
         return False
-    return (str(row["label"]) == record.get("new_label") and str(row["label_source"]) == record.get("source")
+    # a label taken back (new_label None) shows as an NA label and source
+    return (_opt(row["label"]) == record.get("new_label") and _opt(row["label_source"]) == record.get("source")
             and row["label_at"] == pd.to_datetime(record.get("at"), utc=True))
 
 
@@ -168,13 +172,17 @@ def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
     """Apply label changes to the manifest and the history log; returns how many labels changed.
 
     A change that repeats the current label and source is a no-op (no history line), so replaying the
-    same changes is safe. Unknown image ids raise ManifestError: the caller must ingest first.
+    same changes is safe. Unknown image ids raise ManifestError: the caller must ingest first; a label
+    that cannot be a class raises ClassNameError (nothing is written then).
     """
     from loop.errors import ManifestError
 
     changes = list(changes)
     if not changes:
         return 0
+    for c in changes:
+        if c.label is not None:
+            check_class_name(c.label)
     path = manifest_path(ws)
     with locked(path):
         df = read_table(path, COLUMNS)
@@ -185,24 +193,24 @@ def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
         df = df.set_index("image_id", drop=False)
         records, stamp = [], now_utc()
         for c in changes:
-            old_label, old_source = df.at[c.image_id, "label"], df.at[c.image_id, "label_source"]
-            if (not pd.isna(old_label) and old_label == c.label) and old_source == c.source:
+            old_label, old_source = _opt(df.at[c.image_id, "label"]), _opt(df.at[c.image_id, "label_source"])
+            if old_label == c.label and old_source == c.source:
                 continue
             at = c.at if c.at is not None else stamp
             records.append(
                 {
                     "image_id": c.image_id,
-                    "old_label": None if pd.isna(old_label) else str(old_label),
+                    "old_label": old_label,
                     "new_label": c.label,
-                    "old_source": None if pd.isna(old_source) else str(old_source),
+                    "old_source": old_source,
                     "source": c.source,
                     "by": c.by,
                     "at": pd.Timestamp(at).isoformat(),
                     "note": c.note,
                 }
             )
-            df.at[c.image_id, "label"] = c.label
-            df.at[c.image_id, "label_source"] = c.source
+            df.at[c.image_id, "label"] = pd.NA if c.label is None else c.label
+            df.at[c.image_id, "label_source"] = pd.NA if c.source is None else c.source
             df.at[c.image_id, "label_by"] = c.by
             df.at[c.image_id, "label_at"] = pd.Timestamp(at)
         if records:
@@ -210,6 +218,10 @@ def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
             df = assign_splits(df.reset_index(drop=True), ws.settings.split)
             commit_with_history(ws, df, records)
         return len(records)
+
+
+def _opt(value: object) -> str | None:
+    return None if pd.isna(value) else str(value)
 
 
 def history(ws: Workspace) -> pd.DataFrame:

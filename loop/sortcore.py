@@ -29,6 +29,7 @@ import numpy as np
 
 from loop import copies
 from loop.artifact import Predictor, read_spec
+from loop.classnames import class_name_problem
 from loop.decode import Decoded, decode_stream, default_workers
 from loop.errors import DiskFullError, ModelError, SortloopError, is_disk_full
 from loop.images import iter_image_files
@@ -169,6 +170,7 @@ def sort_into(
     try:
         predictor = Predictor(model_dir, options.runtime)
         check_classes(predictor.classes)
+        check_category_folders(dest, predictor.classes)
         total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))
     except BaseException:
         stream.close()
@@ -240,20 +242,27 @@ def check_folders(src: Path, dest: Path) -> tuple[Path, Path]:
 
 def check_classes(classes: list[str]) -> None:
     """Class names become folder names under DEST (on Windows too), and `scan` reads them back: refuse
-    unusable ones, and two names that differ only in case (one folder on Windows)."""
+    unusable ones (`loop.classnames`), and two names that differ only in case (one folder on Windows)."""
     seen: dict[str, str] = {}
     for name in classes:
-        if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith((".", "_")):
-            raise ModelError(f"class name {name!r} cannot be a category folder (no path separators, no leading "
-                             "'.' or '_'); rename that class folder and retrain")
-        problem = copies.windows_name_problem(name)
+        problem = class_name_problem(name)
         if problem is not None:
-            raise ModelError(f"class name {name!r} cannot be a category folder on Windows ({problem}); rename that "
-                             "class folder and retrain")
+            raise ModelError(f"the deployed model's class {name!r} cannot be a category folder ({problem}); "
+                             "fix the label (`sortloop train` refuses such labels) and retrain, or "
+                             "`sortloop rollback`")
         twin = seen.setdefault(name.casefold(), name)
         if twin != name:
             raise ModelError(f"class names {twin!r} and {name!r} differ only in case: one folder on Windows; "
                              "merge or rename them and retrain")
+
+
+def check_category_folders(dest: Path, classes: list[str]) -> None:
+    """Before any copy: a category folder that is a symlink or resolves outside DEST is refused."""
+    for name in classes:
+        try:
+            copies.check_target_folder(dest / name, dest)
+        except copies.UnsafeFolder as exc:
+            raise SortloopError(f"category folder refused: {exc}") from None
 
 
 def is_within(inner: Path, outer: Path) -> bool:
@@ -347,7 +356,8 @@ class _Copier:
 
     def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path) -> None:
         future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
-                                  size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False)
+                                  size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False,
+                                  root=Path(self.report.dest))
         self.jobs.append(_Job(rec, label, conf, score, flagged, future))
 
     def collect(self, wait: bool = False) -> None:

@@ -33,6 +33,7 @@ import pandas as pd
 from loop import manifest, registry
 from loop.artifact import save_artifact
 from loop.backbones import create_network, get_backbone, weights_tag
+from loop.classnames import class_name_problem
 from loop.errors import ModelError
 from loop.evaluate import confusion_png, metrics_by_source, summary_line
 from loop.head import fit_head
@@ -117,6 +118,11 @@ def train(
     train_rows = rows[rows["split"] == "train"].reset_index(drop=True)
     valid_rows = rows[rows["split"] == "valid"].reset_index(drop=True)
     classes = sorted(train_rows["label"].astype(str).unique())  # fastai's order; stored, never re-derived
+    for name in classes:  # a manifest written before names were checked where they enter
+        problem = class_name_problem(name)
+        if problem is not None:
+            raise ModelError(f"label {name!r} cannot be a class ({problem}); relabel those photos "
+                             "(e.g. in Label Studio) before training")
     if len(classes) < 2:
         raise ModelError(f"the train split has {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
                          "label photos of at least 2 categories")

@@ -77,6 +77,8 @@ def push(
 ) -> None:
     """Send flagged photos to Label Studio as tasks with the model's guess pre-filled (idempotent).
 
+    Exit code 1 if a photo could not be sent (e.g. a symlink leaving its folder); the others are sent.
+
     Example: sortloop review push
     """
     from labeling.push import push
@@ -84,7 +86,9 @@ def push(
 
     with progress_bar("pushing") as on_progress:
         report = push(open_workspace(workspace), limit=limit, on_progress=on_progress)
-    out.print(report.summary())
+    out.print(report.summary(), highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @command_of(review_app, "pull")
