@@ -21,8 +21,31 @@ SERVED_SUBDIR = "photos"  # the storage folder under the document root (a storag
 HOTKEYS = "1234567890" + "qwertyuiopasdfgzxcvbnm"  # h, j, k, l avoided: the editor uses some of them
 
 
+# The review screen: the photo on the left, every class as a vertical list on the right, so all choices stay
+# visible (and the pre-selected guess can be seen) at 1280x800 with the Submit bar below.
+_LAYOUT = (
+    '<View style="display: flex; align-items: flex-start; gap: 20px">\n'
+    '  <View style="flex: 1 1 auto; min-width: 0">\n'
+    '    <Image name="{to}" value="${to}" zoom="true" zoomControl="true" maxHeight="520px"/>\n'
+    "  </View>\n"
+    '  <View style="flex: 0 0 230px">\n'
+    '    <Choices name="{name}" toName="{to}" choice="single-radio" required="true" layout="vertical">\n'
+    "{choices}\n"
+    "    </Choices>\n"
+    "  </View>\n"
+    "</View>"
+)
+
+INSTRUCTIONS = (
+    "<p><b>Pick the category this photo belongs to.</b> The model's guess is already selected: press "
+    "<b>Submit</b> if it is right, otherwise click the right category (or press its key) first.</p>"
+    "<p>Press <b>Skip</b> if the photo fits no category or you cannot tell; skipped photos are not used for "
+    "training. The task list can be sorted by <i>confidence</i>: the model's least sure guesses first.</p>"
+)
+
+
 def label_config(classes: list[str]) -> str:
-    """A single-choice image classification config, one `<Choice>` per class with a hotkey.
+    """A single-choice image classification config: the photo beside a vertical list of classes with hotkeys.
 
     Args:
         classes: class names in display order (non-empty, unique).
@@ -30,14 +53,25 @@ def label_config(classes: list[str]) -> str:
     choices = []
     for i, name in enumerate(classes):
         hotkey = f" hotkey={quoteattr(HOTKEYS[i])}" if i < len(HOTKEYS) else ""
-        choices.append(f"    <Choice value={quoteattr(name)}{hotkey}/>")
-    return (
-        "<View>\n"
-        f'  <Image name="{TO_NAME}" value="${TO_NAME}" zoom="true"/>\n'
-        f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single-radio" required="true" showInline="true">\n'
-        + "\n".join(choices)
-        + "\n  </Choices>\n</View>"
-    )
+        choices.append(f"      <Choice value={quoteattr(name)}{hotkey}/>")
+    return _LAYOUT.replace("{to}", TO_NAME).replace("{name}", FROM_NAME).replace("{choices}", "\n".join(choices))
+
+
+# Task-list columns hidden in the review tab: sortloop's keys (sha256, absolute path: in the task data, not for
+# reading) and Label Studio's own default-hidden bookkeeping columns, so photo, guess and confidence fit on screen.
+HIDDEN_COLUMNS = [
+    "tasks:data.image_id", "tasks:data.path", "tasks:inner_id", "tasks:annotations_results",
+    "tasks:annotations_ids", "tasks:predictions_score", "tasks:predictions_model_versions",
+    "tasks:predictions_results", "tasks:file_upload", "tasks:storage_filename", "tasks:created_at",
+    "tasks:updated_at", "tasks:updated_by", "tasks:avg_lead_time", "tasks:draft_exists",
+]
+
+
+def review_tab(project_id: int) -> dict:
+    """The project's first Data Manager tab: least confident guesses first, sha256 and path hidden."""
+    hidden = {"explore": HIDDEN_COLUMNS, "labeling": HIDDEN_COLUMNS}
+    return {"project": project_id, "data": {"title": "To review", "hiddenColumns": hidden,
+                                            "ordering": ["tasks:data.confidence"]}}
 
 
 def config_classes(config_xml: str) -> list[str]:
@@ -72,12 +106,15 @@ def prediction(label: str, score: float | None, model_version: str | None) -> di
 def task(row: pd.Series, served_name: str) -> dict:
     """A task for one manifest row whose photo is published as `served_name`, with the model's prediction."""
     image_id = str(row["image_id"])
+    guess, conf = row.get("pred_label"), row.get("pred_conf")
     out: dict = {
         "data": {
             TO_NAME: image_url(served_name),
-            "image_id": image_id,
-            "path": str(row["path"]),
+            "guess": None if pd.isna(guess) else str(guess),  # sortable columns in the task list
+            "confidence": None if conf is None or pd.isna(conf) else round(float(conf), 3),
             "flag": None if pd.isna(row.get("flag")) else str(row["flag"]),
+            "image_id": image_id,  # the permanent key (hidden in the task list, see `review_tab`)
+            "path": str(row["path"]),
         },
         "meta": {"image_id": image_id, "source": "sortloop"},
     }

@@ -120,8 +120,12 @@ def ensure_project(client: Client, ws: Workspace, *, classes: list[str] | None =
                                    "or deploy a model before pushing to Label Studio")
         project = client.call(f"create project {title!r}", client.projects.create, idempotent=False, title=title,
                               label_config=payloads.label_config(classes), show_skip_button=True,
-                              show_collab_predictions=True)
+                              show_collab_predictions=True, expert_instruction=payloads.INSTRUCTIONS,
+                              show_instruction=True)
         created = True
+        tab = payloads.review_tab(int(project.id))
+        client.call(f"create the review tab of project {project.id}", client.views.create, idempotent=False,
+                    project=tab["project"], data=tab["data"])
         logger.info("created Label Studio project %s (%r) with %d classes", project.id, title, len(classes))
     pid = int(project.id)
 

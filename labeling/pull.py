@@ -63,8 +63,8 @@ class PullReport:
     url: str
     project_id: int | None
     tasks_seen: int = 0  # tasks with a decision not seen by an earlier pull
-    labeled: int = 0  # labels that changed in the manifest (each has a history line)
-    confirmed: int = 0  # reviewed, label and source already as the reviewer said
+    labeled: int = 0  # photos whose class changed (new or different label)
+    confirmed: int = 0  # reviewed, class already as the reviewer said (only the label's source may change)
     skipped: int = 0
     unknown_images: int = 0  # tasks for images not in this manifest (ignored)
     rejected: list[Rejected] = field(default_factory=list)
@@ -277,13 +277,17 @@ def _pull(ws: Workspace) -> PullReport:
 
     # Decisions deleted in Label Studio since they were applied: their labels are taken back.
     taken_back, gone = deleted.reverts(ws, [t for t in emptied if t["image_id"] not in decisions], applied)
-    changes += taken_back
     for t in emptied:
         if t["image_id"] in gone:
             statuses[t["image_id"]] = ("pushed", t["id"])
             del applied[t["image_id"]]
 
-    labeled = mf.set_labels(ws, changes)
+    # "labeled" counts reviewed photos whose class changed; a review that confirms the class (even if it only
+    # changes the label's source, e.g. folder -> review) counts as unchanged.
+    current = df.set_index("image_id")["label"]
+    labeled = sum(1 for c in changes if pd.isna(current.get(c.image_id)) or current.get(c.image_id) != c.label)
+    unchanged = len(changes) - labeled
+    mf.set_labels(ws, changes + taken_back)
     if statuses:
         def change(frame: pd.DataFrame) -> pd.DataFrame:
             hit = frame["image_id"].isin(statuses.keys())
@@ -302,7 +306,7 @@ def _pull(ws: Workspace) -> PullReport:
     state["watermark"] = _iso(newest)
     write_state(ws, state)
     n_skipped = sum(1 for s, _ in statuses.values() if s == "skipped")
-    report = PullReport(client.url, pid, fresh, labeled, len(changes) - labeled, n_skipped, unknown, rejected,
+    report = PullReport(client.url, pid, fresh, labeled, unchanged, n_skipped, unknown, rejected,
                         state["watermark"], time.monotonic() - start, reverted=len(taken_back))
     logger.info(report.summary())
     return report

@@ -85,6 +85,7 @@ class ServerInfo:
     credentials: Credentials | None = None
     first_start: bool = False  # credentials were just created: show them to the user once
     startup_s: float | None = None
+    foreign: bool = False  # the embedded URL answers, but not with this workspace's server
 
 
 def data_dir(ws: Workspace) -> Path:
@@ -355,9 +356,25 @@ def status(ws: Workspace) -> ServerInfo:
     cfg = ws.settings.labelstudio
     if cfg.url:
         return ServerInfo(cfg.url.rstrip("/"), is_healthy(cfg.url.rstrip("/")), None, False, None)
-    info = _read_pid(ws)  # None when this workspace did not start it (it may still answer)
+    info = _read_pid(ws)  # None when this workspace did not start it (it may still answer: someone else's)
     url = embedded_url(ws)
-    return ServerInfo(url, is_healthy(url), int(info["pid"]) if info else None, True, data_dir(ws))
+    answers = is_healthy(url)
+    ours = info is not None or (answers and _accepts_our_token(ws, url))
+    return ServerInfo(url, answers and ours, int(info["pid"]) if info else None, True, data_dir(ws),
+                      foreign=answers and not ours)
+
+
+def _accepts_our_token(ws: Workspace, url: str) -> bool:
+    """Whether a server this workspace did not start still accepts its stored token (a shared server)."""
+    creds = read_credentials(credentials_path(ws))
+    if creds is None:
+        return False
+    try:
+        answer = httpx.get(f"{url}/api/current-user/whoami", headers={"Authorization": f"Token {creds.token}"},
+                           timeout=5.0)
+    except httpx.HTTPError:
+        return False
+    return answer.status_code == 200
 
 
 def connection(ws: Workspace) -> Connection:

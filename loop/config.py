@@ -50,6 +50,7 @@ class ModelConfig(BaseModel):
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(2e-3, gt=0, le=1.0)
     seed: int = 0
+    int8: bool = True  # also write a gated INT8 copy of model.onnx at train time (loop.quantize)
 
 
 class SortConfig(BaseModel):
@@ -61,6 +62,7 @@ class SortConfig(BaseModel):
     flag_threshold: float = Field(0.5, ge=0.0, le=1.0)  # flag when the strategy's score >= this
     keep_tree: bool = True
     runtime: Literal["onnx", "torch"] = "onnx"
+    precision: Literal["auto", "float", "int8"] = "auto"  # auto: the INT8 model when it passed its gate
     resort_after_deploy: bool = True  # serve: after a deploy, re-sort copies no person has checked
 
 
@@ -179,6 +181,7 @@ epochs = 8
 batch_size = 32
 learning_rate = 0.002
 seed = 0
+int8 = true                   # also write model.int8.onnx, used by sort only if it agrees with float (>= 99.5%)
 
 [sort]
 batch_size = 32
@@ -188,7 +191,9 @@ flag_threshold = 0.5          # flag for review when the score is at least this 
                               # least_confidence = 1 - confidence, so 0.5 flags guesses under 50% sure
 keep_tree = true              # DEST/<category>/<source sub-folders>/name: camera names (IMG_0001.JPG) repeat
                               # across folders, so flat (false / --flat) renames many to "name (2).jpg"
-runtime = "onnx"              # or "torch"; ONNX Runtime measured ~3x faster on CPU (bench/sort.py)
+runtime = "onnx"              # or "torch"; bench/sort.py prints both runtimes' forward rates
+precision = "auto"            # "auto": the INT8 model when it passed its gate (see `sortloop status`);
+                              # "float"; "int8": the INT8 model even if its gate refused it
 resort_after_deploy = true    # serve: after a deploy, move copies no person has checked to the new model's
                               # class (`sortloop undo` puts them back)
 

@@ -140,7 +140,7 @@ def sort_options(ws: Workspace, *, keep_tree: bool | None = None) -> SortOptions
     s = ws.settings.sort
     return SortOptions(flag_strategy=s.flag_strategy, flag_threshold=s.flag_threshold,
                        keep_tree=s.keep_tree if keep_tree is None else keep_tree, batch_size=s.batch_size,
-                       workers=s.workers, runtime=s.runtime)
+                       workers=s.workers, runtime=s.runtime, precision=s.precision)
 
 
 def record_predictions(ws: Workspace, preds: dict[str, tuple[str, float, float, bool]], version: str) -> None:

@@ -55,6 +55,7 @@ class SortOptions:
     batch_size: int = 32
     workers: int = 2
     runtime: str = "onnx"
+    precision: str = "float"  # "auto": the INT8 ONNX model when it passed its gate (loop.artifact.PRECISIONS)
 
 
 @dataclass
@@ -87,7 +88,7 @@ class SortReport:
             f"sorted {self.seen} files from {self.src} into {self.dest} with model {self.model_version}: "
             f"{self.copied} copied ({self.renamed} under a new name), {self.identical_existing} already there, "
             f"{self.already_sorted} sorted before, {self.flagged} flagged for review, {len(self.failed)} failed "
-            f"({self.seconds:.1f} s, {rate:.1f} images/s)",
+            f"({self.seconds:.1f} s" + (f", {rate:.1f} images/s)" if rate > 0 else ")"),
         ]
         if self.per_label:
             lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(self.per_label.items())))
@@ -168,7 +169,7 @@ def sort_into(
     stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
                            prefetch=max(4 * workers, 2 * options.batch_size // chunk), describe=sink.describe)
     try:
-        predictor = Predictor(model_dir, options.runtime)
+        predictor = Predictor(model_dir, options.runtime, precision=options.precision)
         check_classes(predictor.classes)
         check_category_folders(dest, predictor.classes)
         total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))

@@ -38,7 +38,7 @@ from loop.errors import ModelError
 from loop.evaluate import confusion_png, metrics_by_source, summary_line
 from loop.head import fit_head
 from loop.progress import ProgressCallback, no_progress
-from loop.resized import ensure_resized, resized_path
+from loop.resized import ensure_resized, load_resized, resized_path
 from loop.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -177,9 +177,32 @@ def train(
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
+
+    # 7. A faster INT8 copy for sorting: calibrated on training photos, used only if it agrees with the
+    #    float model on the validation photos (its verdict lands in model.json; `status` shows it).
+    if settings.int8:
+        write_int8(ws, out, train_rows, valid_rows)
     result = TrainResult(version, mode, metrics, out, time.monotonic() - started, skipped)
     logger.info("%s", result.summary())
     return result
+
+
+def write_int8(ws: Workspace, model_dir: Path, train_rows: pd.DataFrame, valid_rows: pd.DataFrame) -> None:
+    """`loop.quantize.quantize_artifact` on resized photos; a failure keeps the float model and is recorded."""
+    from loop.quantize import CALIBRATION_PHOTOS, quantize_artifact, record_failure
+
+    size = ws.settings.model.image_size
+    calibration_ids = train_rows["image_id"].sample(frac=1.0, random_state=ws.settings.model.seed)
+    calibration_ids = calibration_ids.head(CALIBRATION_PHOTOS)
+
+    def load(ids: pd.Series) -> np.ndarray:
+        return np.stack([load_resized(ws, i, size) for i in ids] or [np.zeros((size, size, 3), np.uint8)])[:len(ids)]
+
+    try:
+        quantize_artifact(model_dir, load(calibration_ids), load(valid_rows["image_id"]))
+    except Exception as exc:  # onnxruntime's quantiser raises assorted types; float sorting is unaffected
+        logger.warning("INT8 export failed, sorting stays in float: %s", exc)
+        record_failure(model_dir, f"INT8 export failed ({type(exc).__name__}: {str(exc)[:200]})")
 
 
 def predictions_frame(rows: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:

@@ -3,8 +3,9 @@
 The bundle is one folder (or a zip of it):
 
     sortloop-sort[.exe]  _internal/   the sorter frozen by PyInstaller (`loop/app/sortloop-sort.spec`)
-    model/model.onnx  model/model.json   the deployed model; model.json also carries the workspace's flag
-                                         settings ("sorting") and the bundle's identity ("bundle")
+    model/model.onnx  model/model.json   the deployed model (and its gated INT8 model.int8.onnx if any);
+                                         model.json also carries the workspace's sort settings ("sorting")
+                                         and the bundle's identity ("bundle")
     README.txt   bundle.json
 
 The executable depends only on the code, not on the model, so it is built once per code version and
@@ -32,7 +33,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from loop import __version__
-from loop.artifact import ONNX_FILE, SPEC_FILE, read_spec
+from loop.artifact import INT8_FILE, ONNX_FILE, SPEC_FILE, read_spec
 from loop.errors import ModelError, SortloopError
 from loop.registry import current_model_dir
 from loop.sort import sort_options
@@ -224,14 +225,17 @@ def _write_model(ws: Workspace, model_dir: Path, spec: dict, target: Path, built
     """model.onnx as deployed; model.json = the spec + the sort settings + the bundle's identity."""
     target.mkdir(parents=True)
     shutil.copy2(model_dir / ONNX_FILE, target / ONNX_FILE)
+    files = {k: v for k, v in spec.get("files", {}).items() if k != "weights"}  # no safetensors: ONNX only
+    if (model_dir / INT8_FILE).is_file():  # sort.precision "auto" uses it when it passed its gate: so does the PC
+        shutil.copy2(model_dir / INT8_FILE, target / INT8_FILE)
+        files["int8"] = INT8_FILE
     options = sort_options(ws)
     full = {**spec, "version": spec.get("version", model_dir.name),
             "sorting": {"flag_strategy": options.flag_strategy, "flag_threshold": options.flag_threshold,
                         "keep_tree": options.keep_tree, "batch_size": options.batch_size,
-                        "workers": options.workers},
+                        "workers": options.workers, "precision": options.precision},
             "bundle": {"built_at": built_at, "sortloop": __version__}}
-    full.pop("files", None)
-    full["files"] = {"onnx": ONNX_FILE}
+    full["files"] = files
     (target / SPEC_FILE).write_text(json.dumps(full, indent=2, default=str), encoding="utf-8")
 
 

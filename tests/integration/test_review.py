@@ -347,6 +347,25 @@ def test_tasks_and_storages_of_an_earlier_version_are_brought_to_the_served_fold
         assert shown.status_code == 200 and shown.content == Path(t.data["path"]).read_bytes()
 
 
+def test_a_review_that_confirms_the_class_counts_as_unchanged(ls_ws, sdk):
+    """A moved photo (label user_move) confirmed by a reviewer: only the label's source changes."""
+    from labeling.pull import pull
+    from labeling.push import push
+    from loop import manifest as mf
+
+    (moved,) = build_manifest(ls_ws, labeled=LABELED, flagged=[("chair", "table", 0.9, "user_moved")])
+    mf.set_labels(ls_ws, [mf.LabelChange(moved, "chair", "user_move", "scan")])
+    report = push(ls_ws)
+    task_id = int(mf.load(ls_ws).set_index("image_id").loc[moved, "review_task"])
+    sdk.annotations.create(id=task_id, result=choice("chair"))
+    pulled = pull(ls_ws)
+    assert report.imported == 1 and pulled.ok
+    assert (pulled.labeled, pulled.confirmed) == (0, 1)
+    assert "0 label(s) set, 1 unchanged" in pulled.summary()
+    row = mf.load(ls_ws).set_index("image_id").loc[moved]
+    assert (row["label"], row["label_source"]) == ("chair", "review")  # the review is still recorded
+
+
 def test_pulled_correction_moves_the_sorted_copy(ls_ws, sdk, sort_model, shared_data, tmp_path, monkeypatch):
     """A reviewer corrects a sorted photo in Label Studio; `review pull` moves its copy to the right folder."""
     import csv

@@ -241,6 +241,8 @@ def frozen_bundle(tmp_path_factory, trained_ikea, shared_data: Path):
 def test_frozen_sorter_smoke(frozen_bundle, tmp_path: Path) -> None:
     ws, photos, bundle = frozen_bundle
     exe = next(p for p in (bundle.out / f"{EXE_NAME}.exe", bundle.out / EXE_NAME) if p.exists())
+    deployed = ws.models_dir / json.loads((bundle.out / BUNDLE_JSON).read_text())["model_version"]
+    assert (bundle.out / "model" / "model.int8.onnx").exists() == (deployed / "model.int8.onnx").exists()
     dest = tmp_path / "frozen sorted"
     cmd, env = _clean_command(exe, str(photos), str(dest))
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
