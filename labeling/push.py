@@ -5,9 +5,12 @@ and are not known to be in the project. "Known" is checked twice, because Label 
 permanent keys: the manifest's `review_task` hint (trusted only for the project it was set in), and the
 `image_id` (sha256) stored in every task of the project, listed before importing. So an image is never
 imported twice, even after a crash between an import and the manifest write.
-Order: user moves first, then lowest confidence first, so a reviewer with five minutes sees the most
-useful photos. Tasks go in batches through the SDK's `projects.import_tasks(return_task_ids=True)` (Label
-Studio's own bulk import; the payloads are built in `labeling.payloads`).
+Order: user moves first; then the photos `loop.review_queue` selected (by `review_rank`: the strategy's
+order, topped up at each push to `review.daily_budget`); then audit suspects (`suspected_mislabel`, surest
+first); then other flags, lowest confidence first. Everything but user moves counts against the daily
+budget (`history/pushes.jsonl`), so a reviewer gets the most useful photos and a bounded day's work.
+Tasks go in batches through the SDK's `projects.import_tasks(return_task_ids=True)` (Label Studio's own
+bulk import; the payloads are built in `labeling.payloads`).
 Each photo is published into the served folder first (`labeling.served`: a hard link or copy named by its
 hash); a photo that may not be served (a symlink leaving its folder, missing, changed) is not sent, and
 is reported in `PushReport.refused` (it stays flagged: the next push tries again).
@@ -21,12 +24,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from labeling import payloads, served
 from labeling.client import Client, connect
 from labeling.project import ensure_project, remembered_project
 from loop import manifest as mf
+from loop import review_queue
 from loop.progress import ProgressCallback
 from loop.workspace import Workspace
 
@@ -64,7 +69,7 @@ class PushReport:
 
 
 def select_candidates(df: pd.DataFrame, *, trust_hints: bool = True) -> pd.DataFrame:
-    """Rows to push, most useful first: user moves, then lowest `pred_conf` (unknown confidence last).
+    """Rows to push, most useful first: user moves, selected (by rank), suspects, then lowest `pred_conf`.
 
     Args:
         df: the manifest.
@@ -78,9 +83,24 @@ def select_candidates(df: pd.DataFrame, *, trust_hints: bool = True) -> pd.DataF
     if not trust_hints:
         pushed[:] = False
     rows = df[wanted & ~done & ~pushed].copy()
-    rows["_moved"] = (rows["flag"].astype(object) == "user_moved").to_numpy(bool)
-    rows = rows.sort_values(["_moved", "pred_conf", "image_id"], ascending=[False, True, True], na_position="last")
-    return rows.drop(columns="_moved")
+    flag = rows["flag"].astype(object)
+    ranked = rows["review_rank"].notna().to_numpy()
+    suspect = (flag == "suspected_mislabel").to_numpy(bool)
+    rows["_group"] = np.select([(flag == "user_moved").to_numpy(bool), ranked, suspect], [0, 1, 2], 3)
+    rows["_key"] = np.where(ranked, rows["review_rank"].to_numpy(float, na_value=np.nan),
+                            np.where(suspect, -rows["pred_score"].to_numpy(float, na_value=np.nan),
+                                     rows["pred_conf"].to_numpy(float, na_value=np.nan)))
+    rows = rows.sort_values(["_group", "_key", "image_id"], na_position="last")
+    return rows.drop(columns=["_group", "_key"])
+
+
+def within_budget(rows: pd.DataFrame, left: int | None) -> pd.DataFrame:
+    """User moves, then at most `left` other rows (None: all), keeping the order."""
+    if left is None:
+        return rows
+    moved = (rows["flag"].astype(object) == "user_moved").to_numpy(bool)
+    keep = moved | (np.cumsum(~moved) <= left)
+    return rows[keep]
 
 
 def project_image_ids(client: Client, project_id: int, *, page_size: int = 1000) -> dict[str, int]:
@@ -109,11 +129,13 @@ def _mark_pushed(ws: Workspace, task_ids: dict[str, int]) -> None:
     mf.update(ws, change)
 
 
-def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallback | None = None) -> PushReport:
-    """Send flagged manifest rows to the workspace's Label Studio project as tasks with predictions.
+def push(ws: Workspace, *, limit: int | None = None, select: bool = True,
+         on_progress: ProgressCallback | None = None) -> PushReport:
+    """Send flagged and selected manifest rows to the workspace's Label Studio project as tasks with predictions.
 
     Args:
-        limit: push at most this many (the most useful first); None = all.
+        limit: push at most this many (the most useful first); None = all within today's budget.
+        select: first top up today's selection (`loop.review_queue.top_up`, strategy `review.strategy`).
         on_progress: called with (tasks done, total) after each batch.
 
     Raises:
@@ -126,12 +148,14 @@ def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallba
     """
     start = time.monotonic()
     batch_size = ws.settings.labelstudio.push_batch_size
+    if select:
+        review_queue.top_up(ws)
     with connect(ws) as client:
         previous = remembered_project(ws, client.url)
         df = mf.load(ws)
         project = ensure_project(client, ws)
         trust = previous == project.id and not project.created
-        rows = select_candidates(df, trust_hints=trust)
+        rows = within_budget(select_candidates(df, trust_hints=trust), review_queue.budget_left(ws))
         if limit is not None:
             rows = rows.head(limit)
         total = len(rows)
@@ -168,6 +192,8 @@ def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallba
             else:
                 mapping = dict(zip(batch["image_id"], (int(i) for i in ids), strict=True))
             _mark_pushed(ws, mapping)  # per batch: a crash loses at most one batch's hints (relinked next time)
+            counted = int((batch["flag"].astype(object) != "user_moved").sum())
+            review_queue.record_pushed(ws, list(mapping), counted=counted)
             imported += len(tasks)
             batches += 1
             if on_progress:
