@@ -4,6 +4,7 @@ through `scan`, an older bundle gives way to a newer one, and the Windows CI rec
 from __future__ import annotations
 
 import ast
+import csv
 import json
 import os
 import subprocess
@@ -113,6 +114,43 @@ def test_sorter_matches_sort_without_heavy_imports_and_scan_brings_moves_back(so
     with open(destrecord.copies_csv(dest), "a", encoding="utf-8") as fh:
         fh.write("deadbeef,abc,/x.jpg,12")
     assert len(destrecord.read_rows(dest)) == 12
+
+
+def test_the_bundle_flags_at_the_models_operating_point_like_sort(sorter_setup, sort_model: Path,
+                                                                    tmp_path: Path) -> None:
+    """Flags come from the catch curves in model.json (here: only `margin`, so "auto" must pick it and its
+    threshold for an 80% catch), not from a fixed 0.5: the bundle ships them and flags exactly like sort."""
+    import numpy as np
+
+    from loop.app.sorter import sort_standalone
+    from loop.flagging import catch_curve, settings_point
+
+    ws, model_dir, photos = sorter_setup
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.5, 1.0, 200)
+    curve = catch_curve(scores, rng.uniform(0.5, 1.0, 200) < scores)  # less sure = more often wrong
+    spec = json.loads((model_dir / "model.json").read_text())
+    spec["flagging"] = {"n": 200, "mistakes": 100, "curves": {"margin": curve}}
+    (model_dir / "model.json").write_text(json.dumps(spec))
+    point = settings_point(spec, ws.settings.sort)
+    assert point["strategy"] == "margin" and point["threshold"] not in (None, 0.5)
+
+    bundle = build_bundle(ws, tmp_path / "bundle", sorter=_fake_sorter(tmp_path))
+    shipped = json.loads((bundle.out / "model" / "model.json").read_text())
+    assert shipped["flagging"] == spec["flagging"]
+    assert point["strategy"] in (bundle.out / "README.txt").read_text()
+    standalone = sort_standalone(photos, tmp_path / "pc", bundle.out / "model", workers=1)
+    main = sort_folder(ws, photos, tmp_path / "main")
+    assert standalone.ok and main.ok and standalone.flag_strategy == main.flag_strategy == "margin"
+    rows = destrecord.read_rows(tmp_path / "pc")
+    records = copies.load_records(ws, tmp_path / "main").to_dict("records")
+    for row in rows:
+        assert (row["flagged"] == "1") == (float(row["score"]) >= point["threshold"]), row
+    _assert_same(_by_source(rows, photos, tmp_path / "pc"), _by_source(records, photos, tmp_path / "main"))
+    assert any(row["flagged"] == "1" for row in rows), "the threshold should flag some of these photos"
+    for dest in (tmp_path / "pc", tmp_path / "main"):
+        with open(dest / "_review.csv", newline="", encoding="utf-8") as fh:
+            assert {r["strategy"] for r in csv.DictReader(fh)} <= {"margin"}
 
 
 def test_an_older_bundle_refuses_a_folder_a_newer_one_sorted(sorter_setup, tmp_path: Path) -> None:
