@@ -124,3 +124,30 @@ def test_moves_follow_the_same_rules(tmp_path: Path) -> None:
                       size=len(b"moved photo"))
     assert final == dest / "desk" / "chair (2).jpg" and final.read_bytes() == b"moved photo"
     assert (dest / "desk" / "Chair.jpg").read_bytes() == b"another photo" and not copy.exists()
+
+
+def test_orphan_temps_of_the_one_temp_scheme_are_removed_and_nothing_else(tmp_path: Path, monkeypatch) -> None:
+    """A copier killed between writing its temp file and linking it leaves `.sortloop-<hex>.tmp`: the same
+    name `safe_copy` writes (short, so a 255-byte final name still fits); nothing else is touched."""
+    folder = tmp_path / "chair"
+    made: list[Path] = []
+    real_write = copies._write_temp
+
+    def crash_after_write(*args, **kwargs):
+        made.append(real_write(*args, **kwargs))
+        raise KeyboardInterrupt  # killed mid-copy: the finally of safe_copy would normally clean up
+
+    monkeypatch.setattr(copies, "_write_temp", crash_after_write)
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: None)  # ...but the process died first
+    src = tmp_path / "src.jpg"
+    src.write_bytes(b"photo")
+    with pytest.raises(KeyboardInterrupt):
+        safe_copy(src, folder, "a" * 200 + ".jpg", image_id=hashlib.sha256(b"photo").hexdigest(), size=5)
+    monkeypatch.undo()
+    assert made and made[0].exists() and copies.TEMP_NAME.fullmatch(made[0].name)
+    keep = [folder / "photo.jpg", folder / ".sortloop-notes.tmp", folder / ".photo.jpg.tmp"]
+    for path in keep:
+        path.write_bytes(b"user's")
+    assert copies.remove_orphan_temps(folder) == 1
+    assert not made[0].exists() and all(p.exists() for p in keep)
+    assert copies.remove_orphan_temps(tmp_path / "missing") == 0
