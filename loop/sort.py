@@ -85,9 +85,10 @@ def sort_folder(
     Returns:
         A SortReport; `.ok` is False if any file failed (each listed with its reason).
     Raises:
-        ModelError: no deployed model, or it does not load. SortloopError: bad `src`/`dest`, or another sort
-        is writing into `dest` right now. DiskFullError: DEST's or the workspace's disk filled up; every
-        copy made is recorded, `.summary` says what was done, and a rerun after freeing space continues.
+        ModelError: no deployed model, or it does not load. SortloopError: bad `src`/`dest`, an unknown
+        engine, another sort is writing into `dest` right now, or the Ray job failed. DiskFullError: DEST's
+        or the workspace's disk filled up; every copy made is recorded, `.summary` says what was done, and
+        a rerun after freeing space continues.
 
     Example:
         >>> report = sort_folder(open_workspace("data"), "~/photos/new", "~/photos/sorted")   # doctest: +SKIP
