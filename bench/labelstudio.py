@@ -17,8 +17,8 @@ The server is a copy of the test template data dir (`tests/prepare_labelstudio.p
 started with `labeling.server.up` on a free port in a temporary workspace, and stopped at the end.
 Caveat: to keep the run short, the M reviewed tasks are created by one bulk import of tasks *with*
 annotations for M further manifest images (creating annotations one by one through the API runs at ~6/s);
-to `pull` they are ordinary annotated tasks of the project. Manifest rows are synthetic (unique ids) but
-point at real photos from ../shared/data/ikea_products, so the local-files storages are real.
+to `pull` they are ordinary annotated tasks of the project. Manifest rows are synthetic but each is a real
+file (an ikea_products photo plus a unique trailer, in a temp folder) whose sha256 is its image_id.
 
 usage: .venv/bin/python bench/labelstudio.py [--n 10000] [--labels 1000] [--rounds 3]
 """
@@ -73,16 +73,31 @@ def start_server(root: Path):
 
 
 def synthetic_manifest(ws, n_flagged: int, n_reviewed: int) -> pd.DataFrame:
-    """n_flagged + n_reviewed rows pointing at real photos, unique ids, predictions and flags set."""
+    """n_flagged + n_reviewed rows, each a distinct real photo file with its true sha256, predictions and flags set.
+
+    The files are ikea_products photos, each with a unique trailer after the JPEG's end (viewers ignore it),
+    written to `<workspace>/../photos/<class>/` (a temp folder): so every row hashes to its own image_id, as
+    a push that checks photos before serving them expects.
+    """
     from loop import manifest as mf
     from loop.tables import conform
 
     photos = sorted(IKEA.glob("*/*.jpg"))
     classes = sorted({p.parent.name for p in photos})
     total = n_flagged + n_reviewed
+    out = ws.root.parent / "photos"
+    paths, ids = [], []
+    for i in range(total):
+        src = photos[i % len(photos)]
+        data = src.read_bytes() + f"sortloop-bench-{i}".encode()
+        path = out / src.parent.name / f"{i:06d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        paths.append(str(path))
+        ids.append(hashlib.sha256(data).hexdigest())
     rows = pd.DataFrame({
-        "image_id": [hashlib.sha256(f"bench-{i}".encode()).hexdigest() for i in range(total)],
-        "path": [str(photos[i % len(photos)]) for i in range(total)],
+        "image_id": ids,
+        "path": paths,
         "source": "user",
         "pred_label": [photos[(i * 7) % len(photos)].parent.name for i in range(total)],
         "pred_conf": [0.2 + 0.6 * ((i * 37) % 1000) / 1000 for i in range(total)],

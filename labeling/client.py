@@ -18,8 +18,9 @@ which adds what the SDK lacks for an unattended loop:
 
 Caveat: the SDK parses every answer into pydantic models (about a millisecond per task) and importing it
 takes a second or two; payloads are still built and read in Label Studio's own JSON shape
-(`labeling.payloads`), and the bulk read (`labeling.pull`) goes through an export snapshot whose download is
-raw JSON. The token is never logged (the SDK redacts `Authorization` in its own debug logs).
+(`labeling.payloads`), the bulk read (`labeling.pull`) goes through an export snapshot whose download is
+raw JSON, and the bulk import (`Client.import_tasks`) sends its body encoded once by `json.dumps`.
+The token is never logged (the SDK redacts `Authorization` in its own debug logs).
 """
 
 from __future__ import annotations
