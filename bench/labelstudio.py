@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 import socket
 import statistics
@@ -114,6 +115,23 @@ def synthetic_manifest(ws, n_flagged: int, n_reviewed: int) -> pd.DataFrame:
     return rows
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) of this process plus the server process `pid` (Linux /proc; else this one only).
+
+    Wall times on a loaded shared machine vary by 30% between identical runs; push and the imports run
+    client and server one after the other, so the CPU seconds both processes spend is the steadier measure
+    of the work each does.
+    """
+    own = time.process_time()
+    if pid is None:
+        return own
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return own
+    return own + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def fresh_project_workspace(ws, title: str):
     """The same workspace pointed at a new project title, its manifest forgetting earlier pushes."""
     from loop import manifest as mf
@@ -157,49 +175,58 @@ def main() -> None:
         tasks = [payloads.task(r) for _, r in flagged.iterrows()]
         body = json.dumps(tasks).encode()
 
-        def sdk_import(r: int) -> float:
+        pid = server.status(ws).pid
+
+        def sdk_import(r: int) -> tuple[float, float]:
             project = sdk.projects.create(title=f"bench sdk import {r}", label_config=config)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu_seconds(pid)
             answer = sdk.projects.import_tasks(id=project.id, request=tasks, return_task_ids=True)
-            took = time.perf_counter() - t
+            took = time.perf_counter() - t, cpu_seconds(pid) - c
             assert answer.task_count == len(tasks) and len(answer.task_ids) == len(tasks)
             return took
 
-        def raw_import(r: int) -> float:
+        def raw_import(r: int) -> tuple[float, float]:
             project = sdk.projects.create(title=f"bench raw import {r}", label_config=config)
             with httpx.Client(base_url=url, headers={"Authorization": f"Token {creds.token}"}, timeout=1200) as http:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), cpu_seconds(pid)
                 answer = http.post(f"/api/projects/{project.id}/import", params={"return_task_ids": True},
                                    content=body, headers={"content-type": "application/json"})
-                took = time.perf_counter() - t
+                took = time.perf_counter() - t, cpu_seconds(pid) - c
             answer.raise_for_status()
             assert len(answer.json()["task_ids"]) == len(tasks)
             return took
 
         report = None
 
-        def sortloop_push(r: int) -> float:
+        def sortloop_push(r: int) -> tuple[float, float]:
             nonlocal ws, report
             ws = fresh_project_workspace(ws, f"bench push {r}")
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu_seconds(pid)
             report = push(ws)
-            took = time.perf_counter() - t
+            took = time.perf_counter() - t, cpu_seconds(pid) - c
             if report.imported != args.n:
                 raise SystemExit(f"push imported {report.imported}, expected {args.n}")
             return took
 
         runs = {"push": sortloop_push, "sdk": sdk_import, "raw": raw_import}
-        times: dict[str, list[float]] = {k: [] for k in runs}
+        wall: dict[str, list[float]] = {k: [] for k in runs}
+        cpu: dict[str, list[float]] = {k: [] for k in runs}
         print(f"Label Studio {url}, {args.n} tasks pushed, {args.labels} labels pulled (2 CPU cores, SQLite)")
+        print("wall s (CPU s of client + server)")
         for r in range(args.rounds):
             names = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]
             for name in names:
-                times[name].append(runs[name](r))
-            print(f"round {r + 1}: push {times['push'][-1]:6.2f} s  SDK import_tasks {times['sdk'][-1]:6.2f} s  "
-                  f"raw POST {times['raw'][-1]:6.2f} s  push/SDK {times['push'][-1] / times['sdk'][-1]:.2f}  "
-                  f"push/raw {times['push'][-1] / times['raw'][-1]:.2f}  (order {', '.join(names)})", flush=True)
-        vs_sdk = statistics.median(p / b for p, b in zip(times["push"], times["sdk"], strict=True))
-        vs_raw = statistics.median(p / b for p, b in zip(times["push"], times["raw"], strict=True))
+                w, c = runs[name](r)
+                wall[name].append(w)
+                cpu[name].append(c)
+            print(f"round {r + 1}: push {wall['push'][-1]:6.2f} ({cpu['push'][-1]:6.2f})  SDK import_tasks "
+                  f"{wall['sdk'][-1]:6.2f} ({cpu['sdk'][-1]:6.2f})  raw POST {wall['raw'][-1]:6.2f} "
+                  f"({cpu['raw'][-1]:6.2f})  push/SDK {wall['push'][-1] / wall['sdk'][-1]:.2f} "
+                  f"({cpu['push'][-1] / cpu['sdk'][-1]:.2f})  push/raw {wall['push'][-1] / wall['raw'][-1]:.2f} "
+                  f"({cpu['push'][-1] / cpu['raw'][-1]:.2f})  [order {', '.join(names)}]", flush=True)
+
+        def ratio(times: dict[str, list[float]], base: str) -> float:
+            return statistics.median(p / b for p, b in zip(times["push"], times[base], strict=True))
 
         # --- pull: M reviewed tasks (bulk-imported with annotations) into the last push's project
         annotated = []
@@ -224,10 +251,11 @@ def main() -> None:
         t_again = time.perf_counter() - t
 
         batch = ws.settings.labelstudio.push_batch_size
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = {k: statistics.median(v) for k, v in wall.items()}
         print(f"push  sortloop {med['push']:7.2f} s   LS one import_tasks {med['sdk']:7.2f} s   raw POST "
-              f"{med['raw']:7.2f} s   median ratio push/SDK {vs_sdk:.2f}, push/raw {vs_raw:.2f}  "
-              f"({report.batches} batches of <= {batch}, {args.rounds} rounds)")
+              f"{med['raw']:7.2f} s   ({report.batches} batches of <= {batch}, medians of {args.rounds} rounds)")
+        print(f"push  median ratio push/SDK import: wall {ratio(wall, 'sdk'):.2f}, CPU {ratio(cpu, 'sdk'):.2f};  "
+              f"push/raw POST: wall {ratio(wall, 'raw'):.2f}, CPU {ratio(cpu, 'raw'):.2f}")
         print(f"pull  sortloop {t_pull:7.2f} s   LS JSON export      {t_export:7.2f} s   ratio {t_pull / t_export:.2f}")
         print(f"pull again with nothing new: {t_again:.2f} s ({again.tasks_seen} tasks seen, {again.labeled} labels)")
     finally:
