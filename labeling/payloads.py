@@ -53,7 +53,10 @@ def config_classes(config_xml: str) -> list[str]:
 
 def image_url(path: str) -> str:
     """The local-files URL Label Studio serves `path` (absolute) under, with document root `/`."""
-    rel = str(PurePosixPath(path)).lstrip("/")
+    # an absolute path with no "//", "/." or trailing "/" (any resolved path) is what PurePosixPath would make
+    # of it: skipping that parse halves the cost of building a task
+    normal = path.startswith("/") and "//" not in path and "/." not in path and not path.endswith("/")
+    rel = (path if normal else str(PurePosixPath(path))).lstrip("/")
     return "/data/local-files/?d=" + quote(rel)
 
 
