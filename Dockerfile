@@ -9,11 +9,11 @@ ENV PYTHONUNBUFFERED=1 \
     SORTLOOP_WORKSPACE=/workspace \
     OMP_NUM_THREADS=2
 
-# An unprivileged user; the workspace and photo folders exist in the image so fresh named volumes get
-# this user's ownership.
+# An unprivileged user; the workspace, photo and served folders exist in the image so fresh named volumes
+# get this user's ownership.
 RUN useradd --create-home --uid 1000 sortloop \
- && mkdir -p /workspace /photos \
- && chown sortloop:sortloop /workspace /photos
+ && mkdir -p /workspace /photos /served \
+ && chown sortloop:sortloop /workspace /photos /served
 
 WORKDIR /app
 COPY pyproject.toml README.md ./

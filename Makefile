@@ -16,14 +16,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## The whole loop once, on the embedded default: ingest a labeled folder, train, deploy, sort a new folder,
-## start the local Label Studio and push the flagged photos. Point it at your own folders with
-## LABELED=... NEW=... DEST=...
+## The whole loop once, on the embedded default: ingest a labeled folder, hold out some of its items as new
+## photos, train on the rest, deploy, sort the new photos (NEW = LABELED) or NEW, start the local Label Studio
+## and push the flagged photos; then print the next steps. A second run trains nothing new. Point it at your
+## own folders with LABELED=... NEW=... DEST=...; add SIMULATE=40 to play the reviewer and retrain.
 LABELED ?= ../shared/data/ikea_products
 NEW     ?= ../shared/data/ikea_products
 DEST    ?= data/sorted
+SIMULATE ?= 0
 demo: $(STAMP)
-	$(BIN)/sortloop demo --labeled $(LABELED) --new $(NEW) --dest $(DEST)
+	$(BIN)/sortloop demo --labeled $(LABELED) --new $(NEW) --dest $(DEST) --simulate-review $(SIMULATE)
 
 test: $(STAMP)
 	bash tests/run.sh

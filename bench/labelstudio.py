@@ -7,18 +7,21 @@ each compared with Label Studio's own bulk operation measured in the same run on
 * pull  vs one JSON export (`GET /api/projects/{id}/export?exportType=JSON`, annotated tasks) of the same
   project.
 
-Push builds its payloads from the manifest and encodes them itself inside the timing; the baselines get
-them ready-made. Target: push <= 1.1x the SDK import at the default sizes; at small sizes the fixed costs of
-a push (project lookup, one local-files storage per image folder, manifest writes) weigh more. Timings on a
-shared 2-core machine vary a lot, so the three imports run interleaved in `--rounds` rounds (each into a
-fresh project; the order rotates each round), ratios are taken within a round and the median is reported
-with every round printed. Pull runs once, after the last round.
+Push publishes each photo into the served folder (a hard link, checked by hashing it: `labeling.served`),
+builds its payloads from the manifest and encodes them inside the timing; the baselines get the payloads
+ready-made. Target: push <= 1.1x the SDK import at the default sizes; at small sizes the fixed costs of a
+push (project lookup, the storage, manifest writes) weigh more. Timings on a shared 2-core machine vary a
+lot, so the three imports run interleaved in `--rounds` rounds (each into a fresh project, each push
+publishing into an emptied served folder; the order rotates each round), ratios are taken within a round
+and the median is reported with every round printed, in wall seconds and in CPU seconds of client + server
+(steadier under load). Pull runs once, after the last round.
 The server is a copy of the test template data dir (`tests/prepare_labelstudio.py`),
 started with `labeling.server.up` on a free port in a temporary workspace, and stopped at the end.
 Caveat: to keep the run short, the M reviewed tasks are created by one bulk import of tasks *with*
 annotations for M further manifest images (creating annotations one by one through the API runs at ~6/s);
-to `pull` they are ordinary annotated tasks of the project. Manifest rows are synthetic but each is a real
-file (an ikea_products photo plus a unique trailer, in a temp folder) whose sha256 is its image_id.
+to `pull` they are ordinary annotated tasks of the project. Each manifest row is its own file: a real photo
+from ../shared/data/ikea_products with a few unique bytes appended (so each has its own sha256), written
+to the temporary folder.
 
 usage: .venv/bin/python bench/labelstudio.py [--n 10000] [--labels 1000] [--rounds 3]
 """
@@ -74,25 +77,20 @@ def start_server(root: Path):
 
 
 def synthetic_manifest(ws, n_flagged: int, n_reviewed: int) -> pd.DataFrame:
-    """n_flagged + n_reviewed rows, each a distinct real photo file with its true sha256, predictions and flags set.
-
-    The files are ikea_products photos, each with a unique trailer after the JPEG's end (viewers ignore it),
-    written to `<workspace>/../photos/<class>/` (a temp folder): so every row hashes to its own image_id, as
-    a push that checks photos before serving them expects.
-    """
+    """n_flagged + n_reviewed rows, each a distinct file (real photo + unique trailing bytes), predictions and
+    flags set."""
     from loop import manifest as mf
     from loop.tables import conform
 
     photos = sorted(IKEA.glob("*/*.jpg"))
     classes = sorted({p.parent.name for p in photos})
     total = n_flagged + n_reviewed
-    out = ws.root.parent / "photos"
+    folder = ws.root.parent / "photos"
+    folder.mkdir()
     paths, ids = [], []
     for i in range(total):
-        src = photos[i % len(photos)]
-        data = src.read_bytes() + f"sortloop-bench-{i}".encode()
-        path = out / src.parent.name / f"{i:06d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        data = photos[i % len(photos)].read_bytes() + f"bench-{i}".encode()  # after the JPEG's end: still valid
+        path = folder / f"{i:06d}.jpg"
         path.write_bytes(data)
         paths.append(str(path))
         ids.append(hashlib.sha256(data).hexdigest())
@@ -133,9 +131,15 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 def fresh_project_workspace(ws, title: str):
-    """The same workspace pointed at a new project title, its manifest forgetting earlier pushes."""
+    """The same workspace pointed at a new project title, its manifest forgetting earlier pushes, its served
+    folder emptied (so each push publishes every photo, as a first push does)."""
+    from labeling import served
     from loop import manifest as mf
     from loop.workspace import open_workspace
+
+    storage = served.storage_dir(ws)
+    for entry in storage.iterdir() if storage.is_dir() else []:
+        entry.unlink()
 
     text = ws.config_file.read_text()
     old = f'project_title = "{ws.settings.labelstudio.project_title}"'
@@ -159,6 +163,7 @@ def main() -> None:
     from labeling import payloads, server
     from labeling.pull import pull
     from labeling.push import push
+    from labeling.served import served_name
     from loop import manifest as mf
 
     tmp = Path(tempfile.mkdtemp(prefix="sortloop-bench-ls-"))
@@ -172,7 +177,7 @@ def main() -> None:
         config = payloads.label_config(classes)
         # only the n flagged rows are candidates while pushing (the reviewed rows get their own tasks below)
         mf.update(ws, lambda d: d.assign(flag=d["flag"].where(~d["image_id"].isin(reviewed["image_id"]))))
-        tasks = [payloads.task(r) for _, r in flagged.iterrows()]
+        tasks = [payloads.task(r, served_name(r["image_id"], r["path"])) for _, r in flagged.iterrows()]
         body = json.dumps(tasks).encode()
 
         pid = server.status(ws).pid
@@ -231,7 +236,7 @@ def main() -> None:
         # --- pull: M reviewed tasks (bulk-imported with annotations) into the last push's project
         annotated = []
         for i, (_, r) in enumerate(reviewed.iterrows()):
-            task = payloads.task(r)
+            task = payloads.task(r, served_name(r["image_id"], r["path"]))
             task["annotations"] = [{"result": payloads.choice_result(classes[i % len(classes)]), "lead_time": 2.0}]
             annotated.append(task)
         sdk.projects.import_tasks(id=report.project_id, request=annotated)

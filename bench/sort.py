@@ -9,9 +9,10 @@ noise so they compress like real photos, ~2 MB each; written to a temp folder, n
   (b) sortloop - `loop.sort.sort_folder` (what `sortloop sort SRC DEST` runs): hashing, draft decode in
                 worker processes, batched inference, safe copies, records, manifest and flags;
   (c) limits  - model forward alone on pre-decoded batches (ONNX Runtime and torch: the faster one is the
-                default runtime), and draft decode alone (`load_model_input` in the same number of worker
-                processes). Decode and forward share the same cores, so the ceiling for the pipeline is
-                1 / (1/decode + 1/forward).
+                default runtime; and the INT8 ONNX model `train` writes, see loop.quantize), and draft decode
+                alone (`load_model_input` in the same number of worker processes). Decode and forward share
+                the same cores, so the ceiling for the pipeline is 1 / (1/decode + 1/forward), printed for
+                the float and the INT8 forward pass. (b) sorts with whichever model the INT8 gate allows.
 
 Targets: (b) >= 10x (a), and (b) >= 70% of the limit. Timings vary a lot on a shared 2-core machine, so
 (a), (b) and (c) run interleaved in `--rounds` rounds (the naive loop on a different slice of the images
@@ -82,6 +83,17 @@ def build_model(root: Path):
     return ws, net, spec
 
 
+def add_int8(model_dir: Path) -> dict:
+    """Quantise the bench model as `train` does (loop.quantize), calibrated on 64 shared photos and gated on
+    64 others; returns the gate's verdict (a random-head model rarely passes: its guesses are near-ties)."""
+    from loop.images import load_model_input
+    from loop.quantize import quantize_artifact
+
+    photos = sorted(IKEA.rglob("*.jpg"))
+    inputs = np.stack([load_model_input(p, 224) for p in photos[::3][:128]])
+    return quantize_artifact(model_dir, inputs[::2], inputs[1::2])
+
+
 def naive_learner(net, spec: dict, scratch: Path):
     """The notebook's learner: fastai `Learner` on the same network, exported to a .pkl and loaded back."""
     from fastai.vision.all import (
@@ -117,10 +129,12 @@ def naive_sort(learner, paths: list[Path], dest: Path) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def forward_limit(model_dir: Path, runtime: str, batches: list[np.ndarray], repeats: int = 1) -> float:
+def forward_limit(model_dir: Path, runtime: str, batches: list[np.ndarray], repeats: int = 1,
+                  int8: bool = False) -> float:
     from loop.artifact import load_predictor
 
-    predictor = load_predictor(model_dir, runtime=runtime)
+    # int8: the INT8 file whatever its gate said (precision "int8"): this measures speed only
+    predictor = load_predictor(model_dir, runtime=runtime, precision="int8" if int8 else "float")
     predictor.predict(batches[0][:4])  # warm-up
     start = time.perf_counter()
     n = 0
@@ -207,6 +221,8 @@ def main() -> None:
         ws, net, spec = build_model(scratch)
         workers = ws.settings.sort.workers if args.workers is None else args.workers
         model_dir = current_model_dir(ws)
+        verdict = add_int8(model_dir)
+        print(f"INT8 gate on this bench model: {'passed' if verdict['passed'] else 'refused'} ({verdict['reason']})")
 
         # (a), (b) and (c) interleaved in rounds, so a burst of load from the other processes on this machine
         # hits all of them alike: ratios are computed per round, and their median is reported.
@@ -221,9 +237,11 @@ def main() -> None:
             row["decode"], arrays = decode_limit(paths, workers)
             batches = [np.stack(arrays[i:i + batch]) for i in range(0, len(arrays), batch)]
             row["forward"] = forward_limit(model_dir, default_rt, batches)
+            row["int8"] = forward_limit(model_dir, "onnx", batches, int8=True)
             if r == 0:
                 row[other_rt] = forward_limit(model_dir, other_rt, batches)
             row["limit"] = 1.0 / (1.0 / row["decode"] + 1.0 / row["forward"])
+            row["limit_int8"] = 1.0 / (1.0 / row["decode"] + 1.0 / row["int8"])
             start = time.perf_counter()
             with ChildRSS() as children:
                 report = sort_folder(ws, scratch / "photos", scratch / f"sorted{r}")
@@ -254,6 +272,10 @@ def main() -> None:
         print(f"{'(c) forward alone, ' + other_rt + ', pre-decoded batches':58s} {rows[0][other_rt]:8.1f}   (round 1)")
         print(f"{'(c) draft decode alone (load_model_input, ' + str(workers) + ' processes)':58s} {med('decode'):8.1f}")
         print(f"{'(c) limit 1/(1/decode + 1/forward)':58s} {med('limit'):8.1f}")
+        print(f"{'(c) forward alone, INT8 ONNX (loop.quantize), pre-decoded':58s} {med('int8'):8.1f}   "
+              f"({med('int8') / med('forward'):.2f}x float)")
+        print(f"{'(c) limit with INT8 1/(1/decode + 1/int8 forward)':58s} {med('limit_int8'):8.1f}   "
+              f"({np.median([row['limit_int8'] / row['naive'] for row in rows]):.1f}x naive)")
         print()
         ratios_naive = [row["sort"] / row["naive"] for row in rows]
         ratios_limit = [row["sort"] / row["limit"] for row in rows]

@@ -93,7 +93,7 @@ class Client(LabelStudio):
 
     def call(
         self, what: str, fn: Callable[..., T], *args: Any, idempotent: bool = True, missing_ok: bool = False,
-        **kwargs: Any,
+        rerun_hint: str = "run the command again", **kwargs: Any,
     ) -> T:
         """Run one SDK call, e.g. `call("get project 3", client.projects.get, 3)`, with retries and clear errors.
 
@@ -103,6 +103,7 @@ class Client(LabelStudio):
             idempotent: False for calls that change something each time (imports, creates): then only
                 failures before the request reached the server are retried.
             missing_ok: return None on a 404 instead of raising.
+            rerun_hint: what to do when a call that is not idempotent was lost mid-way (say why a rerun is safe).
 
         Raises:
             LabelStudioError: unreachable after all attempts, the token refused, or another error answer.
@@ -128,7 +129,7 @@ class Client(LabelStudio):
                 if sent and not idempotent:
                     raise LabelStudioError(
                         f"lost Label Studio at {self.url} during {what} ({exc.__class__.__name__}: {exc}); it may or "
-                        "may not have been applied; run the command again (pushes never import an image twice)"
+                        f"may not have been applied; {rerun_hint}"
                     ) from None
                 if last:
                     raise LabelStudioError(

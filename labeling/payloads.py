@@ -2,15 +2,14 @@
 
 Tasks carry the image's content hash (`image_id`, sha256) in `data` and `meta`: that is the permanent key.
 Label Studio task ids are only hints (SQLite reuses a deleted maximum id).
-Caveat: images are referenced by `/data/local-files/?d=<path relative to />`, which only works on a server
-whose `LOCAL_FILES_DOCUMENT_ROOT` is `/` and whose project has a local-files storage covering the folder
-(see `labeling.server` and `labeling.project`).
+Caveat: images are referenced by `/data/local-files/?d=photos/<served name>`, relative to the server's
+`LOCAL_FILES_DOCUMENT_ROOT`, which must be the workspace's served folder (`labeling.served`), with the
+project's one local-files storage on its `photos` sub-folder (`labeling.project`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
@@ -18,11 +17,35 @@ import pandas as pd
 
 FROM_NAME = "label"  # the Choices control
 TO_NAME = "image"  # the Image object; task data key holding the image URL is also "image"
+SERVED_SUBDIR = "photos"  # the storage folder under the document root (a storage may not BE the root)
 HOTKEYS = "1234567890" + "qwertyuiopasdfgzxcvbnm"  # h, j, k, l avoided: the editor uses some of them
 
 
+# The review screen: the photo on the left, every class as a vertical list on the right, so all choices stay
+# visible (and the pre-selected guess can be seen) at 1280x800 with the Submit bar below.
+_LAYOUT = (
+    '<View style="display: flex; align-items: flex-start; gap: 20px">\n'
+    '  <View style="flex: 1 1 auto; min-width: 0">\n'
+    '    <Image name="{to}" value="${to}" zoom="true" zoomControl="true" maxHeight="520px"/>\n'
+    "  </View>\n"
+    '  <View style="flex: 0 0 230px">\n'
+    '    <Choices name="{name}" toName="{to}" choice="single-radio" required="true" layout="vertical">\n'
+    "{choices}\n"
+    "    </Choices>\n"
+    "  </View>\n"
+    "</View>"
+)
+
+INSTRUCTIONS = (
+    "<p><b>Pick the category this photo belongs to.</b> The model's guess is already selected: press "
+    "<b>Submit</b> if it is right, otherwise click the right category (or press its key) first.</p>"
+    "<p>Press <b>Skip</b> if the photo fits no category or you cannot tell; skipped photos are not used for "
+    "training. The task list can be sorted by <i>confidence</i>: the model's least sure guesses first.</p>"
+)
+
+
 def label_config(classes: list[str]) -> str:
-    """A single-choice image classification config, one `<Choice>` per class with a hotkey.
+    """A single-choice image classification config: the photo beside a vertical list of classes with hotkeys.
 
     Args:
         classes: class names in display order (non-empty, unique).
@@ -30,14 +53,25 @@ def label_config(classes: list[str]) -> str:
     choices = []
     for i, name in enumerate(classes):
         hotkey = f" hotkey={quoteattr(HOTKEYS[i])}" if i < len(HOTKEYS) else ""
-        choices.append(f"    <Choice value={quoteattr(name)}{hotkey}/>")
-    return (
-        "<View>\n"
-        f'  <Image name="{TO_NAME}" value="${TO_NAME}" zoom="true"/>\n'
-        f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single-radio" required="true" showInline="true">\n'
-        + "\n".join(choices)
-        + "\n  </Choices>\n</View>"
-    )
+        choices.append(f"      <Choice value={quoteattr(name)}{hotkey}/>")
+    return _LAYOUT.replace("{to}", TO_NAME).replace("{name}", FROM_NAME).replace("{choices}", "\n".join(choices))
+
+
+# Task-list columns hidden in the review tab: sortloop's keys (sha256, absolute path: in the task data, not for
+# reading) and Label Studio's own default-hidden bookkeeping columns, so photo, guess and confidence fit on screen.
+HIDDEN_COLUMNS = [
+    "tasks:data.image_id", "tasks:data.path", "tasks:inner_id", "tasks:annotations_results",
+    "tasks:annotations_ids", "tasks:predictions_score", "tasks:predictions_model_versions",
+    "tasks:predictions_results", "tasks:file_upload", "tasks:storage_filename", "tasks:created_at",
+    "tasks:updated_at", "tasks:updated_by", "tasks:avg_lead_time", "tasks:draft_exists",
+]
+
+
+def review_tab(project_id: int) -> dict:
+    """The project's first Data Manager tab: least confident guesses first, sha256 and path hidden."""
+    hidden = {"explore": HIDDEN_COLUMNS, "labeling": HIDDEN_COLUMNS}
+    return {"project": project_id, "data": {"title": "To review", "hiddenColumns": hidden,
+                                            "ordering": ["tasks:data.confidence"]}}
 
 
 def config_classes(config_xml: str) -> list[str]:
@@ -51,13 +85,9 @@ def config_classes(config_xml: str) -> list[str]:
     return []
 
 
-def image_url(path: str) -> str:
-    """The local-files URL Label Studio serves `path` (absolute) under, with document root `/`."""
-    # an absolute path with no "//", "/." or trailing "/" (any resolved path) is what PurePosixPath would make
-    # of it: skipping that parse halves the cost of building a task
-    normal = path.startswith("/") and "//" not in path and "/." not in path and not path.endswith("/")
-    rel = (path if normal else str(PurePosixPath(path))).lstrip("/")
-    return "/data/local-files/?d=" + quote(rel)
+def image_url(served_name: str) -> str:
+    """The local-files URL of a published photo (`labeling.served`), relative to the served folder."""
+    return "/data/local-files/?d=" + quote(f"{SERVED_SUBDIR}/{served_name}")
 
 
 def choice_result(label: str) -> list[dict]:
@@ -73,15 +103,18 @@ def prediction(label: str, score: float | None, model_version: str | None) -> di
     return pred
 
 
-def task(row: pd.Series) -> dict:
-    """A task for one manifest row, with the model's prediction when the row has one."""
+def task(row: pd.Series, served_name: str) -> dict:
+    """A task for one manifest row whose photo is published as `served_name`, with the model's prediction."""
     image_id = str(row["image_id"])
+    guess, conf = row.get("pred_label"), row.get("pred_conf")
     out: dict = {
         "data": {
-            TO_NAME: image_url(str(row["path"])),
-            "image_id": image_id,
-            "path": str(row["path"]),
+            TO_NAME: image_url(served_name),
+            "guess": None if pd.isna(guess) else str(guess),  # sortable columns in the task list
+            "confidence": None if conf is None or pd.isna(conf) else round(float(conf), 3),
             "flag": None if pd.isna(row.get("flag")) else str(row["flag"]),
+            "image_id": image_id,  # the permanent key (hidden in the task list, see `review_tab`)
+            "path": str(row["path"]),
         },
         "meta": {"image_id": image_id, "source": "sortloop"},
     }
@@ -199,6 +232,18 @@ def skipped_only_query(updated_after: str | None) -> dict:
     """Data Manager filter: tasks changed after `updated_after` whose only annotations are skips."""
     items = _updated_after(updated_after) + [
         {"filter": "filter:tasks:cancelled_annotations", "operator": "greater", "type": "Number", "value": 0},
+        {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+    ]
+    return {"filters": {"conjunction": "and", "items": items}}
+
+
+def unannotated_query(updated_after: str | None, task_ids: tuple[int, int]) -> dict:
+    """Data Manager filter: tasks with ids in [min, max] changed after `updated_after` with no annotation and no
+    skip (e.g. all deleted). The id range keeps tasks pushed after the reviewed ones out of the answer."""
+    items = _updated_after(updated_after) + [
+        {"filter": "filter:tasks:id", "operator": "in", "type": "Number",
+         "value": {"min": task_ids[0], "max": task_ids[1]}},
+        {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0},
         {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
     ]
     return {"filters": {"conjunction": "and", "items": items}}

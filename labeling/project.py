@@ -1,12 +1,12 @@
 """One Label Studio project per workspace: found or created idempotently, label config from the class list,
-and a local-files storage per image root so photos are served in place (never uploaded or copied).
+and ONE local-files storage, on the served photos (`labeling.served`): nothing else is servable.
 
 The project is found by the id remembered in `<workspace>/labelstudio/project.json` (if it still exists on
 that server with the configured title), else by its exact title, else created; all through the SDK's typed
 project and local-storage calls (`labeling.client`).
 Caveat: the label config only ever *grows*: a class that disappears from the model and the manifest stays
-in the config, because removing a choice would orphan annotations that use it. The storages are never
-synced (a sync would import every file of the folder as a task); they exist only to grant file access.
+in the config, because removing a choice would orphan annotations that use it. The storage is never
+synced (a sync would import every file of the folder as a task); it exists only to grant file access.
 """
 
 from __future__ import annotations
@@ -14,21 +14,18 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from labeling import payloads
+from labeling import payloads, served
 from labeling.client import Client
 from loop.atomic import write_json_atomic
 from loop.errors import LabelStudioError, ModelError
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
-
-MAX_ROOTS = 64
-
 
 @dataclass(frozen=True)
 class ProjectInfo:
@@ -61,25 +58,6 @@ def known_classes(ws: Workspace, manifest: pd.DataFrame | None = None) -> list[s
     return classes + extra
 
 
-def image_roots(paths: list[str], *, max_roots: int = MAX_ROOTS) -> list[str]:
-    """The fewest folders that contain every path's folder: each image's folder, minus nested ones.
-
-    If that leaves more than `max_roots` folders, they are replaced by their parents until it does not
-    (so a photo library organised by day does not become thousands of storages).
-    """
-    dirs = {str(PurePosixPath(p).parent) for p in paths}
-    while True:
-        roots = sorted(d for d in dirs if not any(_is_under(d, other) for other in dirs if other != d))
-        if len(roots) <= max_roots:
-            return roots
-        dirs = {str(PurePosixPath(d).parent) if PurePosixPath(d).parent != PurePosixPath("/") else d for d in roots}
-
-
-def _is_under(path: str, root: str) -> bool:
-    root = root.rstrip("/")
-    return path == root or path.startswith(root + "/")
-
-
 def _read_state(ws: Workspace) -> dict:
     path = state_path(ws)
     if not path.exists():
@@ -92,7 +70,7 @@ def _read_state(ws: Workspace) -> dict:
 
 
 def _write_state(ws: Workspace, state: dict) -> None:
-    write_json_atomic(state_path(ws), state, indent=1)
+    write_json_atomic(state_path(ws), state, indent=1, perms=0o600)
 
 
 def remembered_project(ws: Workspace, url: str) -> int | None:
@@ -122,24 +100,18 @@ def _list_projects(client: Client, title: str) -> list[Any]:
     return found
 
 
-def ensure_project(
-    client: Client, ws: Workspace, *, classes: list[str] | None = None, image_paths: list[str] | None = None
-) -> ProjectInfo:
-    """Find or create the project, make its config cover `classes`, and storages cover `image_paths`.
+def ensure_project(client: Client, ws: Workspace, *, classes: list[str] | None = None) -> ProjectInfo:
+    """Find or create the project, make its config cover `classes`, and its one storage the served photos.
 
     Args:
         classes: classes to offer (default: `known_classes(ws)`); new ones are appended to the config.
-        image_paths: absolute image paths that must be servable (default: every path in the manifest).
 
     Raises:
-        LabelStudioError: no classes are known yet, or the server refused the project or a storage.
+        LabelStudioError: no classes are known yet, or the server refused the project or the storage.
+        ConfigError: `labelstudio.served_dir` could expose more than the pushed photos.
     """
-    from loop import manifest as mf
-
     title = ws.settings.labelstudio.project_title
-    df = mf.load(ws) if classes is None or image_paths is None else None
-    classes = known_classes(ws, df) if classes is None else classes
-    image_paths = [str(p) for p in df["path"].dropna()] if image_paths is None else image_paths
+    classes = known_classes(ws) if classes is None else classes
 
     project, created = find_project(client, ws), False
     if project is None:
@@ -148,8 +120,12 @@ def ensure_project(
                                    "or deploy a model before pushing to Label Studio")
         project = client.call(f"create project {title!r}", client.projects.create, idempotent=False, title=title,
                               label_config=payloads.label_config(classes), show_skip_button=True,
-                              show_collab_predictions=True)
+                              show_collab_predictions=True, expert_instruction=payloads.INSTRUCTIONS,
+                              show_instruction=True)
         created = True
+        tab = payloads.review_tab(int(project.id))
+        client.call(f"create the review tab of project {project.id}", client.views.create, idempotent=False,
+                    project=tab["project"], data=tab["data"])
         logger.info("created Label Studio project %s (%r) with %d classes", project.id, title, len(classes))
     pid = int(project.id)
 
@@ -160,26 +136,58 @@ def ensure_project(
                     label_config=payloads.label_config(wanted))
         logger.info("project %s: added classes %s to the label config", pid, wanted[len(current):])
 
-    added = _ensure_storages(client, pid, image_roots(image_paths))
-    _write_state(ws, {"url": client.url, "project_id": pid, "title": title})
+    added = _ensure_storage(client, pid, str(served.prepare(ws)))  # the server checks that the folder exists
+    state = _read_state(ws)
+    if not created and not (state.get("url") == client.url and state.get("project_id") == pid and state.get("served")):
+        _point_tasks_at_served(client, ws, pid)
+    _write_state(ws, {"url": client.url, "project_id": pid, "title": title, "served": True})
     return ProjectInfo(pid, title, wanted, created, added)
 
 
-def _ensure_storages(client: Client, pid: int, roots: list[str]) -> list[str]:
-    existing = [s.path for s in client.call(f"list local-files storages of project {pid}",
-                                            client.import_storage.local.list, project=pid) if s.path]
-    added = []
-    for root in roots:
-        if any(_is_under(root, path) for path in existing):
-            continue
-        if not Path(root).is_dir():
-            logger.warning("image folder %s no longer exists; its photos cannot be shown in Label Studio", root)
-            continue
-        client.call(f"add a local-files storage for {root} to project {pid}", client.import_storage.local.create,
-                    idempotent=False, project=pid, path=root, title=f"sortloop {root}"[:250], use_blob_urls=False,
-                    recursive_scan=False)
-        existing.append(root)
-        added.append(root)
-    if added:
-        logger.info("project %s: %d local-files storage(s) added", pid, len(added))
-    return added
+def _point_tasks_at_served(client: Client, ws: Workspace, pid: int) -> int:
+    """Once per project: tasks pushed by versions that served photos in place (`?d=<absolute path>`) get their
+    photo published and their image URL pointed at it, so they still show after the upgrade; returns how many."""
+    from loop import manifest as mf
+
+    paths = mf.load(ws).dropna(subset=["path"]).set_index("image_id")["path"]
+    prefix = payloads.image_url("")
+    stale: dict[int, tuple[str, dict]] = {}
+    for page in client.pages(f"list the tasks of project {pid}", client.tasks.list, project=pid, page_size=1000,
+                             fields="task_only", include="id,data"):
+        for t in page:
+            image_id = payloads.task_image_id({"data": t.data, "meta": None})
+            if image_id in paths.index and not str((t.data or {}).get(payloads.TO_NAME, "")).startswith(prefix):
+                stale[int(t.id)] = (image_id, dict(t.data))
+    names, _ = served.publish(ws, {image_id: str(paths[image_id]) for image_id, _ in stale.values()})
+    moved = 0
+    for tid, (image_id, data) in stale.items():
+        if image_id in names:  # a refused photo (symlink out, gone...) keeps its old, now unserved, URL
+            client.call(f"point task {tid} at its served photo", client.tasks.update, str(tid),
+                        data={**data, payloads.TO_NAME: payloads.image_url(names[image_id])})
+            moved += 1
+    if moved:
+        logger.info("project %s: %d task(s) from an earlier version now show their served photo", pid, moved)
+    return moved
+
+
+def _ensure_storage(client: Client, pid: int, root: str) -> list[str]:
+    """One local-files storage on `root` (the served photos); any other storage of the project is removed.
+
+    Other storages are what earlier versions made (one per photo folder, or a common ancestor such as the
+    home folder): each lets the server show every file under it, so none may stay.
+    """
+    existing = client.call(f"list local-files storages of project {pid}", client.import_storage.local.list,
+                           project=pid)
+    for storage in existing:
+        if storage.path != root:
+            client.call(f"remove local-files storage {storage.id} ({storage.path}) of project {pid}",
+                        client.import_storage.local.delete, storage.id, missing_ok=True)
+            logger.warning("project %s: removed local-files storage %s (%s): only %s is served now", pid,
+                           storage.id, storage.path, root)
+    if any(storage.path == root for storage in existing):
+        return []
+    client.call(f"add a local-files storage for {root} to project {pid}", client.import_storage.local.create,
+                idempotent=False, project=pid, path=root, title="sortloop served photos",
+                use_blob_urls=False, recursive_scan=False)
+    logger.info("project %s: local-files storage added on %s", pid, root)
+    return [root]

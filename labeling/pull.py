@@ -3,9 +3,10 @@
 Only tasks changed since the watermark are fetched: `updated_at > watermark` AND at least one annotation,
 cancelled ones included (a skip does not count in `total_annotations`), through Label Studio's bulk export
 (an export snapshot made and read with the SDK's `projects.exports` calls, see `changed_tasks`).
-Per image the latest non-cancelled annotation wins; a task with only cancelled annotations is recorded as skipped, not
-labeled. Labels go through `loop.manifest.set_labels` (source "review", by = the reviewer's e-mail, at =
-the annotation's time), so they land in the label history too.
+Per image the latest non-cancelled annotation wins; a task with only cancelled annotations is recorded as skipped,
+not labeled; a task whose annotations were all deleted after a pull takes its label back (`labeling.deleted`).
+Labels go through `loop.manifest.set_labels` (source "review", by = the reviewer's e-mail, at = the
+annotation's time), so they land in the label history too.
 
 Dedupe: each image remembers the annotation (id, updated_at) last applied, so a task touched for another
 reason (a comment, a new prediction) does not re-apply an old annotation over a later user move, and the
@@ -15,7 +16,8 @@ manifest writes succeeded, and it never moves past a task whose label was reject
 Afterwards the sorted folders follow the labels: `loop.apply.apply_labels` moves the copies of labeled
 photos to their label's folder (a refusal there is reported in the PullReport; no label is lost).
 Caveat: a label that is not a known class (deployed model's classes + manifest labels) is rejected and
-reported, unless `labelstudio.allow_new_classes` is true; fix it in Label Studio and pull again.
+reported, unless `labelstudio.allow_new_classes` is true; a label that cannot be a class name at all
+(`loop.classnames`: "../../etc", "_x", ...) is always rejected. Fix it in Label Studio and pull again.
 """
 
 from __future__ import annotations
@@ -28,17 +30,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from labeling import payloads
+from labeling import deleted, payloads
 from labeling.client import Client, connect
 from labeling.project import find_project, known_classes
 from loop import manifest as mf
 from loop.apply import apply_labels
 from loop.atomic import write_json_atomic
+from loop.classnames import class_name_problem
 from loop.errors import LabelStudioError, SortloopError
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
+RERUN = "run the pull again (nothing was applied yet; the watermark did not move)"
 OVERLAP_S = 60.0  # each pull re-reads this much before the watermark; the per-image dedupe makes it free
 
 
@@ -59,13 +63,14 @@ class PullReport:
     url: str
     project_id: int | None
     tasks_seen: int = 0  # tasks with a decision not seen by an earlier pull
-    labeled: int = 0  # labels that changed in the manifest (each has a history line)
-    confirmed: int = 0  # reviewed, label and source already as the reviewer said
+    labeled: int = 0  # photos whose class changed (new or different label)
+    confirmed: int = 0  # reviewed, class already as the reviewer said (only the label's source may change)
     skipped: int = 0
     unknown_images: int = 0  # tasks for images not in this manifest (ignored)
     rejected: list[Rejected] = field(default_factory=list)
     watermark: str | None = None
     seconds: float = 0.0
+    reverted: int = 0  # labels taken back because their annotation was deleted in Label Studio
     folders: str = ""  # what `loop.apply.apply_labels` did to the sorted trees afterwards
     folders_error: str = ""  # why it moved nothing (e.g. a label unusable as a folder name)
 
@@ -78,6 +83,8 @@ class PullReport:
             return f"nothing to pull: no sortloop project on {self.url} yet (run `sortloop review push`)"
         text = (f"pulled {self.tasks_seen} changed task(s) from {self.url}/projects/{self.project_id}: "
                 f"{self.labeled} label(s) set, {self.confirmed} unchanged, {self.skipped} skipped")
+        if self.reverted:
+            text += f", {self.reverted} reverted (annotation deleted)"
         if self.unknown_images:
             text += f", {self.unknown_images} for images not in this manifest"
         if self.rejected:
@@ -112,7 +119,7 @@ def read_state(ws: Workspace, url: str, project_id: int) -> dict:
 
 
 def write_state(ws: Workspace, state: dict) -> None:
-    write_json_atomic(state_path(ws), state)
+    write_json_atomic(state_path(ws), state, perms=0o600)
 
 
 def changed_tasks(client: Client, project_id: int, watermark: str | None, *, timeout_s: float = 600.0) -> list[dict]:
@@ -129,7 +136,7 @@ def changed_tasks(client: Client, project_id: int, watermark: str | None, *, tim
     if watermark:
         body = payloads.pull_view(project_id, watermark)
         view = client.call(f"create a pull tab in project {project_id}", client.views.create, idempotent=False,
-                           project=body["project"], data=body["data"])
+                           rerun_hint=RERUN, project=body["project"], data=body["data"])
     try:
         tasks = _snapshot(client, project_id, int(view.id) if view else None, timeout_s)
     finally:
@@ -147,7 +154,7 @@ def changed_tasks(client: Client, project_id: int, watermark: str | None, *, tim
 def _snapshot(client: Client, project_id: int, view_id: int | None, timeout_s: float) -> list[dict]:
     where = f"project {project_id}"
     snap = client.call(f"create an export snapshot of {where}", client.projects.exports.create, project_id,
-                       idempotent=False, **payloads.pull_snapshot(view_id))
+                       idempotent=False, rerun_hint=RERUN, **payloads.pull_snapshot(view_id))
     try:
         deadline = time.monotonic() + timeout_s
         status = snap.status
@@ -171,6 +178,20 @@ def _snapshot(client: Client, project_id: int, view_id: int | None, timeout_s: f
 
 def _iso(ts: pd.Timestamp) -> str:
     return ts.tz_convert("UTC").strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _label_problem(d: payloads.Decision, allowed: set[str], allow_new: bool) -> str | None:
+    """Why a reviewer's label cannot be applied, or None: every label must be a valid class name (even with
+    `allow_new_classes`), and a known class unless new ones are allowed."""
+    if d.kind != "label":
+        return None
+    problem = class_name_problem(d.label)
+    if problem is not None:
+        return f"{d.label!r} cannot be a class name ({problem}); pick another label in Label Studio"
+    if d.label not in allowed and not allow_new:
+        return (f"{d.label!r} is not a known class ({', '.join(sorted(allowed))}); fix it in Label Studio or set "
+                "labelstudio.allow_new_classes = true")
+    return None
 
 
 def pull(ws: Workspace) -> PullReport:
@@ -200,6 +221,7 @@ def pull(ws: Workspace) -> PullReport:
 
 def _pull(ws: Workspace) -> PullReport:
     start = time.monotonic()
+    df = mf.load(ws)
     with connect(ws) as client:
         project = find_project(client, ws)
         if project is None:
@@ -210,7 +232,9 @@ def _pull(ws: Workspace) -> PullReport:
         if state["watermark"]:  # re-read a short overlap: a save committed late may carry an older time
             since = _iso(pd.Timestamp(state["watermark"]) - pd.Timedelta(seconds=OVERLAP_S))
         tasks = changed_tasks(client, pid, since)
-        if not tasks:
+        reviewed_tasks = df.loc[df["image_id"].isin(state["applied"].keys()), "review_task"].dropna()
+        emptied = deleted.emptied_tasks(client, pid, since, [int(t) for t in reviewed_tasks])
+        if not tasks and not emptied:
             return PullReport(client.url, pid, watermark=state["watermark"], seconds=time.monotonic() - start)
 
         # One decision per image: the latest annotation over all its tasks (dedupe by annotation id).
@@ -223,7 +247,6 @@ def _pull(ws: Workspace) -> PullReport:
             if prev is None or (d.updated_at, d.annotation_id) > (prev.updated_at, prev.annotation_id):
                 decisions[d.image_id] = d
 
-    df = mf.load(ws)
     in_manifest = set(df["image_id"])
     allowed = set(known_classes(ws, df))
     allow_new = ws.settings.labelstudio.allow_new_classes
@@ -239,10 +262,9 @@ def _pull(ws: Workspace) -> PullReport:
             unknown += 1
             applied[d.image_id] = key
             continue
-        if d.kind == "label" and d.label not in allowed and not allow_new:
-            rejected.append(Rejected(d.image_id, d.task_id, str(d.label),
-                                     f"{d.label!r} is not a known class ({', '.join(sorted(allowed))}); fix it in "
-                                     "Label Studio or set labelstudio.allow_new_classes = true"))
+        reason = _label_problem(d, allowed, allow_new)
+        if reason is not None:
+            rejected.append(Rejected(d.image_id, d.task_id, str(d.label), reason))
             task_updated = min(pd.Timestamp(t["updated_at"]) for t in tasks if int(t["id"]) == d.task_id)
             hold_before = task_updated if hold_before is None else min(hold_before, task_updated)
             continue
@@ -253,7 +275,19 @@ def _pull(ws: Workspace) -> PullReport:
         statuses[d.image_id] = ("reviewed" if d.kind == "label" else "skipped", d.task_id)
         applied[d.image_id] = key
 
-    labeled = mf.set_labels(ws, changes)
+    # Decisions deleted in Label Studio since they were applied: their labels are taken back.
+    taken_back, gone = deleted.reverts(ws, [t for t in emptied if t["image_id"] not in decisions], applied)
+    for t in emptied:
+        if t["image_id"] in gone:
+            statuses[t["image_id"]] = ("pushed", t["id"])
+            del applied[t["image_id"]]
+
+    # "labeled" counts reviewed photos whose class changed; a review that confirms the class (even if it only
+    # changes the label's source, e.g. folder -> review) counts as unchanged.
+    current = df.set_index("image_id")["label"]
+    labeled = sum(1 for c in changes if pd.isna(current.get(c.image_id)) or current.get(c.image_id) != c.label)
+    unchanged = len(changes) - labeled
+    mf.set_labels(ws, changes + taken_back)
     if statuses:
         def change(frame: pd.DataFrame) -> pd.DataFrame:
             hit = frame["image_id"].isin(statuses.keys())
@@ -264,7 +298,7 @@ def _pull(ws: Workspace) -> PullReport:
         mf.update(ws, change)
 
     # Only now, with the manifest written, may the watermark move (never past a rejected task).
-    newest = max(pd.Timestamp(t["updated_at"]) for t in tasks)
+    newest = max([pd.Timestamp(t["updated_at"]) for t in tasks] + [t["updated_at"] for t in emptied])
     if state["watermark"]:
         newest = max(newest, pd.Timestamp(state["watermark"]))  # the overlap may return only older tasks
     if hold_before is not None:
@@ -272,7 +306,7 @@ def _pull(ws: Workspace) -> PullReport:
     state["watermark"] = _iso(newest)
     write_state(ws, state)
     n_skipped = sum(1 for s, _ in statuses.values() if s == "skipped")
-    report = PullReport(client.url, pid, fresh, labeled, len(changes) - labeled, n_skipped, unknown, rejected,
-                        state["watermark"], time.monotonic() - start)
+    report = PullReport(client.url, pid, fresh, labeled, unchanged, n_skipped, unknown, rejected,
+                        state["watermark"], time.monotonic() - start, reverted=len(taken_back))
     logger.info(report.summary())
     return report

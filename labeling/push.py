@@ -6,11 +6,14 @@ permanent keys: the manifest's `review_task` hint (trusted only for the project 
 `image_id` (sha256) stored in every task of the project, listed before importing. So an image is never
 imported twice, even after a crash between an import and the manifest write.
 Order: user moves first, then lowest confidence first, so a reviewer with five minutes sees the most
-useful photos. Tasks go in batches through Label Studio's own bulk import (`Client.import_tasks`: the SDK's request,
-encoded once; the payloads are built in `labeling.payloads`). The manifest learns the new task ids every
+useful photos. Each photo is published into the served folder first (`labeling.served`: a hard link or
+copy named by its hash); a photo that may not be served (a symlink leaving its folder, missing, changed) is
+not sent, and is reported in `PushReport.refused` (it stays flagged: the next push tries again).
+Tasks go in batches through Label Studio's own bulk import (`Client.import_tasks`: the SDK's request,
+encoded once; the payloads are built in `labeling.payloads`). The next batch is published and built while
+the server imports the current one (one import in flight). The manifest learns the new task ids every
 `HINT_WRITE_S` seconds and when the push ends (also by an error), not after every batch: each write
 rewrites the whole manifest, which cost more than the payloads at 10k tasks (`bench/labelstudio.py`).
-The next batch's payloads are built while the server imports the current one (one import in flight).
 Caveat: a row that was reviewed (`review_status` reviewed/skipped) is not pushed again even if it is
 flagged again later; set `review_status` to "queued" to ask for a second look.
 """
@@ -22,11 +25,11 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
-from labeling import payloads
+from labeling import payloads, served
 from labeling.client import Client, connect
 from labeling.project import ensure_project, remembered_project
 from loop import manifest as mf
@@ -51,10 +54,20 @@ class PushReport:
     batches: int
     seconds: float
     project_created: bool = False
+    refused: dict[str, str] = field(default_factory=dict)  # image_id -> why its photo may not be served
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused
 
     def summary(self) -> str:
-        return (f"pushed {self.imported} new task(s) to {self.url}/projects/{self.project_id} "
+        text = (f"pushed {self.imported} new task(s) to {self.url}/projects/{self.project_id} "
                 f"({self.linked} already there, {self.batches} batch(es), {self.seconds:.1f} s)")
+        for reason in list(self.refused.values())[:10]:
+            text += f"\n  not sent: {reason}"
+        if len(self.refused) > 10:
+            text += f"\n  ... and {len(self.refused) - 10} more not sent"
+        return text
 
 
 def select_candidates(df: pd.DataFrame, *, trust_hints: bool = True) -> pd.DataFrame:
@@ -103,11 +116,17 @@ def _mark_pushed(ws: Workspace, task_ids: dict[str, int]) -> None:
     mf.update(ws, change)
 
 
-def _prepared_batches(rows: pd.DataFrame, batch_size: int) -> Iterator[tuple[pd.DataFrame, list[dict]]]:
-    """(manifest rows, their task payloads) per batch, in order."""
+def _prepared_batches(ws: Workspace, rows: pd.DataFrame, batch_size: int,
+                      refused: dict[str, str]) -> Iterator[tuple[pd.DataFrame, list[dict]]]:
+    """(manifest rows, their task payloads) per batch, in order. Only published photos become tasks: the
+    server may show nothing else (`labeling.served`); the others are added to `refused` (image_id -> why)."""
     for begin in range(0, len(rows), batch_size):
         batch = rows.iloc[begin:begin + batch_size]
-        yield batch, [payloads.task(row) for row in batch.to_dict("records")]  # records: 2x faster than iterrows
+        names, bad = served.publish(ws, dict(zip(batch["image_id"], batch["path"].astype(str), strict=True)))
+        refused.update(bad)
+        batch = batch[batch["image_id"].isin(names.keys())]
+        if not batch.empty:  # records: 2x faster than iterrows
+            yield batch, [payloads.task(row, names[row["image_id"]]) for row in batch.to_dict("records")]
 
 
 def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallback | None = None) -> PushReport:
@@ -132,7 +151,7 @@ def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallba
         on_exit.callback(lambda: _mark_pushed(ws, hints))  # also on an error: earlier batches stay recorded
         previous = remembered_project(ws, client.url)
         df = mf.load(ws)
-        project = ensure_project(client, ws, image_paths=[str(p) for p in df["path"].dropna()])
+        project = ensure_project(client, ws)
         trust = previous == project.id and not project.created
         rows = select_candidates(df, trust_hints=trust)
         if limit is not None:
@@ -147,19 +166,20 @@ def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallba
         _mark_pushed(ws, linked)
         rows = rows[~rows["image_id"].isin(linked.keys())]
 
-        imported, batches, written = 0, 0, time.monotonic()
+        imported, batches, written, refused = 0, 0, time.monotonic(), {}
         if on_progress:
             on_progress(len(linked), total)
-        # One import in flight at a time, in a worker thread, while this thread builds the next batch: the
-        # server's work and ours overlap. The next import is sent only after this one answered.
+        # One import in flight at a time, in a worker thread, while this thread publishes and builds the next
+        # batch: the server's work and ours overlap. The next import is sent only after this one answered.
         sender = on_exit.enter_context(ThreadPoolExecutor(1, thread_name_prefix="sortloop-push"))
-        prepared = _prepared_batches(rows, batch_size)
+        prepared = _prepared_batches(ws, rows, batch_size, refused)
         upcoming = next(prepared, None)
         while upcoming is not None:
             batch, tasks = upcoming
             # not idempotent: an import is never retried once sent (no duplicate tasks; a rerun relinks)
             sending = sender.submit(client.call, f"import {len(tasks)} tasks into project {project.id}",
-                                    client.import_tasks, project.id, tasks, idempotent=False)
+                                    client.import_tasks, project.id, tasks, idempotent=False,
+                                    rerun_hint="run the push again (it never imports an image twice)")
             upcoming = next(prepared, None)
             ids = sending.result()
             if len(ids) != len(tasks):
@@ -179,4 +199,4 @@ def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallba
                 on_progress(len(linked) + imported, total)
         logger.info("pushed %d task(s) to project %s in %d batch(es)", imported, project.id, batches)
         return PushReport(client.url, project.id, total, imported, len(linked), batches,
-                          time.monotonic() - start, project.created)
+                          time.monotonic() - start, project.created, refused)

@@ -6,10 +6,12 @@ the `sortloop[labelstudio]` extra), run as Django `runserver` on 127.0.0.1 with 
 password and a legacy API token, stores them in `<workspace>/labelstudio/credentials.json` (mode 0600) and
 enables legacy token auth for the organisation (`LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN`).
 
-Local files: `LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT` is `/`. Label Studio only serves a file to a
-logged-in user whose project has a local-files storage whose path is a prefix of the file's folder
-(`io_storages/localfiles/views.py`), so `/` exposes nothing by itself, and photos anywhere on disk
-(every image root the workspace knows, now or later) can be served in place without a restart.
+Local files: `LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT` is the workspace's served folder
+(`labeling.served`), which holds only the pushed photos; nothing outside it can be asked for, and inside
+it Label Studio serves a file only to a logged-in user of a project with a storage covering it.
+Files: the whole `<workspace>/labelstudio/` tree is owner-only (folders 0700, files 0600: the SQLite
+database holds the admin token too); `up` makes it so, also for files left by older versions, and the
+server runs with umask 077 so everything it creates later is owner-only as well.
 
 Caveat: legacy token auth can only be switched on when the organisation is created, i.e. on the very first
 start of a data dir; a data dir created by hand without it answers 401 to the stored token.
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import httpx
 
+from labeling import private, served
 from loop.atomic import write_json_atomic
 from loop.errors import LabelStudioError
 from loop.workspace import Workspace
@@ -43,7 +46,6 @@ from loop.workspace import Workspace
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "SORTLOOP_LABELSTUDIO_TOKEN"
-DOCUMENT_ROOT = "/"
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class ServerInfo:
     credentials: Credentials | None = None
     first_start: bool = False  # credentials were just created: show them to the user once
     startup_s: float | None = None
+    foreign: bool = False  # the embedded URL answers, but not with this workspace's server
 
 
 def data_dir(ws: Workspace) -> Path:
@@ -147,9 +150,11 @@ def label_studio_executable() -> Path:
 
 
 def server_env(
-    data: Path, creds: Credentials, *, base: dict[str, str] | None = None, local_webhooks: bool = False
+    data: Path, creds: Credentials, *, document_root: Path, base: dict[str, str] | None = None,
+    local_webhooks: bool = False,
 ) -> dict[str, str]:
-    """Environment for a non-interactive `label-studio start` (SQLite, no telemetry, local files on).
+    """Environment for a non-interactive `label-studio start` (SQLite, no telemetry, local files served
+    from `document_root` only: the served folder of pushed photos).
 
     `local_webhooks` turns Label Studio's SSRF protection off so it may call sortloop's webhook receiver on
     127.0.0.1 (it also lets admins import tasks from local URLs; only set with `labelstudio.webhook_port`).
@@ -167,7 +172,7 @@ def server_env(
             "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",  # read only when the organisation is created
             "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
             "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
-            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": DOCUMENT_ROOT,
+            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
             "SENTRY_DSN": "",
             "FRONTEND_SENTRY_DSN": "",
             "COLLECT_ANALYTICS": "false",
@@ -181,17 +186,19 @@ def server_env(
 
 
 def start_process(
-    data: Path, creds: Credentials, *, host: str, port: int, log_file: Path, local_webhooks: bool = False
+    data: Path, creds: Credentials, *, host: str, port: int, log_file: Path, document_root: Path,
+    local_webhooks: bool = False,
 ) -> subprocess.Popen:
-    """Launch `label-studio start` detached in its own session; returns the process (the server itself)."""
-    data.mkdir(parents=True, exist_ok=True)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    """Launch `label-studio start` detached in its own session, umask 077; returns the process (the server)."""
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     cmd = [str(label_studio_executable()), "start", "--no-browser", "--internal-host", host, "--port", str(port)]
-    with open(log_file, "ab") as log:
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with open(fd, "ab") as log:
         return subprocess.Popen(
-            cmd, env=server_env(data, creds, local_webhooks=local_webhooks), stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=data,
+            cmd, env=server_env(data, creds, document_root=document_root, local_webhooks=local_webhooks),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=data, umask=private.SERVER_UMASK,
         )
 
 
@@ -303,9 +310,15 @@ def up(ws: Workspace) -> ServerInfo:
         raise LabelStudioError(f"labelstudio.url is set ({cfg.url}): that server is managed elsewhere, not by `up`")
     url = embedded_url(ws)
     data = data_dir(ws)
+    root = served.prepare(ws).parent  # also makes labelstudio/ owner-only
+    private.make_owner_only(ws.labelstudio_dir)
     running = _read_pid(ws)
     if running and is_healthy(url):
-        return ServerInfo(url, True, int(running["pid"]), True, data, read_credentials(credentials_path(ws)))
+        if running.get("document_root") == str(root):
+            return ServerInfo(url, True, int(running["pid"]), True, data, read_credentials(credentials_path(ws)))
+        logger.warning("Label Studio (pid %s) serves files from %s; restarting it to serve %s only",
+                       running["pid"], running.get("document_root", "/"), root)
+        down(ws)
     if is_healthy(url):
         raise LabelStudioError(f"something else already answers at {url}; stop it or set labelstudio.port")
     creds = read_credentials(credentials_path(ws))
@@ -313,9 +326,10 @@ def up(ws: Workspace) -> ServerInfo:
     if creds is None:
         creds = new_credentials(cfg.username)
         write_credentials(credentials_path(ws), creds)  # before the start, so a crash cannot lose them
-    proc = start_process(data, creds, host=cfg.host, port=cfg.port, log_file=log_path(ws),
+    proc = start_process(data, creds, host=cfg.host, port=cfg.port, log_file=log_path(ws), document_root=root,
                          local_webhooks=cfg.webhook_port > 0)
-    pid_path(ws).write_text(json.dumps({"pid": proc.pid, "url": url, "started_at": datetime.now(UTC).isoformat()}))
+    write_json_atomic(pid_path(ws), {"pid": proc.pid, "url": url, "document_root": str(root),
+                                     "started_at": datetime.now(UTC).isoformat()}, perms=0o600)
     logger.info("started Label Studio pid %d at %s (data %s)", proc.pid, url, data)
     try:
         waited = wait_healthy(url, proc, cfg.start_timeout_s, log_path(ws))
@@ -342,9 +356,25 @@ def status(ws: Workspace) -> ServerInfo:
     cfg = ws.settings.labelstudio
     if cfg.url:
         return ServerInfo(cfg.url.rstrip("/"), is_healthy(cfg.url.rstrip("/")), None, False, None)
-    info = _read_pid(ws)  # None when this workspace did not start it (it may still answer)
+    info = _read_pid(ws)  # None when this workspace did not start it (it may still answer: someone else's)
     url = embedded_url(ws)
-    return ServerInfo(url, is_healthy(url), int(info["pid"]) if info else None, True, data_dir(ws))
+    answers = is_healthy(url)
+    ours = info is not None or (answers and _accepts_our_token(ws, url))
+    return ServerInfo(url, answers and ours, int(info["pid"]) if info else None, True, data_dir(ws),
+                      foreign=answers and not ours)
+
+
+def _accepts_our_token(ws: Workspace, url: str) -> bool:
+    """Whether a server this workspace did not start still accepts its stored token (a shared server)."""
+    creds = read_credentials(credentials_path(ws))
+    if creds is None:
+        return False
+    try:
+        answer = httpx.get(f"{url}/api/current-user/whoami", headers={"Authorization": f"Token {creds.token}"},
+                           timeout=5.0)
+    except httpx.HTTPError:
+        return False
+    return answer.status_code == 200
 
 
 def connection(ws: Workspace) -> Connection:

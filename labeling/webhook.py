@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 PATH = "/labelstudio/webhook"
 HEADER = "X-Sortloop-Secret"
 ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
+SOCKET_TIMEOUT_S = 10.0  # a caller that stops sending mid-request is dropped (Label Studio itself waits 1 s)
 
 
 def secret_path(ws: Workspace) -> Path:
@@ -43,7 +44,7 @@ def webhook_secret(ws: Workspace) -> str:
     path = secret_path(ws)
     if path.exists():
         return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     value = secrets.token_hex(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -81,15 +82,19 @@ class Receiver:
         ws: the workspace (host, port, secret).
         on_event: what to run after a valid call; calls arriving meanwhile coalesce into one more run.
         debounce_s: wait this long after a call before running, so a burst of saves is one pull.
+        socket_timeout_s: a connection idle this long mid-request is closed, so a stalled or hostile
+            caller cannot hold a receiver thread forever.
     """
 
-    def __init__(self, ws: Workspace, *, on_event: Callable[[], object] | None = None, debounce_s: float = 1.0):
+    def __init__(self, ws: Workspace, *, on_event: Callable[[], object] | None = None, debounce_s: float = 1.0,
+                 socket_timeout_s: float = SOCKET_TIMEOUT_S):
         cfg = ws.settings.labelstudio
         if cfg.webhook_port <= 0:
             raise LabelStudioError("labelstudio.webhook_port is 0 (off); set a port to receive webhooks")
         self.ws = ws
         self.secret = webhook_secret(ws)
         self.debounce_s = debounce_s
+        self.socket_timeout_s = socket_timeout_s
         self.on_event = on_event or self._pull
         self.calls = 0  # valid calls received
         self.runs = 0  # on_event runs completed
@@ -108,9 +113,15 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = receiver.socket_timeout_s  # socketserver sets it on the connection: reads cannot hang
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(min(length, 1 << 20))  # drain; the payload is not trusted or needed
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    self.send_error(400, "bad Content-Length")
+                    return
+                self.rfile.read(max(0, min(length, 1 << 20)))  # drain; the payload is not trusted or needed
                 given = self.headers.get(HEADER, "")
                 if self.path != PATH:
                     self.send_response(404)

@@ -9,8 +9,8 @@ Only copies sortloop made and left untouched move: still at the recorded path, w
 followed). A copy a person moved, renamed or edited is reported and left alone; originals are never
 touched. Moves go through `loop.moves` (journal first, link + unlink, never overwriting, recorded in the
 copy records so `scan` does not take them for a person's), and `_review.csv` is rebuilt.
-Caveat: a label unusable as a folder name refuses the whole run before anything moves; class names are
-checked by the sort's check (`loop.sort._check_classes`, to move into `loop.classnames`).
+Caveat: a label unusable as a folder name refuses the whole run before anything moves (the one check of
+`loop.classnames`; such labels are refused where they enter, so only an old manifest can hold one).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 import pandas as pd
 
 from loop import copies, manifest, moves
-from loop.errors import ModelError, SortloopError
+from loop.classnames import class_name_problem
+from loop.errors import SortloopError
 from loop.images import file_sha256
 from loop.workspace import Workspace
 
@@ -62,16 +63,12 @@ class ApplyReport:
 def check_folder_name(name: str, *, what: str) -> None:
     """Refuse a label that cannot be a category folder, saying how to fix it (used by apply and resort).
 
-    The rule itself is the sort's (`loop.sort._check_classes`), the one check being moved to
-    `loop.classnames` (which adds Windows-reserved names); this is the only place that calls it here.
+    The rule is the one every entry point uses (`loop.classnames`).
     """
-    from loop.sort import _check_classes
-
-    try:
-        _check_classes([name])
-    except ModelError:
-        raise SortloopError(f"nothing was moved: {what} {name!r} cannot be a category folder name (no path "
-                            "separators, no leading '.' or '_', not empty); correct it and run again") from None
+    problem = class_name_problem(name)
+    if problem is not None:
+        raise SortloopError(f"nothing was moved: {what} {name!r} cannot be a category folder name ({problem}); "
+                            "correct it and run again")
 
 
 def copy_state(rec: pd.Series) -> str:

@@ -40,8 +40,10 @@ logger = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"  # written by loop.quantize; used only when model.json["int8"]["passed"]
 ONNX_OPSET = 17
 RUNTIMES = ("onnx", "torch")
+PRECISIONS = ("auto", "float", "int8")  # auto: INT8 ONNX when model.json["int8"]["passed"]; int8: even if not
 REQUIRED_SPEC_KEYS = ("architecture", "classes", "image_size", "mean", "std")
 
 
@@ -96,13 +98,16 @@ def save_artifact(model: torch.nn.Module, spec: dict, out_dir: Path | str) -> Pa
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"architecture": str(spec["architecture"])})
     os.chmod(out_dir / WEIGHTS_FILE, 0o644)
 
-    # 2. ONNX of the whole network (logits out); the legacy exporter: one file, ~5x faster than dynamo
+    # 2. ONNX of the whole network (logits out); the legacy exporter: one file, ~5x faster than dynamo.
+    # TF-style "same" padding is fixed for the one input size, so the graph has no shape arithmetic
+    # (which also lets ONNX Runtime quantise it: see loop.quantize).
     size = int(spec["image_size"])
     dummy = torch.zeros(1, 3, size, size)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            probe, (dummy,), str(out_dir / ONNX_FILE), input_names=["input"], output_names=["logits"],
+            static_padding(probe, size), (dummy,), str(out_dir / ONNX_FILE), input_names=["input"],
+            output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET,
             dynamo=False,
         )
@@ -115,6 +120,35 @@ def save_artifact(model: torch.nn.Module, spec: dict, out_dir: Path | str) -> Pa
     write_json_atomic(out_dir / SPEC_FILE, full, indent=2, default=str)
     logger.info("saved model artifact to %s", out_dir)
     return out_dir
+
+
+def static_padding(net: torch.nn.Module, size: int) -> torch.nn.Module:
+    """`net` with each dynamic TF-"same" conv (timm `Conv2dSame`) replaced by a fixed zero-pad + plain conv.
+
+    timm pads such convs from the input's shape at run time, which ONNX records as ~300 shape-arithmetic
+    nodes. For the one input size the artifact takes, the padding is a constant: same outputs, plain graph.
+    Modifies `net` in place (weights shared) and returns it.
+    """
+    import torch
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.padding import pad_same_arg
+
+    in_sizes: dict[str, tuple[int, int]] = {}
+    hooks = [module.register_forward_pre_hook(
+                 lambda _m, args, name=name: in_sizes.__setitem__(name, tuple(args[0].shape[-2:])))
+             for name, module in net.named_modules() if isinstance(module, Conv2dSame)]
+    with torch.no_grad():
+        net(torch.zeros(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    for name, same in [(n, m) for n, m in net.named_modules() if n in in_sizes]:
+        conv = torch.nn.Conv2d(same.in_channels, same.out_channels, same.kernel_size, same.stride, 0,
+                               same.dilation, same.groups, same.bias is not None)
+        conv.weight, conv.bias = same.weight, same.bias
+        pad = torch.nn.ZeroPad2d(pad_same_arg(list(in_sizes[name]), same.weight.shape[-2:], same.stride, same.dilation))
+        parent, _, attr = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, attr, torch.nn.Sequential(pad, conv))
+    return net
 
 
 def read_spec(model_dir: Path | str) -> dict:
@@ -142,9 +176,12 @@ class Predictor:
         runtime: "onnx" or "torch".
     """
 
-    def __init__(self, model_dir: Path | str, runtime: str = "onnx", *, threads: int | None = None):
+    def __init__(self, model_dir: Path | str, runtime: str = "onnx", *, threads: int | None = None,
+                 precision: str = "float"):
         if runtime not in RUNTIMES:
             raise ModelError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+        if precision not in PRECISIONS:
+            raise ModelError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
         self.model_dir = Path(model_dir)
         self.spec = read_spec(self.model_dir)
         self.version: str = str(self.spec.get("version", self.model_dir.name))
@@ -155,13 +192,18 @@ class Predictor:
         self.runtime = runtime
         self._session: Any = None
         self._net: Any = None
+        self.int8 = runtime == "onnx" and (precision == "int8" or (precision == "auto" and int8_passed(self.spec)))
+        if precision == "int8" and (runtime != "onnx" or not (self.model_dir / INT8_FILE).exists()):
+            raise ModelError(f"precision 'int8' needs runtime 'onnx' and {INT8_FILE} in {self.model_dir}; "
+                             "retrain with model.int8 = true, or use precision 'auto'")
         if runtime == "onnx":
-            self._session = _onnx_session(self.model_dir / ONNX_FILE, threads)
+            self._session = _onnx_session(self.model_dir / (INT8_FILE if self.int8 else ONNX_FILE), threads)
         else:
             self._net = _torch_network(self.spec, self.model_dir / WEIGHTS_FILE, threads)
 
     def __repr__(self) -> str:
-        return f"Predictor({self.version}, {len(self.classes)} classes, {self.image_size}px, {self.runtime})"
+        runtime = f"{self.runtime} int8" if self.int8 else self.runtime
+        return f"Predictor({self.version}, {len(self.classes)} classes, {self.image_size}px, {runtime})"
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a batch of images.
@@ -192,17 +234,26 @@ class Predictor:
         return softmax(logits)
 
 
-def load_predictor(model_dir: Path | str, runtime: str = "onnx", *, threads: int | None = None) -> Predictor:
+def load_predictor(model_dir: Path | str, runtime: str = "onnx", *, threads: int | None = None,
+                   precision: str = "float") -> Predictor:
     """Load an artifact folder for inference.
 
     Args:
         model_dir: a version folder, e.g. `registry.current_model_dir(ws)`.
         runtime: "onnx" (default, ~2x faster on CPU, no torch import) or "torch" (timm, strict load).
         threads: intra-op threads (None = the runtime's default, all cores).
+        precision: "float" (default); "auto": the INT8 ONNX model when it passed its gate
+            (`model.json["int8"]["passed"]`, see loop.quantize), else float; "int8": the INT8 model even
+            if the gate refused it (the user's risk).
     Raises:
         ModelError: missing/damaged files or weights that do not fit the described network.
     """
-    return Predictor(model_dir, runtime, threads=threads)
+    return Predictor(model_dir, runtime, threads=threads, precision=precision)
+
+
+def int8_passed(spec: dict) -> bool:
+    """Whether the version has an INT8 ONNX model that passed its agreement gate."""
+    return bool((spec.get("int8") or {}).get("passed"))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -22,13 +22,14 @@ from pydantic_settings import (
 from loop.errors import ConfigError
 
 CONFIG_FILENAME = "sortloop.toml"
+MINUTES_PER_WEEK = 7 * 24 * 60
 
 
 class SplitConfig(BaseModel):
     """How images are split into train/valid, per source, always by whole items."""
 
-    user_valid_fraction: float = Field(0.5, ge=0.0, le=1.0)
-    web_valid_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    user_valid_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # 0: nothing to gate on; 1: nothing to train on
+    web_valid_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 0
 
 
@@ -36,7 +37,7 @@ class ItemsConfig(BaseModel):
     """How photos of one physical item are grouped when no items CSV is given."""
 
     near_duplicate_distance: int = Field(2, ge=0, le=64)  # perceptual-hash Hamming distance
-    burst_seconds: float = Field(0.0, ge=0.0)  # same folder, EXIF time this close => one item; 0 = off
+    burst_seconds: float = Field(0.0, ge=0.0, le=3600.0)  # same folder, EXIF time this close => one item; 0 = off
 
 
 class ModelConfig(BaseModel):
@@ -45,28 +46,31 @@ class ModelConfig(BaseModel):
     backbone: str = "tf_efficientnet_lite0"
     image_size: int = Field(224, ge=32, le=1024)
     train_mode: Literal["head", "finetune"] = "head"
-    epochs: int = Field(8, ge=1)
-    batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(2e-3, gt=0)
+    epochs: int = Field(8, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    learning_rate: float = Field(2e-3, gt=0, le=1.0)
     seed: int = 0
+    int8: bool = True  # also write a gated INT8 copy of model.onnx at train time (loop.quantize)
 
 
 class SortConfig(BaseModel):
     """Sorting and flagging."""
 
-    batch_size: int = Field(32, ge=1)
-    workers: int = Field(2, ge=0)  # decode processes; 0 = decode in the main process
+    batch_size: int = Field(32, ge=1, le=4096)
+    workers: int = Field(2, ge=0, le=256)  # decode processes; 0 = decode in the main process
     flag_strategy: Literal["least_confidence", "margin", "entropy"] = "least_confidence"
     flag_threshold: float = Field(0.5, ge=0.0, le=1.0)  # flag when the strategy's score >= this
     keep_tree: bool = True
     runtime: Literal["onnx", "torch"] = "onnx"
+    precision: Literal["auto", "float", "int8"] = "auto"  # auto: the INT8 model when it passed its gate
     resort_after_deploy: bool = True  # serve: after a deploy, re-sort copies no person has checked
 
 
 class GateConfig(BaseModel):
     """When a candidate model may replace the deployed one."""
 
-    min_accuracy_gain: float = 0.0  # candidate must be strictly better by more than this
+    # candidate must be strictly better by more than this; a negative gain would let a worse model ship
+    min_accuracy_gain: float = Field(0.0, ge=0.0, lt=1.0)
     max_recall_drop: float = Field(0.10, ge=0.0, le=1.0)  # per class, on user validation photos
 
 
@@ -78,22 +82,24 @@ class LabelStudioConfig(BaseModel):
     port: int = Field(8080, ge=1, le=65535)
     username: str = "admin@sortloop.local"
     project_title: str = "sortloop review"
-    start_timeout_s: float = Field(180.0, gt=0)
-    push_batch_size: int = Field(500, ge=1)
+    start_timeout_s: float = Field(180.0, gt=0.0, le=3600.0)
+    push_batch_size: int = Field(500, ge=1, le=10000)
     allow_new_classes: bool = False
     webhook_port: int = Field(0, ge=0, le=65535)  # 0 = off; else `review listen` pulls on each annotation
+    served_dir: str = ""  # "" = <workspace>/labelstudio/served: the only folder Label Studio serves
 
 
 class ScheduleConfig(BaseModel):
     """What `sortloop serve` runs and when."""
 
-    pull_minutes: float = Field(10, gt=0)
-    push_minutes: float = Field(10, gt=0)
-    scan_minutes: float = Field(60, gt=0)
-    watch_minutes: float = Field(5, gt=0)
+    # at least a minute: shorter intervals only pile up job runs and log lines; at most a week
+    pull_minutes: float = Field(10, ge=1, le=MINUTES_PER_WEEK)
+    push_minutes: float = Field(10, ge=1, le=MINUTES_PER_WEEK)
+    scan_minutes: float = Field(60, ge=1, le=MINUTES_PER_WEEK)
+    watch_minutes: float = Field(5, ge=1, le=MINUTES_PER_WEEK)
     retrain_cron: str = "0 2 * * *"
     timezone: str = ""  # IANA name for the cron, e.g. "Europe/Paris"; empty = the machine's local zone
-    misfire_grace_s: int = Field(24 * 3600, ge=1)
+    misfire_grace_s: int = Field(24 * 3600, ge=1, le=7 * 24 * 3600)
     sorted_trees: list[Path] = Field(default_factory=list)
     inboxes: list[tuple[Path, Path]] = Field(default_factory=list)  # (source folder, destination)
 
@@ -175,6 +181,7 @@ epochs = 8
 batch_size = 32
 learning_rate = 0.002
 seed = 0
+int8 = true                   # also write model.int8.onnx, used by sort only if it agrees with float (>= 99.5%)
 
 [sort]
 batch_size = 32
@@ -184,12 +191,14 @@ flag_threshold = 0.5          # flag for review when the score is at least this 
                               # least_confidence = 1 - confidence, so 0.5 flags guesses under 50% sure
 keep_tree = true              # DEST/<category>/<source sub-folders>/name: camera names (IMG_0001.JPG) repeat
                               # across folders, so flat (false / --flat) renames many to "name (2).jpg"
-runtime = "onnx"              # or "torch"; ONNX Runtime measured ~3x faster on CPU (bench/sort.py)
+runtime = "onnx"              # or "torch"; bench/sort.py prints both runtimes' forward rates
+precision = "auto"            # "auto": the INT8 model when it passed its gate (see `sortloop status`);
+                              # "float"; "int8": the INT8 model even if its gate refused it
 resort_after_deploy = true    # serve: after a deploy, move copies no person has checked to the new model's
                               # class (`sortloop undo` puts them back)
 
 [gate]
-min_accuracy_gain = 0.0       # candidate must beat the deployed model by more than this
+min_accuracy_gain = 0.0       # candidate must beat the deployed model by more than this (0 to <1)
 max_recall_drop = 0.10        # ...and no class may lose more recall than this
 
 [labelstudio]
@@ -204,9 +213,12 @@ push_batch_size = 500         # tasks per import request
 allow_new_classes = false     # true: a label a reviewer adds in Label Studio becomes a new class
 webhook_port = 0              # >0: `sortloop review listen` receives Label Studio webhooks here (127.0.0.1)
                               # and pulls at once; the embedded server must be restarted to allow it
+served_dir = ""               # the only folder Label Studio serves: pushed photos (hard links or copies)
+                              # named by hash; empty = <workspace>/labelstudio/served. A team server must
+                              # see it at the same path (docker-compose: the `served` volume at /served)
 
 [schedule]
-pull_minutes = 10
+pull_minutes = 10             # intervals: 1 minute to 1 week (10080)
 push_minutes = 10
 scan_minutes = 60
 watch_minutes = 5

@@ -13,8 +13,13 @@ confidence, score, model version, time, and — updated by `corrections.scan` �
 category, size/mtime and status, and who placed it there (`placed_by`: sort, apply, resort, undo — moves
 sortloop made itself, through `loop.moves` — or user, a move `scan` followed). Sort uses it to resume;
 scan uses size+mtime to avoid re-hashing; apply and resort never move a copy a person placed.
+One sort at a time writes into a destination (`dest_lock`, a lock file in the workspace keyed by the
+destination's real path): a second sort into the same DEST refuses at once with a clear error instead of
+racing the first (two racing sorts used to record every copy twice). Records are also idempotent: a
+record for a (source, dest path, image) already recorded as present is not added again.
 Caveat: originals are only ever read; but a source file changed between decode and copy is reported as
-a failure rather than copied, because its recorded hash would be wrong.
+a failure rather than copied, because its recorded hash would be wrong. The destination lock is per
+workspace: two workspaces sorting into one DEST are not serialised.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+from filelock import FileLock, Timeout
 
+from loop.errors import SortloopError
 from loop.tables import read_table, update_table
 from loop.workspace import Workspace
 
@@ -70,15 +78,41 @@ def load_records(ws: Workspace, dest_root: Path | None = None) -> pd.DataFrame:
 
 
 def append_records(ws: Workspace, rows: list[dict]) -> None:
-    """Add copy records under the table lock."""
+    """Add copy records under the table lock; a row whose (source, dest path, image) is already recorded as
+    present is skipped, so replaying a write (a retry after a failure) never doubles a record."""
     if not rows:
         return
     new = pd.DataFrame(rows)
-    update_table(
-        records_path(ws),
-        RECORD_COLUMNS,
-        lambda df: pd.concat([df, new], ignore_index=True) if len(df) else new,
-    )
+    key = ["source_path", "dest_path", "image_id"]
+
+    def change(df: pd.DataFrame) -> pd.DataFrame:
+        known = set(df.loc[df["status"] == "present", key].itertuples(index=False, name=None))
+        fresh = new[[k not in known for k in new[key].itertuples(index=False, name=None)]].drop_duplicates(key)
+        return pd.concat([df, fresh], ignore_index=True) if len(df) else fresh
+
+    update_table(records_path(ws), RECORD_COLUMNS, change)
+
+
+@contextlib.contextmanager
+def dest_lock(ws: Workspace, dest: Path) -> Iterator[None]:
+    """Hold the lock that lets one sort at a time write into `dest`.
+
+    Raises:
+        SortloopError: another sort (this machine, this workspace) is writing into `dest` now.
+    """
+    real = Path(dest).expanduser().resolve()
+    path = ws.runs_dir / "locks" / f"dest-{hashlib.sha256(str(real).encode()).hexdigest()[:16]}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise SortloopError(f"another sort is writing into {real} right now; let it finish, then run this one "
+                            "again (it continues where that one stopped)") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def update_records(ws: Workspace, changes: dict[str, dict]) -> None:
@@ -105,6 +139,30 @@ def new_record_id() -> str:
 
 class SourceChanged(OSError):
     """The source's bytes no longer hash to the image_id it was decoded with."""
+
+
+class UnsafeFolder(OSError):
+    """A target folder that is, or passes through, a symlink below the destination, or lies outside it."""
+
+
+def check_target_folder(folder: Path, root: Path) -> None:
+    """Refuse to write into `folder` unless it stays inside `root` (DEST): no existing folder between them
+    is a symlink, and its real path lies under root's real path. `root` itself may be a symlink.
+
+    Raises:
+        UnsafeFolder: with the offending folder and what to do.
+    """
+    real_root = Path(os.path.realpath(root))
+    path = root
+    for part in folder.relative_to(root).parts:
+        path = path / part
+        if path.is_symlink():
+            raise UnsafeFolder(f"{path} is a symlink (to {os.path.realpath(path)}); sortloop only writes inside "
+                               f"{root}: replace the link with a real folder")
+        if not path.exists():
+            return
+        if not Path(os.path.realpath(path)).is_relative_to(real_root):
+            raise UnsafeFolder(f"{path} resolves outside {root}; sortloop only writes inside it")
 
 
 def same_content(path: Path, size: int, image_id: str) -> bool:
@@ -174,7 +232,7 @@ def _write_temp(src: Path, folder: Path, name: str, image_id: str, size: int, mt
 
 def safe_copy(
     src: Path, folder: Path, name: str, *, image_id: str, size: int, mtime_ns: int | None = None,
-    sync_dir: bool = True,
+    sync_dir: bool = True, root: Path | None = None,
 ) -> tuple[Path, bool]:
     """Copy `src` into `folder` as `name` without ever overwriting; returns (final path, copied?).
 
@@ -182,12 +240,15 @@ def safe_copy(
     (`name`, `name (2)`, ...), which is then returned instead. With `sync_dir=False` the caller must
     `fsync_dir(folder)` before relying on the new name surviving a power cut (sort does it per flush).
     With `mtime_ns` (the source's, when `image_id` was computed) the source is checked by size + mtime
-    instead of being hashed a second time.
+    instead of being hashed a second time. With `root`, `folder` must stay inside it (`check_target_folder`).
 
     Raises:
         OSError: the copy failed (no space, permission denied, ...); no partial file is left behind.
         SourceChanged: the source's bytes no longer match `image_id`.
+        UnsafeFolder: `folder` is, or passes through, a symlink below `root`, or lies outside it.
     """
+    if root is not None:
+        check_target_folder(folder, root)
     folder.mkdir(parents=True, exist_ok=True)
     tmp: Path | None = None
     n = 1

@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from loop import copies, manifest, moves
+from loop.classnames import class_name_problem
 from loop.errors import SortloopError
 from loop.images import file_sha256, iter_image_files
 from loop.progress import ProgressCallback, no_progress
@@ -79,7 +80,7 @@ class ScanReport:
 def category_of(path: Path, dest: Path) -> str | None:
     """The category folder a file under `dest` is in (first folder below dest), or None if in none."""
     parts = path.relative_to(dest).parts
-    if len(parts) < 2 or parts[0].startswith(("_", ".")):
+    if len(parts) < 2 or class_name_problem(parts[0]) is not None:  # "_x", ".x", ...: not a category
         return None
     return parts[0]
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from loop.errors import ImageError, SortloopError
-from loop.images import exif_time_raw, file_sha256, open_image, perceptual_hash, resize_and_crop
+from loop.images import check_regular_file, exif_time_raw, file_sha256, open_image, perceptual_hash, resize_and_crop
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,9 +77,7 @@ def decode_one(path: Path, size: int, describe: bool = True) -> Decoded:
     path = Path(path)
     rec = Decoded(path=path)
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or device named x.jpg would block or never end
-            raise ImageError(path, "not a regular file")
+        st = check_regular_file(path)
         rec.size_bytes, rec.mtime_ns = st.st_size, st.st_mtime_ns
         rec.image_id = file_sha256(path)
         # Same steps as loop.images.load_model_input, split so the oriented image also feeds pHash.

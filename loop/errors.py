@@ -4,6 +4,8 @@ Every message says what went wrong and what to do next; the CLI prints it as one
 Anything else escaping the library is a bug.
 """
 
+import errno
+
 
 class SortloopError(Exception):
     """Base class: an expected failure with a message meant for the user."""
@@ -36,3 +38,32 @@ class ModelError(SortloopError):
 
 class LabelStudioError(SortloopError):
     """Label Studio is unreachable, misconfigured, or answered with an error."""
+
+
+class DiskFullError(SortloopError, OSError):
+    """The disk (or the user's quota) under `path` is full. Nothing already done is lost: writes are
+    atomic, so a rerun after freeing space continues. `summary` (set by the command that stopped) says what
+    was done before it stopped. Also an OSError, so code that handles I/O errors still sees it as one."""
+
+    def __init__(self, path: object, summary: str = ""):
+        self.message = (f"no space left on the disk holding {path}; free some space there and run the command "
+                        "again (nothing done so far is lost)")
+        super().__init__(self.message)
+        self.path = path
+        self.summary = summary
+        self.errno, self.strerror = errno.ENOSPC, "No space left on device"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for "no space left on device" and "disk quota exceeded"."""
+    return isinstance(exc, DiskFullError) or (isinstance(exc, OSError) and exc.errno in _NO_SPACE)
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+class ClassNameError(SortloopError):
+    """A class name that cannot be a category folder (path separators, hidden, empty...)."""

@@ -27,7 +27,8 @@ def classification_metrics(labels: Sequence[str], probs: np.ndarray, classes: Se
     """Metrics of (N, K) `probs` (columns in `classes` order) against true `labels` (N,).
 
     Returns:
-        {"n", "accuracy" (None if n == 0), "per_class": {label: {precision, recall, support}},
+        {"n", "accuracy" (None if n == 0), "per_class": {label: {precision (None if never predicted),
+         recall (None if no photo), support}},
          "confusion": {"labels": [...], "matrix": rows = true label, columns = predicted}}.
         Labels outside `classes` appear in the confusion rows with recall 0.
     """
@@ -45,7 +46,7 @@ def classification_metrics(labels: Sequence[str], probs: np.ndarray, classes: Se
         support = int(matrix[i].sum())
         called = int(matrix[:, i].sum())
         per_class[name] = {
-            "precision": float(matrix[i, i] / called) if called else 0.0,
+            "precision": float(matrix[i, i] / called) if called else None,  # never predicted: undefined
             "recall": float(matrix[i, i] / support) if support else None,
             "support": support,
         }

@@ -144,8 +144,11 @@ def rollback(ws: Workspace) -> str:
     with locked(ws.models_dir / "deploy"):
         stack = deployment_stack(ws)
         current = registry.current_version(ws)
+        if not stack:
+            raise ModelError("nothing to roll back to: no model has been deployed yet "
+                             "(run `sortloop train` then `sortloop deploy`)")
         if len(stack) < 2:
-            raise ModelError(f"nothing to roll back to: {current or 'no model'} is the only deployment on record")
+            raise ModelError(f"nothing to roll back to: {current or stack[-1]} is the only deployment on record")
         if stack[-1] != current:
             logger.warning("current.json says %s but the log says %s; rolling back from the log", current, stack[-1])
         restored = stack[-2]

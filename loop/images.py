@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,8 @@ try:  # HEIC support is optional (pillow-heif); without it .heic files are repor
 except ImportError:  # pragma: no cover - depends on the platform's wheels
     pass
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic", ".heif", ".bmp"})
+# .gif: its first frame is the photo (an animated GIF is sorted by the frame a file browser shows)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic", ".heif", ".bmp", ".gif"})
 
 # Refuse images above ~180 MP (Pillow's own bomb limit is ~89 MP warning / 179 MP error).
 MAX_PIXELS = 180_000_000
@@ -57,6 +59,15 @@ def iter_image_files(root: Path, skip: Iterator[Path] | None = None) -> Iterator
             path = here / name
             if is_image_name(path):
                 yield path
+
+
+def check_regular_file(path: Path) -> os.stat_result:
+    """The file's stat; raises ImageError unless it is a regular file (a FIFO or device named x.jpg would
+    block a read forever, or never end)."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(path, "not a regular file")
+    return st
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

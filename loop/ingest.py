@@ -1,7 +1,8 @@
 """Ingest: add folders of images to the manifest, with labels from class folders, items and splits.
 
 Idempotent by construction: the manifest key is the sha256 of the bytes, so re-ingesting a tree (or a
-renamed copy of it) adds nothing. Unreadable files are reported with a reason and skipped.
+renamed copy of it) adds nothing. Unreadable files (including FIFOs and devices named like images, which
+are never opened) are reported with a reason and skipped; a GIF is its first frame.
 Caveat: with `--labeled` the label is the FIRST folder under the ingested root (`root/<label>/.../x.jpg`);
 files directly in the root are added unlabeled.
 """
@@ -18,12 +19,13 @@ from pathlib import Path
 import pandas as pd
 
 from loop import manifest
-from loop.errors import ConfigError, ImageError, SortloopError
-from loop.images import file_sha256, iter_image_files, open_image, perceptual_hash
+from loop.classnames import check_class_name
+from loop.errors import ClassNameError, ConfigError, DiskFullError, ImageError, SortloopError
+from loop.images import check_regular_file, file_sha256, iter_image_files, open_image, perceptual_hash
 from loop.items import assign_items, exif_taken_at
 from loop.progress import ProgressCallback, no_progress
 from loop.splits import assign_splits
-from loop.tables import conform, locked, read_table, write_table_atomic
+from loop.tables import conform, locked, read_table
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,9 @@ def read_items_csv(csv_path: Path, root: Path) -> dict[str, str]:
             return mapping
     except OSError as exc:
         raise ConfigError(f"cannot read items CSV {csv_path}: {exc}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:  # a binary file, an image, a spreadsheet saved as .xlsx
+        raise ConfigError(f"{csv_path} is not a UTF-8 text CSV with columns path,item_id ({exc}); save it as "
+                          "CSV UTF-8 and try again") from None
 
 
 def ingest_folder(
@@ -102,6 +107,9 @@ def ingest_folder(
         source: "user" for real photos (validation metrics are reported on these) or "web".
         labeled: take the label from the first class folder under `folder`.
         items_csv: optional CSV `path,item_id` giving explicit item groups (wins over inference).
+    Raises:
+        ConfigError: a bad source or items CSV. DiskFullError: the workspace's disk is full (nothing was
+        added; `.summary` says what was found).
     Example:
         >>> report = ingest_folder(ws, "photos/labeled", source="user", labeled=True)   # doctest: +SKIP
         >>> print(report.summary())
@@ -114,11 +122,14 @@ def ingest_folder(
     explicit = read_items_csv(Path(items_csv), root) if items_csv else {}
     known = set(manifest.load(ws)["image_id"].dropna())
     files = list(iter_image_files(root))
+    if labeled:
+        _check_class_folders(root, files)
     report = IngestReport(seen=len(files))
     infos: list[ImageInfo] = []
 
     def one(path: Path) -> ImageInfo | tuple[str, str]:
         try:
+            check_regular_file(path)  # a FIFO named x.jpg would block the read forever
             image_id = file_sha256(path)
             if image_id in known:
                 return ImageInfo(image_id=image_id, path=str(path))
@@ -144,18 +155,37 @@ def ingest_folder(
                 result.label = rel.parts[0]
             result.item_id = explicit.get(os.path.normpath(path))
             infos.append(result)
-    report.added = register_images(ws, infos, source=source, label_source="folder")
+    try:
+        report.added = register_images(ws, infos, source=source, label_source="folder")
+    except DiskFullError as exc:  # nothing was added (the manifest write is atomic): say what was found
+        exc.summary = report.summary()
+        raise
     report.labeled = sum(1 for i in infos if i.label)
     return report
+
+
+def _check_class_folders(root: Path, files: list[Path]) -> None:
+    """Refuse, before reading any photo, a class folder whose name cannot be a class."""
+    for name in sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1}):
+        try:
+            check_class_name(name)
+        except ClassNameError as exc:
+            raise ClassNameError(f"class folder {root / name}: {exc}; rename the folder and ingest again") from None
 
 
 def register_images(
     ws: Workspace, infos: list[ImageInfo], *, source: str = "user", label_source: str = "folder"
 ) -> int:
     """Add images not yet in the manifest (by image_id): items inferred, labels kept in the history, splits
-    assigned. Returns how many rows were added. Safe to call concurrently (manifest lock)."""
+    assigned. Returns how many rows were added. Safe to call concurrently (manifest lock).
+
+    Raises:
+        ClassNameError: a label cannot be a class (nothing is written then).
+    """
     if not infos:
         return 0
+    for label in {i.label for i in infos if i.label is not None}:
+        check_class_name(label)
     settings = ws.settings
     path = manifest.manifest_path(ws)
     with locked(path):
@@ -204,7 +234,5 @@ def register_images(
             for i in fresh
             if i.label
         ]
-        if history:
-            manifest.append_history(ws, history)
-        write_table_atomic(conform(combined, manifest.COLUMNS), path)
+        manifest.commit_with_history(ws, combined, history)
         return len(fresh)

@@ -1,14 +1,20 @@
 """The manifest: one row per image, keyed by the sha256 of its bytes, the single source of truth.
 
 A renamed or copied photo has the same `image_id`, so it is the same image. Every label change goes
-through `set_labels`, which appends to the label history (`history/labels.jsonl`) *before* replacing the
-manifest, so a label a reviewer gave is never lost even if the process dies mid-write, and which gives a
-newly labeled photo its train/valid side (`loop.splits`).
+through `set_labels` (new labeled rows through `ingest.register_images`), which gives a newly labeled
+photo its train/valid side (`loop.splits`) and keeps the label history (`history/labels.jsonl`) exactly
+equal to what the manifest committed, whatever moment a process is killed at (`commit_with_history`):
+the changes are first written as intents (`history/labels.pending.jsonl`), then the manifest is replaced,
+then they are appended to the history; an intent left by a kill is appended the next time the history is
+read or a label written, only if the manifest shows it (`recover_history`): no phantom, lost or doubled line.
 Caveat: `path` is where the image was first seen; later copies elsewhere do not move it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,7 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from loop.atomic import append_jsonl, read_jsonl
+from loop.atomic import append_jsonl, atomic_write, read_jsonl
+from loop.classnames import check_class_name
 from loop.splits import assign_splits
 from loop.tables import conform, locked, read_table, update_table, write_table_atomic
 from loop.workspace import Workspace
@@ -44,7 +51,10 @@ COLUMNS: dict[str, str] = {
     "added_at": "datetime64[ns, UTC]",
 }
 
+logger = logging.getLogger(__name__)
+
 HISTORY_FILE = "labels.jsonl"
+PENDING_FILE = "labels.pending.jsonl"  # intents of the one label write in progress (see commit_with_history)
 HUMAN_SOURCES = ("review", "user_move")  # label sources that mean a person looked at this photo
 
 
@@ -80,32 +90,99 @@ def now_utc() -> pd.Timestamp:
 
 @dataclass(frozen=True)
 class LabelChange:
-    """One label decision: `image_id` is now `label`, said by `by` through `source`."""
+    """One label decision: `image_id` is now `label`, said by `by` through `source`.
+
+    `label` None takes a label back (the photo becomes unlabeled; `source` None then)."""
 
     image_id: str
-    label: str
-    source: str
+    label: str | None
+    source: str | None
     by: str
     at: pd.Timestamp | None = None
     note: str = ""
 
 
-def append_history(ws: Workspace, records: list[dict]) -> None:
-    """Append records to the history log and fsync, so they survive a crash right after."""
+def pending_path(ws: Workspace) -> Path:
+    return ws.history_dir / PENDING_FILE
+
+
+def commit_with_history(ws: Workspace, df: pd.DataFrame, records: list[dict]) -> None:
+    """Replace the manifest with `df` and append `records` (label changes it contains) to the history, so
+    that the history says exactly what the manifest committed even if this process is killed at any point.
+
+    The caller holds the manifest lock (`locked(manifest_path(ws))`). Steps: (1) the records, tagged with a
+    transaction id, are written atomically as intents; (2) the manifest is replaced atomically; (3) the
+    records are appended to the history; (4) the intents are removed. `recover_history` finishes or drops
+    an interrupted one.
+    """
+    recover_history(ws)  # an earlier write killed midway is settled before this one
+    if not records:
+        write_table_atomic(conform(df, COLUMNS), manifest_path(ws))
+        return
+    txn = uuid.uuid4().hex
+    records = [{**r, "txn": txn} for r in records]
+    with atomic_write(pending_path(ws), "w") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    try:
+        write_table_atomic(conform(df, COLUMNS), manifest_path(ws))
+    except OSError:  # a full disk: the manifest is unchanged (atomic), so the intents are void
+        pending_path(ws).unlink(missing_ok=True)
+        raise
     append_jsonl(history_path(ws), records, ensure_ascii=False)
+    pending_path(ws).unlink()
+
+
+def recover_history(ws: Workspace) -> int:
+    """Settle a label write that was killed midway: append its intents that the manifest shows (it was
+    committed) and are not in the history yet; drop the others (it was not). Returns the lines appended.
+
+    Call with the manifest lock held (`commit_with_history` and `history` do).
+    """
+    pending = pending_path(ws)
+    if not pending.exists():
+        return 0
+    intents = read_jsonl(pending)
+    df = read_table(manifest_path(ws), COLUMNS).drop_duplicates("image_id").set_index("image_id")
+    logged = {(r.get("txn"), r.get("image_id")) for r in read_jsonl(history_path(ws))} if intents else set()
+    last = {r.get("image_id"): r for r in intents}  # an image changed twice in one write: its last change
+    shown = {image_id for image_id, r in last.items() if _committed(df, r)}
+    missing = [r for r in intents if r.get("image_id") in shown and (r.get("txn"), r.get("image_id")) not in logged]
+    if missing:
+        append_jsonl(history_path(ws), missing, ensure_ascii=False)
+    pending.unlink()
+    logger.info("settled an interrupted label write: %d of %d change(s) were committed, %d appended to the history",
+                sum(1 for r in intents if r.get("image_id") in shown), len(intents), len(missing))
+    return len(missing)
+
+
+def _committed(df: pd.DataFrame, record: dict) -> bool:
+    """True if the manifest row shows this change: same label, source and time."""
+    image_id = record.get("image_id")
+    if image_id not in df.index:
+        return False
+    row = df.loc[image_id]
+    if pd.isna(row["label_at"]):
+        return False
+    # a label taken back (new_label None) shows as an NA label and source
+    return (_opt(row["label"]) == record.get("new_label") and _opt(row["label_source"]) == record.get("source")
+            and row["label_at"] == pd.to_datetime(record.get("at"), utc=True))
 
 
 def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
     """Apply label changes to the manifest and the history log; returns how many labels changed.
 
     A change that repeats the current label and source is a no-op (no history line), so replaying the
-    same changes is safe. Unknown image ids raise ManifestError: the caller must ingest first.
+    same changes is safe. Unknown image ids raise ManifestError: the caller must ingest first; a label
+    that cannot be a class raises ClassNameError (nothing is written then).
     """
     from loop.errors import ManifestError
 
     changes = list(changes)
     if not changes:
         return 0
+    for c in changes:
+        if c.label is not None:
+            check_class_name(c.label)
     path = manifest_path(ws)
     with locked(path):
         df = read_table(path, COLUMNS)
@@ -116,38 +193,45 @@ def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
         df = df.set_index("image_id", drop=False)
         records, stamp = [], now_utc()
         for c in changes:
-            old_label, old_source = df.at[c.image_id, "label"], df.at[c.image_id, "label_source"]
-            if (not pd.isna(old_label) and old_label == c.label) and old_source == c.source:
+            old_label, old_source = _opt(df.at[c.image_id, "label"]), _opt(df.at[c.image_id, "label_source"])
+            if old_label == c.label and old_source == c.source:
                 continue
             at = c.at if c.at is not None else stamp
             records.append(
                 {
                     "image_id": c.image_id,
-                    "old_label": None if pd.isna(old_label) else str(old_label),
+                    "old_label": old_label,
                     "new_label": c.label,
-                    "old_source": None if pd.isna(old_source) else str(old_source),
+                    "old_source": old_source,
                     "source": c.source,
                     "by": c.by,
                     "at": pd.Timestamp(at).isoformat(),
                     "note": c.note,
                 }
             )
-            df.at[c.image_id, "label"] = c.label
-            df.at[c.image_id, "label_source"] = c.source
+            df.at[c.image_id, "label"] = pd.NA if c.label is None else c.label
+            df.at[c.image_id, "label_source"] = pd.NA if c.source is None else c.source
             df.at[c.image_id, "label_by"] = c.by
             df.at[c.image_id, "label_at"] = pd.Timestamp(at)
         if records:
-            append_history(ws, records)
             # A photo labeled for the first time (review, user move) gets its stable train/valid side now.
             df = assign_splits(df.reset_index(drop=True), ws.settings.split)
-            write_table_atomic(conform(df, COLUMNS), path)
+            commit_with_history(ws, df, records)
         return len(records)
 
 
+def _opt(value: object) -> str | None:
+    return None if pd.isna(value) else str(value)
+
+
 def history(ws: Workspace) -> pd.DataFrame:
-    """Every label change ever made, oldest first (columns: image_id, old_label, new_label, source, by, at)."""
+    """Every label change the manifest committed, oldest first (columns: image_id, old_label, new_label,
+    source, by, at, note)."""
     path = history_path(ws)
     cols = ["image_id", "old_label", "new_label", "old_source", "source", "by", "at", "note"]
+    if pending_path(ws).exists():
+        with locked(manifest_path(ws)):
+            recover_history(ws)
     if not path.exists():
         return pd.DataFrame(columns=cols)
     rows = read_jsonl(path)

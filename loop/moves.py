@@ -136,6 +136,9 @@ def _execute(ws: Workspace, batch: dict, always_log: bool = True) -> dict:
 
     for m in batch["moves"]:
         try:
+            for root in batch["dest_roots"]:  # never into a symlinked category folder (outside DEST)
+                if Path(m["folder"]).is_relative_to(root):
+                    copies.check_target_folder(Path(m["folder"]), Path(root))
             final = move_copy(Path(m["src"]), Path(m["folder"]), m["name"], image_id=m["image_id"],
                               size=m["size"])
         except OSError as exc:  # permission denied, another file system...: this copy stays, the rest go on

@@ -1,8 +1,9 @@
 """`sortloop report`: one HTML page plus PNGs showing how the loop is learning.
 
 Plots (matplotlib, `Figure` objects only, so no GUI backend and no global pyplot state): accuracy of every
-model version on the user validation photos over time, per-class recall of the deployed model, its
-confusion matrix, labels gained per round (label history between trainings), and flags by reason.
+model version on the user validation photos over time, per-class recall of the deployed model (with each
+class's photo count), its confusion matrix, its most confident mistakes (`loop.mistakes`), labels gained
+per round (label history between trainings), and flags by reason.
 Caveat: every number comes from the versions' `model.json` (measured by `train` on the user validation
 photos labeled at the time); nothing is re-evaluated here, so `report` is fast and needs no model runtime.
 Versions trained on different validation sets are comparable only because splits are stable.
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from loop.mistakes import plot_mistakes, worst_mistakes
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ PLOTS = {
     "confusion": "confusion.png",
     "labels": "labels.png",
     "flags": "flags.png",
+    "mistakes": "mistakes.png",
 }
 
 
@@ -69,7 +72,7 @@ def _metric(spec: dict[str, Any], split: str, key: str = "accuracy") -> float | 
 
 def plot_accuracy(
     versions: list[dict[str, Any]], current: str | None, out: Path, decisions: dict[str, dict[str, Any]] | None = None
-) -> None:
+) -> Any:
     """Accuracy per version on the user validation photos, with the gate's verdicts.
 
     The line is each version's accuracy when it was trained (model.json). Where the gate judged a version,
@@ -83,7 +86,7 @@ def plot_accuracy(
     if not points:
         _empty(fig, "no model trained yet")
         fig.savefig(out)
-        return
+        return fig
     ax = fig.subplots()
     xs = list(range(len(points)))
     ax.plot(xs, [p[2] for p in points], "-", color="tab:blue", zorder=2, label="version, at training (user photos)")
@@ -118,11 +121,12 @@ def plot_accuracy(
     ax.set_ylabel("accuracy on user validation photos")
     ax.set_title("Accuracy per model version")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the plot: covers nothing
     fig.savefig(out)
+    return fig
 
 
-def plot_recall(spec: dict[str, Any] | None, out: Path) -> None:
+def plot_recall(spec: dict[str, Any] | None, out: Path) -> Any:
     """Per-class recall of the deployed model on the user validation photos."""
     fig = _figure()
     per_class = ((spec or {}).get("metrics", {}).get("user_valid") or {}).get("per_class") or {}
@@ -132,14 +136,17 @@ def plot_recall(spec: dict[str, Any] | None, out: Path) -> None:
         _empty(fig, "no deployed model" if spec is None else "no per-class recall in model.json")
     else:
         classes, recall = list(recalls), list(recalls.values())
+        counts = [int(per_class[c].get("support") or 0) for c in classes]
         ax = fig.subplots()
-        bars = ax.barh(classes, recall, color="tab:blue")
-        ax.bar_label(bars, labels=[f"{r:.2f}" for r in recall], fontsize=8, padding=2)
+        bars = ax.barh([f"{c} ({n})" for c, n in zip(classes, counts, strict=True)], recall, color="tab:blue")
+        ax.bar_label(bars, labels=[f"{r:.2f} of {n} photo{'s' if n != 1 else ''}"
+                                   for r, n in zip(recall, counts, strict=True)], fontsize=8, padding=2)
         ax.invert_yaxis()
-        ax.set_xlim(0, 1.1)
+        ax.set_xlim(0, 1.3)  # room for the labels right of a full bar
         ax.set_xlabel("recall (user validation photos)")
         ax.set_title(f"Per-class recall of {spec.get('version', '')}")
     fig.savefig(out)
+    return fig
 
 
 def plot_confusion(confusion: dict[str, Any] | None, version: str | None, out: Path) -> None:
@@ -205,7 +212,7 @@ def _stacked_bars(ax: Any, table: pd.DataFrame) -> np.ndarray:
     return bottom
 
 
-def plot_labels(rounds: pd.DataFrame, out: Path) -> None:
+def plot_labels(rounds: pd.DataFrame, out: Path) -> Any:
     """Stacked bars: label changes gained in each round, by who/what made them."""
     fig = _figure()
     if rounds.empty or rounds.to_numpy().sum() == 0:
@@ -215,15 +222,16 @@ def plot_labels(rounds: pd.DataFrame, out: Path) -> None:
         bottom = _stacked_bars(ax, rounds)
         for x, total in enumerate(bottom):
             ax.annotate(f"{int(total)}", (x, total), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
-        ax.margins(y=0.1)
+        ax.set_ylim(0, max(bottom) * 1.15)  # room for the totals under the title
         ax.set_ylabel("label changes")
         ax.set_title("Labels gained per round (between trainings)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.tick_params(axis="x", labelsize=8)
     fig.savefig(out)
+    return fig
 
 
-def plot_flags(df: pd.DataFrame, out: Path) -> None:
+def plot_flags(df: pd.DataFrame, out: Path) -> Any:
     """Stacked bars: flagged photos by reason, split by review status."""
     fig = _figure()
     flagged = df[df["flag"].notna()]
@@ -240,8 +248,9 @@ def plot_flags(df: pd.DataFrame, out: Path) -> None:
         _stacked_bars(ax, table)
         ax.set_ylabel("photos")
         ax.set_title("Flags by reason")
-        ax.legend(title="review status", fontsize=8)
+        ax.legend(title="review status", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(out)
+    return fig
 
 
 # --- confusion matrix ------------------------------------------------------------------------------------
@@ -305,6 +314,8 @@ def write_report(ws: Workspace) -> Path:
     rounds = label_rounds(history(ws), versions)
     plot_labels(rounds, out / PLOTS["labels"])
     plot_flags(df, out / PLOTS["flags"])
+    mistakes = worst_mistakes(ws, current) if current else worst_mistakes(ws, "")[:0]
+    plot_mistakes(mistakes, current, out / PLOTS["mistakes"])
 
     version_rows = []
     for v in versions:
@@ -358,6 +369,8 @@ th {{ background: #f3f3f3; }} img {{ max-width: 100%; }} figure {{ margin: 1.5em
 {_table(["class", "precision", "recall"], per_class_rows) if per_class_rows else "<p>No per-class metrics.</p>"}
 {figure.format(PLOTS["recall"], "Per-class recall of the deployed model")}
 {figure.format(PLOTS["confusion"], confusion_caption)}
+{figure.format(PLOTS["mistakes"], "Most confident wrong predictions on validation photos: guess (probability), "
+                                  "true label")}
 <h2>Labels and flags</h2>
 {_table(["round", *[str(c) for c in rounds.columns], "total"], round_rows)}
 {figure.format(PLOTS["labels"], "Labels gained per round")}

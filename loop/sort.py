@@ -40,8 +40,9 @@ import pandas as pd
 
 from loop import copies, manifest
 from loop.atomic import append_jsonl
+from loop.classnames import class_name_problem
 from loop.decode import Decoded, decode_stream, default_workers
-from loop.errors import ModelError, SortloopError
+from loop.errors import DiskFullError, ModelError, SortloopError, is_disk_full
 from loop.images import iter_image_files
 from loop.progress import ProgressCallback, no_progress
 from loop.review_list import REVIEW_CSV, write_review_csv  # noqa: F401  (REVIEW_CSV: re-exported)
@@ -85,7 +86,7 @@ class SortReport:
             f"sorted {self.seen} files from {self.src} into {self.dest} with model {self.model_version}: "
             f"{self.copied} copied ({self.renamed} under a new name), {self.identical_existing} already there, "
             f"{self.already_sorted} sorted before, {self.flagged} flagged for review, {len(self.failed)} failed "
-            f"({self.seconds:.1f} s, {rate:.1f} images/s)",
+            f"({self.seconds:.1f} s" + (f", {rate:.1f} images/s)" if rate > 0 else ")"),
         ]
         if self.per_label:
             lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(self.per_label.items())))
@@ -117,18 +118,26 @@ def sort_folder(
     Returns:
         A SortReport; `.ok` is False if any file failed (each listed with its reason).
     Raises:
-        ModelError: no deployed model, or it does not load. SortloopError: bad `src`/`dest`.
+        ModelError: no deployed model, or it does not load. SortloopError: bad `src`/`dest`, or another sort
+        is writing into `dest` right now. DiskFullError: DEST's or the workspace's disk filled up; every
+        copy made is recorded, `.summary` says what was done, and a rerun after freeing space continues.
 
     Example:
         >>> report = sort_folder(open_workspace("data"), "~/photos/new", "~/photos/sorted")   # doctest: +SKIP
         >>> print(report.summary())
     """
+    src, dest = _check_folders(Path(src), Path(dest))
+    with copies.dest_lock(ws, dest):  # one sort at a time per destination (a second one refuses clearly)
+        return _sort_locked(ws, src, dest, keep_tree=keep_tree, on_progress=on_progress or no_progress)
+
+
+def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None,
+                 on_progress: ProgressCallback) -> SortReport:
+    """`sort_folder` once the destination is locked and the folders checked."""
     from loop.artifact import load_predictor, read_spec
     from loop.registry import current_model_dir
 
     settings = ws.settings.sort
-    on_progress = on_progress or no_progress
-    src, dest = _check_folders(Path(src), Path(dest))
     dest_is_new = not dest.exists()
     keep_tree = settings.keep_tree if keep_tree is None else keep_tree
     strategy = get_strategy(settings.flag_strategy)
@@ -178,7 +187,7 @@ def sort_folder(
     stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
                            prefetch=max(4 * workers, 2 * settings.batch_size // chunk))
     try:
-        predictor = load_predictor(model_dir, runtime=settings.runtime)
+        predictor = load_predictor(model_dir, runtime=settings.runtime, precision=settings.precision)
         total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))
     except BaseException:
         stream.close()
@@ -186,6 +195,7 @@ def sort_folder(
     report.model_version = predictor.version
     try:
         _check_classes(predictor.classes)
+        _check_category_folders(dest, predictor.classes)
     except BaseException:
         stream.close()
         raise
@@ -193,6 +203,7 @@ def sort_folder(
     on_progress(processed, total)
 
     copier = _Copier(report, pending, predictor.version)
+    disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
     try:
         for batch, failures in _batches(stream, settings.batch_size, report):
             if batch:
@@ -213,19 +224,34 @@ def sort_folder(
             processed += len(batch) + failures
             report.seen = processed
             on_progress(processed, total)
+            if copier.disk_full:
+                break
             if pending.size >= FLUSH_EVERY:
                 copier.collect(wait=True)
                 _flush(ws, dest, pending, report)
         copier.collect(wait=True)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        disk_full = exc
     finally:
         stream.close()
         copier.close()  # finishes copies in flight (and records them) even when interrupted
-        _flush(ws, dest, pending, report)
-        copies.update_records(ws, touched)
-        write_review_csv(ws, dest)
         report.seen = processed
         report.seconds = time.perf_counter() - started
-        _log_run(ws, report)
+        for finish in (lambda: _flush(ws, dest, pending, report), lambda: copies.update_records(ws, touched),
+                       lambda: write_review_csv(ws, dest), lambda: _log_run(ws, report)):
+            try:
+                finish()
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                disk_full = disk_full or exc
+    disk_full = disk_full or copier.disk_full
+    if disk_full is not None:
+        logger.warning("stopped: disk full (%s). %s", disk_full, report.summary())
+        where = getattr(disk_full, "path", None) or disk_full.filename or dest
+        raise DiskFullError(where, summary=report.summary()) from None
     on_progress(processed, total)
     logger.info(report.summary())
     return report
@@ -248,9 +274,20 @@ def _check_folders(src: Path, dest: Path) -> tuple[Path, Path]:
 def _check_classes(classes: list[str]) -> None:
     """Class names become folder names under DEST, and `scan` reads them back: refuse unusable ones."""
     for name in classes:
-        if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith((".", "_")):
-            raise ModelError(f"class name {name!r} cannot be a category folder (no path separators, no leading "
-                             "'.' or '_'); rename that class folder and retrain")
+        problem = class_name_problem(name)
+        if problem is not None:
+            raise ModelError(f"the deployed model's class {name!r} cannot be a category folder ({problem}); "
+                             "fix the label (`sortloop train` refuses such labels) and retrain, or "
+                             "`sortloop rollback`")
+
+
+def _check_category_folders(dest: Path, classes: list[str]) -> None:
+    """Before any copy: a category folder that is a symlink or resolves outside DEST is refused."""
+    for name in classes:
+        try:
+            copies.check_target_folder(dest / name, dest)
+        except copies.UnsafeFolder as exc:
+            raise SortloopError(f"category folder refused: {exc}") from None
 
 
 def _is_within(inner: Path, outer: Path) -> bool:
@@ -315,10 +352,12 @@ class _Copier:
         self.report, self.pending, self.version = report, pending, version
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sortloop-copy")
         self.jobs: deque[_Job] = deque()
+        self.disk_full: OSError | None = None  # the first "no space left" of a copy: the run stops
 
     def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path) -> None:
         future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
-                                  size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False)
+                                  size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False,
+                                  root=Path(self.report.dest))
         self.jobs.append(_Job(rec, label, conf, score, flagged, future))
 
     def collect(self, wait: bool = False) -> None:
@@ -330,6 +369,8 @@ class _Copier:
             except OSError as exc:  # includes SourceChanged; the file is reported, the run goes on
                 self.report.failed.append((str(job.rec.path), f"copy failed ({exc.strerror or exc})"))
                 logger.warning("copy of %s failed: %s", job.rec.path, exc)
+                if is_disk_full(exc) and self.disk_full is None:
+                    self.disk_full = DiskFullError(self.report.dest)
                 continue
             self._record(job, final, copied)
 
@@ -371,7 +412,8 @@ class _Copier:
 
 def _flush(ws: Workspace, dest: Path, pending: _Pending, report: SortReport) -> None:
     """Copies made durable (directory fsync), then the manifest (register + predictions + flags), then the
-    copy records, then _review.csv: a crash in between only means a rerun re-finds identical copies."""
+    copy records, then _review.csv: a crash in between only means a rerun re-finds identical copies. Each
+    part is cleared once written, so calling it again after a failure (a full disk) redoes only the rest."""
     if not pending.records:
         return
     for folder in pending.folders:
@@ -379,6 +421,7 @@ def _flush(ws: Workspace, dest: Path, pending: _Pending, report: SortReport) -> 
     from loop.ingest import register_images
 
     report.registered += register_images(ws, pending.infos, source="user")
+    pending.infos = []
     preds, version = pending.preds, report.model_version
 
     def apply(df: pd.DataFrame) -> pd.DataFrame:
@@ -393,11 +436,13 @@ def _flush(ws: Workspace, dest: Path, pending: _Pending, report: SortReport) -> 
         return df
 
     manifest.update(ws, apply)
+    pending.preds = {}
     copies.append_records(ws, pending.records)
-    if pending.flagged:
-        write_review_csv(ws, dest)
-    pending.records, pending.infos, pending.preds, pending.flagged = [], [], {}, False
+    pending.records = []
     pending.folders.clear()
+    if pending.flagged:
+        pending.flagged = False  # rebuilt from the records, so nothing is lost if this write fails
+        write_review_csv(ws, dest)
 
 
 def _log_run(ws: Workspace, report: SortReport) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from loop.atomic import remove_stale_temps
 from loop.config import CONFIG_FILENAME, DEFAULT_TOML, Settings, load_settings
 from loop.errors import WorkspaceError
 
@@ -90,8 +91,16 @@ def init_workspace(path: Path | str | None = None) -> Workspace:
 
 
 def open_workspace(path: Path | str | None = None) -> Workspace:
-    """An existing workspace; raises WorkspaceError with the fix if it was never initialised."""
+    """An existing workspace; raises WorkspaceError with the fix if it was never initialised.
+
+    Also removes the temp files that writes killed midway left behind (`loop.atomic.remove_stale_temps`;
+    a live process's are kept): in the workspace's own folders, not in the caches (recomputable, and too
+    many files to walk at every start) nor in Label Studio's server data.
+    """
     ws = Workspace(resolve_root(path))
     if not ws.config_file.exists():
         raise WorkspaceError(f"{ws.root} is not a sortloop workspace; run `sortloop init {ws.root}` first")
+    for folder, recursive in ((ws.root, False), (ws.manifest_dir, True), (ws.history_dir, True),
+                              (ws.models_dir, True), (ws.runs_dir, True), (ws.labelstudio_dir, False)):
+        remove_stale_temps(folder, recursive=recursive)
     return ws

@@ -71,7 +71,9 @@ def build(template: Path, *, timeout_s: float = 600.0) -> float:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     start = time.monotonic()
-    proc = start_process(data, TEST_CREDENTIALS, host="127.0.0.1", port=port, log_file=work / "server.log")
+    (work / "served").mkdir()
+    proc = start_process(data, TEST_CREDENTIALS, host="127.0.0.1", port=port, log_file=work / "server.log",
+                         document_root=work / "served")
     try:
         wait_healthy(url, proc, timeout_s, work / "server.log")
         r = httpx.get(f"{url}/api/current-user/whoami", headers={"Authorization": f"Token {TEST_CREDENTIALS.token}"})

@@ -7,19 +7,57 @@ in `loop.app.labelstudio_cli`.
 
 from __future__ import annotations
 
+import json
+import shlex
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
+from rich.markup import escape
 
-from loop.app.console import WorkspaceOption, command_of, console, out, print_json, progress_bar
+from loop.app.console import (
+    GlobalOptions,
+    JsonOption,
+    WorkspaceOption,
+    cli_hint,
+    command_of,
+    console,
+    out,
+    print_json,
+    progress_bar,
+    set_global_options,
+    sortloop_command,
+)
 from loop.app.labelstudio_cli import labelstudio_app, review_app
+from loop.app.watch_cli import watch_app
+from loop.config import ModelConfig
+
+# Choices listed in --help, from the library's own lists.
+Source = StrEnum("Source", {name: name for name in ("user", "web")})  # loop.ingest.SOURCES (pandas: slow import)
+TrainMode = StrEnum("TrainMode", {name: name for name in get_args(ModelConfig.model_fields["train_mode"].annotation)})
 
 app = typer.Typer(
     help="Sort photos into category folders with a classifier that learns from your corrections.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
+
+
+@app.callback()
+def global_options(
+    ctx: typer.Context,
+    workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace folder for every command "
+                                                   "(default $SORTLOOP_WORKSPACE, else ./data).")] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Log what happens (-vv: debug).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output, for the commands that read state.")] = False,
+) -> None:
+    """Sort photos into category folders with a classifier that learns from your corrections.
+
+    Example: sortloop -w ./data status --json
+    """
+    set_global_options(ctx, GlobalOptions(workspace=workspace, verbose=verbose, as_json=as_json))
 
 
 def command(*args: Any, **kwargs: Any) -> Any:
@@ -31,7 +69,9 @@ def command(*args: Any, **kwargs: Any) -> Any:
 
 
 @command()
-def init(path: Annotated[Path | None, typer.Argument(help="Workspace folder (default ./data).")] = None) -> None:
+def init(
+    path: Annotated[Path | None, typer.Argument(metavar="PATH", help="Workspace folder (default ./data).")] = None,
+) -> None:
     """Create a workspace: config file with documented defaults, manifest, history, models, caches.
 
     Example: sortloop init ./data
@@ -44,13 +84,15 @@ def init(path: Annotated[Path | None, typer.Argument(help="Workspace folder (def
 
 @command()
 def ingest(
-    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
-    source: Annotated[str, typer.Option(help="'user' for real photos, 'web' for web images.")] = "user",
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder of images (searched recursively).")],
+    source: Annotated[Source, typer.Option(help="'user' for real photos, 'web' for web images.")] = Source.user,
     labeled: Annotated[bool, typer.Option(help="Take labels from class folder names (imagenet style).")] = False,
     items: Annotated[Path | None, typer.Option(help="CSV with columns path,item_id.")] = None,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Add a folder of images to the manifest (idempotent), group them into items, assign splits.
+
+    Exit code 1 if any file could not be read (each listed with why; the others are added), like sort.
 
     Example: sortloop ingest ~/photos/labeled --source user --labeled
     """
@@ -59,10 +101,65 @@ def ingest(
 
     ws = open_workspace(workspace)
     with progress_bar("ingesting") as on_progress:
-        report = ingest_folder(ws, folder, source=source, labeled=labeled, items_csv=items, on_progress=on_progress)
+        report = ingest_folder(ws, folder, source=source.value, labeled=labeled, items_csv=items,
+                               on_progress=on_progress)
     out.print(report.summary())
     for path, reason in report.unreadable:
         console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
+    if report.unreadable:
+        raise typer.Exit(1)
+
+
+@command()
+def labels(
+    label: Annotated[str | None, typer.Option(help="Only this class ('none': unlabeled).")] = None,
+    source: Annotated[str | None, typer.Option(help="Only 'user' or 'web' photos.")] = None,
+    label_source: Annotated[str | None, typer.Option(help="Only labels from folder, review, user_move...")] = None,
+    flag: Annotated[str | None, typer.Option(help="Only this flag (low_confidence, user_moved; 'none').")] = None,
+    review: Annotated[str | None, typer.Option(help="Only this review status (queued, pushed, reviewed, "
+                                               "skipped; 'none').")] = None,
+    split: Annotated[str | None, typer.Option(help="Only 'train' or 'valid' ('none': no side yet).")] = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV (every column, full sha256).")] = False,
+    as_json: JsonOption = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """List, filter and export the labels in the manifest.
+
+    Example: sortloop labels --label chair --review reviewed --csv > chairs.csv
+    """
+    from loop.labels import select_labels
+    from loop.workspace import open_workspace
+
+    rows = select_labels(open_workspace(workspace), label=label, source=source, label_source=label_source,
+                         flag=flag, review=review, split=split)
+    if as_json:
+        return print_json(json.loads(rows.to_json(orient="records")))
+    if as_csv:
+        return out.file.write(rows.to_csv(index=False))
+    if not rows.empty:
+        short = rows.assign(image_id=rows["image_id"].str[:12], pred_conf=rows["pred_conf"].round(3)).astype(object)
+        out.print(short.where(short.notna(), "-").to_string(index=False), highlight=False, markup=False)
+    console.print(f"{len(rows)} photo(s)", highlight=False)
+
+
+@command()
+def history(
+    image: Annotated[str, typer.Argument(metavar="IMAGE", help="A photo's path, or a prefix of its sha256.")],
+    as_json: JsonOption = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Show one photo's label history: who changed it, from what to what, when, and through which way.
+
+    Example: sortloop history ~/photos/sorted/chair/IMG_0001.JPG
+    """
+    from loop.labels import image_history
+    from loop.workspace import open_workspace
+
+    found = image_history(open_workspace(workspace), image)
+    if as_json:
+        return print_json({"image": json.loads(found.row.to_json(date_format="iso")),
+                           "changes": json.loads(found.changes.to_json(orient="records", date_format="iso"))})
+    out.print("\n".join(found.lines()), highlight=False, markup=False)
 
 
 # --- the whole loop -------------------------------------------------------------------------------
@@ -71,32 +168,62 @@ def ingest(
 @command()
 def demo(
     labeled: Annotated[Path, typer.Option(help="Folder of class folders to learn from.")],
-    new: Annotated[Path, typer.Option(help="Folder of photos to sort.")],
+    new: Annotated[Path, typer.Option(help="Folder of photos to sort; the same as --labeled: sort the held-out "
+                                      "photos.")],
     dest: Annotated[Path, typer.Option(help="Where the sorted copies go (<dest>/<category>/).")],
     items: Annotated[Path | None, typer.Option(help="Optional CSV path,item_id for the labeled folder.")] = None,
+    holdout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of each class's items held out of "
+                                           "training and sorted as new photos.")] = 0.3,
     review: Annotated[bool, typer.Option(help="Start the local Label Studio and push flagged photos.")] = True,
+    simulate_review: Annotated[int, typer.Option(min=0, metavar="N", help="Then play the reviewer: label N flagged "
+                                                 "held-out photos with their true class, retrain, gate.")] = 0,
     workspace: WorkspaceOption = None,
 ) -> None:
-    """Run the whole loop once: ingest, train, deploy, sort, start Label Studio, push flagged photos.
+    """Run the whole loop once: ingest, hold out new photos, train, deploy, sort, start Label Studio, push.
 
-    Example: sortloop demo --labeled ~/photos/labeled --new ~/photos/inbox --dest ~/photos/sorted
+    Example: sortloop demo --labeled ~/photos/labeled --new ~/photos/labeled --dest ~/photos/sorted --simulate-review 40
     """
     from loop.app.demo import run_loop_once
 
-    with progress_bar("working") as on_progress:
-        report = run_loop_once(
-            labeled, new, dest, workspace=workspace, items_csv=items, with_review=review,
-            on_step=lambda name, result: out.print(f"[bold]{name}[/bold]: {result}", highlight=False),
-            on_progress=on_progress,
-        )
-    if report.review_url:
-        out.print(f"\nReview flagged photos at [bold]{report.review_url}[/bold]  (login: {report.username})")
-        if report.password:
-            out.print(f"password (shown once; also in {report.workspace}/labelstudio/credentials.json): "
-                      f"{report.password}")
-    out.print(f"Keep the loop running (pull, retrain nightly, sort inboxes): sortloop serve -w {report.workspace}")
+    report = run_loop_once(
+        labeled, new, dest, workspace=workspace, items_csv=items, holdout=holdout, with_review=review,
+        on_step=lambda name, result: out.print(f"[bold]{name}[/bold]: {escape(result)}", highlight=False),
+        step_progress=progress_bar,
+    )
+    if simulate_review:
+        from loop.app.demo_review import simulate_review as play_reviewer
+        from loop.workspace import open_workspace
+
+        played = play_reviewer(open_workspace(report.workspace), simulate_review, step_progress=progress_bar)
+        out.print("\n".join(played.lines()), highlight=False, markup=False)
+    again = " ".join(["demo", "--labeled", shlex.quote(str(labeled)), "--new", shlex.quote(str(new)), "--dest",
+                      shlex.quote(str(dest)), *(["--no-review"] if not review else []), "--simulate-review 40"])
+    out.print("\n".join(next_steps(report, again)), highlight=False)
     if not report.sort_ok:
         raise typer.Exit(1)
+
+
+def next_steps(report: Any, simulate: str) -> list[str]:
+    """What to do after `demo`, as commands that run as printed."""
+    run = lambda args: cli_hint(args, report.workspace)  # noqa: E731
+    lines = ["", "[bold]Next steps[/bold]"]
+    if report.review_url:
+        login = f" (login {report.username}" + (f", password {report.password} - shown once, also in "
+                                                f"{report.workspace}/labelstudio/credentials.json" if report.password
+                                                else "") + ")"
+        lines.append(f"  1. review the flagged photos in your browser: {report.review_url}{login}")
+    else:
+        lines.append(f"  1. start the review server and send the flagged photos: {run('labelstudio up')} && "
+                     f"{run('review push')}")
+    lines += [f"  2. bring the reviewers' labels back:  {run('review pull')}",
+              f"  3. train a candidate model:           {run('train')}",
+              f"  4. deploy it if it beats the current: {run('deploy')}",
+              f"  or keep the loop running (pull, push, scan {report.dest}, nightly retrain): {run('serve')}",
+              f"  no reviewer at hand? play one: {run(simulate)}"]
+    typed = run("x").split()[0]
+    if typed != "sortloop":
+        lines.append(f"  (or `source {Path(typed).parent}/activate` once, then type plain `sortloop`)")
+    return lines
 
 
 # --- sorting -------------------------------------------------------------------------------------------
@@ -104,8 +231,9 @@ def demo(
 
 @command()
 def sort(
-    src: Annotated[Path, typer.Argument(help="Folder of photos to sort (searched recursively; never changed).")],
-    dest: Annotated[Path, typer.Argument(help="Sorted tree: copies go to DEST/<category>/.")],
+    src: Annotated[Path, typer.Argument(metavar="SRC",
+                                        help="Folder of photos to sort (searched recursively; never changed).")],
+    dest: Annotated[Path, typer.Argument(metavar="DEST", help="Sorted tree: copies go to DEST/<category>/.")],
     keep_tree: Annotated[bool | None, typer.Option("--keep-tree/--flat", help="Keep SRC's sub-folders under "
                                                    "each category (default: sort.keep_tree, true).")] = None,
     workspace: WorkspaceOption = None,
@@ -130,7 +258,7 @@ def sort(
 
 @command()
 def scan(
-    dest: Annotated[Path, typer.Argument(help="A tree written by `sortloop sort`.")],
+    dest: Annotated[Path, typer.Argument(metavar="DEST", help="A tree written by `sortloop sort`.")],
     workspace: WorkspaceOption = None,
 ) -> None:
     """Find sorted copies a person moved to another category folder and record them as corrections.
@@ -203,8 +331,8 @@ def undo(
 
 @command()
 def train(
-    mode: Annotated[str | None, typer.Option(help="'head' (linear head on cached features) or 'finetune' (fastai); "
-                                             "default: model.train_mode.")] = None,
+    mode: Annotated[TrainMode | None, typer.Option(help="'head' (linear head on cached features) or 'finetune' "
+                                                   "(fastai); default: model.train_mode.")] = None,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Train a candidate model from the labeled manifest rows and store it as a new version (not deployed).
@@ -214,15 +342,18 @@ def train(
     from loop.train import train as run_training
     from loop.workspace import open_workspace
 
+    ws = open_workspace(workspace)
     with progress_bar("training") as on_progress:
-        result = run_training(open_workspace(workspace), mode=mode, on_progress=on_progress)
+        result = run_training(ws, mode=mode and mode.value, on_progress=on_progress)
     out.print(result.summary(), highlight=False)
-    out.print(f"candidate stored in {result.model_dir}; promote it with: sortloop deploy {result.version}")
+    promote = cli_hint(f"deploy {result.version}", ws.root)
+    out.print(f"candidate stored in {result.model_dir}; promote it with: {promote}", highlight=False)
 
 
 @command()
 def deploy(
-    version: Annotated[str | None, typer.Argument(help="Version to promote (default: the newest).")] = None,
+    version: Annotated[str | None, typer.Argument(metavar="VERSION",
+                                                  help="Version to promote (default: the newest).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Promote even if the gate refuses (logged).")] = False,
     workspace: WorkspaceOption = None,
 ) -> None:
@@ -254,7 +385,7 @@ def rollback(workspace: WorkspaceOption = None) -> None:
 
 @command()
 def models(
-    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    as_json: JsonOption = False,
     workspace: WorkspaceOption = None,
 ) -> None:
     """List model versions with their validation metrics; * marks the deployed one.
@@ -291,6 +422,7 @@ def serve(
     import logging
 
     from loop.app.jobs import job_log_path
+    from loop.app.schedule import describe_jobs
     from loop.app.schedule import serve as run_service
     from loop.workspace import init_workspace, open_workspace
 
@@ -299,8 +431,9 @@ def serve(
     ws = init_workspace(workspace) if init else open_workspace(workspace)
 
     def started(scheduler: Any) -> None:
-        jobs = ", ".join(f"{job.id} ({job.trigger})" for job in scheduler.get_jobs())
-        console.print(f"serving {ws.root}: {jobs}; job log {job_log_path(ws)}; Ctrl-C to stop", markup=False)
+        console.print(f"serving {ws.root} (job log {job_log_path(ws)}; Ctrl-C to stop):", markup=False)
+        for line in describe_jobs(ws, scheduler, sortloop=sortloop_command()):
+            console.print(f"  {line}", markup=False, highlight=False)
 
     run_service(ws, on_started=started)
     console.print("stopped", highlight=False)
@@ -308,7 +441,7 @@ def serve(
 
 @command()
 def status(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    as_json: JsonOption = False,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Show the deployed model, candidates, labels, splits, flags, jobs and Label Studio reachability.
@@ -341,6 +474,7 @@ def report(workspace: WorkspaceOption = None) -> None:
 
 app.add_typer(labelstudio_app, name="labelstudio")
 app.add_typer(review_app, name="review")
+app.add_typer(watch_app, name="watch")
 
 
 def main() -> None:  # pragma: no cover

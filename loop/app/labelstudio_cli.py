@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from loop.app.console import WorkspaceOption, command_of, console, out, print_json, progress_bar
+from loop.app.console import JsonOption, WorkspaceOption, command_of, console, out, print_json, progress_bar
 
 labelstudio_app = typer.Typer(help="Run the embedded Label Studio review server.", no_args_is_help=True)
 review_app = typer.Typer(help="Send flagged photos to Label Studio and bring reviewers' labels back.",
@@ -51,7 +51,7 @@ def down(workspace: WorkspaceOption = None) -> None:
 
 @command_of(labelstudio_app, "status")
 def status(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."), workspace: WorkspaceOption = None
+    as_json: JsonOption = False, workspace: WorkspaceOption = None
 ) -> None:
     """Say whether Label Studio (embedded or `labelstudio.url`) answers; exit 1 if it does not.
 
@@ -62,10 +62,15 @@ def status(
 
     info = status(open_workspace(workspace))
     if as_json:
-        print_json({"url": info.url, "running": info.running, "pid": info.pid, "embedded": info.embedded})
+        print_json({"url": info.url, "running": info.running, "pid": info.pid, "embedded": info.embedded,
+                    "other_server_answers": info.foreign})
+    elif info.foreign:
+        out.print(f"this workspace's Label Studio is NOT running; something else answers at {info.url} (another "
+                  "workspace's server?): stop it, or set labelstudio.port", highlight=False)
     else:
         kind = "embedded" if info.embedded else "team server"
-        out.print(f"{kind} Label Studio at {info.url}: {'running' if info.running else 'NOT running'}")
+        out.print(f"{kind} Label Studio at {info.url}: {'running' if info.running else 'NOT running'}",
+                  highlight=False)
     if not info.running:
         raise typer.Exit(1)
 
@@ -77,6 +82,8 @@ def push(
 ) -> None:
     """Send flagged photos to Label Studio as tasks with the model's guess pre-filled (idempotent).
 
+    Exit code 1 if a photo could not be sent (e.g. a symlink leaving its folder); the others are sent.
+
     Example: sortloop review push
     """
     from labeling.push import push
@@ -84,7 +91,9 @@ def push(
 
     with progress_bar("pushing") as on_progress:
         report = push(open_workspace(workspace), limit=limit, on_progress=on_progress)
-    out.print(report.summary())
+    out.print(report.summary(), highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @command_of(review_app, "pull")

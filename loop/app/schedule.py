@@ -21,7 +21,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -42,6 +42,7 @@ from loop.workspace import Workspace
 logger = logging.getLogger(__name__)
 
 JOB_IDS = ("pull", "push", "scan", "watch", "retrain")
+START_NOW = ("pull", "push")  # `serve` runs these at start-up, then on their interval
 JOBSTORE_FILE = "scheduler.sqlite"
 LOCK_FILE = "serve.lock"
 
@@ -112,12 +113,15 @@ def stored_jobs(ws: Workspace) -> dict[str, Any]:
         store.shutdown()
 
 
-def build_scheduler(ws: Workspace, *, scheduler_cls: type[BaseScheduler] = BlockingScheduler) -> BaseScheduler:
+def build_scheduler(
+    ws: Workspace, *, scheduler_cls: type[BaseScheduler] = BlockingScheduler, start_now: tuple[str, ...] = ()
+) -> BaseScheduler:
     """A scheduler (not started) with every configured job in the workspace's persistent job store.
 
     A job whose trigger and arguments are unchanged keeps its stored next run time, so a run missed while
     nothing was serving fires once at start-up (coalesce) if it is within `schedule.misfire_grace_s`.
     Jobs no longer configured (e.g. `watch` after the inboxes were removed) are dropped from the store.
+    Jobs named in `start_now` run as soon as the scheduler starts (`serve` does this for pull and push).
 
     Example:
         >>> from apscheduler.schedulers.background import BackgroundScheduler
@@ -138,7 +142,9 @@ def build_scheduler(ws: Workspace, *, scheduler_cls: type[BaseScheduler] = Block
     for job_id, trigger in wanted.items():
         kwargs: dict[str, Any] = {}
         old = previous.get(job_id)
-        if (
+        if job_id in start_now:
+            kwargs["next_run_time"] = datetime.now(UTC)
+        elif (
             old is not None
             and old.next_run_time is not None
             and _trigger_key(old.trigger) == _trigger_key(trigger)
@@ -206,6 +212,62 @@ def next_run_times(ws: Workspace) -> dict[str, datetime | None]:
     return {job_id: None if ts is None else datetime.fromtimestamp(ts, UTC) for job_id, ts in rows}
 
 
+# --- saying what will run when ------------------------------------------------------------------------------
+
+WHAT = {
+    "pull": "brings reviewers' labels back from Label Studio",
+    "push": "sends newly flagged photos to Label Studio",
+    "scan": "records photos moved between category folders of the sorted trees as corrections",
+    "watch": "sorts new photos from the inboxes",
+    "retrain": "pulls, trains a candidate and deploys it if it beats the deployed model",
+}
+TURN_ON = {
+    "scan": "no sorted tree registered; turn it on with: {sortloop} watch add-tree DEST (then restart serve)",
+    "watch": "no inbox registered; turn it on with: {sortloop} watch add INBOX DEST (then restart serve)",
+}
+
+
+def _when(trigger: BaseTrigger) -> str:
+    if isinstance(trigger, IntervalTrigger):
+        minutes = trigger.interval.total_seconds() / 60
+        return f"every {minutes:g} minute{'s' if minutes != 1 else ''}"
+    if isinstance(trigger, CronTrigger):
+        fields = {f.name: str(f) for f in trigger.fields}
+        if all(fields[k] == "*" for k in ("day", "month", "day_of_week")) and fields["hour"].isdigit() \
+                and fields["minute"].isdigit():
+            return f"every night at {int(fields['hour']):02d}:{int(fields['minute']):02d} ({trigger.timezone})"
+        return f"on the schedule {trigger} ({trigger.timezone})"
+    return str(trigger)
+
+
+def describe_jobs(
+    ws: Workspace, scheduler: BaseScheduler, *, now: datetime | None = None, sortloop: str = "sortloop"
+) -> list[str]:
+    """One readable sentence per job: what it does, how often, and its next run in local time.
+
+    Jobs that are off because nothing is configured (scan, watch) are named with the command that turns
+    them on (`sortloop`: how to type the command here). Works on a scheduler that is not started yet (next
+    runs are then computed from the triggers).
+    """
+    now = now or datetime.now(UTC)
+    jobs = {job.id: job for job in scheduler.get_jobs()}
+    lines = []
+    for job_id in JOB_IDS:
+        job = jobs.get(job_id)
+        if job is None:
+            lines.append(f"{job_id} is off: " + TURN_ON.get(job_id, "not configured").format(sortloop=sortloop))
+            continue
+        nxt = getattr(job, "next_run_time", None) or job.trigger.get_next_fire_time(None, now)
+        if nxt is None:
+            lines.append(f"{job_id} {WHAT[job_id]} {_when(job.trigger)}; no further run")
+        elif nxt <= now + timedelta(seconds=5):
+            lines.append(f"{job_id} {WHAT[job_id]} now, then {_when(job.trigger)}")
+        else:
+            local = nxt.astimezone().strftime("%a %d %b at %H:%M %Z")
+            lines.append(f"{job_id} {WHAT[job_id]} {_when(job.trigger)}; next run {local}")
+    return lines
+
+
 # --- serving ---------------------------------------------------------------------------------------------
 
 
@@ -258,7 +320,7 @@ def serve(
     """
     with serve_lock(ws):
         STOP.clear()
-        scheduler = build_scheduler(ws, scheduler_cls=scheduler_cls)
+        scheduler = build_scheduler(ws, scheduler_cls=scheduler_cls, start_now=START_NOW)
         stopper: list[threading.Thread] = []
 
         def request_stop(signum: int, frame: Any) -> None:

@@ -68,9 +68,27 @@ def _models(ws: Workspace) -> tuple[dict[str, Any] | None, list[dict[str, Any]],
             "train_mode": spec.get("train_mode"),
             "classes": spec.get("classes"),
             "metrics": {k: v for k, v in (spec.get("metrics") or {}).items() if k in ("user_valid", "web_valid")},
+            "sort_precision": _sort_precision(ws, spec),
         }
     newer = [v for v in versions if current is None or v["version"] > current]
     return model, versions, newer
+
+
+def _sort_precision(ws: Workspace, spec: dict[str, Any]) -> dict[str, Any]:
+    """Which model file `sort` runs (INT8 or float) and why, from the version's INT8 gate verdict."""
+    from loop.artifact import int8_passed
+
+    verdict = spec.get("int8") or {}
+    if ws.settings.sort.runtime == "onnx" and ws.settings.sort.precision == "int8":
+        return {"int8": True, "reason": "sort.precision = 'int8' (forced, whatever the INT8 gate said: "
+                                        f"{verdict.get('reason', 'no verdict')})"}
+    if ws.settings.sort.runtime != "onnx" or ws.settings.sort.precision == "float":
+        why = f"sort.runtime = {ws.settings.sort.runtime!r}, sort.precision = {ws.settings.sort.precision!r}"
+        return {"int8": False, "reason": f"float: {why}"}
+    if not verdict:
+        return {"int8": False, "reason": "float: this version has no INT8 model (trained before INT8, or model.int8 "
+                                         "= false)"}
+    return {"int8": int8_passed(spec), "reason": verdict.get("reason", "")}
 
 
 def _labels_and_splits(ws: Workspace, last_trained_at: pd.Timestamp | None) -> dict[str, Any]:
@@ -199,6 +217,8 @@ def format_status(status: dict[str, Any]) -> str:
             f"model       {model['version']} ({model.get('train_mode')}, since {model.get('since')}): "
             f"user-valid accuracy {_fmt_acc(uv.get('accuracy'))} on {uv.get('n', '?')} photos"
         )
+        precision = model.get("sort_precision") or {}
+        lines.append(f"sorting     {'INT8' if precision.get('int8') else 'float'} model: {precision.get('reason', '')}")
     for cand in status["candidates"]:
         decision = cand["last_decision"]
         if decision is None:

@@ -1,8 +1,10 @@
-// A reviewer in a real headless Chromium: log in, open a task, check the photo and the pre-filled guess,
-// pick another class, submit. Prints one JSON line with what it saw; exits non-zero on any failure.
+// A reviewer in a real headless Chromium: log in, look at the task list, open a task, check the photo, the
+// pre-filled guess and that every class choice is inside the viewport and clickable, pick another class,
+// submit. Prints one JSON line with what it saw; exits non-zero on any failure.
 //
 // usage: node review.js '{"url": ..., "email": ..., "password": ..., "project": 1, "task": 3,
-//                         "pick": "sofa", "classes": ["chair", "sofa", "table"], "screenshot": "test-artifacts/x.png"}'
+//                         "pick": "sofa", "classes": ["chair", "sofa", "table"], "screenshot": "test-artifacts/x.png",
+//                         "viewport": [1280, 800]}'
 // Caveat: choice labels render as "sofa[2]" (hotkey hint), so labels are matched by prefix, not exact text.
 const { chromium } = require('playwright-core');
 
@@ -13,7 +15,8 @@ async function main() {
   const o = JSON.parse(process.argv[2]);
   const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', args: ARGS });
   const out = {};
-  const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+  const [width, height] = o.viewport || [1280, 800];
+  const page = await browser.newPage({ viewport: { width, height } });
   try {
     page.setDefaultTimeout(o.timeout_ms || 60000);
 
@@ -21,6 +24,13 @@ async function main() {
     await page.fill('input[name=email]', o.email);
     await page.fill('input[name=password]', o.password);
     await Promise.all([page.waitForURL((u) => !u.pathname.startsWith('/user/login')), page.click('button[type=submit]')]);
+
+    // the task list: what a reviewer reads there (columns shown, in the first tab)
+    await page.goto(`${o.url}/projects/${o.project}/data`);
+    await page.locator('img[src*="local-files"]').first().waitFor({ state: 'visible' });
+    await page.waitForTimeout(500);
+    out.listText = await page.locator('body').innerText();
+    if (o.screenshot) await page.screenshot({ path: o.screenshot.replace(/\.png$/, '-list.png') });
 
     await page.goto(`${o.url}/projects/${o.project}/data?task=${o.task}`);
     // the task's photo, served in place through /data/local-files/
@@ -40,6 +50,21 @@ async function main() {
     }));
     out.choices = radios.filter((r) => o.classes.some((c) => r.text === c || r.text.startsWith(`${c}[`)));
     out.prefilled = (out.choices.find((r) => r.checked) || { text: '' }).text;
+
+    // every choice must be on screen and be what a click at its centre reaches (nothing covers it)
+    out.viewport = { width, height };
+    out.boxes = [];
+    for (const cls of o.classes) {
+      const label = page.locator('label', { hasText: new RegExp(`^\\s*${cls}(\\[|$)`) }).first();
+      const box = await label.boundingBox();
+      const hit = box && await page.evaluate(([x, y, text]) => {
+        const el = document.elementFromPoint(x, y);
+        const owner = el && el.closest('label');
+        return !!owner && owner.textContent.trim().startsWith(text);
+      }, [box.x + box.width / 2, box.y + box.height / 2, cls]);
+      out.boxes.push({ cls, box, clickable: !!hit });
+    }
+    if (o.screenshot) await page.screenshot({ path: o.screenshot.replace(/\.png$/, '-choices.png') });
 
     // pick another class and submit
     await page.locator('label', { hasText: new RegExp(`^\\s*${o.pick}`) }).first().click();

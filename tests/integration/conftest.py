@@ -36,6 +36,13 @@ class LabelStudio:
     token: str
     owner: object  # the Workspace whose `labelstudio up` started it
 
+    def guest(self) -> dict[str, str]:
+        """Config lines for another workspace using this server: its photos go to the served folder this
+        server serves (the owner's; names are content hashes, so workspaces can share it)."""
+        from labeling.served import served_dir
+
+        return {'served_dir = ""': f'served_dir = "{served_dir(self.owner)}"'}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -106,7 +113,7 @@ def ls_ws(labelstudio: LabelStudio, tmp_path: Path, request: pytest.FixtureReque
     from labeling import server
 
     title = "t-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
-    ws = configure(tmp_path / "ws", port=labelstudio.port, title=title)
+    ws = configure(tmp_path / "ws", port=labelstudio.port, title=title, replace=labelstudio.guest())
     server.write_credentials(server.credentials_path(ws), server.read_credentials(
         server.credentials_path(labelstudio.owner)))
     return ws

@@ -1,4 +1,6 @@
-"""End to end in a real headless Chromium: a reviewer corrects a pushed photo, then `pull` records it."""
+"""End to end in a real headless Chromium at 1280x800: the task list hides the keys and shows the guess and its
+confidence; every one of the 11 class choices is on screen and clickable; a reviewer corrects a pushed photo,
+then `pull` records it."""
 
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, build_manifest
+from tests.integration.conftest import IKEA, REPO, build_manifest
 
 pytestmark = pytest.mark.integration
 
 BROWSER_DIR = REPO / "tests" / "browser"
 ARTIFACTS = REPO / "test-artifacts"
+CLASSES = ["bed", "bench", "cabinet", "chair", "chest_of_drawers", "desk", "shelf", "sofa", "stool", "table",
+           "wardrobe"]  # all 11 ikea_products classes
 
 
 def test_reviewer_corrects_a_guess_in_the_browser_and_pull_records_it(ls_ws, labelstudio):
@@ -27,31 +31,44 @@ def test_reviewer_corrects_a_guess_in_the_browser_and_pull_records_it(ls_ws, lab
     if not Path("/usr/bin/chromium").exists() or shutil.which("node") is None:
         pytest.fail("needs Debian's chromium (/usr/bin/chromium) and node")
 
-    (image_id,) = build_manifest(ls_ws, labeled={"chair": 1, "sofa": 1, "table": 1},
-                                 flagged=[("sofa", "chair", 0.31, "low_confidence")])
+    classes = sorted(CLASSES)
+    (image_id,) = build_manifest(ls_ws, labeled=dict.fromkeys(classes, 1),
+                                 flagged=[("wardrobe", "table", 0.31, "low_confidence")])
     report = push(ls_ws)
     task_id = int(mf.load(ls_ws).set_index("image_id").loc[image_id, "review_task"])
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "review_submit.png"
     shot.unlink(missing_ok=True)
     args = {"url": labelstudio.url, "email": labelstudio.username, "password": labelstudio.password,
-            "project": report.project_id, "task": task_id, "pick": "sofa", "classes": ["chair", "sofa", "table"],
-            "screenshot": str(shot), "timeout_ms": 30000}
+            "project": report.project_id, "task": task_id, "pick": "wardrobe", "classes": classes,
+            "screenshot": str(shot), "timeout_ms": 30000, "viewport": [1280, 800]}
     run = subprocess.run(["node", str(BROWSER_DIR / "review.js"), json.dumps(args)], cwd=BROWSER_DIR,
                          capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
 
+    # the task list: guess and confidence are columns; the sha256 and the absolute path are not shown
+    assert "confidence" in seen["listText"] and "guess" in seen["listText"] and "0.31" in seen["listText"]
+    assert image_id[:16] not in seen["listText"] and str(IKEA) not in seen["listText"]
+
     assert seen["naturalWidth"] > 0 and "local-files" in seen["imageSrc"]
-    assert len(seen["choices"]) == 3  # one radio per class
-    assert seen["prefilled"].startswith("chair")  # the model's guess, pre-filled
+    assert len(seen["choices"]) == 11  # one radio per class
+    assert seen["prefilled"].startswith("table")  # the model's guess, pre-filled
+    # all 11 choices inside the 1280x800 viewport and reachable by a click (nothing covers them)
+    assert [b["cls"] for b in seen["boxes"]] == classes
+    for b in seen["boxes"]:
+        box = b["box"]
+        assert box is not None and b["clickable"], b
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 1280, b
+        assert box["y"] >= 0 and box["y"] + box["height"] <= 800, b
     assert seen["status"] == 201
-    assert seen["annotation"]["result"][0]["value"]["choices"] == ["sofa"]
+    assert seen["annotation"]["result"][0]["value"]["choices"] == ["wardrobe"]
     assert shot.exists() and shot.stat().st_size > 10_000
+    assert shot.with_name("review_submit-choices.png").exists()
 
     pulled = pull(ls_ws)
     assert pulled.ok and pulled.labeled == 1
     row = mf.load(ls_ws).set_index("image_id").loc[image_id]
-    assert (row["label"], row["label_source"], row["label_by"]) == ("sofa", "review", labelstudio.username)
+    assert (row["label"], row["label_source"], row["label_by"]) == ("wardrobe", "review", labelstudio.username)
     last = mf.history(ls_ws).iloc[-1]
-    assert (last["image_id"], last["new_label"], last["source"]) == (image_id, "sofa", "review")
+    assert (last["image_id"], last["new_label"], last["source"]) == (image_id, "wardrobe", "review")

@@ -1,10 +1,14 @@
 """The README's main job (`make demo` → `sortloop demo`) end to end on real photos and a real Label Studio.
 
-ingest a labeled folder → train → deploy → sort a new folder → `labelstudio up` → push the flagged photos.
+ingest a labeled folder → hold out whole items as new photos → train on the rest → deploy → sort the new
+photos → register the sorted tree for scan → `labelstudio up` → push the flagged photos → (simulated) review
+in Label Studio → pull → retrain → the gate promotes a more accurate model. A rerun trains nothing.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 
 import pytest
@@ -12,57 +16,82 @@ from typer.testing import CliRunner
 
 from loop import manifest, registry
 from loop.app.cli import app
+from loop.workspace import Workspace
 from tests.integration.conftest import configure, free_port, photos, template_dir
 
 pytestmark = pytest.mark.integration
 
-CLASSES = {"chair": 16, "sofa": 16, "bed": 16}
+CLASSES = {"chair": 16, "sofa": 16, "bed": 16, "table": 16}
 
 
-def test_demo_runs_the_whole_loop_once(tmp_path):
+def test_demo_learns_from_a_simulated_review_and_a_rerun_trains_nothing(tmp_path):
     from label_studio_sdk import LabelStudio
 
     from labeling import server
     from tests.prepare_labelstudio import read_marker
 
-    # labeled: the first 10 photos of each class; new: the next 6 (never seen in training)
-    labeled, new = tmp_path / "labeled", tmp_path / "inbox" / "2026" / "week48"
+    labeled = tmp_path / "labeled"
     for cls, path in photos(CLASSES):
-        target = labeled / cls if len(list((labeled / cls).glob("*"))) < 10 else new
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, target / path.name)
+        (labeled / cls).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, labeled / cls / path.name)
     dest = tmp_path / "sorted"
-
-    # a low threshold so that some of the 18 new photos are surely flagged
+    # a weak first model (a quarter of the items) and a low flag threshold, so the review has work to do
     ws = configure(tmp_path / "ws", port=free_port(), title="demo",
                    replace={"flag_threshold = 0.5": "flag_threshold = 0.2"})
     template = template_dir()
     shutil.copytree(template, server.data_dir(ws), symlinks=True)
     server.write_credentials(server.credentials_path(ws), read_marker(template))
+    args = ["-w", str(ws.root), "demo", "--labeled", str(labeled), "--new", str(labeled), "--dest", str(dest),
+            "--holdout", "0.75"]
+    runner = CliRunner()
     try:
-        result = CliRunner().invoke(
-            app, ["demo", "--labeled", str(labeled), "--new", str(tmp_path / "inbox"), "--dest", str(dest),
-                  "-w", str(ws.root)],
-        )
+        result = runner.invoke(app, [*args, "--simulate-review", "40"])
         assert result.exit_code == 0, result.output
-        for step in ("ingest:", "train:", "deploy: promoted", "sort:", "labelstudio:", "push:"):
-            assert step in result.output
-        assert f"Review flagged photos at {server.embedded_url(ws)}" in result.output
-        assert "sortloop serve" in result.output
+        text = result.output
+        for step in ("ingest:", "train: candidate v0001", "deploy: promoted v0001", "sort:", "scan: registered",
+                     "labelstudio: starting", "labelstudio: running", "push:"):
+            assert step in text, step
+        assert f"Review the flagged photos in your browser: {server.embedded_url(ws)}".lower() in text.lower()
+        for command in ("review pull", "train", "deploy", "serve", "demo --labeled .* --simulate-review 40"):
+            assert re.search(rf"sortloop -w \S+ {command}", text), command
 
-        assert registry.current_version(ws) == "v0001"
-        copies = list(dest.rglob("*.jpg"))
-        assert len(copies) == 18 and all(p.parent.name == "week48" for p in copies)  # keep-tree default
-        assert {p.parents[2].name for p in copies} <= set(CLASSES)
-
+        # held out: whole items, never trained on by v0001, sorted as the new photos
+        held = json.loads((ws.runs_dir / "demo.json").read_text())["held_out"]
         df = manifest.load(ws)
-        flagged = df[df["flag"].notna()]
-        assert len(flagged) > 0 and (flagged["review_task"].notna()).all()
+        learned = df[df["label_source"] == "folder"]
+        assert len(held) > 0 and not set(held) & set(learned["image_id"])
+        assert not set(df[df["image_id"].isin(held)]["item_id"]) & set(learned["item_id"])
+        assert len(list(dest.rglob("*.jpg"))) == len(held)
+        assert Workspace(ws.root).settings.schedule.sorted_trees == [dest]
+
+        # the simulated reviewer went through Label Studio, and the labels came back by pull
+        assert "via Label Studio (then `review pull`)" in text
+        reviewed = df[df["label_source"] == "review"]
+        assert len(reviewed) > 0 and (reviewed["label"] == reviewed["image_id"].map(held)).all()
         creds = server.read_credentials(server.credentials_path(ws))
         client = LabelStudio(base_url=server.embedded_url(ws), api_key=creds.token)
         project = next(p for p in client.projects.list() if p.title == "demo")
-        tasks = list(client.tasks.list(project=project.id, fields="all"))
-        assert {t.data["image_id"] for t in tasks} == set(flagged["image_id"])
-        assert all(t.predictions and t.predictions[0].model_version == "v0001" for t in tasks)
+        annotated = [t for t in client.tasks.list(project=project.id, fields="all") if t.annotations]
+        assert {t.data["image_id"] for t in annotated} == set(reviewed["image_id"])
+
+        # fewer flagged photos than asked for: the simulated user moved misfiled copies, and scan recorded them
+        moved = df[df["label_source"] == "user_move"]
+        if len(reviewed) < 40:
+            assert "simulated user: moved" in text and len(moved) > 0
+        assert (moved["label"] == moved["image_id"].map(held)).all()
+
+        # the new model: promoted by the gate, more accurate than the first on the same photos
+        found = re.search(r"accuracy on the same (\d+) user validation photos: v0001 \(before\) ([0-9.]+) -> "
+                          r"v0002 \(after review\) ([0-9.]+)", text)
+        assert found, text
+        assert float(found.group(3)) > float(found.group(2))
+        assert "gate promoted v0002" in text and registry.current_version(ws) == "v0002"
+
+        # a rerun with nothing new: no new version, nothing copied
+        again = runner.invoke(app, args)
+        assert again.exit_code == 0, again.output
+        assert "nothing new to train: no new labels since v0002" in again.output
+        assert registry.list_versions(ws) == ["v0001", "v0002"]
+        assert ": 0 copied" in again.output
     finally:
         server.down(ws)

@@ -98,8 +98,11 @@ def test_project_config_and_image_served(ls_ws, labelstudio):
         assert 'hotkey="1"' in project.label_config
         task = next(iter(client.tasks.list(project=project.id, fields="task_only", page_size=1)))
         storages = [s.path for s in client.import_storage.local.list(project=project.id)]
-    assert str(Path(task.data["path"]).parent) in storages  # a storage per image folder grants access
-    # served in place from the photo's own folder (no copy), to an authenticated client only
+    from labeling.served import storage_dir
+
+    assert storages == [str(storage_dir(ls_ws))]  # one storage: the served photos, nothing else
+    assert task.data["image"] == f"/data/local-files/?d=photos/{task.data['image_id']}.jpg"
+    # served from its published entry (named by hash), to an authenticated client only
     url = labelstudio.url + task.data["image"]
     ok = httpx.get(url, headers={"Authorization": f"Token {labelstudio.token}"})
     assert ok.status_code == 200 and ok.content == Path(task.data["path"]).read_bytes()
@@ -284,6 +287,118 @@ def test_failed_manifest_write_keeps_the_watermark_and_loses_nothing(ls_ws, sdk,
     done = pull_module.pull(ls_ws)
     assert done.labeled == 1 and state_file.exists()
     assert mf.load(ls_ws).set_index("image_id").loc[ids[1], "label"] == "sofa"
+
+
+def test_an_annotation_deleted_in_label_studio_takes_its_label_back(ls_ws, sdk):
+    from labeling.deleted import BY
+    from labeling.pull import pull
+    from labeling.push import push
+    from loop import manifest as mf
+
+    fresh, relabeled, moved_later = build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED[:3])
+    mf.set_labels(ls_ws, [mf.LabelChange(relabeled, "table", "user_move", "scan")])  # a label before review
+    report = push(ls_ws)
+    task_of = {t.data["image_id"]: t.id for t in project_tasks(sdk, report.project_id)}
+    made = {i: sdk.annotations.create(id=task_of[i], result=choice("sofa")) for i in (fresh, relabeled, moved_later)}
+    assert pull(ls_ws).labeled == 3
+    mf.set_labels(ls_ws, [mf.LabelChange(moved_later, "bed", "user_move", "scan")])  # changed after the review
+
+    for annotation in made.values():
+        sdk.annotations.delete(id=annotation.id)
+    history_before = len(mf.history(ls_ws))
+    p = pull(ls_ws)
+    assert p.ok and p.reverted == 2 and "2 reverted" in p.summary()
+    df = mf.load(ls_ws).set_index("image_id")
+    assert pd.isna(df.loc[fresh, "label"]) and pd.isna(df.loc[fresh, "label_source"])  # unlabeled again
+    assert (df.loc[relabeled, "label"], df.loc[relabeled, "label_source"]) == ("table", "user_move")
+    assert df.loc[moved_later, "label"] == "bed"  # not set by the deleted annotation: left alone
+    assert (df.loc[[fresh, relabeled, moved_later], "review_status"] == "pushed").all()
+    logged = mf.history(ls_ws).iloc[history_before:].set_index("image_id")
+    assert sorted(logged.index) == sorted([fresh, relabeled]) and set(logged["by"]) == {BY}
+    assert logged.loc[relabeled, "old_label"] == "sofa" and logged.loc[relabeled, "new_label"] == "table"
+    assert pd.isna(logged.loc[fresh, "new_label"])
+
+    assert pull(ls_ws).reverted == 0  # taken back once
+    sdk.annotations.create(id=task_of[fresh], result=choice("chair"))  # reviewed again: applied as usual
+    assert pull(ls_ws).labeled == 1
+    assert mf.load(ls_ws).set_index("image_id").loc[fresh, "label"] == "chair"
+    assert len(project_tasks(sdk, report.project_id)) == 3  # nothing re-imported
+
+
+def test_a_label_that_cannot_be_a_class_is_rejected_even_when_new_classes_are_allowed(ls_ws, sdk):
+    from labeling import payloads
+    from labeling.client import connect
+    from labeling.pull import pull
+    from labeling.push import push
+    from loop import manifest as mf
+    from loop.workspace import open_workspace
+
+    ls_ws.config_file.write_text(ls_ws.config_file.read_text().replace("allow_new_classes = false",
+                                                                       "allow_new_classes = true"))
+    ws = open_workspace(ls_ws.root)
+    bad, good = build_manifest(ws, labeled=LABELED, flagged=FLAGGED[:2])
+    report = push(ws)
+    with connect(ws) as client:  # someone adds a "class" that is a path
+        client.projects.update(report.project_id, label_config=payloads.label_config(sorted(LABELED) + ["../../etc"]))
+    task_of = {t.data["image_id"]: t.id for t in project_tasks(sdk, report.project_id)}
+    sdk.annotations.create(id=task_of[bad], result=choice("../../etc"))
+    sdk.annotations.create(id=task_of[good], result=choice("lamp"))
+
+    p = pull(ws)
+    assert not p.ok and [r.image_id for r in p.rejected] == [bad] and "cannot be a class name" in p.rejected[0].reason
+    df = mf.load(ws).set_index("image_id")
+    assert pd.isna(df.loc[bad, "label"]) and df.loc[good, "label"] == "lamp"
+    assert "../../etc" not in set(mf.history(ws)["new_label"].dropna())
+
+
+def test_tasks_and_storages_of_an_earlier_version_are_brought_to_the_served_folder(ls_ws, sdk, labelstudio):
+    import httpx
+
+    from labeling import payloads
+    from labeling.project import state_path
+    from labeling.push import push
+    from labeling.served import served_dir, storage_dir
+
+    build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED[:2])
+    report = push(ls_ws)
+    # as an earlier version left the project: tasks pointing at the photo in place, a storage per folder
+    tasks = project_tasks(sdk, report.project_id)
+    for t in tasks:
+        sdk.tasks.update(id=str(t.id), data={**t.data, "image": "/data/local-files/?d=" + t.data["path"].lstrip("/")})
+    legacy = served_dir(ls_ws) / "legacy-folder"
+    legacy.mkdir()
+    sdk.import_storage.local.create(project=report.project_id, path=str(legacy), use_blob_urls=False)
+    state = json.loads(state_path(ls_ws).read_text())
+    del state["served"]
+    state_path(ls_ws).write_text(json.dumps(state))
+
+    again = push(ls_ws)
+    assert again.imported == 0
+    storages = [s.path for s in sdk.import_storage.local.list(project=report.project_id)]
+    assert storages == [str(storage_dir(ls_ws))]
+    for t in project_tasks(sdk, report.project_id):
+        assert t.data["image"] == payloads.image_url(f"{t.data['image_id']}.jpg")
+        shown = httpx.get(labelstudio.url + t.data["image"], headers={"Authorization": f"Token {labelstudio.token}"})
+        assert shown.status_code == 200 and shown.content == Path(t.data["path"]).read_bytes()
+
+
+def test_a_review_that_confirms_the_class_counts_as_unchanged(ls_ws, sdk):
+    """A moved photo (label user_move) confirmed by a reviewer: only the label's source changes."""
+    from labeling.pull import pull
+    from labeling.push import push
+    from loop import manifest as mf
+
+    (moved,) = build_manifest(ls_ws, labeled=LABELED, flagged=[("chair", "table", 0.9, "user_moved")])
+    mf.set_labels(ls_ws, [mf.LabelChange(moved, "chair", "user_move", "scan")])
+    report = push(ls_ws)
+    task_id = int(mf.load(ls_ws).set_index("image_id").loc[moved, "review_task"])
+    sdk.annotations.create(id=task_id, result=choice("chair"))
+    pulled = pull(ls_ws)
+    assert report.imported == 1 and pulled.ok
+    assert (pulled.labeled, pulled.confirmed) == (0, 1)
+    assert "0 label(s) set, 1 unchanged" in pulled.summary()
+    row = mf.load(ls_ws).set_index("image_id").loc[moved]
+    assert (row["label"], row["label_source"]) == ("chair", "review")  # the review is still recorded
 
 
 def test_pulled_correction_moves_the_sorted_copy(ls_ws, sdk, sort_model, shared_data, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ it, and the next watch run sorts with the new version without a restart.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,14 +46,15 @@ def run_now(scheduler, ws: Workspace, job_id: str, timeout: float = 900.0) -> di
     raise AssertionError(f"job {job_id} did not run within {timeout} s")
 
 
-def link_photos(folder: Path, items: list[tuple[str, Path]]) -> dict[str, str]:
-    """Symlink real photos into `folder` (read in place, never copied); returns image path -> true class."""
+def copy_photos(folder: Path, items: list[tuple[str, Path]]) -> dict[str, str]:
+    """Copy real photos into `folder` (a symlink leaving the inbox would not be shown to reviewers);
+    returns image path -> true class."""
     folder.mkdir(parents=True, exist_ok=True)
     truth = {}
     for cls, path in items:
-        link = folder / f"{cls}-{path.name}"
-        link.symlink_to(path)
-        truth[str(link)] = cls
+        copy = folder / f"{cls}-{path.name}"
+        shutil.copy2(path, copy)
+        truth[str(copy)] = cls
     return truth
 
 
@@ -81,7 +83,7 @@ def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, 
     assert deploy(ws, first.version).promoted and current_version(ws) == first.version
 
     new = slice(LABELED_PER_CLASS, LABELED_PER_CLASS + INBOX_PER_CLASS)
-    truth = link_photos(inbox, [(c, p) for c in CLASSES for p in pool[c][new]])
+    truth = copy_photos(inbox, [(c, p) for c in CLASSES for p in pool[c][new]])
     jobs.STOP.clear()
     scheduler = schedule.build_scheduler(ws, scheduler_cls=BackgroundScheduler)
     scheduler.start()
@@ -154,7 +156,7 @@ def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, 
         assert again["ok"] and again["skipped"] and f"no new labels since {second}" in again["summary"]
 
         # 8. new photos arrive: the next watch run sorts them with the new model, no restart
-        later = link_photos(inbox, [(c, p) for c in CLASSES for p in pool[c][-LATER_PER_CLASS:]])
+        later = copy_photos(inbox, [(c, p) for c in CLASSES for p in pool[c][-LATER_PER_CLASS:]])
         watched = run_now(scheduler, ws, "watch")
         assert watched["ok"], watched
         df = manifest.load(ws).set_index("path")

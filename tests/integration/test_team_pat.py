@@ -45,7 +45,7 @@ def test_push_and_pull_with_a_personal_access_token(labelstudio, tmp_path, monke
 
     # a team workspace: another URL's server, no embedded credentials, the token from the environment
     ws = configure(tmp_path / "ws", port=free_port(), title="team review",
-                   replace={'url = ""': f'url = "{labelstudio.url}/"'})
+                   replace={'url = ""': f'url = "{labelstudio.url}/"', **labelstudio.guest()})
     assert not credentials_path(ws).exists()
 
     monkeypatch.setenv(TOKEN_ENV, labelstudio.token)  # the legacy token is now refused, with the fix named

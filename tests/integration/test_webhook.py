@@ -28,7 +28,7 @@ def test_a_save_in_label_studio_triggers_a_pull(labelstudio, sdk, tmp_path):
     from loop import manifest as mf
 
     ws = configure(tmp_path / "ws", port=labelstudio.port, title="hooks",
-                   replace={"webhook_port = 0": f"webhook_port = {free_port()}"})
+                   replace={"webhook_port = 0": f"webhook_port = {free_port()}", **labelstudio.guest()})
     server.write_credentials(server.credentials_path(ws), server.read_credentials(
         server.credentials_path(labelstudio.owner)))
     (image_id,) = build_manifest(ws, labeled={"chair": 1, "bed": 1}, flagged=[("bed", "chair", 0.2, "low_confidence")])

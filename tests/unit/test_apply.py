@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from loop import copies, corrections, manifest
 from loop.app.cli import app
 from loop.apply import apply_labels
-from loop.errors import SortloopError
+from loop.errors import ClassNameError, SortloopError
 from loop.review_list import REVIEW_CSV
 from loop.sort import sort_folder
 from tests.unit.sort_helpers import deploy_copy, ikea_classes, sample_ikea
@@ -115,7 +115,11 @@ def test_user_moved_and_edited_copies_are_left_alone(sorted_tree) -> None:
 def test_unusable_label_refuses_and_moves_nothing(sorted_tree) -> None:
     ws, _, dest, records, classes = sorted_tree
     review(ws, records.iloc[0].image_id, other_class(classes, records.iloc[0].label))
-    review(ws, records.iloc[1].image_id, "../escape")
+    bad = records.iloc[1].image_id
+    with pytest.raises(ClassNameError):  # refused where labels enter ...
+        review(ws, bad, "../escape")
+    # ... so only a manifest written before that check can hold one
+    manifest.update(ws, lambda df: df.assign(label=df["label"].mask(df["image_id"] == bad, "../escape")))
     before = tree_state(dest)
     with pytest.raises(SortloopError, match="cannot be a category folder"):
         apply_labels(ws)

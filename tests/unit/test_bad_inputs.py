@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -13,11 +15,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from loop import copies
+from loop import copies, manifest
 from loop.app.cli import app
-from loop.decode import decode_chunk, decode_stream
-from loop.images import file_sha256
+from loop.decode import decode_chunk, decode_one, decode_stream
+from loop.errors import ConfigError
+from loop.images import file_sha256, load_model_input
+from loop.ingest import ingest_folder
 from loop.sort import sort_folder
+from tests.unit.fault_helpers import REPO
 from tests.unit.sort_helpers import deploy_copy, files_under
 
 # file name -> words its failure reason must contain
@@ -29,7 +34,7 @@ BROKEN = {
     "loop.jpg": "symbolic links",
     "pipe.jpg": "not a regular file",
 }
-READABLE = ["cmyk.jpg", "sixteen.png", "alpha.png", "café photos/été 1 ☀ (copy).jpg", "plain.jpg"]
+READABLE = ["cmyk.jpg", "sixteen.png", "alpha.png", "café photos/été 1 ☀ (copy).jpg", "plain.jpg", "anim.gif"]
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -59,6 +64,15 @@ def make_zoo(folder: Path, photo: Path) -> None:
     (folder / "café photos").mkdir()
     shutil.copy2(photo, folder / "café photos" / "été 1 ☀ (copy).jpg")
     shutil.copy2(photo, folder / "plain.jpg")
+    make_animated_gif(folder / "anim.gif", img)
+
+
+def make_animated_gif(path: Path, img: Image.Image) -> Path:
+    """Two frames: the photo, then a flat grey one; sortloop must see the first."""
+    first = img.convert("RGB").resize((96, 64))
+    first.save(path, save_all=True, append_images=[Image.new("RGB", (96, 64), (128, 128, 128))], duration=100,
+               loop=0)
+    return path
 
 
 @pytest.fixture
@@ -121,3 +135,41 @@ def test_a_crashing_decoder_fails_only_its_file(shared_data, tmp_path) -> None:
     assert [r.path for r in results] == paths
     assert [r.ok for r in results] == [True, True, False, True, True, True]
     assert "crashed" in (results[2].error or "")
+
+
+def test_ingest_reports_the_zoo_exits_1_and_never_hangs(zoo) -> None:
+    """Ingest meets the same zoo as sort: a FIFO named pipe.jpg must not block it (a real CLI process)."""
+    ws, src = zoo
+    done = subprocess.run([sys.executable, "-c", "from loop.app.cli import app; app()", "ingest", str(src),
+                           "-w", str(ws.root)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr  # unreadable files: exit 1, like sort
+    assert "Traceback" not in done.stderr
+    for name, words in BROKEN.items():
+        assert name in done.stderr and words in done.stderr.split(name, 1)[1].splitlines()[0], (name, done.stderr)
+    paths = set(manifest.load(ws)["path"])
+    # byte-identical files are one image: plain.jpg and the café copy share a row
+    assert len(paths) == len(READABLE) - 1 and str(src / "anim.gif") in paths
+
+
+def test_a_gif_is_its_first_frame(tmp_path, shared_data) -> None:
+    photo = sorted((shared_data / "ikea_products" / "sofa").glob("*.jpg"))[0]
+    gif = make_animated_gif(tmp_path / "anim.gif", Image.open(photo))
+    with Image.open(gif) as frames:
+        assert frames.n_frames == 2
+        frames.convert("RGB").save(tmp_path / "first.png")
+    rec = decode_one(gif, 64)
+    assert rec.ok and np.array_equal(rec.pixels, load_model_input(tmp_path / "first.png", 64))
+
+
+def test_a_binary_items_csv_is_a_clear_error(ws, tmp_path, shared_data) -> None:
+    photos = tmp_path / "p"
+    photos.mkdir()
+    shutil.copy2(sorted((shared_data / "ikea_products" / "bed").glob("*.jpg"))[0], photos / "a.jpg")
+    binary = tmp_path / "items.csv"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe" + bytes(range(256)))
+    with pytest.raises(ConfigError, match="not a UTF-8 text CSV"):
+        ingest_folder(ws, photos, items_csv=binary)
+    result = CliRunner().invoke(app, ["ingest", str(photos), "--items", str(binary), "-w", str(ws.root)])
+    assert result.exit_code == 1 and "not a UTF-8 text CSV" in result.output
+    assert not isinstance(result.exception, UnicodeDecodeError)

@@ -9,7 +9,7 @@ from loop.app.cli import app
 runner = CliRunner()
 
 COMMANDS = ["init", "ingest", "train", "deploy", "rollback", "models", "sort", "scan", "serve", "status",
-            "report", "demo", "labelstudio", "review"]
+            "report", "demo", "labelstudio", "review", "labels", "history", "watch"]
 
 
 def test_help_lists_every_command():

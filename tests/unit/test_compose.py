@@ -71,7 +71,7 @@ def test_services_are_label_studio_on_postgres_and_the_worker(compose):
     assert services["nginx"]["command"] == "nginx" and services["app"]["command"] == "label-studio-uwsgi"
 
 
-def test_label_studio_and_worker_share_the_token_and_the_photos(compose):
+def test_label_studio_and_worker_share_the_token_and_only_the_served_photos(compose):
     import labeling.server
 
     services = compose["services"]
@@ -81,11 +81,14 @@ def test_label_studio_and_worker_share_the_token_and_the_photos(compose):
     assert worker_env[labeling.server.TOKEN_ENV] == app_env["LABEL_STUDIO_USER_TOKEN"] == token
     assert app_env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
     assert app_env["LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED"] == "true"
-    # the same photo folder at the same path in both, so pushed tasks reference files LS can serve in place
+    # Label Studio sees only the served folder (pushed photos), at the worker's path, read-only; never the
+    # photo folder or the workspace
     app_mounts, worker_mounts = mounts(services["app"]), mounts(services["worker"])
-    assert app_mounts["/photos"][0] == worker_mounts["/photos"][0]
-    assert app_mounts["/photos"][1] == "ro" and worker_mounts["/photos"][1] == "rw"  # only the worker writes
-    assert "/photos".startswith(app_env["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"])
+    served = worker_env["SORTLOOP_LABELSTUDIO__SERVED_DIR"]
+    assert app_env["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"] == served
+    assert app_mounts[served][0] == worker_mounts[served][0] and app_mounts[served][0] in compose["volumes"]
+    assert app_mounts[served][1] == "ro" and worker_mounts[served][1] == "rw"  # only the worker writes
+    assert "/photos" not in app_mounts and worker_env["SORTLOOP_WORKSPACE"] not in app_mounts
     # the worker's workspace is a named, declared volume at $SORTLOOP_WORKSPACE
     source = worker_mounts[worker_env["SORTLOOP_WORKSPACE"]][0]
     assert source in compose["volumes"]

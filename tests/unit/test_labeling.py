@@ -32,19 +32,20 @@ def test_label_config_round_trips_classes_with_hotkeys_and_escaping():
     assert payloads.config_classes(many) == [f"c{i}" for i in range(40)]
 
 
-def test_image_url_is_relative_to_root_and_quoted():
-    assert payloads.image_url("/photos/my room/é 1.jpg") == "/data/local-files/?d=photos/my%20room/%C3%A9%201.jpg"
+def test_image_url_points_into_the_served_folder():
+    assert payloads.image_url("ab12.jpg") == "/data/local-files/?d=photos/ab12.jpg"
 
 
 def test_task_carries_hash_and_prediction():
     row = pd.Series({"image_id": "abc", "path": "/p/x.jpg", "flag": "low_confidence", "pred_label": "sofa",
                      "pred_conf": 0.42, "pred_model": "v0003"})
-    t = payloads.task(row)
+    t = payloads.task(row, "abc.jpg")
     assert t["data"]["image_id"] == t["meta"]["image_id"] == "abc"
+    assert t["data"]["image"] == payloads.image_url("abc.jpg")
     assert t["predictions"] == [{"model_version": "v0003", "score": 0.42, "result": payloads.choice_result("sofa")}]
     row2 = row.copy()
     row2["pred_label"] = pd.NA
-    assert "predictions" not in payloads.task(row2)
+    assert "predictions" not in payloads.task(row2, "abc.jpg")
 
 
 def test_decide_latest_non_cancelled_wins_over_earlier_and_later_skips():
@@ -81,15 +82,6 @@ def test_select_candidates_order_and_exclusions():
     df.loc[df.image_id == "c", ["review_status", "review_task"]] = ["pushed", 12]
     assert "c" not in list(select_candidates(df)["image_id"])
     assert "c" in list(select_candidates(df, trust_hints=False)["image_id"])
-
-
-def test_image_roots_minimal_and_bounded():
-    from labeling.project import image_roots
-
-    paths = ["/a/b/1.jpg", "/a/b/c/2.jpg", "/a/bc/3.jpg", "/x/4.jpg"]
-    assert image_roots(paths) == ["/a/b", "/a/bc", "/x"]
-    many = [f"/lib/2026/day{i:03d}/p.jpg" for i in range(200)]
-    assert image_roots(many, max_roots=10) == ["/lib/2026"]
 
 
 def test_credentials_are_owner_only_and_never_in_repr(tmp_path):

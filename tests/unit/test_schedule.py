@@ -228,7 +228,15 @@ def slow_pull(ws):
     (marks / f"end-{n}").touch()
     return "slow pull done"
 
+def fast_triggers(ws, real=schedule.triggers):
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    wanted = real(ws)
+    wanted["pull"] = IntervalTrigger(seconds=0.6, timezone="UTC")  # the config allows >= 1 minute
+    return wanted
+
 jobs.STEPS["pull"] = slow_pull
+schedule.triggers = fast_triggers
 schedule.serve(open_workspace(sys.argv[1]))
 """
 
@@ -239,8 +247,7 @@ def test_serve_refuses_a_second_process_and_stops_cleanly_on_sigterm(ws, tmp_pat
     marks.mkdir()
     script = tmp_path / "serve.py"
     script.write_text(textwrap.dedent(SERVE_SCRIPT))
-    env = {**os.environ, "SORTLOOP_SCHEDULE__PULL_MINUTES": "0.01", "SORTLOOP_SCHEDULE__TIMEZONE": "UTC",
-           "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "SORTLOOP_SCHEDULE__TIMEZONE": "UTC", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(script), str(ws.root), str(marks)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

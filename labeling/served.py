@@ -1,0 +1,192 @@
+"""The served folder: the only files Label Studio may show, exactly the photos sortloop pushed.
+
+Label Studio's local-files storage serves any file under a storage's folder to a logged-in user, and it
+follows symlinks. So photos are never served in place: each pushed photo gets a read-only entry
+`<served>/photos/<sha256><.ext>` (a hard link to the original where the file system allows it, else a
+copy), checked to hash to the photo's image_id before it is published, and the server's document root is
+`<served>` with ONE storage on `<served>/photos`. Nothing else is ever put there, so nothing else
+(credentials, the server's database, a symlink's target, the rest of a photo folder) can be fetched.
+
+`<served>` is `labelstudio.served_dir`, by default `<workspace>/labelstudio/served` (owner-only, like the
+rest of that tree). A team server must see the same folder at the same path (docker-compose mounts one
+volume at `/served` in both containers); with `labelstudio.url` set its entries are world-readable
+(0755/0644), because that server runs as another user, and they hold only photos the team reviews.
+Caveat: a hard link shares the original's inode, so it keeps the original's permission bits (changing them
+would change the user's file) and keeps its bytes on disk after the original is deleted, until the entry
+is removed. A photo edited in place after it was published changes its entry too; it is then served with
+bytes that no longer match its task (rare: sortloop never edits photos).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import stat
+import uuid
+from pathlib import Path
+
+from labeling import payloads
+from loop.copies import safe_copy, same_content
+from loop.errors import ConfigError, SortloopError
+from loop.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+
+STAGING = ".staging"  # beside the storage folder, never under it: half-made entries are never servable
+_SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
+
+
+class PublishError(SortloopError):
+    """A photo that may not or cannot be served; the message starts with the photo's path."""
+
+
+def served_dir(ws: Workspace) -> Path:
+    """The folder Label Studio serves from (its LOCAL_FILES_DOCUMENT_ROOT); checked, see `check_served_dir`."""
+    configured = ws.settings.labelstudio.served_dir
+    default = ws.labelstudio_dir / "served"
+    return check_served_dir(Path(configured).expanduser() if configured else default, ws, default=default)
+
+
+def check_served_dir(path: Path, ws: Workspace, *, default: Path) -> Path:
+    """Refuse a served folder that could expose more than the pushed photos.
+
+    Raises:
+        ConfigError: relative, a symlink, containing the workspace, or inside the workspace elsewhere than
+            the default (the workspace holds the manifest, credentials and the server's database).
+    """
+    if not path.is_absolute():
+        raise ConfigError(f"labelstudio.served_dir must be an absolute path (got {str(path)!r})")
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(ws.root))
+    if real != Path(os.path.abspath(path)):
+        raise ConfigError(f"labelstudio.served_dir {path} is or passes through a symlink (to {real}); give the "
+                          "real folder")
+    if real == root or root.is_relative_to(real):
+        raise ConfigError(f"labelstudio.served_dir {path} contains the workspace {ws.root} (its credentials and "
+                          "the server's database would be servable); use an empty folder of its own")
+    if real.is_relative_to(root) and real != Path(os.path.realpath(default)):
+        raise ConfigError(f"labelstudio.served_dir {path} lies inside the workspace; leave it empty (default "
+                          f"{default}) or use a folder outside {ws.root}")
+    return real
+
+
+def storage_dir(ws: Workspace) -> Path:
+    """The one folder the project's local-files storage covers: `<served>/photos`."""
+    return served_dir(ws) / payloads.SERVED_SUBDIR
+
+
+def shared(ws: Workspace) -> bool:
+    """True when a team server (`labelstudio.url`, likely another user) must read the entries."""
+    return bool(ws.settings.labelstudio.url)
+
+
+def served_name(image_id: str, path: str) -> str:
+    """`<sha256><.ext>` (the extension lower-cased, kept so the server sends the right content type)."""
+    suffix = Path(path).suffix.lower()
+    return image_id + (suffix if _SUFFIX.fullmatch(suffix) else ".img")
+
+
+def _mkdir(folder: Path, mode: int) -> None:
+    folder.mkdir(mode=mode, exist_ok=True)
+    if folder.is_symlink() or not folder.is_dir():
+        raise ConfigError(f"{folder} must be a real folder (it is a symlink or a file); remove it")
+    os.chmod(folder, mode)
+
+
+def prepare(ws: Workspace) -> Path:
+    """Create the served folder and its storage folder with their modes; returns the storage folder.
+
+    The workspace's `labelstudio/` folder is made owner-only on the way (it holds credentials).
+    """
+    ws.labelstudio_dir.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir(ws.labelstudio_dir, 0o700)
+    mode = 0o755 if shared(ws) else 0o700
+    root = served_dir(ws)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir(root, mode)
+    _mkdir(root / payloads.SERVED_SUBDIR, mode)
+    _mkdir(root / STAGING, 0o700)
+    return root / payloads.SERVED_SUBDIR
+
+
+def source_problem(path: Path) -> str | None:
+    """Why the photo at `path` may not be published, or None.
+
+    A symlink is followed only while its target stays in the folder the photo was found in: a link
+    leaving it (`photo.jpg -> ~/secret.txt`) is refused, whatever it points at.
+    """
+    try:
+        st = path.lstat()
+    except OSError as exc:
+        return f"missing or unreadable ({exc.strerror or exc})"
+    if stat.S_ISLNK(st.st_mode):
+        real = Path(os.path.realpath(path))
+        folder = Path(os.path.realpath(path.parent))
+        if not real.is_relative_to(folder):
+            return f"a symlink to {real}, outside its folder {path.parent}; not served"
+        try:
+            st = real.stat()
+        except OSError as exc:
+            return f"a broken symlink ({exc.strerror or exc})"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    return None
+
+
+def publish(ws: Workspace, photos: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Make photos servable: `photos` maps image_id -> path where it was found.
+
+    Returns (served names by image_id, reasons by image_id for the photos refused: a symlink leaving its
+    folder, not a regular file, missing, changed since it was added...). Idempotent: existing entries
+    are kept.
+
+    Raises:
+        ConfigError: the served folder itself is unsafe (see `check_served_dir`).
+    """
+    storage = prepare(ws)
+    file_mode = 0o644 if shared(ws) else 0o600
+    names, refused = {}, {}
+    for image_id, path in photos.items():
+        try:
+            names[image_id] = _publish_one(storage, image_id, path, file_mode)
+        except PublishError as exc:
+            refused[image_id] = str(exc)
+            logger.warning("not sent for review: %s", exc)
+    return names, refused
+
+
+def _publish_one(storage: Path, image_id: str, path: str, file_mode: int) -> str:
+    """One entry: made in a staging folder outside the storage (hard link, else copy), checked to hash to
+    `image_id`, then linked into place under its final name; returns that name."""
+    name = served_name(image_id, path)
+    target = storage / name
+    if target.is_file() and not target.is_symlink():
+        return name
+    src = Path(path)
+    problem = source_problem(src)
+    if problem is not None:
+        raise PublishError(f"{path}: {problem}")
+    real = Path(os.path.realpath(src))
+    staging = storage.parent / STAGING
+    staged = staging / f"{name}.{uuid.uuid4().hex[:8]}"
+    try:
+        size = real.stat().st_size
+        try:
+            os.link(real, staged, follow_symlinks=False)
+            linked = True
+        except OSError:  # another file system, no hard links, or not ours (protected_hardlinks): copy
+            staged, _ = safe_copy(real, staging, staged.name, image_id=image_id, size=size)
+            linked = False
+        if not same_content(staged, size, image_id):
+            raise PublishError(f"{path}: its bytes changed since it was added (no longer {image_id[:12]}...); "
+                               "run `sortloop ingest` on its folder again")
+        if not linked:
+            os.chmod(staged, file_mode)
+        with contextlib.suppress(FileExistsError):  # a concurrent push published it meanwhile
+            os.link(staged, target)
+    except OSError as exc:
+        raise PublishError(f"{path}: cannot be published for review ({exc.strerror or exc})") from None
+    finally:
+        staged.unlink(missing_ok=True)
+    return name
