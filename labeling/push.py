@@ -5,10 +5,13 @@ and are not known to be in the project. "Known" is checked twice, because Label 
 permanent keys: the manifest's `review_task` hint (trusted only for the project it was set in), and the
 `image_id` (sha256) stored in every task of the project, listed before importing. So an image is never
 imported twice, even after a crash between an import and the manifest write.
-Order: user moves first, then lowest confidence first, so a reviewer with five minutes sees the most
-useful photos. Each photo is published into the served folder first (`labeling.served`: a hard link or
-copy named by its hash); a photo that may not be served (a symlink leaving its folder, missing, changed) is
-not sent, and is reported in `PushReport.refused` (it stays flagged: the next push tries again).
+Order: user moves first; then the photos `loop.review_queue` selected (by `review_rank`: the strategy's
+order, topped up at each push to `review.daily_budget`); then audit suspects (`suspected_mislabel`, surest
+first); then other flags, lowest confidence first. Everything but user moves counts against the daily
+budget (`history/pushes.jsonl`), so a reviewer gets the most useful photos and a bounded day's work.
+Each photo is published into the served folder first (`labeling.served`: a hard link or copy named by its
+hash); a photo that may not be served (a symlink leaving its folder, missing, changed) is not sent, and
+is reported in `PushReport.refused` (it stays flagged: the next push tries again).
 Tasks go in batches through Label Studio's own bulk import (`Client.import_tasks`: the SDK's request,
 encoded once; the payloads are built in `labeling.payloads`). The next batch is published and built while
 the server imports the current one (one import in flight). The manifest learns the new task ids every
@@ -27,12 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from labeling import payloads, served
 from labeling.client import Client, connect
 from labeling.project import ensure_project, remembered_project
 from loop import manifest as mf
+from loop import review_queue
 from loop.progress import ProgressCallback
 from loop.workspace import Workspace
 
@@ -71,7 +76,7 @@ class PushReport:
 
 
 def select_candidates(df: pd.DataFrame, *, trust_hints: bool = True) -> pd.DataFrame:
-    """Rows to push, most useful first: user moves, then lowest `pred_conf` (unknown confidence last).
+    """Rows to push, most useful first: user moves, selected (by rank), suspects, then lowest `pred_conf`.
 
     Args:
         df: the manifest.
@@ -85,9 +90,24 @@ def select_candidates(df: pd.DataFrame, *, trust_hints: bool = True) -> pd.DataF
     if not trust_hints:
         pushed[:] = False
     rows = df[wanted & ~done & ~pushed].copy()
-    rows["_moved"] = (rows["flag"].astype(object) == "user_moved").to_numpy(bool)
-    rows = rows.sort_values(["_moved", "pred_conf", "image_id"], ascending=[False, True, True], na_position="last")
-    return rows.drop(columns="_moved")
+    flag = rows["flag"].astype(object)
+    ranked = rows["review_rank"].notna().to_numpy()
+    suspect = (flag == "suspected_mislabel").to_numpy(bool)
+    rows["_group"] = np.select([(flag == "user_moved").to_numpy(bool), ranked, suspect], [0, 1, 2], 3)
+    rows["_key"] = np.where(ranked, rows["review_rank"].to_numpy(float, na_value=np.nan),
+                            np.where(suspect, -rows["pred_score"].to_numpy(float, na_value=np.nan),
+                                     rows["pred_conf"].to_numpy(float, na_value=np.nan)))
+    rows = rows.sort_values(["_group", "_key", "image_id"], na_position="last")
+    return rows.drop(columns=["_group", "_key"])
+
+
+def within_budget(rows: pd.DataFrame, left: int | None) -> pd.DataFrame:
+    """User moves, then at most `left` other rows (None: all), keeping the order."""
+    if left is None:
+        return rows
+    moved = (rows["flag"].astype(object) == "user_moved").to_numpy(bool)
+    keep = moved | (np.cumsum(~moved) <= left)
+    return rows[keep]
 
 
 def project_image_ids(client: Client, project_id: int, *, page_size: int = 1000) -> dict[str, int]:
@@ -129,11 +149,13 @@ def _prepared_batches(ws: Workspace, rows: pd.DataFrame, batch_size: int,
             yield batch, [payloads.task(row, names[row["image_id"]]) for row in batch.to_dict("records")]
 
 
-def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallback | None = None) -> PushReport:
-    """Send flagged manifest rows to the workspace's Label Studio project as tasks with predictions.
+def push(ws: Workspace, *, limit: int | None = None, select: bool = True,
+         on_progress: ProgressCallback | None = None) -> PushReport:
+    """Send flagged and selected manifest rows to the workspace's Label Studio project as tasks with predictions.
 
     Args:
-        limit: push at most this many (the most useful first); None = all.
+        limit: push at most this many (the most useful first); None = all within today's budget.
+        select: first top up today's selection (`loop.review_queue.top_up`, strategy `review.strategy`).
         on_progress: called with (tasks done, total) after each batch.
 
     Raises:
@@ -146,6 +168,8 @@ def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallba
     """
     start = time.monotonic()
     batch_size = ws.settings.labelstudio.push_batch_size
+    if select:
+        review_queue.top_up(ws)
     hints: dict[str, int] = {}  # image_id -> task id: imported, not yet written to the manifest
     with connect(ws) as client, ExitStack() as on_exit:
         on_exit.callback(lambda: _mark_pushed(ws, hints))  # also on an error: earlier batches stay recorded
@@ -153,7 +177,7 @@ def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallba
         df = mf.load(ws)
         project = ensure_project(client, ws)
         trust = previous == project.id and not project.created
-        rows = select_candidates(df, trust_hints=trust)
+        rows = within_budget(select_candidates(df, trust_hints=trust), review_queue.budget_left(ws))
         if limit is not None:
             rows = rows.head(limit)
         total = len(rows)
@@ -193,6 +217,8 @@ def push(ws: Workspace, *, limit: int | None = None, on_progress: ProgressCallba
                 _mark_pushed(ws, hints)
                 hints.clear()
                 written = time.monotonic()
+            counted = int((batch["flag"].astype(object) != "user_moved").sum())
+            review_queue.record_pushed(ws, list(mapping), counted=counted)
             imported += len(tasks)
             batches += 1
             if on_progress:

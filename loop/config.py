@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from loop.errors import ConfigError
+from loop.select import DEFAULT_BATCH_STRATEGY
 
 CONFIG_FILENAME = "sortloop.toml"
 MINUTES_PER_WEEK = 7 * 24 * 60
@@ -64,6 +65,13 @@ class SortConfig(BaseModel):
     runtime: Literal["onnx", "torch"] = "onnx"
     precision: Literal["auto", "float", "int8"] = "auto"  # auto: the INT8 model when it passed its gate
     resort_after_deploy: bool = True  # serve: after a deploy, re-sort copies no person has checked
+
+
+class ReviewConfig(BaseModel):
+    """What a reviewer sees next (`sortloop select`, `review push`): strategy and daily budget."""
+
+    strategy: str = DEFAULT_BATCH_STRATEGY  # a name in loop.select.BATCH_STRATEGIES (checked when used)
+    daily_budget: int = Field(100, ge=0)  # photos pushed per day (UTC) besides user moves; 0 = no limit
 
 
 class GateConfig(BaseModel):
@@ -114,6 +122,7 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     sort: SortConfig = SortConfig()
     gate: GateConfig = GateConfig()
+    review: ReviewConfig = ReviewConfig()
     labelstudio: LabelStudioConfig = LabelStudioConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
@@ -200,6 +209,13 @@ resort_after_deploy = true    # serve: after a deploy, move copies no person has
 [gate]
 min_accuracy_gain = 0.0       # candidate must beat the deployed model by more than this (0 to <1)
 max_recall_drop = 0.10        # ...and no class may lose more recall than this
+
+[review]
+strategy = "margin"           # what `review push` sends next, from unlabeled and flagged photos: "margin"
+                              # (best in bench/active_learning.py), "hybrid" (margin + class balance +
+                              # diversity), "least_confidence", "entropy", "badge", "typiclust", "random";
+                              # with few labels every strategy but random starts with typiclust (cold start)
+daily_budget = 100            # photos pushed per day (UTC) besides user moves, which always go; 0 = no limit
 
 [labelstudio]
 url = ""                      # empty: the embedded local server; else e.g. "https://ls.example.com"

@@ -46,6 +46,7 @@ COLUMNS: dict[str, str] = {
     "flag": "string",  # low_confidence, user_moved, or NA
     "review_task": "Int64",  # Label Studio task id (a hint only, never a key)
     "review_status": "string",  # queued, pushed, reviewed, skipped
+    "review_rank": "float64",  # order chosen by `loop.review_queue` (lower = sooner; NA = not selected)
     "phash": "string",  # perceptual hash (hex), for near-duplicate grouping
     "taken_at": "datetime64[ns, UTC]",  # EXIF DateTimeOriginal, if any
     "added_at": "datetime64[ns, UTC]",

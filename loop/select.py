@@ -1,4 +1,4 @@
-"""Uncertainty scores for active learning: which photos are most worth a human look.
+"""Active learning: which photos are most worth a human look, one by one (scores) and as a batch.
 
 A strategy is a plain function over a probability matrix: `scores = margin(probs)` maps `probs`
 (N, K) — each row a distribution over the K classes — to `scores` (N,) in [0, 1], where HIGHER means
@@ -10,6 +10,13 @@ Which to use:
 - `margin` = 1 - (p1 - p2): best for pairs the model confuses (console vs table); near-ties score ~1.
 - `entropy` = H(p) / log(K): looks at the whole distribution; uniform rows score exactly 1.
 
+Batch strategies (`BATCH_STRATEGIES`, used by `sortloop select` and `review push`) compose a score with
+a picker from `loop.pickers`: `random` (the baseline), `least_confidence` / `margin` / `entropy` (top
+scores), `hybrid` (margin + class-balanced candidates + k-means diversity), `badge` and `typiclust`;
+the default, `margin`, is what bench/active_learning.py favours.
+At cold start (few labels, or a class with none) every non-random strategy uses `typiclust` until the
+model is trustworthy (`is_cold_start`).
+
 Caveat: these scores measure the model's own uncertainty. A confidently wrong model (label noise,
 a class it never saw) scores low everywhere; user moves (`corrections.scan`) catch those instead.
 """
@@ -17,9 +24,11 @@ a class it never saw) scores low everywhere; user moves (`corrections.scan`) cat
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
+from loop import pickers
 from loop.errors import ConfigError
 
 Strategy = Callable[[np.ndarray], np.ndarray]
@@ -106,3 +115,116 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     order = np.argsort(-s, kind="stable")
     return order[: min(k, len(s))]
+
+
+# --- batch strategies: what a reviewer sees next -------------------------------------------------------
+
+COLD_START_PER_CLASS = 3  # labels per class below which the model's uncertainty is not trusted yet
+
+
+@dataclass(frozen=True)
+class Pool:
+    """What a batch strategy sees: the candidates and what is already labeled.
+
+    probs: (N, K) the current head's probabilities for the N candidates (K = number of classes).
+    embeddings: (N, F) the candidates' cached backbone features.
+    labeled_embeddings: (M, F) and labels: (M,) class index in [0, K) of the photos already labeled.
+    """
+
+    probs: np.ndarray
+    embeddings: np.ndarray
+    labeled_embeddings: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.probs.shape[1]) if self.probs.ndim == 2 else 0
+
+
+BatchStrategy = Callable[[Pool, int, int], np.ndarray]  # (pool, k, seed) -> up to k indices, best first
+
+
+def _by_score(score_fn: Strategy) -> BatchStrategy:
+    def pick(pool: Pool, k: int, seed: int) -> np.ndarray:
+        return top_k(score_fn(pool.probs), k)
+
+    pick.__doc__ = f"Top-k by `{score_fn.__name__}` (no diversity)."
+    return pick
+
+
+def random_batch(pool: Pool, k: int, seed: int) -> np.ndarray:
+    """k candidates uniformly at random: the baseline every other strategy is measured against."""
+    n = len(pool.embeddings)
+    return np.random.default_rng(seed).permutation(n)[: max(0, min(k, n))]
+
+
+def hybrid(pool: Pool, k: int, seed: int) -> np.ndarray:
+    """Margin scores, class-balanced candidates, one per k-means cluster (`pickers.diverse_top`)."""
+    return pickers.diverse_top(margin(pool.probs), pool.embeddings, k, pred=pool.probs.argmax(axis=1),
+                               labels=pool.labels, seed=seed)
+
+
+def badge(pool: Pool, k: int, seed: int) -> np.ndarray:
+    """BADGE: k-means++ over gradient embeddings (`pickers.badge`)."""
+    return pickers.badge(pool.probs, pool.embeddings, k, seed=seed)
+
+
+def typiclust(pool: Pool, k: int, seed: int) -> np.ndarray:
+    """Representatives of uncovered clusters (`pickers.typiclust`); ignores the model."""
+    return pickers.typiclust(pool.embeddings, pool.labeled_embeddings, k, seed=seed)
+
+
+BATCH_STRATEGIES: dict[str, BatchStrategy] = {
+    "random": random_batch,
+    "least_confidence": _by_score(least_confidence),
+    "margin": _by_score(margin),
+    "entropy": _by_score(entropy),
+    "hybrid": hybrid,
+    "badge": badge,
+    "typiclust": typiclust,
+}
+DEFAULT_BATCH_STRATEGY = "margin"  # best of the strategies in bench/active_learning.py (README)
+
+
+def get_batch_strategy(name: str) -> BatchStrategy:
+    """The batch strategy called `name`; raises ConfigError listing the valid names if there is none."""
+    try:
+        return BATCH_STRATEGIES[name]
+    except KeyError:
+        valid = ", ".join(sorted(BATCH_STRATEGIES))
+        raise ConfigError(f"unknown selection strategy {name!r}; valid: {valid} (review.strategy)") from None
+
+
+def is_cold_start(labels: np.ndarray, n_classes: int, *, per_class: int = COLD_START_PER_CLASS) -> bool:
+    """True while the model's uncertainty cannot be trusted: a class without labels, or few labels overall.
+
+    Args:
+        labels: (M,) class index of each labeled photo. n_classes: the classes there should be.
+        per_class: cold until there are at least `per_class * n_classes` labels.
+    """
+    labels = np.asarray(labels)
+    if n_classes < 2 or len(np.unique(labels)) < n_classes:
+        return True
+    return len(labels) < per_class * n_classes
+
+
+def select_batch(pool: Pool, k: int, strategy: str = DEFAULT_BATCH_STRATEGY, *, seed: int = 0,
+                 cold_start: bool | None = None) -> tuple[np.ndarray, str]:
+    """Up to k candidate indices, most useful first, and the strategy that actually chose them.
+
+    Args:
+        cold_start: None = decide with `is_cold_start`; at cold start every strategy but `random` becomes
+            `typiclust` (uncertainty from a model trained on a handful of labels points nowhere useful).
+
+    Example:
+        >>> idx, used = select_batch(Pool(probs, emb, labeled_emb, labels), 20, "hybrid")   # doctest: +SKIP
+    """
+    get_batch_strategy(strategy)  # an unknown name fails even when there is nothing to pick
+    n = len(pool.embeddings)
+    if k <= 0 or n == 0:
+        return np.zeros(0, dtype=np.int64), strategy
+    if cold_start is None:
+        cold_start = is_cold_start(pool.labels, pool.n_classes)
+    used = "typiclust" if cold_start and strategy != "random" else strategy
+    picks = np.asarray(BATCH_STRATEGIES[used](pool, k, seed), dtype=np.int64)
+    return picks[: min(k, n)], used

@@ -274,6 +274,60 @@ def scan(
 
 
 @command()
+def select(
+    budget: Annotated[int, typer.Option(help="How many photos to choose.", min=0)] = 50,
+    strategy: Annotated[str | None, typer.Option(help="random, least_confidence, margin, entropy, hybrid, badge "
+                                                 "or typiclust (default: review.strategy).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only print; do not queue them for review.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the selection as JSON.")] = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Choose which unlabeled or flagged photos a reviewer sees next, and queue them for `review push`.
+
+    Example: sortloop select --budget 50 --strategy hybrid
+    """
+    from loop.review_queue import choose
+    from loop.workspace import open_workspace
+
+    with progress_bar("selecting") as on_progress:
+        chosen = choose(open_workspace(workspace), budget, strategy, dry_run=dry_run, on_progress=on_progress)
+    if as_json:
+        return print_json({"strategy": chosen.strategy, "used": chosen.used, "candidates": chosen.candidates,
+                           "selected": [{"image_id": i, "path": p, "guess": g} for i, p, g in
+                                        zip(chosen.image_ids, chosen.paths, chosen.pred_labels, strict=True)]})
+    for rank, (path, guess) in enumerate(zip(chosen.paths, chosen.pred_labels, strict=True), start=1):
+        out.print(f"{rank:4d}  {guess or '?':<20} {path}", highlight=False, soft_wrap=True)
+    out.print(chosen.summary() + ("" if dry_run else "; queued for `sortloop review push`"), highlight=False)
+
+
+@command()
+def audit(
+    folds: Annotated[int, typer.Option(help="Item-grouped folds for out-of-fold probabilities.", min=2)] = 5,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list suspects; do not flag them.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the suspects as JSON.")] = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Find labels that are probably wrong (confident learning on out-of-fold probabilities) and flag them.
+
+    Suspects are flagged `suspected_mislabel` with the model's alternative as the guess; `review push`
+    sends them like any flag.
+
+    Example: sortloop audit --dry-run
+    """
+    from loop.audit import audit as run_audit
+    from loop.workspace import open_workspace
+
+    with progress_bar("auditing") as on_progress:
+        report = run_audit(open_workspace(workspace), folds=folds, flag=not dry_run, on_progress=on_progress)
+    if as_json:
+        return print_json(report.suspects.to_dict(orient="records"))
+    for row in report.suspects.head(30).itertuples():
+        out.print(f"{row.score:5.2f}  {row.label} -> {row.alternative:<16} {row.path}", highlight=False,
+                  soft_wrap=True)
+    out.print(report.summary(), highlight=False)
+
+
+@command()
 def apply(
     dest: Annotated[Path | None, typer.Argument(help="A tree written by `sortloop sort` (default: every one).")] = None,
     workspace: WorkspaceOption = None,

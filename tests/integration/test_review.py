@@ -62,11 +62,12 @@ def test_push_creates_one_task_per_flagged_image_with_predictions(ls_ws, sdk):
         assert pred.model_version == "v0001"
         assert pred.score == pytest.approx(conf)
         assert pred.result[0]["value"]["choices"] == [guess]
-    # most useful first: the user move, then lowest confidence
+    # most useful first: the user move, then the active-learning selection in its rank order
     order = [t.data["image_id"] for t in sorted(tasks, key=lambda t: t.id)]
-    expected = [ids[4]] + [ids[i] for i in sorted(range(len(ids)), key=lambda i: FLAGGED[i][2]) if i != 4]
-    assert order == expected
     df = mf.load(ls_ws).set_index("image_id")
+    selected = [i for i in ids if i != ids[4]]
+    assert df.loc[selected, "review_rank"].notna().all()
+    assert order == [ids[4]] + sorted(selected, key=lambda i: df.at[i, "review_rank"])
     assert (df.loc[ids, "review_status"] == "pushed").all()
     assert set(df.loc[ids, "review_task"].astype(int)) == {t.id for t in tasks}
 
