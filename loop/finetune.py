@@ -73,7 +73,8 @@ def fit_finetune(
     settings = ws.settings.model
     size = settings.image_size
     set_seed(settings.seed, reproducible=True)
-    probe = linear_probe(ws, net, backbone, train_rows, classes, pretrained=pretrained, on_progress=on_progress)
+    probe, _ = linear_probe(ws, net, backbone, train_rows, classes, pretrained=pretrained,
+                            on_progress=on_progress)
 
     # fastai sees the resized PNGs; validation rows with a learnable label give it a loss to report.
     known = valid_rows[valid_rows["label"].astype(str).isin(classes)]

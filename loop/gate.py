@@ -1,11 +1,18 @@
-"""The promotion gate: a candidate ships only if it is measurably better on today's user validation photos.
+"""The promotion gate: a candidate ships only if it is not worse than the deployed model on the same photos.
 
-`deploy` re-evaluates BOTH the candidate and the deployed model on the same, current user-photo
-validation set (labels may have changed since either was trained), then promotes only if the candidate's
-accuracy beats the current one by more than `gate.min_accuracy_gain` and no class's recall drops by more
-than `gate.max_recall_drop`. Otherwise it refuses, with the numbers. `force=True` overrides and says so
-in the log. `rollback` restores the previously deployed version. Every decision goes to the registry log.
+`deploy` re-evaluates BOTH the candidate and the deployed model on the same, current gate set (user
+photos no model trains on; labels may have changed since either was trained; any photo a compared model
+did train on is left out), then compares them photo by photo: overall with McNemar's exact test on the
+discordant photos, per class with a one-sided binomial test on that class's discordant photos (see
+`compare`). A noisy one-photo wobble in a small class no longer blocks a clearly better model; losing a
+class the current model gets right does. Refusals carry n, the discordant counts and the p-values.
+`force=True` overrides and says so in the log. `rollback` restores the previously deployed version.
+Every decision goes to the registry log. With too few items per class for a gate set (fewer than ~5),
+it falls back to prequential evaluation (`prequential`): the labels new since the deployed model, which it
+never trained on, scored by it and, out of fold, by the candidate.
 Caveat: the very first deploy has nothing to beat; it promotes if the candidate can be measured at all.
+A tie, or a loss within `gate.min_accuracy_gain` (-0.10) that is not significant, promotes: the candidate
+learned from more labels. Successive small losses could add up; the report's accuracy plot shows them.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from loop import registry
@@ -49,47 +57,95 @@ class Decision:
 
 
 def user_valid_rows(ws: Workspace) -> pd.DataFrame:
-    """Today's labeled user photos in the validation split: the set every decision is measured on."""
+    """Today's labeled user photos in the gate set (split "valid"): the set every decision is measured on."""
     from loop.train import labeled_rows
 
     rows = labeled_rows(ws)
     return rows[(rows["split"] == "valid") & (rows["source"] == "user")].reset_index(drop=True)
 
 
-def compare(candidate: dict, current: dict | None, *, min_accuracy_gain: float, max_recall_drop: float
-            ) -> tuple[bool, list[str]]:
-    """Apply the gate's rules to two `user_valid` metric dicts (see `loop.evaluate.classification_metrics`).
+@dataclass
+class Paired:
+    """Per-photo outcomes of two models on the same gate photos: true labels, candidate right, current right."""
 
+    labels: np.ndarray
+    candidate: np.ndarray
+    current: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+
+def _binomial_p(k: int, n: int, alternative: str = "greater") -> float:
+    """Exact binomial p-value of k successes in n fair trials (1.0 when n == 0)."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(k, n, 0.5, alternative=alternative).pvalue) if n else 1.0
+
+
+def compare(paired: Paired | None, candidate_n: int, *, min_accuracy_gain: float, alpha: float,
+            max_recall_drop: float, min_class_support: int, where: str = "gate photos") -> tuple[bool, list[str]]:
+    """Apply the gate's paired rules to two models' outcomes on the same photos.
+
+    - overall: not significantly worse by McNemar's exact test (a binomial test on the discordant photos:
+      those exactly one of the two models gets right), and, on at least `min_class_support` photos, an
+      accuracy at least the current one's + `min_accuracy_gain` (default -0.10: a photo or two of noise
+      is no reason to keep a model that learned from fewer labels);
+    - per class: a class regresses when the candidate loses more of its photos than it gains and the loss
+      is significant (one-sided binomial on that class's discordant photos, p < alpha), or its recall
+      drops by more than `max_recall_drop` on at least `min_class_support` photos. One photo of a
+      five-photo class is neither.
+    Args:
+        paired: outcomes on the same photos; None when nothing is deployed yet (first deployment).
+        candidate_n: gate photos the candidate could be measured on.
     Returns:
-        (passes, reasons): one reason per rule checked, each with its numbers; failures start with "FAIL".
+        (passes, reasons): one reason per rule checked, with n, discordant counts and p-values; failures
+        start with "FAIL".
     """
-    if not candidate.get("n"):
-        return False, ["FAIL: no labeled user validation photos to measure the candidate on; "
+    if not candidate_n:
+        return False, ["FAIL: no labeled user photos in the gate set to measure the candidate on; "
                        "ingest/label user photos, or deploy with --force"]
-    acc = candidate["accuracy"]
-    if current is None:
-        return True, [f"first deployment: user-valid accuracy {acc:.3f} on {candidate['n']} photos"]
+    if paired is None:
+        return True, [f"first deployment: gate-set accuracy measured on {candidate_n} photos"]
+    n = paired.n
+    acc, cur = paired.candidate.mean(), paired.current.mean()
+    gained = int((paired.candidate & ~paired.current).sum())
+    lost = int((~paired.candidate & paired.current).sum())
+    p_two = min(1.0, 2 * _binomial_p(min(gained, lost), gained + lost, "less")) if gained + lost else 1.0
+    p_worse = _binomial_p(lost, gained + lost)
+    evidence = (f"on the same {n} {where}: candidate right where the current is wrong on {gained}, "
+                f"the reverse on {lost} (McNemar exact p={p_two:.3g})")
     reasons, ok = [], True
-    gain = acc - current["accuracy"]
-    if gain > min_accuracy_gain:
-        reasons.append(f"accuracy {acc:.3f} vs current {current['accuracy']:.3f} "
-                       f"(gain {gain:+.3f} > {min_accuracy_gain:.3f}) on {candidate['n']} photos")
+    gain = acc - cur
+    large = gain < min_accuracy_gain - 1e-12 and n >= min_class_support  # a few photos prove nothing
+    if not large and not p_worse < alpha:
+        reasons.append(f"accuracy {acc:.3f} vs current {cur:.3f} (gain {gain:+.3f}; not significantly worse, "
+                       f"not below {min_accuracy_gain:.3f} on >= {min_class_support} photos) " + evidence)
     else:
         ok = False
-        reasons.append(f"FAIL: accuracy {acc:.3f} vs current {current['accuracy']:.3f} "
-                       f"(gain {gain:+.3f} is not > {min_accuracy_gain:.3f}) on {candidate['n']} photos")
-    drops = []
-    for name, theirs in current["per_class"].items():
-        ours = candidate["per_class"].get(name, {}).get("recall")
-        if theirs.get("recall") is None or ours is None:
+        why = (f"significantly worse, one-sided p={p_worse:.3g} < {alpha}" if p_worse < alpha
+               else f"gain {gain:+.3f} is below {min_accuracy_gain:.3f} on >= {min_class_support} photos")
+        reasons.append(f"FAIL: accuracy {acc:.3f} vs current {cur:.3f} ({why}) " + evidence)
+    regressed = []
+    for name in sorted(set(paired.labels.tolist())):
+        mask = paired.labels == name
+        k_gain = int((paired.candidate & ~paired.current & mask).sum())
+        k_lost = int((~paired.candidate & paired.current & mask).sum())
+        if k_lost <= k_gain:
             continue
-        if theirs["recall"] - ours > max_recall_drop:
-            drops.append(f"{name} {theirs['recall']:.2f} -> {ours:.2f}")
-    if drops:
+        support = int(mask.sum())
+        drop = (k_lost - k_gain) / support
+        p = _binomial_p(k_lost, k_gain + k_lost)
+        if p < alpha or (drop > max_recall_drop and support >= min_class_support):
+            regressed.append(f"{name} recall {paired.current[mask].mean():.2f} -> {paired.candidate[mask].mean():.2f}"
+                             f" on {support} photos (lost {k_lost}, gained {k_gain}, one-sided binomial p={p:.3g})")
+    if regressed:
         ok = False
-        reasons.append(f"FAIL: recall drops by more than {max_recall_drop:.2f}: " + ", ".join(drops))
+        reasons.append("FAIL: class regressed: " + "; ".join(regressed))
     else:
-        reasons.append(f"no class recall drops by more than {max_recall_drop:.2f}")
+        reasons.append(f"no class regressed (significant at {alpha}, or recall down > {max_recall_drop:.2f} on "
+                       f">= {min_class_support} photos)")
     return ok, reasons
 
 
@@ -115,12 +171,25 @@ def deploy(ws: Workspace, version: str | None = None, *, force: bool = False,
             _log(ws, "refused", decision)
             return decision
 
-        # The same photos for both models, as labeled today: a fair comparison.
-        rows = user_valid_rows(ws)
-        candidate_metrics = _measure(ws, candidate_dir, rows, on_progress)
-        current_metrics = _measure(ws, registry.model_dir(ws, current), rows, on_progress) if current else None
-        ok, reasons = compare(candidate_metrics, current_metrics, min_accuracy_gain=gate.min_accuracy_gain,
-                              max_recall_drop=gate.max_recall_drop)
+        # The same photos for both models, as labeled today, and never one either model trained on.
+        current_dir = registry.model_dir(ws, current) if current else None
+        rows, excluded = gate_rows(ws, [candidate_dir] + ([current_dir] if current_dir else []))
+        candidate_metrics, candidate_right = _measure(ws, candidate_dir, rows, on_progress)
+        current_metrics, paired, note = None, None, None
+        if rows.empty:  # too few items per class for a gate set: fall back to the labels new since
+            candidate_metrics, current_metrics, paired, note = prequential(ws, candidate_dir, current_dir,
+                                                                           on_progress)
+        elif current_dir is not None:
+            current_metrics, current_right = _measure(ws, current_dir, rows, on_progress)
+            paired = Paired(rows["label"].astype(str).to_numpy(), candidate_right, current_right)
+        ok, reasons = compare(paired, candidate_metrics["n"], min_accuracy_gain=gate.min_accuracy_gain,
+                              alpha=gate.alpha, max_recall_drop=gate.max_recall_drop,
+                              min_class_support=gate.min_class_support,
+                              where="new labels" if note else "gate photos")
+        if note:
+            reasons.append(note)
+        if excluded:
+            reasons.append(f"{excluded} gate photos left out: a compared model trained on them")
         forced = force and not ok
         if forced:
             reasons.append("FORCED: promoted despite failing the gate (--force)")
@@ -192,9 +261,72 @@ def describe_versions(ws: Workspace) -> list[dict]:
     return out
 
 
-def _measure(ws: Workspace, model_dir, rows: pd.DataFrame, on_progress: ProgressCallback) -> dict:
-    metrics, _ = evaluate_predictor(ws, load_predictor(model_dir, "onnx"), rows, on_progress=on_progress)
-    return metrics["user_valid"]
+def gate_rows(ws: Workspace, model_dirs: list) -> tuple[pd.DataFrame, int]:
+    """Today's gate photos minus any photo one of `model_dirs` trained on; and how many were left out.
+
+    By construction (stable splits) no model trains on the gate set; this check makes it a guarantee,
+    even for a version trained before a split setting changed.
+    """
+    from loop.train import training_set
+
+    rows = user_valid_rows(ws)
+    trained: set[str] = set()
+    for model_dir in model_dirs:
+        seen = training_set(model_dir)
+        if seen is not None:
+            trained.update(seen["image_id"].astype(str))
+    keep = ~rows["image_id"].astype(str).isin(trained)
+    return rows[keep].reset_index(drop=True), int((~keep).sum())
+
+
+def prequential(ws: Workspace, candidate_dir, current_dir, on_progress: ProgressCallback
+                ) -> tuple[dict, dict | None, Paired | None, str | None]:
+    """The fallback when the gate set is empty (fewer than ~5 items per class): compare on the labels that
+    are new since the deployed model, which it never trained on, against the candidate's out-of-fold
+    predictions of the same photos (a fold model that never saw their items).
+
+    With nothing deployed, the candidate's out-of-fold accuracy is the evidence for a first deployment.
+    Returns:
+        (candidate metrics, current metrics or None, paired outcomes or None, a note for the reasons).
+    """
+    from loop.evaluate import classification_metrics
+    from loop.train import labeled_rows, training_set
+
+    empty = {"n": 0, "accuracy": None, "per_class": {}}
+    path = candidate_dir / "oof_predictions.parquet"
+    if not path.exists():
+        return empty, None, None, None
+    oof = pd.read_parquet(path)
+    oof = oof[oof["source"] == "user"]
+    classes = read_spec(candidate_dir)["classes"]
+    if current_dir is None:
+        metrics = classification_metrics(oof["label"].tolist(), np.stack(oof["probs"].to_numpy()), classes)
+        return metrics, None, None, (f"no gate photos (too few items per class): first deployment on the "
+                                     f"out-of-fold accuracy {metrics['accuracy']:.3f} of {metrics['n']} photos")
+    seen = training_set(current_dir)
+    if seen is None:
+        return empty, None, None, None
+    today = labeled_rows(ws).set_index("image_id")["label"].astype(str)
+    new = oof[~oof["image_id"].isin(seen["image_id"]) & oof["image_id"].isin(today.index)].reset_index(drop=True)
+    if new.empty:
+        return empty, None, None, None
+    rows = labeled_rows(ws).set_index("image_id").loc[new["image_id"]].reset_index()
+    probs = np.stack(new["probs"].to_numpy())
+    labels = rows["label"].astype(str).to_numpy()
+    candidate_metrics = classification_metrics(labels.tolist(), probs, classes)
+    candidate_right = np.array([classes[i] for i in probs.argmax(axis=1)]) == labels
+    current_metrics, current_right = _measure(ws, current_dir, rows, on_progress)
+    return candidate_metrics, current_metrics, Paired(labels, candidate_right, current_right), (
+        f"no gate photos (too few items per class): compared on the {len(new)} labels new since the deployed "
+        "model, which it never trained on, against the candidate's out-of-fold predictions")
+
+
+def _measure(ws: Workspace, model_dir, rows: pd.DataFrame, on_progress: ProgressCallback) -> tuple[dict, np.ndarray]:
+    """(user_valid metrics, per-photo correctness) of the artifact in `model_dir` on `rows`."""
+    predictor = load_predictor(model_dir, "onnx")
+    metrics, probs = evaluate_predictor(ws, predictor, rows, on_progress=on_progress)
+    predicted = np.array([predictor.classes[i] for i in probs.argmax(axis=1)]) if len(probs) else np.zeros(0, str)
+    return metrics["user_valid"], predicted == rows["label"].astype(str).to_numpy()
 
 
 def _compact(metrics: dict | None) -> dict | None:

@@ -1,7 +1,9 @@
 """Mode "head": a linear head on frozen, cached body features, folded into the network's own classifier.
 
 StandardScaler + LogisticRegression on (image, mirror) features, with C chosen by item-grouped k-fold, so
-held-out folds are unseen items like the validation set. The fit is folded into `net.get_classifier()`, so
+held-out folds are unseen items like the validation set. The same folds yield out-of-fold predictions of
+every training photo, which the metrics, the calibration (`loop.calibration`) and the flag curves
+(`loop.flagging`) use; then the head is refit on all training photos. The fit is folded into `net.get_classifier()`, so
 the artifact stays a plain timm network. Caveat: features are cached per body weights; a different backbone
 or image size recomputes them (minutes for thousands of photos on 2 cores).
 """
@@ -9,6 +11,7 @@ or image size recomputes them (minutes for thousands of photos on 2 cores).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +20,7 @@ import pandas as pd
 from loop.backbones import Backbone, weights_tag
 from loop.features import cached_features, features_dir
 from loop.progress import ProgressCallback, no_progress
+from loop.ray_engine import ray_features
 from loop.resized import load_resized
 from loop.workspace import Workspace
 
@@ -26,7 +30,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HEAD_C_GRID = (0.3, 1.0, 3.0, 10.0)  # inverse L2 strength tried by group k-fold (measured best ~3)
-HEAD_MAX_FOLDS = 5
+MISSING_CLASS_BIAS = -30.0  # logit of a class a fold never saw: it never wins
+
+
+@dataclass
+class OutOfFold:
+    """Out-of-fold predictions over the training photos: each photo scored by a model that never saw its item.
+
+    `logits` are uncalibrated (N, K) in `classes` order; `labels` are class indices (N,).
+    """
+
+    image_ids: list[str]
+    logits: np.ndarray
+    labels: np.ndarray
+    folds: int
 
 
 def fit_head(
@@ -39,15 +56,25 @@ def fit_head(
     *,
     pretrained: bool = True,
     on_progress: ProgressCallback = no_progress,
-) -> tuple[dict, np.ndarray]:
+) -> tuple[dict, np.ndarray, OutOfFold | None]:
     """Fit StandardScaler + LogisticRegression on cached features and fold them into `net`'s classifier.
 
+    With `model.calibrate`, the temperature fitted on the out-of-fold logits is folded in as well.
     Returns:
-        (details for model.json, validation probs (N, K) from the in-memory torch head).
+        (details for model.json, validation probs (N, K) from the in-memory torch head, out-of-fold
+        predictions of the training photos, or None with fewer than 3 item groups).
     """
     import torch
 
-    details = linear_probe(ws, net, backbone, train_rows, classes, pretrained=pretrained, on_progress=on_progress)
+    from loop.calibration import fit_temperature, fold_temperature
+
+    details, oof = linear_probe(ws, net, backbone, train_rows, classes, pretrained=pretrained,
+                                on_progress=on_progress)
+    temperature = 1.0
+    if oof is not None and ws.settings.model.calibrate:
+        temperature = fit_temperature(oof.logits, oof.labels)
+        fold_temperature(net, temperature)
+    details["temperature"] = temperature
 
     # Validation probabilities through the torch classifier itself (no mirror: the network sees one view).
     valid_feats = _features(ws, net, backbone, valid_rows["image_id"].tolist(), pretrained=pretrained,
@@ -56,7 +83,7 @@ def fit_head(
     if len(valid_feats):
         with torch.inference_mode():
             probs = torch.softmax(net.get_classifier()(torch.from_numpy(valid_feats[:, 0])), dim=1).numpy()
-    return details, probs
+    return details, probs, oof
 
 
 def linear_probe(
@@ -68,8 +95,12 @@ def linear_probe(
     *,
     pretrained: bool = True,
     on_progress: ProgressCallback = no_progress,
-) -> dict:
-    """Set `net`'s classifier to the best linear head on its frozen body's features; returns its details."""
+) -> tuple[dict, OutOfFold | None]:
+    """Set `net`'s classifier to the best linear head on its frozen body's features.
+
+    Returns:
+        (details, out-of-fold predictions of the chosen C, or None with fewer than 3 item groups).
+    """
     import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -85,22 +116,61 @@ def linear_probe(
     # C by group k-fold: held-out folds are unseen items, like the validation set. One BLAS thread:
     # these fits are tiny, and multi-threaded BLAS on a busy machine made them ~50x slower (measured).
     with threadpool_limits(1):
-        c_value, cv_scores = choose_c(x, y, groups, seed=ws.settings.model.seed)
+        c_value, cv_scores, oof_logits, n_folds = choose_c(x, y, groups, n_classes=len(classes),
+                                                           folds=ws.settings.model.cv_folds,
+                                                           seed=ws.settings.model.seed)
         scaler = StandardScaler().fit(x)
         model = LogisticRegression(C=c_value, max_iter=3000).fit(scaler.transform(x), y)
 
     # Fold scaler + regression into one linear layer: W' = W / s, b' = b - W' m.
-    coef, intercept = model.coef_, model.intercept_
-    if len(classes) == 2:  # sklearn's binary form: one logit for class 1 against 0
-        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
+    coef, intercept = _full_coef(model, len(classes))
     weight = coef / scaler.scale_
     bias = intercept - weight @ scaler.mean_
     head = net.get_classifier()
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(weight.astype(np.float32)))
         head.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+    oof = None
+    if oof_logits is not None:  # the image rows only (even indices): the network sees no mirror at sort time
+        oof = OutOfFold(train_rows["image_id"].astype(str).tolist(), oof_logits[0::2], y[0::2], n_folds)
     return {"head": "standard_scaler+logistic_regression", "C": c_value, "cv_accuracy": cv_scores,
-            "mirror_augmented": True}
+            "cv_folds": n_folds, "mirror_augmented": True}, oof
+
+
+def backbone_cv_accuracy(ws: Workspace, name: str, train_rows: pd.DataFrame, classes: list[str], *,
+                         on_progress: ProgressCallback = no_progress) -> float:
+    """Item-grouped CV accuracy of the head recipe on backbone `name`'s features (for choosing a backbone)."""
+    from threadpoolctl import threadpool_limits
+
+    from loop.backbones import create_network, get_backbone
+
+    settings = ws.settings.model
+    backbone = get_backbone(name, settings.backbone_weights_file)
+    net = create_network(ws, name, len(classes), seed=settings.seed)
+    feats = _features(ws, net, backbone, train_rows["image_id"].tolist(), pretrained=True, on_progress=on_progress)
+    x = feats.reshape(-1, feats.shape[-1])
+    y = np.repeat(train_rows["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy(), 2)
+    groups = np.repeat(train_rows["item_id"].fillna(train_rows["image_id"]).astype(str).to_numpy(), 2)
+    with threadpool_limits(1):
+        _, scores, _, _ = choose_c(x, y, groups, n_classes=len(classes), folds=settings.cv_folds, seed=settings.seed)
+    return max(scores.values()) if scores else 0.0
+
+
+def _full_coef(model, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K, F) weights and (K,) biases of a fitted LogisticRegression, with every class a row.
+
+    sklearn's binary form is one logit for class 1 against 0; a class absent from a fold gets a row that
+    never wins (zero weights, a very negative bias).
+    """
+    coef, intercept = model.coef_, model.intercept_
+    if len(model.classes_) == 2:
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
+    if len(model.classes_) == n_classes:
+        return coef, intercept
+    full_coef = np.zeros((n_classes, coef.shape[1]))
+    full_bias = np.full(n_classes, MISSING_CLASS_BIAS)
+    full_coef[model.classes_], full_bias[model.classes_] = coef, intercept
+    return full_coef, full_bias
 
 
 def _features(ws: Workspace, net: torch.nn.Module, backbone: Backbone, ids: list[str], *, pretrained: bool,
@@ -110,33 +180,49 @@ def _features(ws: Workspace, net: torch.nn.Module, backbone: Backbone, ids: list
     size = settings.image_size
     folder = features_dir(ws.cache_dir, backbone.name, size,
                           weights_tag(ws, backbone.name, pretrained=pretrained, seed=settings.seed))
+    remote = ray_features(ws, net, backbone) if settings.feature_engine == "ray" else None  # train --ray
     return cached_features(net, ids, lambda i: load_resized(ws, i, size), folder=folder, mean=backbone.mean,
-                           std=backbone.std, batch_size=settings.batch_size, on_progress=on_progress)
+                           std=backbone.std, batch_size=settings.batch_size, on_progress=on_progress, remote=remote)
 
 
-def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, seed: int = 0) -> tuple[float, dict]:
-    """The C of HEAD_C_GRID with the best group k-fold accuracy (1.0 when there are too few groups).
+def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_classes: int | None = None, folds: int = 5,
+             seed: int = 0) -> tuple[float, dict, np.ndarray | None, int]:
+    """The C of HEAD_C_GRID with the best group k-fold accuracy, and its out-of-fold logits.
 
     Within a fold the grid is walked from strong to weak regularisation with warm starts, which cuts
-    L-BFGS iterations several-fold compared with independent fits.
+    L-BFGS iterations several-fold compared with independent fits. The same folds give the out-of-fold
+    logits (N, K) of every row for the chosen C: the metrics, calibration and flag curves all use them.
+    Returns:
+        (C, {C: accuracy}, out-of-fold logits or None, number of folds); (1.0, {}, None, 0) with fewer
+        than 3 item groups.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
     from sklearn.preprocessing import StandardScaler
 
+    n_classes = n_classes or int(y.max()) + 1
     n_groups = len(np.unique(groups))
     if n_groups < 3:
-        return 1.0, {}
-    folds = GroupKFold(n_splits=min(HEAD_MAX_FOLDS, n_groups), shuffle=True, random_state=seed)
+        return 1.0, {}, None, 0
+    splitter = GroupKFold(n_splits=min(folds, n_groups), shuffle=True, random_state=seed)
     correct = dict.fromkeys(HEAD_C_GRID, 0)
-    for fit_idx, held_idx in folds.split(x, y, groups):
+    logits = {c: np.zeros((len(y), n_classes)) for c in HEAD_C_GRID}
+    for fit_idx, held_idx in splitter.split(x, y, groups):
         scaler = StandardScaler().fit(x[fit_idx])
         x_fit, x_held = scaler.transform(x[fit_idx]), scaler.transform(x[held_idx])
+        if len(np.unique(y[fit_idx])) < 2:  # a fold with one class: it can only guess that class
+            for c in HEAD_C_GRID:
+                logits[c][held_idx] = MISSING_CLASS_BIAS
+                logits[c][held_idx, y[fit_idx][0]] = 0.0
+                correct[c] += int((y[held_idx] == y[fit_idx][0]).sum())
+            continue
         model = LogisticRegression(max_iter=3000, warm_start=True)
         for c in sorted(HEAD_C_GRID):
             model.set_params(C=c).fit(x_fit, y[fit_idx])
-            correct[c] += int((model.predict(x_held) == y[held_idx]).sum())
+            coef, intercept = _full_coef(model, n_classes)
+            logits[c][held_idx] = x_held @ coef.T + intercept
+            correct[c] += int((logits[c][held_idx].argmax(axis=1) == y[held_idx]).sum())
     scores = {str(c): n / len(y) for c, n in correct.items()}
     best = max(HEAD_C_GRID, key=lambda c: (correct[c], -abs(np.log(c))))
-    logger.info("head C by group %d-fold: %s -> C=%s", folds.n_splits, scores, best)
-    return best, scores
+    logger.info("head C by group %d-fold: %s -> C=%s", splitter.n_splits, scores, best)
+    return best, scores, logits[best], splitter.n_splits

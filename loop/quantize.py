@@ -108,8 +108,9 @@ def int8_gate(model_dir: Path, validation: np.ndarray, *, mean: tuple, std: tupl
     mean_diff = float(np.abs(p_float.max(1) - p_int8.max(1)).mean())
     max_diff = float(np.abs(p_float - p_int8).max())
     passed = agreement >= MIN_AGREEMENT and mean_diff <= MEAN_PROB_DIFF and max_diff <= MAX_PROB_DIFF
-    reason = (f"top-1 agrees with float on {agreement:.1%} of {len(x)} validation photos "
-              f"(needs >= {MIN_AGREEMENT:.1%}); confidence differs by {mean_diff:.3f} on average "
+    agreeing = int((p_float.argmax(1) == p_int8.argmax(1)).sum())
+    reason = (f"top-1 agrees with float on {agreeing} of {len(x)} validation photos ({agreement:.2%}; "
+              f"needs >= {MIN_AGREEMENT:.1%}); confidence differs by {mean_diff:.3f} on average "
               f"(allowed {MEAN_PROB_DIFF}), any probability by at most {max_diff:.3f} (allowed {MAX_PROB_DIFF})")
     return {**base, "passed": passed, "agreement": agreement, "mean_prob_diff": mean_diff,
             "max_prob_diff": max_diff, "reason": reason if passed else f"kept float: {reason}"}

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from loop.flagging import describe, settings_point
 from loop.mistakes import plot_mistakes, worst_mistakes
 from loop.workspace import Workspace
 
@@ -33,6 +34,7 @@ PLOTS = {
     "confusion": "confusion.png",
     "labels": "labels.png",
     "flags": "flags.png",
+    "catch": "catch.png",
     "mistakes": "mistakes.png",
 }
 
@@ -147,6 +149,29 @@ def plot_recall(spec: dict[str, Any] | None, out: Path) -> Any:
         ax.set_title(f"Per-class recall of {spec.get('version', '')}")
     fig.savefig(out)
     return fig
+
+
+def plot_catch(spec: dict[str, Any] | None, point: dict[str, Any] | None, out: Path) -> None:
+    """The deployed model's catch curves (share of photos flagged -> share of mistakes caught), per strategy,
+    with the current operating point marked."""
+    fig = _figure()
+    curves = ((spec or {}).get("flagging") or {}).get("curves") or {}
+    if not curves:
+        _empty(fig, "no deployed model" if spec is None else "no catch curve in model.json (older model)")
+    else:
+        ax = fig.subplots()
+        for name, curve in curves.items():
+            ax.plot(curve["share"], curve["catch"], label=name, lw=2 if point and name == point["strategy"] else 1)
+        if point and point.get("expected_share") is not None:
+            ax.plot([point["expected_share"]], [point["expected_catch"]], "o", color="black",
+                    label=f"operating point ({point['strategy']})")
+        ax.plot([0, 1], [0, 1], ":", color="0.6", label="random flags")
+        ax.set_xlabel("share of photos flagged")
+        ax.set_ylabel("share of the model's mistakes caught")
+        ax.set_title(f"Flags of {spec.get('version', '')}: estimated {spec['flagging'].get('estimated_on', '')}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(out)
 
 
 def plot_confusion(confusion: dict[str, Any] | None, version: str | None, out: Path) -> None:
@@ -314,6 +339,8 @@ def write_report(ws: Workspace) -> Path:
     rounds = label_rounds(history(ws), versions)
     plot_labels(rounds, out / PLOTS["labels"])
     plot_flags(df, out / PLOTS["flags"])
+    point = settings_point(spec, ws.settings.sort) if spec is not None else None
+    plot_catch(spec, point, out / PLOTS["catch"])
     mistakes = worst_mistakes(ws, current) if current else worst_mistakes(ws, "")[:0]
     plot_mistakes(mistakes, current, out / PLOTS["mistakes"])
 
@@ -343,6 +370,11 @@ def write_report(ws: Workspace) -> Path:
             f"<b>{_fmt(_metric(spec, 'user_valid'))}</b> on "
             f"{((spec.get('metrics') or {}).get('user_valid') or {}).get('n', '?')} user validation photos."
         )
+        cal = spec.get("calibration") or {}
+        if cal.get("ece_oof_before") is not None:
+            headline += (f" Calibrated (temperature {cal['temperature']:.2f}): expected calibration error "
+                         f"{cal['ece_oof_before']:.3f} &rarr; {cal['ece_oof_after']:.3f} out of fold.")
+        headline += f" Flags: {html.escape(describe(point))}."
     else:
         headline = "No model deployed yet."
     flagged = df[df["flag"].notna()]
@@ -375,6 +407,7 @@ th {{ background: #f3f3f3; }} img {{ max-width: 100%; }} figure {{ margin: 1.5em
 {_table(["round", *[str(c) for c in rounds.columns], "total"], round_rows)}
 {figure.format(PLOTS["labels"], "Labels gained per round")}
 {figure.format(PLOTS["flags"], "Flags by reason")}
+{figure.format(PLOTS["catch"], "Share of photos flagged vs share of the model's mistakes caught (out of fold)")}
 </body></html>
 """
     page_path = out / "index.html"

@@ -68,7 +68,12 @@ def ensure_resized(
 
 def load_resized(ws: Workspace, image_id: str, size: int) -> np.ndarray:
     """The cached model input of one image: uint8 (size, size, 3)."""
-    with Image.open(resized_path(ws, image_id, size)) as img:
+    return read_resized(resized_path(ws, image_id, size))
+
+
+def read_resized(path: Path) -> np.ndarray:
+    """One resized-cache file as uint8 (size, size, 3) (also read by Ray workers, given the path)."""
+    with Image.open(path) as img:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 

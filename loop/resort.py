@@ -27,6 +27,7 @@ from loop import copies, manifest, moves
 from loop.apply import check_folder_name, copy_state, recorded_roots, target_folder
 from loop.decode import decode_stream, default_workers
 from loop.errors import SortloopError
+from loop.flagging import settings_point
 from loop.progress import ProgressCallback, no_progress
 from loop.select import get_strategy
 from loop.workspace import Workspace
@@ -138,7 +139,8 @@ def _plan(ws: Workspace, report: ResortReport, on_progress: ProgressCallback) ->
     for name in predictor.classes:
         check_folder_name(name, what=f"class of model {predictor.version}")
     report.model_version = predictor.version
-    strategy = get_strategy(settings.flag_strategy)
+    point = settings_point(predictor.spec, settings)  # the deployed model's flag operating point
+    strategy, threshold = get_strategy(point["strategy"]), point["threshold"]
     by_path = {str(g.iloc[0]["dest_path"]): g for g in groups}
     planned: list[moves.Move] = []
     total, done = len(groups), 0
@@ -155,12 +157,12 @@ def _plan(ws: Workspace, report: ResortReport, on_progress: ProgressCallback) ->
             else:
                 batch.append(item)
             if len(batch) >= settings.batch_size:
-                planned += _predict(batch, predictor, strategy, settings.flag_threshold, by_path, df, report)
+                planned += _predict(batch, predictor, strategy, threshold, by_path, df, report)
                 done += len(batch)
                 on_progress(done, total)
                 batch = []
         if batch:
-            planned += _predict(batch, predictor, strategy, settings.flag_threshold, by_path, df, report)
+            planned += _predict(batch, predictor, strategy, threshold, by_path, df, report)
     finally:
         stream.close()
     on_progress(total, total)
@@ -187,7 +189,7 @@ def _still_unchecked(ws: Workspace, planned: list[moves.Move], report: ResortRep
     return keep
 
 
-def _predict(batch: list, predictor: Any, strategy: Any, threshold: float, by_path: dict[str, pd.DataFrame],
+def _predict(batch: list, predictor: Any, strategy: Any, threshold: float | None, by_path: dict[str, pd.DataFrame],
              df: pd.DataFrame, report: ResortReport) -> list[moves.Move]:
     probs = predictor.predict(np.stack([item.pixels for item in batch]))
     scores = strategy(probs)
@@ -200,7 +202,7 @@ def _predict(batch: list, predictor: Any, strategy: Any, threshold: float, by_pa
         label = predictor.classes[k]
         if label == rec["category"]:
             continue
-        flagged = bool(float(s) >= threshold)
+        flagged = threshold is not None and float(s) >= threshold
         row = df.loc[rec["image_id"]] if rec["image_id"] in df.index else None
         old_flag = None if row is None or pd.isna(row["flag"]) else str(row["flag"])
         new_flag = old_flag if old_flag not in (None, "low_confidence") else ("low_confidence" if flagged else None)

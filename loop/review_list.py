@@ -19,7 +19,10 @@ from pathlib import Path
 import pandas as pd
 
 from loop import copies, manifest
+from loop.artifact import read_spec
 from loop.atomic import atomic_write
+from loop.errors import ModelError
+from loop.flagging import settings_point
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -38,18 +41,29 @@ def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
     df = manifest.load(ws).set_index("image_id")
     human = df["label_source"].isin(manifest.HUMAN_SOURCES).fillna(False) | (df["review_status"] == "reviewed")
     done = set(df.index[human.fillna(False).astype(bool)])
-    strategy = ws.settings.sort.flag_strategy
+    strategies: dict[str, str] = {}
     rows: dict[str, dict[str, str]] = {}
     for rec in records.itertuples():
         if rec.image_id in done or rec.dest_path in rows:
             continue
         rows[rec.dest_path] = {
             "dest_path": rec.dest_path, "source_path": rec.source_path, "pred_label": rec.label,
-            "pred_conf": f"{rec.confidence:.4f}", "score": f"{rec.score:.4f}", "strategy": strategy,
+            "pred_conf": f"{rec.confidence:.4f}", "score": f"{rec.score:.4f}",
+            "strategy": _strategy(ws, str(rec.model_version), strategies),
             "model_version": rec.model_version, "image_id": rec.image_id,
             "sorted_at": "" if pd.isna(rec.sorted_at) else rec.sorted_at.isoformat(),
         }
     return [rows[k] for k in sorted(rows)]
+
+
+def _strategy(ws: Workspace, version: str, cache: dict[str, str]) -> str:
+    """The flag strategy the model `version` sorted with (`sort.flag_strategy` may be "auto")."""
+    if version not in cache:
+        try:
+            cache[version] = settings_point(read_spec(ws.models_dir / version), ws.settings.sort)["strategy"]
+        except ModelError:  # the version folder is gone: say what the settings say
+            cache[version] = ws.settings.sort.flag_strategy
+    return cache[version]
 
 
 def write_review_csv(ws: Workspace, dest: Path) -> Path:

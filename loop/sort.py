@@ -34,6 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -43,17 +44,22 @@ from loop.atomic import append_jsonl
 from loop.classnames import class_name_problem
 from loop.decode import Decoded, decode_stream, default_workers
 from loop.errors import DiskFullError, ModelError, SortloopError, is_disk_full
+from loop.flagging import describe, settings_point
 from loop.images import iter_image_files
 from loop.progress import ProgressCallback, no_progress
 from loop.review_list import REVIEW_CSV, write_review_csv  # noqa: F401  (REVIEW_CSV: re-exported)
 from loop.select import get_strategy
 from loop.workspace import Workspace
 
+if TYPE_CHECKING:
+    from loop.artifact import Predictor
+
 logger = logging.getLogger(__name__)
 
 FLUSH_EVERY = 256  # images between writes of the manifest and the records (a crash loses no copies:
 #                    a rerun finds them identical at their destination and records them then)
 HUMAN_SOURCES = manifest.HUMAN_SOURCES
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -105,6 +111,7 @@ def sort_folder(
     dest: Path | str,
     *,
     keep_tree: bool | None = None,
+    engine: str | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> SortReport:
     """Copy every image under `src` into `dest/<predicted label>/` with the deployed model.
@@ -114,6 +121,8 @@ def sort_folder(
         src: a folder (searched recursively; directory symlinks are not followed) or one image file.
         dest: the sorted tree (created if missing). May not be `src` itself or contain it.
         keep_tree: keep `src`'s sub-folders under each category (default: setting `sort.keep_tree`).
+        engine: "local" (decode worker processes + the model here) or "ray" (decode, predict and copy on
+            the Ray cluster of settings `[ray]`, see `loop.ray_engine`); default: setting `sort.engine`.
         on_progress: called with (files done, files total).
     Returns:
         A SortReport; `.ok` is False if any file failed (each listed with its reason).
@@ -128,10 +137,10 @@ def sort_folder(
     """
     src, dest = _check_folders(Path(src), Path(dest))
     with copies.dest_lock(ws, dest):  # one sort at a time per destination (a second one refuses clearly)
-        return _sort_locked(ws, src, dest, keep_tree=keep_tree, on_progress=on_progress or no_progress)
+        return _sort_locked(ws, src, dest, keep_tree=keep_tree, engine=engine, on_progress=on_progress or no_progress)
 
 
-def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None,
+def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None, engine: str | None,
                  on_progress: ProgressCallback) -> SortReport:
     """`sort_folder` once the destination is locked and the folders checked."""
     from loop.artifact import load_predictor, read_spec
@@ -140,12 +149,18 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
     settings = ws.settings.sort
     dest_is_new = not dest.exists()
     keep_tree = settings.keep_tree if keep_tree is None else keep_tree
-    strategy = get_strategy(settings.flag_strategy)
     started = time.perf_counter()
 
     # The model is fixed here, once: a deploy during the run changes the pointer, not this folder.
     model_dir = current_model_dir(ws)
-    image_size = int(read_spec(model_dir)["image_size"])
+    spec = read_spec(model_dir)
+    image_size = int(spec["image_size"])
+    # Flags: the strategy and threshold that meet the user's goal (catch rate or budget) for THIS model,
+    # from the curves estimated at its training (`loop.flagging`).
+    point = settings_point(spec, settings)
+    flag_strategy, threshold = point["strategy"], point["threshold"]
+    strategy = get_strategy(flag_strategy)
+    logger.info("flags: %s", describe(point))
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + copies.new_record_id()[:6]
     report = SortReport(src=str(src), dest=str(dest), run_id=run_id)
 
@@ -183,9 +198,16 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
 
     # Start decoding now: the worker processes spawn and decode the first batches while the model loads
     # and the tree is counted. Two batches in flight (~10 MB at 224 px) give slack for uneven decode times.
-    workers, chunk = default_workers(settings.workers), 4
-    stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
-                           prefetch=max(4 * workers, 2 * settings.batch_size // chunk))
+    # On Ray, the files are listed here and the cluster decodes, predicts and copies (nothing to start yet).
+    engine = engine or settings.engine
+    if engine not in ENGINES:
+        raise SortloopError(f"unknown sort engine {engine!r}; valid: {', '.join(ENGINES)} (sort.engine)")
+    if engine == "ray":
+        stream = _Listed(list(todo()))
+    else:
+        workers, chunk = default_workers(settings.workers), 4
+        stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
+                               prefetch=max(4 * workers, 2 * settings.batch_size // chunk))
     try:
         predictor = load_predictor(model_dir, runtime=settings.runtime, precision=settings.precision)
         total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))
@@ -203,13 +225,22 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
     on_progress(processed, total)
 
     copier = _Copier(report, pending, predictor.version)
+    if isinstance(stream, _Listed):
+        from loop.ray_engine import sort_batches
+
+        predicted = _placed_batches(sort_batches(
+            stream.paths, _known_by_path(known_ids), model_dir, src=src, dest=dest, keep_tree=keep_tree,
+            runtime=settings.runtime, int8=predictor.int8, batch_size=settings.batch_size,
+            address=ws.settings.ray.address,
+            actors=ws.settings.ray.actors), report)
+    else:
+        predicted = _predicted_batches(stream, predictor, settings.batch_size, report)
     disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
     try:
-        for batch, failures in _batches(stream, settings.batch_size, report):
+        for batch, probs, placed, failures in predicted:
             if batch:
-                probs = predictor.predict(np.stack([rec.pixels for rec in batch]))
                 scores = strategy(probs)
-                for rec, p, s in zip(batch, probs, scores, strict=True):
+                for i, (rec, p, s) in enumerate(zip(batch, probs, scores, strict=True)):
                     rid = known_ids.get((str(rec.path), rec.image_id))
                     if rid is not None:  # touched, not changed: still sorted; remember its new mtime
                         report.already_sorted += 1
@@ -217,9 +248,10 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
                         continue
                     k = int(np.argmax(p))
                     label = predictor.classes[k]
-                    sub = rec.path.parent.relative_to(src) if keep_tree and src.is_dir() else Path()
-                    copier.submit(rec, label, float(p[k]), float(s), float(s) >= settings.flag_threshold,
-                                  dest / label / sub)
+                    flagged = threshold is not None and float(s) >= threshold
+                    copier.submit(rec, label, float(p[k]), float(s), flagged,
+                                  copies.category_folder(dest, label, src, rec.path, keep_tree=keep_tree),
+                                  done=placed[i] if placed is not None else None)
             copier.collect()
             processed += len(batch) + failures
             report.seen = processed
@@ -235,6 +267,7 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
             raise
         disk_full = exc
     finally:
+        predicted.close()
         stream.close()
         copier.close()  # finishes copies in flight (and records them) even when interrupted
         report.seen = processed
@@ -298,6 +331,48 @@ def _is_within(inner: Path, outer: Path) -> bool:
         return False
 
 
+class _Listed:
+    """The files a Ray sort will send to the cluster (listed here, so resume works as for a local sort)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def close(self) -> None:
+        pass
+
+
+Predicted = Iterator[tuple[list[Decoded], np.ndarray, "list | None", int]]
+
+
+def _predicted_batches(stream: Iterator[Decoded], predictor: Predictor, size: int, report: SortReport) -> Predicted:
+    """Local engine: (decoded batch, probs, None = copies still to make, failures) with the model here."""
+    for batch, failures in _batches(stream, size, report):
+        probs = predictor.predict(np.stack([rec.pixels for rec in batch])) if batch else None
+        yield batch, probs, None, failures
+
+
+def _placed_batches(results: Iterator, report: SortReport) -> Predicted:
+    """Ray engine: the same, plus where each worker's copy landed (see `loop.ray_engine.sort_batches`)."""
+    for recs, probs, placed in results:
+        ok = [i for i, rec in enumerate(recs) if rec.ok]
+        for rec in recs:
+            if not rec.ok:
+                _failed(report, rec)
+        yield [recs[i] for i in ok], probs[ok], [placed[i] for i in ok], len(recs) - len(ok)
+
+
+def _known_by_path(known_ids: dict[tuple[str, str], str]) -> dict[str, list[str]]:
+    by_path: dict[str, list[str]] = {}
+    for path, image_id in known_ids:
+        by_path.setdefault(path, []).append(image_id)
+    return by_path
+
+
+def _failed(report: SortReport, rec: Decoded) -> None:
+    report.failed.append((str(rec.path), rec.error or "unreadable"))
+    logger.info("skipped %s: %s", rec.path, rec.error)
+
+
 def _batches(stream: Iterator[Decoded], size: int, report: SortReport) -> Iterator[tuple[list[Decoded], int]]:
     """Group decoded files into batches of `size`; failures go straight to the report.
 
@@ -309,8 +384,7 @@ def _batches(stream: Iterator[Decoded], size: int, report: SortReport) -> Iterat
         if rec.ok:
             batch.append(rec)
         else:
-            report.failed.append((str(rec.path), rec.error or "unreadable"))
-            logger.info("skipped %s: %s", rec.path, rec.error)
+            _failed(report, rec)
             failures += 1
         if len(batch) >= size or failures >= size:
             yield batch, failures
@@ -354,10 +428,19 @@ class _Copier:
         self.jobs: deque[_Job] = deque()
         self.disk_full: OSError | None = None  # the first "no space left" of a copy: the run stops
 
-    def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path) -> None:
-        future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
-                                  size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False,
-                                  root=Path(self.report.dest))
+    def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path,
+               done: tuple[Path, bool] | OSError | None = None) -> None:
+        """Copy `rec` into `folder`; or, with `done`, record a copy a Ray worker made (or failed to make)."""
+        if done is None:
+            future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
+                                      size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False,
+                                      root=Path(self.report.dest))
+        else:
+            future = Future()
+            if isinstance(done, OSError):
+                future.set_exception(done)
+            else:
+                future.set_result(done)
         self.jobs.append(_Job(rec, label, conf, score, flagged, future))
 
     def collect(self, wait: bool = False) -> None:

@@ -1,5 +1,11 @@
 """Train/validation splits: by whole items, stratified by label, per source, and stable over time.
 
+"valid" is the **gate set**: a small share of the user's own items (`split.user_valid_fraction`, 0.2)
+that no model trains on, so `loop.gate` can compare two models on photos neither has seen. Everything
+else trains; metrics, calibration and flag thresholds come from item-grouped cross-validation on it
+(`loop.train`). Photos labeled by a person *after* ingest (reviews, user moves) always go to train: they
+are the labels the loop exists to learn from, and they were chosen by the model, so they would make a
+biased yardstick anyway.
 Why stable: the gate compares model versions on the same validation photos, so a photo never changes
 side once it has one. Only labeled items get a split; an unlabeled photo gets one when its item is first
 labeled (then the label is known and the split can be stratified). New items of a (source, label) stratum
@@ -18,6 +24,7 @@ import pandas as pd
 from loop.config import SplitConfig
 
 TRAIN, VALID = "train", "valid"
+ALWAYS_TRAIN_SOURCES = ("review", "user_move")  # label_source values that never enter the gate set
 
 
 def _order_key(item_id: str, seed: int) -> str:
@@ -38,12 +45,21 @@ def assign_splits(df: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
 
     # 2. Labeled items with no side yet are new items: place them per (source, label) stratum.
     labeled = df[df["label"].notna()]
-    new_items = labeled.loc[labeled["split"].isna()].groupby("item_id").agg(
+    unplaced = labeled.loc[labeled["split"].isna()]
+    if "label_source" in df.columns:  # reviewed / moved photos of new items: straight to train
+        reviewed = unplaced["label_source"].isin(ALWAYS_TRAIN_SOURCES).fillna(False).astype(bool)
+        to_train = unplaced.loc[reviewed, "item_id"].unique()
+        df.loc[df["split"].isna() & df["item_id"].isin(to_train), "split"] = TRAIN
+        unplaced = unplaced[~unplaced["item_id"].isin(to_train)]
+    new_items = unplaced.groupby("item_id").agg(
         source=("source", "first"), label=("label", lambda s: s.value_counts().index[0])
     )
     if new_items.empty:
         return df
-    assigned_items = df.loc[df["split"].notna() & df["label"].notna()].groupby("item_id").agg(
+    placed = df["split"].notna() & df["label"].notna()
+    if "label_source" in df.columns:  # the ratio is kept among ingested labels, reviews aside
+        placed &= ~df["label_source"].isin(ALWAYS_TRAIN_SOURCES).fillna(False).astype(bool)
+    assigned_items = df.loc[placed].groupby("item_id").agg(
         source=("source", "first"), label=("label", lambda s: s.value_counts().index[0]), split=("split", "first")
     )
     counts: dict[tuple[str, str], list[int]] = {}

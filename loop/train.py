@@ -11,10 +11,23 @@ Read `train` top to bottom; each phase says why it is there. Two modes:
   in eval mode and `train_bn=False` (letting the pretrained BatchNorm statistics move cost ~0.15 accuracy
   on this kind of data). fastai is imported only on this path.
 
-Both read images from the resized cache and are scored on the user-photo validation set; the promotion
-gate (`loop.gate`) decides which model ships.
-Caveat: classes are the sorted labels present in the TRAIN split; a label seen only in validation cannot
-be learned (it is logged, and counts as errors in the metrics).
+Which labels train (design "gate set + cross-validation"): every label trains the deployed model except
+a small, stable **gate set** (`split.user_valid_fraction`, 20% of the user's ingested items; reviews and
+user moves always train, see `loop.splits`). Metrics, the calibration temperature and the flag curves come
+from item-grouped k-fold cross-validation over the training labels (out-of-fold predictions: each photo
+scored by a model that never saw its item); the model that ships is then refit on all of them. The gate
+compares candidate and deployed model on the gate set, which neither trained on.
+Why not prequential evaluation (score the current model on labels that arrived since, the candidate out
+of fold on the same photos): the new labels are mostly reviewed photos the model itself picked as hard,
+so the yardstick would change with every round, be biased towards hard cases and be tiny (30 reviews);
+a fixed gate set gives paired, comparable numbers across versions at the cost of 20% of the ingested
+labels. The cost is measured in the README (`bench/learning.py`: product vs an all-labels probe). With
+too few items per class for a gate set, `loop.gate` falls back to the prequential comparison.
+
+Both read images from the resized cache; the promotion gate (`loop.gate`) decides which model ships.
+`train` refuses to make a version identical to the newest one (same labels, same recipe).
+Caveat: classes are the sorted labels present in the TRAIN split; a label seen only in the gate set
+cannot be learned (it is logged, and counts as errors in the metrics).
 """
 
 from __future__ import annotations
@@ -25,33 +38,35 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from loop import manifest, registry
-from loop.artifact import save_artifact
+from loop.artifact import read_spec, save_artifact
 from loop.backbones import create_network, get_backbone, weights_tag
 from loop.classnames import class_name_problem
 from loop.errors import ModelError
+from loop.estimates import describe_learning, learning_estimates, oof_frame
 from loop.evaluate import confusion_png, metrics_by_source, summary_line
-from loop.head import fit_head
+from loop.head import backbone_cv_accuracy, fit_head
 from loop.progress import ProgressCallback, no_progress
 from loop.resized import ensure_resized, load_resized, resized_path
 from loop.workspace import Workspace
 
-if TYPE_CHECKING:
-    pass
-
 logger = logging.getLogger(__name__)
 
+TRAINING_SET_FILE = "training_set.parquet"
 MODES = ("head", "finetune")
 
 
 @dataclass
 class TrainResult:
-    """What `train` produced: a candidate version (not deployed), its mode and its validation metrics."""
+    """What `train` produced: a candidate version (not deployed), its mode and its metrics.
+
+    `unchanged` means nothing that trains differed from the newest version's data and recipe: no new
+    version was written, and `version` names that existing one.
+    """
 
     version: str
     mode: str
@@ -59,10 +74,19 @@ class TrainResult:
     model_dir: Path
     seconds: float = 0.0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    n_trained: int = 0
+    n_new: int | None = None  # labels the deployed model did not train on (None: unknown for an old model)
+    unchanged: bool = False
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"trained candidate {self.version} ({self.mode} mode, {self.seconds:.0f} s): "
-                f"{summary_line(self.metrics)}")
+        if self.unchanged:
+            return (f"nothing to train: the labels and settings are those {self.version} was trained on "
+                    f"({self.n_trained} training labels); no identical version made (use --force to retrain)")
+        new = "unknown" if self.n_new is None else str(self.n_new)
+        lines = [f"trained candidate {self.version} ({self.mode} mode, {self.seconds:.0f} s) on {self.n_trained} "
+                 f"labels ({new} new since the deployed model): {summary_line(self.metrics)}"]
+        return "\n".join(lines + [f"  {note}" for note in self.notes])
 
 
 def labeled_rows(ws: Workspace) -> pd.DataFrame:
@@ -79,16 +103,61 @@ def labels_fingerprint(df: pd.DataFrame) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def recipe(ws: Workspace, mode: str, backbone: str, pretrained: bool) -> dict:
+    """The settings that change what training produces from the same labels (kept in model.json)."""
+    m = ws.settings.model
+    out = {"mode": mode, "backbone": backbone, "image_size": m.image_size, "pretrained": pretrained,
+           "seed": m.seed, "cv_folds": m.cv_folds, "calibrate": m.calibrate,
+           "backbone_weights_file": str(m.backbone_weights_file or ""),
+           "backbone_candidates": list(m.backbone_candidates)}
+    if mode == "finetune":
+        out.update(epochs=m.epochs, batch_size=m.batch_size, learning_rate=m.learning_rate)
+    return out
+
+
+def training_set(model_dir: Path) -> pd.DataFrame | None:
+    """(image_id, label) pairs a version trained on, or None for a version that did not record them."""
+    path = Path(model_dir) / TRAINING_SET_FILE
+    return pd.read_parquet(path) if path.exists() else None
+
+
+def new_label_count(ws: Workspace, train_rows: pd.DataFrame) -> int | None:
+    """How many (photo, label) pairs of `train_rows` the deployed model did not train on."""
+    current = registry.current_version(ws)
+    if current is None:
+        return len(train_rows)
+    seen = training_set(registry.model_dir(ws, current))
+    if seen is None:
+        return None
+    known = set(zip(seen["image_id"].astype(str), seen["label"].astype(str), strict=True))
+    pairs = zip(train_rows["image_id"].astype(str), train_rows["label"].astype(str), strict=True)
+    return sum(pair not in known for pair in pairs)
+
+
+def _unchanged(ws: Workspace, fingerprint: str, this_recipe: dict) -> str | None:
+    """The newest version if it was trained on exactly these labels with this recipe, else None."""
+    versions = registry.list_versions(ws)
+    if not versions:
+        return None
+    spec = read_spec(registry.model_dir(ws, versions[-1]))
+    if spec.get("labels_fingerprint") == fingerprint and spec.get("recipe") == this_recipe:
+        return versions[-1]
+    return None
+
+
 def train(
-    ws: Workspace, *, mode: str | None = None, pretrained: bool = True, on_progress: ProgressCallback | None = None
+    ws: Workspace, *, mode: str | None = None, pretrained: bool = True, force: bool = False,
+    on_progress: ProgressCallback | None = None,
 ) -> TrainResult:
     """Train a candidate model from the manifest and write it as a new registry version.
 
     Args:
         mode: "head" or "finetune" (default: `model.train_mode` in the settings).
         pretrained: False trains on a random-initialised body: the control showing the weights matter.
+        force: train even when labels and settings are those of the newest version.
     Returns:
-        TrainResult with the new version (a candidate; `loop.gate.deploy` decides whether it ships).
+        TrainResult with the new version (a candidate; `loop.gate.deploy` decides whether it ships), or
+        `unchanged=True` naming the newest version when there was nothing new to learn from.
     Raises:
         ModelError: no labeled images, fewer than 2 classes in the train split, missing backbone weights.
     Example:
@@ -100,18 +169,26 @@ def train(
     mode = mode or settings.train_mode
     if mode not in MODES:
         raise ModelError(f"unknown training mode {mode!r}; valid: {', '.join(MODES)}")
-    backbone = get_backbone(settings.backbone)
-    size = settings.image_size
     started = time.monotonic()
 
-    # 1. The data: labeled rows and their stable, item-grouped split (assigned at ingest), so metrics of
-    #    successive versions are measured on the same held-out items.
+    # 1. The data: labeled rows and their stable, item-grouped split (assigned at ingest). "valid" is the
+    #    small gate set no model trains on; every other label trains.
     rows = labeled_rows(ws)
     if rows.empty:
         raise ModelError("no labeled images with a split in the manifest; run `sortloop ingest FOLDER --labeled`")
+    this_recipe = recipe(ws, mode, settings.backbone, pretrained)
+    fingerprint = labels_fingerprint(rows)
+    same = None if force else _unchanged(ws, fingerprint, this_recipe)
+    if same is not None:
+        n_train = int((rows["split"] == "train").sum())
+        result = TrainResult(same, mode, read_spec(registry.model_dir(ws, same)).get("metrics", {}),
+                             registry.model_dir(ws, same), n_trained=n_train, unchanged=True)
+        logger.info("%s", result.summary())
+        return result
+    size = settings.image_size
 
     # 2. The resized cache: decode each photo once (draft JPEG, EXIF upright) into a lossless PNG at the
-    #    model's size; every epoch, feature pass and gate re-evaluation reads these instead of originals.
+    #    model's size; every feature pass and gate re-evaluation reads these instead of originals.
     skipped = ensure_resized(ws, rows["image_id"].tolist(), rows["path"].tolist(), size, on_progress=on_progress)
     if skipped:
         rows = rows[[resized_path(ws, i, size).exists() for i in rows["image_id"]]].reset_index(drop=True)
@@ -128,26 +205,41 @@ def train(
                          "label photos of at least 2 categories")
     unlearnable = sorted(set(valid_rows["label"].astype(str)) - set(classes))
     if unlearnable:
-        logger.warning("labels only in validation (cannot be learned yet): %s", ", ".join(unlearnable))
-    logger.info("training %s on %d images (%d classes), validating on %d", mode, len(train_rows), len(classes),
-                len(valid_rows))
+        logger.warning("labels only in the gate set (cannot be learned yet): %s", ", ".join(unlearnable))
+    n_new = new_label_count(ws, train_rows)
+    backbone_cv: dict[str, float] = {}
+    name = settings.backbone
+    if pretrained and len(settings.backbone_candidates) > 1:  # let the data choose, by item-grouped CV
+        backbone_cv = {c: backbone_cv_accuracy(ws, c, train_rows, classes, on_progress=on_progress)
+                       for c in settings.backbone_candidates}
+        name = max(backbone_cv, key=lambda c: (backbone_cv[c], c == settings.backbone))
+        logger.info("backbone by item-grouped CV: %s -> %s", backbone_cv, name)
+    backbone = get_backbone(name, settings.backbone_weights_file)
+    logger.info("training %s on %d labels (%s new, %d classes), gate set %d", mode, len(train_rows), n_new,
+                len(classes), len(valid_rows))
 
     # 3. The network: timm architecture with the offline ImageNet body and a fresh classifier.
     net = create_network(ws, backbone.name, len(classes), pretrained=pretrained, seed=settings.seed)
 
-    # 4. Fit. Both paths leave `net` a complete classifier and return validation probabilities computed
-    #    the way the mode's own tooling computes them (in-memory torch head / fastai get_preds).
+    # 4. Fit. Both paths leave `net` a complete classifier and return gate-set probabilities computed the
+    #    way the mode's own tooling computes them (in-memory torch head / fastai get_preds). Head mode also
+    #    returns out-of-fold predictions of every training photo, and folds its calibration into `net`.
+    oof = None
     if mode == "head":
-        details, valid_probs = fit_head(ws, net, backbone, train_rows, valid_rows, classes,
-                                        pretrained=pretrained, on_progress=on_progress)
+        details, valid_probs, oof = fit_head(ws, net, backbone, train_rows, valid_rows, classes,
+                                             pretrained=pretrained, on_progress=on_progress)
     else:
         from loop.finetune import fit_finetune  # fastai is imported only on this path
 
         details, valid_probs = fit_finetune(ws, net, backbone, train_rows, valid_rows, classes,
                                             pretrained=pretrained, on_progress=on_progress)
 
-    # 5. Evaluate on the user-photo validation set (and, separately, web images).
+    # 5. Evaluate: the gate set (user and web separately), the out-of-fold predictions (the estimate that
+    #    uses every training label), calibration before/after, and the flag curves.
     metrics = metrics_by_source(valid_rows, valid_probs, classes)
+    temperature = float(details.get("temperature", 1.0))
+    extras = learning_estimates(train_rows, valid_rows, valid_probs, oof, classes, temperature)
+    metrics.update(extras.pop("metrics"))
 
     # 6. Write the candidate: extras first, `model.json` last (a folder without it is not a version).
     version, out = registry.new_version_dir(ws)
@@ -156,6 +248,9 @@ def train(
             if m["n"]:
                 confusion_png(m, out / f"confusion_{name}.png", title=f"{version} {name}")
         predictions_frame(valid_rows, valid_probs, classes).to_parquet(out / "valid_predictions.parquet")
+        train_rows[["image_id", "label", "item_id"]].astype(str).to_parquet(out / TRAINING_SET_FILE)
+        if oof is not None:
+            oof_frame(train_rows, oof, classes, temperature).to_parquet(out / "oof_predictions.parquet")
         spec = {
             "version": version,
             "architecture": backbone.name,
@@ -166,11 +261,15 @@ def train(
             "drop_rate": backbone.drop_rate,
             "metrics": metrics,
             "train_mode": mode,
-            "training": details,
+            "training": {**details, **({"backbone_cv_accuracy": backbone_cv} if backbone_cv else {})},
+            "temperature": temperature,
+            **extras,
             "pretrained": pretrained,
             "body_weights": weights_tag(ws, backbone.name, pretrained=pretrained, seed=settings.seed),
-            "labels_fingerprint": labels_fingerprint(rows),
+            "labels_fingerprint": fingerprint,
+            "recipe": this_recipe,
             "n_train": len(train_rows),
+            "n_new": n_new,
             "n_valid": len(valid_rows),
         }
         save_artifact(net, spec, out)
@@ -182,7 +281,9 @@ def train(
     #    float model on the validation photos (its verdict lands in model.json; `status` shows it).
     if settings.int8:
         write_int8(ws, out, train_rows, valid_rows)
-    result = TrainResult(version, mode, metrics, out, time.monotonic() - started, skipped)
+    notes = [describe_learning(spec, ws)]
+    result = TrainResult(version, mode, metrics, out, time.monotonic() - started, skipped, len(train_rows), n_new,
+                         notes=notes)
     logger.info("%s", result.summary())
     return result
 

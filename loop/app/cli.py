@@ -11,7 +11,7 @@ import json
 import shlex
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 import typer
 from rich.markup import escape
@@ -36,6 +36,9 @@ from loop.config import ModelConfig
 # Choices listed in --help, from the library's own lists.
 Source = StrEnum("Source", {name: name for name in ("user", "web")})  # loop.ingest.SOURCES (pandas: slow import)
 TrainMode = StrEnum("TrainMode", {name: name for name in get_args(ModelConfig.model_fields["train_mode"].annotation)})
+
+if TYPE_CHECKING:
+    from loop.workspace import Workspace
 
 app = typer.Typer(
     help="Sort photos into category folders with a classifier that learns from your corrections.",
@@ -63,6 +66,23 @@ def global_options(
 def command(*args: Any, **kwargs: Any) -> Any:
     """`@app.command` with friendly errors."""
     return command_of(app, *args, **kwargs)
+
+
+RayOption = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (needs `pip install 'sortloop\\[ray]'`); "
+                                         "default: sort.engine / model.feature_engine.")]
+RayAddressOption = Annotated[str | None, typer.Option(help="The Ray cluster: host:6379, ray://host:10001, or "
+                                                       "'local' for a fresh local instance (default: ray.address, "
+                                                       "else $RAY_ADDRESS).")]
+
+
+def _with_ray(workspace: Path | None, address: str | None) -> Workspace:
+    """The workspace, with `ray.address` set from --ray-address when given."""
+    from loop.workspace import open_workspace
+
+    ws = open_workspace(workspace)
+    if address is not None:
+        ws.settings.ray.address = address
+    return ws
 
 
 # --- workspace and data -----------------------------------------------------------------------------
@@ -236,19 +256,24 @@ def sort(
     dest: Annotated[Path, typer.Argument(metavar="DEST", help="Sorted tree: copies go to DEST/<category>/.")],
     keep_tree: Annotated[bool | None, typer.Option("--keep-tree/--flat", help="Keep SRC's sub-folders under "
                                                    "each category (default: sort.keep_tree, true).")] = None,
+    ray: RayOption = False,
+    ray_address: RayAddressOption = None,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Copy every photo under SRC into DEST/<predicted category>/ with the deployed model; flag unsure ones.
 
     Rerunning copies nothing already sorted. Exit code 1 if any file could not be sorted (listed with why).
+    With --ray, a Ray cluster decodes, predicts and copies (SRC and DEST mounted at the same path on every
+    node); records and flags are written here.
 
-    Example: sortloop sort ~/photos/inbox ~/photos/sorted
+    Example: sortloop sort ~/photos/inbox ~/photos/sorted   (on a cluster: --ray --ray-address head:6379)
     """
     from loop.sort import sort_folder
-    from loop.workspace import open_workspace
 
+    ws = _with_ray(workspace, ray_address)
     with progress_bar("sorting") as on_progress:
-        report = sort_folder(open_workspace(workspace), src, dest, keep_tree=keep_tree, on_progress=on_progress)
+        report = sort_folder(ws, src, dest, keep_tree=keep_tree, engine="ray" if ray else None,
+                             on_progress=on_progress)
     out.print(report.summary(), highlight=False, soft_wrap=True)
     for path, reason in report.failed:
         console.print(f"[yellow]not sorted[/yellow] {path}: {reason}", highlight=False)
@@ -387,21 +412,33 @@ def undo(
 def train(
     mode: Annotated[TrainMode | None, typer.Option(help="'head' (linear head on cached features) or 'finetune' "
                                                    "(fastai); default: model.train_mode.")] = None,
+    ray: RayOption = False,
+    ray_address: RayAddressOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Train even if the labels and settings are those of the "
+                                        "newest version.")] = False,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Train a candidate model from the labeled manifest rows and store it as a new version (not deployed).
 
+    Every label trains except the small gate set; metrics, calibration and flag sizing come from
+    item-grouped cross-validation. With nothing new to learn from, it says so and makes no version.
+
+    With --ray, the features of photos not in the feature cache yet are computed on a Ray cluster (the
+    workspace mounted at the same path on every node).
+
     Example: sortloop train --mode head
     """
     from loop.train import train as run_training
-    from loop.workspace import open_workspace
 
-    ws = open_workspace(workspace)
+    ws = _with_ray(workspace, ray_address)
+    if ray:
+        ws.settings.model.feature_engine = "ray"
     with progress_bar("training") as on_progress:
-        result = run_training(ws, mode=mode and mode.value, on_progress=on_progress)
+        result = run_training(ws, mode=mode and mode.value, force=force, on_progress=on_progress)
     out.print(result.summary(), highlight=False)
-    promote = cli_hint(f"deploy {result.version}", ws.root)
-    out.print(f"candidate stored in {result.model_dir}; promote it with: {promote}", highlight=False)
+    if not result.unchanged:
+        promote = cli_hint(f"deploy {result.version}", ws.root)
+        out.print(f"candidate stored in {result.model_dir}; promote it with: {promote}", highlight=False)
 
 
 @command()

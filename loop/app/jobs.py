@@ -223,6 +223,8 @@ def retrain_step(ws: Workspace) -> Outcome:
 
     result = train(ws)
     parts.append(f"{_summarise(result).summary} ({why})")
+    if result.unchanged:
+        return Outcome("; ".join(parts), skipped=True)
     if STOP.is_set():
         return Outcome("; ".join([*parts, "not deployed: shutting down (run `sortloop deploy` later)"]))
 

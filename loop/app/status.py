@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from loop.flagging import describe, settings_point
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,11 @@ def _models(ws: Workspace) -> tuple[dict[str, Any] | None, list[dict[str, Any]],
             "architecture": spec.get("architecture"),
             "train_mode": spec.get("train_mode"),
             "classes": spec.get("classes"),
-            "metrics": {k: v for k, v in (spec.get("metrics") or {}).items() if k in ("user_valid", "web_valid")},
+            "metrics": {k: v for k, v in (spec.get("metrics") or {}).items()
+                        if k in ("user_valid", "web_valid", "cv_user")},
+            "n_train": spec.get("n_train"),
+            "calibration": spec.get("calibration"),
+            "flag_point": settings_point(spec, ws.settings.sort),
             "sort_precision": _sort_precision(ws, spec),
         }
     newer = [v for v in versions if current is None or v["version"] > current]
@@ -217,6 +222,15 @@ def format_status(status: dict[str, Any]) -> str:
             f"model       {model['version']} ({model.get('train_mode')}, since {model.get('since')}): "
             f"user-valid accuracy {_fmt_acc(uv.get('accuracy'))} on {uv.get('n', '?')} photos"
         )
+        cv = model["metrics"].get("cv_user") or {}
+        if cv.get("accuracy") is not None:
+            lines.append(f"            out-of-fold accuracy {_fmt_acc(cv['accuracy'])} on {cv['n']} training photos "
+                         f"({model.get('n_train')} labels trained)")
+        cal = model.get("calibration") or {}
+        if cal.get("ece_oof_before") is not None:
+            lines.append(f"            calibration: temperature {cal['temperature']:.2f}, "
+                         f"ECE {cal['ece_oof_before']:.3f} -> {cal['ece_oof_after']:.3f} (out of fold)")
+        lines.append(f"flags       {describe(model['flag_point'])}")
         precision = model.get("sort_precision") or {}
         lines.append(f"sorting     {'INT8' if precision.get('int8') else 'float'} model: {precision.get('reason', '')}")
     for cand in status["candidates"]:

@@ -37,7 +37,7 @@ def test_demo_learns_from_a_simulated_review_and_a_rerun_trains_nothing(tmp_path
     dest = tmp_path / "sorted"
     # a weak first model (a quarter of the items) and a low flag threshold, so the review has work to do
     ws = configure(tmp_path / "ws", port=free_port(), title="demo",
-                   replace={"flag_threshold = 0.5": "flag_threshold = 0.2"})
+                   replace={"# flag_threshold = 0.5": "flag_threshold = 0.2"})
     template = template_dir()
     shutil.copytree(template, server.data_dir(ws), symlinks=True)
     server.write_credentials(server.credentials_path(ws), read_marker(template))

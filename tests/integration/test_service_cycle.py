@@ -74,6 +74,8 @@ def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, 
     monkeypatch.setenv("SORTLOOP_SCHEDULE__TIMEZONE", "UTC")
     monkeypatch.setenv("SORTLOOP_SORT__FLAG_THRESHOLD", "0")  # flag every sorted photo for review
     monkeypatch.setenv("SORTLOOP_MODEL__TRAIN_MODE", "head")
+    # 6 labeled photos per class: a gate set of half of them (the default fifth would be one photo per class)
+    monkeypatch.setenv("SORTLOOP_SPLIT__USER_VALID_FRACTION", "0.5")
     ws = Workspace(ls_ws.root)
 
     # 1. a first, deliberately weak model (random-initialised body), deployed

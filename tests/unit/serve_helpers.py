@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from loop import manifest, registry
@@ -46,8 +47,25 @@ def write_version(ws: Workspace, version: str, created_at: pd.Timestamp, accurac
         "mean": [0.5] * 3, "std": [0.5] * 3, "train_mode": "head", "labels_fingerprint": f"fp-{version}",
         "created_at": created_at.isoformat(),
         "metrics": {"user_valid": user_valid_metrics(accuracy, recall), "web_valid": {"n": 0, "accuracy": None}},
+        "flagging": synthetic_flagging(accuracy),
+        "calibration": {"temperature": 1.5, "ece_oof_before": 0.2, "ece_oof_after": 0.05},
     }
     (folder / "model.json").write_text(json.dumps(spec))
+
+
+def synthetic_flagging(accuracy: float, n: int = 200) -> dict:
+    """Catch curves as `train` stores them, from out-of-fold-like predictions right `accuracy` of the time."""
+    from loop.flagging import estimate
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, len(CLASSES), n)
+    right = rng.random(n) < accuracy
+    guess = np.where(right, labels, (labels + 1) % len(CLASSES))
+    conf = np.where(right, rng.uniform(0.5, 1.0, n), rng.uniform(0.34, 0.9, n))
+    probs = np.full((n, len(CLASSES)), 0.0)
+    probs[np.arange(n), guess] = conf
+    probs[np.arange(n), (guess + 2) % len(CLASSES)] = 1 - conf
+    return estimate(probs, labels)
 
 
 def build(ws: Workspace, tmp_path: Path) -> Built:
@@ -56,6 +74,8 @@ def build(ws: Workspace, tmp_path: Path) -> Built:
         cls = CLASSES[i % 3]
         make_image(photos / cls / f"{i}.jpg", (20 * i, 255 - 20 * i, (97 * i) % 256))
     ingest_folder(ws, photos, source="user", labeled=True)
+    # a gate set big enough to show: two of each class's four photos (the default 20% would take none)
+    manifest.update(ws, lambda d: d.assign(split=np.where(d.groupby("label").cumcount() < 2, "valid", "train")))
     t0 = manifest.history(ws)["at"].max()
     accuracy = {"v0001": 0.5, "v0002": 0.8125, "v0003": 0.75}
     recall = {"chair": 1.0, "table": 0.5, "sofa": 0.875}

@@ -60,7 +60,9 @@ def mounts(service: dict) -> dict[str, tuple[str, str]]:
 
 def test_services_are_label_studio_on_postgres_and_the_worker(compose):
     services = compose["services"]
-    assert set(services) == {"db", "app", "nginx", "worker"}
+    assert set(services) == {"db", "app", "nginx", "worker", "ray-head", "ray-worker"}
+    # the Ray cluster is opt-in: a plain `docker compose up` starts Label Studio and the worker only
+    assert {name for name, svc in services.items() if not svc.get("profiles")} == {"db", "app", "nginx", "worker"}
     assert "postgres" in services["db"]["image"] or "pgautoupgrade" in services["db"]["image"]
     for name in ("app", "nginx"):
         assert services[name]["image"].startswith("heartexlabs/label-studio:")
@@ -140,4 +142,39 @@ def test_worker_command_is_a_real_sortloop_command_matching_the_dockerfile(compo
     assert copies
     for source in [s for sources in copies for s in sources]:
         assert (REPO / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
-    assert "'.[train]'" in dockerfile  # the worker retrains, so it needs the train extra
+    assert "'.[train,ray]'" in dockerfile  # the worker retrains (train extra); Ray nodes run this image (ray)
+
+
+def test_ray_head_and_workers_share_the_photos_workspace_and_token_with_the_worker(compose):
+    """`docker compose --profile ray up`: a head and N workers the sortloop worker reaches at ray.address,
+    each seeing /photos and the workspace at the worker's paths (Ray workers write the sorted copies)."""
+    start = pytest.importorskip("ray.scripts.scripts").start
+    services = compose["services"]
+    worker, head, node = services["worker"], services["ray-head"], services["ray-worker"]
+    assert head["profiles"] == node["profiles"] == ["ray"]
+    assert head["image"] == node["image"] == worker["image"]  # sortloop + ray, same versions everywhere
+
+    def ray_start(service: dict) -> dict:
+        command = service["command"]
+        assert command[:2] == ["ray", "start"] and "--block" in command
+        return start.make_context("start", list(command[2:])).params  # real `ray start` options
+
+    head_args, node_args = ray_start(head), ray_start(node)
+    assert head_args["head"] and not node_args["head"]
+    assert head_args["num_cpus"] == 0  # the head schedules; the workers sort
+    address = f"ray-head:{head_args['port']}"
+    assert node_args["address"] == address
+    assert environment(worker)["SORTLOOP_RAY__ADDRESS"] == address
+    assert node["depends_on"] == ["ray-head"] and int(interpolate(str(node["deploy"]["replicas"]), {})) >= 2
+
+    worker_mounts, worker_env = mounts(worker), environment(worker)
+    for service in (head, node):
+        assert mounts(service)["/photos"] == worker_mounts["/photos"]  # same source, same path, writable
+        assert mounts(service)[worker_env["SORTLOOP_WORKSPACE"]] == worker_mounts[worker_env["SORTLOOP_WORKSPACE"]]
+        env = {k: interpolate(str(v), {**DOTENV, "RAY_AUTH_TOKEN": "t0k"}) for k, v in service["environment"].items()}
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == "t0k"
+        with pytest.raises(AssertionError, match="RAY_AUTH_TOKEN"):  # no cluster without a token
+            interpolate(service["environment"]["RAY_AUTH_TOKEN"], DOTENV)
+    assert worker_env["RAY_AUTH_MODE"] == "token"
+    assert interpolate(str(worker["environment"]["RAY_AUTH_TOKEN"]), {"RAY_AUTH_TOKEN": "t0k"}) == "t0k"
+    assert worker_env["SORTLOOP_SORT__ENGINE"] == "local"  # Ray only when the user opts in

@@ -22,7 +22,6 @@ HOSTILE = [
     ("gate", "min_accuracy_gain", 1.5),
     ("gate", "max_recall_drop", 2),
     ("gate", "max_recall_drop", -0.1),
-    ("split", "user_valid_fraction", 0),
     ("split", "user_valid_fraction", 1),
     ("sort", "batch_size", 0),
     ("sort", "workers", -1),
@@ -36,7 +35,8 @@ HOSTILE = [
 ]
 # values at the edges of the ranges stay accepted
 ACCEPTED = [("schedule", "pull_minutes", 1), ("gate", "min_accuracy_gain", 0), ("gate", "min_accuracy_gain", 0.05),
-            ("split", "web_valid_fraction", 0), ("sort", "workers", 0)]
+            ("gate", "min_accuracy_gain", -0.1), ("split", "web_valid_fraction", 0), ("sort", "workers", 0),
+            ("split", "user_valid_fraction", 0)]  # 0: no gate set; the gate compares on new labels
 
 
 @pytest.mark.parametrize(("section", "key", "value"), HOSTILE)

@@ -31,6 +31,7 @@ def test_report_has_every_plot_and_the_deployed_versions_numbers(ws, tmp_path):
     for cls, recall in built.recall.items():
         assert re.search(rf"<td>{cls}</td><td>[0-9.]+</td><td>{recall:.3f}</td>", text)
     assert "refused" in text and "accuracy 0.750 &lt;= 0.812" in text  # the gate's reasons, escaped
+    assert "expected to catch" in text and "0.200 &rarr; 0.050" in text  # flags' operating point, calibration
 
 
 def test_labels_per_round_split_the_history_at_each_training(ws, tmp_path):

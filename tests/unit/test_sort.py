@@ -147,6 +147,41 @@ def test_flags_follow_threshold_and_review_csv(ws, sort_model, shared_data, tmp_
     assert set(df.index[df.flag == "low_confidence"]) == flagged_ids
 
 
+def test_flags_follow_the_target_through_the_models_catch_curve(ws, sort_model, shared_data, tmp_path,
+                                                                monkeypatch) -> None:
+    """The deployed model's stored catch curve turns `sort.flag_target` into the threshold sort uses."""
+    import json
+
+    from loop.flagging import catch_curve, settings_point
+
+    deploy_copy(ws, sort_model)
+    src = tmp_path / "inbox"
+    sample_ikea(shared_data, src, per_class=3, classes=4)
+    probe = sort_folder(ws, src, tmp_path / "probe")
+    scores = np.sort(copies.load_records(ws, tmp_path / "probe").score.to_numpy())
+    # a curve as `train` stores it: out-of-fold scores like these photos', mistakes among the less sure
+    oof = np.concatenate([scores, scores])
+    wrong = np.arange(len(oof)) % len(scores) >= len(scores) // 3
+    spec_path = ws.models_dir / "v0001" / "model.json"
+    spec = json.loads(spec_path.read_text())
+    spec["flagging"] = {"curves": {"least_confidence": catch_curve(oof, wrong)}}
+    spec_path.write_text(json.dumps(spec))
+    assert probe.ok
+
+    flagged = {}
+    for target in ("0.5", "0.95"):
+        monkeypatch.setenv("SORTLOOP_SORT__FLAG_TARGET", target)
+        fresh = Workspace(ws.root)
+        point = settings_point(spec, fresh.settings.sort)
+        assert point["strategy"] == "least_confidence" and point["expected_catch"] >= float(target)
+        dest = tmp_path / f"sorted-{target}"
+        report = sort_folder(fresh, src, dest)
+        records = copies.load_records(fresh, dest)
+        assert records.flagged.tolist() == (records.score >= point["threshold"]).tolist()
+        flagged[target] = report.flagged
+    assert 0 < flagged["0.5"] < flagged["0.95"]  # a higher catch target flags more photos
+
+
 def test_model_version_fixed_at_start(deployed, sort_model, shared_data, tmp_path) -> None:
     deploy_copy(deployed, sort_model, "v0002")
     set_current(deployed, "v0001")

@@ -75,6 +75,10 @@ def test_populated_workspace_counts_match_the_manifest(ws, tmp_path, closed_port
 
     text = format_status(status)
     assert "v0002" in text and "0.812" in text and "candidate   v0003" in text
+    point = status["model"]["flag_point"]  # sized from the deployed model's catch curve and the default target
+    assert point["expected_catch"] >= 0.8 and point["goal"] == "catch 80% of mistakes"
+    assert f"flags {point['expected_share']:.0%} of photos, expected to catch {point['expected_catch']:.0%}" in text
+    assert "ECE 0.200 -> 0.050" in text
 
 
 def test_jobs_show_last_and_next_runs_without_starting_a_scheduler(ws, closed_port, monkeypatch):

@@ -1,0 +1,84 @@
+"""Flags sized by what they catch, and calibration: properties on synthetic predictions (no model needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from loop.calibration import calibrated, expected_calibration_error, fit_temperature
+from loop.config import SortConfig
+from loop.flagging import catch_curve, describe, estimate, flags, operating_point, settings_point
+from loop.select import least_confidence
+
+
+def overconfident(n: int = 2000, k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of a model right ~75% of the time but far too sure of itself, and the true labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(0, 1, (n, k))
+    logits[np.arange(n), labels] += rng.normal(2.0, 1.5, n)
+    return logits * 4.0, labels
+
+
+def test_the_threshold_follows_the_target():
+    logits, labels = overconfident()
+    probs = calibrated(logits, 1.0)
+    flagging = estimate(probs, labels)
+    wrong = probs.argmax(1) != labels
+    scores = least_confidence(probs)
+    caught, shares = [], []
+    for target in (0.5, 0.7, 0.8, 0.9, 0.95):
+        point = operating_point(flagging, strategy="least_confidence", target=target)
+        flagged = flags(scores, point["threshold"])
+        caught.append((flagged & wrong).sum() / wrong.sum())
+        shares.append(flagged.mean())
+        assert caught[-1] >= target  # on the photos it was estimated on, the target is met...
+        assert point["expected_catch"] >= target and abs(point["expected_share"] - flagged.mean()) <= 0.011
+    assert shares == sorted(shares) and shares[0] < shares[-1]  # ...and a higher target flags more
+    # a budget caps the share flagged instead
+    point = operating_point(flagging, strategy="least_confidence", budget=0.1)
+    assert flags(scores, point["threshold"]).mean() <= 0.1 + 1e-9 and "budget" in point["goal"]
+
+
+def test_auto_picks_the_strategy_that_needs_the_fewest_flags():
+    logits, labels = overconfident(seed=1)
+    flagging = estimate(calibrated(logits, 1.0), labels)
+    auto = operating_point(flagging, strategy="auto", target=0.8)
+    for name in flagging["curves"]:
+        assert auto["expected_share"] <= operating_point(flagging, strategy=name, target=0.8)["expected_share"]
+    assert describe(auto).startswith(f"flags {auto['expected_share']:.0%} of photos, expected to catch")
+
+
+def test_fixed_threshold_and_models_without_curves():
+    assert operating_point(None)["threshold"] == 0.5  # an older model.json: the old default
+    perfect = np.eye(3)[np.arange(30) % 3]
+    assert estimate(perfect, np.arange(30) % 3)["curves"] == {}  # no mistake to size on...
+    assert operating_point(estimate(perfect, np.arange(30) % 3))["threshold"] == 0.5  # ...the fixed default
+    spec = {"flagging": estimate(*(lambda lg, y: (calibrated(lg, 1.0), y))(*overconfident()))}
+    point = settings_point(spec, SortConfig(flag_threshold=0.3, flag_strategy="margin"))
+    assert point["threshold"] == 0.3 and point["strategy"] == "margin" and point["expected_share"] is not None
+    assert settings_point(spec, SortConfig(flag_target=0.9))["expected_catch"] >= 0.9
+
+
+def test_catch_curve_ends_and_no_mistakes():
+    curve = catch_curve(np.array([0.9, 0.1, 0.5, 0.2]), np.array([True, False, False, True]))
+    assert curve["catch"][0] == 0.0 and curve["catch"][-1] == 1.0 and curve["threshold"][0] is None
+    assert curve["catch"][25] == 0.5 and curve["threshold"][25] == 0.9  # 1 of 4 photos: the surest mistake
+    assert catch_curve(np.array([0.1, 0.2]), np.array([False, False]))["catch"][0] == 1.0
+
+
+def test_temperature_scaling_lowers_the_calibration_error_and_keeps_the_argmax():
+    logits, labels = overconfident()
+    t = fit_temperature(logits[:1000], labels[:1000])
+    assert t > 1.5  # the synthetic model is overconfident: it must be cooled
+    before = expected_calibration_error(calibrated(logits[1000:], 1.0), labels[1000:])
+    after = expected_calibration_error(calibrated(logits[1000:], t), labels[1000:])
+    assert after < before / 2, (before, after)
+    assert (calibrated(logits, t).argmax(1) == logits.argmax(1)).all()
+    assert fit_temperature(logits[:1], labels[:1]) == 1.0
+
+
+@pytest.mark.parametrize("bad", [{"flag_target": 0.0}, {"flag_budget": 1.5}, {"flag_strategy": "magic"}])
+def test_bad_flag_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        SortConfig(**bad)
