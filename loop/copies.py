@@ -36,7 +36,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 
 from loop.errors import SortloopError
-from loop.tables import read_table, update_table
+from loop.tables import assign_by_key, read_table, update_table
 from loop.workspace import Workspace
 
 RECORD_COLUMNS: dict[str, str] = {
@@ -121,17 +121,7 @@ def update_records(ws: Workspace, changes: dict[str, dict]) -> None:
     if not changes:
         return
 
-    def change(df: pd.DataFrame) -> pd.DataFrame:
-        index = {rid: i for i, rid in enumerate(df["record_id"])}
-        for rid, values in changes.items():
-            i = index.get(rid)
-            if i is None:
-                continue
-            for col, value in values.items():
-                df.at[i, col] = value
-        return df
-
-    update_table(records_path(ws), RECORD_COLUMNS, change)
+    update_table(records_path(ws), RECORD_COLUMNS, lambda df: assign_by_key(df, "record_id", changes))
 
 
 def new_record_id() -> str:
