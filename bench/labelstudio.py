@@ -1,14 +1,20 @@
 """Benchmark: `review push` of N flagged images and `review pull` of M labels against a real Label Studio,
 each compared with Label Studio's own bulk operation measured in the same run on the same server:
 
-* push  vs one `import_tasks` call (SDK) of the very same task payloads into a fresh project;
+* push  vs one `import_tasks` call (SDK) of the very same task payloads into a fresh project, and vs the
+  server alone: one raw `POST /api/projects/{id}/import` of those payloads already encoded as JSON (the
+  floor: what any client pays the server);
 * pull  vs one JSON export (`GET /api/projects/{id}/export?exportType=JSON`, annotated tasks) of the same
   project.
 
-Both sides go through label-studio-sdk (sortloop's `labeling` uses it too), so the SDK's request encoding
-(~0.06 ms per task) is in both. Target: each ratio <= 1.3 at the default sizes; at small sizes the fixed
-costs of a push (project lookup, the storage, manifest writes) weigh more. The push includes publishing
-each photo into the served folder (a hard link, checked by hashing it: `labeling.served`).
+Push publishes each photo into the served folder (a hard link, checked by hashing it: `labeling.served`),
+builds its payloads from the manifest and encodes them inside the timing; the baselines get the payloads
+ready-made. Target: push <= 1.1x the SDK import at the default sizes; at small sizes the fixed costs of a
+push (project lookup, the storage, manifest writes) weigh more. Timings on a shared 2-core machine vary a
+lot, so the three imports run interleaved in `--rounds` rounds (each into a fresh project, each push
+publishing into an emptied served folder; the order rotates each round), ratios are taken within a round
+and the median is reported with every round printed, in wall seconds and in CPU seconds of client + server
+(steadier under load). Pull runs once, after the last round.
 The server is a copy of the test template data dir (`tests/prepare_labelstudio.py`),
 started with `labeling.server.up` on a free port in a temporary workspace, and stopped at the end.
 Caveat: to keep the run short, the M reviewed tasks are created by one bulk import of tasks *with*
@@ -17,7 +23,7 @@ to `pull` they are ordinary annotated tasks of the project. Each manifest row is
 from ../shared/data/ikea_products with a few unique bytes appended (so each has its own sha256), written
 to the temporary folder.
 
-usage: .venv/bin/python bench/labelstudio.py [--n 10000] [--labels 1000]
+usage: .venv/bin/python bench/labelstudio.py [--n 10000] [--labels 1000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,13 +113,51 @@ def synthetic_manifest(ws, n_flagged: int, n_reviewed: int) -> pd.DataFrame:
     return rows
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) of this process plus the server process `pid` (Linux /proc; else this one only).
+
+    Wall times on a loaded shared machine vary by 30% between identical runs; push and the imports run
+    client and server one after the other, so the CPU seconds both processes spend is the steadier measure
+    of the work each does.
+    """
+    own = time.process_time()
+    if pid is None:
+        return own
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return own
+    return own + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fresh_project_workspace(ws, title: str):
+    """The same workspace pointed at a new project title, its manifest forgetting earlier pushes, its served
+    folder emptied (so each push publishes every photo, as a first push does)."""
+    from labeling import served
+    from loop import manifest as mf
+    from loop.workspace import open_workspace
+
+    storage = served.storage_dir(ws)
+    for entry in storage.iterdir() if storage.is_dir() else []:
+        entry.unlink()
+
+    text = ws.config_file.read_text()
+    old = f'project_title = "{ws.settings.labelstudio.project_title}"'
+    ws.config_file.write_text(text.replace(old, f'project_title = "{title}"'))
+    ws = open_workspace(ws.root)
+    mf.update(ws, lambda d: d.assign(review_task=pd.NA, review_status=pd.NA))
+    return ws
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="push/pull vs Label Studio's bulk import/export")
     parser.add_argument("--n", type=int, default=10_000, help="flagged images to push")
     parser.add_argument("--labels", type=int, default=1_000, help="reviewed tasks to pull")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three imports")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
+    import httpx
     from label_studio_sdk import LabelStudio
 
     from labeling import payloads, server
@@ -128,24 +174,66 @@ def main() -> None:
         rows = synthetic_manifest(ws, args.n, args.labels)
         flagged, reviewed = rows.iloc[:args.n], rows.iloc[args.n:]
         classes = sorted(set(mf.load(ws)["label"].dropna()))
-
-        # --- push: baseline = one import_tasks call of the same payloads into a fresh project
-        tasks = [payloads.task(r, served_name(r["image_id"], r["path"])) for _, r in flagged.iterrows()]
-        base = sdk.projects.create(title="bench bulk import", label_config=payloads.label_config(classes))
-        t = time.perf_counter()
-        answer = sdk.projects.import_tasks(id=base.id, request=tasks, return_task_ids=True)
-        t_import = time.perf_counter() - t
-        assert answer.task_count == len(tasks)
-
+        config = payloads.label_config(classes)
         # only the n flagged rows are candidates while pushing (the reviewed rows get their own tasks below)
         mf.update(ws, lambda d: d.assign(flag=d["flag"].where(~d["image_id"].isin(reviewed["image_id"]))))
-        t = time.perf_counter()
-        report = push(ws)
-        t_push = time.perf_counter() - t
-        if report.imported != args.n:
-            raise SystemExit(f"push imported {report.imported}, expected {args.n}")
+        tasks = [payloads.task(r, served_name(r["image_id"], r["path"])) for _, r in flagged.iterrows()]
+        body = json.dumps(tasks).encode()
 
-        # --- pull: M reviewed tasks (bulk-imported with annotations) into the workspace's project
+        pid = server.status(ws).pid
+
+        def sdk_import(r: int) -> tuple[float, float]:
+            project = sdk.projects.create(title=f"bench sdk import {r}", label_config=config)
+            t, c = time.perf_counter(), cpu_seconds(pid)
+            answer = sdk.projects.import_tasks(id=project.id, request=tasks, return_task_ids=True)
+            took = time.perf_counter() - t, cpu_seconds(pid) - c
+            assert answer.task_count == len(tasks) and len(answer.task_ids) == len(tasks)
+            return took
+
+        def raw_import(r: int) -> tuple[float, float]:
+            project = sdk.projects.create(title=f"bench raw import {r}", label_config=config)
+            with httpx.Client(base_url=url, headers={"Authorization": f"Token {creds.token}"}, timeout=1200) as http:
+                t, c = time.perf_counter(), cpu_seconds(pid)
+                answer = http.post(f"/api/projects/{project.id}/import", params={"return_task_ids": True},
+                                   content=body, headers={"content-type": "application/json"})
+                took = time.perf_counter() - t, cpu_seconds(pid) - c
+            answer.raise_for_status()
+            assert len(answer.json()["task_ids"]) == len(tasks)
+            return took
+
+        report = None
+
+        def sortloop_push(r: int) -> tuple[float, float]:
+            nonlocal ws, report
+            ws = fresh_project_workspace(ws, f"bench push {r}")
+            t, c = time.perf_counter(), cpu_seconds(pid)
+            report = push(ws)
+            took = time.perf_counter() - t, cpu_seconds(pid) - c
+            if report.imported != args.n:
+                raise SystemExit(f"push imported {report.imported}, expected {args.n}")
+            return took
+
+        runs = {"push": sortloop_push, "sdk": sdk_import, "raw": raw_import}
+        wall: dict[str, list[float]] = {k: [] for k in runs}
+        cpu: dict[str, list[float]] = {k: [] for k in runs}
+        print(f"Label Studio {url}, {args.n} tasks pushed, {args.labels} labels pulled (2 CPU cores, SQLite)")
+        print("wall s (CPU s of client + server)")
+        for r in range(args.rounds):
+            names = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]
+            for name in names:
+                w, c = runs[name](r)
+                wall[name].append(w)
+                cpu[name].append(c)
+            print(f"round {r + 1}: push {wall['push'][-1]:6.2f} ({cpu['push'][-1]:6.2f})  SDK import_tasks "
+                  f"{wall['sdk'][-1]:6.2f} ({cpu['sdk'][-1]:6.2f})  raw POST {wall['raw'][-1]:6.2f} "
+                  f"({cpu['raw'][-1]:6.2f})  push/SDK {wall['push'][-1] / wall['sdk'][-1]:.2f} "
+                  f"({cpu['push'][-1] / cpu['sdk'][-1]:.2f})  push/raw {wall['push'][-1] / wall['raw'][-1]:.2f} "
+                  f"({cpu['push'][-1] / cpu['raw'][-1]:.2f})  [order {', '.join(names)}]", flush=True)
+
+        def ratio(times: dict[str, list[float]], base: str) -> float:
+            return statistics.median(p / b for p, b in zip(times["push"], times[base], strict=True))
+
+        # --- pull: M reviewed tasks (bulk-imported with annotations) into the last push's project
         annotated = []
         for i, (_, r) in enumerate(reviewed.iterrows()):
             task = payloads.task(r, served_name(r["image_id"], r["path"]))
@@ -167,10 +255,12 @@ def main() -> None:
         again = pull(ws)
         t_again = time.perf_counter() - t
 
-        print(f"Label Studio {url}, {args.n} tasks pushed, {args.labels} labels pulled (2 CPU cores, SQLite)")
         batch = ws.settings.labelstudio.push_batch_size
-        print(f"push  sortloop {t_push:7.2f} s   LS one import_tasks {t_import:7.2f} s   "
-              f"ratio {t_push / t_import:.2f}  ({report.batches} batches of <= {batch})")
+        med = {k: statistics.median(v) for k, v in wall.items()}
+        print(f"push  sortloop {med['push']:7.2f} s   LS one import_tasks {med['sdk']:7.2f} s   raw POST "
+              f"{med['raw']:7.2f} s   ({report.batches} batches of <= {batch}, medians of {args.rounds} rounds)")
+        print(f"push  median ratio push/SDK import: wall {ratio(wall, 'sdk'):.2f}, CPU {ratio(cpu, 'sdk'):.2f};  "
+              f"push/raw POST: wall {ratio(wall, 'raw'):.2f}, CPU {ratio(cpu, 'raw'):.2f}")
         print(f"pull  sortloop {t_pull:7.2f} s   LS JSON export      {t_export:7.2f} s   ratio {t_pull / t_export:.2f}")
         print(f"pull again with nothing new: {t_again:.2f} s ({again.tasks_seen} tasks seen, {again.labeled} labels)")
     finally:

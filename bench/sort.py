@@ -41,6 +41,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.measure import PeakRSS  # noqa: E402
+
 IKEA = REPO.parent / "shared" / "data" / "ikea_products"
 SIZE = (4000, 3000)
 
@@ -164,37 +167,6 @@ def decode_limit(paths: list[Path], workers: int) -> tuple[float, list[np.ndarra
     return len(paths) / (time.perf_counter() - start), arrays
 
 
-class ChildRSS:
-    """Samples the resident memory of this process's child processes (Linux /proc) while running."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = str(os.getpid())
-        while not self._stop.wait(0.2):
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    status = Path(f"/proc/{pid}/status").read_text()
-                except OSError:
-                    continue
-                fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-                if fields.get("PPid", "").strip() == me and "VmRSS" in fields:
-                    self.peak_mb = max(self.peak_mb, int(fields["VmRSS"].split()[0]) / 1024)
-
-    def __enter__(self) -> ChildRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200, help="number of large JPEGs (>= 200 for the record)")
@@ -243,7 +215,7 @@ def main() -> None:
             row["limit"] = 1.0 / (1.0 / row["decode"] + 1.0 / row["forward"])
             row["limit_int8"] = 1.0 / (1.0 / row["decode"] + 1.0 / row["int8"])
             start = time.perf_counter()
-            with ChildRSS() as children:
+            with PeakRSS() as children:
                 report = sort_folder(ws, scratch / "photos", scratch / f"sorted{r}")
             row["sort"] = len(paths) / (time.perf_counter() - start)
             if not report.ok or report.copied != len(paths):
@@ -288,7 +260,7 @@ def main() -> None:
         print(f"{default_rt} / {other_rt} forward = {rows[0]['forward'] / rows[0][other_rt]:.2f}x "
               f"-> default runtime: {default_rt}")
         print(f"peak RSS: main {peak_main:.0f} MB (includes the fastai baseline), "
-              f"largest decode worker {children.peak_mb:.0f} MB")
+              f"largest decode worker {children.child_mb:.0f} MB")
     finally:
         if args.keep:
             print(f"kept {scratch}")

@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,44 +31,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.measure import PeakRSS  # noqa: E402
+
 IKEA = REPO.parent / "shared" / "data" / "ikea_products"
-
-
-class PeakRSS:
-    """Samples VmRSS of this process and of its children every 0.1 s (Linux /proc)."""
-
-    def __init__(self) -> None:
-        self.main_mb = 0.0
-        self.child_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _status(pid: str) -> dict[str, str]:
-        try:
-            text = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            return {}
-        return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-
-    def _run(self) -> None:
-        me = str(os.getpid())
-        while not self._stop.wait(0.1):
-            mine = self._status(me)
-            if "VmRSS" in mine:
-                self.main_mb = max(self.main_mb, int(mine["VmRSS"].split()[0]) / 1024)
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                fields = self._status(pid)
-                if fields.get("PPid", "").strip() == me and "VmRSS" in fields:
-                    self.child_mb = max(self.child_mb, int(fields["VmRSS"].split()[0]) / 1024)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def make_photos(out: Path, n: int, seed: int) -> None:

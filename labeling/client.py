@@ -18,8 +18,9 @@ which adds what the SDK lacks for an unattended loop:
 
 Caveat: the SDK parses every answer into pydantic models (about a millisecond per task) and importing it
 takes a second or two; payloads are still built and read in Label Studio's own JSON shape
-(`labeling.payloads`), and the bulk read (`labeling.pull`) goes through an export snapshot whose download is
-raw JSON. The token is never logged (the SDK redacts `Authorization` in its own debug logs).
+(`labeling.payloads`), the bulk read (`labeling.pull`) goes through an export snapshot whose download is
+raw JSON, and the bulk import (`Client.import_tasks`) sends its body encoded once by `json.dumps`.
+The token is never logged (the SDK redacts `Authorization` in its own debug logs).
 """
 
 from __future__ import annotations
@@ -163,6 +164,33 @@ class Client(LabelStudio):
             if (total is not None and seen >= int(total)) or not pager.has_next or pager.get_next is None:
                 return
             pager = self.call(what, pager.get_next, missing_ok=True)
+
+    def import_tasks(self, project_id: int, tasks: list[dict]) -> list[int]:
+        """Bulk-import tasks into a project in one request; their new ids, in the order of `tasks`.
+
+        The same request as the SDK's `projects.import_tasks(id, request=tasks, return_task_ids=True)`
+        (`POST /api/projects/{id}/import`, through the SDK's own HTTP client: base URL, token or PAT refresh,
+        timeout), but the body is encoded once by `json.dumps` and the answer read as plain JSON. The SDK
+        walks every value of every task in Python first (`jsonable_encoder` and its annotation-metadata
+        pass: ~0.15 ms per task, a fifth of the server's own import time) and parses the answer into
+        pydantic. Not retried by itself: call it through `call(..., idempotent=False)`.
+
+        Raises:
+            ApiError: the server's error answer (as the SDK raises it, so `call` reports it the same way).
+        """
+        body = json.dumps(tasks, separators=(",", ":")).encode()
+        response = self._client_wrapper.httpx_client.request(
+            f"api/projects/{int(project_id)}/import", method="POST", params={"return_task_ids": True},
+            content=body, headers={"content-type": "application/json"},
+        )
+        if not 200 <= response.status_code < 300:
+            try:
+                detail: Any = response.json()
+            except ValueError:
+                detail = response.text
+            raise ApiError(status_code=response.status_code, headers=dict(response.headers), body=detail)
+        answer = response.json()
+        return [int(i) for i in answer.get("task_ids") or []]
 
     def whoami(self) -> Any:
         """The user the token belongs to (`/api/current-user/whoami`), as the SDK's model."""

@@ -9,11 +9,14 @@ Order: user moves first; then the photos `loop.review_queue` selected (by `revie
 order, topped up at each push to `review.daily_budget`); then audit suspects (`suspected_mislabel`, surest
 first); then other flags, lowest confidence first. Everything but user moves counts against the daily
 budget (`history/pushes.jsonl`), so a reviewer gets the most useful photos and a bounded day's work.
-Tasks go in batches through the SDK's `projects.import_tasks(return_task_ids=True)` (Label Studio's own
-bulk import; the payloads are built in `labeling.payloads`).
 Each photo is published into the served folder first (`labeling.served`: a hard link or copy named by its
 hash); a photo that may not be served (a symlink leaving its folder, missing, changed) is not sent, and
 is reported in `PushReport.refused` (it stays flagged: the next push tries again).
+Tasks go in batches through Label Studio's own bulk import (`Client.import_tasks`: the SDK's request,
+encoded once; the payloads are built in `labeling.payloads`). The next batch is published and built while
+the server imports the current one (one import in flight). The manifest learns the new task ids every
+`HINT_WRITE_S` seconds and when the push ends (also by an error), not after every batch: each write
+rewrites the whole manifest, which cost more than the payloads at 10k tasks (`bench/labelstudio.py`).
 Caveat: a row that was reviewed (`review_status` reviewed/skipped) is not pushed again even if it is
 flagged again later; set `review_status` to "queued" to ask for a second look.
 """
@@ -22,6 +25,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +44,7 @@ from loop.workspace import Workspace
 logger = logging.getLogger(__name__)
 
 DONE_STATUSES = ("reviewed", "skipped")
+HINT_WRITE_S = 10.0  # write `review_task` hints to the manifest at most this often during a push (and at its end)
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,19 @@ def _mark_pushed(ws: Workspace, task_ids: dict[str, int]) -> None:
     mf.update(ws, change)
 
 
+def _prepared_batches(ws: Workspace, rows: pd.DataFrame, batch_size: int,
+                      refused: dict[str, str]) -> Iterator[tuple[pd.DataFrame, list[dict]]]:
+    """(manifest rows, their task payloads) per batch, in order. Only published photos become tasks: the
+    server may show nothing else (`labeling.served`); the others are added to `refused` (image_id -> why)."""
+    for begin in range(0, len(rows), batch_size):
+        batch = rows.iloc[begin:begin + batch_size]
+        names, bad = served.publish(ws, dict(zip(batch["image_id"], batch["path"].astype(str), strict=True)))
+        refused.update(bad)
+        batch = batch[batch["image_id"].isin(names.keys())]
+        if not batch.empty:  # records: 2x faster than iterrows
+            yield batch, [payloads.task(row, names[row["image_id"]]) for row in batch.to_dict("records")]
+
+
 def push(ws: Workspace, *, limit: int | None = None, select: bool = True,
          on_progress: ProgressCallback | None = None) -> PushReport:
     """Send flagged and selected manifest rows to the workspace's Label Studio project as tasks with predictions.
@@ -150,7 +170,9 @@ def push(ws: Workspace, *, limit: int | None = None, select: bool = True,
     batch_size = ws.settings.labelstudio.push_batch_size
     if select:
         review_queue.top_up(ws)
-    with connect(ws) as client:
+    hints: dict[str, int] = {}  # image_id -> task id: imported, not yet written to the manifest
+    with connect(ws) as client, ExitStack() as on_exit:
+        on_exit.callback(lambda: _mark_pushed(ws, hints))  # also on an error: earlier batches stay recorded
         previous = remembered_project(ws, client.url)
         df = mf.load(ws)
         project = ensure_project(client, ws)
@@ -168,30 +190,33 @@ def push(ws: Workspace, *, limit: int | None = None, select: bool = True,
         _mark_pushed(ws, linked)
         rows = rows[~rows["image_id"].isin(linked.keys())]
 
-        imported, batches, refused = 0, 0, {}
+        imported, batches, written, refused = 0, 0, time.monotonic(), {}
         if on_progress:
             on_progress(len(linked), total)
-        for begin in range(0, len(rows), batch_size):
-            batch = rows.iloc[begin:begin + batch_size]
-            # Only published photos become tasks: the server may show nothing else (labeling.served).
-            names, bad = served.publish(ws, dict(zip(batch["image_id"], batch["path"].astype(str), strict=True)))
-            refused.update(bad)
-            batch = batch[batch["image_id"].isin(names.keys())]
-            if batch.empty:
-                continue
-            tasks = [payloads.task(row, names[row["image_id"]]) for _, row in batch.iterrows()]
+        # One import in flight at a time, in a worker thread, while this thread publishes and builds the next
+        # batch: the server's work and ours overlap. The next import is sent only after this one answered.
+        sender = on_exit.enter_context(ThreadPoolExecutor(1, thread_name_prefix="sortloop-push"))
+        prepared = _prepared_batches(ws, rows, batch_size, refused)
+        upcoming = next(prepared, None)
+        while upcoming is not None:
+            batch, tasks = upcoming
             # not idempotent: an import is never retried once sent (no duplicate tasks; a rerun relinks)
-            answer = client.call(f"import {len(tasks)} tasks into project {project.id}", client.projects.import_tasks,
-                                 idempotent=False, id=project.id, request=tasks, return_task_ids=True,
-                                 rerun_hint="run the push again (it never imports an image twice)")
-            ids = answer.task_ids or []
+            sending = sender.submit(client.call, f"import {len(tasks)} tasks into project {project.id}",
+                                    client.import_tasks, project.id, tasks, idempotent=False,
+                                    rerun_hint="run the push again (it never imports an image twice)")
+            upcoming = next(prepared, None)
+            ids = sending.result()
             if len(ids) != len(tasks):
                 logger.warning("import returned %d task ids for %d tasks; relisting the project", len(ids), len(tasks))
                 listed = project_image_ids(client, project.id)
                 mapping = {i: listed[i] for i in batch["image_id"] if i in listed}
             else:
-                mapping = dict(zip(batch["image_id"], (int(i) for i in ids), strict=True))
-            _mark_pushed(ws, mapping)  # per batch: a crash loses at most one batch's hints (relinked next time)
+                mapping = dict(zip(batch["image_id"], ids, strict=True))
+            hints.update(mapping)
+            if time.monotonic() - written >= HINT_WRITE_S:  # a kill -9 loses at most these (relinked next time)
+                _mark_pushed(ws, hints)
+                hints.clear()
+                written = time.monotonic()
             counted = int((batch["flag"].astype(object) != "user_moved").sum())
             review_queue.record_pushed(ws, list(mapping), counted=counted)
             imported += len(tasks)

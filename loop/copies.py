@@ -140,19 +140,9 @@ def update_records(ws: Workspace, changes: dict[str, dict]) -> None:
     """Apply `{record_id: {column: value}}` under the table lock."""
     if not changes:
         return
-    from loop.tables import update_table
+    from loop.tables import assign_by_key, update_table
 
-    def change(df: pd.DataFrame) -> pd.DataFrame:
-        index = {rid: i for i, rid in enumerate(df["record_id"])}
-        for rid, values in changes.items():
-            i = index.get(rid)
-            if i is None:
-                continue
-            for col, value in values.items():
-                df.at[i, col] = value
-        return df
-
-    update_table(records_path(ws), RECORD_COLUMNS, change)
+    update_table(records_path(ws), RECORD_COLUMNS, lambda df: assign_by_key(df, "record_id", changes))
 
 
 def new_record_id() -> str:

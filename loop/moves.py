@@ -32,12 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from loop import copies, manifest
 from loop.atomic import write_json_atomic
 from loop.errors import SortloopError
-from loop.tables import locked
+from loop.tables import assign_by_key, locked
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -174,17 +172,7 @@ def _update_manifest(ws: Workspace, updates: dict[str, dict[str, Any]]) -> None:
     if not updates:
         return
 
-    def change(df: pd.DataFrame) -> pd.DataFrame:
-        index = {iid: i for i, iid in enumerate(df["image_id"])}
-        for iid, values in updates.items():
-            i = index.get(iid)
-            if i is None:
-                continue
-            for col, value in values.items():
-                df.at[df.index[i], col] = pd.NA if value is None else value
-        return df
-
-    manifest.update(ws, change)
+    manifest.update(ws, lambda df: assign_by_key(df, "image_id", updates))
 
 
 def list_logs(ws: Workspace, kind: str | None = None) -> list[dict]:

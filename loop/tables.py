@@ -43,6 +43,19 @@ def conform(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     return df[list(columns) + extra]
 
 
+def assign_by_key(df: pd.DataFrame, key: str, changes: dict[str, dict]) -> pd.DataFrame:
+    """Set `{key value: {column: value}}` on the rows whose `key` column matches (None becomes NA);
+    keys not in `df` are ignored. Modifies and returns `df`."""
+    position = {k: i for i, k in enumerate(df[key])}
+    for k, values in changes.items():
+        i = position.get(k)
+        if i is None:
+            continue
+        for col, value in values.items():
+            df.at[df.index[i], col] = pd.NA if value is None else value
+    return df
+
+
 def read_table(path: Path, columns: dict[str, str]) -> pd.DataFrame:
     """The table at `path`, or an empty one with `columns` if it does not exist yet."""
     if not path.exists():

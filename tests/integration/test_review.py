@@ -213,6 +213,41 @@ def test_cli_push_and_pull(ls_ws):
     assert res.exit_code == 0 and json.loads(res.output)["running"] is True
 
 
+def test_label_studio_killed_mid_push_leaves_no_duplicates(ls_ws, sdk, labelstudio, monkeypatch):
+    """Batches of 2; the server is SIGKILLed after the first: the push fails naming the fix, the first batch
+    stays recorded in the manifest, and the push after a restart sends the rest, each photo exactly once."""
+    import signal
+
+    from labeling import server
+    from labeling.push import push
+    from loop import manifest as mf
+    from loop.errors import LabelStudioError
+    from loop.workspace import open_workspace
+
+    ls_ws.config_file.write_text(ls_ws.config_file.read_text().replace("push_batch_size = 500", "push_batch_size = 2"))
+    ws = open_workspace(ls_ws.root)
+    ids = build_manifest(ws, labeled=LABELED, flagged=FLAGGED)
+    pid = server.status(labelstudio.owner).pid
+
+    def kill_after_first_batch(done: int, total: int) -> None:
+        if done == 2:
+            os.kill(pid, signal.SIGKILL)
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr("labeling.client.time.sleep", lambda s: None)  # no waits between the refused retries
+            with pytest.raises(LabelStudioError, match="may or may not have been applied"):
+                push(ws, on_progress=kill_after_first_batch)
+        df = mf.load(ws).set_index("image_id")
+        assert (df.loc[ids, "review_status"] == "pushed").sum() == 2
+    finally:
+        server.up(labelstudio.owner)
+    again = push(ws)
+    assert (again.imported, again.linked, again.batches) == (len(ids) - 2, 0, 2)
+    assert sorted(t.data["image_id"] for t in project_tasks(sdk, again.project_id)) == sorted(ids)
+    assert (mf.load(ws).set_index("image_id").loc[ids, "review_status"] == "pushed").all()
+
+
 def test_up_times_out_with_a_clear_error(tmp_path):
     from labeling import server
     from loop.errors import LabelStudioError

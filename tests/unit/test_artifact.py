@@ -122,7 +122,7 @@ def test_damaged_or_mismatched_artifacts_are_model_errors(artifact, tmp_path):
 
 def test_unknown_backbone_lists_the_valid_ones():
     with pytest.raises(ModelError) as info:
-        get_backbone("vgg16")
+        get_backbone("no_such_network")  # neither offline nor a timm model (vgg16 would be: timm's hub)
     for name in BACKBONES:
         assert name in str(info.value)
 

@@ -188,7 +188,8 @@ def test_known_classes_are_the_deployed_models_then_the_manifests(ws):
 
 
 class FakeLabelStudio:
-    """A tiny real HTTP server answering canned responses per path; records (method, path, Authorization)."""
+    """A tiny real HTTP server answering canned responses per path; records (method, path, Authorization)
+    in `seen` and (path with query, body) in `bodies`."""
 
     def __init__(self, answers: dict[str, list[tuple[int, object]]]):
         import json
@@ -197,11 +198,12 @@ class FakeLabelStudio:
 
         self.answers = answers
         self.seen: list[tuple[str, str, str]] = []
+        self.bodies: list[tuple[str, bytes]] = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fake.bodies.append((self.path, self.rfile.read(int(self.headers.get("Content-Length") or 0))))
                 path = self.path.split("?")[0]
                 fake.seen.append((self.command, path, self.headers.get("Authorization", "")))
                 queue = fake.answers.get(path) or [(404, {"detail": "Not found."})]
@@ -252,6 +254,28 @@ def test_transient_answers_are_retried_for_reads_but_an_import_is_sent_once():
                         request=[{"data": {"image": "x"}}], return_task_ids=True)
         assert fake.url in str(err.value)
         assert [p for _, p, _ in fake.seen].count("/api/projects/1/import") == 1  # neither we nor the SDK retried
+        client.close()
+
+
+def test_bulk_import_posts_the_tasks_once_as_json_and_returns_their_ids_in_order():
+    import json
+
+    from labeling.client import Client
+
+    tasks = [{"data": {"image": "/data/local-files/?d=a%20b.jpg", "image_id": "h1", "flag": None},
+              "meta": {"image_id": "h1"}, "predictions": [{"model_version": "v1", "score": 0.25, "result": []}]},
+             {"data": {"image": "/data/local-files/?d=c.jpg", "image_id": "h2"}, "meta": {"image_id": "h2"}}]
+    answers = {"/api/projects/7/import": [(201, {"task_count": 2, "task_ids": [12, 11]}), (503, {"detail": "busy"})]}
+    with FakeLabelStudio(answers) as fake:
+        client = Client(fake.url, "legacy-token", backoff_s=0.01)
+        assert client.call("import 2 tasks", client.import_tasks, 7, tasks, idempotent=False) == [12, 11]
+        (path, body), = fake.bodies
+        assert path == "/api/projects/7/import?return_task_ids=true"
+        assert json.loads(body) == tasks
+        assert fake.seen == [("POST", "/api/projects/7/import", "Token legacy-token")]
+        with pytest.raises(LabelStudioError, match="503"):
+            client.call("import 2 tasks", client.import_tasks, 7, tasks, idempotent=False)
+        assert len(fake.seen) == 2  # an error answer to an import is never retried
         client.close()
 
 
