@@ -81,7 +81,8 @@ def atomic_write(path: Path | str, mode: str = "wb", *, perms: int = 0o644, dura
         raise _as_disk_full(exc, path) from None
     fault_point("tmp", path)
     try:
-        os.fchmod(fd, perms)
+        if hasattr(os, "fchmod"):  # POSIX; Windows (Python < 3.13) has no fchmod and no such bits
+            os.fchmod(fd, perms)
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
             if durable:

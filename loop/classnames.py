@@ -5,14 +5,17 @@ a key in the model artifact, and `scan` reads it back from the folder. So it mus
 portable path component. Labels enter through ingest (class folder names), review pull (incl.
 `labelstudio.allow_new_classes`), scan (user moves) and training; each calls `check_class_name` where
 the name enters, so one bad name is refused there instead of breaking every later sort.
-Caveat: the rules are those of the strictest file system sortloop writes to; a name that is valid
-on Linux may still be refused here.
+Caveat: the rules are those of the strictest file system sortloop writes to (Windows: reserved device
+names, trailing dots, `<>:"|?*`; `loop.copies.windows_name_problem`); a name that is valid on Linux may
+still be refused here. Two names that differ only in case are one folder on Windows: the sort refuses
+such a class list (`loop.sortcore.check_classes`).
 """
 
 from __future__ import annotations
 
 import unicodedata
 
+from loop.copies import windows_name_problem
 from loop.errors import ClassNameError
 
 MAX_BYTES = 255  # one path component on ext4/NTFS/APFS
@@ -34,7 +37,7 @@ def class_name_problem(name: object) -> str | None:
         return "it starts or ends with white space"
     if len(name.encode("utf-8")) > MAX_BYTES:
         return f"it is longer than {MAX_BYTES} bytes"
-    return None
+    return windows_name_problem(name)  # <>:"|?*, a trailing dot, CON/NUL/COM1...: not a folder on Windows
 
 
 def check_class_name(name: object) -> str:

@@ -13,31 +13,42 @@ confidence, score, model version, time, and — updated by `corrections.scan` �
 category, size/mtime and status, and who placed it there (`placed_by`: sort, apply, resort, undo — moves
 sortloop made itself, through `loop.moves` — or user, a move `scan` followed). Sort uses it to resume;
 scan uses size+mtime to avoid re-hashing; apply and resort never move a copy a person placed.
+Windows rules, on every copy (a sorted tree is often opened or copied on Windows): a name is made
+portable first (`portable_name`: forbidden characters `<>:"/\\|?*` and control characters become `_`,
+trailing dots and spaces go, device names such as `CON` or `com1.jpg` get a `_` suffix), an existing name
+that differs only in case (`Chair.jpg` vs `chair.jpg`) counts as taken, and a name that would push the
+full path past 260 characters is shortened (stem cut, a short hash of the original name added).
 One sort at a time writes into a destination (`dest_lock`, a lock file in the workspace keyed by the
 destination's real path): a second sort into the same DEST refuses at once with a clear error instead of
 racing the first (two racing sorts used to record every copy twice). Records are also idempotent: a
 record for a (source, dest path, image) already recorded as present is not added again.
 Caveat: originals are only ever read; but a source file changed between decode and copy is reported as
 a failure rather than copied, because its recorded hash would be wrong. The destination lock is per
-workspace: two workspaces sorting into one DEST are not serialised.
+workspace: two workspaces sorting into one DEST are not serialised. The 260-character rule is applied
+to the path on this machine; the same tree under a longer root elsewhere can still exceed it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
 import shutil
+import threading
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-
-import pandas as pd
-from filelock import FileLock, Timeout
+from typing import TYPE_CHECKING
 
 from loop.errors import SortloopError
-from loop.tables import assign_by_key, read_table, update_table
-from loop.workspace import Workspace
+
+if TYPE_CHECKING:  # the records table needs pandas; the safe copy (and the standalone sorter) does not
+    import pandas as pd
+
+    from loop.workspace import Workspace
 
 RECORD_COLUMNS: dict[str, str] = {
     "record_id": "string",
@@ -63,7 +74,8 @@ RECORD_COLUMNS: dict[str, str] = {
 }
 
 COPY_CHUNK = 1 << 20
-TEMP_MARK = ".sortloop-"  # temp copies are `.{name}.sortloop-<8 hex>.tmp` in the target folder
+TEMP_PREFIX = ".sortloop-"  # temp copies are `.sortloop-<12 hex>.tmp` in the target folder
+TEMP_NAME = re.compile(r"\.sortloop-[0-9a-f]{12}\.tmp")
 
 
 def records_path(ws: Workspace) -> Path:
@@ -72,6 +84,8 @@ def records_path(ws: Workspace) -> Path:
 
 def load_records(ws: Workspace, dest_root: Path | None = None) -> pd.DataFrame:
     """All copy records (or those under one destination root)."""
+    from loop.tables import read_table
+
     df = read_table(records_path(ws), RECORD_COLUMNS)
     if dest_root is not None:
         df = df[df["dest_root"] == str(dest_root)].reset_index(drop=True)
@@ -83,6 +97,10 @@ def append_records(ws: Workspace, rows: list[dict]) -> None:
     present is skipped, so replaying a write (a retry after a failure) never doubles a record."""
     if not rows:
         return
+    import pandas as pd
+
+    from loop.tables import update_table
+
     new = pd.DataFrame(rows)
     key = ["source_path", "dest_path", "image_id"]
 
@@ -101,6 +119,8 @@ def dest_lock(ws: Workspace, dest: Path) -> Iterator[None]:
     Raises:
         SortloopError: another sort (this machine, this workspace) is writing into `dest` now.
     """
+    from filelock import FileLock, Timeout
+
     real = Path(dest).expanduser().resolve()
     path = ws.runs_dir / "locks" / f"dest-{hashlib.sha256(str(real).encode()).hexdigest()[:16]}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +140,7 @@ def update_records(ws: Workspace, changes: dict[str, dict]) -> None:
     """Apply `{record_id: {column: value}}` under the table lock."""
     if not changes:
         return
+    from loop.tables import assign_by_key, update_table
 
     update_table(records_path(ws), RECORD_COLUMNS, lambda df: assign_by_key(df, "record_id", changes))
 
@@ -180,24 +201,154 @@ def unique_name(name: str, n: int) -> str:
 
 def category_folder(dest: Path, label: str, src: Path, path: Path, *, keep_tree: bool) -> Path:
     """Where a photo of `src` predicted `label` goes: `dest/label/`, plus its sub-folders under `src` if
-    `keep_tree` (and `src` is a folder)."""
-    sub = path.parent.relative_to(src) if keep_tree and src.is_dir() else Path()
-    return dest / label / sub
+    `keep_tree` (and `src` is a folder), made portable (`portable_folder`). Every engine places copies here."""
+    sub = path.parent.relative_to(src).parts if keep_tree and src.is_dir() else ()
+    return portable_folder(dest / label, sub)
 
 
-def remove_orphan_temps(folder: Path, names: set[str]) -> int:
-    """Delete temp copies of `names` left in `folder` by a copier that was killed (between writing the temp
-    file and unlinking it); returns how many. Only call it under the destination's `dest_lock` (no other sort
-    is writing there)."""
+def remove_orphan_temps(folder: Path) -> int:
+    """Delete temp copies (`.sortloop-<hex>.tmp`) left in `folder` by a copier that was killed (between
+    writing the temp file and linking it); returns how many. Only call it under the destination's
+    `dest_lock` (no other sort is writing there, so every such file is an orphan)."""
     removed = 0
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(folder):
-            base, mark, rest = entry.name.rpartition(TEMP_MARK)
-            if mark and rest.endswith(".tmp") and base.startswith(".") and base[1:] in names:
+    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        for entry in entries:
+            if TEMP_NAME.fullmatch(entry.name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed += 1
     return removed
+
+
+# --- Windows file-system rules (applied everywhere: sorted trees travel to Windows PCs and shares) ----------
+
+WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*')
+WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)),
+                              *(f"LPT{i}" for i in range(10)), "COM¹", "COM²", "COM³", "LPT¹", "LPT²", "LPT³"})
+WINDOWS_MAX_PATH = 259  # characters in a full path (MAX_PATH is 260 including the terminating NUL)
+MAX_NAME_BYTES = 255  # one path component (ext4, NTFS, APFS)
+MIN_NAME_ROOM = 40  # a kept sub-tree deeper than this leaves too little room for names: copy beside it
+
+
+def windows_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a file or folder name on Windows (a few words), or None if it can."""
+    if any(ch in WINDOWS_FORBIDDEN or unicodedata.category(ch) == "Cc" for ch in name):
+        return 'it contains a character Windows forbids in names (<>:"/\\|?* or a control character)'
+    if name != name.rstrip(". "):
+        return "it ends with a dot or a space (Windows drops them)"
+    if _device_stem(name).upper() in WINDOWS_RESERVED:
+        return "Windows reserves it for a device (CON, PRN, AUX, NUL, COM1-9, LPT1-9, with any extension)"
+    return None
+
+
+def portable_name(name: str) -> str:
+    """`name` made valid on Windows and Linux alike: forbidden characters -> `_`, trailing dots and spaces
+    dropped, a device name gets `_` after its stem (`CON.jpg` -> `CON_.jpg`). Valid names are unchanged."""
+    out = "".join("_" if ch in WINDOWS_FORBIDDEN or unicodedata.category(ch) == "Cc" else ch for ch in name)
+    out = out.rstrip(". ") or "_"
+    stem = _device_stem(out)
+    if stem.upper() in WINDOWS_RESERVED:
+        out = stem + "_" + out[len(stem):]
+    return out
+
+
+def fit_name(folder: Path, name: str) -> str:
+    """`name`, shortened if `folder/name` would pass Windows' 260-character paths or 255 bytes per name.
+
+    A shortened name keeps its extension and gets `~` + 6 hex digits of the full name, so two long names
+    that share a beginning stay distinct.
+    Raises:
+        OSError(ENAMETOOLONG): `folder` alone leaves no room for a name.
+    """
+    room = WINDOWS_MAX_PATH - len(str(folder)) - 1
+    if len(name) <= room and len(name.encode("utf-8")) <= MAX_NAME_BYTES:
+        return name
+    stem, suffix = os.path.splitext(name)
+    tag = "~" + hashlib.sha1(name.encode("utf-8")).hexdigest()[:6]
+    keep = min(len(stem), room - len(suffix) - len(tag))
+    if keep < 1:
+        raise OSError(errno.ENAMETOOLONG, f"{folder} is too deep for a Windows path (260 characters); "
+                      "sort into a folder nearer the drive's root")
+    while keep > 1 and len((stem[:keep] + tag + suffix).encode("utf-8")) > MAX_NAME_BYTES:
+        keep -= 1
+    return stem[:keep].rstrip(". ") + tag + suffix
+
+
+def portable_folder(base: Path, parts: tuple[str, ...] | list[str]) -> Path:
+    """`base/<parts>` with each part made portable and matched to an existing sibling folder that differs
+    only in case (`Trip` and `trip` would merge on Windows anyway); `base` itself when the result would
+    leave under MIN_NAME_ROOM characters for file names in a Windows path."""
+    folder = base
+    for part in parts:
+        name = portable_name(part)
+        twin = case_twin(folder, name)
+        if twin is not None and (folder / twin).is_dir():
+            name = twin
+        folder = folder / name
+    if len(str(folder)) > WINDOWS_MAX_PATH - MIN_NAME_ROOM:
+        return base
+    return folder
+
+
+def candidate(folder: Path, name: str, n: int) -> Path:
+    """The n-th path to try for `name` in `folder` under the Windows rules (copies and moves alike):
+    `unique_name` fitted to 260 characters, or the existing entry equal to it ignoring case (which the
+    caller then treats as taken, or as already there if its bytes are identical)."""
+    target = folder / fit_name(folder, unique_name(name, n))
+    twin = case_twin(folder, target.name)
+    return folder / twin if twin is not None and twin != target.name else target
+
+
+def case_twin(folder: Path, name: str) -> str | None:
+    """The name of the entry in `folder` that equals `name` ignoring case (itself included), or None."""
+    return _listing(folder).get(name.casefold())
+
+
+_listings: dict[str, tuple[int, dict[str, str]]] = {}  # folder -> (its mtime_ns, {casefolded: name})
+_listings_lock = threading.Lock()
+MAX_CACHED_FOLDERS = 4096
+
+
+def _listing(folder: Path) -> dict[str, str]:
+    """A folder's names by casefold, cached until its mtime changes (sort updates it for its own copies,
+    so a folder is listed once per run, not once per copy)."""
+    try:
+        mtime = os.stat(folder).st_mtime_ns
+    except OSError:
+        return {}
+    key = str(folder)
+    with _listings_lock:
+        hit = _listings.get(key)
+        if hit is not None and hit[0] == mtime:
+            return hit[1]
+    names: dict[str, str] = {}
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            names.setdefault(entry.name.casefold(), entry.name)
+    with _listings_lock:
+        if len(_listings) >= MAX_CACHED_FOLDERS:
+            _listings.clear()
+        _listings[key] = (mtime, names)
+    return names
+
+
+def _remember(folder: Path, name: str) -> None:
+    """Add a name we just created to `folder`'s cached listing (and its new mtime)."""
+    with contextlib.suppress(OSError):
+        names = dict(_listing_cached(folder))
+        names.setdefault(name.casefold(), name)
+        with _listings_lock:
+            _listings[str(folder)] = (os.stat(folder).st_mtime_ns, names)
+
+
+def _listing_cached(folder: Path) -> dict[str, str]:
+    with _listings_lock:
+        hit = _listings.get(str(folder))
+    return hit[1] if hit is not None else _listing(folder)
+
+
+def _device_stem(name: str) -> str:
+    return name.split(".")[0].rstrip(" ")
 
 
 def fsync_dir(folder: Path) -> None:
@@ -215,7 +366,7 @@ def _write_temp(src: Path, folder: Path, name: str, image_id: str, size: int, mt
     """Copy `src` to a hidden temp file in `folder`, fsynced, mtime kept, and check it is the expected file:
     by its (size, mtime) before and after the copy when `mtime_ns` is given (the caller hashed these bytes
     moments ago), else by hashing the bytes copied."""
-    tmp = folder / f".{name}{TEMP_MARK}{uuid.uuid4().hex[:8]}.tmp"
+    tmp = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}.tmp"  # short: the final name may use all 255 bytes
     digest = hashlib.sha256() if mtime_ns is None else None
     try:
         with open(src, "rb") as fin, open(tmp, "xb") as fout:
@@ -254,6 +405,7 @@ def safe_copy(
     `fsync_dir(folder)` before relying on the new name surviving a power cut (sort does it per flush).
     With `mtime_ns` (the source's, when `image_id` was computed) the source is checked by size + mtime
     instead of being hashed a second time. With `root`, `folder` must stay inside it (`check_target_folder`).
+    Names follow the Windows rules (see the module docstring).
 
     Raises:
         OSError: the copy failed (no space, permission denied, ...); no partial file is left behind.
@@ -263,11 +415,12 @@ def safe_copy(
     if root is not None:
         check_target_folder(folder, root)
     folder.mkdir(parents=True, exist_ok=True)
+    name = portable_name(name)
     tmp: Path | None = None
     n = 1
     try:
         while True:
-            target = folder / unique_name(name, n)
+            target = candidate(folder, name, n)  # `chair.jpg` is taken on Windows by `Chair.jpg`
             if target.exists() or target.is_symlink():
                 if same_content(target, size, image_id):
                     return target, False
@@ -286,6 +439,10 @@ def safe_copy(
                 tmp = None
             if sync_dir:
                 fsync_dir(folder)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+                tmp = None
+            _remember(folder, target.name)
             return target, True
     finally:
         if tmp is not None:

@@ -12,6 +12,7 @@ starting with "_" or ".") → reported, not a label.
 Copies sortloop moved itself (`apply`, `resort`) are in the records already, so they are not moves; scan
 holds the moves lock (`loop.moves.exclusive`) and finishes a batch a crash interrupted before it looks.
 A move scan follows is marked `placed_by = user`: apply and resort never move that copy again.
+Copies made by the standalone sorter on another PC are imported first from DEST/.sortloop (loop.handback).
 
 Caveat: a copy moved OUTSIDE the sorted tree looks deleted; a copy that was edited (new bytes) is a
 different image and is reported as modified, not followed.
@@ -29,6 +30,7 @@ import pandas as pd
 from loop import copies, manifest, moves
 from loop.classnames import class_name_problem
 from loop.errors import SortloopError
+from loop.handback import import_dest_record
 from loop.images import file_sha256, iter_image_files
 from loop.progress import ProgressCallback, no_progress
 from loop.review_list import write_review_csv
@@ -64,9 +66,11 @@ class ScanReport:
     deleted: list[str] = field(default_factory=list)
     modified: list[str] = field(default_factory=list)
     uncategorised: list[str] = field(default_factory=list)
+    imported: int = 0  # copies the standalone sorter made, imported from DEST/.sortloop by this scan
 
     def summary(self) -> str:
-        text = (
+        text = f"imported {self.imported} copies the standalone sorter made; " if self.imported else ""
+        text += (
             f"scanned {self.checked} sorted copies in {self.dest}: {self.unchanged} unchanged, "
             f"{len(self.corrections)} moved to another category (corrections, {self.labels_changed} labels "
             f"changed), {len(self.moves) - len(self.corrections)} other moves, {len(self.deleted)} deleted, "
@@ -116,10 +120,11 @@ def scan(ws: Workspace, dest: Path | str, *, on_progress: ProgressCallback | Non
 
 
 def _scan(ws: Workspace, dest: Path, on_progress: ProgressCallback) -> ScanReport:
+    imported = import_dest_record(ws, dest)  # copies made by the standalone sorter (DEST/.sortloop), if any
     records = copies.load_records(ws, dest)
     if records.empty:
         raise SortloopError(f"nothing was ever sorted into {dest} with this workspace; run `sortloop sort` first")
-    report = ScanReport(dest=str(dest))
+    report = ScanReport(dest=str(dest), imported=imported)
     present = records[records["status"] == "present"]
     total = len(present)
     on_progress(0, total)

@@ -197,7 +197,7 @@ def move_copy(src: Path, folder: Path, name: str, *, image_id: str, size: int) -
     folder.mkdir(parents=True, exist_ok=True)
     n = 1
     while True:
-        target = folder / copies.unique_name(name, n)
+        target = copies.candidate(folder, name, n)  # Windows' rules: case-insensitive, 260 characters
         if target == src:
             return src
         if target.exists() or target.is_symlink():

@@ -212,7 +212,7 @@ def sort_batches(
         rows = [{"path": str(p), "known": ",".join(known.get(str(p), []))} for p in paths]
         job = SortJob(str(src), str(dest), keep_tree, runtime, int8)
         dataset = pooled(rows, _SortActor, {"model": [model], "job": job}, batch_size, actors)
-        placed_names: dict[Path, set[str]] = {}
+        placed_folders: set[Path] = set()
         seen: set[Path] = set()  # a batch re-run after a crash must not be recorded twice, however Ray delivers it
         for out in _results(dataset, "sort"):
             recs, placed = _unpack(out)
@@ -220,10 +220,10 @@ def sort_batches(
             for i in fresh:
                 seen.add(recs[i].path)
                 if isinstance(placed[i], tuple):
-                    placed_names.setdefault(placed[i][0].parent, set()).add(recs[i].path.name)
+                    placed_folders.add(placed[i][0].parent)
             yield [recs[i] for i in fresh], np.asarray(out["probs"], np.float32)[fresh], [placed[i] for i in fresh]
         # An actor killed mid-copy leaves its temp file; its batch was re-run, so the copy itself is there.
-        removed = sum(copies.remove_orphan_temps(folder, names) for folder, names in placed_names.items())
+        removed = sum(copies.remove_orphan_temps(folder) for folder in placed_folders)
         if removed:
             logger.warning("removed %d temp files left by Ray workers that died mid-copy", removed)
 

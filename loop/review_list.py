@@ -23,13 +23,10 @@ from loop.artifact import read_spec
 from loop.atomic import atomic_write
 from loop.errors import ModelError
 from loop.flagging import settings_point
+from loop.sortcore import REVIEW_COLUMNS, REVIEW_CSV, review_row
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
-
-REVIEW_CSV = "_review.csv"
-REVIEW_COLUMNS = ["dest_path", "source_path", "pred_label", "pred_conf", "score", "strategy", "model_version",
-                  "image_id", "sorted_at"]
 
 
 def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
@@ -46,13 +43,10 @@ def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
     for rec in records.itertuples():
         if rec.image_id in done or rec.dest_path in rows:
             continue
-        rows[rec.dest_path] = {
-            "dest_path": rec.dest_path, "source_path": rec.source_path, "pred_label": rec.label,
-            "pred_conf": f"{rec.confidence:.4f}", "score": f"{rec.score:.4f}",
-            "strategy": _strategy(ws, str(rec.model_version), strategies),
-            "model_version": rec.model_version, "image_id": rec.image_id,
-            "sorted_at": "" if pd.isna(rec.sorted_at) else rec.sorted_at.isoformat(),
-        }
+        rows[rec.dest_path] = review_row(
+            rec.dest_path, rec.source_path, rec.label, rec.confidence, rec.score,
+            _strategy(ws, str(rec.model_version), strategies), rec.model_version, rec.image_id,
+            "" if pd.isna(rec.sorted_at) else rec.sorted_at.isoformat())
     return [rows[k] for k in sorted(rows)]
 
 

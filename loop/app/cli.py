@@ -405,6 +405,28 @@ def undo(
     out.print(undo_resort(open_workspace(workspace), run).summary(), highlight=False, soft_wrap=True)
 
 
+@command()
+def bundle(
+    target: Annotated[Path, typer.Argument(metavar="OUT", help="Bundle folder to write (or zip file with --zip).")],
+    zip_: Annotated[bool, typer.Option("--zip", help="Write one zip file instead of a folder.")] = False,
+    sorter: Annotated[Path | None, typer.Option(help="A sortloop-sort folder frozen elsewhere from the same spec "
+                                                     "(e.g. the Windows CI build); default: build one here.")] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Write a standalone sorter with the deployed model, for a PC with no Python (runs `sortloop-sort SRC DEST`).
+
+    Its copies are recorded in DEST/.sortloop/; `sortloop scan DEST` brings them (and moves) back here.
+
+    Example: sortloop bundle ~/sorter-v0003 --zip --sorter ~/Downloads/sortloop-sort-windows/sortloop-sort
+    """
+    from loop.app.bundle import build_bundle
+    from loop.workspace import open_workspace
+
+    with console.status("building the sorter bundle (a minute or two the first time)"):
+        report = build_bundle(open_workspace(workspace), target, as_zip=zip_, sorter=sorter)
+    out.print(report.summary(), highlight=False, soft_wrap=True)
+
+
 # --- model ---------------------------------------------------------------------------------------------
 
 

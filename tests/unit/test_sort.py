@@ -304,7 +304,7 @@ def test_refuses_dest_inside_src_and_missing_model(ws, tmp_path) -> None:
 @pytest.mark.parametrize("name", ["", "..", "a/b", "_misc", ".hidden"])
 def test_unusable_class_names_are_refused(name: str) -> None:
     from loop.errors import ModelError
-    from loop.sort import _check_classes
+    from loop.sortcore import check_classes as _check_classes
 
     _check_classes(["chair", "table"])
     with pytest.raises(ModelError, match="category folder"):
