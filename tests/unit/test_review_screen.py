@@ -23,8 +23,9 @@ def test_choices_are_a_vertical_list_beside_the_photo():
 def test_task_data_has_guess_and_confidence_columns_and_keeps_its_keys():
     row = pd.Series({"image_id": "abc", "path": "/p/x.jpg", "flag": "low_confidence", "pred_label": "sofa",
                      "pred_conf": 0.41666, "pred_model": "v0003"})
-    data = payloads.task(row)["data"]
+    data = payloads.task(row, "abc.jpg")["data"]
     assert (data["guess"], data["confidence"], data["flag"]) == ("sofa", 0.417, "low_confidence")
+    assert data["image"] == payloads.image_url("abc.jpg")  # the served copy, never the original path
     assert data["image_id"] == "abc" and data["path"] == "/p/x.jpg"  # still there for push/pull, just hidden
 
 
