@@ -394,6 +394,25 @@ def _write_temp(src: Path, folder: Path, name: str, image_id: str, size: int, mt
         raise
 
 
+def give_name(src: Path, target: Path) -> str | None:
+    """Give the file at `src` the name `target`, never replacing an existing file.
+
+    A hard link is atomic and refuses an existing name; where the file system has none (FAT, some network
+    shares) the file is renamed after checking the name is free. Returns "linked" (`src` still exists),
+    "renamed" (`src` is gone), or None when the name was taken meanwhile (look at it again).
+    """
+    try:
+        os.link(src, target)
+        return "linked"
+    except FileExistsError:
+        return None
+    except OSError:
+        if target.exists():
+            return None
+        os.replace(src, target)
+        return "renamed"
+
+
 def safe_copy(
     src: Path, folder: Path, name: str, *, image_id: str, size: int, mtime_ns: int | None = None,
     sync_dir: bool = True, root: Path | None = None,
@@ -428,14 +447,10 @@ def safe_copy(
                 continue
             if tmp is None:
                 tmp = _write_temp(src, folder, name, image_id, size, mtime_ns)
-            try:
-                os.link(tmp, target)  # atomic, and refuses to replace an existing name
-            except FileExistsError:
+            placed = give_name(tmp, target)
+            if placed is None:
                 continue  # someone else took the name meanwhile: look at it again
-            except OSError:  # no hard links here (FAT, some network shares): rename after the check above
-                if target.exists():
-                    continue
-                os.replace(tmp, target)
+            if placed == "renamed":
                 tmp = None
             if sync_dir:
                 fsync_dir(folder)

@@ -217,19 +217,12 @@ def move_copy(src: Path, folder: Path, name: str, *, image_id: str, size: int) -
                 return target
         except FileExistsError:
             continue  # someone else took the name meanwhile: look at it again
-        try:
-            os.link(src, target)  # atomic, and refuses to replace an existing name
-        except FileExistsError:
+        placed = copies.give_name(src, target)
+        if placed is None:
             continue  # someone else took the name meanwhile: look at it again
-        except OSError:  # no hard links here (FAT, some network shares): rename after the check above
-            if target.exists():
-                continue
-            os.replace(src, target)
-            copies.fsync_dir(folder)
-            copies.fsync_dir(src.parent)
-            return target
         copies.fsync_dir(folder)
-        os.unlink(src)
+        if placed == "linked":
+            os.unlink(src)
         copies.fsync_dir(src.parent)
         return target
 
