@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.measure import scratch_folder  # noqa: E402
 from bench.sort import build_model, make_large_jpegs  # noqa: E402
 
 
@@ -53,8 +52,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from loop.app.bundle import EXE_NAME, build_bundle
 
-    scratch = Path(tempfile.mkdtemp(prefix="sortloop-bench-bundle-"))
-    try:
+    with scratch_folder("sortloop-bench-bundle-", keep=args.keep) as scratch:
         photos = scratch / "photos"
         paths = make_large_jpegs(photos, args.n)
         mb = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
@@ -84,11 +82,6 @@ def main() -> None:
         print(f"median of {args.rounds} rounds: sortloop sort {np.median([m for m, _ in rows]):.1f} images/s, "
               f"frozen sorter {np.median([f for _, f in rows]):.1f} images/s; "
               f"frozen / sortloop sort = {np.median(ratios):.2f}x")
-    finally:
-        if args.keep:
-            print(f"kept {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Measuring helpers shared by the benchmarks: peak resident memory of this process and its children.
+"""Helpers shared by the benchmarks: peak resident memory of this process and its children, a scratch folder.
 
 Caveat: Linux only (reads /proc); sampling every 0.1 s can miss a spike shorter than that.
 """
@@ -6,7 +6,11 @@ Caveat: Linux only (reads /proc); sampling every 0.1 s can miss a spike shorter 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -45,3 +49,16 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+@contextmanager
+def scratch_folder(prefix: str, *, keep: bool = False) -> Iterator[Path]:
+    """A temp folder for a benchmark's generated photos and workspace; removed afterwards unless `keep`."""
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield scratch
+    finally:
+        if keep:
+            print(f"kept {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.measure import scratch_folder  # noqa: E402
 from bench.sort import SIZE, build_model, make_large_jpegs  # noqa: E402
 
 
@@ -86,67 +85,68 @@ def main() -> None:
     from loop.sort import sort_folder
 
     cpus = os.cpu_count() or 1
-    scratch = Path(tempfile.mkdtemp(prefix="sortloop-raybench-"))
-    try:
-        paths = make_large_jpegs(scratch / "photos", args.n)
-        mb = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
-        print(f"{len(paths)} JPEGs of {SIZE[0]}x{SIZE[1]} (mean {mb:.1f} MB) on {cpus} CPUs")
-        ws, _, _ = build_model(scratch)
-        batch = ws.settings.sort.batch_size
+    with scratch_folder("sortloop-raybench-", keep=args.keep) as scratch:
+        try:
+            paths = make_large_jpegs(scratch / "photos", args.n)
+            mb = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
+            print(f"{len(paths)} JPEGs of {SIZE[0]}x{SIZE[1]} (mean {mb:.1f} MB) on {cpus} CPUs")
+            ws, _, _ = build_model(scratch)
+            batch = ws.settings.sort.batch_size
 
-        start = time.perf_counter()
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
-        ray_start = time.perf_counter() - start
-        rows = []
-        for r in range(args.rounds):
-            row = {}
-            for engine in ("local", "ray"):
-                start, cpu = time.perf_counter(), time.process_time()
-                report = sort_folder(ws, scratch / "photos", scratch / f"sorted-{engine}-{r}", engine=engine)
-                row[engine] = len(paths) / (time.perf_counter() - start)
-                row[f"{engine}_cpu"] = (time.process_time() - cpu) / len(paths)
-                if not report.ok or report.copied != len(paths):
-                    raise SystemExit(f"{engine} sort did not copy everything: {report.summary()}")
-            rows.append(row)
-            print(f"round {r + 1}: local {row['local']:.1f}, ray {row['ray']:.1f} images/s -> local/ray "
-                  f"{row['local'] / row['ray']:.2f}x  (load average {os.getloadavg()[0]:.1f})", flush=True)
+            start = time.perf_counter()
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
+            ray_start = time.perf_counter() - start
+            rows = []
+            for r in range(args.rounds):
+                row = {}
+                for engine in ("local", "ray"):
+                    start, cpu = time.perf_counter(), time.process_time()
+                    report = sort_folder(ws, scratch / "photos", scratch / f"sorted-{engine}-{r}", engine=engine)
+                    row[engine] = len(paths) / (time.perf_counter() - start)
+                    row[f"{engine}_cpu"] = (time.process_time() - cpu) / len(paths)
+                    if not report.ok or report.copied != len(paths):
+                        raise SystemExit(f"{engine} sort did not copy everything: {report.summary()}")
+                rows.append(row)
+                print(f"round {r + 1}: local {row['local']:.1f}, ray {row['ray']:.1f} images/s -> local/ray "
+                      f"{row['local'] / row['ray']:.2f}x  (load average {os.getloadavg()[0]:.1f})", flush=True)
 
-        small, large = 2_000, 20_000
-        scheduling(small, batch)  # warm-up: first-use imports and worker processes
-        t_small = min(scheduling(small, batch) for _ in range(2))
-        t_large = min(scheduling(large, batch) for _ in range(2))
-        per_photo = max(0.0, (t_large - t_small) / (large - small))
-        fixed = max(0.0, t_small - small * per_photo)
-        copy_mb_s, copy_files_s = copy_bandwidth(paths, scratch / "copy-test")
-        ray.shutdown()
-
-        local, on_ray, driver_cpu = (float(np.median([row[k] for row in rows])) for k in ("local", "ray", "ray_cpu"))
-        print()
-        print(f"median of {args.rounds} rounds, one node of {cpus} CPUs (load average now {os.getloadavg()[0]:.1f})")
-        print(f"(a) local engine                  {local:8.1f} images/s")
-        print(f"(b) Ray engine, {cpus} actors          {on_ray:8.1f} images/s  (Ray start, once: {ray_start:.1f} s)")
-        print(f"    overhead ratio on one node: local / Ray = {local / on_ray:.2f}x")
-        print(f"(c) Ray scheduling, no-op actors: {per_photo * 1e3:.2f} ms per photo on the driver "
-              f"(slope over {small}->{large} rows) + {fixed:.1f} s fixed per run")
-        print(f"    driver CPU in (b): {driver_cpu * 1e3:.1f} ms per photo (listing, Ray client, records, manifest)")
-        print(f"(d) safe copy into the destination's file system: {copy_mb_s:.0f} MB/s = {copy_files_s:.0f} photos/s "
-              f"of {mb:.1f} MB")
-        print()
-        driver_cap = 1.0 / max(driver_cpu, per_photo)
-        print("PROJECTION (not measured on a cluster): N nodes like this one, DEST on storage as fast as (d)")
-        print(f"  rate(N) = min(N x {on_ray:.1f}, copy {copy_files_s:.0f}, driver {driver_cap:.0f}) images/s")
-        for nodes in (1, 2, 4, 8, 16, 32):
-            rate = min(nodes * on_ray, copy_files_s, driver_cap)
-            hours = 5e6 / rate / 3600
-            print(f"  {nodes:3d} nodes: {rate:7.1f} images/s -> 5 million photos in {hours:6.1f} h")
-    finally:
-        if ray.is_initialized():
+            small, large = 2_000, 20_000
+            scheduling(small, batch)  # warm-up: first-use imports and worker processes
+            t_small = min(scheduling(small, batch) for _ in range(2))
+            t_large = min(scheduling(large, batch) for _ in range(2))
+            per_photo = max(0.0, (t_large - t_small) / (large - small))
+            fixed = max(0.0, t_small - small * per_photo)
+            copy_mb_s, copy_files_s = copy_bandwidth(paths, scratch / "copy-test")
             ray.shutdown()
-        if args.keep:
-            print(f"kept {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
+
+            local, on_ray, driver_cpu = (float(np.median([row[k] for row in rows]))
+                                         for k in ("local", "ray", "ray_cpu"))
+            print()
+            print(f"median of {args.rounds} rounds, one node of {cpus} CPUs "
+                  f"(load average now {os.getloadavg()[0]:.1f})")
+            print(f"(a) local engine                  {local:8.1f} images/s")
+            print(f"(b) Ray engine, {cpus} actors          {on_ray:8.1f} images/s  "
+                  f"(Ray start, once: {ray_start:.1f} s)")
+            print(f"    overhead ratio on one node: local / Ray = {local / on_ray:.2f}x")
+            print(f"(c) Ray scheduling, no-op actors: {per_photo * 1e3:.2f} ms per photo on the driver "
+                  f"(slope over {small}->{large} rows) + {fixed:.1f} s fixed per run")
+            print(f"    driver CPU in (b): {driver_cpu * 1e3:.1f} ms per photo "
+                  "(listing, Ray client, records, manifest)")
+            print(f"(d) safe copy into the destination's file system: {copy_mb_s:.0f} MB/s = "
+                  f"{copy_files_s:.0f} photos/s "
+                  f"of {mb:.1f} MB")
+            print()
+            driver_cap = 1.0 / max(driver_cpu, per_photo)
+            print("PROJECTION (not measured on a cluster): N nodes like this one, DEST on storage as fast as (d)")
+            print(f"  rate(N) = min(N x {on_ray:.1f}, copy {copy_files_s:.0f}, driver {driver_cap:.0f}) images/s")
+            for nodes in (1, 2, 4, 8, 16, 32):
+                rate = min(nodes * on_ray, copy_files_s, driver_cap)
+                hours = 5e6 / rate / 3600
+                print(f"  {nodes:3d} nodes: {rate:7.1f} images/s -> 5 million photos in {hours:6.1f} h")
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.measure import PeakRSS  # noqa: E402
+from bench.measure import PeakRSS, scratch_folder  # noqa: E402
 
 IKEA = REPO.parent / "shared" / "data" / "ikea_products"
 SIZE = (4000, 3000)
@@ -183,8 +182,7 @@ def main() -> None:
     from loop.sort import sort_folder
 
     torch.set_num_threads(os.cpu_count() or 1)
-    scratch = Path(tempfile.mkdtemp(prefix="sortloop-bench-"))
-    try:
+    with scratch_folder("sortloop-bench-", keep=args.keep) as scratch:
         t0 = time.perf_counter()
         paths = make_large_jpegs(scratch / "photos", args.n)
         mb = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
@@ -261,11 +259,6 @@ def main() -> None:
               f"-> default runtime: {default_rt}")
         print(f"peak RSS: main {peak_main:.0f} MB (includes the fastai baseline), "
               f"largest decode worker {children.child_mb:.0f} MB")
-    finally:
-        if args.keep:
-            print(f"kept {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.measure import PeakRSS  # noqa: E402
+from bench.measure import PeakRSS, scratch_folder  # noqa: E402
 
 IKEA = REPO.parent / "shared" / "data" / "ikea_products"
 
@@ -95,8 +93,7 @@ def main() -> None:
     from loop.registry import current_model_dir
     from loop.sort import sort_folder
 
-    scratch = Path(tempfile.mkdtemp(prefix="sortloop-scale-"))
-    try:
+    with scratch_folder("sortloop-scale-", keep=args.keep) as scratch:
         ws = trained_workspace(scratch)
         int8 = read_spec(current_model_dir(ws)).get("int8") or {}
         print(f"model: INT8 {'used' if int8.get('passed') else 'not used'} ({int8.get('reason', 'no INT8 entry')})")
@@ -137,11 +134,6 @@ def main() -> None:
         print(f"rerun of {args.n2} (nothing to do: {rerun.copied} copied): {rerun_s:.1f} s, peak RSS "
               f"{rss.main_mb:.0f} MB; os.walk+stat of the inbox {floor_in:.2f} s "
               f"-> {rerun_s / floor_in:.1f}x the floor")
-    finally:
-        if args.keep:
-            print(f"kept {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
