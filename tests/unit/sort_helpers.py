@@ -65,3 +65,20 @@ def sample_ikea(shared_data: Path, dest: Path, per_class: int = 3, classes: int 
 def files_under(folder: Path) -> list[Path]:
     """Every regular file under `folder`, excluding the review CSV."""
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "_review.csv")
+
+
+def sort_sample(ws, sort_model: Path, shared_data: Path, tmp_path: Path):
+    """Deploy the session's sort model in `ws` and sort 6 ikea photos (3 classes) from `tmp_path/inbox` into
+    `tmp_path/sorted`, with a fresh Workspace (so SORTLOOP_* settings set by the caller apply).
+
+    Returns (workspace, src, dest).
+    """
+    from loop.sort import sort_folder
+    from loop.workspace import Workspace
+
+    deploy_copy(ws, sort_model)
+    src, dest = tmp_path / "inbox", tmp_path / "sorted"
+    sample_ikea(shared_data, src, per_class=2, classes=3)
+    fresh = Workspace(ws.root)
+    assert sort_folder(fresh, src, dest).ok
+    return fresh, src, dest

@@ -15,8 +15,7 @@ from loop.app.cli import app
 from loop.apply import apply_labels
 from loop.errors import ClassNameError, SortloopError
 from loop.review_list import REVIEW_CSV
-from loop.sort import sort_folder
-from tests.unit.sort_helpers import deploy_copy, ikea_classes, sample_ikea
+from tests.unit.sort_helpers import ikea_classes, sort_sample
 
 
 def tree_state(folder: Path) -> dict[str, str]:
@@ -40,13 +39,7 @@ def pending(dest: Path) -> set[str]:
 def sorted_tree(ws, sort_model, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("SORTLOOP_SORT__FLAG_THRESHOLD", "0")  # every copy flagged: _review.csv lists all
     monkeypatch.setenv("SORTLOOP_SORT__WORKERS", "0")  # a handful of photos: no decoder processes to start
-    deploy_copy(ws, sort_model)
-    src, dest = tmp_path / "inbox", tmp_path / "sorted"
-    sample_ikea(shared_data, src, per_class=2, classes=3)
-    from loop.workspace import Workspace
-
-    fresh = Workspace(ws.root)
-    assert sort_folder(fresh, src, dest).ok
+    fresh, src, dest = sort_sample(ws, sort_model, shared_data, tmp_path)
     return fresh, src, dest, copies.load_records(fresh, dest), ikea_classes(shared_data)
 
 

@@ -21,9 +21,7 @@ import pytest
 from loop import copies, corrections, manifest, moves
 from loop.apply import apply_labels
 from loop.resort import resort, resort_runs, undo_resort
-from loop.sort import sort_folder
-from loop.workspace import Workspace
-from tests.unit.sort_helpers import deploy_copy, files_under, ikea_classes, sample_ikea
+from tests.unit.sort_helpers import files_under, ikea_classes, sort_sample
 from tests.unit.test_resort import deploy_reversed, tree_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,11 +106,7 @@ def assert_records_match_disk(ws, dest: Path) -> None:
 @pytest.fixture
 def tree(ws, sort_model, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("SORTLOOP_SORT__WORKERS", "0")  # a handful of photos: no decoder processes to start
-    deploy_copy(ws, sort_model)
-    src, dest = tmp_path / "inbox", tmp_path / "sorted"
-    sample_ikea(shared_data, src, per_class=2, classes=3)
-    fresh = Workspace(ws.root)
-    assert sort_folder(fresh, src, dest).ok
+    fresh, _, dest = sort_sample(ws, sort_model, shared_data, tmp_path)
     return fresh, dest, copies.load_records(fresh, dest), ikea_classes(shared_data)
 
 
