@@ -30,6 +30,11 @@ def class_indices(labels: pd.Series, classes: list[str]) -> np.ndarray:
     return np.array([index.get(str(v), -1) for v in labels], dtype=int)
 
 
+def item_keys(rows: pd.DataFrame) -> np.ndarray:
+    """The item of each row, or its own image where none is known: photos of one item err together."""
+    return rows["item_id"].astype(object).fillna(rows["image_id"].astype(object)).astype(str).to_numpy()
+
+
 def learning_estimates(train_rows: pd.DataFrame, valid_rows: pd.DataFrame, valid_probs: np.ndarray,
                        oof: OutOfFold | None, classes: list[str], temperature: float) -> dict:
     """{"metrics": {"cv_user", "cv_web"}, "calibration": {...}, "flagging": {...}} for model.json.
@@ -56,9 +61,11 @@ def learning_estimates(train_rows: pd.DataFrame, valid_rows: pd.DataFrame, valid
         calibration.update(ece_oof_before=expected_calibration_error(calibrated(oof.logits, 1.0), oof.labels),
                            ece_oof_after=expected_calibration_error(probs, oof.labels), n_oof=len(oof.labels),
                            folds=oof.folds)
-        flagging = {**estimate(probs, oof.labels), "estimated_on": f"out-of-fold ({oof.folds} item-grouped folds)"}
+        flagging = {**estimate(probs, oof.labels, item_keys(train_rows)),
+                    "estimated_on": f"out-of-fold ({oof.folds} item-grouped folds)"}
     else:
-        flagging = {**estimate(valid_probs, valid_labels), "estimated_on": "gate set"}
+        flagging = {**estimate(valid_probs, valid_labels, item_keys(valid_rows)),
+                    "estimated_on": "gate set"}
     out["calibration"] = calibration
     out["flagging"] = flagging
     return out

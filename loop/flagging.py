@@ -7,6 +7,13 @@ large a share of photos must be flagged to catch a given share of the model's mi
 the goal (`sort.flag_target`, a catch rate, default 0.8; or `sort.flag_budget`, a share of photos); the
 threshold follows from the curve stored in `model.json`, so `sort` flags by what the deployed model
 actually needs, and a changed target takes effect at once, without retraining.
+The threshold is sized on a lower confidence bound of the catch rate, not on the estimate itself: out-of-fold
+mistakes come from few items (several photos of one item are usually wrong together), so "81% caught" on
+40 mistakes from 9 items is a rough number, and the deployed model, refit on every label, is surer of itself
+on new items than the fold models were. The bound (Wilson, one-sided `CATCH_CONFIDENCE`, counting the
+items among the mistakes, not the photos) asks for a margin that is wide where the evidence is thin and
+vanishes with many mistaken items; where even catching every seen mistake cannot assure the target, the
+flags stop at the share that catches them all.
 Caveat: the curve is estimated on the training items (out of fold); on photos unlike them (a new kind of
 scene) mistakes are more frequent and the same threshold catches a smaller share.
 """
@@ -25,24 +32,41 @@ logger = logging.getLogger(__name__)
 CURVE_POINTS = 101  # flag shares 0, 0.01, ..., 1.0
 DEFAULT_STRATEGY = "least_confidence"
 MIN_PHOTOS = 20  # fewer predictions (or no mistake among them) give no curve: the fixed threshold (0.5) applies
+CATCH_CONFIDENCE = 0.8  # the target is met by the catch rate's lower bound at this one-sided confidence
+Z_ONE_SIDED = 0.8416  # normal quantile of CATCH_CONFIDENCE
 
 
-def catch_curve(scores: np.ndarray, wrong: np.ndarray, points: int = CURVE_POINTS) -> dict:
+def wilson_lower(successes: float, n: float, z: float = Z_ONE_SIDED) -> float:
+    """Lower Wilson score bound of a proportion successes/n (0 for n = 0)."""
+    if n <= 0:
+        return 0.0
+    p = successes / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - spread) / (1 + z * z / n))
+
+
+def catch_curve(scores: np.ndarray, wrong: np.ndarray, points: int = CURVE_POINTS, *,
+                evidence: int | None = None) -> dict:
     """The curve for one strategy: at flag share s (of photos, least sure first), the share of mistakes caught.
 
     Args:
         scores: (N,) uncertainty scores, higher = less sure.
         wrong: (N,) bool, the model's guess was wrong.
+        evidence: how many independent mistakes the catch rate rests on (the items among them; None = the
+            number of mistakes), for the lower bound.
     Returns:
-        {"share": [...], "catch": [...], "threshold": [...]} with `points` entries: flagging every photo
-        whose score is >= threshold[i] flags share[i] of the photos (more on ties) and catches catch[i] of
-        the mistakes; threshold None = flag nothing.
+        {"share": [...], "catch": [...], "catch_low": [...], "threshold": [...]} with `points` entries:
+        flagging every photo whose score is >= threshold[i] flags share[i] of the photos (more on ties) and
+        catches catch[i] of the mistakes (catch_low[i]: its lower bound, see the module docstring);
+        threshold None = flag nothing.
     """
     scores = np.asarray(scores, np.float64)
     wrong = np.asarray(wrong, bool)
     order = np.argsort(-scores, kind="stable")
     ranked, caught = scores[order], np.concatenate([[0], np.cumsum(wrong[order])])
     n, mistakes = len(scores), int(wrong.sum())
+    evidence = mistakes if evidence is None else max(1, min(int(evidence), mistakes))
     shares, catches, thresholds = [], [], []
     for i in range(points):
         share = i / (points - 1)
@@ -50,15 +74,21 @@ def catch_curve(scores: np.ndarray, wrong: np.ndarray, points: int = CURVE_POINT
         shares.append(round(share, 4))
         catches.append(float(caught[k] / mistakes) if mistakes else 1.0)
         thresholds.append(float(ranked[k - 1]) if k > 0 else None)
-    return {"share": shares, "catch": catches, "threshold": thresholds}
+    low = [round(wilson_lower(c * evidence, evidence), 4) if mistakes else 1.0 for c in catches]
+    return {"share": shares, "catch": catches, "catch_low": low, "threshold": thresholds}
 
 
 def point_for_target(curve: dict, target: float) -> int:
-    """Index of the smallest flag share whose catch rate reaches `target` (the last point if none does)."""
-    for i, caught in enumerate(curve["catch"]):
+    """Index of the smallest flag share whose catch rate's lower bound reaches `target`.
+
+    If no share assures the target (few mistakes seen), the smallest share that catches every mistake seen.
+    A curve without bounds (model.json of an older version) is read by its estimate.
+    """
+    for i, caught in enumerate(curve.get("catch_low") or curve["catch"]):
         if caught >= target - 1e-9:
             return i
-    return len(curve["catch"]) - 1
+    best = max(curve["catch"])
+    return next(i for i, caught in enumerate(curve["catch"]) if caught >= best - 1e-9)
 
 
 def point_for_budget(curve: dict, budget: float) -> int:
@@ -70,19 +100,23 @@ def point_for_budget(curve: dict, budget: float) -> int:
     return best
 
 
-def estimate(probs: np.ndarray, labels: np.ndarray) -> dict:
+def estimate(probs: np.ndarray, labels: np.ndarray, items: np.ndarray | None = None) -> dict:
     """Catch curves of every strategy from out-of-fold `probs` (N, K) and true class indices `labels` (N,).
 
-    Labels outside the columns (index -1 or >= K) count as mistakes. With fewer than MIN_PHOTOS
-    predictions or no mistake at all there is nothing to size on: no curves (sort then uses a fixed 0.5).
+    Labels outside the columns (index -1 or >= K) count as mistakes. `items` (N,): the item of each photo;
+    the lower bounds count the distinct items among the mistakes (None: every photo its own item). With
+    fewer than MIN_PHOTOS predictions or no mistake at all there is nothing to size on: no curves (sort
+    then uses a fixed 0.5).
     """
     probs = np.asarray(probs, np.float64)
     labels = np.asarray(labels)
     wrong = probs.argmax(axis=1) != labels if len(probs) else np.zeros(0, bool)
+    counts = {"n": int(len(probs)), "mistakes": int(wrong.sum())}
     if len(probs) < MIN_PHOTOS or not wrong.any():  # nothing to size the flags on: the fixed threshold applies
-        return {"n": int(len(probs)), "mistakes": int(wrong.sum()), "curves": {}}
-    curves = {name: catch_curve(score(probs, name), wrong) for name in STRATEGIES}
-    return {"n": int(len(probs)), "mistakes": int(wrong.sum()), "curves": curves}
+        return {**counts, "curves": {}}
+    evidence = int(wrong.sum()) if items is None else len(set(np.asarray(items)[wrong].tolist()))
+    curves = {name: catch_curve(score(probs, name), wrong, evidence=evidence) for name in STRATEGIES}
+    return {**counts, "mistaken_items": evidence, "confidence": CATCH_CONFIDENCE, "curves": curves}
 
 
 def operating_point(flagging: dict | None, *, strategy: str = "auto", target: float = 0.8,
@@ -103,12 +137,14 @@ def operating_point(flagging: dict | None, *, strategy: str = "auto", target: fl
         name = DEFAULT_STRATEGY if strategy == "auto" else strategy
         fixed = 0.5 if threshold is None else threshold
         point = {"strategy": name, "threshold": fixed, "goal": f"fixed threshold {fixed:g}",
-                 "expected_share": None, "expected_catch": None}
+                 "expected_share": None, "expected_catch": None, "assured_catch": None}
         curve = curves.get(name)
         if curve:  # what this fixed threshold means on the out-of-fold photos
             i = sum(1 for t in curve["threshold"] if t is not None and t >= fixed)
             i = min(i, len(curve["share"]) - 1)
-            point.update(expected_share=curve["share"][i], expected_catch=curve["catch"][i])
+            low = curve.get("catch_low")
+            point.update(expected_share=curve["share"][i], expected_catch=curve["catch"][i],
+                         assured_catch=low[i] if low else None)
         return point
     names = list(curves) if strategy == "auto" else [strategy]
 
@@ -122,8 +158,10 @@ def operating_point(flagging: dict | None, *, strategy: str = "auto", target: fl
         name = min(names, key=lambda s: (curves[s]["share"][pick(s)], s != DEFAULT_STRATEGY))
     curve, i = curves[name], pick(name)
     goal = f"flag budget {budget:.0%} of photos" if budget is not None else f"catch {target:.0%} of mistakes"
+    low = curve.get("catch_low")
     return {"strategy": name, "threshold": curve["threshold"][i], "goal": goal,
-            "expected_share": curve["share"][i], "expected_catch": curve["catch"][i]}
+            "expected_share": curve["share"][i], "expected_catch": curve["catch"][i],
+            "assured_catch": low[i] if low else None}
 
 
 def flags(scores: np.ndarray, threshold: float | None) -> np.ndarray:
@@ -139,8 +177,10 @@ def describe(point: dict) -> str:
     if point.get("expected_share") is None:
         return f"{point['strategy']} >= {point['threshold']} ({point['goal']}; no estimate for this model)"
     threshold = "nothing" if point["threshold"] is None else f"{point['strategy']} >= {point['threshold']:.3f}"
+    assured = point.get("assured_catch")
+    bound = f", at least {assured:.0%} with {CATCH_CONFIDENCE:.0%} confidence" if assured is not None else ""
     return (f"flags {point['expected_share']:.0%} of photos, expected to catch {point['expected_catch']:.0%} "
-            f"of mistakes ({threshold}; goal: {point['goal']})")
+            f"of mistakes{bound} ({threshold}; goal: {point['goal']})")
 
 
 def settings_point(spec: dict, sort_settings) -> dict:

@@ -60,6 +60,35 @@ def test_fixed_threshold_and_models_without_curves():
     assert settings_point(spec, SortConfig(flag_target=0.9))["expected_catch"] >= 0.9
 
 
+def test_thin_evidence_flags_more_and_the_bound_is_below_the_estimate():
+    logits, labels = overconfident(n=400, seed=2)
+    probs = calibrated(logits, 1.0)
+    wrong = probs.argmax(1) != labels
+    photos = estimate(probs, labels)  # every mistake its own item
+
+    def from_items(n_items: int) -> dict:  # the same mistakes, made on n_items items
+        return estimate(probs, labels, np.where(wrong, np.arange(len(labels)) % n_items, np.arange(len(labels)) + 100))
+
+    six, two = from_items(6), from_items(2)
+    assert photos["mistaken_items"] == wrong.sum() and six["mistaken_items"] == 6
+    for flagging in (photos, six):
+        curve = flagging["curves"]["least_confidence"]
+        assert all(lo <= c + 1e-9 for lo, c in zip(curve["catch_low"], curve["catch"], strict=True))
+    narrow, wide, widest = (operating_point(f, strategy="least_confidence", target=0.8) for f in (photos, six, two))
+    assert narrow["assured_catch"] >= 0.8 and narrow["expected_catch"] > narrow["assured_catch"]
+    assert narrow["expected_share"] < wide["expected_share"] < widest["expected_share"]  # thinner: more flags
+    assert wide["assured_catch"] >= 0.8
+    # mistakes from 2 items cannot assure 80% at all: the flags stop where every mistake seen is caught
+    assert widest["assured_catch"] < 0.8 and widest["expected_catch"] == 1.0
+    assert widest["expected_share"] < 1.0
+    assert "with 80% confidence" in describe(narrow)
+    # a model.json written before the bounds: sized on the estimate, as then
+    old = {**photos, "curves": {k: {kk: v for kk, v in c.items() if kk != "catch_low"}
+                                for k, c in photos["curves"].items()}}
+    point = operating_point(old, strategy="least_confidence", target=0.8)
+    assert point["assured_catch"] is None and 0.8 <= point["expected_catch"] < narrow["expected_catch"]
+
+
 def test_catch_curve_ends_and_no_mistakes():
     curve = catch_curve(np.array([0.9, 0.1, 0.5, 0.2]), np.array([True, False, False, True]))
     assert curve["catch"][0] == 0.0 and curve["catch"][-1] == 1.0 and curve["threshold"][0] is None
