@@ -13,9 +13,15 @@ CLI runs): `ingest --labeled --items` -> `train` -> `deploy`, and it reports
    mistakes caught at the chosen threshold on the test items;
 3. **ECE** on the test items before (T = 1) and after calibration;
 4. a **simulation** of 3 rounds of 30 reviews: the pool is ingested unlabeled, the deployed model scores
-   it, 30 photos are reviewed (the simulated reviewer answers with the true label, recorded as a review
-   like `review pull` does), then `train` -> `deploy`; test accuracy per round for the product's
-   selection (flagged photos, least confident first: what `review push` sends) vs 30 random pool photos.
+   it, 30 photos are reviewed (the simulated reviewer answers with the true label, recorded as `review pull`
+   records it: label and review status), then `train` -> `deploy`; test accuracy per round for the
+   product's selection (what `review push` sends with a daily budget of 30: the review queue's pick,
+   `loop.review_queue`, with `review.strategy` or each of `--strategies`) vs 30 random pool photos.
+
+Every split's test items are few (80-200 photos, a handful of mistakes), so one split decides nothing:
+the bench repeats parts 1-4 over `--splits` three-way splits (seeds seed, seed+1, ...) and prints the
+means, the pooled catch rate and, per strategy, the paired difference to random (mean accuracy over
+rounds 1-3, and after round 3) with the splits where it was ahead.
 
 Test-set predictions use the deployed artifact's own weights on cached body features (the body is
 frozen in head mode, so this is the deployed network's output; checked against ONNX Runtime on a sample).
@@ -23,7 +29,7 @@ Timings are printed only as ratios. Features are cached in `.cache/bench-learnin
 on 2 cores for eth80's 2298 photos; then seconds).
 
     .venv/bin/python bench/learning.py [--datasets ikea_products eth80] [--rounds 3] [--reviews 30] [--seed 0]
-                                       [--per-group N]
+                                       [--splits 3] [--strategies margin hybrid ...] [--per-group N]
     (--rounds 0: parts 1-3 only, e.g. to repeat them over other splits with --seed)
 """
 
@@ -44,7 +50,9 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loop import manifest, registry  # noqa: E402
+from labeling.push import select_candidates, within_budget  # noqa: E402
+from loop import manifest, registry, review_queue  # noqa: E402
+from loop.app.demo_review import record_reviews  # noqa: E402
 from loop.artifact import load_predictor, read_spec, softmax  # noqa: E402
 from loop.backbones import create_network, get_backbone, weights_tag  # noqa: E402
 from loop.calibration import expected_calibration_error  # noqa: E402
@@ -54,7 +62,7 @@ from loop.gate import deploy  # noqa: E402
 from loop.head import choose_c  # noqa: E402
 from loop.images import load_model_input  # noqa: E402
 from loop.ingest import ingest_folder  # noqa: E402
-from loop.select import score  # noqa: E402
+from loop.select import DEFAULT_BATCH_STRATEGY, score  # noqa: E402
 from loop.train import train  # noqa: E402
 from loop.workspace import init_workspace  # noqa: E402
 
@@ -174,40 +182,35 @@ def test_report(ws, feats_test: np.ndarray, labels_test: list[str]) -> dict:
             "spec": spec}
 
 
-def product_selection(ws, pool_ids: list[str], feats_pool: np.ndarray, k: int) -> list[str]:
-    """What `review push` would send: photos the deployed model flags, least confident first, at most k."""
-    df = manifest.load(ws).set_index("image_id")
-    open_ids = [i for i in pool_ids if pd.isna(df.at[i, "label"])]
-    idx = [pool_ids.index(i) for i in open_ids]
-    logits, spec = deployed_logits(ws, feats_pool[idx])
-    probs = softmax(logits)
-    point = settings_point(spec, ws.settings.sort)
-    scores = score(probs, point["strategy"])
-    flagged = [(float(probs[j].max()), i) for j, i in enumerate(open_ids)
-               if point["threshold"] is not None and scores[j] >= point["threshold"]]
-    return [i for _, i in sorted(flagged)[:k]]
+def product_selection(ws, k: int, strategy: str) -> list[str]:
+    """What `review push` sends with a day's budget of k: the review queue's pick (`loop.review_queue`,
+    with `strategy`, TypiClust at cold start), then any other flags, in push's own order."""
+    review_queue.choose(ws, k, strategy)
+    rows = within_budget(select_candidates(manifest.load(ws)), k)
+    return rows["image_id"].astype(str).tolist()
 
 
-def review(ws, ids: list[str], truth: dict[str, str]) -> None:
-    """The simulated reviewer: the true label, recorded as a review (what `review pull` writes)."""
-    manifest.set_labels(ws, [manifest.LabelChange(i, truth[i], "review", "bench@sortloop") for i in ids])
-
-
-def run_dataset(name: str, args, scratch: Path) -> None:
-    dataset = DATA / name
-    meta = pd.read_csv(dataset / "manifest.csv")
-    if args.per_group:  # e.g. eth80's 41 views of each object: every k-th view, evenly spread
+def load_meta(name: str, per_group: int) -> pd.DataFrame:
+    """The dataset's manifest, thinned to at most `per_group` photos per item group (0 = all)."""
+    meta = pd.read_csv(DATA / name / "manifest.csv")
+    if per_group:  # e.g. eth80's 41 views of each object: every k-th view, evenly spread
         keep = [i for _, g in meta.groupby("group")
-                for i in g.index[np.linspace(0, len(g) - 1, min(args.per_group, len(g))).round().astype(int)]]
+                for i in g.index[np.linspace(0, len(g) - 1, min(per_group, len(g))).round().astype(int)]]
         meta = meta.loc[sorted(set(keep))].reset_index(drop=True)
-    parts = split_groups(meta, args.seed)
-    print(f"\n=== {name}: {len(meta)} photos, {meta['group'].nunique()} item groups; labeled "
-          f"{len(parts['labeled'])} / pool {len(parts['pool'])} / test {len(parts['test'])} photos "
-          f"(whole groups) ===")
-    labeled_dir, labeled_items = link_tree(parts["labeled"], dataset, scratch / name / "labeled")
-    pool_dir, pool_items = link_tree(parts["pool"], dataset, scratch / name / "pool")
+    return meta
 
-    ws = new_workspace(scratch / name / "ws0")
+
+def run_split(name: str, meta: pd.DataFrame, seed: int, args, scratch: Path) -> dict:
+    """Parts 1-4 on one three-way split of the item groups (printed); returns the numbers for the summary."""
+    dataset = DATA / name
+    parts = split_groups(meta, seed)
+    print(f"\n--- {name}, split seed {seed}: labeled {len(parts['labeled'])} / pool {len(parts['pool'])} / "
+          f"test {len(parts['test'])} photos (whole groups) ---")
+    scratch = scratch / f"{name}-{seed}"
+    labeled_dir, labeled_items = link_tree(parts["labeled"], dataset, scratch / "labeled")
+    pool_dir, pool_items = link_tree(parts["pool"], dataset, scratch / "pool")
+
+    ws = new_workspace(scratch / "ws0")
     features = Features(ws)
     test_paths = [dataset / p for p in parts["test"]["path"]]
     test_feats = features.of(test_paths)[:, 0]
@@ -257,42 +260,77 @@ def run_dataset(name: str, args, scratch: Path) -> None:
     cal = spec["calibration"]
     print(f"  calibration: T={cal['temperature']:.2f}; ECE out of fold {cal['ece_oof_before']:.3f} -> "
           f"{cal['ece_oof_after']:.3f}; on test items {result['ece_before']:.3f} -> {result['ece_after']:.3f}")
-
+    out = {"accuracy": result["accuracy"], "probe": probe, "flag_share": result["flag_share"],
+           "caught": round(result["catch"] * result["mistakes"]), "mistakes": result["mistakes"],
+           "expected_share": point["expected_share"], "expected_catch": point["expected_catch"],
+           "ece_before": result["ece_before"], "ece_after": result["ece_after"], "loop": {}}
     if args.rounds == 0:
-        return
-    # 4. the loop: rounds of reviews, product selection vs random
+        return out
+
+    # 4. the loop: rounds of reviews, the product's selection vs random pool photos
     truth = dict(zip(features_ids(pool_dir, parts["pool"]), parts["pool"]["cls"], strict=True))
     pool_ids = list(truth)
-    pool_feats = features.of([dataset / p for p in parts["pool"]["path"]])[:, 0]
-    curves_out = {}
-    for arm in ("product", "random"):
-        ws_arm = new_workspace(scratch / name / f"ws-{arm}")
+    for arm in [*(f"product:{s}" for s in args.strategies), "random"]:
+        ws_arm = new_workspace(scratch / f"ws-{arm.replace(':', '-')}")
         ingest_folder(ws_arm, labeled_dir, source="user", labeled=True, items_csv=labeled_items)
         ingest_folder(ws_arm, pool_dir, source="user", labeled=False, items_csv=pool_items)
         deploy(ws_arm, train(ws_arm).version)
         accs = [test_report(ws_arm, test_feats, test_labels)["accuracy"]]
-        rng = np.random.default_rng(args.seed)
-        asked = []
+        rng = np.random.default_rng(seed)
+        asked: list[str] = []
         for _ in range(args.rounds):
-            if arm == "product":
-                chosen = product_selection(ws_arm, pool_ids, pool_feats, args.reviews)
+            if arm != "random":
+                chosen = product_selection(ws_arm, args.reviews, arm.split(":")[1])
             else:
                 left = [i for i in pool_ids if i not in set(asked)]
                 chosen = list(rng.choice(left, size=min(args.reviews, len(left)), replace=False))
             asked += chosen
-            review(ws_arm, chosen, truth)
+            record_reviews(ws_arm, pd.DataFrame({"image_id": chosen, "truth": [truth[i] for i in chosen]}))
             trained = train(ws_arm)
             decision = deploy(ws_arm, trained.version)
             accs.append(test_report(ws_arm, test_feats, test_labels)["accuracy"])
             if not decision.promoted:
                 print(f"    {arm}: {trained.version} refused: {decision.reasons[0]}")
-        curves_out[arm] = (accs, len(asked))
-    for arm, (accs, n) in curves_out.items():
-        print(f"  loop, {arm:<7} reviews ({n} in {args.rounds} rounds): test accuracy per round "
-              + " -> ".join(f"{a:.3f}" for a in accs))
-    product, random = curves_out["product"][0], curves_out["random"][0]
-    print(f"  gain after {args.rounds} rounds: product {product[-1] - product[0]:+.3f}, "
-          f"random {random[-1] - random[0]:+.3f}")
+        print(f"  loop, {arm:<17} ({len(asked)} reviews of {len(pool_ids)} pool photos in {args.rounds} rounds): "
+              "test accuracy per round " + " -> ".join(f"{a:.3f}" for a in accs))
+        out["loop"][arm] = accs
+    return out
+
+
+def summarize(name: str, runs: list[dict], rounds: int) -> None:
+    """Means over the splits: what one split's noise (a few test items) cannot show."""
+    n = len(runs)
+    mean = {k: float(np.mean([r[k] for r in runs])) for k in ("accuracy", "probe", "flag_share", "expected_share",
+                                                             "expected_catch", "ece_before", "ece_after")}
+    caught, mistakes = sum(r["caught"] for r in runs), sum(r["mistakes"] for r in runs)
+    print(f"\n=== {name}: mean over {n} split(s) of the item groups ===")
+    print(f"  product test accuracy {mean['accuracy']:.3f} vs all-labels probe {mean['probe']:.3f} "
+          f"(difference {mean['accuracy'] - mean['probe']:+.3f}; target within 0.02)")
+    print(f"  flags at the default goal: estimated out of fold {mean['expected_share']:.0%} flagged, "
+          f"{mean['expected_catch']:.0%} caught; measured on unseen items {mean['flag_share']:.0%} flagged, "
+          f"{caught}/{mistakes} = {caught / max(1, mistakes):.2f} of mistakes caught (target 0.7)")
+    print(f"  ECE on unseen items {mean['ece_before']:.3f} -> {mean['ece_after']:.3f}")
+    if not rounds:
+        return
+    curves = {arm: np.array([r["loop"][arm] for r in runs]) for arm in runs[0]["loop"]}
+    for arm, acc in curves.items():
+        print(f"  loop, {arm:<17} mean test accuracy per round " + " -> ".join(f"{a:.3f}" for a in acc.mean(0)))
+    # Area over the review rounds (rounds 1..R; round 0 is the same model in every arm), paired per split.
+    for arm, acc in curves.items():
+        if arm == "random":
+            continue
+        diff = acc[:, 1:].mean(1) - curves["random"][:, 1:].mean(1)
+        wins = int((diff > 0).sum())
+        print(f"  {arm} - random, mean accuracy over rounds 1-{rounds}: {diff.mean():+.3f} "
+              f"(per split: {', '.join(f'{d:+.3f}' for d in diff)}; ahead on {wins} of {n}); "
+              f"after round {rounds}: {(acc[:, -1] - curves['random'][:, -1]).mean():+.3f}")
+
+
+def run_dataset(name: str, args, scratch: Path) -> None:
+    meta = load_meta(name, args.per_group)
+    print(f"\n=== {name}: {len(meta)} photos, {meta['group'].nunique()} item groups ===")
+    runs = [run_split(name, meta, args.seed + i, args, scratch) for i in range(args.splits)]
+    summarize(name, runs, args.rounds)
 
 
 def features_ids(pool_dir: Path, rows: pd.DataFrame) -> list[str]:
@@ -307,7 +345,11 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["ikea_products", "eth80"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reviews", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0, help="which three-way split of the item groups")
+    parser.add_argument("--seed", type=int, default=0, help="the first three-way split of the item groups")
+    parser.add_argument("--strategies", nargs="+", default=[DEFAULT_BATCH_STRATEGY],
+                        help="review-queue strategies to simulate, one arm each (default: the product's default)")
+    parser.add_argument("--splits", type=int, default=3, help="how many splits (seeds seed, seed+1, ...): "
+                        "the summary averages them, since one split's few test items are noisy")
     parser.add_argument("--per-group", type=int, default=0, help="at most this many photos per item group "
                         "(evenly spread; 0 = all), to bound the first run's feature extraction on 2 cores")
     args = parser.parse_args()

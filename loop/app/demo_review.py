@@ -95,7 +95,7 @@ def simulate_review(ws: Workspace, n: int, *, step_progress: StepProgress = _no_
         _review_in_labelstudio(ws, chosen)
         result.via = "Label Studio (then `review pull`)"
     else:
-        _review_directly(ws, chosen)
+        record_reviews(ws, chosen)
         result.via = "set_labels (Label Studio not running)"
 
     if len(chosen) < n:
@@ -171,8 +171,9 @@ def _review_in_labelstudio(ws: Workspace, chosen: pd.DataFrame) -> None:
                             f"{report.rejected[0].reason}")
 
 
-def _review_directly(ws: Workspace, chosen: pd.DataFrame) -> None:
-    """The labels a pull would write, through the same `set_labels` call, plus the review status."""
+def record_reviews(ws: Workspace, chosen: pd.DataFrame) -> None:
+    """What `review pull` writes for reviews (`chosen`: image_id, truth): labels through the same
+    `set_labels` call, then review_status "reviewed" (so neither push nor selection offers them again)."""
     mf.set_labels(ws, [mf.LabelChange(r.image_id, str(r.truth), "review", REVIEWER, note="demo --simulate-review")
                        for r in chosen.itertuples()])
     ids = set(chosen["image_id"])
