@@ -128,11 +128,11 @@ class Features:
                                mean=self.backbone.mean, std=self.backbone.std)
 
 
-def deployed_logits(ws, feats: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Logits (calibration included) of the deployed network for body features (N, F); and its spec."""
+def deployed_logits(ws, feats: np.ndarray, version: str | None = None) -> tuple[np.ndarray, dict]:
+    """Logits (calibration included) of the deployed network (or `version`) for body features (N, F); its spec."""
     from safetensors.numpy import load_file
 
-    model_dir = registry.current_model_dir(ws)
+    model_dir = registry.model_dir(ws, version) if version else registry.current_model_dir(ws)
     spec = read_spec(model_dir)
     state = load_file(str(model_dir / "model.safetensors"))
     head = get_backbone(spec["architecture"]).classifier
@@ -165,9 +165,9 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, groups: np.ndarray, x_test: np.
     return acc, time.perf_counter() - started
 
 
-def test_report(ws, feats_test: np.ndarray, labels_test: list[str]) -> dict:
-    """Accuracy, flags at the operating point and ECE of the deployed model on the test items."""
-    logits, spec = deployed_logits(ws, feats_test)
+def test_report(ws, feats_test: np.ndarray, labels_test: list[str], version: str | None = None) -> dict:
+    """Accuracy, flags at the operating point and ECE of the deployed model (or `version`) on the test items."""
+    logits, spec = deployed_logits(ws, feats_test, version)
     classes = spec["classes"]
     y = np.array([classes.index(v) if v in classes else -1 for v in labels_test])
     probs = softmax(logits)
@@ -290,7 +290,9 @@ def run_split(name: str, meta: pd.DataFrame, seed: int, args, scratch: Path) -> 
             decision = deploy(ws_arm, trained.version)
             accs.append(test_report(ws_arm, test_feats, test_labels)["accuracy"])
             if not decision.promoted:
-                print(f"    {arm}: {trained.version} refused: {decision.reasons[0]}")
+                refused = test_report(ws_arm, test_feats, test_labels, trained.version)["accuracy"]
+                print(f"    {arm}: {trained.version} refused (its test accuracy {refused:.3f} vs deployed "
+                      f"{accs[-1]:.3f}): {decision.reasons[0]}")
         print(f"  loop, {arm:<17} ({len(asked)} reviews of {len(pool_ids)} pool photos in {args.rounds} rounds): "
               "test accuracy per round " + " -> ".join(f"{a:.3f}" for a in accs))
         out["loop"][arm] = accs

@@ -98,6 +98,8 @@ class GateConfig(BaseModel):
     # (the candidate learned from more labels; significant losses are refused anyway); > 0 demands a gain;
     # below -0.5 the rule would be off
     min_accuracy_gain: float = Field(-0.10, ge=-0.5, lt=1.0)
+    # ...on at least this many gate photos (fewer: only a significant loss refuses; 3 of 22 is noise)
+    min_accuracy_support: int = Field(50, ge=1, le=100000)
     alpha: float = Field(0.05, gt=0.0, lt=1.0)  # significance of the paired tests (McNemar, per-class binomial)
     max_recall_drop: float = Field(0.10, ge=0.0, le=1.0)  # a class losing more recall than this, with...
     min_class_support: int = Field(10, ge=1, le=100000)  # ...this many gate photos: regressed, even if not
@@ -247,7 +249,8 @@ actors = 0                    # model copies in the pool, 1 CPU each; 0 = one pe
 
 [gate]
 min_accuracy_gain = -0.10     # refuse a candidate whose gate accuracy is below deployed + this (-0.5 to <1;
-                              # > 0 demands a gain) on at least min_class_support photos, or that is
+                              # > 0 demands a gain) on at least min_accuracy_support photos, or that is
+min_accuracy_support = 50     # (fewer gate photos: only a significant loss refuses)
 alpha = 0.05                  # significantly worse (McNemar); a class regresses if its loss is significant
 max_recall_drop = 0.10        # (one-sided binomial) or its recall drops more than this on at least
 min_class_support = 10        # this many of its gate photos

@@ -21,6 +21,7 @@ HOSTILE = [
     ("gate", "min_accuracy_gain", -5),  # would silently turn the gate off
     ("gate", "min_accuracy_gain", 1.5),
     ("gate", "max_recall_drop", 2),
+    ("gate", "min_accuracy_support", 0),
     ("gate", "max_recall_drop", -0.1),
     ("split", "user_valid_fraction", 1),
     ("sort", "batch_size", 0),
