@@ -350,12 +350,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the first three-way split of the item groups")
     parser.add_argument("--strategies", nargs="+", default=[DEFAULT_BATCH_STRATEGY],
                         help="review-queue strategies to simulate, one arm each (default: the product's default)")
+    parser.add_argument("--no-item-spread", action="store_true", help="ablation: the review queue takes the "
+                        "strategy's top photos even when several show one item (review_queue.ITEM_SPREAD = 1)")
     parser.add_argument("--splits", type=int, default=3, help="how many splits (seeds seed, seed+1, ...): "
                         "the summary averages them, since one split's few test items are noisy")
     parser.add_argument("--per-group", type=int, default=0, help="at most this many photos per item group "
                         "(evenly spread; 0 = all), to bound the first run's feature extraction on 2 cores")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.no_item_spread:
+        review_queue.ITEM_SPREAD = 1
     with tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp:
         for name in args.datasets:
             run_dataset(name, args, Path(tmp))

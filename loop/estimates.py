@@ -19,6 +19,7 @@ from loop.calibration import calibrated, expected_calibration_error
 from loop.evaluate import classification_metrics
 from loop.flagging import describe, estimate, settings_point
 from loop.head import OutOfFold
+from loop.items import item_keys
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -28,11 +29,6 @@ def class_indices(labels: pd.Series, classes: list[str]) -> np.ndarray:
     """Column index of each label in `classes` (-1 for a label the model has no class for)."""
     index = {c: i for i, c in enumerate(classes)}
     return np.array([index.get(str(v), -1) for v in labels], dtype=int)
-
-
-def item_keys(rows: pd.DataFrame) -> np.ndarray:
-    """The item of each row, or its own image where none is known: photos of one item err together."""
-    return rows["item_id"].astype(object).fillna(rows["image_id"].astype(object)).astype(str).to_numpy()
 
 
 def learning_estimates(train_rows: pd.DataFrame, valid_rows: pd.DataFrame, valid_probs: np.ndarray,

@@ -132,3 +132,8 @@ def _burst_item(row: pd.Series, existing: pd.DataFrame, earlier: pd.DataFrame, s
         if gap.min() <= seconds:
             return str(same.loc[gap.idxmin(), "item_id"])
     return None
+
+
+def item_keys(rows: pd.DataFrame) -> np.ndarray:
+    """The item of each manifest row, or its own image where none is known (photos of one item err together)."""
+    return rows["item_id"].astype(object).fillna(rows["image_id"].astype(object)).astype(str).to_numpy()

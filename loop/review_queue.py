@@ -2,7 +2,9 @@
 
 `select(ws, budget)` refits the linear head on the cached features of every labeled photo (seconds), scores
 the candidates (unlabeled photos, including those sort flagged `low_confidence`, not yet queued, pushed or
-reviewed) and picks a batch with a strategy of `loop.select` (`review.strategy`; typiclust at cold start).
+reviewed) and picks a batch with a strategy of `loop.select` (`review.strategy`; typiclust at cold start),
+spread over items: the strategy ranks `ITEM_SPREAD` times the budget, then each item's best photo comes
+before any item's second (`loop.select.one_per_item`).
 `queue(ws, selection)` marks the picks `review_status = queued` with a `review_rank` (and `flag = selected`
 where they had no flag), so `review push` sends them in that order after user moves. `budget_left(ws)` is
 `review.daily_budget` minus what was pushed today (UTC; user moves never count; `history/pushes.jsonl`).
@@ -23,9 +25,10 @@ import pandas as pd
 from loop import manifest as mf
 from loop.atomic import append_jsonl, read_jsonl
 from loop.embeddings import embeddings
+from loop.items import item_keys
 from loop.probe import fit_head, head_probs
 from loop.progress import ProgressCallback
-from loop.select import Pool, get_batch_strategy, is_cold_start, select_batch
+from loop.select import Pool, get_batch_strategy, is_cold_start, one_per_item, select_batch
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ DONE_STATUSES = ("pushed", "reviewed", "skipped", "queued")
 OWN_ORDER_FLAGS = ("user_moved", "suspected_mislabel")  # pushed by their own rule, never "selected"
 PUSH_LOG = "pushes.jsonl"
 SELECTED_FLAG = "selected"  # a photo flagged only because selection chose it
+ITEM_SPREAD = 3  # the strategy ranks this many times the budget, from which one photo per item goes first
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,8 @@ def select(ws: Workspace, budget: int, strategy: str | None = None, *, seed: int
     pool = Pool(probs, cand_feats.mean(axis=1), lab_feats.mean(axis=1) if len(labeled) else
                 np.zeros((0, cand_feats.shape[-1])), y)
     cold = is_cold_start(y, len(classes))
-    picks, used = select_batch(pool, budget, strategy, seed=seed, cold_start=cold)
+    ranked, used = select_batch(pool, min(len(cand), ITEM_SPREAD * budget), strategy, seed=seed, cold_start=cold)
+    picks = one_per_item(ranked, item_keys(cand), budget)
     guesses = [classes[j] if len(classes) >= 2 else None for j in probs[picks].argmax(axis=1)]
     selection = Selection(cand["image_id"].astype(str).to_numpy()[picks].tolist(),
                           cand["path"].astype(str).to_numpy()[picks].tolist(), guesses, strategy, used,

@@ -208,6 +208,26 @@ def is_cold_start(labels: np.ndarray, n_classes: int, *, per_class: int = COLD_S
     return len(labels) < per_class * n_classes
 
 
+def one_per_item(order: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
+    """The first k of `order` taking each item's best photo before any item's second one.
+
+    Why: the photos of one item (angles, stages, near-duplicates) are wrong or right together; a reviewer
+    who labels two of them teaches the model little more than one, and a batch spread over items covers
+    more of what the model has not seen.
+    Args:
+        order: candidate indices, most useful first. items: (N,) item key of every candidate.
+    """
+    order = np.asarray(order, dtype=np.int64)
+    items = np.asarray(items)
+    first = np.zeros(len(order), bool)
+    seen: set = set()
+    for j, i in enumerate(order):
+        if items[i] not in seen:
+            seen.add(items[i])
+            first[j] = True
+    return np.concatenate([order[first], order[~first]])[: max(0, k)]
+
+
 def select_batch(pool: Pool, k: int, strategy: str = DEFAULT_BATCH_STRATEGY, *, seed: int = 0,
                  cold_start: bool | None = None) -> tuple[np.ndarray, str]:
     """Up to k candidate indices, most useful first, and the strategy that actually chose them.

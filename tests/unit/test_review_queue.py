@@ -114,3 +114,20 @@ def test_select_command(ws, monkeypatch):
     assert rq.queued_count(mf.load(ws)) == 3
     bad = CliRunner().invoke(app, ["select", "--strategy", "nope", "-w", str(ws.root)])
     assert bad.exit_code == 1 and "valid:" in bad.output
+
+
+def test_a_batch_spreads_over_items(ws, monkeypatch):
+    # 10 unlabeled photos per class from 5 items (two views each): a batch takes one view per item first
+    labels, true, items = [], [], []
+    for c in CLASSES:
+        labels += [c] * 5 + [None] * 10
+        true += [c] * 15
+        items += [f"{c}-lab{n}" for n in range(5)] + [f"{c}-new{n // 2}" for n in range(10)]
+    ids = synthetic_workspace(ws, monkeypatch, labels=labels, true=true, items=items, centres=centres_for(CLASSES))
+    item_of = dict(zip(ids, items, strict=True))
+    for budget in (6, 9):
+        chosen = rq.select(ws, budget, "margin")
+        assert len({item_of[i] for i in chosen.image_ids}) == budget  # one photo per item
+    everything = rq.select(ws, 30, "margin")
+    firsts = [item_of[i] for i in everything.image_ids[:15]]
+    assert len(set(firsts)) == 15 and len(everything.image_ids) == 30  # every item once, then the seconds

@@ -149,3 +149,13 @@ def test_unknown_strategy_lists_valid_names() -> None:
 
 def test_margin_scores_unchanged_for_flags() -> None:
     assert margin(np.array([[0.5, 0.5]]))[0] == pytest.approx(1.0)
+
+
+def test_one_per_item_takes_each_items_best_photo_first():
+    from loop.select import one_per_item
+
+    items = np.array(["a", "a", "b", "a", "c", "b"])
+    order = np.array([0, 1, 3, 2, 5, 4])  # most useful first: three photos of item a lead
+    assert one_per_item(order, items, 3).tolist() == [0, 2, 4]  # one of a, b, c, in rank order
+    assert one_per_item(order, items, 5).tolist() == [0, 2, 4, 1, 3]  # then the seconds, in rank order
+    assert one_per_item(order, items, 0).tolist() == []
