@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from loop import manifest as mf
 from loop import registry
 from loop.artifact import load_predictor, read_spec
 from loop.errors import ModelError
-from loop.evaluate import evaluate_predictor
+from loop.evaluate import classification_metrics, evaluate_predictor
 from loop.progress import ProgressCallback, no_progress
 from loop.tables import locked
 from loop.workspace import Workspace
@@ -286,15 +287,21 @@ def gate_rows(ws: Workspace, model_dirs: list) -> tuple[pd.DataFrame, int]:
 
 def prequential(ws: Workspace, candidate_dir, current_dir, on_progress: ProgressCallback
                 ) -> tuple[dict, dict | None, Paired | None, str | None]:
-    """The fallback when the gate set is empty (fewer than ~5 items per class): compare on the labels that
-    are new since the deployed model, which it never trained on, against the candidate's out-of-fold
-    predictions of the same photos (a fold model that never saw their items).
+    """The fallback when the gate set is empty (fewer than ~5 items per class).
 
+    Compared on photos of items the deployed model never saw (labels new since it, whose item had no photo
+    in its training set): the deployed model's predictions vs the candidate's out-of-fold ones (a fold
+    model that never saw their items). A new label of an item the deployed model already knew is not fair
+    ground: it learned that item from its other photos, while the candidate's fold model held the whole item
+    out (in bench/learning.py that refused candidates up to 6 points better on unseen items). When
+    every new label is of a known item, both recipes are compared out of fold on the photos both scored:
+    the deployed version's out-of-fold predictions (oof_predictions.parquet) vs the candidate's, labels as
+    of today; neither fold model saw the item it predicts.
     With nothing deployed, the candidate's out-of-fold accuracy is the evidence for a first deployment.
     Returns:
         (candidate metrics, current metrics or None, paired outcomes or None, a note for the reasons).
     """
-    from loop.evaluate import classification_metrics
+    from loop.items import item_keys
     from loop.train import labeled_rows, training_set
 
     empty = {"n": 0, "accuracy": None, "per_class": {}}
@@ -311,19 +318,40 @@ def prequential(ws: Workspace, candidate_dir, current_dir, on_progress: Progress
     seen = training_set(current_dir)
     if seen is None:
         return empty, None, None, None
-    today = labeled_rows(ws).set_index("image_id")["label"].astype(str)
-    new = oof[~oof["image_id"].isin(seen["image_id"]) & oof["image_id"].isin(today.index)].reset_index(drop=True)
-    if new.empty:
+    labeled = labeled_rows(ws).set_index("image_id", drop=False)
+    df = mf.load(ws)
+    item_of = dict(zip(df["image_id"].astype(str), item_keys(df), strict=True))
+    known_items = {item_of.get(str(i), str(i)) for i in seen["image_id"]}
+    today = oof[oof["image_id"].isin(labeled.index)].reset_index(drop=True)
+    new = today[~today["image_id"].map(lambda i: item_of.get(str(i), str(i))).isin(known_items)].reset_index(drop=True)
+    if not new.empty:
+        rows = labeled.loc[new["image_id"]].reset_index(drop=True)
+        labels = rows["label"].astype(str).to_numpy()
+        candidate_metrics, candidate_right = _scored(new, labels, classes)
+        current_metrics, current_right = _measure(ws, current_dir, rows, on_progress)
+        return candidate_metrics, current_metrics, Paired(labels, candidate_right, current_right), (
+            f"no gate photos (too few items per class): compared on the {len(new)} labeled photos of items the "
+            "deployed model never saw, against the candidate's out-of-fold predictions")
+    current_path = current_dir / "oof_predictions.parquet"
+    if not current_path.exists():
         return empty, None, None, None
-    rows = labeled_rows(ws).set_index("image_id").loc[new["image_id"]].reset_index()
-    probs = np.stack(new["probs"].to_numpy())
-    labels = rows["label"].astype(str).to_numpy()
-    candidate_metrics = classification_metrics(labels.tolist(), probs, classes)
-    candidate_right = np.array([classes[i] for i in probs.argmax(axis=1)]) == labels
-    current_metrics, current_right = _measure(ws, current_dir, rows, on_progress)
+    both = today.merge(pd.read_parquet(current_path)[["image_id", "probs"]], on="image_id", suffixes=("", "_current"))
+    if both.empty:
+        return empty, None, None, None
+    labels = labeled.loc[both["image_id"], "label"].astype(str).to_numpy()
+    candidate_metrics, candidate_right = _scored(both, labels, classes)
+    current_metrics, current_right = _scored(both, labels, read_spec(current_dir)["classes"], column="probs_current")
     return candidate_metrics, current_metrics, Paired(labels, candidate_right, current_right), (
-        f"no gate photos (too few items per class): compared on the {len(new)} labels new since the deployed "
-        "model, which it never trained on, against the candidate's out-of-fold predictions")
+        "no gate photos (too few items per class) and no new item: both versions' out-of-fold predictions "
+        f"compared on the same {len(both)} photos (neither fold model saw the item it predicts)")
+
+
+def _scored(frame: pd.DataFrame, labels: np.ndarray, classes: list[str], column: str = "probs"
+            ) -> tuple[dict, np.ndarray]:
+    """(metrics, per-photo correctness) of stored probabilities `frame[column]` against `labels`."""
+    probs = np.stack(frame[column].to_numpy())
+    right = np.array([classes[i] for i in probs.argmax(axis=1)]) == labels
+    return classification_metrics(labels.tolist(), probs, classes), right
 
 
 def _measure(ws: Workspace, model_dir, rows: pd.DataFrame, on_progress: ProgressCallback) -> tuple[dict, np.ndarray]:

@@ -183,9 +183,9 @@ def test_a_reviewed_photo_changes_the_next_candidates_training_set(trained_ikea,
     assert after - before == {new_id}
 
 
-def test_without_a_gate_set_the_gate_compares_on_the_labels_new_since_the_deployed_model(ws, tmp_path,
-                                                                                       shared_data):
-    """Too few items per class for a gate set: first deploy on out-of-fold accuracy, then prequential."""
+def test_without_a_gate_set_the_gate_compares_on_items_the_deployed_model_never_saw(ws, tmp_path, shared_data):
+    """Too few items per class for a gate set: first deploy on out-of-fold accuracy, then on new items only,
+    then (no new item) both versions out of fold on the same photos."""
     from loop.ingest import ingest_folder
     from loop.workspace import open_workspace
     from tests.unit.model_helpers import tiny_ikea_folder
@@ -194,19 +194,36 @@ def test_without_a_gate_set_the_gate_compares_on_the_labels_new_since_the_deploy
     ws = open_workspace(ws.root)
     folder = tiny_ikea_folder(shared_data, tmp_path / "tiny", per_class=10)
     ingest_folder(ws, folder, source="user", labeled=True, items_csv=tmp_path / "tiny_items.csv")
-    held = manifest.load(ws).groupby("label").head(3)["image_id"].tolist()  # labeled later
+    df = manifest.load(ws)
+    true = df.set_index("image_id")["label"].astype(str)
+    sizes = df.groupby("item_id")["image_id"].transform("size")
+    new_items = df[sizes >= 2].groupby("label")["item_id"].first().tolist()  # one whole item per class
+    new = df[df["item_id"].isin(new_items)]["image_id"].tolist()
+    # one photo each of other items, whose other photos the first model will train on
+    one_each = df[~df["item_id"].isin(new_items) & (sizes >= 2)].groupby("item_id")["image_id"].first().tolist()
+    known_1, known_2 = one_each[::2], one_each[1::2]
+    held = new + known_1 + known_2
     manifest.update(ws, lambda d: d.assign(label=d["label"].where(~d["image_id"].isin(held)),
                                            split=d["split"].where(~d["image_id"].isin(held))))
     first = train(ws, mode="head")
     decision = deploy(ws, first.version)
     assert decision.promoted and "first deployment on the out-of-fold accuracy" in decision.reasons[-1]
 
-    by_id = manifest.load(ws).set_index("image_id")
-    changes = [manifest.LabelChange(i, by_id.at[i, "path"].split("/")[-2], "review", "r@example.com") for i in held]
-    manifest.set_labels(ws, changes)  # the held photos get their labels by review (folder = true class)
-    assert manifest.load(ws).set_index("image_id").loc[held, "split"].eq("train").all()
+    def review(ids: list[str]) -> None:
+        manifest.set_labels(ws, [manifest.LabelChange(i, true[i], "review", "r@example.com") for i in ids])
+
+    review(new + known_1)  # new items, and photos of items the deployed model knew from their others
     second = train(ws, mode="head")
     decision = deploy(ws, second.version)
-    assert decision.candidate_metrics["n"] == decision.current_metrics["n"] == len(held)
-    assert any(f"compared on the {len(held)} labels new since the deployed model" in r for r in decision.reasons)
-    assert not set(held) & set(training_set(first.model_dir)["image_id"])  # the deployed model never saw them
+    assert decision.candidate_metrics["n"] == decision.current_metrics["n"] == len(new)  # known_1 left out
+    assert any(f"compared on the {len(new)} labeled photos of items the deployed model never saw" in r
+               for r in decision.reasons)
+    assert not set(new) & set(training_set(first.model_dir)["image_id"])  # the deployed model never saw them
+    assert decision.promoted
+
+    review(known_2)  # only known items are new: both versions compared out of fold on the same photos
+    third = train(ws, mode="head")
+    decision = deploy(ws, third.version)
+    shared = set(training_set(second.model_dir)["image_id"])  # what the deployed version predicted out of fold
+    assert decision.candidate_metrics["n"] == decision.current_metrics["n"] == len(shared)
+    assert any(f"out-of-fold predictions compared on the same {len(shared)} photos" in r for r in decision.reasons)
