@@ -191,7 +191,7 @@ def deploy(ws: Workspace, version: str | None = None, *, force: bool = False,
                               alpha=gate.alpha, max_recall_drop=gate.max_recall_drop,
                               min_class_support=gate.min_class_support,
                               min_accuracy_support=gate.min_accuracy_support,
-                              where="new labels" if note else "gate photos")
+                              where="photos (see below)" if note else "gate photos")
         if note:
             reasons.append(note)
         if excluded:
@@ -287,16 +287,16 @@ def gate_rows(ws: Workspace, model_dirs: list) -> tuple[pd.DataFrame, int]:
 
 def prequential(ws: Workspace, candidate_dir, current_dir, on_progress: ProgressCallback
                 ) -> tuple[dict, dict | None, Paired | None, str | None]:
-    """The fallback when the gate set is empty (fewer than ~5 items per class).
+    """The fallback when the gate set is empty (fewer than ~5 items per class): both recipes out of fold.
 
-    Compared on photos of items the deployed model never saw (labels new since it, whose item had no photo
-    in its training set): the deployed model's predictions vs the candidate's out-of-fold ones (a fold
-    model that never saw their items). A new label of an item the deployed model already knew is not fair
-    ground: it learned that item from its other photos, while the candidate's fold model held the whole item
-    out (in bench/learning.py that refused candidates up to 6 points better on unseen items). When
-    every new label is of a known item, both recipes are compared out of fold on the photos both scored:
-    the deployed version's out-of-fold predictions (oof_predictions.parquet) vs the candidate's, labels as
-    of today; neither fold model saw the item it predicts.
+    The deployed version's stored out-of-fold predictions (oof_predictions.parquet) and the candidate's
+    are compared on the photos both scored, labels as of today: each prediction comes from a fold model
+    that never saw the photo's item, and the candidate's folds also learned from the new labels, which is
+    the question. Not the deployed model itself against the candidate's out-of-fold predictions on the new
+    labels: with ~3 items per class a fold model misses a third of a class's items that the deployed model
+    learned from, and on a new photo of an item the deployed model knew, it has seen that item; on eth80
+    (bench/learning.py) that refused candidates up to 6 points better on unseen items. A deployed version
+    without out-of-fold predictions (finetune mode) is compared on the photos of items it never saw.
     With nothing deployed, the candidate's out-of-fold accuracy is the evidence for a first deployment.
     Returns:
         (candidate metrics, current metrics or None, paired outcomes or None, a note for the reasons).
@@ -315,35 +315,36 @@ def prequential(ws: Workspace, candidate_dir, current_dir, on_progress: Progress
         metrics = classification_metrics(oof["label"].tolist(), np.stack(oof["probs"].to_numpy()), classes)
         return metrics, None, None, (f"no gate photos (too few items per class): first deployment on the "
                                      f"out-of-fold accuracy {metrics['accuracy']:.3f} of {metrics['n']} photos")
+    labeled = labeled_rows(ws).set_index("image_id", drop=False)
+    today = oof[oof["image_id"].isin(labeled.index)].reset_index(drop=True)
+    current_path = current_dir / "oof_predictions.parquet"
+    if current_path.exists():
+        current_oof = pd.read_parquet(current_path)[["image_id", "probs"]]
+        both = today.merge(current_oof, on="image_id", suffixes=("", "_current"))
+        if not both.empty:
+            labels = labeled.loc[both["image_id"], "label"].astype(str).to_numpy()
+            candidate_metrics, candidate_right = _scored(both, labels, classes)
+            current_metrics, current_right = _scored(both, labels, read_spec(current_dir)["classes"],
+                                                      column="probs_current")
+            return candidate_metrics, current_metrics, Paired(labels, candidate_right, current_right), (
+                "no gate photos (too few items per class): both versions' out-of-fold predictions compared on "
+                f"the same {len(both)} photos (neither fold model saw the item it predicts)")
     seen = training_set(current_dir)
     if seen is None:
         return empty, None, None, None
-    labeled = labeled_rows(ws).set_index("image_id", drop=False)
     df = mf.load(ws)
     item_of = dict(zip(df["image_id"].astype(str), item_keys(df), strict=True))
     known_items = {item_of.get(str(i), str(i)) for i in seen["image_id"]}
-    today = oof[oof["image_id"].isin(labeled.index)].reset_index(drop=True)
     new = today[~today["image_id"].map(lambda i: item_of.get(str(i), str(i))).isin(known_items)].reset_index(drop=True)
-    if not new.empty:
-        rows = labeled.loc[new["image_id"]].reset_index(drop=True)
-        labels = rows["label"].astype(str).to_numpy()
-        candidate_metrics, candidate_right = _scored(new, labels, classes)
-        current_metrics, current_right = _measure(ws, current_dir, rows, on_progress)
-        return candidate_metrics, current_metrics, Paired(labels, candidate_right, current_right), (
-            f"no gate photos (too few items per class): compared on the {len(new)} labeled photos of items the "
-            "deployed model never saw, against the candidate's out-of-fold predictions")
-    current_path = current_dir / "oof_predictions.parquet"
-    if not current_path.exists():
+    if new.empty:
         return empty, None, None, None
-    both = today.merge(pd.read_parquet(current_path)[["image_id", "probs"]], on="image_id", suffixes=("", "_current"))
-    if both.empty:
-        return empty, None, None, None
-    labels = labeled.loc[both["image_id"], "label"].astype(str).to_numpy()
-    candidate_metrics, candidate_right = _scored(both, labels, classes)
-    current_metrics, current_right = _scored(both, labels, read_spec(current_dir)["classes"], column="probs_current")
+    rows = labeled.loc[new["image_id"]].reset_index(drop=True)
+    labels = rows["label"].astype(str).to_numpy()
+    candidate_metrics, candidate_right = _scored(new, labels, classes)
+    current_metrics, current_right = _measure(ws, current_dir, rows, on_progress)
     return candidate_metrics, current_metrics, Paired(labels, candidate_right, current_right), (
-        "no gate photos (too few items per class) and no new item: both versions' out-of-fold predictions "
-        f"compared on the same {len(both)} photos (neither fold model saw the item it predicts)")
+        f"no gate photos (too few items per class): compared on the {len(new)} labeled photos of items the "
+        "deployed model never saw, against the candidate's out-of-fold predictions")
 
 
 def _scored(frame: pd.DataFrame, labels: np.ndarray, classes: list[str], column: str = "probs"

@@ -183,9 +183,9 @@ def test_a_reviewed_photo_changes_the_next_candidates_training_set(trained_ikea,
     assert after - before == {new_id}
 
 
-def test_without_a_gate_set_the_gate_compares_on_items_the_deployed_model_never_saw(ws, tmp_path, shared_data):
-    """Too few items per class for a gate set: first deploy on out-of-fold accuracy, then on new items only,
-    then (no new item) both versions out of fold on the same photos."""
+def test_without_a_gate_set_the_gate_compares_both_versions_out_of_fold(ws, tmp_path, shared_data):
+    """Too few items per class for a gate set: first deploy on out-of-fold accuracy, then both versions out of
+    fold on the same photos; a version without out-of-fold predictions: on items it never saw."""
     from loop.ingest import ingest_folder
     from loop.workspace import open_workspace
     from tests.unit.model_helpers import tiny_ikea_folder
@@ -197,12 +197,10 @@ def test_without_a_gate_set_the_gate_compares_on_items_the_deployed_model_never_
     df = manifest.load(ws)
     true = df.set_index("image_id")["label"].astype(str)
     sizes = df.groupby("item_id")["image_id"].transform("size")
-    new_items = df[sizes >= 2].groupby("label")["item_id"].first().tolist()  # one whole item per class
-    new = df[df["item_id"].isin(new_items)]["image_id"].tolist()
-    # one photo each of other items, whose other photos the first model will train on
-    one_each = df[~df["item_id"].isin(new_items) & (sizes >= 2)].groupby("item_id")["image_id"].first().tolist()
-    known_1, known_2 = one_each[::2], one_each[1::2]
-    held = new + known_1 + known_2
+    items = df[sizes >= 2].groupby("label")["item_id"].unique()
+    first_new = df[df["item_id"].isin([i[0] for i in items])]["image_id"].tolist()  # a whole item per class
+    later_new = df[df["item_id"].isin([i[1] for i in items])]["image_id"].tolist()  # another one
+    held = first_new + later_new
     manifest.update(ws, lambda d: d.assign(label=d["label"].where(~d["image_id"].isin(held)),
                                            split=d["split"].where(~d["image_id"].isin(held))))
     first = train(ws, mode="head")
@@ -212,18 +210,20 @@ def test_without_a_gate_set_the_gate_compares_on_items_the_deployed_model_never_
     def review(ids: list[str]) -> None:
         manifest.set_labels(ws, [manifest.LabelChange(i, true[i], "review", "r@example.com") for i in ids])
 
-    review(new + known_1)  # new items, and photos of items the deployed model knew from their others
+    review(first_new)
     second = train(ws, mode="head")
     decision = deploy(ws, second.version)
-    assert decision.candidate_metrics["n"] == decision.current_metrics["n"] == len(new)  # known_1 left out
-    assert any(f"compared on the {len(new)} labeled photos of items the deployed model never saw" in r
-               for r in decision.reasons)
-    assert not set(new) & set(training_set(first.model_dir)["image_id"])  # the deployed model never saw them
-    assert decision.promoted
+    compared = set(training_set(first.model_dir)["image_id"])  # what the deployed version scored out of fold
+    assert not set(first_new) & compared
+    assert decision.candidate_metrics["n"] == decision.current_metrics["n"] == len(compared)
+    assert any(f"out-of-fold predictions compared on the same {len(compared)} photos" in r for r in decision.reasons)
+    assert decision.promoted, decision.reasons
 
-    review(known_2)  # only known items are new: both versions compared out of fold on the same photos
+    (second.model_dir / "oof_predictions.parquet").unlink()  # e.g. a finetune-mode version
+    review(later_new)
     third = train(ws, mode="head")
     decision = deploy(ws, third.version)
-    shared = set(training_set(second.model_dir)["image_id"])  # what the deployed version predicted out of fold
-    assert decision.candidate_metrics["n"] == decision.current_metrics["n"] == len(shared)
-    assert any(f"out-of-fold predictions compared on the same {len(shared)} photos" in r for r in decision.reasons)
+    assert decision.candidate_metrics["n"] == decision.current_metrics["n"] == len(later_new)
+    assert any(f"compared on the {len(later_new)} labeled photos of items the deployed model never saw" in r
+               for r in decision.reasons)
+    assert not set(later_new) & set(training_set(second.model_dir)["image_id"])  # it never saw them
