@@ -8,8 +8,8 @@ discordant photos, per class with a one-sided binomial test on that class's disc
 class the current model gets right does. Refusals carry n, the discordant counts and the p-values.
 `force=True` overrides and says so in the log. `rollback` restores the previously deployed version.
 Every decision goes to the registry log. With too few items per class for a gate set (fewer than ~5),
-it falls back to prequential evaluation (`prequential`): the labels new since the deployed model, which it
-never trained on, scored by it and, out of fold, by the candidate.
+it falls back to comparing both versions out of fold (`prequential`): each version's stored out-of-fold
+predictions on the same photos, so neither is scored on an item it trained on.
 Caveat: the very first deploy has nothing to beat; it promotes if the candidate can be measured at all.
 A tie, or a loss that is not significant, promotes: the candidate learned from more labels. The accuracy
 rule (`gate.min_accuracy_gain`, -0.10) applies only on `gate.min_accuracy_support` (50) or more gate

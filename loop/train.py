@@ -22,7 +22,7 @@ of fold on the same photos): the new labels are mostly reviewed photos the model
 so the yardstick would change with every round, be biased towards hard cases and be tiny (30 reviews);
 a fixed gate set gives paired, comparable numbers across versions at the cost of 20% of the ingested
 labels. The cost is measured in the README (`bench/learning.py`: product vs an all-labels probe). With
-too few items per class for a gate set, `loop.gate` falls back to the prequential comparison.
+too few items per class for a gate set, `loop.gate` compares both versions out of fold on the same photos.
 
 Both read images from the resized cache; the promotion gate (`loop.gate`) decides which model ships.
 `train` refuses to make a version identical to the newest one (same labels, same recipe).
