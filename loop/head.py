@@ -197,17 +197,16 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_classes: int
         than 3 item groups.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GroupKFold
     from sklearn.preprocessing import StandardScaler
 
     n_classes = n_classes or int(y.max()) + 1
     n_groups = len(np.unique(groups))
     if n_groups < 3:
         return 1.0, {}, None, 0
-    splitter = GroupKFold(n_splits=min(folds, n_groups), shuffle=True, random_state=seed)
+    splits = item_folds(groups, min(folds, n_groups), seed=seed)
     correct = dict.fromkeys(HEAD_C_GRID, 0)
     logits = {c: np.zeros((len(y), n_classes)) for c in HEAD_C_GRID}
-    for fit_idx, held_idx in splitter.split(x, y, groups):
+    for fit_idx, held_idx in splits:
         scaler = StandardScaler().fit(x[fit_idx])
         x_fit, x_held = scaler.transform(x[fit_idx]), scaler.transform(x[held_idx])
         if len(np.unique(y[fit_idx])) < 2:  # a fold with one class: it can only guess that class
@@ -224,5 +223,27 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_classes: int
             correct[c] += int((logits[c][held_idx].argmax(axis=1) == y[held_idx]).sum())
     scores = {str(c): n / len(y) for c, n in correct.items()}
     best = max(HEAD_C_GRID, key=lambda c: (correct[c], -abs(np.log(c))))
-    logger.info("head C by group %d-fold: %s -> C=%s", splitter.n_splits, scores, best)
-    return best, scores, logits[best], splitter.n_splits
+    logger.info("head C by group %d-fold: %s -> C=%s", len(splits), scores, best)
+    return best, scores, logits[best], len(splits)
+
+
+def item_folds(groups: np.ndarray, folds: int, *, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit rows, held-out rows) per fold, each item in the fold its hash names.
+
+    Why a hash, not a shuffled GroupKFold: an item keeps its fold when other items arrive, so two versions'
+    out-of-fold predictions of a photo come from fold models that held out the same items; the gate can
+    then compare them photo by photo (`loop.gate.prequential`) and see the new labels' effect, not a
+    reshuffle's. Falls back to GroupKFold when the hash leaves fewer than two folds (a handful of items).
+    """
+    import hashlib
+
+    from sklearn.model_selection import GroupKFold
+
+    keys = np.asarray(groups).astype(str)
+    fold_of = {g: int(hashlib.sha256(f"{seed}:{g}".encode()).hexdigest(), 16) % folds for g in np.unique(keys)}
+    fold = np.array([fold_of[g] for g in keys])
+    used = np.unique(fold)
+    if len(used) < 2:
+        splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        return list(splitter.split(keys, groups=keys))
+    return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in used]

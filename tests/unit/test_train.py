@@ -150,3 +150,28 @@ def test_finetune_keeps_pretrained_batchnorm_statistics(tiny_finetuned):
     for key in stats:
         assert np.array_equal(trained[key].numpy(), original[key].numpy()), key
     assert not np.array_equal(trained["conv_head.weight"].numpy(), original["conv_head.weight"].numpy())
+
+
+def test_an_item_keeps_its_fold_when_other_items_arrive():
+    import numpy as np
+
+    from loop.head import item_folds
+
+    groups = np.repeat([f"item{i}" for i in range(30)], 3)
+    more = np.concatenate([groups, np.repeat([f"new{i}" for i in range(12)], 2)])
+
+    def fold_of(splits, n):
+        out = np.full(n, -1)
+        for f, (fit, held) in enumerate(splits):
+            assert not set(fit) & set(held) and len(fit) + len(held) == n
+            out[held] = f
+        return out
+
+    before, after = fold_of(item_folds(groups, 5), len(groups)), fold_of(item_folds(more, 5), len(more))
+    assert (before >= 0).all() and (after >= 0).all()  # every row held out exactly once
+    for g in np.unique(groups):  # a whole item in one fold, the same fold before and after
+        assert len(set(before[groups == g])) == 1 and len(set(after[more == g])) == 1
+    held_with = {tuple(sorted(set(groups[before == f]))) for f in range(before.max() + 1)}
+    assert held_with == {tuple(sorted(set(g for g in more[after == f] if g.startswith("item"))))
+                         for f in range(after.max() + 1)}
+    assert len(item_folds(np.array(["a", "a", "b", "c"]), 3)) >= 2  # a handful of items still gives folds
