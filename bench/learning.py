@@ -291,8 +291,9 @@ def run_split(name: str, meta: pd.DataFrame, seed: int, args, scratch: Path) -> 
             accs.append(test_report(ws_arm, test_feats, test_labels)["accuracy"])
             if not decision.promoted:
                 refused = test_report(ws_arm, test_feats, test_labels, trained.version)["accuracy"]
+                why = next((r for r in decision.reasons if r.startswith("FAIL")), decision.reasons[0])
                 print(f"    {arm}: {trained.version} refused (its test accuracy {refused:.3f} vs deployed "
-                      f"{accs[-1]:.3f}): {decision.reasons[0]}")
+                      f"{accs[-1]:.3f}): {why}")
         print(f"  loop, {arm:<17} ({len(asked)} reviews of {len(pool_ids)} pool photos in {args.rounds} rounds): "
               "test accuracy per round " + " -> ".join(f"{a:.3f}" for a in accs))
         out["loop"][arm] = accs
