@@ -203,7 +203,7 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_classes: int
     n_groups = len(np.unique(groups))
     if n_groups < 3:
         return 1.0, {}, None, 0
-    splits = item_folds(groups, min(folds, n_groups), seed=seed)
+    splits = item_folds(groups, min(folds, n_groups), labels=y, seed=seed)
     correct = dict.fromkeys(HEAD_C_GRID, 0)
     logits = {c: np.zeros((len(y), n_classes)) for c in HEAD_C_GRID}
     for fit_idx, held_idx in splits:
@@ -227,20 +227,34 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_classes: int
     return best, scores, logits[best], len(splits)
 
 
-def item_folds(groups: np.ndarray, folds: int, *, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def item_folds(groups: np.ndarray, folds: int, *, labels: np.ndarray | None = None,
+               seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """(fit rows, held-out rows) per fold, each item in the fold its hash names.
 
     Why a hash, not a shuffled GroupKFold: an item keeps its fold when other items arrive, so two versions'
     out-of-fold predictions of a photo come from fold models that held out the same items; the gate can
     then compare them photo by photo (`loop.gate.prequential`) and see the new labels' effect, not a
-    reshuffle's. Falls back to GroupKFold when the hash leaves fewer than two folds (a handful of items).
+    reshuffle's. A class whose items all hash to one fold (`labels` given) would be missing from that fold's
+    training, so its items are dealt round the folds instead. Falls back to GroupKFold when the hash leaves
+    fewer than two folds (a handful of items).
     """
     import hashlib
 
     from sklearn.model_selection import GroupKFold
 
+    def digest(key: str) -> int:
+        return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest(), 16)
+
     keys = np.asarray(groups).astype(str)
-    fold_of = {g: int(hashlib.sha256(f"{seed}:{g}".encode()).hexdigest(), 16) % folds for g in np.unique(keys)}
+    fold_of = {g: digest(g) % folds for g in np.unique(keys)}
+    if labels is not None:
+        labels = np.asarray(labels)
+        for c in np.unique(labels):
+            items = sorted(np.unique(keys[labels == c]), key=digest)
+            if len(items) >= 2 and len({fold_of[g] for g in items}) == 1:
+                start = digest(f"class:{c}")
+                for rank, g in enumerate(items):
+                    fold_of[g] = (start + rank) % folds
     fold = np.array([fold_of[g] for g in keys])
     used = np.unique(fold)
     if len(used) < 2:

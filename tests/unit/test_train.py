@@ -175,3 +175,24 @@ def test_an_item_keeps_its_fold_when_other_items_arrive():
     assert held_with == {tuple(sorted(set(g for g in more[after == f] if g.startswith("item"))))
                          for f in range(after.max() + 1)}
     assert len(item_folds(np.array(["a", "a", "b", "c"]), 3)) >= 2  # a handful of items still gives folds
+
+
+def test_no_fold_holds_every_item_of_a_class():
+    import numpy as np
+
+    from loop.head import item_folds
+
+    groups = np.repeat([f"obj{i}" for i in range(24)], 4)  # 8 classes x 3 objects, like eth80's labeled part
+    labels = np.repeat(np.arange(24) // 3, 4)
+    concentrated = 0
+    for seed in range(40):
+        plain = item_folds(groups, 5, seed=seed)
+        fixed = item_folds(groups, 5, labels=labels, seed=seed)
+        for splits, counts in ((plain, False), (fixed, True)):
+            for fit, _held in splits:
+                missing = set(labels) - set(labels[fit])
+                if counts:
+                    assert not missing, (seed, missing)  # every fold's model saw every class
+                else:
+                    concentrated += bool(missing)
+    assert concentrated  # without the labels, the hash alone does concentrate a class now and then
