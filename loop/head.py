@@ -203,61 +203,65 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_classes: int
     n_groups = len(np.unique(groups))
     if n_groups < 3:
         return 1.0, {}, None, 0
-    splits = item_folds(groups, min(folds, n_groups), labels=y, seed=seed)
-    correct = dict.fromkeys(HEAD_C_GRID, 0)
+    splits = item_folds(groups, min(folds, n_groups), seed=seed)
     logits = {c: np.zeros((len(y), n_classes)) for c in HEAD_C_GRID}
-    for fit_idx, held_idx in splits:
+    for fit_idx, held_idx in splits + class_rescues(splits, y, groups):  # rescues overwrite their rows
         scaler = StandardScaler().fit(x[fit_idx])
         x_fit, x_held = scaler.transform(x[fit_idx]), scaler.transform(x[held_idx])
         if len(np.unique(y[fit_idx])) < 2:  # a fold with one class: it can only guess that class
             for c in HEAD_C_GRID:
                 logits[c][held_idx] = MISSING_CLASS_BIAS
                 logits[c][held_idx, y[fit_idx][0]] = 0.0
-                correct[c] += int((y[held_idx] == y[fit_idx][0]).sum())
             continue
         model = LogisticRegression(max_iter=3000, warm_start=True)
         for c in sorted(HEAD_C_GRID):
             model.set_params(C=c).fit(x_fit, y[fit_idx])
             coef, intercept = _full_coef(model, n_classes)
             logits[c][held_idx] = x_held @ coef.T + intercept
-            correct[c] += int((logits[c][held_idx].argmax(axis=1) == y[held_idx]).sum())
+    correct = {c: int((logits[c].argmax(axis=1) == y).sum()) for c in HEAD_C_GRID}
     scores = {str(c): n / len(y) for c, n in correct.items()}
     best = max(HEAD_C_GRID, key=lambda c: (correct[c], -abs(np.log(c))))
     logger.info("head C by group %d-fold: %s -> C=%s", len(splits), scores, best)
     return best, scores, logits[best], len(splits)
 
 
-def item_folds(groups: np.ndarray, folds: int, *, labels: np.ndarray | None = None,
-               seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def item_folds(groups: np.ndarray, folds: int, *, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """(fit rows, held-out rows) per fold, each item in the fold its hash names.
 
     Why a hash, not a shuffled GroupKFold: an item keeps its fold when other items arrive, so two versions'
     out-of-fold predictions of a photo come from fold models that held out the same items; the gate can
     then compare them photo by photo (`loop.gate.prequential`) and see the new labels' effect, not a
-    reshuffle's. A class whose items all hash to one fold (`labels` given) would be missing from that fold's
-    training, so its items are dealt round the folds instead. Falls back to GroupKFold when the hash leaves
-    fewer than two folds (a handful of items).
+    reshuffle's. Falls back to GroupKFold when the hash leaves fewer than two folds (a handful of items).
     """
     import hashlib
 
     from sklearn.model_selection import GroupKFold
 
-    def digest(key: str) -> int:
-        return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest(), 16)
-
     keys = np.asarray(groups).astype(str)
-    fold_of = {g: digest(g) % folds for g in np.unique(keys)}
-    if labels is not None:
-        labels = np.asarray(labels)
-        for c in np.unique(labels):
-            items = sorted(np.unique(keys[labels == c]), key=digest)
-            if len(items) >= 2 and len({fold_of[g] for g in items}) == 1:
-                start = digest(f"class:{c}")
-                for rank, g in enumerate(items):
-                    fold_of[g] = (start + rank) % folds
+    fold_of = {g: int(hashlib.sha256(f"{seed}:{g}".encode()).hexdigest(), 16) % folds for g in np.unique(keys)}
     fold = np.array([fold_of[g] for g in keys])
     used = np.unique(fold)
     if len(used) < 2:
         splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
         return list(splitter.split(keys, groups=keys))
     return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in used]
+
+
+def class_rescues(splits: list[tuple[np.ndarray, np.ndarray]], y: np.ndarray, groups: np.ndarray
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Leave-one-item-out splits for the held-out items whose class their fold's model never saw.
+
+    With ~3 items per class, the hash sometimes puts all of a class's items in one fold; their out-of-fold
+    predictions would then be certain mistakes that say nothing about the model (and drag the calibration
+    temperature to ~10). Each such item is instead predicted by a model trained on every other item: still
+    out of fold (it never saw the item), and still stable (it depends on the item alone, not on a reshuffle).
+    """
+    keys = np.asarray(groups).astype(str)
+    rescues = []
+    for fit_idx, held_idx in splits:
+        absent = ~np.isin(y[held_idx], y[fit_idx])
+        for g in np.unique(keys[held_idx][absent]):
+            others = keys != g
+            if np.isin(y[keys == g], y[others]).all():  # the class has other items to learn from
+                rescues.append((np.flatnonzero(others), np.flatnonzero(~others)))
+    return rescues
