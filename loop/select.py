@@ -25,11 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from loop import pickers
 from loop.errors import ConfigError
+
+T = TypeVar("T")
 
 Strategy = Callable[[np.ndarray], np.ndarray]
 
@@ -88,13 +91,18 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 
+def _named(table: dict[str, T], name: str, where: str = "") -> T:
+    """`table[name]`; a ConfigError listing the valid names (and where the name was set) if there is none."""
+    try:
+        return table[name]
+    except KeyError:
+        valid = ", ".join(sorted(table))
+        raise ConfigError(f"unknown selection strategy {name!r}; valid: {valid}{where}") from None
+
+
 def get_strategy(name: str) -> Strategy:
     """The strategy called `name`; raises ConfigError listing the valid names if there is none."""
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        valid = ", ".join(sorted(STRATEGIES))
-        raise ConfigError(f"unknown selection strategy {name!r}; valid: {valid}") from None
+    return _named(STRATEGIES, name)
 
 
 def score(probs: np.ndarray, strategy: str = "least_confidence") -> np.ndarray:
@@ -188,11 +196,7 @@ DEFAULT_BATCH_STRATEGY = "margin"  # best of the strategies in bench/active_lear
 
 def get_batch_strategy(name: str) -> BatchStrategy:
     """The batch strategy called `name`; raises ConfigError listing the valid names if there is none."""
-    try:
-        return BATCH_STRATEGIES[name]
-    except KeyError:
-        valid = ", ".join(sorted(BATCH_STRATEGIES))
-        raise ConfigError(f"unknown selection strategy {name!r}; valid: {valid} (review.strategy)") from None
+    return _named(BATCH_STRATEGIES, name, " (review.strategy)")
 
 
 def is_cold_start(labels: np.ndarray, n_classes: int, *, per_class: int = COLD_START_PER_CLASS) -> bool:
