@@ -222,13 +222,8 @@ def one_per_item(order: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
         order: candidate indices, most useful first. items: (N,) item key of every candidate.
     """
     order = np.asarray(order, dtype=np.int64)
-    items = np.asarray(items)
     first = np.zeros(len(order), bool)
-    seen: set = set()
-    for j, i in enumerate(order):
-        if items[i] not in seen:
-            seen.add(items[i])
-            first[j] = True
+    first[np.unique(np.asarray(items)[order], return_index=True)[1]] = True  # each item's earliest rank
     return np.concatenate([order[first], order[~first]])[: max(0, k)]
 
 
