@@ -19,6 +19,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY loop ./loop
 COPY labeling ./labeling
+COPY sortloop ./sortloop
 # The `train` extra (fastai) is needed for the nightly retrain; `ray` for the optional Ray head/workers
 # (docker-compose profile "ray"), which run this same image. CPU wheels of torch/torchvision come from
 # the PyTorch index (PyPI's default Linux build carries CUDA and is several GB larger). pip compiles

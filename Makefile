@@ -31,7 +31,7 @@ test: $(STAMP)
 	bash tests/run.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check loop labeling tests bench
+	$(BIN)/ruff check loop labeling sortloop tests bench
 
 clean:
 	rm -rf $(VENV) .cache tests/browser/node_modules test-artifacts

@@ -3,15 +3,15 @@
 Usage: .venv/bin/python bench/active_learning.py [--datasets ikea_products eth80] [--seeds 5] [--batch 20]
 
 For each dataset (../shared/data/<name>) and seed: an item-grouped pool/test split (test = items never in
-the pool); start from one labeled photo per class; each round a strategy from `loop.select` picks a batch,
+the pool); start from one labeled photo per class; each round a strategy from `loop.scoring.strategies` picks a batch,
 its labels are revealed (a perfect reviewer), the head is refit on the cached Lite0 features (image +
 mirror, StandardScaler + logistic regression, C chosen once per dataset by item-grouped CV on a pool, as
-`loop.head` does) and scored on the test photos. Every strategy runs in the same process on the same splits.
+`loop.model.head` does) and scored on the test photos. Every strategy runs in the same process on the same splits.
 
 Prints, per strategy: the labels needed to reach 98% of the accuracy with every pool label (on the mean
 curve over seeds: where it first touches that line, and from where it stays above it), and the ratios to
 random's. Writes bench/out/active_learning.csv and bench/figures/active_learning.png.
-Then the audit: 10% of the pool's labels flipped to another class; `loop.audit` (item-grouped out-of-fold
+Then the audit: 10% of the pool's labels flipped to another class; `loop.review.audit` (item-grouped out-of-fold
 probabilities + confident learning) ranks suspects; prints precision/recall and the test accuracy with the
 noisy labels, with the suspects fixed by a reviewer, and with clean labels.
 Caveat: features are computed once per dataset into bench/out/ (gitignored; ~1 min for ikea, ~5 for eth80
@@ -29,16 +29,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from loop.audit import find_label_issues, out_of_fold_probs
-from loop.backbones import create_network, get_backbone, weights_tag
-from loop.features import cached_features, features_dir
-from loop.head import choose_c
-from loop.images import load_model_input
-from loop.probe import fit_head, head_probs
-from loop.select import (
+from loop.config import DEFAULT_BATCH_STRATEGY
+from loop.data.images import load_model_input
+from loop.model.backbones import create_network, get_backbone, weights_tag
+from loop.model.features import cached_features, features_dir
+from loop.model.head import choose_c
+from loop.review.audit import find_label_issues, out_of_fold_probs
+from loop.review.probe import fit_head, head_probs
+from loop.scoring.strategies import (
     BATCH_STRATEGIES,
     COLD_START_PER_CLASS,
-    DEFAULT_BATCH_STRATEGY,
     Pool,
     is_cold_start,
     select_batch,
@@ -145,7 +145,7 @@ def bench_dataset(name: str, seeds: int, batch: int, strategies: list[str],
     k = len(classes)
     rows, full = [], []
     audit_rows = []
-    # C once per dataset, by item-grouped CV on seed 0's pool (as `loop.head` chooses it for a model).
+    # C once per dataset, by item-grouped CV on seed 0's pool (as `loop.model.head` chooses it for a model).
     pool0, _ = split(frame, 0)
     c, _ = choose_c(feats[pool0].reshape(-1, feats.shape[-1]), np.repeat(y[pool0], 2),
                     np.repeat(frame["item_id"].to_numpy()[pool0], 2))
@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=[s for s in BATCH_STRATEGIES if s != "typiclust"],
                         choices=list(BATCH_STRATEGIES))
     parser.add_argument("--cold-start-per-class", type=int, default=COLD_START_PER_CLASS,
-                        help="labels per class below which strategies use typiclust (loop.select's default)")
+                        help="labels per class below which strategies use typiclust (the strategies' default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     OUT.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ with a deployed model (pretrained Lite0 body, 11-class head):
   (a) `sortloop sort SRC DEST` as a process (the CLI, in this venv): Python start-up and imports included;
   (b) the frozen `sortloop-sort SRC DEST` from the bundle, run with `env -i` (no venv, no Python on PATH).
 
-Both run the same pipeline (`loop.sortcore`), so the ratio shows what freezing costs or saves: start-up,
+Both run the same pipeline (`loop.sorting.pipeline`), so the ratio shows what freezing costs or saves: start-up,
 the workspace's bookkeeping (manifest, records) against the DEST record. The two alternate over
 `--rounds` rounds (a busy shared machine hits both alike); the median ratio is reported, with every round.
 Also printed: the bundle's size (folder and zip) and the time to freeze the sorter (uncached).
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from loop.app.bundle import EXE_NAME, build_bundle
+    from sortloop.bundle import EXE_NAME, build_bundle
 
     with scratch_folder("sortloop-bench-bundle-", keep=args.keep) as scratch:
         photos = scratch / "photos"
@@ -67,7 +67,7 @@ def main() -> None:
               f"freezing the sorter took {build_s:.0f} s (uncached)")
 
         exe = folder.out / EXE_NAME
-        cli = [sys.executable, "-c", "from loop.app.cli import app; app()"]
+        cli = [sys.executable, "-c", "from sortloop.cli import app; app()"]
         env_cli = {**os.environ, "PYTHONPATH": str(REPO)}
         rows = []
         for r in range(args.rounds):

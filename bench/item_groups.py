@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from loop.images import open_image, perceptual_hash
-from loop.items import _hash_bits, _popcount64
+from loop.data.images import open_image, perceptual_hash
+from loop.data.items import _hash_bits, _popcount64
 
 
 def main(root: Path) -> None:

@@ -79,7 +79,7 @@ def start_server(root: Path):
 def synthetic_manifest(ws, n_flagged: int, n_reviewed: int) -> pd.DataFrame:
     """n_flagged + n_reviewed rows, each a distinct file (real photo + unique trailing bytes), predictions and
     flags set."""
-    from loop import manifest as mf
+    from loop.data import manifest as mf
     from loop.tables import conform
 
     photos = sorted(IKEA.glob("*/*.jpg"))
@@ -134,7 +134,7 @@ def fresh_project_workspace(ws, title: str):
     """The same workspace pointed at a new project title, its manifest forgetting earlier pushes, its served
     folder emptied (so each push publishes every photo, as a first push does)."""
     from labeling import served
-    from loop import manifest as mf
+    from loop.data import manifest as mf
     from loop.workspace import open_workspace
 
     storage = served.storage_dir(ws)
@@ -164,7 +164,7 @@ def main() -> None:
     from labeling.pull import pull
     from labeling.push import push
     from labeling.served import served_name
-    from loop import manifest as mf
+    from loop.data import manifest as mf
 
     tmp = Path(tempfile.mkdtemp(prefix="sortloop-bench-ls-"))
     ws, creds = start_server(tmp / "ws")

@@ -16,7 +16,7 @@ CLI runs): `ingest --labeled --items` -> `train` -> `deploy`, and it reports
    it, 30 photos are reviewed (the simulated reviewer answers with the true label, recorded as `review pull`
    records it: label and review status), then `train` -> `deploy`; test accuracy per round for the
    product's selection (what `review push` sends with a daily budget of 30: the review queue's pick,
-   `loop.review_queue`, with `review.strategy` or each of `--strategies`) vs 30 random pool photos.
+   `loop.review.queue`, with `review.strategy` or each of `--strategies`) vs 30 random pool photos.
 
 Every split's test items are few (80-200 photos, a handful of mistakes), so one split decides nothing:
 the bench repeats parts 1-4 over `--splits` three-way splits (seeds seed, seed+1, ...) and prints the
@@ -51,20 +51,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from labeling.push import select_candidates, within_budget  # noqa: E402
-from loop import manifest, registry, review_queue  # noqa: E402
-from loop.app.demo_review import record_reviews  # noqa: E402
-from loop.artifact import load_predictor, read_spec, softmax  # noqa: E402
-from loop.backbones import create_network, get_backbone, weights_tag  # noqa: E402
-from loop.calibration import expected_calibration_error  # noqa: E402
-from loop.features import cached_features, features_dir  # noqa: E402
-from loop.flagging import settings_point  # noqa: E402
-from loop.gate import deploy  # noqa: E402
-from loop.head import choose_c  # noqa: E402
-from loop.images import load_model_input  # noqa: E402
-from loop.ingest import ingest_folder  # noqa: E402
-from loop.select import DEFAULT_BATCH_STRATEGY, score  # noqa: E402
-from loop.train import train  # noqa: E402
+from loop.config import DEFAULT_BATCH_STRATEGY  # noqa: E402
+from loop.data import manifest  # noqa: E402
+from loop.data.images import load_model_input  # noqa: E402
+from loop.data.ingest import ingest_folder  # noqa: E402
+from loop.learning import registry  # noqa: E402
+from loop.learning.gate import deploy  # noqa: E402
+from loop.learning.train import train  # noqa: E402
+from loop.model.artifact import load_predictor, read_spec, softmax  # noqa: E402
+from loop.model.backbones import create_network, get_backbone, weights_tag  # noqa: E402
+from loop.model.calibration import expected_calibration_error  # noqa: E402
+from loop.model.features import cached_features, features_dir  # noqa: E402
+from loop.model.head import choose_c  # noqa: E402
+from loop.review import queue  # noqa: E402
+from loop.scoring.flagging import settings_point  # noqa: E402
+from loop.scoring.strategies import score  # noqa: E402
 from loop.workspace import init_workspace  # noqa: E402
+from sortloop.demo_review import record_reviews  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CACHE = REPO / ".cache" / "bench-learning"
@@ -112,7 +115,7 @@ class Features:
     """Cached Lite0 body features (image, mirror) of any photo, keyed by content hash like the product's."""
 
     def __init__(self, ws):
-        from loop.images import file_sha256
+        from loop.data.images import file_sha256
 
         self.sha = file_sha256
         backbone = get_backbone(ws.settings.model.backbone)
@@ -183,9 +186,9 @@ def test_report(ws, feats_test: np.ndarray, labels_test: list[str], version: str
 
 
 def product_selection(ws, k: int, strategy: str) -> list[str]:
-    """What `review push` sends with a day's budget of k: the review queue's pick (`loop.review_queue`,
+    """What `review push` sends with a day's budget of k: the review queue's pick (`loop.review.queue`,
     with `strategy`, TypiClust at cold start), then any other flags, in push's own order."""
-    review_queue.choose(ws, k, strategy)
+    queue.choose(ws, k, strategy)
     rows = within_budget(select_candidates(manifest.load(ws)), k)
     return rows["image_id"].astype(str).tolist()
 
@@ -338,7 +341,7 @@ def run_dataset(name: str, args, scratch: Path) -> None:
 
 def features_ids(pool_dir: Path, rows: pd.DataFrame) -> list[str]:
     """Image ids (content hashes) of the pool photos, in `rows` order."""
-    from loop.images import file_sha256
+    from loop.data.images import file_sha256
 
     return [file_sha256(pool_dir / p) for p in rows["path"]]
 
@@ -352,7 +355,7 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=[DEFAULT_BATCH_STRATEGY],
                         help="review-queue strategies to simulate, one arm each (default: the product's default)")
     parser.add_argument("--no-item-spread", action="store_true", help="ablation: the review queue takes the "
-                        "strategy's top photos even when several show one item (review_queue.ITEM_SPREAD = 1)")
+                        "strategy's top photos even when several show one item (queue.ITEM_SPREAD = 1)")
     parser.add_argument("--splits", type=int, default=3, help="how many splits (seeds seed, seed+1, ...): "
                         "the summary averages them, since one split's few test items are noisy")
     parser.add_argument("--per-group", type=int, default=0, help="at most this many photos per item group "
@@ -360,7 +363,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.no_item_spread:
-        review_queue.ITEM_SPREAD = 1
+        queue.ITEM_SPREAD = 1
     with tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp:
         for name in args.datasets:
             run_dataset(name, args, Path(tmp))

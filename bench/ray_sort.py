@@ -10,7 +10,7 @@ On N large JPEGs (default 200 of 4000x3000, ~2 MB, made like bench/sort.py; writ
                    with a no-op actor, on 2,000 and 20,000 rows: per-photo scheduling overhead = the slope,
                    fixed cost per run = the intercept; and the driver's own CPU time per photo in (b)
                    (listing, Ray client, records, manifest, flags: what one driver can keep up with);
-  (d) copy       - `loop.copies.safe_copy` of the photos into the destination's file system, alone: MB/s.
+  (d) copy       - `loop.sorting.copies.safe_copy` of the photos into the destination's file system, alone: MB/s.
 
 (a) and (b) alternate over `--rounds` rounds (the machine is shared); medians are printed with every round.
 The projection for N nodes is min(N x the per-node Ray rate, what the destination takes at the measured copy
@@ -49,7 +49,7 @@ def scheduling(rows: int, batch_size: int) -> float:
     """Seconds for the sort's Ray Data pipeline shape over `rows` paths with a no-op actor pool."""
     import ray
 
-    from loop.ray_engine import pooled
+    from loop.cluster import pooled
 
     start = time.perf_counter()
     data = pooled([{"path": f"/photos/IMG_{i:07d}.jpg"} for i in range(rows)], _NoOp, {}, batch_size, 0)
@@ -60,8 +60,8 @@ def scheduling(rows: int, batch_size: int) -> float:
 
 def copy_bandwidth(paths: list[Path], dest: Path) -> tuple[float, float]:
     """(MB/s, files/s) of safe copies (temp + fsync + link) of `paths` into `dest`, directory fsync included."""
-    from loop.copies import fsync_dir, safe_copy
-    from loop.images import file_sha256
+    from loop.data.images import file_sha256
+    from loop.sorting.copies import fsync_dir, safe_copy
 
     ids = [file_sha256(p) for p in paths]  # the sort has these already; not timed
     start = time.perf_counter()
@@ -82,7 +82,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    from loop.sort import sort_folder
+    from loop.sorting.folder import sort_folder
 
     cpus = os.cpu_count() or 1
     with scratch_folder("sortloop-raybench-", keep=args.keep) as scratch:

@@ -3,7 +3,7 @@
 Round 0 labels a quarter of `ikea_products` (as if from labeled folders; the rest arrives unlabeled, as
 sorting registers it), trains and deploys. Each later round plays the reviewer with the dataset's own
 class of another quarter of the photos (label source "review"), then runs the nightly retrain exactly as
-`sortloop serve` does (`loop.app.jobs.retrain_step`: pull, train, gate, deploy or
+`sortloop serve` does (`sortloop.jobs.retrain_step`: pull, train, gate, deploy or
 refuse). Then `sortloop report` draws the plots; the accuracy and labels-per-round PNGs are copied next
 to this script (measured 2026-11-28: v0001 0.489 deployed, v0002 0.681 promoted, v0003 refused for
 accuracy, v0004 refused for a recall drop on `bench` despite higher accuracy).
@@ -34,14 +34,14 @@ def main() -> None:
 
     from dataclasses import replace
 
-    from loop.app import jobs
-    from loop.gate import deploy
-    from loop.images import iter_image_files
-    from loop.ingest import describe_image, register_images
-    from loop.manifest import LabelChange, set_labels
-    from loop.report import PLOTS, write_report
-    from loop.train import train
+    from loop.data.images import iter_image_files
+    from loop.data.ingest import describe_image, register_images
+    from loop.data.manifest import LabelChange, set_labels
+    from loop.learning.gate import deploy
+    from loop.learning.train import train
     from loop.workspace import init_workspace
+    from sortloop import jobs
+    from sortloop.report import PLOTS, write_report
 
     jobs.STEPS["pull"] = lambda ws: "reviews set directly by the simulated reviewer"  # no Label Studio here
     ws = init_workspace(args.workspace or Path(tempfile.mkdtemp(prefix="sortloop-figure-")) / "ws")

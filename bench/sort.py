@@ -6,10 +6,10 @@ noise so they compress like real photos, ~2 MB each; written to a temp folder, n
   (a) naive   - the original notebook: fastai `load_learner` + `learn.predict(path)` per image +
                 `shutil.copy`, with a fastai learner built on the very same network and exported to a
                 temp .pkl;
-  (b) sortloop - `loop.sort.sort_folder` (what `sortloop sort SRC DEST` runs): hashing, draft decode in
+  (b) sortloop - `loop.sorting.folder.sort_folder` (what `sortloop sort SRC DEST` runs): hashing, draft decode in
                 worker processes, batched inference, safe copies, records, manifest and flags;
   (c) limits  - model forward alone on pre-decoded batches (ONNX Runtime and torch: the faster one is the
-                default runtime; and the INT8 ONNX model `train` writes, see loop.quantize), and draft decode
+                default runtime; and the INT8 ONNX model `train` writes, see loop.model.quantize), and draft decode
                 alone (`load_model_input` in the same number of worker processes). Decode and forward share
                 the same cores, so the ceiling for the pipeline is 1 / (1/decode + 1/forward), printed for
                 the float and the INT8 forward pass. (b) sorts with whichever model the INT8 gate allows.
@@ -69,9 +69,9 @@ def make_large_jpegs(out: Path, n: int, seed: int = 0) -> list[Path]:
 
 def build_model(root: Path):
     """A workspace with a deployed artifact: pretrained Lite0 body, head for the 11 ikea classes."""
-    from loop.artifact import save_artifact
-    from loop.backbones import create_network
-    from loop.registry import new_version_dir, set_current
+    from loop.learning.registry import new_version_dir, set_current
+    from loop.model.artifact import save_artifact
+    from loop.model.backbones import create_network
     from loop.workspace import init_workspace
 
     ws = init_workspace(root / "ws")
@@ -86,10 +86,10 @@ def build_model(root: Path):
 
 
 def add_int8(model_dir: Path) -> dict:
-    """Quantise the bench model as `train` does (loop.quantize), calibrated on 64 shared photos and gated on
+    """Quantise the bench model as `train` does (loop.model.quantize), calibrated on 64 shared photos and gated on
     64 others; returns the gate's verdict (a random-head model rarely passes: its guesses are near-ties)."""
-    from loop.images import load_model_input
-    from loop.quantize import quantize_artifact
+    from loop.data.images import load_model_input
+    from loop.model.quantize import quantize_artifact
 
     photos = sorted(IKEA.rglob("*.jpg"))
     inputs = np.stack([load_model_input(p, 224) for p in photos[::3][:128]])
@@ -133,7 +133,7 @@ def naive_sort(learner, paths: list[Path], dest: Path) -> float:
 
 def forward_limit(model_dir: Path, runtime: str, batches: list[np.ndarray], repeats: int = 1,
                   int8: bool = False) -> float:
-    from loop.artifact import load_predictor
+    from loop.model.artifact import load_predictor
 
     # int8: the INT8 file whatever its gate said (precision "int8"): this measures speed only
     predictor = load_predictor(model_dir, runtime=runtime, precision="int8" if int8 else "float")
@@ -148,7 +148,7 @@ def forward_limit(model_dir: Path, runtime: str, batches: list[np.ndarray], repe
 
 
 def _decode(path: Path) -> np.ndarray:
-    from loop.images import load_model_input
+    from loop.data.images import load_model_input
 
     return load_model_input(path, 224)
 
@@ -178,8 +178,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import torch
 
-    from loop.registry import current_model_dir
-    from loop.sort import sort_folder
+    from loop.learning.registry import current_model_dir
+    from loop.sorting.folder import sort_folder
 
     torch.set_num_threads(os.cpu_count() or 1)
     with scratch_folder("sortloop-bench-", keep=args.keep) as scratch:
@@ -242,7 +242,7 @@ def main() -> None:
         print(f"{'(c) forward alone, ' + other_rt + ', pre-decoded batches':58s} {rows[0][other_rt]:8.1f}   (round 1)")
         print(f"{'(c) draft decode alone (load_model_input, ' + str(workers) + ' processes)':58s} {med('decode'):8.1f}")
         print(f"{'(c) limit 1/(1/decode + 1/forward)':58s} {med('limit'):8.1f}")
-        print(f"{'(c) forward alone, INT8 ONNX (loop.quantize), pre-decoded':58s} {med('int8'):8.1f}   "
+        print(f"{'(c) forward alone, INT8 ONNX (loop.model.quantize), pre-decoded':58s} {med('int8'):8.1f}   "
               f"({med('int8') / med('forward'):.2f}x float)")
         print(f"{'(c) limit with INT8 1/(1/decode + 1/int8 forward)':58s} {med('limit_int8'):8.1f}   "
               f"({np.median([row['limit_int8'] / row['naive'] for row in rows]):.1f}x naive)")

@@ -11,7 +11,7 @@ in one run:
     their cost over that floor.
 
 A deployed model is needed: the bench trains one (head mode) on the shared ikea photos in its temp
-workspace, so the INT8 gate (`loop.quantize`) runs exactly as in production.
+workspace, so the INT8 gate (`loop.model.quantize`) runs exactly as in production.
 
 usage: .venv/bin/python bench/sort_scale.py [--n1 1000] [--n2 20000] [--keep]
 """
@@ -68,9 +68,9 @@ def walk_and_stat(root: Path) -> float:
 
 def trained_workspace(root: Path):
     """A workspace with a model trained (head mode) and deployed on the shared ikea photos."""
-    from loop.gate import deploy
-    from loop.ingest import ingest_folder
-    from loop.train import train
+    from loop.data.ingest import ingest_folder
+    from loop.learning.gate import deploy
+    from loop.learning.train import train
     from loop.workspace import init_workspace
 
     ws = init_workspace(root / "ws")
@@ -88,10 +88,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from loop.artifact import read_spec
-    from loop.corrections import scan
-    from loop.registry import current_model_dir
-    from loop.sort import sort_folder
+    from loop.folders.corrections import scan
+    from loop.learning.registry import current_model_dir
+    from loop.model.artifact import read_spec
+    from loop.sorting.folder import sort_folder
 
     with scratch_folder("sortloop-scale-", keep=args.keep) as scratch:
         ws = trained_workspace(scratch)

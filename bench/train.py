@@ -8,9 +8,9 @@ only where the pixels come from differs:
 
 - baseline "full decode": the original decoded at full resolution, then resized (what fastai's stock
   `PILImage.create` + `Resize(224)` does), every epoch;
-- baseline "draft decode": `loop.images.load_model_input(original, 224)` every epoch (JPEG draft, i.e.
+- baseline "draft decode": `loop.data.images.load_model_input(original, 224)` every epoch (JPEG draft, i.e.
   DCT-domain downscale, + EXIF transpose);
-- project: the lossless 224 px PNG that `loop.resized.ensure_resized` wrote once (its one-off cost is
+- project: the lossless 224 px PNG that `loop.data.resized.ensure_resized` wrote once (its one-off cost is
   printed too).
 
 Run twice: on the photos as they are (ikea_products are 500x500 JPEGs, cheap to decode), and on copies
@@ -31,9 +31,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from loop.backbones import create_network, get_backbone
-from loop.images import load_model_input, resize_and_crop, to_rgb
-from loop.resized import ensure_resized, resized_path
+from loop.data.images import load_model_input, resize_and_crop, to_rgb
+from loop.data.resized import ensure_resized, resized_path
+from loop.model.backbones import create_network, get_backbone
 from loop.workspace import init_workspace
 
 SIZE = 224
@@ -116,7 +116,7 @@ def compare(ws, files: list[Path], labels: list[str], title: str) -> None:
 
 
 def _predictor(ws, out: Path):
-    from loop.artifact import load_predictor, save_artifact
+    from loop.model.artifact import load_predictor, save_artifact
 
     if not (out / "model.json").exists():
         backbone = get_backbone("tf_efficientnet_lite0")

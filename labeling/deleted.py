@@ -21,7 +21,7 @@ import pandas as pd
 
 from labeling import payloads
 from labeling.client import Client
-from loop import manifest as mf
+from loop.data import manifest as mf
 
 logger = logging.getLogger(__name__)
 

@@ -44,8 +44,8 @@ def state_path(ws: Workspace) -> Path:
 
 def known_classes(ws: Workspace, manifest: pd.DataFrame | None = None) -> list[str]:
     """Classes a reviewer may pick: the deployed model's (in its order), then manifest labels (sorted)."""
-    from loop import manifest as mf
-    from loop.registry import current_model_dir
+    from loop.data import manifest as mf
+    from loop.learning.registry import current_model_dir
 
     classes: list[str] = []
     try:
@@ -147,7 +147,7 @@ def ensure_project(client: Client, ws: Workspace, *, classes: list[str] | None =
 def _point_tasks_at_served(client: Client, ws: Workspace, pid: int) -> int:
     """Once per project: tasks pushed by versions that served photos in place (`?d=<absolute path>`) get their
     photo published and their image URL pointed at it, so they still show after the upgrade; returns how many."""
-    from loop import manifest as mf
+    from loop.data import manifest as mf
 
     paths = mf.load(ws).dropna(subset=["path"]).set_index("image_id")["path"]
     prefix = payloads.image_url("")

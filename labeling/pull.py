@@ -5,7 +5,7 @@ cancelled ones included (a skip does not count in `total_annotations`), through 
 (an export snapshot made and read with the SDK's `projects.exports` calls, see `changed_tasks`).
 Per image the latest non-cancelled annotation wins; a task with only cancelled annotations is recorded as skipped,
 not labeled; a task whose annotations were all deleted after a pull takes its label back (`labeling.deleted`).
-Labels go through `loop.manifest.set_labels` (source "review", by = the reviewer's e-mail, at = the
+Labels go through `loop.data.manifest.set_labels` (source "review", by = the reviewer's e-mail, at = the
 annotation's time), so they land in the label history too.
 
 Dedupe: each image remembers the annotation (id, updated_at) last applied, so a task touched for another
@@ -13,11 +13,11 @@ reason (a comment, a new prediction) does not re-apply an old annotation over a 
 `OVERLAP_S` re-read before the watermark (for saves committed after a later one) costs nothing.
 Never loses a label: the watermark (`<workspace>/labelstudio/pull.json`) is written only after the
 manifest writes succeeded, and it never moves past a task whose label was rejected.
-Afterwards the sorted folders follow the labels: `loop.apply.apply_labels` moves the copies of labeled
+Afterwards the sorted folders follow the labels: `loop.folders.apply.apply_labels` moves the copies of labeled
 photos to their label's folder (a refusal there is reported in the PullReport; no label is lost).
 Caveat: a label that is not a known class (deployed model's classes + manifest labels) is rejected and
 reported, unless `labelstudio.allow_new_classes` is true; a label that cannot be a class name at all
-(`loop.classnames`: "../../etc", "_x", ...) is always rejected. Fix it in Label Studio and pull again.
+(`loop.data.classnames`: "../../etc", "_x", ...) is always rejected. Fix it in Label Studio and pull again.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import pandas as pd
 from labeling import deleted, payloads
 from labeling.client import Client, connect
 from labeling.project import find_project, known_classes
-from loop import manifest as mf
-from loop.apply import apply_labels
 from loop.atomic import write_json_atomic
-from loop.classnames import class_name_problem
+from loop.data import manifest as mf
+from loop.data.classnames import class_name_problem
 from loop.errors import LabelStudioError, SortloopError
+from loop.folders.apply import apply_labels
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class PullReport:
     watermark: str | None = None
     seconds: float = 0.0
     reverted: int = 0  # labels taken back because their annotation was deleted in Label Studio
-    folders: str = ""  # what `loop.apply.apply_labels` did to the sorted trees afterwards
+    folders: str = ""  # what `loop.folders.apply.apply_labels` did to the sorted trees afterwards
     folders_error: str = ""  # why it moved nothing (e.g. a label unusable as a folder name)
 
     @property
@@ -196,7 +196,7 @@ def _label_problem(d: payloads.Decision, allowed: set[str], allow_new: bool) -> 
 
 def pull(ws: Workspace) -> PullReport:
     """Bring reviewers' decisions made since the last pull into the manifest and label history, then move
-    the sorted copies of labeled photos to their label's folder (`loop.apply.apply_labels`).
+    the sorted copies of labeled photos to their label's folder (`loop.folders.apply.apply_labels`).
 
     Raises:
         LabelStudioError: the server is unreachable or refuses the token (nothing is written then).

@@ -5,7 +5,7 @@ and are not known to be in the project. "Known" is checked twice, because Label 
 permanent keys: the manifest's `review_task` hint (trusted only for the project it was set in), and the
 `image_id` (sha256) stored in every task of the project, listed before importing. So an image is never
 imported twice, even after a crash between an import and the manifest write.
-Order: user moves first; then the photos `loop.review_queue` selected (by `review_rank`: the strategy's
+Order: user moves first; then the photos `loop.review.queue` selected (by `review_rank`: the strategy's
 order, topped up at each push to `review.daily_budget`); then audit suspects (`suspected_mislabel`, surest
 first); then other flags, lowest confidence first. Everything but user moves counts against the daily
 budget (`history/pushes.jsonl`), so a reviewer gets the most useful photos and a bounded day's work.
@@ -36,9 +36,9 @@ import pandas as pd
 from labeling import payloads, served
 from labeling.client import Client, connect
 from labeling.project import ensure_project, remembered_project
-from loop import manifest as mf
-from loop import review_queue
+from loop.data import manifest as mf
 from loop.progress import ProgressCallback
+from loop.review import queue
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def push(ws: Workspace, *, limit: int | None = None, select: bool = True,
 
     Args:
         limit: push at most this many (the most useful first); None = all within today's budget.
-        select: first top up today's selection (`loop.review_queue.top_up`, strategy `review.strategy`).
+        select: first top up today's selection (`loop.review.queue.top_up`, strategy `review.strategy`).
         on_progress: called with (tasks done, total) after each batch.
 
     Raises:
@@ -169,7 +169,7 @@ def push(ws: Workspace, *, limit: int | None = None, select: bool = True,
     start = time.monotonic()
     batch_size = ws.settings.labelstudio.push_batch_size
     if select:
-        review_queue.top_up(ws)
+        queue.top_up(ws)
     hints: dict[str, int] = {}  # image_id -> task id: imported, not yet written to the manifest
     with connect(ws) as client, ExitStack() as on_exit:
         on_exit.callback(lambda: _mark_pushed(ws, hints))  # also on an error: earlier batches stay recorded
@@ -177,7 +177,7 @@ def push(ws: Workspace, *, limit: int | None = None, select: bool = True,
         df = mf.load(ws)
         project = ensure_project(client, ws)
         trust = previous == project.id and not project.created
-        rows = within_budget(select_candidates(df, trust_hints=trust), review_queue.budget_left(ws))
+        rows = within_budget(select_candidates(df, trust_hints=trust), queue.budget_left(ws))
         if limit is not None:
             rows = rows.head(limit)
         total = len(rows)
@@ -218,7 +218,7 @@ def push(ws: Workspace, *, limit: int | None = None, select: bool = True,
                 hints.clear()
                 written = time.monotonic()
             counted = int((batch["flag"].astype(object) != "user_moved").sum())
-            review_queue.record_pushed(ws, list(mapping), counted=counted)
+            queue.record_pushed(ws, list(mapping), counted=counted)
             imported += len(tasks)
             batches += 1
             if on_progress:

@@ -28,8 +28,8 @@ import uuid
 from pathlib import Path
 
 from labeling import payloads
-from loop.copies import safe_copy, same_content
 from loop.errors import ConfigError, SortloopError
+from loop.sorting.copies import safe_copy, same_content
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)

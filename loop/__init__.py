@@ -1,9 +1,10 @@
-"""sortloop: sort photos into category folders with a classifier that learns from its users.
+"""sortloop's core library: the loop's stages as sub-packages, importing only downwards.
 
-Three layers, imports pointing down: the core library lives here (manifest, ingest, train, sort, ...);
-the Label Studio adapter is the sibling package `labeling`, which builds on the core; the application
-(CLI, scheduled jobs, `serve`, demo, status) is `loop.app`, which composes both. The core never imports
-`labeling` or `loop.app`.
+The kernel is this folder's own modules (errors, progress, atomic files, tables, config, workspace, Ray
+plumbing); then `data` < `scoring` < `model` < `learning` < `review` < `sorting` < `folders`: each stage
+may import the kernel and the stages before it (tests/unit/test_layers.py checks this). The Label Studio
+adapter is the sibling package `labeling`, and the application (CLI, scheduled jobs, `serve`, demo,
+status, report, bundle) is `sortloop`, which composes both. The core never imports `labeling` or `sortloop`.
 """
 
 __version__ = "0.1.0"

@@ -20,10 +20,10 @@ from pydantic_settings import (
 )
 
 from loop.errors import ConfigError
-from loop.select import DEFAULT_BATCH_STRATEGY
 
 CONFIG_FILENAME = "sortloop.toml"
 MINUTES_PER_WEEK = 7 * 24 * 60
+DEFAULT_BATCH_STRATEGY = "margin"  # best of the strategies in bench/active_learning.py (README)
 
 
 class SplitConfig(BaseModel):
@@ -57,7 +57,7 @@ class ModelConfig(BaseModel):
     calibrate: bool = True  # temperature scaling fitted on out-of-fold predictions, folded into the model
     backbone_weights_file: Path | None = None  # timm hub backbones: a local weight file instead of a download
     backbone_candidates: list[str] = Field(default_factory=list)  # >1: `train` picks one by item-grouped CV
-    int8: bool = True  # also write a gated INT8 copy of model.onnx at train time (loop.quantize)
+    int8: bool = True  # also write a gated INT8 copy of model.onnx at train time (loop.model.quantize)
     feature_engine: Literal["local", "ray"] = "local"  # where new photos' body features are computed
 
 
@@ -87,7 +87,7 @@ class RayConfig(BaseModel):
 class ReviewConfig(BaseModel):
     """What a reviewer sees next (`sortloop select`, `review push`): strategy and daily budget."""
 
-    strategy: str = DEFAULT_BATCH_STRATEGY  # a name in loop.select.BATCH_STRATEGIES (checked when used)
+    strategy: str = DEFAULT_BATCH_STRATEGY  # a name in loop.scoring.strategies.BATCH_STRATEGIES (checked when used)
     daily_budget: int = Field(100, ge=0)  # photos pushed per day (UTC) besides user moves; 0 = no limit
 
 

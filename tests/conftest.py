@@ -34,8 +34,8 @@ def trained_ikea(tmp_path_factory, shared_data):
 
     Yields (workspace, TrainResult, Decision).
     """
-    from loop.gate import deploy
-    from loop.train import train
+    from loop.learning.gate import deploy
+    from loop.learning.train import train
     from loop.workspace import init_workspace
     from tests.unit.model_helpers import ingest_ikea
 

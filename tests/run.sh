@@ -8,7 +8,7 @@ BIN=.venv/bin
 mkdir -p .cache test-artifacts
 
 echo "== lint"
-$BIN/ruff check loop labeling tests bench
+$BIN/ruff check loop labeling sortloop tests bench
 
 echo "== browser tooling (Debian chromium + playwright-core from npm)"
 if ! command -v chromium >/dev/null; then

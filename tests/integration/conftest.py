@@ -144,9 +144,9 @@ def build_manifest(ws, *, labeled: dict[str, int], flagged: list[tuple[str, str,
     of its true class, unlabeled, with the prediction and flag a sort would have written. Returns the
     flagged image ids in the given order.
     """
-    from loop import manifest as mf
-    from loop.images import file_sha256
-    from loop.ingest import ImageInfo, register_images
+    from loop.data import manifest as mf
+    from loop.data.images import file_sha256
+    from loop.data.ingest import ImageInfo, register_images
 
     need: dict[str, int] = dict(labeled)
     for cls, *_ in flagged:

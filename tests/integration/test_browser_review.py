@@ -24,7 +24,7 @@ CLASSES = ["bed", "bench", "cabinet", "chair", "chest_of_drawers", "desk", "shel
 def test_reviewer_corrects_a_guess_in_the_browser_and_pull_records_it(ls_ws, labelstudio):
     from labeling.pull import pull
     from labeling.push import push
-    from loop import manifest as mf
+    from loop.data import manifest as mf
 
     if not (BROWSER_DIR / "node_modules" / "playwright-core").exists():
         pytest.fail("run `PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install` in tests/browser first")

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.integration
 
 def test_pull_into_a_full_workspace_loses_nothing(ls_ws, sdk, tmp_path):
     from labeling.push import push
-    from loop import manifest as mf
-    from loop.app.cli import app
+    from loop.data import manifest as mf
+    from sortloop.cli import app
 
     ids = build_manifest(ls_ws, labeled={"chair": 1, "sofa": 1}, flagged=[("sofa", "chair", 0.3, "low_confidence")])
     report = push(ls_ws)

@@ -14,9 +14,10 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from loop import manifest, registry
-from loop.app.cli import app
+from loop.data import manifest
+from loop.learning import registry
 from loop.workspace import Workspace
+from sortloop.cli import app
 from tests.integration.conftest import configure, free_port, photos, template_dir
 
 pytestmark = pytest.mark.integration

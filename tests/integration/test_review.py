@@ -49,7 +49,7 @@ def test_server_files_and_secrets(labelstudio):
 
 def test_push_creates_one_task_per_flagged_image_with_predictions(ls_ws, sdk):
     from labeling.push import push
-    from loop import manifest as mf
+    from loop.data import manifest as mf
 
     ids = build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED)
     first = push(ls_ws)
@@ -113,7 +113,7 @@ def test_project_config_and_image_served(ls_ws, labelstudio):
 def test_pull_applies_reviews_exactly_and_is_incremental(ls_ws, sdk, labelstudio):
     from labeling.pull import pull
     from labeling.push import push
-    from loop import manifest as mf
+    from loop.data import manifest as mf
 
     ids = build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED)
     report = push(ls_ws)
@@ -171,7 +171,7 @@ def test_unknown_label_is_rejected_unless_allowed(ls_ws, sdk):
     from labeling.client import connect
     from labeling.pull import pull
     from labeling.push import push
-    from loop import manifest as mf
+    from loop.data import manifest as mf
     from loop.workspace import open_workspace
 
     ids = build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED[:2])
@@ -198,8 +198,8 @@ def test_unknown_label_is_rejected_unless_allowed(ls_ws, sdk):
 def test_cli_push_and_pull(ls_ws):
     from typer.testing import CliRunner
 
-    from loop import manifest as mf
-    from loop.app.cli import app
+    from loop.data import manifest as mf
+    from sortloop.cli import app
 
     build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED[:3])
     runner = CliRunner()
@@ -220,7 +220,7 @@ def test_label_studio_killed_mid_push_leaves_no_duplicates(ls_ws, sdk, labelstud
 
     from labeling import server
     from labeling.push import push
-    from loop import manifest as mf
+    from loop.data import manifest as mf
     from loop.errors import LabelStudioError
     from loop.workspace import open_workspace
 
@@ -267,7 +267,7 @@ def test_up_times_out_with_a_clear_error(tmp_path):
 def test_failed_manifest_write_keeps_the_watermark_and_loses_nothing(ls_ws, sdk, monkeypatch):
     from labeling import pull as pull_module
     from labeling.push import push
-    from loop import manifest as mf
+    from loop.data import manifest as mf
     from loop.errors import ManifestError
 
     ids = build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED[:2])
@@ -294,7 +294,7 @@ def test_an_annotation_deleted_in_label_studio_takes_its_label_back(ls_ws, sdk):
     from labeling.deleted import BY
     from labeling.pull import pull
     from labeling.push import push
-    from loop import manifest as mf
+    from loop.data import manifest as mf
 
     fresh, relabeled, moved_later = build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED[:3])
     mf.set_labels(ls_ws, [mf.LabelChange(relabeled, "table", "user_move", "scan")])  # a label before review
@@ -331,7 +331,7 @@ def test_a_label_that_cannot_be_a_class_is_rejected_even_when_new_classes_are_al
     from labeling.client import connect
     from labeling.pull import pull
     from labeling.push import push
-    from loop import manifest as mf
+    from loop.data import manifest as mf
     from loop.workspace import open_workspace
 
     ls_ws.config_file.write_text(ls_ws.config_file.read_text().replace("allow_new_classes = false",
@@ -387,7 +387,7 @@ def test_a_review_that_confirms_the_class_counts_as_unchanged(ls_ws, sdk):
     """A moved photo (label user_move) confirmed by a reviewer: only the label's source changes."""
     from labeling.pull import pull
     from labeling.push import push
-    from loop import manifest as mf
+    from loop.data import manifest as mf
 
     (moved,) = build_manifest(ls_ws, labeled=LABELED, flagged=[("chair", "table", 0.9, "user_moved")])
     mf.set_labels(ls_ws, [mf.LabelChange(moved, "chair", "user_move", "scan")])
@@ -408,9 +408,10 @@ def test_pulled_correction_moves_the_sorted_copy(ls_ws, sdk, sort_model, shared_
 
     from labeling.pull import pull
     from labeling.push import push
-    from loop import copies, corrections
-    from loop.review_list import REVIEW_CSV
-    from loop.sort import sort_folder
+    from loop.folders import corrections
+    from loop.sorting import copies
+    from loop.sorting.folder import sort_folder
+    from loop.sorting.review_csv import REVIEW_CSV
     from loop.workspace import Workspace
     from tests.unit.sort_helpers import deploy_copy, ikea_classes, sample_ikea
 

@@ -46,9 +46,9 @@ def fetch(ls, d: str, *, token: bool = True) -> httpx.Response:
 def test_only_pushed_photos_are_served_never_credentials_database_or_symlink_targets(site):
     from labeling import served, server
     from labeling.push import push
-    from loop import manifest as mf
-    from loop.images import file_sha256
-    from loop.ingest import ImageInfo, register_images
+    from loop.data import manifest as mf
+    from loop.data.images import file_sha256
+    from loop.data.ingest import ImageInfo, register_images
 
     home, ls = site
     ws = ls.owner

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from loop.app import jobs, schedule
 from loop.workspace import Workspace
+from sortloop import jobs, schedule
 from tests.integration.conftest import photos
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -59,13 +59,13 @@ def copy_photos(folder: Path, items: list[tuple[str, Path]]) -> dict[str, str]:
 
 
 def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, sdk, tmp_path, monkeypatch):
-    from loop import manifest
-    from loop.app.status import collect_status
-    from loop.gate import deploy
-    from loop.images import file_sha256
-    from loop.ingest import ImageInfo, register_images
-    from loop.registry import current_version
-    from loop.train import train
+    from loop.data import manifest
+    from loop.data.images import file_sha256
+    from loop.data.ingest import ImageInfo, register_images
+    from loop.learning.gate import deploy
+    from loop.learning.registry import current_version
+    from loop.learning.train import train
+    from sortloop.status import collect_status
 
     per_class = LABELED_PER_CLASS + INBOX_PER_CLASS + LATER_PER_CLASS
     pool = {cls: [p for c, p in photos({cls: per_class}) if c == cls] for cls in CLASSES}
@@ -134,7 +134,7 @@ def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, 
         assert (reviewed["label"] == reviewed.index.map(id_to_truth)).all()
         assert reviewed["label_source"].isin(["review", "user_move"]).all()
         # ...and the sorted folders follow: every copy now sits in its photo's reviewed class
-        from loop import copies
+        from loop.sorting import copies
 
         records = copies.load_records(ws, dest)
         assert (records["category"] == records["source_path"].map(truth)).all()

@@ -36,7 +36,7 @@ def test_push_and_pull_with_a_personal_access_token(labelstudio, tmp_path, monke
     from labeling.pull import pull
     from labeling.push import push
     from labeling.server import TOKEN_ENV, credentials_path
-    from loop import manifest as mf
+    from loop.data import manifest as mf
     from loop.errors import LabelStudioError
 
     admin = SDK(base_url=labelstudio.url, api_key=labelstudio.token, timeout=120)

@@ -25,7 +25,7 @@ def test_a_save_in_label_studio_triggers_a_pull(labelstudio, sdk, tmp_path):
     from labeling import server
     from labeling.push import push
     from labeling.webhook import HEADER, listen, receiver_url
-    from loop import manifest as mf
+    from loop.data import manifest as mf
 
     ws = configure(tmp_path / "ws", port=labelstudio.port, title="hooks",
                    replace={"webhook_port = 0": f"webhook_port = {free_port()}", **labelstudio.guest()})

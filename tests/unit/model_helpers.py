@@ -47,7 +47,7 @@ def items_csv_from_manifest(dataset: Path, out: Path, *, column: str = "group", 
 
 def ingest_ikea(ws, shared_data: Path, scratch: Path):
     """ikea_products as labeled user photos, item groups from the dataset's `group` column (read in place)."""
-    from loop.ingest import ingest_folder
+    from loop.data.ingest import ingest_folder
 
     ikea = shared_data / "ikea_products"
     return ingest_folder(ws, ikea, source="user", labeled=True,
@@ -92,8 +92,8 @@ def run_without_fastai(code: str, *args: str, timeout: float = 300) -> dict:
 PREDICT_CODE = """
 import json, sys
 import numpy as np
-from loop.artifact import load_predictor
-from loop.resized import load_resized
+from loop.model.artifact import load_predictor
+from loop.data.resized import load_resized
 from loop.workspace import open_workspace
 model_dir, ws_root, ids = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 ws = open_workspace(ws_root)

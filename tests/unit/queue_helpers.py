@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from loop.ingest import ImageInfo, register_images
+from loop.data.ingest import ImageInfo, register_images
 
 
 def synthetic_workspace(ws, monkeypatch, *, labels: list[str | None], items: list[str] | None = None,
                         centres: dict[str, np.ndarray], true: list[str], seed: int = 0) -> list[str]:
     """Register one fake photo per entry (label may be None = unlabeled); embeddings come from `true`'s
     centre plus noise. Returns the image ids in order."""
-    import loop.audit
-    import loop.review_queue
+    import loop.review.audit
+    import loop.review.queue
 
     rng = np.random.default_rng(seed)
     ids = [f"{i:064x}" for i in range(len(labels))]
@@ -27,8 +27,8 @@ def synthetic_workspace(ws, monkeypatch, *, labels: list[str | None], items: lis
         feats = np.stack([table[i] for i in rows["image_id"]])
         return np.stack([feats, feats], axis=1).astype(np.float32), np.ones(len(rows), bool)
 
-    monkeypatch.setattr(loop.review_queue, "embeddings", fake_embeddings)
-    monkeypatch.setattr(loop.audit, "embeddings", fake_embeddings)
+    monkeypatch.setattr(loop.review.queue, "embeddings", fake_embeddings)
+    monkeypatch.setattr(loop.review.audit, "embeddings", fake_embeddings)
     return ids
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from loop import manifest, registry
-from loop.ingest import ingest_folder
-from loop.manifest import LabelChange, set_labels
+from loop.data import manifest
+from loop.data.ingest import ingest_folder
+from loop.data.manifest import LabelChange, set_labels
+from loop.learning import registry
 from loop.workspace import Workspace
 from tests.conftest import make_image
 
@@ -55,7 +56,7 @@ def write_version(ws: Workspace, version: str, created_at: pd.Timestamp, accurac
 
 def synthetic_flagging(accuracy: float, n: int = 200) -> dict:
     """Catch curves as `train` stores them, from out-of-fold-like predictions right `accuracy` of the time."""
-    from loop.flagging import estimate
+    from loop.scoring.flagging import estimate
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, len(CLASSES), n)

@@ -16,8 +16,8 @@ def build_sort_model(out: Path, shared_data: Path) -> Path:
     """An artifact with a pretrained Lite0 body (offline weights) and a random head: varied, unsure guesses."""
     import torch
 
-    from loop.artifact import save_artifact
-    from loop.backbones import create_network
+    from loop.model.artifact import save_artifact
+    from loop.model.backbones import create_network
     from loop.workspace import init_workspace
 
     torch.set_num_threads(2)
@@ -31,7 +31,7 @@ def build_sort_model(out: Path, shared_data: Path) -> Path:
 
 def deploy_copy(ws, artifact: Path, version: str = "v0001") -> str:
     """Copy the artifact into `ws` as `version` (its model.json says so) and point `current` at it."""
-    from loop.registry import set_current
+    from loop.learning.registry import set_current
 
     target = ws.models_dir / version
     shutil.copytree(artifact, target)
@@ -73,7 +73,7 @@ def sort_sample(ws, sort_model: Path, shared_data: Path, tmp_path: Path):
 
     Returns (workspace, src, dest).
     """
-    from loop.sort import sort_folder
+    from loop.sorting.folder import sort_folder
     from loop.workspace import Workspace
 
     deploy_copy(ws, sort_model)

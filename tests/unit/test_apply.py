@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from loop import copies, corrections, manifest
-from loop.app.cli import app
-from loop.apply import apply_labels
+from loop.data import manifest
 from loop.errors import ClassNameError, SortloopError
-from loop.review_list import REVIEW_CSV
+from loop.folders import corrections
+from loop.folders.apply import apply_labels
+from loop.sorting import copies
+from loop.sorting.review_csv import REVIEW_CSV
+from sortloop.cli import app
 from tests.unit.sort_helpers import ikea_classes, sort_sample
 
 
@@ -141,7 +143,7 @@ def test_label_with_no_folder_gets_one_and_name_taken_gets_a_new_name(sorted_tre
 def test_a_move_that_fails_leaves_that_copy_and_moves_the_others(sorted_tree, monkeypatch) -> None:
     import errno
 
-    from loop import moves
+    from loop.folders import moves
 
     ws, _, dest, records, classes = sorted_tree
     stuck, other = records.iloc[0], records.iloc[1]

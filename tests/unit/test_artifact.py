@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from loop.artifact import build_network, load_predictor, read_spec, save_artifact
-from loop.backbones import BACKBONES, create_network, get_backbone, pretrained_weights
 from loop.errors import ModelError
+from loop.model.artifact import build_network, load_predictor, read_spec, save_artifact
+from loop.model.backbones import BACKBONES, create_network, get_backbone, pretrained_weights
 from tests.unit.model_helpers import run_without_fastai
 
 CLASSES = ["Zebra", "apple", "b10", "b2"]  # deliberately not in "natural" order: the stored order is the truth
@@ -70,7 +70,7 @@ def test_portable_load_without_fastai_or_unpickling(artifact, tmp_path):
     result = run_without_fastai("""
         import json, sys
         import numpy as np
-        from loop.artifact import load_predictor
+        from loop.model.artifact import load_predictor
         batch = np.load(sys.argv[2])
         probs = {rt: load_predictor(sys.argv[1], rt).predict(batch).tolist() for rt in ("onnx", "torch")}
         print(json.dumps({"probs": probs, "fastai": any(m.startswith("fastai") for m in sys.modules

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from loop import manifest as mf
-from loop.audit import FLAG, ISSUE_METHODS, audit, confident_joint, find_label_issues, out_of_fold_probs
+from loop.data import manifest as mf
+from loop.review.audit import FLAG, ISSUE_METHODS, audit, confident_joint, find_label_issues, out_of_fold_probs
 from tests.unit.queue_helpers import centres_for, synthetic_workspace
 
 
@@ -71,7 +71,7 @@ def test_audit_flags_suspects_with_the_alternative(ws, monkeypatch):
 
 
 def test_audit_command_dry_run(ws, monkeypatch):
-    from loop.app.cli import app
+    from sortloop.cli import app
 
     classes = ["bed", "chair"]
     true = [c for c in classes for _ in range(10)]

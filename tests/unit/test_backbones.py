@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loop.backbones import create_network, get_backbone, pretrained_weights
 from loop.errors import ModelError
+from loop.model.backbones import create_network, get_backbone, pretrained_weights
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -59,9 +59,9 @@ def test_train_can_let_item_grouped_cv_choose_the_backbone(ws, tmp_path, shared_
     import timm
     from safetensors.torch import save_file
 
-    from loop.artifact import read_spec
-    from loop.ingest import ingest_folder
-    from loop.train import train
+    from loop.data.ingest import ingest_folder
+    from loop.learning.train import train
+    from loop.model.artifact import read_spec
     from loop.workspace import open_workspace
     from tests.unit.model_helpers import tiny_ikea_folder
 

@@ -15,13 +15,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from loop import copies, manifest
-from loop.app.cli import app
-from loop.decode import decode_chunk, decode_one, decode_stream
+from loop.data import manifest
+from loop.data.decode import decode_chunk, decode_one, decode_stream
+from loop.data.images import file_sha256, load_model_input
+from loop.data.ingest import ingest_folder
 from loop.errors import ConfigError
-from loop.images import file_sha256, load_model_input
-from loop.ingest import ingest_folder
-from loop.sort import sort_folder
+from loop.sorting import copies
+from loop.sorting.folder import sort_folder
+from sortloop.cli import app
 from tests.unit.fault_helpers import REPO
 from tests.unit.sort_helpers import deploy_copy, files_under
 
@@ -140,7 +141,7 @@ def test_a_crashing_decoder_fails_only_its_file(shared_data, tmp_path) -> None:
 def test_ingest_reports_the_zoo_exits_1_and_never_hangs(zoo) -> None:
     """Ingest meets the same zoo as sort: a FIFO named pipe.jpg must not block it (a real CLI process)."""
     ws, src = zoo
-    done = subprocess.run([sys.executable, "-c", "from loop.app.cli import app; app()", "ingest", str(src),
+    done = subprocess.run([sys.executable, "-c", "from sortloop.cli import app; app()", "ingest", str(src),
                            "-w", str(ws.root)], env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr  # unreadable files: exit 1, like sort

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from loop import copies, destrecord, manifest
-from loop.app.bundle import BUNDLE_JSON, EXE_NAME, BundleError, build_bundle
-from loop.corrections import scan
+from loop.data import manifest
 from loop.errors import ModelError, SortloopError
-from loop.sort import sort_folder
+from loop.folders.corrections import scan
+from loop.sorting import copies, dest_record
+from loop.sorting.folder import sort_folder
+from sortloop.bundle import BUNDLE_JSON, EXE_NAME, BundleError, build_bundle
 from tests.unit.model_helpers import copy_workspace
 from tests.unit.sort_helpers import deploy_copy, sample_ikea
 
@@ -28,8 +29,8 @@ HEAVY = ("pandas", "pyarrow", "torch", "timm", "fastai", "typer", "rich", "pydan
 
 
 def _run_sorter_from_source(*args: str, timeout: float = 600) -> dict:
-    """`loop.app.sorter.main(args)` in a fresh interpreter; returns its exit code, output and heavy imports."""
-    code = ("import json, sys\nfrom loop.app.sorter import main\nrc = main(sys.argv[1:])\n"
+    """`sortloop.sorter.main(args)` in a fresh interpreter; returns its exit code, output and heavy imports."""
+    code = ("import json, sys\nfrom sortloop.sorter import main\nrc = main(sys.argv[1:])\n"
             f"print(json.dumps({{'rc': rc, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))")
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -83,7 +84,7 @@ def test_sorter_matches_sort_without_heavy_imports_and_scan_brings_moves_back(so
     dest = photos.with_name("inbox sorted")
     assert run["rc"] == 0, run["err"]
     assert run["heavy"] == []  # the sort path runs with numpy, Pillow and ONNX Runtime only
-    rows = destrecord.read_rows(dest)
+    rows = dest_record.read_rows(dest)
     assert len(rows) == 12 and (dest / "_review.csv").exists()
     main_dest = tmp_path / "main"
     assert sort_folder(ws, photos, main_dest).ok
@@ -95,7 +96,7 @@ def test_sorter_matches_sort_without_heavy_imports_and_scan_brings_moves_back(so
     # a rerun copies nothing; the record does not grow
     again = _run_sorter_from_source(str(photos), str(dest), "--model", str(model_dir), "--workers", "0")
     assert again["rc"] == 0 and "12 sorted before" in again["out"]
-    assert len(destrecord.read_rows(dest)) == 12
+    assert len(dest_record.read_rows(dest)) == 12
 
     # back on the main machine: scan imports the record, sees the move as a correction, flags reach review
     classes = json.loads((model_dir / "model.json").read_text())["classes"]
@@ -111,9 +112,9 @@ def test_sorter_matches_sort_without_heavy_imports_and_scan_brings_moves_back(so
     assert len(copies.load_records(ws, dest)) == 12 and again.imported == 0 and again.corrections == []  # once
 
     # a crash mid-append leaves a torn last line: it is skipped, the rest still reads
-    with open(destrecord.copies_csv(dest), "a", encoding="utf-8") as fh:
+    with open(dest_record.copies_csv(dest), "a", encoding="utf-8") as fh:
         fh.write("deadbeef,abc,/x.jpg,12")
-    assert len(destrecord.read_rows(dest)) == 12
+    assert len(dest_record.read_rows(dest)) == 12
 
 
 def test_the_bundle_flags_at_the_models_operating_point_like_sort(sorter_setup, sort_model: Path,
@@ -122,8 +123,8 @@ def test_the_bundle_flags_at_the_models_operating_point_like_sort(sorter_setup, 
     threshold for an 80% catch), not from a fixed 0.5: the bundle ships them and flags exactly like sort."""
     import numpy as np
 
-    from loop.app.sorter import sort_standalone
-    from loop.flagging import catch_curve, settings_point
+    from loop.scoring.flagging import catch_curve, settings_point
+    from sortloop.sorter import sort_standalone
 
     ws, model_dir, photos = sorter_setup
     rng = np.random.default_rng(0)
@@ -142,7 +143,7 @@ def test_the_bundle_flags_at_the_models_operating_point_like_sort(sorter_setup, 
     standalone = sort_standalone(photos, tmp_path / "pc", bundle.out / "model", workers=1)
     main = sort_folder(ws, photos, tmp_path / "main")
     assert standalone.ok and main.ok and standalone.flag_strategy == main.flag_strategy == "margin"
-    rows = destrecord.read_rows(tmp_path / "pc")
+    rows = dest_record.read_rows(tmp_path / "pc")
     records = copies.load_records(ws, tmp_path / "main").to_dict("records")
     for row in rows:
         assert (row["flagged"] == "1") == (float(row["score"]) >= point["threshold"]), row
@@ -156,16 +157,16 @@ def test_the_bundle_flags_at_the_models_operating_point_like_sort(sorter_setup, 
 def test_an_older_bundle_refuses_a_folder_a_newer_one_sorted(sorter_setup, tmp_path: Path) -> None:
     _, model_dir, photos = sorter_setup
     dest = tmp_path / "sorted"
-    destrecord.note_bundle(dest, "2030-01-01T00:00:00.000000Z", "v0009")
+    dest_record.note_bundle(dest, "2030-01-01T00:00:00.000000Z", "v0009")
     spec = json.loads((model_dir / "model.json").read_text())
     spec["bundle"] = {"built_at": "2026-01-01T00:00:00.000000Z"}
     (model_dir / "model.json").write_text(json.dumps(spec))
     with pytest.raises(SortloopError, match="newer sorter"):
-        destrecord.check_bundle(dest, "2026-01-01T00:00:00.000000Z", "v0001")
+        dest_record.check_bundle(dest, "2026-01-01T00:00:00.000000Z", "v0001")
     run = _run_sorter_from_source(str(photos), str(dest), "--model", str(model_dir), "--workers", "0")
     assert run["rc"] == 2 and "newer sorter" in run["err"] and not (dest / "_review.csv").exists()
-    destrecord.check_bundle(dest, "2031-01-01T00:00:00.000000Z", "v0002")  # a newer one may
-    destrecord.note_bundle(dest, "2029-01-01T00:00:00.000000Z", "v0003")  # an older note never wins
+    dest_record.check_bundle(dest, "2031-01-01T00:00:00.000000Z", "v0002")  # a newer one may
+    dest_record.note_bundle(dest, "2029-01-01T00:00:00.000000Z", "v0003")  # an older note never wins
     assert json.loads((dest / ".sortloop" / "sorter.json").read_text())["model_version"] == "v0009"
 
 
@@ -224,7 +225,7 @@ def test_bundle_layout_replacement_and_zip(ws, sort_model: Path, tmp_path: Path)
 def test_bundle_command(ws, sort_model: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from loop.app.cli import app
+    from sortloop.cli import app
 
     deploy_copy(ws, sort_model)
     result = CliRunner().invoke(app, ["bundle", str(tmp_path / "b"), "--zip", "--sorter", str(_fake_sorter(tmp_path)),
@@ -244,7 +245,7 @@ def test_windows_workflow_builds_with_the_spec_and_runs_the_smoke_test() -> None
     job = flow["jobs"]["build"]
     assert job["runs-on"] == "windows-latest"
     runs = " ".join(step.get("run", "") for step in job["steps"])
-    spec = "loop/app/sortloop-sort.spec"
+    spec = "sortloop/sortloop-sort.spec"
     assert f"pyinstaller --noconfirm --distpath dist --workpath build {spec}" in runs and (REPO / spec).exists()
     assert "tests/unit/test_bundle.py" in runs and '-k "frozen_sorter_smoke"' in runs
     tests = {n.name for n in ast.parse(Path(__file__).read_text()).body if isinstance(n, ast.FunctionDef)}
@@ -289,7 +290,7 @@ def test_frozen_sorter_smoke(frozen_bundle, tmp_path: Path) -> None:
 
     main_dest = tmp_path / "main sorted"
     assert sort_folder(ws, photos, main_dest).ok  # what `sortloop sort` runs
-    rows = destrecord.read_rows(dest)
+    rows = dest_record.read_rows(dest)
     frozen = _by_source(rows, photos, dest)
     main = _by_source(copies.load_records(ws, main_dest).to_dict("records"), photos, main_dest)
     assert len(main) >= 50

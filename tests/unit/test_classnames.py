@@ -6,12 +6,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from loop import manifest
-from loop.app.cli import app
-from loop.classnames import check_class_name
+from loop.data import manifest
+from loop.data.classnames import check_class_name
+from loop.data.images import file_sha256
+from loop.data.ingest import ImageInfo, ingest_folder, register_images
 from loop.errors import ClassNameError, ModelError
-from loop.images import file_sha256
-from loop.ingest import ImageInfo, ingest_folder, register_images
+from sortloop.cli import app
 from tests.conftest import make_image
 
 BAD = ["", ".", "..", "../../etc", "a/b", "a\\b", "_misc", ".hidden", "tab\tle", "line\nbreak", " chair",
@@ -57,7 +57,7 @@ def test_register_and_set_labels_refuse_a_path_as_label(ws, tmp_path) -> None:
 
 
 def test_training_refuses_a_bad_label_already_in_an_old_manifest(ws, tmp_path) -> None:
-    from loop.train import train
+    from loop.learning.train import train
 
     infos = []
     for i, label in enumerate(["chair", "chair", "table", "table"]):
@@ -72,7 +72,7 @@ def test_training_refuses_a_bad_label_already_in_an_old_manifest(ws, tmp_path) -
 
 
 def test_scan_does_not_take_an_unusable_folder_for_a_category(tmp_path) -> None:
-    from loop.corrections import category_of
+    from loop.folders.corrections import category_of
 
     dest = tmp_path / "sorted"
     assert category_of(dest / "chair" / "a.jpg", dest) == "chair"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from loop.app.cli import app
+from sortloop.cli import app
 
 runner = CliRunner()
 

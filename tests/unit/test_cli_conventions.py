@@ -10,8 +10,8 @@ import numpy as np
 from rich.console import Console
 from typer.testing import CliRunner
 
-from loop.app import console as app_console
-from loop.app.cli import app
+from sortloop import console as app_console
+from sortloop.cli import app
 
 runner = CliRunner()
 
@@ -112,14 +112,14 @@ def test_rollback_on_an_empty_workspace_says_nothing_was_deployed(ws):
 
 
 def test_a_sort_that_copied_nothing_does_not_report_a_rate():
-    from loop.sort import SortReport
+    from loop.sorting.folder import SortReport
 
     assert "images/s" not in SortReport(src="a", dest="b", seen=3, already_sorted=3, seconds=0.4).summary()
     assert "5.0 images/s" in SortReport(src="a", dest="b", seen=2, copied=2, seconds=0.4).summary()
 
 
 def test_precision_of_a_class_never_predicted_is_null():
-    from loop.evaluate import classification_metrics
+    from loop.model.evaluate import classification_metrics
 
     probs = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0]])
     per_class = classification_metrics(["a", "b"], probs, ["a", "b", "c"])["per_class"]

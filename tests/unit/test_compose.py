@@ -12,8 +12,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from loop.app.cli import app
 from loop.config import Settings, load_settings
+from sortloop.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|:\?|-|\?)(?P<arg>[^}]*))?\}")

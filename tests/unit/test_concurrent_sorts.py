@@ -10,15 +10,15 @@ import sys
 
 from typer.testing import CliRunner
 
-from loop import copies
-from loop.app.cli import app
+from loop.sorting import copies
+from sortloop.cli import app
 from tests.unit.fault_helpers import REPO
 from tests.unit.sort_helpers import deploy_copy, files_under, sample_ikea
 
 HOLD_LOCK = """
 import sys
 from pathlib import Path
-from loop import copies
+from loop.sorting import copies
 from loop.workspace import open_workspace
 with copies.dest_lock(open_workspace(sys.argv[1]), Path(sys.argv[2])):
     print("locked", flush=True)
@@ -27,7 +27,7 @@ with copies.dest_lock(open_workspace(sys.argv[1]), Path(sys.argv[2])):
 
 
 def sort_process(ws, src, dest) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from loop.app.cli import app; app()", "sort", str(src), str(dest),
+    return subprocess.Popen([sys.executable, "-c", "from sortloop.cli import app; app()", "sort", str(src), str(dest),
                              "-w", str(ws.root)], env={**os.environ, "PYTHONPATH": str(REPO),
                                                        "SORTLOOP_SORT__FLAG_THRESHOLD": "0"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from loop.app.cli import app
 from loop.config import load_settings
 from loop.errors import ConfigError
+from sortloop.cli import app
 
 # (section, key, a hostile value): each must be refused
 HOSTILE = [

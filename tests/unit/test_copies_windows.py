@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from loop import copies
-from loop.copies import fit_name, portable_folder, portable_name, safe_copy, windows_name_problem
+from loop.data import filenames
+from loop.data.filenames import portable_name, windows_name_problem
+from loop.sorting import copies
+from loop.sorting.copies import fit_name, portable_folder, safe_copy
 
 
 def _source(tmp_path: Path, name: str, data: bytes) -> tuple[Path, str]:
@@ -71,20 +73,20 @@ def test_long_names_are_shortened_to_fit_260_characters(tmp_path: Path) -> None:
     folder = tmp_path / ("d" * max(1, 200 - len(str(tmp_path))))
     name = "x" * 120 + ".jpg"
     fitted = fit_name(folder, name)
-    assert len(str(folder / fitted)) <= copies.WINDOWS_MAX_PATH and fitted.endswith(".jpg")
+    assert len(str(folder / fitted)) <= filenames.WINDOWS_MAX_PATH and fitted.endswith(".jpg")
     assert fit_name(folder, "y" * 120 + ".jpg") != fitted  # the hash tag keeps long names distinct
     assert fit_name(folder, "short.jpg") == "short.jpg"
     src, image_id = _source(tmp_path, "s.jpg", b"long")
     final, copied = _copy(src, image_id, folder, name)
-    assert copied and final.name == fitted and len(str(final)) <= copies.WINDOWS_MAX_PATH
+    assert copied and final.name == fitted and len(str(final)) <= filenames.WINDOWS_MAX_PATH
     src2, id2 = _source(tmp_path, "t.jpg", b"long, other bytes")
     second, _ = _copy(src2, id2, folder, name)  # same long name, different bytes: unique AND short
-    assert second != final and len(str(second)) <= copies.WINDOWS_MAX_PATH
+    assert second != final and len(str(second)) <= filenames.WINDOWS_MAX_PATH
 
 
 def test_a_name_over_255_bytes_is_shortened(tmp_path: Path) -> None:
     fitted = fit_name(tmp_path, "é" * 200 + ".jpg")
-    assert len(fitted.encode()) <= copies.MAX_NAME_BYTES and fitted.endswith(".jpg")
+    assert len(fitted.encode()) <= filenames.MAX_NAME_BYTES and fitted.endswith(".jpg")
 
 
 def test_a_folder_too_deep_for_any_name_is_a_clear_oserror(tmp_path: Path) -> None:
@@ -104,7 +106,7 @@ def test_kept_sub_folders_are_portable_and_merge_case_variants(tmp_path: Path) -
                                      ["chair", "nul.x"]])
 def test_class_names_that_cannot_be_windows_folders_are_refused(classes: list[str]) -> None:
     from loop.errors import ModelError
-    from loop.sortcore import check_classes
+    from loop.sorting.pipeline import check_classes
 
     check_classes(["chair", "table", "Sofa"])
     with pytest.raises(ModelError, match="Windows"):
@@ -112,7 +114,7 @@ def test_class_names_that_cannot_be_windows_folders_are_refused(classes: list[st
 
 
 def test_moves_follow_the_same_rules(tmp_path: Path) -> None:
-    from loop.moves import move_copy
+    from loop.folders.moves import move_copy
 
     dest = tmp_path / "dest"
     (dest / "desk").mkdir(parents=True)

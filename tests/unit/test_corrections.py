@@ -10,10 +10,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from loop import copies, corrections, manifest
-from loop.app.cli import app
+from loop.data import manifest
 from loop.errors import SortloopError
-from loop.sort import sort_folder
+from loop.folders import corrections
+from loop.sorting import copies
+from loop.sorting.folder import sort_folder
+from sortloop.cli import app
 from tests.unit.sort_helpers import deploy_copy, ikea_classes, sample_ikea
 
 

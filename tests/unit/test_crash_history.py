@@ -11,8 +11,8 @@ import signal
 
 import pytest
 
-from loop import manifest
-from loop.ingest import ingest_folder
+from loop.data import manifest
+from loop.data.ingest import ingest_folder
 from loop.workspace import open_workspace
 from tests.conftest import make_image
 from tests.unit.fault_helpers import hidden_temps, run_child
@@ -20,7 +20,7 @@ from tests.unit.fault_helpers import hidden_temps, run_child
 N = 80
 LABEL = """
 import sys
-from loop import manifest
+from loop.data import manifest
 from loop.workspace import open_workspace
 ws = open_workspace(sys.argv[1])
 ids = list(manifest.load(ws)["image_id"])
@@ -28,7 +28,7 @@ manifest.set_labels(ws, [manifest.LabelChange(i, "chair", "review", "ana@example
 """
 INGEST = """
 import sys
-from loop.ingest import ingest_folder
+from loop.data.ingest import ingest_folder
 from loop.workspace import open_workspace
 ingest_folder(open_workspace(sys.argv[1]), sys.argv[2], labeled=True)
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from loop.app.demo import hold_out
+from sortloop.demo import hold_out
 
 
 def _truth(items_per_class: dict[str, int], photos_per_item: int = 2) -> pd.DataFrame:

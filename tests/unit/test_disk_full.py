@@ -12,11 +12,12 @@ from pathlib import Path
 import pandas as pd
 from typer.testing import CliRunner
 
-from loop import copies, manifest
-from loop.app.cli import app
+from loop.data import manifest
+from loop.data.images import file_sha256
 from loop.errors import DiskFullError
-from loop.images import file_sha256
+from loop.sorting import copies
 from loop.workspace import init_workspace, open_workspace
+from sortloop.cli import app
 from tests.conftest import make_image
 from tests.unit.fault_helpers import fill_disk, hidden_temps, resize_disk, small_disk
 from tests.unit.sort_helpers import deploy_copy

@@ -1,4 +1,4 @@
-"""`loop.embeddings`: backbone features of manifest photos, computed once and then read from the cache."""
+"""`loop.model.embeddings`: backbone features of manifest photos, computed once and then read from the cache."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 
 
 def test_embeddings_cached_and_missing_photos_masked(ws, shared_data, tmp_path, monkeypatch):
-    import loop.embeddings
-    from loop.embeddings import embeddings
-    from loop.ingest import ingest_folder
-    from loop.manifest import load
+    import loop.model.embeddings
+    from loop.data.ingest import ingest_folder
+    from loop.data.manifest import load
+    from loop.model.embeddings import embeddings
 
     src = tmp_path / "photos"
     for cls in ("chair", "sofa"):
@@ -30,7 +30,7 @@ def test_embeddings_cached_and_missing_photos_masked(ws, shared_data, tmp_path, 
     def no_network(*args, **kwargs):
         raise AssertionError("the backbone was loaded although every feature is cached")
 
-    monkeypatch.setattr(loop.embeddings, "create_network", no_network)
+    monkeypatch.setattr(loop.model.embeddings, "create_network", no_network)
     again, ok2 = embeddings(ws, rows)
     np.testing.assert_array_equal(again, feats)
     assert ok2.tolist() == ok.tolist()

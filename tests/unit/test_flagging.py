@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loop.calibration import calibrated, expected_calibration_error, fit_temperature
 from loop.config import SortConfig
-from loop.flagging import catch_curve, describe, estimate, flags, operating_point, settings_point
-from loop.select import least_confidence
+from loop.model.calibration import calibrated, expected_calibration_error, fit_temperature
+from loop.scoring.flagging import catch_curve, describe, estimate, flags, operating_point, settings_point
+from loop.scoring.strategies import least_confidence
 
 
 def overconfident(n: int = 2000, k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from loop import manifest, registry
-from loop.app.cli import app
+from loop.data import manifest
 from loop.errors import ModelError
-from loop.gate import Paired, compare, deploy, deployment_stack, gate_rows, rollback
-from loop.train import train, training_set
+from loop.learning import registry
+from loop.learning.gate import Paired, compare, deploy, deployment_stack, gate_rows, rollback
+from loop.learning.train import train, training_set
+from sortloop.cli import app
 from tests.unit.model_helpers import copy_workspace
 
 RULES = {"min_accuracy_gain": -0.10, "alpha": 0.05, "max_recall_drop": 0.10, "min_class_support": 10,
@@ -186,7 +187,7 @@ def test_a_reviewed_photo_changes_the_next_candidates_training_set(trained_ikea,
 def test_without_a_gate_set_the_gate_compares_both_versions_out_of_fold(ws, tmp_path, shared_data):
     """Too few items per class for a gate set: first deploy on out-of-fold accuracy, then both versions out of
     fold on the same photos; a version without out-of-fold predictions: on items it never saw."""
-    from loop.ingest import ingest_folder
+    from loop.data.ingest import ingest_folder
     from loop.workspace import open_workspace
     from tests.unit.model_helpers import tiny_ikea_folder
 

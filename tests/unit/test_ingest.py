@@ -9,12 +9,12 @@ from collections import defaultdict
 import pandas as pd
 from typer.testing import CliRunner
 
-from loop import manifest
-from loop.app.cli import app
-from loop.images import file_sha256
-from loop.ingest import ingest_folder
-from loop.splits import straddling_items
+from loop.data import manifest
+from loop.data.images import file_sha256
+from loop.data.ingest import ingest_folder
+from loop.data.splits import straddling_items
 from loop.workspace import open_workspace
+from sortloop.cli import app
 from tests.conftest import make_image
 
 runner = CliRunner()

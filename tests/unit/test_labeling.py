@@ -68,7 +68,7 @@ def test_decide_skip_only_and_empty_results():
 
 def test_select_candidates_order_and_exclusions():
     from labeling.push import select_candidates
-    from loop.manifest import COLUMNS
+    from loop.data.manifest import COLUMNS
     from loop.tables import conform
 
     df = conform(pd.DataFrame({
@@ -173,8 +173,8 @@ def test_known_classes_are_the_deployed_models_then_the_manifests(ws):
     import json
 
     from labeling.project import known_classes
-    from loop import manifest as mf
-    from loop.registry import new_version_dir, set_current
+    from loop.data import manifest as mf
+    from loop.learning.registry import new_version_dir, set_current
     from loop.tables import conform
 
     rows = pd.DataFrame({"image_id": ["a", "b", "c"], "path": ["/p/a", "/p/b", "/p/c"],

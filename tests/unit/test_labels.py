@@ -9,11 +9,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from loop import manifest as mf
-from loop.app.cli import app
+from loop.data import manifest as mf
+from loop.data.ingest import ingest_folder
+from loop.data.labels import image_history, select_labels
 from loop.errors import ManifestError
-from loop.ingest import ingest_folder
-from loop.labels import image_history, select_labels
+from sortloop.cli import app
 from tests.conftest import make_image
 
 runner = CliRunner()

@@ -12,14 +12,14 @@ import time
 import pandas as pd
 import pytest
 
-from loop import manifest
+from loop.data import manifest
 from loop.errors import ConfigError, ManifestError
 from loop.workspace import init_workspace, open_workspace
 
 WRITER = textwrap.dedent(
     """
     import sys, pandas as pd
-    from loop import manifest
+    from loop.data import manifest
     from loop.workspace import open_workspace
     ws = open_workspace(sys.argv[1]); tag = sys.argv[2]; n = int(sys.argv[3]); rows = int(sys.argv[4])
     for i in range(n):

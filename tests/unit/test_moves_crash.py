@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from loop import copies, corrections, manifest, moves
-from loop.apply import apply_labels
-from loop.resort import resort, resort_runs, undo_resort
+from loop.data import manifest
+from loop.folders import corrections, moves
+from loop.folders.apply import apply_labels
+from loop.folders.resort import resort, resort_runs, undo_resort
+from loop.sorting import copies
 from tests.unit.sort_helpers import files_under, ikea_classes, sort_sample
 from tests.unit.test_resort import deploy_reversed, tree_state
 
@@ -28,7 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 CHILD = """
 import os, signal, sys
-from loop import copies, moves
+from loop.sorting import copies
+from loop.folders import moves
 from loop.workspace import open_workspace
 
 root, dest, job, moment, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
@@ -56,10 +59,10 @@ elif moment == "after_link":  # no renameat2 here: the n-th copy has its new nam
 elif moment == "before_records":  # every file moved, nothing recorded yet
     moves.copies.update_records = die
 if job == "apply":
-    from loop.apply import apply_labels
+    from loop.folders.apply import apply_labels
     apply_labels(ws)
 else:
-    from loop.resort import resort
+    from loop.folders.resort import resort
     resort(ws, dest)
 raise SystemExit("not killed")
 """

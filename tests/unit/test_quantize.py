@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loop import copies, quantize
-from loop.artifact import INT8_FILE, load_predictor, read_spec, softmax
-from loop.images import load_model_input, normalise
-from loop.registry import current_model_dir
-from loop.sort import sort_folder
+from loop.data.images import load_model_input, normalise
+from loop.learning.registry import current_model_dir
+from loop.model import quantize
+from loop.model.artifact import INT8_FILE, load_predictor, read_spec, softmax
+from loop.sorting import copies
+from loop.sorting.folder import sort_folder
 from tests.unit.sort_helpers import deploy_copy, sample_ikea
 
 
@@ -139,7 +140,7 @@ def _expected(model_dir: Path, folder: Path, precision: str) -> dict[str, float]
 
 
 def test_status_says_which_model_sort_runs_and_why(ws, sort_model, photos, monkeypatch) -> None:
-    from loop.app.status import collect_status, format_status
+    from sortloop.status import collect_status, format_status
 
     _, batch = photos
     model_dir = _deployed(ws, sort_model)

@@ -17,8 +17,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from loop import copies, manifest  # noqa: E402
-from loop.sort import REVIEW_CSV, sort_folder  # noqa: E402
+from loop.data import manifest  # noqa: E402
+from loop.sorting import copies  # noqa: E402
+from loop.sorting.folder import REVIEW_CSV, sort_folder  # noqa: E402
 from loop.workspace import init_workspace  # noqa: E402
 from tests.unit.sort_helpers import deploy_copy, sample_ikea  # noqa: E402
 
@@ -168,9 +169,9 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(ray_local, trained
 def test_ray_feature_extraction_fills_the_cache_like_local(ray_local, trained_ikea, tmp_path, monkeypatch) -> None:
     """With model.feature_engine = "ray" (what `train --ray` sets), features missing from the cache are
     computed by Ray actors, identical to the local ones, and written into the same cache."""
-    import loop.features
-    from loop.backbones import create_network, get_backbone
-    from loop.head import _features
+    import loop.model.features
+    from loop.model.backbones import create_network, get_backbone
+    from loop.model.head import _features
     from tests.unit.model_helpers import copy_workspace
 
     ws = copy_workspace(trained_ikea[0], tmp_path / "ws")
@@ -184,7 +185,7 @@ def test_ray_feature_extraction_fills_the_cache_like_local(ray_local, trained_ik
     def no_local(*args, **kwargs):
         raise AssertionError("features computed locally despite feature_engine = 'ray'")
 
-    monkeypatch.setattr(loop.features, "body_features", no_local)  # the driver's; Ray actors import their own
+    monkeypatch.setattr(loop.model.features, "body_features", no_local)  # the driver's; Ray actors import their own
     ws.settings.model.feature_engine = "ray"
     backbone = get_backbone(ws.settings.model.backbone)
     net = create_network(ws, backbone.name, 3)  # the same pretrained body; the classifier plays no part
@@ -199,10 +200,10 @@ def test_cli_ray_options_select_the_ray_engine(ws, monkeypatch) -> None:
     """`train --ray` and `sort --ray --ray-address` hand the engine and the cluster address to the library."""
     from typer.testing import CliRunner
 
-    import loop.sort
-    import loop.train
-    from loop.app.cli import app
+    import loop.learning.train
+    import loop.sorting.folder
     from loop.errors import SortloopError
+    from sortloop.cli import app
 
     seen = {}
 
@@ -214,8 +215,8 @@ def test_cli_ray_options_select_the_ray_engine(ws, monkeypatch) -> None:
         seen["sort"] = (kwargs["engine"], ws.settings.ray.address)
         raise SortloopError("stop here")
 
-    monkeypatch.setattr(loop.train, "train", fake_train)
-    monkeypatch.setattr(loop.sort, "sort_folder", fake_sort)
+    monkeypatch.setattr(loop.learning.train, "train", fake_train)
+    monkeypatch.setattr(loop.sorting.folder, "sort_folder", fake_sort)
     runner = CliRunner()
     runner.invoke(app, ["train", "--ray", "--ray-address", "head:6379", "-w", str(ws.root)])
     runner.invoke(app, ["sort", "a", "b", "--ray", "--ray-address", "local", "-w", str(ws.root)])

@@ -7,10 +7,10 @@ import re
 from PIL import Image
 from typer.testing import CliRunner
 
-from loop import manifest
-from loop.app.cli import app
-from loop.report import PLOTS, _versions, current_confusion, label_rounds, write_report
+from loop.data import manifest
 from loop.workspace import Workspace
+from sortloop.cli import app
+from sortloop.report import PLOTS, _versions, current_confusion, label_rounds, write_report
 from tests.unit.serve_helpers import build
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 from PIL import Image
 
-from loop import manifest
-from loop.mistakes import PREDICTIONS_FILE, worst_mistakes
-from loop.report import PLOTS, _versions, label_rounds, plot_labels, plot_recall, write_report
+from loop.data import manifest
+from sortloop.mistakes import PREDICTIONS_FILE, worst_mistakes
+from sortloop.report import PLOTS, _versions, label_rounds, plot_labels, plot_recall, write_report
 from tests.unit.serve_helpers import build
 
 

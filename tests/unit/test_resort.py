@@ -16,14 +16,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from loop import copies, corrections, manifest
-from loop.app.cli import app
-from loop.apply import apply_labels
+from loop.data import manifest
 from loop.errors import SortloopError
-from loop.resort import resort, undo_resort
-from loop.review_list import REVIEW_CSV
-from loop.sort import sort_folder
+from loop.folders import corrections
+from loop.folders.apply import apply_labels
+from loop.folders.resort import resort, undo_resort
+from loop.sorting import copies
+from loop.sorting.folder import sort_folder
+from loop.sorting.review_csv import REVIEW_CSV
 from loop.workspace import Workspace
+from sortloop.cli import app
 from tests.unit.sort_helpers import deploy_copy, sample_ikea
 
 
@@ -132,7 +134,7 @@ def test_resort_keeps_peoples_photos_and_undo_restores_the_tree_exactly(sorted_t
 
 
 def test_a_label_given_while_the_model_runs_keeps_the_copy(sorted_tree, sort_model, monkeypatch) -> None:
-    from loop import resort as resort_module
+    from loop.folders import resort as resort_module
 
     ws, dest, _ = sorted_tree
     deploy_reversed(ws, sort_model)
@@ -152,7 +154,7 @@ def test_a_label_given_while_the_model_runs_keeps_the_copy(sorted_tree, sort_mod
 
 
 def test_serve_step_resorts_every_tree_after_a_deploy_unless_turned_off(sorted_tree, sort_model, monkeypatch) -> None:
-    from loop.app.jobs import resort_step
+    from sortloop.jobs import resort_step
 
     ws, dest, _ = sorted_tree
     deploy_reversed(ws, sort_model)

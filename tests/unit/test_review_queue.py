@@ -1,4 +1,4 @@
-"""`loop.review_queue` and `sortloop select`: what a reviewer sees next, queued in order, within a budget."""
+"""`loop.review.queue` and `sortloop select`: what a reviewer sees next, queued in order, within a budget."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from typer.testing import CliRunner
 
-from loop import manifest as mf
-from loop import review_queue as rq
+from loop.data import manifest as mf
 from loop.errors import ConfigError
+from loop.review import queue as rq
 from tests.unit.queue_helpers import centres_for, synthetic_workspace
 
 CLASSES = ["bed", "chair", "sofa"]
@@ -86,7 +86,7 @@ def test_push_order_and_budget():
     import pandas as pd
 
     from labeling.push import select_candidates, within_budget
-    from loop.manifest import COLUMNS
+    from loop.data.manifest import COLUMNS
     from loop.tables import conform
 
     df = conform(pd.DataFrame({
@@ -105,7 +105,7 @@ def test_push_order_and_budget():
 
 
 def test_select_command(ws, monkeypatch):
-    from loop.app.cli import app
+    from sortloop.cli import app
 
     make(ws, monkeypatch, labeled_per_class=5)
     result = CliRunner().invoke(app, ["select", "--budget", "3", "--strategy", "margin", "-w", str(ws.root)])

@@ -18,10 +18,10 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from typer.testing import CliRunner
 
-from loop.app import jobs, schedule
-from loop.app.cli import app
 from loop.errors import ManifestError, WorkspaceError
 from loop.workspace import Workspace
+from sortloop import jobs, schedule
+from sortloop.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,7 +74,7 @@ def test_jobs_have_fixed_ids_options_and_a_store_in_the_workspace(ws, utc_env, m
         jobs = {job.id: job for job in scheduler.get_jobs()}
         assert set(jobs) == {"pull", "push", "scan", "watch", "retrain"}
         for job_id, job in jobs.items():
-            assert job.func_ref == "loop.app.jobs:run_job"
+            assert job.func_ref == "sortloop.jobs:run_job"
             assert job.args == (job_id, str(ws.root))
             assert job.coalesce is True and job.max_instances == 1 and job.misfire_grace_time == 1234
         assert str(jobs["retrain"].trigger) == "cron[month='*', day='*', day_of_week='*', hour='2', minute='0']"
@@ -216,7 +216,7 @@ def test_second_serve_on_the_same_workspace_refuses(ws):
 SERVE_SCRIPT = """
 import sys, time
 from pathlib import Path
-from loop.app import jobs, schedule
+from sortloop import jobs, schedule
 from loop.workspace import open_workspace
 
 marks = Path(sys.argv[2])
@@ -272,9 +272,9 @@ def test_serve_refuses_a_second_process_and_stops_cleanly_on_sigterm(ws, tmp_pat
 
 
 def test_retrain_is_skipped_when_no_labels_changed_since_the_last_version(ws, tmp_path, monkeypatch):
-    from loop.ingest import ingest_folder
-    from loop.manifest import LabelChange, load, set_labels
-    from loop.train import labels_fingerprint
+    from loop.data.ingest import ingest_folder
+    from loop.data.manifest import LabelChange, load, set_labels
+    from loop.learning.train import labels_fingerprint
     from tests.conftest import make_image
 
     for i, (cls, color) in enumerate([("red", (200, 10, 10)), ("blue", (10, 10, 200))] * 3):

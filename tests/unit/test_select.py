@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from loop.errors import ConfigError
-from loop.select import STRATEGIES, entropy, get_strategy, least_confidence, margin, score, top_k
+from loop.scoring.strategies import STRATEGIES, entropy, get_strategy, least_confidence, margin, score, top_k
 
 
 def random_probs(n: int, k: int, seed: int = 0) -> np.ndarray:

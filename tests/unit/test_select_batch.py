@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loop import pickers
 from loop.errors import ConfigError
-from loop.select import BATCH_STRATEGIES, Pool, get_batch_strategy, is_cold_start, margin, select_batch
+from loop.scoring import pickers
+from loop.scoring.strategies import BATCH_STRATEGIES, Pool, get_batch_strategy, is_cold_start, margin, select_batch
 
 
 def blobs(n_classes: int = 4, per_class: int = 30, dims: int = 16, spread: float = 0.3, seed: int = 0):
@@ -152,7 +152,7 @@ def test_margin_scores_unchanged_for_flags() -> None:
 
 
 def test_one_per_item_takes_each_items_best_photo_first():
-    from loop.select import one_per_item
+    from loop.scoring.strategies import one_per_item
 
     items = np.array(["a", "a", "b", "a", "c", "b"])
     order = np.array([0, 1, 3, 2, 5, 4])  # most useful first: three photos of item a lead

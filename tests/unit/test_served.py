@@ -8,8 +8,8 @@ import stat
 import pytest
 
 from labeling import served
+from loop.data.images import file_sha256
 from loop.errors import ConfigError
-from loop.images import file_sha256
 from loop.workspace import open_workspace
 from tests.conftest import make_image
 

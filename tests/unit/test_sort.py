@@ -13,14 +13,15 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from loop import copies, manifest
-from loop.app.cli import app
-from loop.decode import decode_one, decode_stream
-from loop.images import file_sha256, load_model_input, open_image, perceptual_hash
-from loop.items import exif_taken_at
-from loop.registry import set_current
-from loop.sort import REVIEW_CSV, sort_folder
+from loop.data import manifest
+from loop.data.decode import decode_one, decode_stream
+from loop.data.images import file_sha256, load_model_input, open_image, perceptual_hash
+from loop.data.items import exif_taken_at
+from loop.learning.registry import set_current
+from loop.sorting import copies
+from loop.sorting.folder import REVIEW_CSV, sort_folder
 from loop.workspace import Workspace
+from sortloop.cli import app
 from tests.unit.sort_helpers import deploy_copy, files_under, ikea_classes, sample_ikea
 
 
@@ -152,7 +153,7 @@ def test_flags_follow_the_target_through_the_models_catch_curve(ws, sort_model, 
     """The deployed model's stored catch curve turns `sort.flag_target` into the threshold sort uses."""
     import json
 
-    from loop.flagging import catch_curve, settings_point
+    from loop.scoring.flagging import catch_curve, settings_point
 
     deploy_copy(ws, sort_model)
     src = tmp_path / "inbox"
@@ -242,7 +243,7 @@ def test_decode_matches_the_one_preprocessing_path(shared_data, tmp_path) -> Non
         rec = decode_one(path, 224)
         assert rec.ok and rec.image_id == file_sha256(path) and rec.phash
         np.testing.assert_array_equal(rec.pixels, load_model_input(path, 224))
-        # pHash and EXIF time exactly as ingest computes them (loop.items), from the same decode
+        # pHash and EXIF time exactly as ingest computes them (loop.data.items), from the same decode
         oriented = open_image(path, draft_size=224)
         assert rec.phash == perceptual_hash(oriented)
         assert rec.taken_at == (exif_taken_at(oriented) if oriented.getexif() else None)
@@ -304,7 +305,7 @@ def test_refuses_dest_inside_src_and_missing_model(ws, tmp_path) -> None:
 @pytest.mark.parametrize("name", ["", "..", "a/b", "_misc", ".hidden"])
 def test_unusable_class_names_are_refused(name: str) -> None:
     from loop.errors import ModelError
-    from loop.sortcore import check_classes as _check_classes
+    from loop.sorting.pipeline import check_classes as _check_classes
 
     _check_classes(["chair", "table"])
     with pytest.raises(ModelError, match="category folder"):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from loop.app.cli import app
 from loop.errors import SortloopError
-from loop.sort import sort_folder
+from loop.sorting.folder import sort_folder
+from sortloop.cli import app
 from tests.unit.sort_helpers import deploy_copy, files_under, ikea_classes, sample_ikea
 
 
@@ -56,8 +56,9 @@ def test_a_symlinked_sub_folder_fails_its_files_only(deployed, shared_data, tmp_
 
 
 def test_apply_does_not_move_a_copy_into_a_symlinked_category(deployed, shared_data, tmp_path) -> None:
-    from loop import copies, manifest
-    from loop.apply import apply_labels
+    from loop.data import manifest
+    from loop.folders.apply import apply_labels
+    from loop.sorting import copies
 
     src, dest, elsewhere = tmp_path / "inbox", tmp_path / "sorted", tmp_path / "elsewhere"
     sample_ikea(shared_data, src, per_class=1, classes=1)

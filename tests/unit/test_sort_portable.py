@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 
-from loop import manifest
+from loop.data import manifest
 from tests.unit.model_helpers import REPO
 from tests.unit.sort_helpers import deploy_copy, sample_ikea
 
@@ -21,7 +21,7 @@ import json, sys
 sys.modules["torch"] = None  # any `import torch...` or `import fastai...` now raises ImportError
 sys.modules["fastai"] = None
 from typer.testing import CliRunner
-from loop.app.cli import app
+from sortloop.cli import app
 result = CliRunner().invoke(app, ["sort", sys.argv[1], sys.argv[2], "-w", sys.argv[3]])
 heavy = sorted({m.split(".")[0] for m in sys.modules if sys.modules[m]} & {"torch", "fastai", "timm"})
 print(json.dumps({"exit": result.exit_code, "output": result.output, "heavy": heavy}))

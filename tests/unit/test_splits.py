@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from loop.config import SplitConfig
-from loop.manifest import COLUMNS
-from loop.splits import assign_splits, straddling_items
+from loop.data.manifest import COLUMNS
+from loop.data.splits import assign_splits, straddling_items
 from loop.tables import conform
 
 

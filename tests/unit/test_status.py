@@ -13,11 +13,11 @@ import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 from typer.testing import CliRunner
 
-from loop import manifest
-from loop.app import jobs, schedule
-from loop.app.cli import app
-from loop.app.status import collect_status, format_status
+from loop.data import manifest
 from loop.workspace import Workspace
+from sortloop import jobs, schedule
+from sortloop.cli import app
+from sortloop.status import collect_status, format_status
 from tests.unit.serve_helpers import build
 
 

@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from loop import manifest, registry
-from loop.app.cli import app
-from loop.artifact import read_spec
+from loop.data import manifest
 from loop.errors import ModelError
-from loop.train import labeled_rows, labels_fingerprint, train
+from loop.learning import registry
+from loop.learning.train import labeled_rows, labels_fingerprint, train
+from loop.model.artifact import read_spec
+from sortloop.cli import app
 from tests.unit.model_helpers import PREDICT_CODE, copy_workspace, run_without_fastai, tiny_ikea_folder
 
 MIN_ACCURACY = 0.6  # 11 classes: chance is ~0.09
@@ -140,7 +141,7 @@ def test_finetune_artifact_matches_fastai_get_preds_without_fastai(tiny_finetune
 def test_finetune_keeps_pretrained_batchnorm_statistics(tiny_finetuned):
     from safetensors.torch import load_file
 
-    from loop.backbones import pretrained_weights
+    from loop.model.backbones import pretrained_weights
 
     ws, model_dir, _ = tiny_finetuned
     trained = load_file(str(model_dir / "model.safetensors"))
@@ -155,7 +156,7 @@ def test_finetune_keeps_pretrained_batchnorm_statistics(tiny_finetuned):
 def test_an_item_keeps_its_fold_when_other_items_arrive():
     import numpy as np
 
-    from loop.head import item_folds
+    from loop.model.head import item_folds
 
     groups = np.repeat([f"item{i}" for i in range(30)], 3)
     more = np.concatenate([groups, np.repeat([f"new{i}" for i in range(12)], 2)])
@@ -180,7 +181,7 @@ def test_an_item_keeps_its_fold_when_other_items_arrive():
 def test_a_class_whose_items_share_one_fold_is_still_predicted_out_of_fold():
     import numpy as np
 
-    from loop.head import choose_c, class_rescues, item_folds
+    from loop.model.head import choose_c, class_rescues, item_folds
 
     groups = np.repeat([f"obj{i}" for i in range(24)], 4)  # 8 classes x 3 objects, like eth80's labeled part
     y = np.repeat(np.arange(24) // 3, 4)

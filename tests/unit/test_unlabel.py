@@ -6,9 +6,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from loop import manifest
-from loop.images import file_sha256
-from loop.ingest import ImageInfo, register_images
+from loop.data import manifest
+from loop.data.images import file_sha256
+from loop.data.ingest import ImageInfo, register_images
 from tests.conftest import make_image
 
 

@@ -10,11 +10,11 @@ import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 from typer.testing import CliRunner
 
-from loop import watchlist
-from loop.app import jobs, schedule
-from loop.app.cli import app
 from loop.errors import ConfigError
+from loop.folders import watchlist
 from loop.workspace import Workspace
+from sortloop import jobs, schedule
+from sortloop.cli import app
 from tests.unit.test_schedule import counted, utc_env, wait_for  # noqa: F401  (fixtures)
 
 runner = CliRunner()

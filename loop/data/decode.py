@@ -1,0 +1,301 @@
+"""A streaming, bounded-memory decode pipeline: paths in, model inputs out, in order, in worker processes.
+
+Each file becomes a `Decoded` record: its sha256 (`image_id`), the model's view of it (uint8
+(size, size, 3), exactly what `loop.data.images.load_model_input` returns: JPEG draft + EXIF transpose +
+RGB + resize + centre crop), its perceptual hash and EXIF time (for the manifest), or, if it cannot be
+read, a one-line `error`. A broken file never raises out of the pipeline — not even one that crashes
+the decoder process: the pool is rebuilt and the culprit is reported.
+
+Why processes: decoding is CPU-bound Python/C that holds the GIL in places; worker processes decode the
+next images while the main process runs the model, and at most `prefetch` chunks are in flight, so
+memory stays flat however many files there are. Workers are started with "spawn" (never "fork"), because
+the main process may hold ONNX Runtime / torch threads.
+Caveat: results come back in input order, so one slow file (a huge PNG) delays the ones behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from loop.errors import ImageError, SortloopError
+from loop.data.images import check_regular_file, exif_time_raw, file_sha256, open_image, perceptual_hash, resize_and_crop
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+POOL_START_TIMEOUT_S = 120.0
+CRASH_RETRIES = 1  # a file is retried alone this many times after its decoder process died
+
+
+@dataclass
+class Decoded:
+    """One file after decoding. `pixels` is None (and `error` set) when it could not be read."""
+
+    path: Path
+    image_id: str | None = None
+    pixels: np.ndarray | None = None  # uint8 (size, size, 3)
+    phash: str | None = None
+    taken_raw: str | None = None  # EXIF DateTimeOriginal as written; `taken_at` parses it
+    size_bytes: int = -1
+    mtime_ns: int = -1
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def taken_at(self) -> pd.Timestamp | None:
+        """EXIF capture time as a UTC timestamp (camera local time taken as UTC), or None."""
+        from loop.data.items import parse_exif_time  # pandas: only in the main process, never in workers
+
+        return parse_exif_time(self.taken_raw)
+
+
+def decode_one(path: Path, size: int, describe: bool = True) -> Decoded:
+    """Hash and decode one file into a `Decoded`; never raises (a failure becomes `error`).
+
+    Args:
+        path: the image file.
+        size: the model's input size (square).
+        describe: also compute the perceptual hash and EXIF time the manifest wants for new images.
+    """
+    path = Path(path)
+    rec = Decoded(path=path)
+    try:
+        st = check_regular_file(path)
+        rec.size_bytes, rec.mtime_ns = st.st_size, st.st_mtime_ns
+        rec.image_id = file_sha256(path)
+        # Same steps as loop.data.images.load_model_input, split so the oriented image also feeds pHash.
+        img = open_image(path, draft_size=size)
+        rec.pixels = np.asarray(resize_and_crop(img, size), dtype=np.uint8)
+        if describe:
+            rec.phash, rec.taken_raw = perceptual_hash(img), exif_time_raw(img)
+    except ImageError as exc:
+        rec.error = exc.reason
+    except OSError as exc:  # vanished, permission denied, symlink loop, I/O error while hashing
+        rec.error = f"unreadable ({exc.strerror or exc})"
+    except Exception as exc:  # noqa: BLE001 - a decoder bug on one odd file must not stop a sort of thousands
+        logger.warning("unexpected error decoding %s", path, exc_info=True)
+        rec.error = f"unexpected decoder error ({type(exc).__name__}: {exc})"
+    if rec.error is not None:
+        rec.pixels = None
+    return rec
+
+
+def decode_chunk(paths: list[Path], size: int, describe: bool = True) -> list[Decoded]:
+    """`decode_one` over a few paths: one inter-process round trip for several files."""
+    return [decode_one(p, size, describe) for p in paths]
+
+
+DecodeFn = Callable[[list[Path], int, bool], list[Decoded]]
+
+
+@dataclass
+class _Task:
+    paths: list[Path]
+    future: Future | None
+    pool_generation: int
+    attempts: int = 0
+
+
+def _succeeded(future: Future | None) -> bool:
+    return future is not None and future.done() and not future.cancelled() and future.exception() is None
+
+
+def _ping() -> bool:
+    return True
+
+
+def _start_pool(workers: int) -> tuple[ProcessPoolExecutor, Future]:
+    """A spawn-context pool; the returned ping future says whether its processes started."""
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return pool, pool.submit(_ping)
+
+
+def _check_started(pool: ProcessPoolExecutor, ping: Future) -> None:
+    """A pool whose processes cannot start is an error for the whole run, not N failed files."""
+    try:
+        ping.result(timeout=POOL_START_TIMEOUT_S)
+    except (BrokenProcessPool, TimeoutError) as exc:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise SortloopError(
+            f"decoder worker processes did not start ({type(exc).__name__}). If you call sortloop from a "
+            "script, put the call under `if __name__ == \"__main__\":`; or set sort.workers = 0"
+        ) from None
+
+
+class DecodeStream:
+    """The parallel pipeline behind `decode_stream`: starts its worker processes and the first tasks at
+    construction (so they warm up while the caller loads its model), yields `Decoded` in input order."""
+
+    def __init__(self, paths: Iterable[Path], size: int, *, workers: int, chunk: int, prefetch: int,
+                 describe: bool, decode_fn: DecodeFn) -> None:
+        self.source = iter(paths)
+        self.size, self.workers, self.chunk, self.prefetch = size, workers, chunk, prefetch
+        self.describe, self.decode_fn = describe, decode_fn
+        self.pool, self._ping = _start_pool(workers)
+        self.generation = 0
+        self.queue: deque[_Task] = deque()
+        self._closed = False
+        self._refill()
+        self._gen = self._run()
+
+    def __iter__(self) -> DecodeStream:
+        return self
+
+    def __next__(self) -> Decoded:
+        return next(self._gen)
+
+    def __enter__(self) -> DecodeStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop: cancel what is queued and let the worker processes exit."""
+        if not self._closed:
+            self._closed = True
+            self._gen.close()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, task: _Task) -> None:
+        task.future = self.pool.submit(self.decode_fn, task.paths, self.size, self.describe)
+        task.pool_generation = self.generation
+
+    def _refill(self) -> None:
+        while len(self.queue) < self.prefetch:
+            block = [Path(p) for p in islice(self.source, self.chunk)]
+            if not block:
+                return
+            task = _Task(block, None, self.generation)
+            self._submit(task)
+            self.queue.append(task)
+
+    def _restart_pool(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool, ping = _start_pool(self.workers)
+        _check_started(self.pool, ping)
+        self.generation += 1
+        logger.warning("a decoder process died; restarted the pool")
+
+    def _run(self) -> Iterator[Decoded]:
+        _check_started(self.pool, self._ping)
+        queue = self.queue
+        while queue:
+            task = queue[0]
+            try:
+                results = task.future.result()  # type: ignore[union-attr]
+            except BrokenProcessPool:
+                # A decoder process died (a crashing codec, the OOM killer). Rebuild the pool once per
+                # breakage, then retry the broken task's files one by one so only the culprit fails.
+                if task.pool_generation == self.generation:
+                    self._restart_pool()
+                queue.popleft()
+                if len(task.paths) > 1:
+                    retry = [_Task([p], None, self.generation) for p in task.paths]
+                elif task.attempts < CRASH_RETRIES:
+                    retry = [_Task(task.paths, None, self.generation, task.attempts + 1)]
+                else:
+                    yield Decoded(path=task.paths[0], error="the decoder process crashed on this file")
+                    continue
+                for t in retry:
+                    self._submit(t)
+                queue.extendleft(reversed(retry))
+                # tasks queued behind were submitted to the dead pool: resubmit them to the new one
+                for t in queue:
+                    if t.pool_generation != self.generation and not _succeeded(t.future):
+                        self._submit(t)
+                continue
+            queue.popleft()
+            self._refill()
+            yield from results
+
+
+def decode_stream(
+    paths: Iterable[Path],
+    size: int,
+    *,
+    workers: int = 2,
+    chunk: int = 4,
+    prefetch: int | None = None,
+    describe: bool = True,
+    decode_fn: DecodeFn = decode_chunk,
+) -> Iterator[Decoded]:
+    """Decode `paths` lazily, in order, with at most `prefetch` chunks of `chunk` files in flight.
+
+    With workers > 0 the processes start and the first `prefetch` chunks are taken from `paths` and
+    submitted right away (call `.close()` on the result, or use it as a context manager, to stop early).
+
+    Args:
+        paths: any iterable (a generator over a huge tree is fine: it is consumed as needed).
+        size: model input size.
+        workers: decoder processes; 0 decodes in this process (no overlap with inference).
+        chunk: files per task sent to a worker.
+        prefetch: chunks in flight (default 4 per worker).
+        describe: compute pHash and EXIF time too.
+        decode_fn: module-level function (picklable) doing the work; tests swap it.
+    Yields:
+        One `Decoded` per path, in input order.
+    Raises:
+        SortloopError: the worker processes cannot start at all.
+
+    Example:
+        >>> with decode_stream(iter_image_files(folder), 224, workers=2) as stream:   # doctest: +SKIP
+        ...     for rec in stream:
+        ...         print(rec.path, rec.error or rec.pixels.shape)
+    """
+    if workers <= 0:
+        return _serial(iter(paths), size, describe, decode_fn)
+    return DecodeStream(paths, size, workers=workers, chunk=chunk, prefetch=prefetch or 4 * workers,
+                        describe=describe, decode_fn=decode_fn)
+
+
+class _Serial:
+    """`decode_stream` with no worker processes (same interface: iterator with close and with-support)."""
+
+    def __init__(self, gen: Iterator[Decoded]) -> None:
+        self._gen = gen
+
+    def __iter__(self) -> _Serial:
+        return self
+
+    def __next__(self) -> Decoded:
+        return next(self._gen)
+
+    def __enter__(self) -> _Serial:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._gen.close()  # type: ignore[attr-defined]
+
+
+def _serial(source: Iterator, size: int, describe: bool, decode_fn: DecodeFn) -> _Serial:
+    def run() -> Iterator[Decoded]:
+        for path in source:
+            yield from decode_fn([Path(path)], size, describe)
+
+    return _Serial(run())
+
+
+def default_workers(configured: int) -> int:
+    """The configured worker count, capped at the number of CPUs (at least 0)."""
+    return max(0, min(configured, os.cpu_count() or 1))

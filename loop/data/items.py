@@ -1,0 +1,139 @@
+"""Item groups: which photos show the same physical item, so they always land on the same side of a split.
+
+The rule, in priority order:
+1. `csv`: an explicit `item_id` from a CSV the user passes (columns `path,item_id`).
+2. `exact`: byte-identical files are one manifest row already (the key is the sha256 of the bytes).
+3. `near_duplicate`: perceptual hashes (pHash, 64 bits) within `items.near_duplicate_distance` bits join
+   the item of the earlier photo (re-encodes, resizes, small crops of the same shot), unless both photos
+   carry different labels. Default 2 bits: on ikea_products (plain white backgrounds) 4 bits joined
+   46 pairs, 6 of them across classes; 2 bits joined 26, 25 within one class (bench/item_groups.py).
+4. `burst`: photos in the same folder whose EXIF DateTimeOriginal lie within `items.burst_seconds` of
+   each other (off by default: on our data it merged different items shot in one session).
+5. `single`: otherwise the photo is its own item.
+
+Caveat: an image joins an existing item but two existing items are never merged afterwards, because
+merging could put one item on both sides of a split that is already in use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from loop.data.images import exif_time_raw
+
+
+def parse_exif_time(raw: str | None) -> pd.Timestamp | None:
+    """An EXIF date ("2024:05:01 13:45:10") as a UTC timestamp (camera local time taken as UTC), or None."""
+    if not raw:
+        return None
+    try:
+        return pd.Timestamp(pd.to_datetime(raw.strip("\x00 "), format="%Y:%m:%d %H:%M:%S"), tz="UTC")
+    except (ValueError, TypeError):
+        return None
+
+
+def exif_taken_at(img: Image.Image) -> pd.Timestamp | None:
+    """The image's EXIF capture time (DateTimeOriginal, else DateTime) as a UTC timestamp, or None."""
+    return parse_exif_time(exif_time_raw(img))
+
+
+def _hash_bits(hashes: Sequence[str]) -> np.ndarray:
+    return np.array([int(h, 16) for h in hashes], dtype=np.uint64)
+
+
+def _popcount64(x: np.ndarray) -> np.ndarray:
+    """Number of set bits per uint64 (vectorised SWAR popcount)."""
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
+
+
+def nearest_by_hash(query: np.uint64, pool: np.ndarray, max_distance: int, allowed: np.ndarray) -> int:
+    """Index of the pool hash closest to `query` within `max_distance` bits (among `allowed`), else -1.
+
+    Shapes: pool (P,) uint64 hash bits, allowed (P,) bool.
+    """
+    if len(pool) == 0:
+        return -1
+    dist = _popcount64(np.bitwise_xor(pool, query)).astype(np.int64)
+    dist[~allowed] = 65
+    j = int(np.argmin(dist))
+    return j if dist[j] <= max_distance else -1
+
+
+def single_item_id(image_id: str) -> str:
+    return f"img-{image_id[:16]}"
+
+
+def assign_items(
+    new: pd.DataFrame,
+    existing: pd.DataFrame,
+    *,
+    near_duplicate_distance: int,
+    burst_seconds: float,
+) -> pd.DataFrame:
+    """Fill `item_id`/`item_rule` for rows of `new` that have none, following the module's rule.
+
+    Args:
+        new: rows being added (columns image_id, path, phash, taken_at, item_id, item_rule); rows with an
+            item_id already (from a CSV) are kept as they are.
+        existing: the manifest before this addition (its items are joined, never changed).
+    Returns:
+        `new` with item_id and item_rule filled for every row.
+    """
+    new = new.copy()
+    todo = new["item_id"].isna()
+    # Pool = existing photos with a hash, then the new ones in order: a photo may join an earlier one.
+    # Hash bits and labels are known up front; the pool grows as rows get their item (`size`).
+    known = existing.dropna(subset=["phash"])
+    joining = new.loc[todo & new["phash"].notna()]
+    pool_bits = _hash_bits([*known["phash"], *joining["phash"]])
+    pool_labels = np.array([None if pd.isna(x) else str(x) for x in [*known["label"], *joining["label"]]], object)
+    pool_items: list[str] = list(known["item_id"])
+    for idx in new.index[todo]:
+        row = new.loc[idx]
+        item, rule = None, None
+        size = len(pool_items)
+        if not pd.isna(row["phash"]) and size:
+            # Photos with two different labels cannot show the same item, however alike they look.
+            labels = pool_labels[:size]
+            allowed = pd.isna(labels) | (labels == row["label"]) if not pd.isna(row["label"]) else np.ones(size, bool)
+            j = nearest_by_hash(_hash_bits([row["phash"]])[0], pool_bits[:size], near_duplicate_distance, allowed)
+            if j >= 0:
+                item, rule = pool_items[j], "near_duplicate"
+        if item is None and burst_seconds > 0 and not pd.isna(row["taken_at"]):
+            item = _burst_item(row, existing, new.loc[new.index < idx], burst_seconds)
+            rule = "burst" if item else None
+        if item is None:
+            item, rule = single_item_id(row["image_id"]), "single"
+        new.at[idx, "item_id"], new.at[idx, "item_rule"] = item, rule
+        if not pd.isna(row["phash"]):
+            pool_items.append(item)
+    return new
+
+
+def _burst_item(row: pd.Series, existing: pd.DataFrame, earlier: pd.DataFrame, seconds: float) -> str | None:
+    """Item of a photo in the same folder taken within `seconds` of this one, if any."""
+    folder = os.path.dirname(str(row["path"]))
+    for frame in (earlier, existing):
+        if frame.empty:
+            continue
+        folders = frame["path"].astype(str).map(os.path.dirname)
+        same = frame[folders == folder].dropna(subset=["taken_at", "item_id"])
+        if same.empty:
+            continue
+        gap = (same["taken_at"] - row["taken_at"]).abs().dt.total_seconds()
+        if gap.min() <= seconds:
+            return str(same.loc[gap.idxmin(), "item_id"])
+    return None
+
+
+def item_keys(rows: pd.DataFrame) -> np.ndarray:
+    """The item of each manifest row, or its own image where none is known (photos of one item err together)."""
+    return rows["item_id"].astype(object).fillna(rows["image_id"].astype(object)).astype(str).to_numpy()

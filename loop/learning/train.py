@@ -1,0 +1,320 @@
+"""Training: labeled manifest rows -> a candidate model version in the registry (never deployed here).
+
+Read `train` top to bottom; each phase says why it is there. Two modes:
+
+- "head" (default): a linear head on frozen, cached body features (image + mirror), StandardScaler +
+  LogisticRegression with C chosen by group k-fold over item groups, then *folded into the network's own
+  classifier layer*, so the artifact is a plain timm network like any other. Measured on ~400 real photos:
+  as accurate as the best fine-tuning (0.70-0.73 on unseen items) and ~100x cheaper to retrain.
+- "finetune" (`loop.model.finetune`): a fastai Learner over the SAME timm network, its classifier started from
+  the head mode's linear probe: one-cycle `fine_tune`, fastai's default augmentations, body BatchNorm kept
+  in eval mode and `train_bn=False` (letting the pretrained BatchNorm statistics move cost ~0.15 accuracy
+  on this kind of data). fastai is imported only on this path.
+
+Which labels train (design "gate set + cross-validation"): every label trains the deployed model except
+a small, stable **gate set** (`split.user_valid_fraction`, 20% of the user's ingested items; reviews and
+user moves always train, see `loop.data.splits`). Metrics, the calibration temperature and the flag curves come
+from item-grouped k-fold cross-validation over the training labels (out-of-fold predictions: each photo
+scored by a model that never saw its item); the model that ships is then refit on all of them. The gate
+compares candidate and deployed model on the gate set, which neither trained on.
+Why not prequential evaluation (score the current model on labels that arrived since, the candidate out
+of fold on the same photos): the new labels are mostly reviewed photos the model itself picked as hard,
+so the yardstick would change with every round, be biased towards hard cases and be tiny (30 reviews);
+a fixed gate set gives paired, comparable numbers across versions at the cost of 20% of the ingested
+labels. The cost is measured in the README (`bench/learning.py`: product vs an all-labels probe). With
+too few items per class for a gate set, `loop.learning.gate` compares both versions out of fold on the same photos.
+
+Both read images from the resized cache; the promotion gate (`loop.learning.gate`) decides which model ships.
+`train` refuses to make a version identical to the newest one (same labels, same recipe).
+Caveat: classes are the sorted labels present in the TRAIN split; a label seen only in the gate set
+cannot be learned (it is logged, and counts as errors in the metrics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from loop.data import manifest
+from loop.data.classnames import class_name_problem
+from loop.data.resized import ensure_resized, load_resized, resized_path
+from loop.errors import ModelError
+from loop.learning import registry
+from loop.model.artifact import read_spec, save_artifact
+from loop.model.backbones import create_network, get_backbone, weights_tag
+from loop.model.estimates import describe_learning, learning_estimates, oof_frame
+from loop.model.evaluate import confusion_png, metrics_by_source, summary_line
+from loop.model.head import backbone_cv_accuracy, fit_head
+from loop.progress import ProgressCallback, no_progress
+from loop.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+
+TRAINING_SET_FILE = "training_set.parquet"
+MODES = ("head", "finetune")
+
+
+@dataclass
+class TrainResult:
+    """What `train` produced: a candidate version (not deployed), its mode and its metrics.
+
+    `unchanged` means nothing that trains differed from the newest version's data and recipe: no new
+    version was written, and `version` names that existing one.
+    """
+
+    version: str
+    mode: str
+    metrics: dict
+    model_dir: Path
+    seconds: float = 0.0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    n_trained: int = 0
+    n_new: int | None = None  # labels the deployed model did not train on (None: unknown for an old model)
+    unchanged: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.unchanged:
+            return (f"nothing to train: the labels and settings are those {self.version} was trained on "
+                    f"({self.n_trained} training labels); no identical version made (use --force to retrain)")
+        new = "unknown" if self.n_new is None else str(self.n_new)
+        lines = [f"trained candidate {self.version} ({self.mode} mode, {self.seconds:.0f} s) on {self.n_trained} "
+                 f"labels ({new} new since the deployed model): {summary_line(self.metrics)}"]
+        return "\n".join(lines + [f"  {note}" for note in self.notes])
+
+
+def labeled_rows(ws: Workspace) -> pd.DataFrame:
+    """Manifest rows that can train or validate: a label and a split (train/valid)."""
+    df = manifest.load(ws)
+    keep = df["label"].notna() & df["split"].isin(["train", "valid"])
+    return df.loc[keep].reset_index(drop=True)
+
+
+def labels_fingerprint(df: pd.DataFrame) -> str:
+    """A short hash of (image_id, label, split) over labeled rows: equal fingerprints = same training data."""
+    rows = df.loc[df["label"].notna(), ["image_id", "label", "split"]].astype(str)
+    text = "\n".join(sorted("\t".join(r) for r in rows.itertuples(index=False, name=None)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def recipe(ws: Workspace, mode: str, backbone: str, pretrained: bool) -> dict:
+    """The settings that change what training produces from the same labels (kept in model.json)."""
+    m = ws.settings.model
+    out = {"mode": mode, "backbone": backbone, "image_size": m.image_size, "pretrained": pretrained,
+           "seed": m.seed, "cv_folds": m.cv_folds, "calibrate": m.calibrate,
+           "backbone_weights_file": str(m.backbone_weights_file or ""),
+           "backbone_candidates": list(m.backbone_candidates)}
+    if mode == "finetune":
+        out.update(epochs=m.epochs, batch_size=m.batch_size, learning_rate=m.learning_rate)
+    return out
+
+
+def training_set(model_dir: Path) -> pd.DataFrame | None:
+    """(image_id, label) pairs a version trained on, or None for a version that did not record them."""
+    path = Path(model_dir) / TRAINING_SET_FILE
+    return pd.read_parquet(path) if path.exists() else None
+
+
+def new_label_count(ws: Workspace, train_rows: pd.DataFrame) -> int | None:
+    """How many (photo, label) pairs of `train_rows` the deployed model did not train on."""
+    current = registry.current_version(ws)
+    if current is None:
+        return len(train_rows)
+    seen = training_set(registry.model_dir(ws, current))
+    if seen is None:
+        return None
+    known = set(zip(seen["image_id"].astype(str), seen["label"].astype(str), strict=True))
+    pairs = zip(train_rows["image_id"].astype(str), train_rows["label"].astype(str), strict=True)
+    return sum(pair not in known for pair in pairs)
+
+
+def _unchanged(ws: Workspace, fingerprint: str, this_recipe: dict) -> str | None:
+    """The newest version if it was trained on exactly these labels with this recipe, else None."""
+    versions = registry.list_versions(ws)
+    if not versions:
+        return None
+    spec = read_spec(registry.model_dir(ws, versions[-1]))
+    if spec.get("labels_fingerprint") == fingerprint and spec.get("recipe") == this_recipe:
+        return versions[-1]
+    return None
+
+
+def train(
+    ws: Workspace, *, mode: str | None = None, pretrained: bool = True, force: bool = False,
+    on_progress: ProgressCallback | None = None,
+) -> TrainResult:
+    """Train a candidate model from the manifest and write it as a new registry version.
+
+    Args:
+        mode: "head" or "finetune" (default: `model.train_mode` in the settings).
+        pretrained: False trains on a random-initialised body: the control showing the weights matter.
+        force: train even when labels and settings are those of the newest version.
+    Returns:
+        TrainResult with the new version (a candidate; `loop.learning.gate.deploy` decides whether it ships), or
+        `unchanged=True` naming the newest version when there was nothing new to learn from.
+    Raises:
+        ModelError: no labeled images, fewer than 2 classes in the train split, missing backbone weights.
+    Example:
+        >>> result = train(open_workspace("data"))            # doctest: +SKIP
+        >>> print(result.summary())
+    """
+    settings = ws.settings.model
+    on_progress = on_progress or no_progress
+    mode = mode or settings.train_mode
+    if mode not in MODES:
+        raise ModelError(f"unknown training mode {mode!r}; valid: {', '.join(MODES)}")
+    started = time.monotonic()
+
+    # 1. The data: labeled rows and their stable, item-grouped split (assigned at ingest). "valid" is the
+    #    small gate set no model trains on; every other label trains.
+    rows = labeled_rows(ws)
+    if rows.empty:
+        raise ModelError("no labeled images with a split in the manifest; run `sortloop ingest FOLDER --labeled`")
+    this_recipe = recipe(ws, mode, settings.backbone, pretrained)
+    fingerprint = labels_fingerprint(rows)
+    same = None if force else _unchanged(ws, fingerprint, this_recipe)
+    if same is not None:
+        n_train = int((rows["split"] == "train").sum())
+        result = TrainResult(same, mode, read_spec(registry.model_dir(ws, same)).get("metrics", {}),
+                             registry.model_dir(ws, same), n_trained=n_train, unchanged=True)
+        logger.info("%s", result.summary())
+        return result
+    size = settings.image_size
+
+    # 2. The resized cache: decode each photo once (draft JPEG, EXIF upright) into a lossless PNG at the
+    #    model's size; every feature pass and gate re-evaluation reads these instead of originals.
+    skipped = ensure_resized(ws, rows["image_id"].tolist(), rows["path"].tolist(), size, on_progress=on_progress)
+    if skipped:
+        rows = rows[[resized_path(ws, i, size).exists() for i in rows["image_id"]]].reset_index(drop=True)
+    train_rows = rows[rows["split"] == "train"].reset_index(drop=True)
+    valid_rows = rows[rows["split"] == "valid"].reset_index(drop=True)
+    classes = sorted(train_rows["label"].astype(str).unique())  # fastai's order; stored, never re-derived
+    for name in classes:  # a manifest written before names were checked where they enter
+        problem = class_name_problem(name)
+        if problem is not None:
+            raise ModelError(f"label {name!r} cannot be a class ({problem}); relabel those photos "
+                             "(e.g. in Label Studio) before training")
+    if len(classes) < 2:
+        raise ModelError(f"the train split has {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
+                         "label photos of at least 2 categories")
+    unlearnable = sorted(set(valid_rows["label"].astype(str)) - set(classes))
+    if unlearnable:
+        logger.warning("labels only in the gate set (cannot be learned yet): %s", ", ".join(unlearnable))
+    n_new = new_label_count(ws, train_rows)
+    backbone_cv: dict[str, float] = {}
+    name = settings.backbone
+    if pretrained and len(settings.backbone_candidates) > 1:  # let the data choose, by item-grouped CV
+        backbone_cv = {c: backbone_cv_accuracy(ws, c, train_rows, classes, on_progress=on_progress)
+                       for c in settings.backbone_candidates}
+        name = max(backbone_cv, key=lambda c: (backbone_cv[c], c == settings.backbone))
+        logger.info("backbone by item-grouped CV: %s -> %s", backbone_cv, name)
+    backbone = get_backbone(name, settings.backbone_weights_file)
+    logger.info("training %s on %d labels (%s new, %d classes), gate set %d", mode, len(train_rows), n_new,
+                len(classes), len(valid_rows))
+
+    # 3. The network: timm architecture with the offline ImageNet body and a fresh classifier.
+    net = create_network(ws, backbone.name, len(classes), pretrained=pretrained, seed=settings.seed)
+
+    # 4. Fit. Both paths leave `net` a complete classifier and return gate-set probabilities computed the
+    #    way the mode's own tooling computes them (in-memory torch head / fastai get_preds). Head mode also
+    #    returns out-of-fold predictions of every training photo, and folds its calibration into `net`.
+    oof = None
+    if mode == "head":
+        details, valid_probs, oof = fit_head(ws, net, backbone, train_rows, valid_rows, classes,
+                                             pretrained=pretrained, on_progress=on_progress)
+    else:
+        from loop.model.finetune import fit_finetune  # fastai is imported only on this path
+
+        details, valid_probs = fit_finetune(ws, net, backbone, train_rows, valid_rows, classes,
+                                            pretrained=pretrained, on_progress=on_progress)
+
+    # 5. Evaluate: the gate set (user and web separately), the out-of-fold predictions (the estimate that
+    #    uses every training label), calibration before/after, and the flag curves.
+    metrics = metrics_by_source(valid_rows, valid_probs, classes)
+    temperature = float(details.get("temperature", 1.0))
+    extras = learning_estimates(train_rows, valid_rows, valid_probs, oof, classes, temperature)
+    metrics.update(extras.pop("metrics"))
+
+    # 6. Write the candidate: extras first, `model.json` last (a folder without it is not a version).
+    version, out = registry.new_version_dir(ws)
+    try:
+        for name, m in metrics.items():
+            if m["n"]:
+                confusion_png(m, out / f"confusion_{name}.png", title=f"{version} {name}")
+        predictions_frame(valid_rows, valid_probs, classes).to_parquet(out / "valid_predictions.parquet")
+        train_rows[["image_id", "label", "item_id"]].astype(str).to_parquet(out / TRAINING_SET_FILE)
+        if oof is not None:
+            oof_frame(train_rows, oof, classes, temperature).to_parquet(out / "oof_predictions.parquet")
+        spec = {
+            "version": version,
+            "architecture": backbone.name,
+            "classes": classes,
+            "image_size": size,
+            "mean": list(backbone.mean),
+            "std": list(backbone.std),
+            "drop_rate": backbone.drop_rate,
+            "metrics": metrics,
+            "train_mode": mode,
+            "training": {**details, **({"backbone_cv_accuracy": backbone_cv} if backbone_cv else {})},
+            "temperature": temperature,
+            **extras,
+            "pretrained": pretrained,
+            "body_weights": weights_tag(ws, backbone.name, pretrained=pretrained, seed=settings.seed),
+            "labels_fingerprint": fingerprint,
+            "recipe": this_recipe,
+            "n_train": len(train_rows),
+            "n_new": n_new,
+            "n_valid": len(valid_rows),
+        }
+        save_artifact(net, spec, out)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+    # 7. A faster INT8 copy for sorting: calibrated on training photos, used only if it agrees with the
+    #    float model on the validation photos (its verdict lands in model.json; `status` shows it).
+    if settings.int8:
+        write_int8(ws, out, train_rows, valid_rows)
+    notes = [describe_learning(spec, ws)]
+    result = TrainResult(version, mode, metrics, out, time.monotonic() - started, skipped, len(train_rows), n_new,
+                         notes=notes)
+    logger.info("%s", result.summary())
+    return result
+
+
+def write_int8(ws: Workspace, model_dir: Path, train_rows: pd.DataFrame, valid_rows: pd.DataFrame) -> None:
+    """`loop.model.quantize.quantize_artifact` on resized photos; a failure keeps the float model and is recorded."""
+    from loop.model.quantize import CALIBRATION_PHOTOS, quantize_artifact, record_failure
+
+    size = ws.settings.model.image_size
+    calibration_ids = train_rows["image_id"].sample(frac=1.0, random_state=ws.settings.model.seed)
+    calibration_ids = calibration_ids.head(CALIBRATION_PHOTOS)
+
+    def load(ids: pd.Series) -> np.ndarray:
+        return np.stack([load_resized(ws, i, size) for i in ids] or [np.zeros((size, size, 3), np.uint8)])[:len(ids)]
+
+    try:
+        quantize_artifact(model_dir, load(calibration_ids), load(valid_rows["image_id"]))
+    except Exception as exc:  # onnxruntime's quantiser raises assorted types; float sorting is unaffected
+        logger.warning("INT8 export failed, sorting stays in float: %s", exc)
+        record_failure(model_dir, f"INT8 export failed ({type(exc).__name__}: {str(exc)[:200]})")
+
+
+def predictions_frame(rows: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Validation predictions kept with the version (for audits and the portable-load check)."""
+    best = probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
+    return pd.DataFrame({
+        "image_id": rows["image_id"].astype(str).to_numpy(),
+        "source": rows["source"].astype(str).to_numpy(),
+        "label": rows["label"].astype(str).to_numpy(),
+        "pred_label": [classes[i] for i in best],
+        "pred_conf": probs.max(axis=1) if len(probs) else np.zeros(0),
+        "probs": list(probs.astype(np.float32)),
+    })

@@ -1,0 +1,110 @@
+"""The sort's copier: copies in one background thread, results counted and queued in order.
+
+Why apart from `loop.sorting.pipeline`: the pipeline decides what goes where; this keeps the file I/O (and fsync)
+overlapping inference, and records, in submission order, copies made here or reported by a remote engine
+(`done`: a Ray worker already made the copy), so both engines count and record copies the same way.
+Caveat: `collect` must be called from the thread that submits (the pending list is not locked).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from loop.data.decode import Decoded
+from loop.errors import DiskFullError, is_disk_full
+from loop.sorting import copies
+from loop.sorting.report import SortReport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Placed:
+    """One photo sorted: where its copy is (`copied` False: identical bytes were already there)."""
+
+    rec: Decoded
+    label: str
+    conf: float
+    score: float
+    flagged: bool
+    final: Path
+    copied: bool
+    sorted_at: datetime
+
+
+Done = tuple[Path, bool] | OSError | None  # a remote copy: (final path, copied?), its error, or none made
+
+
+@dataclass
+class _Job:
+    rec: Decoded
+    label: str
+    conf: float
+    score: float
+    flagged: bool
+    future: Future
+
+
+class Copier:
+    """Copies files in one background thread (in submission order), so file I/O and fsync overlap
+    inference; results are counted and queued for the sink in the main thread, in order, by `collect`."""
+
+    def __init__(self, report: SortReport, pending: list[Placed]) -> None:
+        self.report, self.pending = report, pending
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sortloop-copy")
+        self.jobs: deque[_Job] = deque()
+        self.disk_full: OSError | None = None  # the first "no space left" of a copy: the run stops
+
+    def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path,
+               done: Done = None) -> None:
+        """Copy `rec` into `folder`; or, with `done`, record a copy a remote worker made (or failed to make)."""
+        if done is None:
+            future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
+                                      size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False,
+                                      root=Path(self.report.dest))
+        else:
+            future = Future()
+            if isinstance(done, OSError):
+                future.set_exception(done)
+            else:
+                future.set_result(done)
+        self.jobs.append(_Job(rec, label, conf, score, flagged, future))
+
+    def collect(self, wait: bool = False) -> None:
+        """Record finished copies (all of them if `wait`); re-raises anything but an OSError."""
+        while self.jobs and (wait or self.jobs[0].future.done()):
+            job = self.jobs.popleft()
+            try:
+                final, copied = job.future.result()
+            except OSError as exc:  # includes SourceChanged; the file is reported, the run goes on
+                self.report.failed.append((str(job.rec.path), f"copy failed ({exc.strerror or exc})"))
+                logger.warning("copy of %s failed: %s", job.rec.path, exc)
+                if is_disk_full(exc) and self.disk_full is None:
+                    self.disk_full = DiskFullError(self.report.dest)
+                continue
+            self._record(job, final, copied)
+
+    def close(self) -> None:
+        """Let copies in flight finish and record the ones that succeeded (used on the way out)."""
+        self.pool.shutdown(wait=True)
+        while self.jobs:
+            job = self.jobs.popleft()
+            if not job.future.cancelled() and job.future.exception() is None:
+                self._record(job, *job.future.result())
+
+    def _record(self, job: _Job, final: Path, copied: bool) -> None:
+        report = self.report
+        if copied:
+            report.copied += 1
+            report.renamed += final.name != job.rec.path.name
+        else:
+            report.identical_existing += 1
+        report.per_label[job.label] = report.per_label.get(job.label, 0) + 1
+        report.flagged += job.flagged
+        self.pending.append(Placed(job.rec, job.label, job.conf, job.score, job.flagged, final, copied,
+                                   datetime.now(UTC)))

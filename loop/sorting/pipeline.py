@@ -1,0 +1,344 @@
+"""The sort pipeline itself, without a workspace: decode -> predict -> flag -> safe copy -> `_review.csv`.
+
+Why a module of its own: `sortloop sort` (`loop.sorting.folder`, which adds the manifest, the copy-records table and
+the run log) and the standalone sorter frozen for PCs without Python (`sortloop.sorter`, which keeps its
+record inside DEST) must give the same labels, confidences and flags on the same photos, so both run
+exactly this code. It needs only numpy, Pillow and ONNX Runtime: no pandas, no torch, no workspace.
+What differs is a `Sink`: which files count as sorted before, and where each flushed batch is recorded
+(the workspace's tables, or a record inside DEST). Flags come from the model's own operating point
+(`loop.scoring.flagging`: the catch curves in its model.json and the flag goal of the options), so a bundle that
+ships model.json flags exactly like the workspace. `sortloop sort --ray` passes a `remote` engine: the
+listed files are decoded, predicted and copied on the cluster, and its copies are recorded here the same way.
+
+How it is fast: files stream through `loop.data.decode` (worker processes, a bounded number in flight), the
+model runs on batches, and copies happen in a background thread, so decoding, inference and file I/O
+overlap. Caveat: the model is fixed when the run starts (a deploy during a run is picked up by the next).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from loop.data.classnames import class_name_problem
+from loop.data.decode import Decoded, decode_stream, default_workers
+from loop.data.images import iter_image_files
+from loop.errors import DiskFullError, ModelError, SortloopError, is_disk_full
+from loop.model.artifact import Predictor, read_spec
+from loop.progress import ProgressCallback, no_progress
+from loop.scoring.flagging import describe, settings_point
+from loop.scoring.strategies import get_strategy
+from loop.sorting import copies
+from loop.sorting.copier import Copier, Done, Placed
+from loop.sorting.report import SortReport
+
+logger = logging.getLogger(__name__)
+
+REVIEW_CSV = "_review.csv"
+REVIEW_COLUMNS = ["dest_path", "source_path", "pred_label", "pred_conf", "score", "strategy", "model_version",
+                  "image_id", "sorted_at"]
+FLUSH_EVERY = 256  # images between flushes of the records (a crash loses no copies: a rerun finds them
+#                    identical at their destination and records them then)
+
+
+@dataclass
+class SortOptions:
+    """How to sort: the `[sort]` settings of a workspace, or the ones a bundle carries in its model.json."""
+
+    flag_strategy: str = "auto"  # "auto": the strategy the model's catch curves pick (loop.scoring.flagging)
+    flag_target: float = 0.8  # share of the model's mistakes the flags should catch
+    flag_budget: float | None = None  # or: share of photos to flag (wins over the target)
+    flag_threshold: float | None = None  # or: a fixed score threshold (wins over both)
+    keep_tree: bool = True
+    batch_size: int = 32
+    workers: int = 2
+    runtime: str = "onnx"
+    precision: str = "float"  # "auto": the INT8 ONNX model when it passed its gate (loop.model.artifact.PRECISIONS)
+
+
+RemoteBatches = Iterator[tuple[list[Decoded], np.ndarray, list[Done]]]
+
+
+class Remote(Protocol):
+    """Another engine (`loop.sorting.ray_sort` through `loop.sorting.folder`): decodes, predicts and copies `paths` with
+    the artifact in `model_dir`, yielding (records, probs, where each copy landed) per finished batch."""
+
+    def __call__(self, paths: list[Path], model_dir: Path, predictor: Predictor) -> RemoteBatches:
+        """The batches as they finish (failed records carry `error`)."""
+
+
+class Sink(Protocol):
+    """Where a sort keeps its memory: what was sorted before, and the record of each flushed batch."""
+
+    describe: bool  # compute pHash and EXIF time per image (the manifest wants them; a DEST record does not)
+
+    def is_done(self, path: Path, size: int, mtime_ns: int) -> bool:
+        """True if this source file (same path, size, mtime) was sorted into DEST before: not read again."""
+
+    def seen_before(self, rec: Decoded) -> bool:
+        """True if this path with these bytes was sorted before (only touched): not copied again."""
+
+    def flush(self, placed: list[Placed], report: SortReport) -> None:
+        """Record durable copies (in order, after their folders were fsynced) and list the flagged ones in
+        `DEST/_review.csv`."""
+
+
+def sort_into(
+    src: Path, dest: Path, model_dir: Path, sink: Sink, report: SortReport, *,
+    options: SortOptions, on_progress: ProgressCallback | None = None, remote: Remote | None = None,
+) -> SortReport:
+    """Sort every image under `src` into `dest/<predicted label>/` with the artifact in `model_dir`.
+
+    The caller checked the folders (`check_folders`) and created `dest`. Copies are recorded through
+    `sink` (which also lists the flagged ones in `dest/_review.csv`). Fills and returns `report`.
+    With `remote`, the files are only listed here and `remote` decodes, predicts and copies them.
+
+    Raises:
+        ModelError: the artifact does not load or has class names that cannot be folders.
+        DiskFullError: a disk filled up; what was copied before is recorded through `sink` first.
+    """
+    on_progress = on_progress or no_progress
+    spec = read_spec(model_dir)
+    image_size = int(spec["image_size"])
+    # Flags: the strategy and threshold that meet the goal (catch rate, budget or fixed threshold) for THIS
+    # model, from the curves estimated at its training and stored in its model.json.
+    point = settings_point(spec, options)
+    strategy, threshold = get_strategy(point["strategy"]), point["threshold"]
+    report.flag_strategy = point["strategy"]
+    logger.info("flags: %s", describe(point))
+    skip_dirs = [dest] if is_within(dest, src) else []
+    processed = 0
+
+    def todo() -> Iterator[Path]:
+        nonlocal processed
+        for path in iter_image_files(src, skip=skip_dirs):
+            try:
+                st = path.stat()
+                if sink.is_done(path, st.st_size, st.st_mtime_ns):
+                    report.already_sorted += 1
+                    processed += 1
+                    continue
+            except OSError:
+                pass  # the decoder reports it with the reason
+            yield path
+
+    # Start decoding now: the worker processes spawn and decode the first batches while the model loads
+    # and the tree is counted. Two batches in flight (~10 MB at 224 px) give slack for uneven decode times.
+    # A remote engine gets the list instead (listed here, so resume works as for a local sort).
+    if remote is not None:
+        stream: Iterator[Decoded] | _Listed = _Listed(list(todo()))
+    else:
+        workers, chunk = default_workers(options.workers), 4
+        stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
+                               prefetch=max(4 * workers, 2 * options.batch_size // chunk), describe=sink.describe)
+    try:
+        predictor = Predictor(model_dir, options.runtime, precision=options.precision)
+        check_classes(predictor.classes)
+        check_category_folders(dest, predictor.classes)
+        total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))
+    except BaseException:
+        stream.close()
+        raise
+    report.model_version = predictor.version
+    logger.info("sorting %s -> %s with %r (run %s)", src, dest, predictor, report.run_id)
+    on_progress(processed, total)
+
+    pending: list[Placed] = []
+    copier = Copier(report, pending)
+    if isinstance(stream, _Listed):
+        predicted = _placed_batches(remote(stream.paths, model_dir, predictor), report)
+    else:
+        predicted = _predicted_batches(stream, predictor, options.batch_size, report)
+    disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
+    try:
+        for batch, probs, placed, failures in predicted:
+            if batch:
+                scores = strategy(probs)
+                for i, (rec, p, s) in enumerate(zip(batch, probs, scores, strict=True)):
+                    if sink.seen_before(rec):
+                        report.already_sorted += 1
+                        continue
+                    k = int(np.argmax(p))
+                    label = predictor.classes[k]
+                    flagged = threshold is not None and float(s) >= threshold
+                    copier.submit(rec, label, float(p[k]), float(s), flagged,
+                                  copies.category_folder(dest, label, src, rec.path, keep_tree=options.keep_tree),
+                                  done=placed[i] if placed is not None else None)
+            copier.collect()
+            processed += len(batch) + failures
+            report.seen = processed
+            on_progress(processed, total)
+            if copier.disk_full:
+                break
+            if len(pending) >= FLUSH_EVERY:
+                copier.collect(wait=True)
+                _flush(sink, pending, report)
+        copier.collect(wait=True)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        disk_full = exc
+    finally:
+        predicted.close()
+        stream.close()
+        copier.close()  # finishes copies in flight (and records them) even when interrupted
+        report.seen = processed
+        try:
+            _flush(sink, pending, report)  # again after a failed flush: the sinks' writes are idempotent
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            disk_full = disk_full or exc
+    disk_full = disk_full or copier.disk_full
+    if disk_full is not None:
+        where = getattr(disk_full, "path", None) or disk_full.filename or dest
+        raise DiskFullError(where, summary=report.summary()) from None
+    on_progress(processed, total)
+    return report
+
+
+def check_folders(src: Path, dest: Path) -> tuple[Path, Path]:
+    """Absolute `src` and `dest`, or SortloopError if sorting `src` into `dest` makes no sense."""
+    src, dest = src.expanduser().absolute(), dest.expanduser().absolute()
+    if not src.exists():
+        raise SortloopError(f"{src} does not exist; give the folder of photos to sort")
+    if src.resolve() == dest.resolve():
+        raise SortloopError("source and destination are the same folder; sort into a different folder")
+    if src.is_dir() and is_within(src, dest):
+        raise SortloopError(f"{src} is inside the destination {dest}; sort it into a folder outside it")
+    return src, dest
+
+
+def check_classes(classes: list[str]) -> None:
+    """Class names become folder names under DEST (on Windows too), and `scan` reads them back: refuse
+    unusable ones (`loop.data.classnames`), and two names that differ only in case (one folder on Windows)."""
+    seen: dict[str, str] = {}
+    for name in classes:
+        problem = class_name_problem(name)
+        if problem is not None:
+            raise ModelError(f"the deployed model's class {name!r} cannot be a category folder ({problem}); "
+                             "fix the label (`sortloop train` refuses such labels) and retrain, or "
+                             "`sortloop rollback`")
+        twin = seen.setdefault(name.casefold(), name)
+        if twin != name:
+            raise ModelError(f"class names {twin!r} and {name!r} differ only in case: one folder on Windows; "
+                             "merge or rename them and retrain")
+
+
+def check_category_folders(dest: Path, classes: list[str]) -> None:
+    """Before any copy: a category folder that is a symlink or resolves outside DEST is refused."""
+    for name in classes:
+        try:
+            copies.check_target_folder(dest / name, dest)
+        except copies.UnsafeFolder as exc:
+            raise SortloopError(f"category folder refused: {exc}") from None
+
+
+def is_within(inner: Path, outer: Path) -> bool:
+    try:
+        inner.resolve().relative_to(outer.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def review_row(dest_path: str, source_path: str, label: str, conf: float, score: float, strategy: str,
+               version: str, image_id: str, sorted_at: str) -> dict[str, str]:
+    """One line of `_review.csv` (columns REVIEW_COLUMNS), as both the workspace and a DEST record write it."""
+    return {"dest_path": dest_path, "source_path": source_path, "pred_label": label, "pred_conf": f"{conf:.4f}",
+            "score": f"{score:.4f}", "strategy": strategy, "model_version": version, "image_id": image_id,
+            "sorted_at": sorted_at}
+
+
+def append_review(path: Path, placed: list[Placed], strategy: str, version: str) -> None:
+    """Append the flagged copies to `DEST/_review.csv` (header on first write), durably: the standalone
+    sorter's review list (a workspace rebuilds its list from the records instead: `loop.sorting.review_csv`)."""
+    rows = [p for p in placed if p.flagged]
+    if not rows:
+        return
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=REVIEW_COLUMNS)
+        if new:
+            writer.writeheader()
+        for p in rows:
+            writer.writerow(review_row(str(p.final), str(p.rec.path), p.label, p.conf, p.score, strategy, version,
+                                       p.rec.image_id or "", p.sorted_at.isoformat()))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+class _Listed:
+    """The files a remote engine will sort (listed here, so resume works as for a local sort)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def close(self) -> None:
+        pass
+
+
+Predicted = Iterator[tuple[list[Decoded], "np.ndarray | None", "list[Done] | None", int]]
+
+
+def _predicted_batches(stream: Iterator[Decoded], predictor: Predictor, size: int, report: SortReport) -> Predicted:
+    """Local engine: (decoded batch, probs, None = copies still to make, failures) with the model here."""
+    for batch, failures in _batches(stream, size, report):
+        probs = predictor.predict(np.stack([rec.pixels for rec in batch])) if batch else None
+        yield batch, probs, None, failures
+
+
+def _placed_batches(results: RemoteBatches, report: SortReport) -> Predicted:
+    """Remote engine: the same, plus where each worker's copy landed."""
+    for recs, probs, placed in results:
+        ok = [i for i, rec in enumerate(recs) if rec.ok]
+        for rec in recs:
+            if not rec.ok:
+                _failed(report, rec)
+        yield [recs[i] for i in ok], probs[ok], [placed[i] for i in ok], len(recs) - len(ok)
+
+
+def _failed(report: SortReport, rec: Decoded) -> None:
+    report.failed.append((str(rec.path), rec.error or "unreadable"))
+    logger.info("skipped %s: %s", rec.path, rec.error)
+
+
+def _batches(stream: Iterator[Decoded], size: int, report: SortReport) -> Iterator[tuple[list[Decoded], int]]:
+    """Group decoded files into batches of `size`; failures go straight to the report.
+
+    Yields (batch, failures since the previous yield) so the caller can count progress.
+    """
+    batch: list[Decoded] = []
+    failures = 0
+    for rec in stream:
+        if rec.ok:
+            batch.append(rec)
+        else:
+            _failed(report, rec)
+            failures += 1
+        if len(batch) >= size or failures >= size:
+            yield batch, failures
+            batch, failures = [], 0
+    if batch or failures:
+        yield batch, failures
+
+
+def _flush(sink: Sink, pending: list[Placed], report: SortReport) -> None:
+    """Copies made durable (directory fsync), then the sink's records and review list: a crash in between
+    only means a rerun re-finds identical copies."""
+    if not pending:
+        return
+    for folder in {p.final.parent for p in pending}:
+        copies.fsync_dir(folder)
+    sink.flush(list(pending), report)
+    pending.clear()

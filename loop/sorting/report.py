@@ -1,0 +1,54 @@
+"""What one sort run did (`SortReport`): counts, failures, and the one-paragraph summary a user reads.
+
+Why a module of its own: the pipeline (`loop.sorting.pipeline`), its copier (`loop.sorting.copier`) and both front
+ends (`sortloop sort`, the standalone sorter) fill or print it; it needs nothing but the standard library.
+Caveat: `registered` stays 0 for the standalone sorter (it has no manifest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SortReport:
+    """What one sort run did. `failed` lists (path, reason) for every file that was not sorted."""
+
+    src: str = ""
+    dest: str = ""
+    model_version: str = ""
+    run_id: str = ""
+    seen: int = 0
+    copied: int = 0
+    already_sorted: int = 0
+    identical_existing: int = 0  # an identical file already sat at the destination name
+    renamed: int = 0  # copied under a unique name because a different file had the name
+    flagged: int = 0
+    registered: int = 0  # new images added to the manifest
+    flag_strategy: str = ""  # the strategy the flags used (the options' may be "auto")
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    per_label: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True if every file was sorted (or had been before)."""
+        return not self.failed
+
+    def summary(self) -> str:
+        rate = (self.copied + self.identical_existing) / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"sorted {self.seen} files from {self.src} into {self.dest} with model {self.model_version}: "
+            f"{self.copied} copied ({self.renamed} under a new name), {self.identical_existing} already there, "
+            f"{self.already_sorted} sorted before, {self.flagged} flagged for review, {len(self.failed)} failed "
+            f"({self.seconds:.1f} s" + (f", {rate:.1f} images/s)" if rate > 0 else ")"),
+        ]
+        if self.per_label:
+            lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(self.per_label.items())))
+        if self.failed:
+            reasons: dict[str, int] = {}
+            for _, reason in self.failed:
+                key = reason.split(" (")[0]
+                reasons[key] = reasons.get(key, 0) + 1
+            lines.append("  failures: " + ", ".join(f"{k} x{v}" for k, v in sorted(reasons.items())))
+        return "\n".join(lines)

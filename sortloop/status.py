@@ -1,0 +1,278 @@
+"""Where the loop stands, as one dict: model, versions, labels, splits, flags, jobs, Label Studio.
+
+`collect_status` only reads: the manifest, the label history, the registry, the job log and the job store
+file (directly, without starting a scheduler), and asks Label Studio's `/health` with a short timeout.
+Caveat: "reviewed since last train" counts label-history entries from reviews after the newest version's
+`created_at`, so a review pulled during a training run counts for the next round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+
+from loop.scoring.flagging import describe, settings_point
+from loop.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 2.0
+
+
+def _counts(series: pd.Series) -> dict[str, int]:
+    return {str(k): int(v) for k, v in series.dropna().value_counts().sort_index().items()}
+
+
+def _read_spec(ws: Workspace, version: str) -> dict[str, Any]:
+    return json.loads((ws.models_dir / version / "model.json").read_text())
+
+
+def _accuracy(spec: dict[str, Any], split: str = "user_valid") -> float | None:
+    value = ((spec.get("metrics") or {}).get(split) or {}).get("accuracy")
+    return None if value is None else float(value)
+
+
+def _models(ws: Workspace) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(current model, all versions, candidates = versions newer than the current one)."""
+    from loop.learning.registry import current_version, list_versions, pointer_path, read_log
+
+    current = current_version(ws)
+    log = read_log(ws)
+    versions = []
+    for version in list_versions(ws):
+        spec = _read_spec(ws, version)
+        decisions = [e for e in log if e.get("version") == version]
+        versions.append(
+            {
+                "version": version,
+                "created_at": spec.get("created_at"),
+                "train_mode": spec.get("train_mode"),
+                "user_valid_accuracy": _accuracy(spec, "user_valid"),
+                "user_valid_n": ((spec.get("metrics") or {}).get("user_valid") or {}).get("n"),
+                "web_valid_accuracy": _accuracy(spec, "web_valid"),
+                "current": version == current,
+                "last_decision": decisions[-1] if decisions else None,
+            }
+        )
+    model = None
+    if current is not None:
+        spec = _read_spec(ws, current)
+        since = json.loads(pointer_path(ws).read_text()).get("since")
+        model = {
+            "version": current,
+            "since": since,
+            "architecture": spec.get("architecture"),
+            "train_mode": spec.get("train_mode"),
+            "classes": spec.get("classes"),
+            "metrics": {k: v for k, v in (spec.get("metrics") or {}).items()
+                        if k in ("user_valid", "web_valid", "cv_user")},
+            "n_train": spec.get("n_train"),
+            "calibration": spec.get("calibration"),
+            "flag_point": settings_point(spec, ws.settings.sort),
+            "sort_precision": _sort_precision(ws, spec),
+        }
+    newer = [v for v in versions if current is None or v["version"] > current]
+    return model, versions, newer
+
+
+def _sort_precision(ws: Workspace, spec: dict[str, Any]) -> dict[str, Any]:
+    """Which model file `sort` runs (INT8 or float) and why, from the version's INT8 gate verdict."""
+    from loop.model.artifact import int8_passed
+
+    verdict = spec.get("int8") or {}
+    if ws.settings.sort.runtime == "onnx" and ws.settings.sort.precision == "int8":
+        return {"int8": True, "reason": "sort.precision = 'int8' (forced, whatever the INT8 gate said: "
+                                        f"{verdict.get('reason', 'no verdict')})"}
+    if ws.settings.sort.runtime != "onnx" or ws.settings.sort.precision == "float":
+        why = f"sort.runtime = {ws.settings.sort.runtime!r}, sort.precision = {ws.settings.sort.precision!r}"
+        return {"int8": False, "reason": f"float: {why}"}
+    if not verdict:
+        return {"int8": False, "reason": "float: this version has no INT8 model (trained before INT8, or model.int8 "
+                                         "= false)"}
+    return {"int8": int8_passed(spec), "reason": verdict.get("reason", "")}
+
+
+def _labels_and_splits(ws: Workspace, last_trained_at: pd.Timestamp | None) -> dict[str, Any]:
+    from loop.data.manifest import history, load
+
+    df = load(ws)
+    labeled = df[df["label"].notna()]
+    splits: dict[str, dict[str, int]] = {}
+    for split, part in df.groupby(df["split"].fillna("unassigned")):
+        splits[str(split)] = {
+            "images": len(part),
+            "items": int(part["item_id"].nunique()),
+            "labeled_images": int(part["label"].notna().sum()),
+            "user_images": int((part["source"] == "user").sum()),
+        }
+    flagged = df[df["flag"].notna()]
+    status = flagged["review_status"].fillna("queued")
+    hist = history(ws)
+    reviews = hist[hist["source"] == "review"]
+    if last_trained_at is not None:
+        reviews = reviews[reviews["at"] > last_trained_at]
+    return {
+        "images": {"total": len(df), "by_source": _counts(df["source"])},
+        "labels": {
+            "labeled": len(labeled),
+            "unlabeled": int(df["label"].isna().sum()),
+            "by_label_source": _counts(labeled["label_source"]),
+            "by_source": _counts(labeled["source"]),
+            "classes": _counts(labeled["label"]),
+        },
+        "splits": splits,
+        "flags": {
+            "total": len(flagged),
+            "by_reason": _counts(flagged["flag"]),
+            "waiting": int((status == "queued").sum()),  # flagged, not yet pushed to Label Studio
+            "in_review": int((status == "pushed").sum()),
+            "reviewed": int((status == "reviewed").sum()),
+            "skipped": int((status == "skipped").sum()),
+            "reviewed_since_last_train": int(reviews["image_id"].nunique()),
+        },
+    }
+
+
+def _jobs(ws: Workspace) -> dict[str, Any]:
+    from sortloop.jobs import read_job_log
+    from sortloop.schedule import JOB_IDS, is_serving, next_run_times
+
+    next_runs = next_run_times(ws)
+    log = read_job_log(ws)
+    jobs: dict[str, Any] = {}
+    for job_id in JOB_IDS:
+        runs = [r for r in log if r.get("job") == job_id and not r.get("missed")]
+        missed = [r for r in log if r.get("job") == job_id and r.get("missed")]
+        nxt = next_runs.get(job_id)
+        jobs[job_id] = {
+            "scheduled": job_id in next_runs,
+            "next_run": nxt.isoformat() if isinstance(nxt, datetime) else None,
+            "last_run": runs[-1] if runs else None,
+            "runs": len(runs),
+            "failures": sum(1 for r in runs if not r.get("ok")),
+            "missed": len(missed),
+        }
+    serve_events = [r for r in log if r.get("job") == "serve"]
+    return {"serving": is_serving(ws), "last_serve_event": serve_events[-1] if serve_events else None, "jobs": jobs}
+
+
+def labelstudio_url(ws: Workspace) -> str:
+    """The configured Label Studio base URL (the embedded server's when `labelstudio.url` is empty)."""
+    cfg = ws.settings.labelstudio
+    return (cfg.url or f"http://{cfg.host}:{cfg.port}").rstrip("/")
+
+
+def labelstudio_health(ws: Workspace, *, timeout: float = HEALTH_TIMEOUT_S) -> dict[str, Any]:
+    """Whether Label Studio answers `/health` within `timeout` seconds (no credentials are sent)."""
+    import httpx
+
+    url = labelstudio_url(ws)
+    try:
+        response = httpx.get(f"{url}/health", timeout=timeout)
+    except httpx.HTTPError as exc:
+        return {"url": url, "reachable": False, "detail": f"{type(exc).__name__}: {exc}"}
+    ok = response.status_code == 200
+    return {"url": url, "reachable": ok, "detail": f"HTTP {response.status_code}"}
+
+
+def collect_status(ws: Workspace, *, check_labelstudio: bool = True) -> dict[str, Any]:
+    """Everything `sortloop status` shows, as a JSON-friendly dict.
+
+    Keys: workspace, model (deployed version + metrics, or None), versions, candidates, images, labels,
+    splits, flags (by reason, waiting, in review, reviewed since last train), serving, jobs (last and
+    next run of each), labelstudio (url, reachable).
+
+    Example:
+        >>> status = collect_status(open_workspace("data"))   # doctest: +SKIP
+        >>> status["model"]["version"], status["flags"]["waiting"]
+        ('v0003', 12)
+    """
+    model, versions, candidates = _models(ws)
+    last_trained_at = None
+    if versions and versions[-1]["created_at"]:
+        last_trained_at = pd.Timestamp(versions[-1]["created_at"])
+        if last_trained_at.tzinfo is None:
+            last_trained_at = last_trained_at.tz_localize("UTC")
+    status: dict[str, Any] = {"workspace": str(ws.root), "model": model, "versions": versions, "candidates": candidates}
+    status.update(_labels_and_splits(ws, last_trained_at))
+    status.update(_jobs(ws))
+    status["labelstudio"] = (
+        labelstudio_health(ws) if check_labelstudio else {"url": labelstudio_url(ws), "reachable": None}
+    )
+    return status
+
+
+def _fmt_acc(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """`collect_status`'s dict as a few lines of plain text for the terminal."""
+    lines = [f"workspace   {status['workspace']}"]
+    model = status["model"]
+    if model is None:
+        lines.append("model       none deployed (run `sortloop train` then `sortloop deploy`)")
+    else:
+        uv = model["metrics"].get("user_valid") or {}
+        lines.append(
+            f"model       {model['version']} ({model.get('train_mode')}, since {model.get('since')}): "
+            f"user-valid accuracy {_fmt_acc(uv.get('accuracy'))} on {uv.get('n', '?')} photos"
+        )
+        cv = model["metrics"].get("cv_user") or {}
+        if cv.get("accuracy") is not None:
+            lines.append(f"            out-of-fold accuracy {_fmt_acc(cv['accuracy'])} on {cv['n']} training photos "
+                         f"({model.get('n_train')} labels trained)")
+        cal = model.get("calibration") or {}
+        if cal.get("ece_oof_before") is not None:
+            lines.append(f"            calibration: temperature {cal['temperature']:.2f}, "
+                         f"ECE {cal['ece_oof_before']:.3f} -> {cal['ece_oof_after']:.3f} (out of fold)")
+        lines.append(f"flags       {describe(model['flag_point'])}")
+        precision = model.get("sort_precision") or {}
+        lines.append(f"sorting     {'INT8' if precision.get('int8') else 'float'} model: {precision.get('reason', '')}")
+    for cand in status["candidates"]:
+        decision = cand["last_decision"]
+        if decision is None:
+            note = " - not gated yet"
+        else:
+            failed = [r for r in decision.get("reasons") or [] if r.startswith("FAIL")]
+            note = f" - {decision.get('event', '')}" + (f" ({'; '.join(failed)})" if failed else "")
+        lines.append(
+            f"candidate   {cand['version']}: user-valid accuracy {_fmt_acc(cand['user_valid_accuracy'])}{note}"
+        )
+    images, labels = status["images"], status["labels"]
+    by_source = ", ".join(f"{k} {v}" for k, v in images["by_source"].items()) or "none"
+    lines.append(f"images      {images['total']} ({by_source})")
+    by_label_source = ", ".join(f"{k} {v}" for k, v in labels["by_label_source"].items()) or "none"
+    lines.append(
+        f"labels      {labels['labeled']} labeled, {labels['unlabeled']} unlabeled; by source: {by_label_source}"
+    )
+    for split, part in status["splits"].items():
+        lines.append(
+            f"split       {split}: {part['images']} images, {part['items']} items ({part['user_images']} user photos)"
+        )
+    flags = status["flags"]
+    reasons = ", ".join(f"{k} {v}" for k, v in flags["by_reason"].items()) or "none"
+    lines.append(
+        f"flags       {flags['waiting']} waiting to be pushed, {flags['in_review']} in review, "
+        f"{flags['reviewed_since_last_train']} reviewed since last train (by reason: {reasons})"
+    )
+    lines.append(f"serve       {'running' if status['serving'] else 'not running'}")
+    for job_id, job in status["jobs"].items():
+        last = job["last_run"]
+        if last is None:
+            last_text = "never ran"
+        else:
+            result = "ok" if last.get("ok") else "FAILED"
+            last_text = (
+                f"last {last.get('end') or last.get('start')} {result}: {last.get('summary') or last.get('error')}"
+            )
+        nxt = job["next_run"] or ("-" if not job["scheduled"] else "paused")
+        lines.append(f"job {job_id:<8}next {nxt}; {last_text}")
+    ls = status["labelstudio"]
+    reach = {True: "reachable", False: f"NOT reachable ({ls.get('detail')})", None: "not checked"}[ls["reachable"]]
+    lines.append(f"labelstudio {ls['url']} {reach}")
+    return "\n".join(lines)
