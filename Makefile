@@ -16,12 +16,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## The whole loop once, on the embedded default: ingest a labeled folder, hold out some of its items as new
-## photos, train on the rest, deploy, sort the new photos (NEW = LABELED) or NEW, start the local Label Studio
-## and push the flagged photos; then print the next steps. A second run trains nothing new. Point it at your
-## own folders with LABELED=... NEW=... DEST=...; add SIMULATE=40 to play the reviewer and retrain.
+## The whole loop once, on the embedded default: ingest a labeled folder (ikea_products' studio shots), train,
+## deploy, sort NEW as "your new photos" (rooms: web photos in rooms, unlike the labeled set; NEW = LABELED holds
+## out some of its items instead), start the local Label Studio and push the flagged photos; then print the next
+## steps. A second run trains nothing new. Point it at your own folders with LABELED=... NEW=... DEST=...; add
+## SIMULATE=40 to play the reviewer, retrain, gate and re-sort.
 LABELED ?= ../shared/data/ikea_products
-NEW     ?= ../shared/data/ikea_products
+NEW     ?= ../shared/data/rooms
 DEST    ?= data/sorted
 SIMULATE ?= 0
 demo: $(STAMP)

@@ -8,10 +8,11 @@ the key (`sort.batch_size: ...`), so fix it there.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,12 +22,21 @@ from pydantic_settings import (
 
 from loop.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 CONFIG_FILENAME = "sortloop.toml"
+RETIRED_GATE_KEYS = frozenset({"min_accuracy_gain", "min_accuracy_support", "max_recall_drop", "min_class_support"})
 MINUTES_PER_WEEK = 7 * 24 * 60
 DEFAULT_BATCH_STRATEGY = "margin"  # best of the strategies in bench/active_learning.py (README)
 
 
-class SplitConfig(BaseModel):
+class Section(BaseModel):
+    """One `[section]` of sortloop.toml: an unknown key is an error (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitConfig(Section):
     """How images are split into train/valid (valid = the gate set), per source, always by whole items."""
 
     # the gate set; the rest trains (CV for metrics). 0: no gate set (the gate compares on labels new since
@@ -36,14 +46,14 @@ class SplitConfig(BaseModel):
     seed: int = 0
 
 
-class ItemsConfig(BaseModel):
+class ItemsConfig(Section):
     """How photos of one physical item are grouped when no items CSV is given."""
 
     near_duplicate_distance: int = Field(2, ge=0, le=64)  # perceptual-hash Hamming distance
     burst_seconds: float = Field(0.0, ge=0.0, le=3600.0)  # same folder, EXIF time this close => one item; 0 = off
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(Section):
     """What to train and how."""
 
     backbone: str = "tf_efficientnet_lite0"
@@ -61,7 +71,7 @@ class ModelConfig(BaseModel):
     feature_engine: Literal["local", "ray"] = "local"  # where new photos' body features are computed
 
 
-class SortConfig(BaseModel):
+class SortConfig(Section):
     """Sorting and flagging."""
 
     batch_size: int = Field(32, ge=1, le=4096)
@@ -77,36 +87,39 @@ class SortConfig(BaseModel):
     engine: Literal["local", "ray"] = "local"  # "ray": decode, predict and copy on a Ray cluster ([ray])
 
 
-class RayConfig(BaseModel):
+class RayConfig(Section):
     """The Ray cluster used when `sort.engine` or `model.feature_engine` is "ray" (extra `sortloop[ray]`)."""
 
     address: str = ""  # "" = $RAY_ADDRESS or Ray's default; "local" = a fresh local instance; "host:6379"
     actors: int = Field(0, ge=0)  # actors in the pool (1 CPU each); 0 = one per CPU of the cluster
 
 
-class ReviewConfig(BaseModel):
+class ReviewConfig(Section):
     """What a reviewer sees next (`sortloop select`, `review push`): strategy and daily budget."""
 
     strategy: str = DEFAULT_BATCH_STRATEGY  # a name in loop.scoring.strategies.BATCH_STRATEGIES (checked when used)
     daily_budget: int = Field(100, ge=0)  # photos pushed per day (UTC) besides user moves; 0 = no limit
 
 
-class GateConfig(BaseModel):
-    """When a candidate model may replace the deployed one."""
+class GateConfig(Section):
+    """When a candidate model may replace the deployed one: unless it is significantly worse (`loop.learning.gate`)."""
 
-    # candidate accuracy on the gate photos >= current + this: the default tolerates a few photos of noise
-    # (the candidate learned from more labels; significant losses are refused anyway); > 0 demands a gain;
-    # below -0.5 the rule would be off
-    min_accuracy_gain: float = Field(-0.10, ge=-0.5, lt=1.0)
-    # ...on at least this many gate photos (fewer: only a significant loss refuses; 3 of 22 is noise)
-    min_accuracy_support: int = Field(50, ge=1, le=100000)
-    alpha: float = Field(0.05, gt=0.0, lt=1.0)  # significance of the paired tests (McNemar, per-class binomial)
-    max_recall_drop: float = Field(0.10, ge=0.0, le=1.0)  # a class losing more recall than this, with...
-    min_class_support: int = Field(10, ge=1, le=100000)  # ...this many gate photos: regressed, even if not
-    # significant
+    # significance of the paired tests (McNemar overall, binomial per class), Holm-corrected per family
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        """Keys of the old non-significance rules are accepted and ignored (a workspace made before them)."""
+        if isinstance(data, dict):
+            for key in RETIRED_GATE_KEYS.intersection(data):
+                logger.warning("gate.%s is no longer used: the gate refuses only significant losses "
+                               "(docs/training-and-gate.md); remove it from sortloop.toml", key)
+                data = {k: v for k, v in data.items() if k != key}
+        return data
 
 
-class LabelStudioConfig(BaseModel):
+class LabelStudioConfig(Section):
     """Where the review server is. An empty `url` means the embedded local server."""
 
     url: str = ""
@@ -121,7 +134,7 @@ class LabelStudioConfig(BaseModel):
     served_dir: str = ""  # "" = <workspace>/labelstudio/served: the only folder Label Studio serves
 
 
-class ScheduleConfig(BaseModel):
+class ScheduleConfig(Section):
     """What `sortloop serve` runs and when."""
 
     # at least a minute: shorter intervals only pile up job runs and log lines; at most a week
@@ -190,8 +203,22 @@ def load_settings(config_file: Path | None) -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"{key}: unknown key; valid keys: {', '.join(_valid_keys(err['loc']))} "
+                              f"(check {config_file} and SORTLOOP_* variables)") from None
         hint = f"got {err.get('input')!r}; check {config_file} and SORTLOOP_* variables"
         raise ConfigError(f"{key}: {err['msg']} ({hint})") from None
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    """The keys allowed where an unknown key `loc` was found (a section's fields, or the sections)."""
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return sorted(model.model_fields)
 
 
 DEFAULT_TOML = '''# sortloop workspace configuration. Every key is optional; these are the defaults.
@@ -220,7 +247,7 @@ cv_folds = 5                  # item-grouped folds: out-of-fold metrics, calibra
 calibrate = true              # temperature scaling on out-of-fold predictions (ships in model.onnx/json)
 # backbone_weights_file = "/path/to/weights.safetensors"   # for a timm hub backbone, instead of a download
 backbone_candidates = []      # e.g. ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]: pick by grouped CV
-int8 = true                   # also write model.int8.onnx, used by sort only if it agrees with float (>= 99.5%)
+int8 = true                   # also write model.int8.onnx, used by sort only if not significantly worse
 feature_engine = "local"      # "ray": compute new photos' features on the Ray cluster of [ray] (train --ray)
 
 [sort]
@@ -248,12 +275,9 @@ address = ""                  # "" = $RAY_ADDRESS or Ray's default; "local" = a 
 actors = 0                    # model copies in the pool, 1 CPU each; 0 = one per CPU in the cluster
 
 [gate]
-min_accuracy_gain = -0.10     # refuse a candidate whose gate accuracy is below deployed + this (-0.5 to <1;
-                              # > 0 demands a gain) on at least min_accuracy_support photos, or that is
-min_accuracy_support = 50     # (fewer gate photos: only a significant loss refuses)
-alpha = 0.05                  # significantly worse (McNemar); a class regresses if its loss is significant
-max_recall_drop = 0.10        # (one-sided binomial) or its recall drops more than this on at least
-min_class_support = 10        # this many of its gate photos
+alpha = 0.05                  # a candidate is refused only if significantly worse: overall (McNemar) or on a
+                              # class (binomial), on your labeled set or on your photos labeled since the
+                              # last model; each family of tests Holm-corrected at this level
 
 [review]
 strategy = "margin"           # what `review push` sends next, from unlabeled and flagged photos: "margin"

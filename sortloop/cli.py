@@ -188,20 +188,23 @@ def history(
 @command()
 def demo(
     labeled: Annotated[Path, typer.Option(help="Folder of class folders to learn from.")],
-    new: Annotated[Path, typer.Option(help="Folder of photos to sort; the same as --labeled: sort the held-out "
-                                      "photos.")],
+    new: Annotated[Path, typer.Option(help="Folder of photos to sort as your new photos (class folders in it are "
+                                      "an answer key for --simulate-review, never labels); the same as "
+                                      "--labeled: sort held-out photos of it.")],
     dest: Annotated[Path, typer.Option(help="Where the sorted copies go (<dest>/<category>/).")],
     items: Annotated[Path | None, typer.Option(help="Optional CSV path,item_id for the labeled folder.")] = None,
-    holdout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of each class's items held out of "
-                                           "training and sorted as new photos.")] = 0.3,
+    holdout: Annotated[float, typer.Option(min=0.0, max=0.9, help="With --new = --labeled: share of each class's "
+                                           "items held out of training and sorted as new photos.")] = 0.3,
     review: Annotated[bool, typer.Option(help="Start the local Label Studio and push flagged photos.")] = True,
-    simulate_review: Annotated[int, typer.Option(min=0, metavar="N", help="Then play the reviewer: label N flagged "
-                                                 "held-out photos with their true class, retrain, gate.")] = 0,
+    simulate_review: Annotated[int, typer.Option(min=0, metavar="N", help="Then play the reviewer: label the first N "
+                                                 "photos review push sent with their true class, retrain, gate, "
+                                                 "re-sort.")] = 0,
     workspace: WorkspaceOption = None,
 ) -> None:
-    """Run the whole loop once: ingest, hold out new photos, train, deploy, sort, start Label Studio, push.
+    """Run the whole loop once: ingest, train, deploy, sort the new photos, start Label Studio, push.
 
-    Example: sortloop demo --labeled ~/photos/labeled --new ~/photos/labeled --dest ~/photos/sorted --simulate-review 40
+    Example: sortloop demo --labeled ../shared/data/ikea_products --new ../shared/data/rooms --dest data/sorted
+    --simulate-review 40
     """
     from sortloop.demo import run_loop_once
 
@@ -237,7 +240,7 @@ def next_steps(report: Any, simulate: str) -> list[str]:
                      f"{run('review push')}")
     lines += [f"  2. bring the reviewers' labels back:  {run('review pull')}",
               f"  3. train a candidate model:           {run('train')}",
-              f"  4. deploy it if it beats the current: {run('deploy')}",
+              f"  4. deploy it unless it is worse:      {run('deploy')}",
               f"  or keep the loop running (pull, push, scan {report.dest}, nightly retrain): {run('serve')}",
               f"  no reviewer at hand? play one: {run(simulate)}"]
     typed = run("x").split()[0]
@@ -470,7 +473,13 @@ def deploy(
     force: Annotated[bool, typer.Option("--force", help="Promote even if the gate refuses (logged).")] = False,
     workspace: WorkspaceOption = None,
 ) -> None:
-    """Promote a candidate if it beats the deployed model on today's user validation photos.
+    """Promote a candidate unless it is significantly worse than the deployed model.
+
+    Both models are compared on the same photos neither trained on: your labeled set (the gate set) and
+    your photos labeled since the last model (reviews, moves: the deployed model as it is, the candidate out
+    of fold). It is refused if it is significantly worse overall or on a class on either (exact McNemar /
+    binomial tests, Holm-corrected at gate.alpha), or if it dropped a class that still has labels. A tie or
+    a loss that is not significant promotes: the candidate learned from more labels.
 
     Example: sortloop deploy v0003
     """
@@ -501,11 +510,14 @@ def models(
     as_json: JsonOption = False,
     workspace: WorkspaceOption = None,
 ) -> None:
-    """List model versions with their validation metrics; * marks the deployed one.
+    """List model versions with their validation metrics and the gate's last verdict; * marks the deployed one.
+
+    The verdict compares the deployed model with the version (deployed -> version) on your labeled set and
+    on your photos labeled since the last model.
 
     Example: sortloop models --json
     """
-    from loop.learning.gate import describe_versions
+    from loop.learning.gate import describe_evidence, describe_versions
     from loop.workspace import open_workspace
 
     rows = describe_versions(open_workspace(workspace))
@@ -513,9 +525,11 @@ def models(
         return print_json(rows)
     for r in rows:
         acc = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        out.print(f"{'*' if r['deployed'] else ' '} {r['version']}  {r['train_mode'] or '?':8s} user-valid "
+        out.print(f"{'*' if r['deployed'] else ' '} {r['version']}  {r['train_mode'] or '?':8s} labeled set "
                   f"{acc(r['user_valid_accuracy'])} (n={r['user_valid_n']})  web-valid {acc(r['web_valid_accuracy'])}"
                   f"  {str(r['created_at'])[:16]}", highlight=False)
+        if r["gate"] and r["gate"]["evidence"]:
+            out.print(f"      {r['gate']['event']}: {describe_evidence(r['gate']['evidence'])}", highlight=False)
 
 
 # --- service -------------------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """The whole loop once, on the embedded default: what `make demo` (`sortloop demo`) runs, and what it shows.
 
-ingest the labeled folder → hold out some of its items as "new photos" → train on the rest → deploy
-(gated) → sort the new photos → register the sorted tree for `scan` → start the local Label Studio →
-push the flagged photos for review. Each step is the same library call the CLI and the scheduler use.
+ingest the labeled folder → train → deploy (gated) → sort the new photos → register the sorted tree for
+`scan` → start the local Label Studio → push the flagged photos for review. Each step is the same library
+call the CLI and the scheduler use. The default (`make demo`) learns from ikea_products' studio shots and
+sorts `rooms` as "your new photos": web photos in rooms, unlike anything labeled, as a shop's own photos are.
 
-Held-out photos are whole item groups (as ingest groups them: items CSV, identical bytes, near-duplicates),
-chosen per class and stable across runs, so no photo of a held-out item is ever trained on before a
-reviewer labels it. Their true classes (from the folder names) are kept in `runs/demo.json` for
-`--simulate-review` (see `sortloop.demo_review`). A rerun with nothing new trains nothing (the newest
-version's labels fingerprint, as the nightly retrain checks it) and copies nothing.
+When the new photos sit in class folders (`new/<class>/...`, as the shared data sets do) their folder names
+are the demo's **answer key**: kept in `runs/demo.json` for `--simulate-review` and for measuring how many
+sorted copies land in the right folder, never used as labels; the photos are sorted from a flat folder of
+links so the answer is not in their sorted path. With `--new` equal to `--labeled`, `--holdout` of each
+class's items (whole item groups, stable across runs) are held out of training and sorted as the new
+photos instead. A rerun with nothing new trains nothing (the newest version's labels fingerprint, as the
+nightly retrain checks it) and copies nothing.
 Caveat: the first start of the embedded Label Studio migrates its database (about a minute on 2 cores).
 """
 
@@ -30,6 +33,7 @@ import pandas as pd
 from labeling import push, server
 from loop.atomic import write_json_atomic
 from loop.data import manifest as mf
+from loop.data.images import file_sha256, iter_image_files
 from loop.data.ingest import ingest_folder
 from loop.errors import SortloopError
 from loop.progress import ProgressCallback, no_progress
@@ -92,6 +96,7 @@ def prepare(ws: Workspace, labeled: Path, *, holdout: float, items_csv: Path | s
 
     Returns (one-line summary, {held-out image_id: true class}).
     """
+
     root = Path(labeled).expanduser().resolve()
     report = ingest_folder(ws, root, source="user", labeled=False, items_csv=items_csv, on_progress=on_progress)
     df = mf.load(ws)
@@ -103,12 +108,22 @@ def prepare(ws: Workspace, labeled: Path, *, holdout: float, items_csv: Path | s
     learn = truth[~truth["image_id"].isin(held) & truth["label"].isna()]  # never overwrite a later label
     mf.set_labels(ws, [mf.LabelChange(r.image_id, r.truth, "folder", "demo", note=f"class folder under {root}")
                        for r in learn.itertuples()])
-    state = {"labeled": str(root), "held_out": {i: c for i, c in zip(truth["image_id"], truth["truth"],
-                                                                      strict=True) if i in held}}
-    write_state(ws, state)
+    held_out = {i: c for i, c in zip(truth["image_id"], truth["truth"], strict=True) if i in held}
+    write_state(ws, {"labeled": str(root)})
     items_held = truth.loc[truth["image_id"].isin(held), "item_id"].nunique()
-    return (f"{report.summary()}; learning from {len(truth) - len(held)} photos, holding out {len(held)} photos "
-            f"({items_held} items) as new photos", state["held_out"])
+    held_text = f", holding out {len(held)} photos ({items_held} items) as new photos" if held else ""
+    return f"{report.summary()}; learning from {len(truth) - len(held)} photos{held_text}", held_out
+
+
+def answer_key(src: Path, classes: set[str]) -> dict[Path, str]:
+    """Photos under `src/<class>/...` whose first folder names a labeled class -> that class (the demo's answer
+    key; photos elsewhere in `src` are sorted too, without an answer)."""
+    answers = {}
+    for path in iter_image_files(src):
+        rel = path.relative_to(src)
+        if len(rel.parts) > 1 and rel.parts[0] in classes:
+            answers[path] = rel.parts[0]
+    return answers
 
 
 def write_state(ws: Workspace, state: dict[str, Any]) -> None:
@@ -126,14 +141,12 @@ def _class_under(root: Path, path: str) -> str | None:
     return rel.parts[0] if len(rel.parts) > 1 else None
 
 
-def stage_new_photos(ws: Workspace, held_out: dict[str, str]) -> Path:
-    """A folder of links (or copies) to the held-out photos, flat, so their class folder is not in the sorted path."""
+def stage_new_photos(ws: Workspace, photos: list[Path]) -> Path:
+    """A flat folder of links (or copies) to `photos`, so their class folder is not in the sorted path."""
     folder = ws.root / NEW_PHOTOS
     folder.mkdir(parents=True, exist_ok=True)
-    df = mf.load(ws).set_index("image_id")
-    for image_id in held_out:
-        src = Path(str(df.at[image_id, "path"]))
-        target = folder / f"{src.stem}-{image_id[:8]}{src.suffix}"
+    for src in photos:
+        target = folder / f"{src.stem}-{file_sha256(src)[:8]}{src.suffix}"
         if target.exists() or not src.exists():
             continue
         try:
@@ -168,6 +181,8 @@ def run_loop_once(
     """
     ws: Workspace = init_workspace(workspace)
     report = LoopOnceReport(workspace=ws.root, dest=Path(dest).expanduser().resolve())
+    labeled_root, src = Path(labeled).expanduser().resolve(), Path(new).expanduser().resolve()
+    same = src == labeled_root
 
     def step(name: str, result: str) -> None:
         report.steps.append((name, result))
@@ -175,7 +190,8 @@ def run_loop_once(
         on_step(name, result)
 
     with step_progress("ingest") as on_progress:
-        summary, held_out = prepare(ws, Path(labeled), holdout=holdout, items_csv=items_csv, on_progress=on_progress)
+        summary, held_out = prepare(ws, labeled_root, holdout=holdout if same else 0.0, items_csv=items_csv,
+                                    on_progress=on_progress)
     report.held_out = len(held_out)
     step("ingest", summary)
 
@@ -208,9 +224,17 @@ def run_loop_once(
     from loop.folders.watchlist import add_sorted_tree
     from loop.sorting.folder import sort_folder
 
-    src = Path(new).expanduser().resolve()
-    if src == Path(labeled).expanduser().resolve():
-        src = stage_new_photos(ws, held_out)
+    if same:
+        paths = mf.load(ws).set_index("image_id")["path"]
+        answers = dict(held_out)
+        src = stage_new_photos(ws, [Path(str(paths[i])) for i in held_out])
+    else:
+        classes = set(mf.load(ws)["label"].dropna().astype(str))
+        by_path = answer_key(src, classes)
+        answers = {file_sha256(p): c for p, c in by_path.items()}
+        if answers:  # sorted from a flat folder of links: the answer is not in the sorted path
+            src = stage_new_photos(ws, list(iter_image_files(src)))
+    write_state(ws, {"answers": answers})
     with step_progress("sort") as on_progress:
         sorted_report = sort_folder(ws, src, report.dest, on_progress=on_progress)
     report.sort_ok = sorted_report.ok

@@ -228,11 +228,11 @@ def retrain_step(ws: Workspace) -> Outcome:
     if STOP.is_set():
         return Outcome("; ".join([*parts, "not deployed: shutting down (run `sortloop deploy` later)"]))
 
-    from loop.learning.gate import deploy
+    from loop.learning.gate import deploy, describe_evidence
 
     decision = deploy(ws, result.version)
     if decision.promoted:
-        parts.append(f"deployed {decision.version}")
+        parts.append(f"deployed {decision.version} ({describe_evidence(decision.evidence)})")
         if STOP.is_set():
             parts.append("not re-sorted: shutting down (run `sortloop resort DEST` later)")
         else:

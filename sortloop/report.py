@@ -21,13 +21,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from loop.learning.gate import describe_evidence
 from loop.scoring.flagging import describe, settings_point
 from loop.workspace import Workspace
 from sortloop.mistakes import plot_mistakes, worst_mistakes
 
 logger = logging.getLogger(__name__)
 
-VERSION_HEADERS = ["version", "trained", "mode", "user-valid accuracy", "n", "web-valid accuracy", "decision", "why"]
+VERSION_HEADERS = ["version", "trained", "mode", "accuracy on your labeled set", "n", "web-valid accuracy", "decision",
+                   "gate evidence (deployed -> this version)", "why"]
 PLOTS = {
     "accuracy": "accuracy.png",
     "recall": "recall.png",
@@ -357,6 +359,7 @@ def write_report(ws: Workspace) -> Path:
                 ((v["spec"].get("metrics") or {}).get("user_valid") or {}).get("n", ""),
                 _fmt(_metric(v["spec"], "web_valid")),
                 last.get("event", last.get("action", "")),
+                describe_evidence(last.get("evidence")) if last.get("evidence") else "",
                 "; ".join(last.get("reasons", []) or []),
             ]
         )

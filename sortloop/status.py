@@ -15,12 +15,15 @@ from typing import Any
 
 import pandas as pd
 
-from loop.scoring.flagging import describe, settings_point
+from loop.data.manifest import HUMAN_SOURCES
+from loop.learning.gate import describe_evidence
+from loop.scoring.flagging import SORT_FLAGS, describe, settings_point
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 2.0
+MEASURED_CATCH_PHOTOS = 100  # status measures the flags on this many of the latest photos a person labeled
 
 
 def _counts(series: pd.Series) -> dict[str, int]:
@@ -133,8 +136,21 @@ def _labels_and_splits(ws: Workspace, last_trained_at: pd.Timestamp | None) -> d
             "reviewed": int((status == "reviewed").sum()),
             "skipped": int((status == "skipped").sum()),
             "reviewed_since_last_train": int(reviews["image_id"].nunique()),
+            "measured": measured_catch(hist),
         },
     }
+
+
+def measured_catch(hist: pd.DataFrame, last: int = MEASURED_CATCH_PHOTOS) -> dict[str, Any]:
+    """Of the last `last` photos a person labeled after sorting (first label per photo), how many of the
+    model's mistakes (label != its guess then) the flags had marked. Reviews are mostly flagged photos, so
+    this overstates the catch rate on all sorted photos; user moves (unflagged mistakes) pull it back."""
+    human = hist[hist["source"].isin(HUMAN_SOURCES) & hist["pred_label"].notna()]
+    first = human.drop_duplicates("image_id", keep="first").tail(last)
+    wrong = (first["new_label"].astype(str) != first["pred_label"].astype(str)).to_numpy(bool)
+    flagged = first["flag"].isin(SORT_FLAGS).to_numpy(bool)
+    return {"photos": len(first), "mistakes": int(wrong.sum()), "flagged_mistakes": int((wrong & flagged).sum()),
+            "flagged": int(flagged.sum()), "models": sorted(first["pred_model"].dropna().astype(str).unique())}
 
 
 def _jobs(ws: Workspace) -> dict[str, Any]:
@@ -220,7 +236,7 @@ def format_status(status: dict[str, Any]) -> str:
         uv = model["metrics"].get("user_valid") or {}
         lines.append(
             f"model       {model['version']} ({model.get('train_mode')}, since {model.get('since')}): "
-            f"user-valid accuracy {_fmt_acc(uv.get('accuracy'))} on {uv.get('n', '?')} photos"
+            f"accuracy on your labeled set {_fmt_acc(uv.get('accuracy'))} on {uv.get('n', '?')} photos"
         )
         cv = model["metrics"].get("cv_user") or {}
         if cv.get("accuracy") is not None:
@@ -231,6 +247,17 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append(f"            calibration: temperature {cal['temperature']:.2f}, "
                          f"ECE {cal['ece_oof_before']:.3f} -> {cal['ece_oof_after']:.3f} (out of fold)")
         lines.append(f"flags       {describe(model['flag_point'])}")
+        measured = status["flags"].get("measured")
+        if measured and measured["photos"]:
+            share = f" ({measured['flagged_mistakes'] / measured['mistakes']:.0%})" if measured["mistakes"] else ""
+            lines.append(f"            of the last {measured['photos']} photos a person labeled after sorting, the "
+                         f"flags had marked {measured['flagged_mistakes']} of the model's {measured['mistakes']} "
+                         f"mistakes{share}")
+        deployed = next((v for v in status["versions"] if v["current"]), None)
+        decision = (deployed or {}).get("last_decision") or {}
+        if decision.get("evidence"):
+            lines.append(f"            deployed by the gate: {describe_evidence(decision['evidence'])} "
+                         "(previous -> this model)")
         precision = model.get("sort_precision") or {}
         lines.append(f"sorting     {'INT8' if precision.get('int8') else 'float'} model: {precision.get('reason', '')}")
     for cand in status["candidates"]:
@@ -240,8 +267,10 @@ def format_status(status: dict[str, Any]) -> str:
         else:
             failed = [r for r in decision.get("reasons") or [] if r.startswith("FAIL")]
             note = f" - {decision.get('event', '')}" + (f" ({'; '.join(failed)})" if failed else "")
+            if decision.get("evidence"):
+                note += f"; {describe_evidence(decision['evidence'])} (deployed -> candidate)"
         lines.append(
-            f"candidate   {cand['version']}: user-valid accuracy {_fmt_acc(cand['user_valid_accuracy'])}{note}"
+            f"candidate   {cand['version']}: accuracy on your labeled set {_fmt_acc(cand['user_valid_accuracy'])}{note}"
         )
     images, labels = status["images"], status["labels"]
     by_source = ", ".join(f"{k} {v}" for k, v in images["by_source"].items()) or "none"

@@ -208,6 +208,10 @@ def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
                     "by": c.by,
                     "at": pd.Timestamp(at).isoformat(),
                     "note": c.note,
+                    # what the model had said when the person labeled it: the flags' measured catch rate
+                    "pred_label": _opt(df.at[c.image_id, "pred_label"]),
+                    "pred_model": _opt(df.at[c.image_id, "pred_model"]),
+                    "flag": _opt(df.at[c.image_id, "flag"]),
                 }
             )
             df.at[c.image_id, "label"] = pd.NA if c.label is None else c.label
@@ -227,9 +231,11 @@ def _opt(value: object) -> str | None:
 
 def history(ws: Workspace) -> pd.DataFrame:
     """Every label change the manifest committed, oldest first (columns: image_id, old_label, new_label,
-    source, by, at, note)."""
+    source, by, at, note, and the model's pred_label / pred_model / flag at that moment: None in lines
+    written before they were recorded)."""
     path = history_path(ws)
-    cols = ["image_id", "old_label", "new_label", "old_source", "source", "by", "at", "note"]
+    cols = ["image_id", "old_label", "new_label", "old_source", "source", "by", "at", "note", "pred_label",
+            "pred_model", "flag"]
     if pending_path(ws).exists():
         with locked(manifest_path(ws)):
             recover_history(ws)

@@ -49,7 +49,7 @@ from loop.errors import ModelError
 from loop.learning import registry
 from loop.model.artifact import read_spec, save_artifact
 from loop.model.backbones import create_network, get_backbone, weights_tag
-from loop.model.estimates import describe_learning, learning_estimates, oof_frame
+from loop.model.estimates import class_indices, describe_learning, learning_estimates, oof_frame
 from loop.model.evaluate import confusion_png, metrics_by_source, summary_line
 from loop.model.head import backbone_cv_accuracy, fit_head
 from loop.progress import ProgressCallback, no_progress
@@ -278,8 +278,8 @@ def train(
         shutil.rmtree(out, ignore_errors=True)
         raise
 
-    # 7. A faster INT8 copy for sorting: calibrated on training photos, used only if it agrees with the
-    #    float model on the validation photos (its verdict lands in model.json; `status` shows it).
+    # 7. A faster INT8 copy for sorting: calibrated on training photos, used only if it is not significantly
+    #    worse than the float model on the labeled validation photos (its verdict lands in model.json).
     if settings.int8:
         write_int8(ws, out, train_rows, valid_rows)
     notes = [describe_learning(spec, ws)]
@@ -290,18 +290,26 @@ def train(
 
 
 def write_int8(ws: Workspace, model_dir: Path, train_rows: pd.DataFrame, valid_rows: pd.DataFrame) -> None:
-    """`loop.model.quantize.quantize_artifact` on resized photos; a failure keeps the float model and is recorded."""
-    from loop.model.quantize import CALIBRATION_PHOTOS, quantize_artifact, record_failure
+    """`loop.model.quantize.quantize_artifact` on resized photos; a failure keeps the float model and is recorded.
+
+    INT8 is judged on the labeled validation photos; without any (no gate set), on training photos outside the
+    calibration sample: the float model knows them, but what is measured is what quantisation changes.
+    """
+    from loop.model.quantize import CALIBRATION_PHOTOS, JUDGE_PHOTOS, quantize_artifact, record_failure
 
     size = ws.settings.model.image_size
     calibration_ids = train_rows["image_id"].sample(frac=1.0, random_state=ws.settings.model.seed)
     calibration_ids = calibration_ids.head(CALIBRATION_PHOTOS)
+    judged = valid_rows if len(valid_rows) else \
+        train_rows[~train_rows["image_id"].isin(set(calibration_ids))].head(JUDGE_PHOTOS)
 
     def load(ids: pd.Series) -> np.ndarray:
         return np.stack([load_resized(ws, i, size) for i in ids] or [np.zeros((size, size, 3), np.uint8)])[:len(ids)]
 
     try:
-        quantize_artifact(model_dir, load(calibration_ids), load(valid_rows["image_id"]))
+        labels = class_indices(judged["label"], read_spec(model_dir)["classes"])
+        quantize_artifact(model_dir, load(calibration_ids), load(judged["image_id"]), labels,
+                          alpha=ws.settings.gate.alpha)
     except Exception as exc:  # onnxruntime's quantiser raises assorted types; float sorting is unaffected
         logger.warning("INT8 export failed, sorting stays in float: %s", exc)
         record_failure(model_dir, f"INT8 export failed ({type(exc).__name__}: {str(exc)[:200]})")

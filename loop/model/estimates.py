@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from loop.data.items import item_keys
+from loop.data.manifest import HUMAN_SOURCES
 from loop.model.calibration import calibrated, expected_calibration_error
 from loop.model.evaluate import classification_metrics
 from loop.model.head import OutOfFold
@@ -57,8 +58,13 @@ def learning_estimates(train_rows: pd.DataFrame, valid_rows: pd.DataFrame, valid
         calibration.update(ece_oof_before=expected_calibration_error(calibrated(oof.logits, 1.0), oof.labels),
                            ece_oof_after=expected_calibration_error(probs, oof.labels), n_oof=len(oof.labels),
                            folds=oof.folds)
-        flagging = {**estimate(probs, oof.labels, item_keys(train_rows)),
-                    "estimated_on": f"out-of-fold ({oof.folds} item-grouped folds)"}
+        shop = train_rows["label_source"].isin(HUMAN_SOURCES).fillna(False).to_numpy(bool) \
+            if "label_source" in train_rows else None
+        flagging = estimate(probs, oof.labels, item_keys(train_rows), focus=shop)
+        on = f"out-of-fold ({oof.folds} item-grouped folds)"
+        if "focus" in flagging:
+            on += f"; capped by your {flagging['focus']['n']} photos labeled after sorting"
+        flagging["estimated_on"] = on
     else:
         flagging = {**estimate(valid_probs, valid_labels, item_keys(valid_rows)),
                     "estimated_on": "gate set"}

@@ -14,6 +14,9 @@ on new items than the fold models were. The bound (Wilson, one-sided `CATCH_CONF
 items among the mistakes, not the photos) asks for a margin that is wide where the evidence is thin and
 vanishes with many mistaken items; where even catching every seen mistake cannot assure the target, the
 flags stop at the share that catches them all.
+The shop's own photos (labeled by a person after sorting: reviews, moves) are where the model makes other
+mistakes than on the labeled set; once there are enough of them the curve is capped by what each threshold
+catches on them as well (`estimate(focus=...)`), so the goal must hold on both.
 Caveat: the curve is estimated on the training items (out of fold); on photos unlike them (a new kind of
 scene) mistakes are more frequent and the same threshold catches a smaller share.
 """
@@ -32,6 +35,7 @@ logger = logging.getLogger(__name__)
 CURVE_POINTS = 101  # flag shares 0, 0.01, ..., 1.0
 DEFAULT_STRATEGY = "least_confidence"
 MIN_PHOTOS = 20  # fewer predictions (or no mistake among them) give no curve: the fixed threshold (0.5) applies
+SORT_FLAGS = ("low_confidence",)  # the manifest's flag values that mean "the flags marked this photo"
 CATCH_CONFIDENCE = 0.8  # the target is met by the catch rate's lower bound at this one-sided confidence
 Z_ONE_SIDED = 0.8416  # normal quantile of CATCH_CONFIDENCE
 
@@ -100,13 +104,16 @@ def point_for_budget(curve: dict, budget: float) -> int:
     return best
 
 
-def estimate(probs: np.ndarray, labels: np.ndarray, items: np.ndarray | None = None) -> dict:
+def estimate(probs: np.ndarray, labels: np.ndarray, items: np.ndarray | None = None,
+             focus: np.ndarray | None = None) -> dict:
     """Catch curves of every strategy from out-of-fold `probs` (N, K) and true class indices `labels` (N,).
 
     Labels outside the columns (index -1 or >= K) count as mistakes. `items` (N,): the item of each photo;
     the lower bounds count the distinct items among the mistakes (None: every photo its own item). With
     fewer than MIN_PHOTOS predictions or no mistake at all there is nothing to size on: no curves (sort
-    then uses a fixed 0.5).
+    then uses a fixed 0.5). `focus` (N,) bool marks the shop's own photos (labeled by a person after
+    sorting): where they are enough to size on, each curve's catch rate is the lower of the two, all photos
+    and the focus photos, at every threshold, so the flags must reach the goal on both (`bounded_by`).
     """
     probs = np.asarray(probs, np.float64)
     labels = np.asarray(labels)
@@ -114,9 +121,35 @@ def estimate(probs: np.ndarray, labels: np.ndarray, items: np.ndarray | None = N
     counts = {"n": int(len(probs)), "mistakes": int(wrong.sum())}
     if len(probs) < MIN_PHOTOS or not wrong.any():  # nothing to size the flags on: the fixed threshold applies
         return {**counts, "curves": {}}
-    evidence = int(wrong.sum()) if items is None else len(set(np.asarray(items)[wrong].tolist()))
+    item_ids = np.arange(len(probs)).astype(str) if items is None else np.asarray(items).astype(str)
+    evidence = len(set(item_ids[wrong].tolist()))
     curves = {name: catch_curve(score(probs, name), wrong, evidence=evidence) for name in STRATEGIES}
-    return {**counts, "mistaken_items": evidence, "confidence": CATCH_CONFIDENCE, "curves": curves}
+    out = {**counts, "mistaken_items": evidence, "confidence": CATCH_CONFIDENCE, "curves": curves}
+    focus = np.zeros(len(probs), bool) if focus is None else np.asarray(focus, bool)
+    if focus.sum() >= MIN_PHOTOS and (wrong & focus).any():
+        focus_evidence = len(set(item_ids[wrong & focus].tolist()))
+        for name in STRATEGIES:
+            scores = score(probs, name)
+            curves[name] = bounded_by(curves[name], scores[focus], wrong[focus], focus_evidence)
+        out["focus"] = {"n": int(focus.sum()), "mistakes": int((wrong & focus).sum()),
+                        "mistaken_items": focus_evidence}
+    return out
+
+
+def bounded_by(curve: dict, scores: np.ndarray, wrong: np.ndarray, evidence: int) -> dict:
+    """`curve` with its catch rates (and their lower bounds) capped by what its thresholds catch on a subset.
+
+    The shares stay those of all photos; at each threshold the subset's catch rate and Wilson bound are
+    computed on its own mistakes (`evidence` independent ones), and the lower value of the two is kept.
+    """
+    mistakes = np.sort(np.asarray(scores, np.float64)[np.asarray(wrong, bool)])
+    catch, low = list(curve["catch"]), list(curve.get("catch_low") or curve["catch"])
+    for i, threshold in enumerate(curve["threshold"]):
+        caught = 0.0 if threshold is None else \
+            float(len(mistakes) - np.searchsorted(mistakes, threshold, side="left")) / len(mistakes)
+        catch[i] = min(catch[i], caught)
+        low[i] = min(low[i], round(wilson_lower(caught * evidence, evidence), 4))
+    return {**curve, "catch": catch, "catch_low": low}
 
 
 def operating_point(flagging: dict | None, *, strategy: str = "auto", target: float = 0.8,

@@ -57,7 +57,7 @@ def test_demo_learns_from_a_simulated_review_and_a_rerun_trains_nothing(tmp_path
             assert re.search(rf"sortloop -w \S+ {command}", text), command
 
         # held out: whole items, never trained on by v0001, sorted as the new photos
-        held = json.loads((ws.runs_dir / "demo.json").read_text())["held_out"]
+        held = json.loads((ws.runs_dir / "demo.json").read_text())["answers"]
         df = manifest.load(ws)
         learned = df[df["label_source"] == "folder"]
         assert len(held) > 0 and not set(held) & set(learned["image_id"])
@@ -81,12 +81,13 @@ def test_demo_learns_from_a_simulated_review_and_a_rerun_trains_nothing(tmp_path
             assert "simulated user: moved" in text and len(moved) > 0
         assert (moved["label"] == moved["image_id"].map(held)).all()
 
-        # the new model: promoted by the gate, more accurate than the first on the same photos
-        found = re.search(r"accuracy on the same (\d+) user validation photos: v0001 \(before\) ([0-9.]+) -> "
-                          r"v0002 \(after review\) ([0-9.]+)", text)
-        assert found, text
-        assert float(found.group(3)) > float(found.group(2))
+        # the new model: promoted by the gate; more sorted copies in the right folder than before the review
+        before = re.search(r"right folder before the review \(v0001\): ([0-9.]+) \((\d+) of (\d+)\)", text)
+        now = re.search(r"right folder now \(v0002, reviewed copies moved, unchecked ones re-sorted\): ([0-9.]+)", text)
+        assert before and now, text
+        assert float(now.group(1)) > float(before.group(1))
         assert "gate promoted v0002" in text and registry.current_version(ws) == "v0002"
+        assert "your photos labeled since the last model" in text
 
         # a rerun with nothing new: no new version, nothing copied
         again = runner.invoke(app, args)

@@ -18,11 +18,8 @@ HOSTILE = [
     ("schedule", "watch_minutes", 0.5),
     ("schedule", "pull_minutes", 1e9),
     ("schedule", "misfire_grace_s", 0),
-    ("gate", "min_accuracy_gain", -5),  # would silently turn the gate off
-    ("gate", "min_accuracy_gain", 1.5),
-    ("gate", "max_recall_drop", 2),
-    ("gate", "min_accuracy_support", 0),
-    ("gate", "max_recall_drop", -0.1),
+    ("gate", "alpha", 0),  # would turn the gate off
+    ("gate", "alpha", 1.5),
     ("split", "user_valid_fraction", 1),
     ("sort", "batch_size", 0),
     ("sort", "workers", -1),
@@ -35,8 +32,8 @@ HOSTILE = [
     ("items", "near_duplicate_distance", 65),
 ]
 # values at the edges of the ranges stay accepted
-ACCEPTED = [("schedule", "pull_minutes", 1), ("gate", "min_accuracy_gain", 0), ("gate", "min_accuracy_gain", 0.05),
-            ("gate", "min_accuracy_gain", -0.1), ("split", "web_valid_fraction", 0), ("sort", "workers", 0),
+ACCEPTED = [("schedule", "pull_minutes", 1), ("gate", "alpha", 0.01), ("gate", "alpha", 0.2),
+            ("split", "web_valid_fraction", 0), ("sort", "workers", 0),
             ("split", "user_valid_fraction", 0)]  # 0: no gate set; the gate compares on new labels
 
 
@@ -64,3 +61,20 @@ def test_the_cli_stops_with_the_key_named(ws) -> None:
     result = CliRunner().invoke(app, ["status", "-w", str(ws.root)])
     assert result.exit_code == 1
     assert result.output.startswith("error: schedule.pull_minutes: ") and "Traceback" not in result.output
+
+
+def test_the_retired_gate_rules_of_an_older_workspace_are_ignored_with_a_warning(tmp_path, caplog) -> None:
+    """A sortloop.toml written before the gate refused only significant losses still loads."""
+    config = tmp_path / "sortloop.toml"
+    config.write_text("[gate]\nmin_accuracy_gain = -0.10\nmin_accuracy_support = 50\nalpha = 0.05\n"
+                      "max_recall_drop = 0.10\nmin_class_support = 10\n")
+    with caplog.at_level("WARNING"):
+        settings = load_settings(config)
+    assert settings.gate.alpha == 0.05 and not hasattr(settings.gate, "min_accuracy_gain")
+    assert "gate.min_accuracy_gain is no longer used" in caplog.text
+    config.write_text("[gate]\nalpah = 0.05\n")  # a typo is an error naming the valid keys
+    with pytest.raises(ConfigError, match=r"^gate\.alpah: unknown key; valid keys: alpha "):
+        load_settings(config)
+    config.write_text("[sort]\nflag_treshold = 0.5\n")
+    with pytest.raises(ConfigError, match=r"^sort\.flag_treshold: unknown key; valid keys: .*flag_threshold"):
+        load_settings(config)

@@ -111,3 +111,32 @@ def test_temperature_scaling_lowers_the_calibration_error_and_keeps_the_argmax()
 def test_bad_flag_settings_are_refused(bad):
     with pytest.raises(ValueError):
         SortConfig(**bad)
+
+
+def test_the_shops_own_photos_cap_the_curve_so_the_goal_holds_on_them_too():
+    """Mistakes the labeled set does not show (confident ones, on the shop's photos) make the flags reach deeper."""
+    logits, labels = overconfident(n=1200, seed=3)
+    probs = calibrated(logits, 1.0)
+    shop = np.zeros(len(labels), bool)
+    shop[:200] = True
+    # on the shop's photos the model is confidently wrong: its surest guesses there are mistakes
+    wrong_label = (probs[:200].argmax(1) + 1) % probs.shape[1]
+    labels = labels.copy()
+    labels[:200] = np.where(probs[:200].max(1) > np.quantile(probs[:200].max(1), 0.5), wrong_label, labels[:200])
+    plain = estimate(probs, labels)
+    capped = estimate(probs, labels, focus=shop)
+    assert "focus" not in plain and capped["focus"]["n"] == 200
+    assert capped["focus"]["mistakes"] == int((probs[:200].argmax(1) != labels[:200]).sum())
+    name = "least_confidence"
+    assert all(c <= p + 1e-12 for c, p in zip(capped["curves"][name]["catch"], plain["curves"][name]["catch"],
+                                              strict=True))
+    target = 0.8
+    plain_point = operating_point(plain, strategy=name, target=target)
+    capped_point = operating_point(capped, strategy=name, target=target)
+    assert capped_point["expected_share"] > plain_point["expected_share"]  # flags more...
+    flagged = flags(least_confidence(probs[:200]), capped_point["threshold"])
+    wrong = probs[:200].argmax(1) != labels[:200]
+    assert (flagged & wrong).sum() / wrong.sum() >= target  # ...and so catches the goal on the shop's photos
+    too_few = shop.copy()
+    too_few[19:] = False  # fewer than MIN_PHOTOS shop photos: nothing to size on, the curve is the plain one
+    assert estimate(probs, labels, focus=too_few)["curves"] == plain["curves"]

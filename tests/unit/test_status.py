@@ -140,3 +140,35 @@ def test_status_command_json_and_text(ws, tmp_path, closed_port):
 def test_status_outside_a_workspace_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(app, ["status", "--workspace", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "sortloop init" in result.output
+
+
+def test_status_measures_the_flags_on_the_photos_people_labeled(ws, tmp_path, closed_port):
+    """The history keeps what the model said when a person labeled a photo; status counts the mistakes the
+    flags had marked among the latest of them."""
+    build(ws, tmp_path)
+    ws = Workspace(ws.root)
+    df = manifest.load(ws)
+    unlabeled = df[df["label"].isna()].head(4)
+    if len(unlabeled) < 4:  # make four unlabeled photos from labeled ones (their labels taken back)
+        ids = df["image_id"].head(4).tolist()
+        manifest.set_labels(ws, [manifest.LabelChange(i, None, None, "test") for i in ids])
+        unlabeled = manifest.load(ws).set_index("image_id").loc[ids].reset_index()
+    ids = unlabeled["image_id"].tolist()
+    guesses = {ids[0]: ("chair", "low_confidence"), ids[1]: ("chair", None), ids[2]: ("table", "low_confidence"),
+               ids[3]: ("sofa", None)}
+
+    def predicted(frame):
+        for i, (label, flag) in guesses.items():
+            row = frame["image_id"] == i
+            frame.loc[row, "pred_label"], frame.loc[row, "pred_model"], frame.loc[row, "flag"] = label, "v0002", flag
+        return frame
+
+    manifest.update(ws, predicted)
+    truth = {ids[0]: "bed", ids[1]: "bed", ids[2]: "table", ids[3]: "sofa"}  # two mistakes, one of them flagged
+    manifest.set_labels(ws, [manifest.LabelChange(i, c, "review", "r@example.com") for i, c in truth.items()])
+    hist = manifest.history(ws).drop_duplicates("image_id", keep="last").set_index("image_id")
+    assert hist.loc[ids[0], "pred_label"] == "chair" and hist.loc[ids[0], "flag"] == "low_confidence"
+    measured = collect_status(ws)["flags"]["measured"]
+    assert (measured["photos"], measured["mistakes"], measured["flagged_mistakes"]) == (4, 2, 1)
+    assert "of the last 4 photos a person labeled after sorting, the flags had marked 1 of the model's 2 " \
+           "mistakes (50%)" in format_status(collect_status(ws))
