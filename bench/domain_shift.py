@@ -18,7 +18,8 @@ Printed per round and arm: test accuracy, the gate's decision with both kinds of
 refused candidate what it would have scored on the test part; after the last round, the flags' catch rate
 on the test part (share of the deployed model's test mistakes its flags mark) and the share flagged. The
 summary gives means over the seeds, the gain over ikea-only, the product - random difference per round,
-and the refusals that were >= 0.02 better on the test part than the model they failed to replace.
+an all-labels probe (the same recipe on ikea plus every pool photo with its true class: the ceiling of any
+selection), and the refusals that were >= 0.02 better on the test part than the model they failed to replace.
 INT8 export is off in these workspaces (`model.int8 = false`): it does not change what the gate decides,
 and costs ~30 s a training on 2 cores. Features are cached in `.cache/bench-learning/` (shared with
 bench/learning.py; the first run extracts ikea's and rooms' features: minutes).
@@ -42,7 +43,15 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.learning import DATA, Features, deployed_logits, link_tree, new_workspace, product_selection  # noqa: E402
+from bench.learning import (  # noqa: E402
+    DATA,
+    Features,
+    deployed_logits,
+    link_tree,
+    new_workspace,
+    probe_accuracy,
+    product_selection,
+)
 from bench.learning import test_report as report_on  # noqa: E402
 from loop.config import DEFAULT_BATCH_STRATEGY  # noqa: E402
 from loop.data import manifest  # noqa: E402
@@ -106,6 +115,15 @@ def run_seed(seed: int, args, scratch: Path) -> dict:
     test_labels = test["cls"].tolist()
 
     out: dict = {"accuracy": {}, "refused": [], "catch": {}, "flag_share": {}, "decisions": {}}
+    # The ceiling: the same recipe on ikea plus EVERY pool photo with its true class (no selection at all).
+    ikea_feats = features.of([ikea / p for p in ikea_meta["path"]])
+    classes = sorted(ikea_meta["cls"].unique())
+    x = np.concatenate([ikea_feats, features.of(pool_paths)])
+    y = np.array([classes.index(c) for c in [*ikea_meta["cls"], *pool["cls"]]])
+    groups = np.array([*ikea_meta["group"].astype(str), *("pool-" + pool["group"].astype(str))])
+    out["probe"], _ = probe_accuracy(x, y, groups, test_feats, np.array([classes.index(c) for c in test_labels]))
+    print(f"  all-labels probe (ikea + all {len(pool)} pool photos labeled, same recipe): test accuracy "
+          f"{out['probe']:.3f}")
     for arm in ARMS:
         ws = new_workspace(scratch / f"ws-{arm}")
         assert not ws.settings.model.int8, "SORTLOOP_MODEL__INT8=false did not reach the bench workspace"
@@ -160,6 +178,8 @@ def summarize(runs: list[dict], rounds: int) -> None:
     for arm in ARMS:
         print(f"  {arm:<8} test accuracy per round " + " -> ".join(f"{a:.3f}" for a in acc[arm].mean(0))
               + f"  (gain after round {rounds} over ikea-only: {(acc[arm][:, -1] - acc[arm][:, 0]).mean():+.3f})")
+    print(f"  all-labels probe (ikea + every pool photo, the ceiling of any selection): "
+          f"{np.mean([r['probe'] for r in runs]):.3f}")
     diff = acc["product"][:, 1:] - acc["random"][:, 1:]
     print("  product - random per round: " + ", ".join(f"{d:+.3f}" for d in diff.mean(0))
           + f" (product ahead at every round: {bool((diff.mean(0) >= 0).all())})")
