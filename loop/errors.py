@@ -65,5 +65,21 @@ def is_disk_full(exc: BaseException) -> bool:
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
+def first_disk_full(exc: OSError, first: OSError | None) -> OSError:
+    """A run's first full-disk error (`first`, else `exc`); any other OSError is re-raised.
+
+    A full disk stops a run, but what it did is still recorded before the error is reported (`sort`).
+    """
+    if not is_disk_full(exc):
+        raise exc
+    return first or exc
+
+
+def stopped_by_full_disk(exc: OSError, where: object, summary: str) -> DiskFullError:
+    """The one error a run stopped by a full disk raises: the disk's path (`exc`'s, else `where`) and what
+    the run did before it stopped (`summary`)."""
+    return DiskFullError(getattr(exc, "path", None) or exc.filename or where, summary=summary)
+
+
 class ClassNameError(SortloopError):
     """A class name that cannot be a category folder (path separators, hidden, empty...)."""

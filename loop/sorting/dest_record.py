@@ -27,7 +27,8 @@ from pathlib import Path, PurePosixPath
 from loop.atomic import write_json_atomic
 from loop.data.decode import Decoded
 from loop.errors import SortloopError
-from loop.sorting.pipeline import REVIEW_CSV, Placed, SortReport, append_review
+from loop.sorting.pipeline import Placed, SortReport
+from loop.sorting.review_csv import REVIEW_CSV, append_review
 
 logger = logging.getLogger(__name__)
 

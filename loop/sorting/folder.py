@@ -30,6 +30,7 @@ and an existing `user_moved` flag is never replaced.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from datetime import UTC, datetime
@@ -41,7 +42,7 @@ import pandas as pd
 from loop.atomic import append_jsonl
 from loop.data import manifest
 from loop.data.decode import Decoded
-from loop.errors import DiskFullError, SortloopError, is_disk_full
+from loop.errors import DiskFullError, SortloopError, first_disk_full, stopped_by_full_disk
 from loop.progress import ProgressCallback
 from loop.sorting import copies
 from loop.sorting.pipeline import (  # noqa: F401  (SortReport is part of this module's interface)
@@ -52,7 +53,7 @@ from loop.sorting.pipeline import (  # noqa: F401  (SortReport is part of this m
     check_folders,
     sort_into,
 )
-from loop.sorting.review_csv import REVIEW_CSV, write_review_csv  # noqa: F401  (REVIEW_CSV: re-exported)
+from loop.sorting.review_csv import write_review_csv
 from loop.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -141,23 +142,20 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
             try:
                 finish()
             except OSError as exc:
-                if not is_disk_full(exc):
-                    raise
-                disk_full = disk_full or exc
+                disk_full = first_disk_full(exc, disk_full)
     if disk_full is not None:
         logger.warning("stopped: disk full (%s). %s", disk_full, report.summary())
-        where = getattr(disk_full, "path", None) or disk_full.filename or dest
-        raise DiskFullError(where, summary=report.summary()) from None
+        raise stopped_by_full_disk(disk_full, dest, report.summary()) from None
     logger.info(report.summary())
     return report
 
 
 def sort_options(ws: Workspace, *, keep_tree: bool | None = None) -> SortOptions:
     """The workspace's `[sort]` settings as the pipeline's options (`keep_tree` overrides the setting)."""
-    s = ws.settings.sort
-    return SortOptions(flag_strategy=s.flag_strategy, flag_target=s.flag_target, flag_budget=s.flag_budget,
-                       flag_threshold=s.flag_threshold, keep_tree=s.keep_tree if keep_tree is None else keep_tree,
-                       batch_size=s.batch_size, workers=s.workers, runtime=s.runtime, precision=s.precision)
+    options = SortOptions(**{f.name: getattr(ws.settings.sort, f.name) for f in dataclasses.fields(SortOptions)})
+    if keep_tree is not None:
+        options.keep_tree = keep_tree
+    return options
 
 
 def record_predictions(ws: Workspace, preds: dict[str, tuple[str, float, float, bool]], version: str) -> None:

@@ -17,9 +17,7 @@ overlap. Caveat: the model is fixed when the run starts (a deploy during a run i
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ import numpy as np
 from loop.data.classnames import class_name_problem
 from loop.data.decode import Decoded, decode_stream, default_workers
 from loop.data.images import iter_image_files
-from loop.errors import DiskFullError, ModelError, SortloopError, is_disk_full
+from loop.errors import ModelError, SortloopError, first_disk_full, stopped_by_full_disk
 from loop.model.artifact import Predictor, read_spec
 from loop.progress import ProgressCallback, no_progress
 from loop.scoring.flagging import describe, settings_point
@@ -41,16 +39,17 @@ from loop.sorting.report import SortReport
 
 logger = logging.getLogger(__name__)
 
-REVIEW_CSV = "_review.csv"
-REVIEW_COLUMNS = ["dest_path", "source_path", "pred_label", "pred_conf", "score", "strategy", "model_version",
-                  "image_id", "sorted_at"]
 FLUSH_EVERY = 256  # images between flushes of the records (a crash loses no copies: a rerun finds them
 #                    identical at their destination and records them then)
 
 
 @dataclass
 class SortOptions:
-    """How to sort: the `[sort]` settings of a workspace, or the ones a bundle carries in its model.json."""
+    """How to sort: the `[sort]` settings of a workspace, or the ones a bundle carries in its model.json.
+
+    The defaults are `loop.config.SortConfig`'s, restated because the frozen sorter has no pydantic;
+    tests/unit/test_defaults.py fails if the two disagree.
+    """
 
     flag_strategy: str = "auto"  # "auto": the strategy the model's catch curves pick (loop.scoring.flagging)
     flag_target: float = 0.8  # share of the model's mistakes the flags should catch
@@ -60,7 +59,7 @@ class SortOptions:
     batch_size: int = 32
     workers: int = 2
     runtime: str = "onnx"
-    precision: str = "float"  # "auto": the INT8 ONNX model when it passed its gate (loop.model.artifact.PRECISIONS)
+    precision: str = "auto"  # "auto": the INT8 ONNX model when it passed its gate (loop.model.artifact.PRECISIONS)
 
 
 RemoteBatches = Iterator[tuple[list[Decoded], np.ndarray, list[Done]]]
@@ -182,9 +181,7 @@ def sort_into(
                 _flush(sink, pending, report)
         copier.collect(wait=True)
     except OSError as exc:
-        if not is_disk_full(exc):
-            raise
-        disk_full = exc
+        disk_full = first_disk_full(exc, None)
     finally:
         predicted.close()
         stream.close()
@@ -193,13 +190,10 @@ def sort_into(
         try:
             _flush(sink, pending, report)  # again after a failed flush: the sinks' writes are idempotent
         except OSError as exc:
-            if not is_disk_full(exc):
-                raise
-            disk_full = disk_full or exc
+            disk_full = first_disk_full(exc, disk_full)
     disk_full = disk_full or copier.disk_full
     if disk_full is not None:
-        where = getattr(disk_full, "path", None) or disk_full.filename or dest
-        raise DiskFullError(where, summary=report.summary()) from None
+        raise stopped_by_full_disk(disk_full, dest, report.summary()) from None
     on_progress(processed, total)
     return report
 
@@ -247,32 +241,6 @@ def is_within(inner: Path, outer: Path) -> bool:
         return True
     except ValueError:
         return False
-
-
-def review_row(dest_path: str, source_path: str, label: str, conf: float, score: float, strategy: str,
-               version: str, image_id: str, sorted_at: str) -> dict[str, str]:
-    """One line of `_review.csv` (columns REVIEW_COLUMNS), as both the workspace and a DEST record write it."""
-    return {"dest_path": dest_path, "source_path": source_path, "pred_label": label, "pred_conf": f"{conf:.4f}",
-            "score": f"{score:.4f}", "strategy": strategy, "model_version": version, "image_id": image_id,
-            "sorted_at": sorted_at}
-
-
-def append_review(path: Path, placed: list[Placed], strategy: str, version: str) -> None:
-    """Append the flagged copies to `DEST/_review.csv` (header on first write), durably: the standalone
-    sorter's review list (a workspace rebuilds its list from the records instead: `loop.sorting.review_csv`)."""
-    rows = [p for p in placed if p.flagged]
-    if not rows:
-        return
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=REVIEW_COLUMNS)
-        if new:
-            writer.writeheader()
-        for p in rows:
-            writer.writerow(review_row(str(p.final), str(p.rec.path), p.label, p.conf, p.score, strategy, version,
-                                       p.rec.image_id or "", p.sorted_at.isoformat()))
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 # --- helpers -----------------------------------------------------------------------------------------

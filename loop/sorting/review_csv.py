@@ -5,7 +5,9 @@ a person moved the copy, `apply` or `resort` moved it, a newer model is sure of 
 whole, atomically, from the copy records (`loop.sorting.copies`: where each copy is, its current flag) and the
 manifest (who labeled the image): one row per flagged copy present in the tree, sorted by path, header
 always. A photo a person labeled (review, user move) or a reviewer marked reviewed leaves the list.
+The standalone sorter, which has no workspace, appends to the same file instead (`append_review`).
 Caveat: the file is sortloop's own; edits to it are overwritten by the next sort, scan, apply or resort.
+The manifest (pandas) is imported where the list is rebuilt, so the frozen sorter can append without it.
 """
 
 from __future__ import annotations
@@ -14,24 +16,33 @@ import contextlib
 import csv
 import io
 import logging
+import os
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from loop.atomic import atomic_write
-from loop.data import manifest
 from loop.errors import ModelError
 from loop.model.artifact import read_spec
 from loop.scoring.flagging import settings_point
 from loop.sorting import copies
-from loop.sorting.pipeline import REVIEW_COLUMNS, REVIEW_CSV, review_row
-from loop.workspace import Workspace
+
+if TYPE_CHECKING:
+    from loop.sorting.pipeline import Placed
+    from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
+
+REVIEW_CSV = "_review.csv"
+REVIEW_COLUMNS = ["dest_path", "source_path", "pred_label", "pred_conf", "score", "strategy", "model_version",
+                  "image_id", "sorted_at"]
 
 
 def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
     """The flagged copies under `dest` that no person has labeled or reviewed yet, sorted by path."""
+    import pandas as pd
+
+    from loop.data import manifest
+
     records = copies.load_records(ws, dest)
     records = records[(records["status"] == "present") & records["flagged"].fillna(False).astype(bool)]
     if records.empty:
@@ -77,3 +88,29 @@ def write_review_csv(ws: Workspace, dest: Path) -> Path:
         fh.write(data)
     logger.debug("%s: %d copies pending review", path, len(rows))
     return path
+
+
+def review_row(dest_path: str, source_path: str, label: str, conf: float, score: float, strategy: str,
+               version: str, image_id: str, sorted_at: str) -> dict[str, str]:
+    """One line of `_review.csv` (columns REVIEW_COLUMNS), as both the workspace and a DEST record write it."""
+    return {"dest_path": dest_path, "source_path": source_path, "pred_label": label, "pred_conf": f"{conf:.4f}",
+            "score": f"{score:.4f}", "strategy": strategy, "model_version": version, "image_id": image_id,
+            "sorted_at": sorted_at}
+
+
+def append_review(path: Path, placed: list[Placed], strategy: str, version: str) -> None:
+    """Append the flagged copies to `DEST/_review.csv` (header on first write), durably: the standalone
+    sorter's review list (a workspace rebuilds its list from the records instead: `write_review_csv`)."""
+    rows = [p for p in placed if p.flagged]
+    if not rows:
+        return
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=REVIEW_COLUMNS)
+        if new:
+            writer.writeheader()
+        for p in rows:
+            writer.writerow(review_row(str(p.final), str(p.rec.path), p.label, p.conf, p.score, strategy, version,
+                                       p.rec.image_id or "", p.sorted_at.isoformat()))
+        fh.flush()
+        os.fsync(fh.fileno())

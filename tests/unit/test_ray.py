@@ -19,7 +19,8 @@ ray = pytest.importorskip("ray")
 
 from loop.data import manifest  # noqa: E402
 from loop.sorting import copies  # noqa: E402
-from loop.sorting.folder import REVIEW_CSV, sort_folder  # noqa: E402
+from loop.sorting.folder import sort_folder  # noqa: E402
+from loop.sorting.review_csv import REVIEW_CSV  # noqa: E402
 from loop.workspace import init_workspace  # noqa: E402
 from tests.unit.sort_helpers import deploy_copy, sample_ikea  # noqa: E402
 

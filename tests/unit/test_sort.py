@@ -19,7 +19,8 @@ from loop.data.images import file_sha256, load_model_input, open_image, perceptu
 from loop.data.items import exif_taken_at
 from loop.learning.registry import set_current
 from loop.sorting import copies
-from loop.sorting.folder import REVIEW_CSV, sort_folder
+from loop.sorting.folder import sort_folder
+from loop.sorting.review_csv import REVIEW_CSV
 from loop.workspace import Workspace
 from sortloop.cli import app
 from tests.unit.sort_helpers import deploy_copy, files_under, ikea_classes, sample_ikea
