@@ -46,10 +46,11 @@ def known_classes(ws: Workspace, manifest: pd.DataFrame | None = None) -> list[s
     """Classes a reviewer may pick: the deployed model's (in its order), then manifest labels (sorted)."""
     from loop.data import manifest as mf
     from loop.learning.registry import current_model_dir
+    from loop.model.artifact import read_spec
 
     classes: list[str] = []
     try:
-        spec = json.loads((current_model_dir(ws) / "model.json").read_text())
+        spec = read_spec(current_model_dir(ws))
         classes = [str(c) for c in spec.get("classes", [])]
     except ModelError:
         pass  # no model deployed yet: the manifest's labels are the classes

@@ -12,7 +12,6 @@ torch, typer, rich): the spec excludes them, and a frozen sorter that reached on
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing
 import sys
@@ -21,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from loop.errors import SortloopError
+from loop.model.artifact import SPEC_FILE, read_spec
 from loop.sorting import dest_record
 from loop.sorting.pipeline import SortOptions, SortReport, check_folders, sort_into
 
@@ -59,11 +59,11 @@ def sort_standalone(src: Path, dest: Path, model_dir: Path, *, keep_tree: bool |
     Raises:
         SortloopError: bad folders, a missing model, or `dest` already sorted by a newer bundle.
     """
-    if not (model_dir / "model.json").exists():
+    if not (model_dir / SPEC_FILE).exists():
         raise SortloopError(f"no model in {model_dir}; keep the 'model' folder beside the sorter (unzip the "
                             "whole bundle), or pass --model")
     src, dest = check_folders(src, dest)
-    spec = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    spec = read_spec(model_dir)
     options = options_from(spec, keep_tree=keep_tree, workers=workers)
     version, built_at = str(spec.get("version", "")), spec.get("bundle", {}).get("built_at")
     dest_record.check_bundle(dest, built_at, version)

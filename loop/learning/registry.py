@@ -14,6 +14,7 @@ from pathlib import Path
 
 from loop.atomic import append_jsonl, read_jsonl, write_json_atomic
 from loop.errors import ModelError
+from loop.model.artifact import SPEC_FILE
 from loop.tables import locked
 from loop.workspace import Workspace
 
@@ -29,7 +30,7 @@ def log_path(ws: Workspace) -> Path:
 def model_dir(ws: Workspace, version: str) -> Path:
     """Folder of one version; raises ModelError (listing what exists) if there is none."""
     path = ws.models_dir / version
-    if not (path / "model.json").exists():
+    if not (path / SPEC_FILE).exists():
         known = ", ".join(list_versions(ws)) or "none"
         raise ModelError(f"no model version {version!r} in {ws.models_dir} (versions: {known})")
     return path
@@ -39,7 +40,7 @@ def list_versions(ws: Workspace) -> list[str]:
     """All complete versions, oldest first."""
     if not ws.models_dir.exists():
         return []
-    return sorted(p.name for p in ws.models_dir.iterdir() if p.is_dir() and (p / "model.json").exists())
+    return sorted(p.name for p in ws.models_dir.iterdir() if p.is_dir() and (p / SPEC_FILE).exists())
 
 
 def current_version(ws: Workspace) -> str | None:
