@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 
 from labeling import private, served
-from loop.atomic import write_json_atomic
+from loop.atomic import process_alive, write_json_atomic
 from loop.errors import LabelStudioError
 from loop.workspace import Workspace
 
@@ -250,20 +250,7 @@ def stop_process(pid: int, timeout_s: float = 15.0) -> None:
 def _alive(pid: int) -> bool:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
-    except (OSError, IndexError):
-        return False
+    return process_alive(pid)
 
 
 def _read_pid(ws: Workspace) -> dict | None:

@@ -174,7 +174,7 @@ def remove_stale_temps(folder: Path, *, recursive: bool = True) -> list[Path]:
             path = here / name
             try:
                 old = now - path.stat().st_mtime > STALE_AFTER_S
-                if old or (match and match["host"] == _HOST and not _alive(int(match["pid"]))):
+                if old or (match and match["host"] == _HOST and not process_alive(int(match["pid"]))):
                     path.unlink()
                     removed.append(path)
             except OSError:  # gone meanwhile (its writer renamed it), or not ours to delete
@@ -184,7 +184,9 @@ def remove_stale_temps(folder: Path, *, recursive: bool = True) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine and has not exited (a zombie has: it only awaits its
+    parent). Used for a dead writer's temp files here, and for the embedded Label Studio's pid file."""
     if pid == os.getpid():
         return True
     try:
@@ -193,4 +195,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, another user's
         return True
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False

@@ -83,6 +83,24 @@ def locked(path: Path) -> Iterator[None]:
         raise ManifestError(f"{path} is locked by another sortloop process for over {LOCK_TIMEOUT_S:.0f} s") from None
 
 
+@contextmanager
+def held_or_refused(lock_file: Path, refusal: Exception) -> Iterator[None]:
+    """Hold `lock_file` for the duration, or raise `refusal` at once if another process holds it.
+
+    For work that must not wait behind a second copy of itself (one sort per DEST, one `serve` per
+    workspace): the user gets a clear message now instead of a hang.
+    """
+    lock = FileLock(str(lock_file), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise refusal from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def update_table(
     path: Path, columns: dict[str, str], change: Callable[[pd.DataFrame], pd.DataFrame]
 ) -> pd.DataFrame:

@@ -36,6 +36,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from filelock import FileLock, Timeout
 
 from loop.errors import ConfigError, WorkspaceError
+from loop.tables import held_or_refused
 from loop.workspace import Workspace
 from sortloop.jobs import STOP, append_job_log, now_utc, sorted_trees
 
@@ -275,18 +276,10 @@ def describe_jobs(
 def serve_lock(ws: Workspace) -> Iterator[None]:
     """Hold the workspace's serve lock; raises WorkspaceError at once if another process holds it."""
     ws.runs_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_path(ws)), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise WorkspaceError(
+    with held_or_refused(lock_path(ws), WorkspaceError(
             f"another `sortloop serve` is already running on {ws.root} (lock {lock_path(ws)}); "
-            "stop it first, or use another workspace"
-        ) from None
-    try:
+            "stop it first, or use another workspace")):
         yield
-    finally:
-        lock.release()
 
 
 def is_serving(ws: Workspace) -> bool:

@@ -119,21 +119,14 @@ def dest_lock(ws: Workspace, dest: Path) -> Iterator[None]:
     Raises:
         SortloopError: another sort (this machine, this workspace) is writing into `dest` now.
     """
-    from filelock import FileLock, Timeout
+    from loop.tables import held_or_refused  # pandas: only the workspace's sort gets here
 
     real = Path(dest).expanduser().resolve()
     path = ws.runs_dir / "locks" / f"dest-{hashlib.sha256(str(real).encode()).hexdigest()[:16]}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise SortloopError(f"another sort is writing into {real} right now; let it finish, then run this one "
-                            "again (it continues where that one stopped)") from None
-    try:
+    with held_or_refused(path, SortloopError(f"another sort is writing into {real} right now; let it finish, "
+                                             "then run this one again (it continues where that one stopped)")):
         yield
-    finally:
-        lock.release()
 
 
 def update_records(ws: Workspace, changes: dict[str, dict]) -> None:
