@@ -35,7 +35,7 @@ from loop.model.backbones import create_network, get_backbone, weights_tag
 from loop.model.features import cached_features, features_dir
 from loop.model.head import choose_c
 from loop.review.audit import find_label_issues, out_of_fold_probs
-from loop.review.probe import fit_head, head_probs
+from loop.review.probe import fit_probe, probe_probs
 from loop.scoring.strategies import (
     BATCH_STRATEGIES,
     COLD_START_PER_CLASS,
@@ -98,8 +98,8 @@ def split(frame: pd.DataFrame, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def accuracy(feats: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, c: float, k: int) -> float:
     """Fit the head on `train` (image + mirror rows), score on `test` (image view)."""
-    model = fit_head(feats[train].reshape(-1, feats.shape[-1]), np.repeat(y[train], 2), c=c)
-    return float((head_probs(model, feats[test, 0], k).argmax(axis=1) == y[test]).mean())
+    model = fit_probe(feats[train].reshape(-1, feats.shape[-1]), np.repeat(y[train], 2), c=c)
+    return float((probe_probs(model, feats[test, 0], k).argmax(axis=1) == y[test]).mean())
 
 
 def run_curve(feats, y, pool, test, c, k, strategy, seed, batch, max_labels,
@@ -111,12 +111,12 @@ def run_curve(feats, y, pool, test, c, k, strategy, seed, batch, max_labels,
     curve, used = [], "start"
     while True:
         lab = np.asarray(labeled)
-        model = fit_head(feats[lab].reshape(-1, feats.shape[-1]), np.repeat(y[lab], 2), c=c)
-        curve.append((len(lab), float((head_probs(model, feats[test, 0], k).argmax(1) == y[test]).mean()), used))
+        model = fit_probe(feats[lab].reshape(-1, feats.shape[-1]), np.repeat(y[lab], 2), c=c)
+        curve.append((len(lab), float((probe_probs(model, feats[test, 0], k).argmax(1) == y[test]).mean()), used))
         cand = np.setdiff1d(pool, lab)
         if len(lab) >= max_labels or len(cand) == 0:
             return curve
-        probs = head_probs(model, feats[cand, 0], k)
+        probs = probe_probs(model, feats[cand, 0], k)
         cold = is_cold_start(y[lab], k, per_class=cold_per_class)
         picks, used = select_batch(Pool(probs, emb[cand], emb[lab], y[lab]), batch, strategy,
                                    seed=seed * 1000 + len(lab), cold_start=cold)
@@ -185,8 +185,8 @@ def bench_audit(feats, y, items, pool, test, c, k, seed) -> dict:
     fixed[suspects] = y[suspects]  # a reviewer looks at each suspect and gives the true label
 
     def acc(labels: np.ndarray) -> float:
-        model = fit_head(feats[pool].reshape(-1, feats.shape[-1]), np.repeat(labels[pool], 2), c=c)
-        return float((head_probs(model, feats[test, 0], k).argmax(1) == y[test]).mean())
+        model = fit_probe(feats[pool].reshape(-1, feats.shape[-1]), np.repeat(labels[pool], 2), c=c)
+        return float((probe_probs(model, feats[test, 0], k).argmax(1) == y[test]).mean())
 
     return {"seed": seed, "flipped": len(flipped), "suspects": len(suspects), "found": hits,
             "precision": hits / max(1, len(suspects)), "recall": hits / len(flipped),

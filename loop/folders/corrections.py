@@ -44,7 +44,7 @@ SCANNER = "scan"
 
 
 @dataclass
-class Move:
+class MovedCopy:
     """One copy found somewhere other than where sort (or the last scan) left it."""
 
     image_id: str
@@ -62,8 +62,8 @@ class ScanReport:
     checked: int = 0  # copy records looked at
     unchanged: int = 0
     hashed: int = 0  # files read to compute a hash (the rest were matched by size + mtime)
-    moves: list[Move] = field(default_factory=list)
-    corrections: list[Move] = field(default_factory=list)
+    moves: list[MovedCopy] = field(default_factory=list)
+    corrections: list[MovedCopy] = field(default_factory=list)
     labels_changed: int = 0
     deleted: list[str] = field(default_factory=list)
     modified: list[str] = field(default_factory=list)
@@ -188,7 +188,7 @@ def _scan(ws: Workspace, dest: Path, on_progress: ProgressCallback) -> ScanRepor
             claimed.add(new_path)
             old_cat = None if pd.isna(rec["category"]) else str(rec["category"])
             new_cat = category_of(Path(new_path), dest)
-            move = Move(str(rec["image_id"]), str(rec["dest_path"]), new_path, old_cat, new_cat)
+            move = MovedCopy(str(rec["image_id"]), str(rec["dest_path"]), new_path, old_cat, new_cat)
             report.moves.append(move)
             if new_cat is None:
                 report.uncategorised.append(new_path)
@@ -213,7 +213,7 @@ def _scan(ws: Workspace, dest: Path, on_progress: ProgressCallback) -> ScanRepor
     return report
 
 
-def _record_corrections(ws: Workspace, moves: list[Move]) -> int:
+def _record_corrections(ws: Workspace, moves: list[MovedCopy]) -> int:
     """Labels (source user_move, with history) and the `user_moved` flag for each correction."""
     if not moves:
         return 0

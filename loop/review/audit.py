@@ -29,7 +29,7 @@ import pandas as pd
 from loop.data import manifest as mf
 from loop.errors import ConfigError, ModelError
 from loop.model.embeddings import embeddings
-from loop.review.probe import fit_head, head_probs
+from loop.review.probe import fit_probe, probe_probs
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ def out_of_fold_probs(
         if len(np.unique(y_fit)) < 2:  # nothing to learn: the held-out fold keeps the label prior
             probs[held_idx] = np.bincount(y_fit, minlength=n_classes) / len(y_fit)
             continue
-        model = fit_head(feats[fit_idx].reshape(-1, feats.shape[-1]), np.repeat(y_fit, views), c=c)
-        probs[held_idx] = head_probs(model, feats[held_idx, 0], n_classes)
+        model = fit_probe(feats[fit_idx].reshape(-1, feats.shape[-1]), np.repeat(y_fit, views), c=c)
+        probs[held_idx] = probe_probs(model, feats[held_idx, 0], n_classes)
     return probs
 
 

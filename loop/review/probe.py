@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def fit_head(x: np.ndarray, y: np.ndarray, *, c: float = 1.0):
+def fit_probe(x: np.ndarray, y: np.ndarray, *, c: float = 1.0):
     """StandardScaler + multinomial LogisticRegression on (N, F) features: the head, as a sklearn pipeline.
 
     Rows may be (image, mirror) pairs flattened; callers keep a pair on one side of any split.
@@ -25,8 +25,8 @@ def fit_head(x: np.ndarray, y: np.ndarray, *, c: float = 1.0):
         return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000)).fit(x, y)
 
 
-def head_probs(model, x: np.ndarray, n_classes: int) -> np.ndarray:
-    """(N, n_classes) probabilities of a `fit_head` model; classes it never saw get probability 0."""
+def probe_probs(model, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """(N, n_classes) probabilities of a `fit_probe` model; classes it never saw get probability 0."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):

@@ -27,7 +27,7 @@ from loop.data import manifest as mf
 from loop.data.items import item_keys
 from loop.model.embeddings import embeddings
 from loop.progress import ProgressCallback
-from loop.review.probe import fit_head, head_probs
+from loop.review.probe import fit_probe, probe_probs
 from loop.scoring.strategies import Pool, get_batch_strategy, is_cold_start, one_per_item, select_batch
 from loop.workspace import Workspace
 
@@ -104,8 +104,8 @@ def select(ws: Workspace, budget: int, strategy: str | None = None, *, seed: int
     classes = sorted(labeled["label"].astype(str).unique())
     y = labeled["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
     if len(classes) >= 2:
-        model = fit_head(lab_feats.reshape(-1, lab_feats.shape[-1]), np.repeat(y, 2))
-        probs = head_probs(model, cand_feats[:, 0], len(classes))
+        model = fit_probe(lab_feats.reshape(-1, lab_feats.shape[-1]), np.repeat(y, 2))
+        probs = probe_probs(model, cand_feats[:, 0], len(classes))
     else:  # nothing to learn yet: uniform guesses, and cold start below ignores them
         probs = np.full((len(cand), max(1, len(classes))), 1.0 / max(1, len(classes)))
     pool = Pool(probs, cand_feats.mean(axis=1), lab_feats.mean(axis=1) if len(labeled) else

@@ -166,18 +166,18 @@ def random_batch(pool: Pool, k: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n)[: max(0, min(k, n))]
 
 
-def hybrid(pool: Pool, k: int, seed: int) -> np.ndarray:
+def hybrid_batch(pool: Pool, k: int, seed: int) -> np.ndarray:
     """Margin scores, class-balanced candidates, one per k-means cluster (`pickers.diverse_top`)."""
     return pickers.diverse_top(margin(pool.probs), pool.embeddings, k, pred=pool.probs.argmax(axis=1),
                                labels=pool.labels, seed=seed)
 
 
-def badge(pool: Pool, k: int, seed: int) -> np.ndarray:
+def badge_batch(pool: Pool, k: int, seed: int) -> np.ndarray:
     """BADGE: k-means++ over gradient embeddings (`pickers.badge`)."""
     return pickers.badge(pool.probs, pool.embeddings, k, seed=seed)
 
 
-def typiclust(pool: Pool, k: int, seed: int) -> np.ndarray:
+def typiclust_batch(pool: Pool, k: int, seed: int) -> np.ndarray:
     """Representatives of uncovered clusters (`pickers.typiclust`); ignores the model."""
     return pickers.typiclust(pool.embeddings, pool.labeled_embeddings, k, seed=seed)
 
@@ -187,9 +187,9 @@ BATCH_STRATEGIES: dict[str, BatchStrategy] = {
     "least_confidence": _by_score(least_confidence),
     "margin": _by_score(margin),
     "entropy": _by_score(entropy),
-    "hybrid": hybrid,
-    "badge": badge,
-    "typiclust": typiclust,
+    "hybrid": hybrid_batch,
+    "badge": badge_batch,
+    "typiclust": typiclust_batch,
 }
 
 
