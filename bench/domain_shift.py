@@ -57,7 +57,8 @@ from loop.config import DEFAULT_BATCH_STRATEGY  # noqa: E402
 from loop.data import manifest  # noqa: E402
 from loop.data.ingest import ingest_folder  # noqa: E402
 from loop.learning import registry  # noqa: E402
-from loop.learning.gate import NEW_LABELS, deploy, describe_evidence  # noqa: E402
+from loop.learning.deployment import deploy  # noqa: E402
+from loop.learning.gate import NEW_LABELS, describe_evidence  # noqa: E402
 from loop.learning.train import train  # noqa: E402
 from loop.model.artifact import softmax  # noqa: E402
 from loop.scoring.flagging import settings_point  # noqa: E402

@@ -56,7 +56,7 @@ from loop.data import manifest  # noqa: E402
 from loop.data.images import load_model_input  # noqa: E402
 from loop.data.ingest import ingest_folder  # noqa: E402
 from loop.learning import registry  # noqa: E402
-from loop.learning.gate import deploy  # noqa: E402
+from loop.learning.deployment import deploy  # noqa: E402
 from loop.learning.train import train  # noqa: E402
 from loop.model.artifact import load_predictor, read_spec, softmax  # noqa: E402
 from loop.model.backbones import create_network, get_backbone, weights_tag  # noqa: E402

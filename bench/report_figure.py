@@ -37,7 +37,7 @@ def main() -> None:
     from loop.data.images import iter_image_files
     from loop.data.ingest import describe_image, register_images
     from loop.data.manifest import LabelChange, set_labels
-    from loop.learning.gate import deploy
+    from loop.learning.deployment import deploy
     from loop.learning.train import train
     from loop.workspace import init_workspace
     from sortloop import jobs

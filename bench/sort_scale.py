@@ -69,7 +69,7 @@ def walk_and_stat(root: Path) -> float:
 def trained_workspace(root: Path):
     """A workspace with a model trained (head mode) and deployed on the shared ikea photos."""
     from loop.data.ingest import ingest_folder
-    from loop.learning.gate import deploy
+    from loop.learning.deployment import deploy
     from loop.learning.train import train
     from loop.workspace import init_workspace
 

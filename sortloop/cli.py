@@ -147,10 +147,10 @@ def labels(
 
     Example: sortloop labels --label chair --review reviewed --csv > chairs.csv
     """
-    from loop.data.labels import select_labels
+    from loop.data.labels import filter_labels
     from loop.workspace import open_workspace
 
-    rows = select_labels(open_workspace(workspace), label=label, source=source, label_source=label_source,
+    rows = filter_labels(open_workspace(workspace), label=label, source=source, label_source=label_source,
                          flag=flag, review=review, split=split)
     if as_json:
         return print_json(json.loads(rows.to_json(orient="records")))
@@ -483,7 +483,7 @@ def deploy(
 
     Example: sortloop deploy v0003
     """
-    from loop.learning.gate import deploy as run_gate
+    from loop.learning.deployment import deploy as run_gate
     from loop.workspace import open_workspace
 
     with progress_bar("evaluating") as on_progress:
@@ -499,7 +499,7 @@ def rollback(workspace: WorkspaceOption = None) -> None:
 
     Example: sortloop rollback
     """
-    from loop.learning.gate import rollback as run_rollback
+    from loop.learning.deployment import rollback as run_rollback
     from loop.workspace import open_workspace
 
     out.print(f"deployed model is now {run_rollback(open_workspace(workspace))}")
@@ -517,7 +517,8 @@ def models(
 
     Example: sortloop models --json
     """
-    from loop.learning.gate import describe_evidence, describe_versions
+    from loop.learning.deployment import describe_versions
+    from loop.learning.gate import describe_evidence
     from loop.workspace import open_workspace
 
     rows = describe_versions(open_workspace(workspace))

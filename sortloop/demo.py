@@ -196,7 +196,7 @@ def run_loop_once(
     step("ingest", summary)
 
     from loop.learning import registry
-    from loop.learning.gate import deploy
+    from loop.learning.deployment import deploy
     from loop.learning.train import train
 
     changed, why = new_labels_since_last_train(ws)

@@ -165,7 +165,7 @@ def simulate_review(ws: Workspace, n: int, *, step_progress: StepProgress = _no_
     if not changed:
         result.note = why
     else:
-        from loop.learning.gate import deploy
+        from loop.learning.deployment import deploy
         from loop.learning.train import train
 
         with step_progress("train") as on_progress:

@@ -11,14 +11,13 @@ plain imports. Caveat: a step holds the process-wide mutex for its whole run, so
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from filelock import FileLock
 
@@ -26,9 +25,11 @@ from labeling.pull import pull
 from labeling.push import push
 from loop.atomic import append_jsonl, read_jsonl
 from loop.errors import SortloopError
+from loop.model.artifact import read_spec
 from loop.workspace import Workspace, open_workspace
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 JOB_LOG_FILE = "jobs.jsonl"
 
@@ -121,6 +122,20 @@ def run_job(job_id: str, root: str) -> dict[str, Any]:
 # --- the steps -----------------------------------------------------------------------------------------
 
 
+def _each_until_stop(trees: Iterable[T], step: Callable[[T], str | None]) -> list[str]:
+    """`step` on each tree (or inbox) in turn, keeping its line (None: nothing to say); a shutdown request
+    stops before the next one."""
+    parts: list[str] = []
+    for tree in trees:
+        if STOP.is_set():
+            parts.append("stopped: shutting down")
+            break
+        line = step(tree)
+        if line is not None:
+            parts.append(line)
+    return parts
+
+
 def sorted_trees(ws: Workspace) -> list[Path]:
     """Configured sorted trees plus every inbox destination, without duplicates."""
     sched = ws.settings.schedule
@@ -138,16 +153,12 @@ def scan_step(ws: Workspace) -> Outcome:
         return Outcome("no sorted trees configured (schedule.sorted_trees / schedule.inboxes)", skipped=True)
     from loop.folders.corrections import scan
 
-    parts = []
-    for tree in trees:
-        if STOP.is_set():
-            parts.append("stopped: shutting down")
-            break
+    def scan_one(tree: Path) -> str:
         if not tree.is_dir():
-            parts.append(f"{tree}: missing, not scanned")
-            continue
-        parts.append(f"{tree}: {_summarise(scan(ws, tree)).summary}")
-    return Outcome("; ".join(parts))
+            return f"{tree}: missing, not scanned"
+        return f"{tree}: {_summarise(scan(ws, tree)).summary}"
+
+    return Outcome("; ".join(_each_until_stop(trees, scan_one)))
 
 
 def watch_step(ws: Workspace) -> Outcome:
@@ -161,16 +172,13 @@ def watch_step(ws: Workspace) -> Outcome:
         return Outcome("no inboxes configured (schedule.inboxes)", skipped=True)
     from loop.sorting.folder import sort_folder
 
-    parts = []
-    for src, dest in inboxes:
-        if STOP.is_set():
-            parts.append("stopped: shutting down")
-            break
+    def sort_one(inbox: tuple[Path, Path]) -> str:
+        src, dest = inbox
         if not Path(src).is_dir():
-            parts.append(f"{src}: missing, nothing sorted")
-            continue
-        parts.append(f"{src} -> {dest}: {_summarise(sort_folder(ws, Path(src), Path(dest))).summary}")
-    return Outcome("; ".join(parts))
+            return f"{src}: missing, nothing sorted"
+        return f"{src} -> {dest}: {_summarise(sort_folder(ws, Path(src), Path(dest))).summary}"
+
+    return Outcome("; ".join(_each_until_stop(inboxes, sort_one)))
 
 
 def latest_trained(ws: Workspace) -> tuple[str, dict[str, Any]] | None:
@@ -181,7 +189,7 @@ def latest_trained(ws: Workspace) -> tuple[str, dict[str, Any]] | None:
     if not versions:
         return None
     version = versions[-1]
-    return version, json.loads((ws.models_dir / version / "model.json").read_text())
+    return version, read_spec(ws.models_dir / version)
 
 
 def new_labels_since_last_train(ws: Workspace) -> tuple[bool, str]:
@@ -228,7 +236,8 @@ def retrain_step(ws: Workspace) -> Outcome:
     if STOP.is_set():
         return Outcome("; ".join([*parts, "not deployed: shutting down (run `sortloop deploy` later)"]))
 
-    from loop.learning.gate import deploy, describe_evidence
+    from loop.learning.deployment import deploy
+    from loop.learning.gate import describe_evidence
 
     decision = deploy(ws, result.version)
     if decision.promoted:
@@ -249,17 +258,15 @@ def resort_step(ws: Workspace) -> Outcome:
     from loop.folders.apply import recorded_roots
     from loop.folders.resort import resort
 
-    parts = []
-    for root in recorded_roots(ws, None):
-        if STOP.is_set():
-            parts.append("stopped: shutting down")
-            break
+    def resort_one(root: Path) -> str | None:
         if not Path(root).is_dir():
-            continue
+            return None
         try:
-            parts.append(resort(ws, root).summary().splitlines()[0])
+            return resort(ws, root).summary().splitlines()[0]
         except SortloopError as exc:
-            parts.append(f"re-sort of {root} failed: {exc}")
+            return f"re-sort of {root} failed: {exc}"
+
+    parts = _each_until_stop(recorded_roots(ws, None), resort_one)
     return Outcome("; ".join(parts) or "re-sort: no sorted trees on record")
 
 

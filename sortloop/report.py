@@ -12,8 +12,8 @@ Versions trained on different validation sets are comparable only because splits
 from __future__ import annotations
 
 import html
-import json
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from loop.atomic import atomic_write
 from loop.learning.gate import describe_evidence
+from loop.model.artifact import read_spec
 from loop.scoring.flagging import describe, settings_point
 from loop.workspace import Workspace
 from sortloop.mistakes import plot_mistakes, worst_mistakes
@@ -54,15 +56,15 @@ def _empty(fig: Any, text: str) -> None:
 
 
 def _versions(ws: Workspace) -> list[dict[str, Any]]:
-    from loop.learning.registry import list_versions
+    """The version table (`loop.learning.deployment.describe_versions`), `created_at` as a UTC Timestamp."""
+    from loop.learning.deployment import describe_versions
 
     rows = []
-    for version in list_versions(ws):
-        spec = json.loads((ws.models_dir / version / "model.json").read_text())
-        created = pd.Timestamp(spec["created_at"]) if spec.get("created_at") else None
+    for row in describe_versions(ws):
+        created = pd.Timestamp(row["created_at"]) if row.get("created_at") else None
         if created is not None and created.tzinfo is None:
             created = created.tz_localize("UTC")
-        rows.append({"version": version, "created_at": created, "spec": spec})
+        rows.append({**row, "created_at": created})
     return rows
 
 
@@ -85,7 +87,7 @@ def plot_accuracy(
     """
     decisions = decisions or {}
     fig = _figure(7.5, 4.2)
-    points = [(v["created_at"], v["version"], _metric(v["spec"], "user_valid")) for v in versions]
+    points = [(v["created_at"], v["version"], v["user_valid_accuracy"]) for v in versions]
     points = [p for p in points if p[2] is not None]
     if not points:
         _empty(fig, "no model trained yet")
@@ -314,72 +316,109 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+@dataclass
+class _Facts:
+    """Everything the page shows, read once: the version table, the deployed model's spec, the manifest."""
+
+    versions: list[dict[str, Any]]
+    current: str | None
+    spec: dict[str, Any] | None  # the deployed model's model.json
+    decisions: dict[str, dict[str, Any]]  # version -> its last promoted/forced/refused log entry
+    df: pd.DataFrame
+    rounds: pd.DataFrame
+    point: dict[str, Any] | None  # the deployed model's flag operating point under today's settings
+    confusion: dict[str, Any] | None
+
+
 def write_report(ws: Workspace) -> Path:
     """Write `<workspace>/report/index.html` and its PNGs; returns the HTML path.
+
+    Three phases: read what the page shows, draw the plots, write the page (atomically).
 
     Example:
         >>> page = write_report(open_workspace("data"))   # doctest: +SKIP
         >>> page.name
         'index.html'
     """
-    from loop.data.manifest import history, load
-    from loop.learning.registry import current_version, read_log
-
     out = ws.report_dir
     out.mkdir(parents=True, exist_ok=True)
+    facts = _read_facts(ws)
+    _draw_plots(ws, facts, out)
+    page_path = out / "index.html"
+    with atomic_write(page_path) as fh:
+        fh.write(_page(ws, facts).encode("utf-8"))
+    logger.info("report written to %s", page_path)
+    return page_path
+
+
+def _read_facts(ws: Workspace) -> _Facts:
+    from loop.data.manifest import history, load
+    from loop.learning.deployment import DECISION_EVENTS
+    from loop.learning.registry import current_version, read_log
+
     versions = _versions(ws)
     current = current_version(ws)
-    spec = next((v["spec"] for v in versions if v["version"] == current), None)
-    df = load(ws)
+    spec = read_spec(ws.models_dir / current) if current is not None else None
+    decisions = {e["version"]: e for e in read_log(ws) if e.get("event") in DECISION_EVENTS and "version" in e}
+    return _Facts(
+        versions=versions, current=current, spec=spec, decisions=decisions, df=load(ws),
+        rounds=label_rounds(history(ws), versions),
+        point=settings_point(spec, ws.settings.sort) if spec is not None else None,
+        confusion=current_confusion(spec) if spec is not None else None,
+    )
 
-    log = read_log(ws)
-    decisions = {e["version"]: e for e in log if e.get("event") in ("promoted", "forced", "refused") and "version" in e}
-    plot_accuracy(versions, current, out / PLOTS["accuracy"], decisions)
-    plot_recall(spec, out / PLOTS["recall"])
-    confusion = current_confusion(spec) if spec is not None else None
-    plot_confusion(confusion, current, out / PLOTS["confusion"])
-    rounds = label_rounds(history(ws), versions)
-    plot_labels(rounds, out / PLOTS["labels"])
-    plot_flags(df, out / PLOTS["flags"])
-    point = settings_point(spec, ws.settings.sort) if spec is not None else None
-    plot_catch(spec, point, out / PLOTS["catch"])
-    mistakes = worst_mistakes(ws, current) if current else worst_mistakes(ws, "")[:0]
-    plot_mistakes(mistakes, current, out / PLOTS["mistakes"])
 
-    version_rows = []
-    for v in versions:
-        decisions = [e for e in log if e.get("version") == v["version"]]
-        last = decisions[-1] if decisions else {}
-        version_rows.append(
-            [
-                v["version"] + (" (deployed)" if v["version"] == current else ""),
-                "" if v["created_at"] is None else f"{v['created_at']:%Y-%m-%d %H:%M}",
-                v["spec"].get("train_mode", ""),
-                _fmt(_metric(v["spec"], "user_valid")),
-                ((v["spec"].get("metrics") or {}).get("user_valid") or {}).get("n", ""),
-                _fmt(_metric(v["spec"], "web_valid")),
-                last.get("event", last.get("action", "")),
-                describe_evidence(last.get("evidence")) if last.get("evidence") else "",
-                "; ".join(last.get("reasons", []) or []),
-            ]
-        )
+def _draw_plots(ws: Workspace, facts: _Facts, out: Path) -> None:
+    plot_accuracy(facts.versions, facts.current, out / PLOTS["accuracy"], facts.decisions)
+    plot_recall(facts.spec, out / PLOTS["recall"])
+    plot_confusion(facts.confusion, facts.current, out / PLOTS["confusion"])
+    plot_labels(facts.rounds, out / PLOTS["labels"])
+    plot_flags(facts.df, out / PLOTS["flags"])
+    plot_catch(facts.spec, facts.point, out / PLOTS["catch"])
+    mistakes = worst_mistakes(ws, facts.current) if facts.current else worst_mistakes(ws, "")[:0]
+    plot_mistakes(mistakes, facts.current, out / PLOTS["mistakes"])
+
+
+def _version_rows(facts: _Facts) -> list[list[Any]]:
+    rows = []
+    for v in facts.versions:
+        last = v["last_decision"] or {}
+        rows.append([
+            v["version"] + (" (deployed)" if v["version"] == facts.current else ""),
+            "" if v["created_at"] is None else f"{v['created_at']:%Y-%m-%d %H:%M}",
+            v["train_mode"] or "",
+            _fmt(v["user_valid_accuracy"]),
+            "" if v["user_valid_n"] is None else v["user_valid_n"],
+            _fmt(v["web_valid_accuracy"]),
+            last.get("event", last.get("action", "")),
+            describe_evidence(last.get("evidence")) if last.get("evidence") else "",
+            "; ".join(last.get("reasons", []) or []),
+        ])
+    return rows
+
+
+def _headline(facts: _Facts) -> str:
+    spec = facts.spec
+    if spec is None:
+        return "No model deployed yet."
+    headline = (
+        f"Deployed model <b>{html.escape(facts.current or '')}</b>: accuracy "
+        f"<b>{_fmt(_metric(spec, 'user_valid'))}</b> on "
+        f"{((spec.get('metrics') or {}).get('user_valid') or {}).get('n', '?')} user validation photos."
+    )
+    cal = spec.get("calibration") or {}
+    if cal.get("ece_oof_before") is not None:
+        headline += (f" Calibrated (temperature {cal['temperature']:.2f}): expected calibration error "
+                     f"{cal['ece_oof_before']:.3f} &rarr; {cal['ece_oof_after']:.3f} out of fold.")
+    return headline + f" Flags: {html.escape(describe(facts.point))}."
+
+
+def _page(ws: Workspace, facts: _Facts) -> str:
+    spec, df, rounds, confusion = facts.spec, facts.df, facts.rounds, facts.confusion
     per_class_rows = []
     if spec is not None:
         for cls, m in (((spec.get("metrics") or {}).get("user_valid") or {}).get("per_class") or {}).items():
             per_class_rows.append([cls, _fmt(m.get("precision")), _fmt(m.get("recall"))])
-    if spec is not None:
-        headline = (
-            f"Deployed model <b>{html.escape(current or '')}</b>: accuracy "
-            f"<b>{_fmt(_metric(spec, 'user_valid'))}</b> on "
-            f"{((spec.get('metrics') or {}).get('user_valid') or {}).get('n', '?')} user validation photos."
-        )
-        cal = spec.get("calibration") or {}
-        if cal.get("ece_oof_before") is not None:
-            headline += (f" Calibrated (temperature {cal['temperature']:.2f}): expected calibration error "
-                         f"{cal['ece_oof_before']:.3f} &rarr; {cal['ece_oof_after']:.3f} out of fold.")
-        headline += f" Flags: {html.escape(describe(point))}."
-    else:
-        headline = "No model deployed yet."
     flagged = df[df["flag"].notna()]
     round_rows = [
         [name, *[int(x) for x in row], int(sum(row))] for name, row in zip(rounds.index, rounds.to_numpy(), strict=True)
@@ -387,7 +426,7 @@ def write_report(ws: Workspace) -> Path:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     confusion_caption = "Confusion matrix of the deployed model" + (f" ({confusion['source']})" if confusion else "")
     figure = '<figure><img src="{0}" alt="{1}"><figcaption>{1}</figcaption></figure>'
-    page = f"""<!doctype html>
+    return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>sortloop report</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
@@ -395,10 +434,10 @@ table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px soli
 th {{ background: #f3f3f3; }} img {{ max-width: 100%; }} figure {{ margin: 1.5em 0; }}
 </style></head><body>
 <h1>sortloop report</h1>
-<p>Workspace <code>{html.escape(str(ws.root))}</code>, written {stamp}. {headline}</p>
+<p>Workspace <code>{html.escape(str(ws.root))}</code>, written {stamp}. {_headline(facts)}</p>
 <p>{len(df)} images, {int(df["label"].notna().sum())} labeled, {len(flagged)} flagged.</p>
 <h2>Model versions</h2>
-{_table(VERSION_HEADERS, version_rows)}
+{_table(VERSION_HEADERS, _version_rows(facts))}
 {figure.format(PLOTS["accuracy"], "Accuracy per model version on user validation photos")}
 <h2>Deployed model</h2>
 {_table(["class", "precision", "recall"], per_class_rows) if per_class_rows else "<p>No per-class metrics.</p>"}
@@ -413,9 +452,3 @@ th {{ background: #f3f3f3; }} img {{ max-width: 100%; }} figure {{ margin: 1.5em
 {figure.format(PLOTS["catch"], "Share of photos flagged vs share of the model's mistakes caught (out of fold)")}
 </body></html>
 """
-    page_path = out / "index.html"
-    tmp = page_path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(page_path)
-    logger.info("report written to %s", page_path)
-    return page_path

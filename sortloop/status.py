@@ -17,6 +17,7 @@ import pandas as pd
 
 from loop.data.manifest import HUMAN_SOURCES
 from loop.learning.gate import describe_evidence
+from loop.model.artifact import read_spec
 from loop.scoring.flagging import SORT_FLAGS, describe, settings_point
 from loop.workspace import Workspace
 
@@ -30,40 +31,16 @@ def _counts(series: pd.Series) -> dict[str, int]:
     return {str(k): int(v) for k, v in series.dropna().value_counts().sort_index().items()}
 
 
-def _read_spec(ws: Workspace, version: str) -> dict[str, Any]:
-    return json.loads((ws.models_dir / version / "model.json").read_text())
-
-
-def _accuracy(spec: dict[str, Any], split: str = "user_valid") -> float | None:
-    value = ((spec.get("metrics") or {}).get(split) or {}).get("accuracy")
-    return None if value is None else float(value)
-
-
 def _models(ws: Workspace) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
     """(current model, all versions, candidates = versions newer than the current one)."""
-    from loop.learning.registry import current_version, list_versions, pointer_path, read_log
+    from loop.learning.deployment import describe_versions
+    from loop.learning.registry import current_version, pointer_path
 
     current = current_version(ws)
-    log = read_log(ws)
-    versions = []
-    for version in list_versions(ws):
-        spec = _read_spec(ws, version)
-        decisions = [e for e in log if e.get("version") == version]
-        versions.append(
-            {
-                "version": version,
-                "created_at": spec.get("created_at"),
-                "train_mode": spec.get("train_mode"),
-                "user_valid_accuracy": _accuracy(spec, "user_valid"),
-                "user_valid_n": ((spec.get("metrics") or {}).get("user_valid") or {}).get("n"),
-                "web_valid_accuracy": _accuracy(spec, "web_valid"),
-                "current": version == current,
-                "last_decision": decisions[-1] if decisions else None,
-            }
-        )
+    versions = [{**row, "current": row["deployed"]} for row in describe_versions(ws)]
     model = None
     if current is not None:
-        spec = _read_spec(ws, current)
+        spec = read_spec(ws.models_dir / current)
         since = json.loads(pointer_path(ws).read_text()).get("since")
         model = {
             "version": current,

@@ -34,7 +34,7 @@ def trained_ikea(tmp_path_factory, shared_data):
 
     Yields (workspace, TrainResult, Decision).
     """
-    from loop.learning.gate import deploy
+    from loop.learning.deployment import deploy
     from loop.learning.train import train
     from loop.workspace import init_workspace
     from tests.unit.model_helpers import ingest_ikea

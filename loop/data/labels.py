@@ -30,7 +30,7 @@ FILTERS = {"label": "label", "source": "source", "label_source": "label_source",
 MISSING = "none"
 
 
-def select_labels(ws: Workspace, **filters: str | None) -> pd.DataFrame:
+def filter_labels(ws: Workspace, **filters: str | None) -> pd.DataFrame:
     """Manifest rows matching every given filter, with `LIST_COLUMNS`, ordered by label then path.
 
     Args:
@@ -41,7 +41,7 @@ def select_labels(ws: Workspace, **filters: str | None) -> pd.DataFrame:
         ManifestError: an unknown filter name (the valid ones are listed).
 
     Example:
-        >>> select_labels(open_workspace("data"), label="chair", split="valid")   # doctest: +SKIP
+        >>> filter_labels(open_workspace("data"), label="chair", split="valid")   # doctest: +SKIP
     """
     unknown = sorted(set(filters) - set(FILTERS))
     if unknown:

@@ -1,7 +1,8 @@
 """The promotion gate: a candidate ships unless the evidence says it is worse than the deployed model.
 
 Two kinds of evidence, each a paired comparison of both versions on the same photos, none of which
-either version trained on (`deploy` re-scores both today, with today's labels):
+either version trained on (`judge` re-scores both today, with today's labels;
+`loop.learning.deployment.deploy` asks it):
 
 - **your labeled set** (`labeled_set`): the gate set, the user's ingested photos no model trains on
   (`split = valid`). It guards against forgetting what was labeled first. With too few items per class
@@ -23,33 +24,27 @@ still labeled with it. A tie or a loss that is not significant promotes: the can
 labels. No fixed "may drop at most x" rule: on a small shop's photo counts those refuse on two or three
 photos, and in `bench/domain_shift.py` and `bench/learning.py` every candidate refused that way was
 better on unseen photos. Every reason carries n, the discordant counts and the p-value with its Holm
-threshold. `force=True` overrides and says so in the log. Caveats: the very first deploy has nothing to
+threshold. Caveats: the very first deploy has nothing to
 beat (it promotes if the candidate can be measured at all); successive losses too small to be
 significant one at a time could add up (the report's accuracy plot shows each version).
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from loop.data import manifest as mf
 from loop.data.items import item_keys
-from loop.errors import ModelError
-from loop.learning import registry
 from loop.model.artifact import load_predictor, read_spec
 from loop.model.evaluate import classification_metrics, evaluate_predictor
 from loop.progress import ProgressCallback, no_progress
 from loop.scoring.paired import Paired, class_tests, holm, loss_test
-from loop.tables import locked
 from loop.workspace import Workspace
 
-logger = logging.getLogger(__name__)
-
-DEPLOY_EVENTS = ("promoted", "forced")
 LABELED_SET, NEW_LABELS = "labeled_set", "new_labels"
 EVIDENCE_NAMES = {LABELED_SET: "your labeled set", NEW_LABELS: "your photos labeled since the last model"}
 
@@ -78,27 +73,6 @@ class Evidence:
                 "current_accuracy": float(p.current.mean()) if p.n else None,
                 "gained": int((p.candidate & ~p.current).sum()), "lost": int((~p.candidate & p.current).sum()),
                 "how": self.how}
-
-
-@dataclass
-class Decision:
-    """The outcome of `deploy`: whether `version` now serves, and why (each reason carries its numbers)."""
-
-    promoted: bool
-    version: str
-    reasons: list[str]
-    candidate_metrics: dict | None = None  # labeled-set metrics of the candidate, re-evaluated today
-    current_metrics: dict | None = None  # same for the model deployed before, None if there was none
-    previous: str | None = None
-    forced: bool = False
-    extra: dict = field(default_factory=dict)
-    evidence: dict[str, dict] = field(default_factory=dict)  # Evidence.compact() by key
-
-    def summary(self) -> str:
-        head = (f"deployed {self.version}" + (" (forced)" if self.forced else "") if self.promoted
-                else f"refused {self.version}")
-        prev = f" (previous: {self.previous})" if self.previous else ""
-        return head + prev + "\n" + "\n".join(f"  - {r}" for r in self.reasons)
 
 
 def user_valid_rows(ws: Workspace) -> pd.DataFrame:
@@ -159,46 +133,22 @@ def first_deployment(candidate_n: int, where: str) -> tuple[bool, list[str]]:
     return True, [f"first deployment: measured on {candidate_n} photos ({where})"]
 
 
-def deploy(ws: Workspace, version: str | None = None, *, force: bool = False,
-           on_progress: ProgressCallback | None = None) -> Decision:
-    """Promote `version` (default: the newest) unless the gate finds it significantly worse, or if `force`.
+def judge(ws: Workspace, candidate_dir: Path, current_dir: Path | None,
+          on_progress: ProgressCallback = no_progress) -> tuple[bool, list[str], list[Evidence]]:
+    """Whether the candidate may replace the deployed model (`current_dir`; None: nothing deployed yet).
 
-    Example:
-        >>> decision = deploy(open_workspace("data"))     # doctest: +SKIP
-        >>> print(decision.summary())
+    Returns:
+        (passes, the reasons with their numbers, the evidence: [your labeled set, your new photos]).
     """
-    on_progress = on_progress or no_progress
-    versions = registry.list_versions(ws)
-    if not versions:
-        raise ModelError("no model versions yet; run `sortloop train` first")
-    version = version or versions[-1]
-    candidate_dir = registry.model_dir(ws, version)
-    with locked(ws.models_dir / "deploy"):
-        current = registry.current_version(ws)
-        if current == version:
-            decision = Decision(False, version, [f"{version} is already the deployed model"], previous=current)
-            _log(ws, "refused", decision)
-            return decision
-        current_dir = registry.model_dir(ws, current) if current else None
-        evidences = gather_evidence(ws, candidate_dir, current_dir, on_progress)
-        labeled = evidences[0]
-        if current_dir is None:
-            ok, reasons = first_deployment(labeled.candidate_metrics["n"] if labeled.candidate_metrics else 0,
-                                           labeled.how)
-        else:
-            ok, reasons = compare(evidences, alpha=ws.settings.gate.alpha,
-                                  dropped_classes=dropped_classes(ws, candidate_dir, current_dir))
-        forced = force and not ok
-        if forced:
-            reasons.append("FORCED: promoted despite failing the gate (--force)")
-        decision = Decision(ok or force, version, reasons, labeled.candidate_metrics, labeled.current_metrics,
-                            previous=current, forced=forced,
-                            evidence={e.key: e.compact() for e in evidences if current_dir is not None})
-        if decision.promoted:
-            registry.set_current(ws, version)
-        _log(ws, "forced" if forced else "promoted" if decision.promoted else "refused", decision)
-    logger.info("%s", decision.summary())
-    return decision
+    evidences = gather_evidence(ws, candidate_dir, current_dir, on_progress)
+    labeled = evidences[0]
+    if current_dir is None:
+        ok, reasons = first_deployment(labeled.candidate_metrics["n"] if labeled.candidate_metrics else 0,
+                                       labeled.how)
+    else:
+        ok, reasons = compare(evidences, alpha=ws.settings.gate.alpha,
+                              dropped_classes=dropped_classes(ws, candidate_dir, current_dir))
+    return ok, reasons, evidences
 
 
 def gather_evidence(ws: Workspace, candidate_dir, current_dir, on_progress: ProgressCallback) -> list[Evidence]:
@@ -299,70 +249,6 @@ def dropped_classes(ws: Workspace, candidate_dir, current_dir) -> dict[str, int]
     return {name: int(counts[name]) for name in lost if name in counts.index}
 
 
-def rollback(ws: Workspace) -> str:
-    """Restore the version deployed before the current one; returns it.
-
-    The deployment history is replayed from the registry log (each promotion pushes, each rollback pops),
-    so repeated rollbacks walk further back.
-    Raises:
-        ModelError: nothing was deployed before the current version.
-    """
-    with locked(ws.models_dir / "deploy"):
-        stack = deployment_stack(ws)
-        current = registry.current_version(ws)
-        if not stack:
-            raise ModelError("nothing to roll back to: no model has been deployed yet "
-                             "(run `sortloop train` then `sortloop deploy`)")
-        if len(stack) < 2:
-            raise ModelError(f"nothing to roll back to: {current or stack[-1]} is the only deployment on record")
-        if stack[-1] != current:
-            logger.warning("current.json says %s but the log says %s; rolling back from the log", current, stack[-1])
-        restored = stack[-2]
-        registry.set_current(ws, restored)
-        registry.append_log(ws, {"event": "rolled_back", "version": restored, "previous": current,
-                                 "metrics": _compact(read_spec(registry.model_dir(ws, restored))
-                                                     .get("metrics", {}).get("user_valid"))})
-    logger.info("rolled back from %s to %s", current, restored)
-    return restored
-
-
-def deployment_stack(ws: Workspace) -> list[str]:
-    """Deployed versions in order, as the log records them (promotions push, rollbacks pop)."""
-    stack: list[str] = []
-    for event in registry.read_log(ws):
-        if event.get("event") in DEPLOY_EVENTS:
-            stack.append(event["version"])
-        elif event.get("event") == "rolled_back" and stack:
-            stack.pop()
-    return stack
-
-
-def describe_versions(ws: Workspace) -> list[dict]:
-    """One dict per version (oldest first): version, created_at, train_mode, accuracies, deployed, and the
-    gate's last verdict on it with both kinds of evidence."""
-    current = registry.current_version(ws)
-    verdicts = {e["version"]: e for e in registry.read_log(ws)
-                if e.get("event") in ("promoted", "forced", "refused") and "version" in e}
-    out = []
-    for version in registry.list_versions(ws):
-        spec = read_spec(ws.models_dir / version)
-        metrics = spec.get("metrics", {})
-        verdict = verdicts.get(version) or {}
-        out.append({
-            "version": version,
-            "deployed": version == current,
-            "created_at": spec.get("created_at"),
-            "train_mode": spec.get("train_mode"),
-            "classes": len(spec["classes"]),
-            "user_valid_accuracy": (metrics.get("user_valid") or {}).get("accuracy"),
-            "user_valid_n": (metrics.get("user_valid") or {}).get("n"),
-            "web_valid_accuracy": (metrics.get("web_valid") or {}).get("accuracy"),
-            "labels_fingerprint": spec.get("labels_fingerprint"),
-            "gate": {"event": verdict.get("event"), "evidence": verdict.get("evidence") or {}} if verdict else None,
-        })
-    return out
-
-
 def describe_evidence(evidence: dict[str, dict] | None) -> str:
     """One line for status, `models` and the report, e.g. "your labeled set 0.700 -> 0.688 on 80 photos;
     your photos labeled since the last model 0.650 -> 0.911 on 90 photos" (deployed -> candidate)."""
@@ -429,19 +315,3 @@ def _measure(ws: Workspace, model_dir, rows: pd.DataFrame, on_progress: Progress
 
 def _acc(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def _compact(metrics: dict | None) -> dict | None:
-    """Accuracy, n and per-class recall: what the log keeps of a metrics dict."""
-    if not metrics:
-        return None
-    recall = {k: v.get("recall") for k, v in metrics.get("per_class", {}).items()}
-    return {"accuracy": metrics.get("accuracy"), "n": metrics.get("n"), "recall": recall}
-
-
-def _log(ws: Workspace, event: str, decision: Decision) -> None:
-    registry.append_log(ws, {
-        "event": event, "version": decision.version, "previous": decision.previous, "reasons": decision.reasons,
-        "candidate": _compact(decision.candidate_metrics), "current": _compact(decision.current_metrics),
-        "evidence": decision.evidence,
-    })

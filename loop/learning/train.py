@@ -157,7 +157,7 @@ def train(
         pretrained: False trains on a random-initialised body: the control showing the weights matter.
         force: train even when labels and settings are those of the newest version.
     Returns:
-        TrainResult with the new version (a candidate; `loop.learning.gate.deploy` decides whether it ships), or
+        TrainResult with the new version (a candidate; `loop.learning.deployment.deploy` decides whether it ships), or
         `unchanged=True` naming the newest version when there was nothing new to learn from.
     Raises:
         ModelError: no labeled images, fewer than 2 classes in the train split, missing backbone weights.

@@ -230,8 +230,8 @@ def item_folds(groups: np.ndarray, folds: int, *, seed: int = 0) -> list[tuple[n
 
     Why a hash, not a shuffled GroupKFold: an item keeps its fold when other items arrive, so two versions'
     out-of-fold predictions of a photo come from fold models that held out the same items; the gate can
-    then compare them photo by photo (`loop.learning.gate.prequential`) and see the new labels' effect, not a
-    reshuffle's. Falls back to GroupKFold when the hash leaves fewer than two folds (a handful of items).
+    then compare them photo by photo (`loop.learning.gate.out_of_fold_evidence`) and see the new labels' effect,
+    not a reshuffle's. Falls back to GroupKFold when the hash leaves fewer than two folds (a handful of items).
     """
     import hashlib
 

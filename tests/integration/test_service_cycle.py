@@ -62,7 +62,7 @@ def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, 
     from loop.data import manifest
     from loop.data.images import file_sha256
     from loop.data.ingest import ImageInfo, register_images
-    from loop.learning.gate import deploy
+    from loop.learning.deployment import deploy
     from loop.learning.registry import current_version
     from loop.learning.train import train
     from sortloop.status import collect_status

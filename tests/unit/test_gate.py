@@ -15,17 +15,8 @@ from typer.testing import CliRunner
 from loop.data import manifest
 from loop.errors import ModelError
 from loop.learning import registry
-from loop.learning.gate import (
-    LABELED_SET,
-    NEW_LABELS,
-    Evidence,
-    compare,
-    deploy,
-    deployment_stack,
-    first_deployment,
-    gate_rows,
-    rollback,
-)
+from loop.learning.deployment import deploy, deployment_stack, rollback
+from loop.learning.gate import LABELED_SET, NEW_LABELS, Evidence, compare, first_deployment, gate_rows
 from loop.learning.train import train, training_set
 from loop.model.artifact import read_spec
 from loop.scoring.paired import Paired, holm, loss_test

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from loop.data import manifest as mf
 from loop.data.ingest import ingest_folder
-from loop.data.labels import image_history, select_labels
+from loop.data.labels import filter_labels, image_history
 from loop.errors import ManifestError
 from sortloop.cli import app
 from tests.conftest import make_image
@@ -32,13 +32,13 @@ def labeled_ws(ws, tmp_path):
 
 
 def test_filters_select_matching_rows(labeled_ws):
-    assert sorted(select_labels(labeled_ws, label="chair")["label"]) == ["chair", "chair"]
-    assert len(select_labels(labeled_ws)) == 5
-    assert list(select_labels(labeled_ws, label="none")["source"]) == ["web"]
-    assert set(select_labels(labeled_ws, source="user")["label"]) == {"chair", "sofa"}
-    assert len(select_labels(labeled_ws, review="reviewed")) == 0
+    assert sorted(filter_labels(labeled_ws, label="chair")["label"]) == ["chair", "chair"]
+    assert len(filter_labels(labeled_ws)) == 5
+    assert list(filter_labels(labeled_ws, label="none")["source"]) == ["web"]
+    assert set(filter_labels(labeled_ws, source="user")["label"]) == {"chair", "sofa"}
+    assert len(filter_labels(labeled_ws, review="reviewed")) == 0
     with pytest.raises(ManifestError, match="unknown filter 'colour'; use one of label"):
-        select_labels(labeled_ws, colour="red")
+        filter_labels(labeled_ws, colour="red")
 
 
 def test_labels_command_exports_csv_and_json(labeled_ws):

@@ -8,6 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from loop.data import manifest
+from loop.model.artifact import read_spec
 from loop.workspace import Workspace
 from sortloop.cli import app
 from sortloop.report import PLOTS, _versions, current_confusion, label_rounds, write_report
@@ -46,7 +47,7 @@ def test_labels_per_round_split_the_history_at_each_training(ws, tmp_path):
 
 def test_confusion_matrix_comes_from_the_deployed_model_json(ws, tmp_path):
     build(ws, tmp_path)
-    spec = next(v["spec"] for v in _versions(ws) if v["version"] == "v0002")
+    spec = read_spec(ws.models_dir / "v0002")
     confusion = current_confusion(spec)
     assert confusion["classes"] == ["chair", "table", "sofa"] and confusion["n"] == 6
     assert confusion["matrix"] == spec["metrics"]["user_valid"]["confusion"]["matrix"]

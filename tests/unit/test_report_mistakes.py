@@ -6,6 +6,7 @@ import pandas as pd
 from PIL import Image
 
 from loop.data import manifest
+from loop.model.artifact import read_spec
 from sortloop.mistakes import PREDICTIONS_FILE, worst_mistakes
 from sortloop.report import PLOTS, _versions, label_rounds, plot_labels, plot_recall, write_report
 from tests.unit.serve_helpers import build
@@ -48,7 +49,7 @@ def test_report_shows_the_mistakes_grid(ws, tmp_path):
 
 def test_recall_bars_show_photo_counts_and_legends_cover_no_bar(ws, tmp_path):
     build(ws, tmp_path)
-    spec = next(v["spec"] for v in _versions(ws) if v["version"] == "v0002")
+    spec = read_spec(ws.models_dir / "v0002")
     fig = plot_recall(spec, tmp_path / "recall.png")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["chair (2)", "table (2)", "sofa (2)"]
