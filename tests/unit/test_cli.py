@@ -1,22 +1,56 @@
-"""The command line: every command is listed, and library errors become one line with a non-zero exit."""
+"""The command line: every command is listed and tested, and library errors become one line with a non-zero
+exit."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
+import typer.main
 from typer.testing import CliRunner
 
 from sortloop.cli import app
 
 runner = CliRunner()
+TESTS = Path(__file__).resolve().parents[1]
 
-COMMANDS = ["init", "ingest", "train", "deploy", "rollback", "models", "sort", "scan", "serve", "status",
-            "report", "demo", "labelstudio", "review", "labels", "history", "watch"]
+
+def _commands() -> list[tuple[str, ...]]:
+    """Every command of the typer app, as its words: ("sort",), ("review", "push"), ..."""
+    found: list[tuple[str, ...]] = []
+    for name, command in typer.main.get_command(app).commands.items():
+        subcommands = getattr(command, "commands", None)
+        found += [(name, sub) for sub in subcommands] if subcommands else [(name,)]
+    return found
+
+
+def _argument_lists() -> list[list[str]]:
+    """The string words (options dropped) of every list literal in the tests: the command lines they run."""
+    lists = []
+    for path in TESTS.rglob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.List):
+                words = [e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+                lists.append([w for w in words if not w.startswith("-")])
+    return lists
 
 
 def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for name in COMMANDS:
+    for name in sorted({words[0] for words in _commands()}):
         assert f" {name} " in result.output, name
+
+
+def test_every_command_is_run_by_a_test():
+    lists = _argument_lists()
+
+    def run_somewhere(words: tuple[str, ...]) -> bool:
+        n = len(words)
+        return any(tuple(seq[i:i + n]) == words for seq in lists for i in range(len(seq) - n + 1))
+
+    untested = [" ".join(words) for words in _commands() if not run_somewhere(words)]
+    assert len(_commands()) > 20 and not untested, f"commands no test runs: {untested}"
 
 
 def test_commands_on_a_missing_workspace_fail_with_one_line_and_the_fix(tmp_path):
