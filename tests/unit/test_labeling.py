@@ -182,7 +182,9 @@ def test_known_classes_are_the_deployed_models_then_the_manifests(ws):
     mf.update(ws, lambda _: conform(rows, mf.COLUMNS))
     assert known_classes(ws) == ["chair", "sofa"]  # no model yet: the manifest's labels, sorted
     version, folder = new_version_dir(ws)
-    (folder / "model.json").write_text(json.dumps({"version": version, "classes": ["table", "chair"]}))
+    (folder / "model.json").write_text(json.dumps({"version": version, "classes": ["table", "chair"],
+                                                   "architecture": "tf_efficientnet_lite0", "image_size": 224,
+                                                   "mean": [0.5] * 3, "std": [0.5] * 3}))
     set_current(ws, version)
     assert known_classes(ws) == ["table", "chair", "sofa"]  # model order first, then manifest extras
 

@@ -283,7 +283,9 @@ def test_retrain_is_skipped_when_no_labels_changed_since_the_last_version(ws, tm
     # a trained version as `train` leaves it: model.json records the labels it was trained on
     version_dir = ws.models_dir / "v0001"
     version_dir.mkdir(parents=True)
-    spec = {"version": "v0001", "labels_fingerprint": labels_fingerprint(load(ws)), "created_at": "2026-01-01T00:00Z"}
+    spec = {"version": "v0001", "labels_fingerprint": labels_fingerprint(load(ws)), "created_at": "2026-01-01T00:00Z",
+            "architecture": "tf_efficientnet_lite0", "classes": ["blue", "red"], "image_size": 224,
+            "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
     (version_dir / "model.json").write_text(json.dumps(spec))
 
     pulls = []
