@@ -13,8 +13,8 @@ reason (a comment, a new prediction) does not re-apply an old annotation over a 
 `OVERLAP_S` re-read before the watermark (for saves committed after a later one) costs nothing.
 Never loses a label: the watermark (`<workspace>/labelstudio/pull.json`) is written only after the
 manifest writes succeeded, and it never moves past a task whose label was rejected.
-Afterwards the sorted folders follow the labels: `loop.folders.apply.apply_labels` moves the copies of labeled
-photos to their label's folder (a refusal there is reported in the PullReport; no label is lost).
+The sorted folders follow the labels afterwards, in the application (`sortloop.jobs.pull_reviews` runs
+`loop.folders.apply.apply_labels`): this adapter returns what changed and moves no folder.
 Caveat: a label that is not a known class (deployed model's classes + manifest labels) is rejected and
 reported, unless `labelstudio.allow_new_classes` is true; a label that cannot be a class name at all
 (`loop.data.classnames`: "../../etc", "_x", ...) is always rejected. Fix it in Label Studio and pull again.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -36,8 +36,7 @@ from labeling.project import find_project, known_classes
 from loop.atomic import write_json_atomic
 from loop.data import manifest as mf
 from loop.data.classnames import class_name_problem
-from loop.errors import LabelStudioError, SortloopError
-from loop.folders.apply import apply_labels
+from loop.errors import LabelStudioError
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -71,12 +70,10 @@ class PullReport:
     watermark: str | None = None
     seconds: float = 0.0
     reverted: int = 0  # labels taken back because their annotation was deleted in Label Studio
-    folders: str = ""  # what `loop.folders.apply.apply_labels` did to the sorted trees afterwards
-    folders_error: str = ""  # why it moved nothing (e.g. a label unusable as a folder name)
 
     @property
     def ok(self) -> bool:
-        return not self.rejected and not self.folders_error
+        return not self.rejected
 
     def summary(self) -> str:
         if self.project_id is None:
@@ -89,12 +86,7 @@ class PullReport:
             text += f", {self.unknown_images} for images not in this manifest"
         if self.rejected:
             text += f", {len(self.rejected)} REJECTED"
-        text += f" ({self.seconds:.1f} s)"
-        if self.folders:
-            text += f"\n{self.folders}"
-        if self.folders_error:
-            text += f"\nsorted folders NOT updated: {self.folders_error}"
-        return text
+        return text + f" ({self.seconds:.1f} s)"
 
 
 def state_path(ws: Workspace) -> Path:
@@ -195,9 +187,11 @@ def _label_problem(d: payloads.Decision, allowed: set[str], allow_new: bool) -> 
 
 
 def pull(ws: Workspace) -> PullReport:
-    """Bring reviewers' decisions made since the last pull into the manifest and label history, then move
-    the sorted copies of labeled photos to their label's folder (`loop.folders.apply.apply_labels`).
+    """Bring reviewers' decisions made since the last pull into the manifest and label history; returns what
+    changed. The sorted folders follow in the application (`sortloop.jobs.pull_reviews`), not here.
 
+    Phases: fetch the changed tasks, decide what each decision does, take back deleted reviews, write the
+    manifest once, then move the watermark. The manifest is read once, and once more under its lock to write.
     Raises:
         LabelStudioError: the server is unreachable or refuses the token (nothing is written then).
         ManifestError: the manifest cannot be written (the watermark is not advanced).
@@ -206,26 +200,60 @@ def pull(ws: Workspace) -> PullReport:
         >>> pull(open_workspace("data")).summary()   # doctest: +SKIP
         'pulled 3 changed task(s) from http://127.0.0.1:8080/projects/1: 2 label(s) set, 0 unchanged, 1 skipped'
     """
-    report = _pull(ws)
-    if report.project_id is None:
-        return report
-    # The labels are in the manifest (and the watermark moved): now the folders follow them. A refusal here
-    # (a label unusable as a folder) loses no label; it is reported and the next pull or `apply` retries.
-    try:
-        applied = apply_labels(ws)
-    except SortloopError as exc:
-        return replace(report, folders_error=str(exc))
-    return replace(report, folders=applied.summary() if applied.moved or applied.placed_by_person
-                   or applied.edited or applied.failed else "")
-
-
-def _pull(ws: Workspace) -> PullReport:
     start = time.monotonic()
     df = mf.load(ws)
+    fetched = _fetch(ws, df)
+    if fetched.project_id is None:
+        return PullReport(fetched.url, None)
+    if not fetched.tasks and not fetched.emptied:
+        return PullReport(fetched.url, fetched.project_id, watermark=fetched.state["watermark"],
+                          seconds=time.monotonic() - start)
+    outcome = _decide(ws, df, fetched)
+    taken_back = _take_back(ws, fetched, outcome)
+    # "labeled" counts reviewed photos whose class changed; a review that confirms the class (even if it only
+    # changes the label's source, e.g. folder -> review) counts as unchanged.
+    current = df.set_index("image_id")["label"]
+    labeled = sum(1 for c in outcome.changes
+                  if pd.isna(current.get(c.image_id)) or current.get(c.image_id) != c.label)
+    _write(ws, outcome.changes + taken_back, outcome.statuses)
+    watermark = _advance_watermark(ws, fetched, outcome.hold_before)
+    n_skipped = sum(1 for s, _ in outcome.statuses.values() if s == "skipped")
+    report = PullReport(fetched.url, fetched.project_id, outcome.fresh, labeled, len(outcome.changes) - labeled,
+                        n_skipped, outcome.unknown, outcome.rejected, watermark, time.monotonic() - start,
+                        reverted=len(taken_back))
+    logger.info(report.summary())
+    return report
+
+
+@dataclass
+class _Fetched:
+    """What Label Studio says changed since the watermark: one decision per image, and emptied tasks."""
+
+    url: str
+    project_id: int | None
+    state: dict = field(default_factory=dict)
+    tasks: list[dict] = field(default_factory=list)
+    emptied: list[dict] = field(default_factory=list)
+    decisions: dict[str, payloads.Decision] = field(default_factory=dict)
+
+
+@dataclass
+class _Outcome:
+    """What the fetched decisions do to the manifest (`pull`'s second phase)."""
+
+    changes: list[mf.LabelChange]
+    statuses: dict[str, tuple[str, int]]  # image_id -> (review_status, task id)
+    rejected: list[Rejected]
+    unknown: int  # decisions about images not in this manifest
+    hold_before: pd.Timestamp | None  # the watermark stays before the oldest task with a rejected label
+    fresh: int  # decisions not handled by an earlier pull
+
+
+def _fetch(ws: Workspace, df: pd.DataFrame) -> _Fetched:
     with connect(ws) as client:
         project = find_project(client, ws)
         if project is None:
-            return PullReport(client.url, None)
+            return _Fetched(client.url, None)
         pid = int(project.id)
         state = read_state(ws, client.url, pid)
         since = None
@@ -234,9 +262,6 @@ def _pull(ws: Workspace) -> PullReport:
         tasks = changed_tasks(client, pid, since)
         reviewed_tasks = df.loc[df["image_id"].isin(state["applied"].keys()), "review_task"].dropna()
         emptied = deleted.emptied_tasks(client, pid, since, [int(t) for t in reviewed_tasks])
-        if not tasks and not emptied:
-            return PullReport(client.url, pid, watermark=state["watermark"], seconds=time.monotonic() - start)
-
         # One decision per image: the latest annotation over all its tasks (dedupe by annotation id).
         decisions: dict[str, payloads.Decision] = {}
         for t in tasks:
@@ -246,67 +271,70 @@ def _pull(ws: Workspace) -> PullReport:
             prev = decisions.get(d.image_id)
             if prev is None or (d.updated_at, d.annotation_id) > (prev.updated_at, prev.annotation_id):
                 decisions[d.image_id] = d
+        return _Fetched(client.url, pid, state, tasks, emptied, decisions)
 
+
+def _decide(ws: Workspace, df: pd.DataFrame, fetched: _Fetched) -> _Outcome:
     in_manifest = set(df["image_id"])
     allowed = set(known_classes(ws, df))
     allow_new = ws.settings.labelstudio.allow_new_classes
-    applied: dict[str, list] = state["applied"]
-    changes, statuses, rejected, unknown, hold_before = [], {}, [], 0, None
-    fresh = 0
-    for d in decisions.values():
+    applied: dict[str, list] = fetched.state["applied"]
+    out = _Outcome([], {}, [], 0, None, 0)
+    for d in fetched.decisions.values():
         key = [d.annotation_id, _iso(d.updated_at)]
         if applied.get(d.image_id) == key:
             continue  # this exact annotation was handled before: do not re-apply over later changes
-        fresh += 1
+        out.fresh += 1
         if d.image_id not in in_manifest:
-            unknown += 1
+            out.unknown += 1
             applied[d.image_id] = key
             continue
         reason = _label_problem(d, allowed, allow_new)
         if reason is not None:
-            rejected.append(Rejected(d.image_id, d.task_id, str(d.label), reason))
-            task_updated = min(pd.Timestamp(t["updated_at"]) for t in tasks if int(t["id"]) == d.task_id)
-            hold_before = task_updated if hold_before is None else min(hold_before, task_updated)
+            out.rejected.append(Rejected(d.image_id, d.task_id, str(d.label), reason))
+            task_updated = min(pd.Timestamp(t["updated_at"]) for t in fetched.tasks if int(t["id"]) == d.task_id)
+            out.hold_before = task_updated if out.hold_before is None else min(out.hold_before, task_updated)
             continue
         if d.kind == "label":
-            changes.append(mf.LabelChange(d.image_id, str(d.label), "review", d.reviewer,
-                                          at=d.updated_at, note=f"label studio task {d.task_id}, annotation "
-                                                                f"{d.annotation_id}"))
-        statuses[d.image_id] = ("reviewed" if d.kind == "label" else "skipped", d.task_id)
+            out.changes.append(mf.LabelChange(d.image_id, str(d.label), "review", d.reviewer,
+                                              at=d.updated_at, note=f"label studio task {d.task_id}, annotation "
+                                                                    f"{d.annotation_id}"))
+        out.statuses[d.image_id] = ("reviewed" if d.kind == "label" else "skipped", d.task_id)
         applied[d.image_id] = key
+    return out
 
-    # Decisions deleted in Label Studio since they were applied: their labels are taken back.
-    taken_back, gone = deleted.reverts(ws, [t for t in emptied if t["image_id"] not in decisions], applied)
-    for t in emptied:
+
+def _take_back(ws: Workspace, fetched: _Fetched, outcome: _Outcome) -> list[mf.LabelChange]:
+    """Decisions deleted in Label Studio since they were applied: their labels are taken back."""
+    applied: dict[str, list] = fetched.state["applied"]
+    taken_back, gone = deleted.reverts(ws, [t for t in fetched.emptied if t["image_id"] not in fetched.decisions],
+                                       applied)
+    for t in fetched.emptied:
         if t["image_id"] in gone:
-            statuses[t["image_id"]] = ("pushed", t["id"])
+            outcome.statuses[t["image_id"]] = ("pushed", t["id"])
             del applied[t["image_id"]]
+    return taken_back
 
-    # "labeled" counts reviewed photos whose class changed; a review that confirms the class (even if it only
-    # changes the label's source, e.g. folder -> review) counts as unchanged.
-    current = df.set_index("image_id")["label"]
-    labeled = sum(1 for c in changes if pd.isna(current.get(c.image_id)) or current.get(c.image_id) != c.label)
-    unchanged = len(changes) - labeled
-    mf.set_labels(ws, changes + taken_back)
-    if statuses:
-        def change(frame: pd.DataFrame) -> pd.DataFrame:
-            hit = frame["image_id"].isin(statuses.keys())
-            frame.loc[hit, "review_status"] = frame.loc[hit, "image_id"].map(lambda i: statuses[i][0])
-            frame.loc[hit, "review_task"] = frame.loc[hit, "image_id"].map(lambda i: statuses[i][1]).astype("Int64")
-            return frame
 
-        mf.update(ws, change)
+def _write(ws: Workspace, changes: list[mf.LabelChange], statuses: dict[str, tuple[str, int]]) -> None:
+    """Labels, history and review statuses in one locked write of the manifest."""
+    def with_statuses(frame: pd.DataFrame) -> pd.DataFrame:
+        hit = frame["image_id"].isin(statuses.keys())
+        frame.loc[hit, "review_status"] = frame.loc[hit, "image_id"].map(lambda i: statuses[i][0])
+        frame.loc[hit, "review_task"] = frame.loc[hit, "image_id"].map(lambda i: statuses[i][1]).astype("Int64")
+        return frame
 
-    # Only now, with the manifest written, may the watermark move (never past a rejected task).
-    newest = max([pd.Timestamp(t["updated_at"]) for t in tasks] + [t["updated_at"] for t in emptied])
+    mf.set_labels(ws, changes, also=with_statuses if statuses else None)
+
+
+def _advance_watermark(ws: Workspace, fetched: _Fetched, hold_before: pd.Timestamp | None) -> str:
+    """Only now, with the manifest written, may the watermark move (never past a rejected task)."""
+    state = fetched.state
+    newest = max([pd.Timestamp(t["updated_at"]) for t in fetched.tasks] + [t["updated_at"] for t in fetched.emptied])
     if state["watermark"]:
         newest = max(newest, pd.Timestamp(state["watermark"]))  # the overlap may return only older tasks
     if hold_before is not None:
         newest = min(newest, hold_before - pd.Timedelta(microseconds=1))
     state["watermark"] = _iso(newest)
     write_state(ws, state)
-    n_skipped = sum(1 for s, _ in statuses.values() if s == "skipped")
-    report = PullReport(client.url, pid, fresh, labeled, unchanged, n_skipped, unknown, rejected,
-                        state["watermark"], time.monotonic() - start, reverted=len(taken_back))
-    logger.info(report.summary())
-    return report
+    return state["watermark"]

@@ -219,13 +219,13 @@ def _move_misfiled(ws: Workspace, n: int) -> int:
 def _review_in_labelstudio(ws: Workspace, chosen: pd.DataFrame) -> None:
     """Annotate each chosen photo's task through Label Studio's API, then pull like `review pull`."""
     from labeling.client import connect
-    from labeling.pull import pull
+    from sortloop.jobs import pull_reviews
 
     with connect(ws) as client:
         for row in chosen.itertuples():
             client.call(f"annotate task {row.review_task}", client.annotations.create, int(row.review_task),
                         idempotent=False, result=payloads.choice_result(str(row.truth)))
-    report = pull(ws)
+    report = pull_reviews(ws)
     if not report.ok:
         raise SortloopError(f"simulated review: pull rejected {len(report.rejected)} label(s): "
                             f"{report.rejected[0].reason}")

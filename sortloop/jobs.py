@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from filelock import FileLock
 
-from labeling.pull import pull
+from labeling.pull import PullReport, Rejected, pull
 from labeling.push import push
 from loop.atomic import append_jsonl, read_jsonl
 from loop.errors import SortloopError
@@ -120,6 +120,50 @@ def run_job(job_id: str, root: str) -> dict[str, Any]:
 
 
 # --- the steps -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReviewPull:
+    """A review pull (`labeling.pull.pull`) and what the sorted folders did after it."""
+
+    pulled: PullReport
+    folders: str = ""  # what `loop.folders.apply.apply_labels` moved ("" if nothing)
+    folders_error: str = ""  # why it moved nothing (e.g. a label unusable as a folder name)
+
+    @property
+    def ok(self) -> bool:
+        return self.pulled.ok and not self.folders_error
+
+    @property
+    def rejected(self) -> list[Rejected]:
+        return self.pulled.rejected
+
+    def summary(self) -> str:
+        text = self.pulled.summary()
+        if self.folders:
+            text += f"\n{self.folders}"
+        if self.folders_error:
+            text += f"\nsorted folders NOT updated: {self.folders_error}"
+        return text
+
+
+def pull_reviews(ws: Workspace) -> ReviewPull:
+    """`review pull` and the scheduled pull: reviewers' labels into the manifest, then the sorted folders follow.
+
+    A refusal by `apply_labels` (a label unusable as a folder) loses no label: the labels are in the manifest
+    and the watermark moved; it is reported, and the next pull or `apply` retries.
+    """
+    from loop.folders.apply import apply_labels
+
+    pulled = pull(ws)
+    if pulled.project_id is None:
+        return ReviewPull(pulled)
+    try:
+        applied = apply_labels(ws)
+    except SortloopError as exc:
+        return ReviewPull(pulled, folders_error=str(exc))
+    moved_any = applied.moved or applied.placed_by_person or applied.edited or applied.failed
+    return ReviewPull(pulled, folders=applied.summary() if moved_any else "")
 
 
 def _each_until_stop(trees: Iterable[T], step: Callable[[T], str | None]) -> list[str]:
@@ -272,7 +316,7 @@ def resort_step(ws: Workspace) -> Outcome:
 
 # What each job runs: a function of the Workspace. Tests may swap an entry for a counting function.
 STEPS: dict[str, Callable[[Workspace], Any]] = {
-    "pull": pull,
+    "pull": pull_reviews,
     "push": push,
     "scan": scan_step,
     "watch": watch_step,

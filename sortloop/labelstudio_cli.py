@@ -98,16 +98,16 @@ def push(
 
 @command_of(review_app, "pull")
 def pull(workspace: WorkspaceOption = None) -> None:
-    """Bring reviewers' labels made since the last pull into the manifest and label history.
+    """Bring reviewers' labels made since the last pull into the manifest and label history; sorted copies follow.
 
     Exit code 1 if a label was rejected (not a known class); the others are applied.
 
     Example: sortloop review pull
     """
-    from labeling.pull import pull
     from loop.workspace import open_workspace
+    from sortloop.jobs import pull_reviews
 
-    report = pull(open_workspace(workspace))
+    report = pull_reviews(open_workspace(workspace))
     out.print(report.summary())
     for r in report.rejected:
         console.print(f"[red]rejected[/red] task {r.task_id} (image {r.image_id[:12]}): {r.reason}", highlight=False)
@@ -123,12 +123,12 @@ def listen(workspace: WorkspaceOption = None) -> None:
     """
     import time
 
-    from labeling.pull import pull
     from labeling.webhook import listen, receiver_url
     from loop.workspace import open_workspace
+    from sortloop.jobs import pull_reviews
 
     ws = open_workspace(workspace)
-    receiver = listen(ws, on_event=lambda: out.print(pull(ws).summary(), highlight=False))
+    receiver = listen(ws, on_event=lambda: out.print(pull_reviews(ws).summary(), highlight=False))
     out.print(f"listening for Label Studio at {receiver_url(ws)}; Ctrl-C stops", highlight=False)
     try:
         while True:

@@ -169,17 +169,19 @@ def _committed(df: pd.DataFrame, record: dict) -> bool:
             and row["label_at"] == pd.to_datetime(record.get("at"), utc=True))
 
 
-def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
+def set_labels(ws: Workspace, changes: Iterable[LabelChange],
+               also: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> int:
     """Apply label changes to the manifest and the history log; returns how many labels changed.
 
     A change that repeats the current label and source is a no-op (no history line), so replaying the
     same changes is safe. Unknown image ids raise ManifestError: the caller must ingest first; a label
-    that cannot be a class raises ClassNameError (nothing is written then).
+    that cannot be a class raises ClassNameError (nothing is written then). `also(manifest) -> manifest`
+    changes other columns in the same locked read and write (a pull's review statuses with its labels).
     """
     from loop.errors import ManifestError
 
     changes = list(changes)
-    if not changes:
+    if not changes and also is None:
         return 0
     for c in changes:
         if c.label is not None:
@@ -218,9 +220,13 @@ def set_labels(ws: Workspace, changes: Iterable[LabelChange]) -> int:
             df.at[c.image_id, "label_source"] = pd.NA if c.source is None else c.source
             df.at[c.image_id, "label_by"] = c.by
             df.at[c.image_id, "label_at"] = pd.Timestamp(at)
+        df = df.reset_index(drop=True)
         if records:
             # A photo labeled for the first time (review, user move) gets its stable train/valid side now.
-            df = assign_splits(df.reset_index(drop=True), ws.settings.split)
+            df = assign_splits(df, ws.settings.split)
+        if also is not None:
+            df = also(df)
+        if records or also is not None:
             commit_with_history(ws, df, records)
         return len(records)
 

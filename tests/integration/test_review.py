@@ -406,13 +406,13 @@ def test_pulled_correction_moves_the_sorted_copy(ls_ws, sdk, sort_model, shared_
     """A reviewer corrects a sorted photo in Label Studio; `review pull` moves its copy to the right folder."""
     import csv
 
-    from labeling.pull import pull
     from labeling.push import push
     from loop.folders import corrections
     from loop.sorting import copies
     from loop.sorting.folder import sort_folder
     from loop.sorting.review_csv import REVIEW_CSV
     from loop.workspace import Workspace
+    from sortloop.jobs import pull_reviews
     from tests.unit.sort_helpers import deploy_copy, ikea_classes, sample_ikea
 
     monkeypatch.setenv("SORTLOOP_SORT__FLAG_THRESHOLD", "0")  # every copy flagged, so every photo is pushed
@@ -429,7 +429,7 @@ def test_pulled_correction_moves_the_sorted_copy(ls_ws, sdk, sort_model, shared_
     label = truth if truth != rec.label else next(c for c in ikea_classes(shared_data) if c != rec.label)
     sdk.annotations.create(id=task_of[rec.image_id], result=choice(label))
 
-    pulled = pull(ws)
+    pulled = pull_reviews(ws)  # what `review pull` runs: the labels, then the folders follow
 
     old = Path(rec.dest_path)
     new = dest / label / old.relative_to(dest / rec.label)
@@ -441,4 +441,5 @@ def test_pulled_correction_moves_the_sorted_copy(ls_ws, sdk, sort_model, shared_
     assert listed == set(records.image_id) - {rec.image_id}  # reviewed: off the pending list
     assert corrections.scan(ws, dest).moves == []  # the move is sortloop's, not a person's correction
     before = sorted(p for p in dest.rglob("*") if p.is_file())
-    assert pull(ws).folders == "" and sorted(p for p in dest.rglob("*") if p.is_file()) == before  # rerun: no-op
+    rerun = pull_reviews(ws)  # a no-op
+    assert rerun.folders == "" and sorted(p for p in dest.rglob("*") if p.is_file()) == before

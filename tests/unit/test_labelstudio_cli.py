@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-import labeling.pull
 import labeling.server
 import labeling.webhook
+from sortloop import jobs
 from sortloop.cli import app
 
 runner = CliRunner()
@@ -58,7 +58,7 @@ def test_listen_pulls_on_each_event_and_stops_the_receiver_on_ctrl_c(ws, monkeyp
 
     monkeypatch.setattr(labeling.webhook, "listen", fake_listen)
     monkeypatch.setattr(labeling.webhook, "receiver_url", lambda w: "http://127.0.0.1:8099/hook")
-    monkeypatch.setattr(labeling.pull, "pull", lambda w: SimpleNamespace(summary=lambda: "pulled 2 changed task(s)"))
+    monkeypatch.setattr(jobs, "pull_reviews", lambda w: SimpleNamespace(summary=lambda: "pulled 2 changed task(s)"))
     monkeypatch.setattr(time, "sleep", ctrl_c)
     result = runner.invoke(app, ["review", "listen", "-w", str(ws.root)])
     assert result.exit_code == 0, result.output
