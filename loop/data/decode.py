@@ -296,6 +296,14 @@ def _serial(source: Iterator, size: int, describe: bool, decode_fn: DecodeFn) ->
     return _Serial(run())
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (a container's or `taskset`'s limit), not the host's
+    count, which `os.cpu_count` gives; more decode workers than CPUs only contend with the model."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; Windows and macOS have no affinity call in `os`
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def default_workers(configured: int) -> int:
-    """The configured worker count, capped at the number of CPUs (at least 0)."""
-    return max(0, min(configured, os.cpu_count() or 1))
+    """The configured worker count, capped at the CPUs available to this process (at least 0)."""
+    return max(0, min(configured, available_cpus()))
