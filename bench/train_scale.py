@@ -191,7 +191,7 @@ def report(n: int, kind: str, r: dict) -> None:
           f"{r['cv_accuracy'] or 0:.3f}, int8 {'passed' if r['int8'] else 'refused'}, "
           f"{'promoted' if r['promoted'] else 'refused'}")
     print(f"         phases: {shares}")
-    print("         seconds: " + ", ".join(f"{p} {r['phases'][p]:.1f}" for p in PHASES if p in r["phases"]))
+    print("         seconds: " + ", ".join(f"{p} {r['phases'][p]:.1f}" for p in PHASES if p in r["phases"]), flush=True)
 
 
 def growth(results: dict[tuple[int, str], dict], sizes: list[int], kind: str) -> None:
@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="ikea_products")
     parser.add_argument("--new-labels", type=int, default=1000)
     parser.add_argument("--new-photos", type=int, default=500)
-    parser.add_argument("--noise", type=float, default=0.5)
+    parser.add_argument("--noise", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-nightly", action="store_true", help="time only the full train")
     parser.add_argument("--keep", action="store_true", help="keep the scratch workspaces")
@@ -224,14 +224,14 @@ def main() -> None:
         return
     base, rows, feats = base_workspace(DATA / args.dataset)
     print(f"base: {len(rows)} real photos of {args.dataset}, Lite0 features {feats.shape}; rows derived with "
-          f"noise {args.noise} x feature spread (see the docstring); load: {os.getloadavg()[0]:.2f}")
+          f"noise {args.noise} x feature spread (see the docstring); load average {os.getloadavg()[0]:.2f}", flush=True)
     results: dict[tuple[int, str], dict] = {}
     with scratch_folder("sortloop-train-scale-", keep=args.keep) as scratch:
         for n in args.sizes:
             started = time.perf_counter()
             ws = build(base, rows, feats, scratch / f"ws-{n}", n, args.new_labels - args.new_photos, args.noise,
                        args.seed)
-            print(f"{n} labeled rows built in {time.perf_counter() - started:.0f} s")
+            print(f"{n} labeled rows built in {time.perf_counter() - started:.0f} s", flush=True)
             results[(n, "full")] = timed_job(ws)
             report(n, "full", results[(n, "full")])
             if not args.no_nightly:
