@@ -1,7 +1,7 @@
 """The nightly retrain at scale: `train` + `deploy` on 5k / 20k / 50k labeled photos, full and nightly.
 
     .venv/bin/python bench/train_scale.py [--sizes 5000 20000 50000] [--dataset ikea_products]
-                                          [--new-labels 1000] [--new-photos 500] [--noise 0.5]
+                                          [--new-labels 1000] [--new-photos 500] [--noise 1.0]
 
 For each size N the bench builds a workspace of N labeled user photos and times, each in a fresh
 process (what the scheduler's nightly job is):
