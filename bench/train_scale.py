@@ -56,7 +56,7 @@ from loop.splits import assign_splits  # noqa: E402
 from loop.tables import conform, write_table_atomic  # noqa: E402
 from loop.workspace import Workspace, init_workspace, open_workspace  # noqa: E402
 
-DATA = REPO.parent.parent / "shared" / "data"
+DATA = REPO.parent / "shared" / "data"
 CACHE = REPO / ".cache" / "bench-train-scale"
 PHASES = ("data", "resize", "network", "features", "cv", "fit", "calibration", "estimates", "export", "int8",
           "gate")
