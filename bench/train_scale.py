@@ -23,8 +23,10 @@ product's own), its resized-cache PNG is a hard link to the real photo's, and it
 are the real photo's Lite0 features plus Gaussian noise (`--noise` times each feature's spread over the
 dataset, clipped at 0 like the ReLU6 output). Nothing is cached for the nightly's new labels: their
 resized images are decoded from the real JPEGs and their features computed by the Lite0 body, as in a
-real nightly. The accuracy printed is therefore of the noisy synthetic task (a timing control), not a
-learning result; learning figures come from `bench/learning.py`.
+real nightly. The accuracy printed is therefore of the noisy synthetic task (a timing control: copies of
+one real photo sit in different items, so it is near 1), not a learning result; learning figures come from
+`bench/learning.py`, and `--c-search` measures what the sampled C search costs in accuracy on derived rows
+grouped by their real product family (honest item-grouped folds).
 Caveat: on 2 shared cores timings vary 20-30% between runs; the base features are cached in
 `.cache/bench-train-scale/` (first run: ~1 min).
 """
