@@ -15,7 +15,7 @@ noise so they compress like real photos, ~2 MB each; written to a temp folder, n
                 the float and the INT8 forward pass. (b) sorts with whichever model the INT8 gate allows.
 
 Targets: (b) >= 10x (a), and (b) >= 90% of the limit of the precision it sorts in (INT8 when the model's
-INT8 gate passed, `loop.quantize`). Each round prints the sort's per-stage profile (`SortReport.stages`).
+INT8 gate passed, `loop.model.quantize`). Each round prints the sort's per-stage profile (`SortReport.stages`).
 Timings vary a lot on a shared 2-core machine, so
 (a), (b) and (c) run interleaved in `--rounds` rounds (the naive loop on a different slice of the images
 each round), ratios are taken within each round, and the median is reported with every round printed.
@@ -168,7 +168,7 @@ def decode_limit(paths: list[Path], workers: int) -> tuple[float, list[np.ndarra
     return len(paths) / (time.perf_counter() - start), arrays
 
 
-STAGES = {  # report.stages -> what it is (sortcore.sort_into)
+STAGES = {  # report.stages -> what it is (loop.sorting.pipeline.sort_into)
     "wait_decode": "main: waiting for decoded photos",
     "predict": "main: model forward",
     "place": "main: flags + queueing copies",

@@ -50,12 +50,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.measure import scratch_folder  # noqa: E402
-from loop import manifest  # noqa: E402
-from loop.backbones import create_network, get_backbone, pretrained_weights, weights_dir, weights_tag  # noqa: E402
-from loop.features import cached_features, features_dir  # noqa: E402
-from loop.ingest import ingest_folder  # noqa: E402
-from loop.resized import ensure_resized, load_resized, resized_path  # noqa: E402
-from loop.splits import assign_splits  # noqa: E402
+from loop.data import manifest  # noqa: E402
+from loop.data.ingest import ingest_folder  # noqa: E402
+from loop.data.resized import ensure_resized, load_resized, resized_path  # noqa: E402
+from loop.data.splits import assign_splits  # noqa: E402
+from loop.model.backbones import create_network, get_backbone, pretrained_weights, weights_dir, weights_tag  # noqa: E402
+from loop.model.features import cached_features, features_dir  # noqa: E402
 from loop.tables import conform, write_table_atomic  # noqa: E402
 from loop.workspace import Workspace, init_workspace, open_workspace  # noqa: E402
 
@@ -154,8 +154,8 @@ def run_job(ws_root: Path) -> dict:
     """One nightly job in this process: `train` then `deploy`, with phase seconds and peak RSS."""
     import resource
 
-    from loop.gate import deploy
-    from loop.train import train
+    from loop.learning.gate import deploy
+    from loop.learning.train import train
 
     ws = open_workspace(ws_root)
     started = time.perf_counter()
@@ -164,7 +164,7 @@ def run_job(ws_root: Path) -> dict:
     decision = deploy(ws)
     phases = {**result.phases, "gate": time.perf_counter() - trained}
     cv = (result.metrics.get("cv_user") or {}).get("accuracy")
-    from loop.artifact import read_spec
+    from loop.model.artifact import read_spec
 
     spec = read_spec(result.model_dir)
     return {"phases": phases, "job_s": time.perf_counter() - started, "version": result.version,
@@ -211,7 +211,7 @@ def growth(results: dict[tuple[int, str], dict], sizes: list[int], kind: str) ->
 
 
 def c_search_cost(rows: pd.DataFrame, feats: np.ndarray, sizes: list[int], noise: float, seed: int) -> None:
-    """The accuracy cost of searching C on a sample (`loop.head.C_SEARCH_ROWS`) instead of on every row.
+    """The accuracy cost of searching C on a sample (`loop.model.head.C_SEARCH_ROWS`) instead of on every row.
 
     Here every derived photo keeps its real photo's item (product family), so item-grouped folds hold out
     whole real products and the out-of-fold accuracy is an honest estimate on unseen items, unlike the
@@ -219,7 +219,7 @@ def c_search_cost(rows: pd.DataFrame, feats: np.ndarray, sizes: list[int], noise
     """
     from threadpoolctl import threadpool_limits
 
-    from loop.head import C_SEARCH_ROWS, choose_c
+    from loop.model.head import C_SEARCH_ROWS, choose_c
 
     rng = np.random.default_rng(seed)
     spread = feats.reshape(-1, feats.shape[-1]).std(axis=0)

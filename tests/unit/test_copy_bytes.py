@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from loop import copies, decode
+from loop.data import decode
+from loop.sorting import copies
 
 
 @pytest.fixture

@@ -201,7 +201,7 @@ def test_a_class_whose_items_share_one_fold_is_still_predicted_out_of_fold():
 def test_c_is_searched_on_a_stable_sample_of_whole_items_above_the_cap():
     import numpy as np
 
-    from loop.head import choose_c, item_sample
+    from loop.model.head import choose_c, item_sample
 
     rng = np.random.default_rng(0)
     groups = np.repeat([f"item{i}" for i in range(60)], 4)
