@@ -2,7 +2,6 @@
 
     .venv/bin/python bench/train_scale.py [--sizes 5000 20000 50000] [--dataset ikea_products]
                                           [--new-labels 1000] [--new-photos 500] [--noise 1.0]
-    .venv/bin/python bench/train_scale.py --c-search [--sizes 5000 20000]   (the sampled C search's cost)
 
 For each size N the bench builds a workspace of N labeled user photos and times, each in a fresh
 process (what the scheduler's nightly job is):
@@ -25,8 +24,7 @@ dataset, clipped at 0 like the ReLU6 output). Nothing is cached for the nightly'
 resized images are decoded from the real JPEGs and their features computed by the Lite0 body, as in a
 real nightly. The accuracy printed is therefore of the noisy synthetic task (a timing control: copies of
 one real photo sit in different items, so it is near 1), not a learning result; learning figures come from
-`bench/learning.py`, and `--c-search` measures what the sampled C search costs in accuracy on derived rows
-grouped by their real product family (honest item-grouped folds).
+`bench/learning.py`.
 Caveat: on 2 shared cores timings vary 20-30% between runs; the base features are cached in
 `.cache/bench-train-scale/` (first run: ~1 min).
 """
@@ -210,41 +208,6 @@ def growth(results: dict[tuple[int, str], dict], sizes: list[int], kind: str) ->
         print(f"  {kind} growth {a} -> {b} (1.0 = linear): " + ", ".join(parts))
 
 
-def c_search_cost(rows: pd.DataFrame, feats: np.ndarray, sizes: list[int], noise: float, seed: int) -> None:
-    """The accuracy cost of searching C on a sample (`loop.model.head.C_SEARCH_ROWS`) instead of on every row.
-
-    Here every derived photo keeps its real photo's item (product family), so item-grouped folds hold out
-    whole real products and the out-of-fold accuracy is an honest estimate on unseen items, unlike the
-    timing workspaces' per-copy items. Same folds, same rows, both arms in the same run.
-    """
-    from threadpoolctl import threadpool_limits
-
-    from loop.model.head import C_SEARCH_ROWS, choose_c
-
-    rng = np.random.default_rng(seed)
-    spread = feats.reshape(-1, feats.shape[-1]).std(axis=0)
-    classes = sorted(rows["label"].astype(str).unique())
-    label = rows["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy()
-    print(f"C search on every row vs on a sample of {C_SEARCH_ROWS} feature rows (whole items), "
-          "item = the real photo's product family:")
-    for n in sizes:
-        base = np.arange(n) % len(rows)
-        pairs = feats[base] + noise * spread * rng.standard_normal((n, *feats.shape[1:]), dtype=np.float32)
-        x = np.clip(pairs, 0, None).reshape(-1, feats.shape[-1])
-        y = np.repeat(label[base], 2)
-        groups = np.repeat(rows["item_id"].astype(str).to_numpy()[base], 2)
-        out = {}
-        for name, cap in (("every row", None), ("sample", C_SEARCH_ROWS)):
-            started = time.perf_counter()
-            with threadpool_limits(1):
-                c, _, logits, _ = choose_c(x, y, groups, n_classes=len(classes), search_rows=cap)
-            out[name] = (c, float((logits[0::2].argmax(axis=1) == y[0::2]).mean()), time.perf_counter() - started)
-        (c_all, acc_all, s_all), (c_cap, acc_cap, s_cap) = out["every row"], out["sample"]
-        print(f"  {n:>6} photos: every row C={c_all} out-of-fold acc {acc_all:.4f} in {s_all:.0f} s; sample "
-              f"C={c_cap} acc {acc_cap:.4f} in {s_cap:.0f} s -> accuracy {acc_cap - acc_all:+.4f}, "
-              f"time {s_cap / s_all:.2f}x", flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 50000])
@@ -255,17 +218,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-nightly", action="store_true", help="time only the full train")
     parser.add_argument("--keep", action="store_true", help="keep the scratch workspaces")
-    parser.add_argument("--c-search", action="store_true",
-                        help="only measure the accuracy and time cost of the sampled C search (see c_search_cost)")
     parser.add_argument("--job", type=Path, help=argparse.SUPPRESS)  # internal: one timed job (see timed_job)
     args = parser.parse_args()
     if args.job:
         print(json.dumps(run_job(args.job)))
         return
     base, rows, feats = base_workspace(DATA / args.dataset)
-    if args.c_search:
-        c_search_cost(rows, feats, args.sizes, args.noise, args.seed)
-        return
     print(f"base: {len(rows)} real photos of {args.dataset}, Lite0 features {feats.shape}; rows derived with "
           f"noise {args.noise} x feature spread (see the docstring); load average {os.getloadavg()[0]:.2f}", flush=True)
     results: dict[tuple[int, str], dict] = {}

@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 HEAD_C_GRID = (0.3, 1.0, 3.0, 10.0)  # inverse L2 strength tried by group k-fold (measured best ~3)
 MISSING_CLASS_BIAS = -30.0  # logit of a class a fold never saw: it never wins
-C_SEARCH_ROWS = 10_000  # feature rows (5,000 photos + mirrors) above which C is searched on a sample of items
 
 
 @dataclass
@@ -197,77 +196,43 @@ def _features(ws: Workspace, net: torch.nn.Module, backbone: Backbone, ids: list
 
 
 def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_classes: int | None = None, folds: int = 5,
-             seed: int = 0, search_rows: int | None = C_SEARCH_ROWS) -> tuple[float, dict, np.ndarray | None, int]:
+             seed: int = 0) -> tuple[float, dict, np.ndarray | None, int]:
     """The C of HEAD_C_GRID with the best group k-fold accuracy, and its out-of-fold logits.
 
     Within a fold the grid is walked from strong to weak regularisation with warm starts, which cuts
     L-BFGS iterations several-fold compared with independent fits. The same folds give the out-of-fold
     logits (N, K) of every row for the chosen C: the metrics, calibration and flag curves all use them.
-    Above `search_rows` rows the grid is searched on a stable sample of whole items of that size
-    (`item_sample`), and only the chosen C is then fitted on every fold of all rows: the retrain's cost
-    grows with one fit per fold instead of one per fold and C (measured in `bench/train_scale.py`, with
-    its accuracy cost; None searches on every row).
     Returns:
         (C, {C: accuracy}, out-of-fold logits or None, number of folds); (1.0, {}, None, 0) with fewer
         than 3 item groups.
     """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
     n_classes = n_classes or int(y.max()) + 1
     n_groups = len(np.unique(groups))
     if n_groups < 3:
         return 1.0, {}, None, 0
-    grid: tuple[float, ...] = HEAD_C_GRID
-    scores: dict[str, float] = {}
-    if search_rows is not None and len(y) > search_rows:
-        sample = item_sample(groups, search_rows, seed=seed)
-        best, scores, _, _ = choose_c(x[sample], y[sample], groups[sample], n_classes=n_classes, folds=folds,
-                                      seed=seed, search_rows=None)
-        grid = (best,)
-        logger.info("head C searched on %d of %d rows (whole items): C=%s", len(sample), len(y), best)
-    logits, n_splits = _fold_logits(x, y, groups, grid, n_classes=n_classes, folds=folds, seed=seed)
-    if len(grid) > 1:
-        correct = {c: int((logits[c].argmax(axis=1) == y).sum()) for c in grid}
-        scores = {str(c): n / len(y) for c, n in correct.items()}
-        best = max(grid, key=lambda c: (correct[c], -abs(np.log(c))))
-        logger.info("head C by group %d-fold: %s -> C=%s", n_splits, scores, best)
-    return best, scores, logits[best], n_splits
-
-
-def _fold_logits(x: np.ndarray, y: np.ndarray, groups: np.ndarray, grid: tuple[float, ...], *, n_classes: int,
-                 folds: int, seed: int) -> tuple[dict[float, np.ndarray], int]:
-    """Out-of-fold logits (N, K) of every row for each C of `grid`, over the item folds (and rescues)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    splits = item_folds(groups, min(folds, len(np.unique(groups))), seed=seed)
-    logits = {c: np.zeros((len(y), n_classes)) for c in grid}
+    splits = item_folds(groups, min(folds, n_groups), seed=seed)
+    logits = {c: np.zeros((len(y), n_classes)) for c in HEAD_C_GRID}
     for fit_idx, held_idx in splits + class_rescues(splits, y, groups):  # rescues overwrite their rows
         scaler = StandardScaler().fit(x[fit_idx])
         x_fit, x_held = scaler.transform(x[fit_idx]), scaler.transform(x[held_idx])
         if len(np.unique(y[fit_idx])) < 2:  # a fold with one class: it can only guess that class
-            for c in grid:
+            for c in HEAD_C_GRID:
                 logits[c][held_idx] = MISSING_CLASS_BIAS
                 logits[c][held_idx, y[fit_idx][0]] = 0.0
             continue
         model = LogisticRegression(max_iter=3000, warm_start=True)
-        for c in sorted(grid):
+        for c in sorted(HEAD_C_GRID):
             model.set_params(C=c).fit(x_fit, y[fit_idx])
             coef, intercept = _full_coef(model, n_classes)
             logits[c][held_idx] = x_held @ coef.T + intercept
-    return logits, len(splits)
-
-
-def item_sample(groups: np.ndarray, max_rows: int, *, seed: int = 0) -> np.ndarray:
-    """Indices of the rows of whole items, taken in the order of their hash, up to `max_rows` rows.
-
-    Stable like `item_folds`: an item stays in the sample when others arrive, unless the sample is full.
-    """
-    import hashlib
-
-    keys = np.asarray(groups).astype(str)
-    items, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    rank = np.argsort([hashlib.sha256(f"{seed}:sample:{g}".encode()).hexdigest() for g in items])
-    kept = rank[np.cumsum(counts[rank]) <= max_rows]
-    return np.flatnonzero(np.isin(inverse, kept))
+    correct = {c: int((logits[c].argmax(axis=1) == y).sum()) for c in HEAD_C_GRID}
+    scores = {str(c): n / len(y) for c, n in correct.items()}
+    best = max(HEAD_C_GRID, key=lambda c: (correct[c], -abs(np.log(c))))
+    logger.info("head C by group %d-fold: %s -> C=%s", len(splits), scores, best)
+    return best, scores, logits[best], len(splits)
 
 
 def item_folds(groups: np.ndarray, folds: int, *, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:

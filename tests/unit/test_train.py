@@ -197,27 +197,3 @@ def test_a_class_whose_items_share_one_fold_is_still_predicted_out_of_fold():
     _, _, logits, _ = choose_c(x, y, groups, n_classes=8, folds=5, seed=seed)
     assert (logits.argmax(axis=1) == y).mean() > 0.95  # no class lost to an unlucky fold
 
-
-def test_c_is_searched_on_a_stable_sample_of_whole_items_above_the_cap():
-    import numpy as np
-
-    from loop.model.head import choose_c, item_sample
-
-    rng = np.random.default_rng(0)
-    groups = np.repeat([f"item{i}" for i in range(60)], 4)
-    y = np.repeat(np.arange(60) % 3, 4)
-    x = np.eye(3)[y] * 1.5 + rng.normal(size=(len(y), 3))
-    sample = item_sample(groups, 100, seed=0)
-    assert 80 < len(sample) <= 100
-    for g in set(groups[sample]):  # whole items only
-        assert set(np.flatnonzero(groups == g)) <= set(sample)
-    more = np.concatenate([groups, np.repeat([f"new{i}" for i in range(10)], 4)])
-    assert set(more[item_sample(more, 100, seed=0)]) <= set(groups[sample]) | {f"new{i}" for i in range(10)}
-
-    c, scores, logits, folds = choose_c(x, y, groups, n_classes=3, search_rows=100)
-    c_sample, scores_sample, _, _ = choose_c(x[sample], y[sample], groups[sample], n_classes=3, search_rows=None)
-    assert (c, scores) == (c_sample, scores_sample)  # the grid was searched on the sample only
-    assert logits.shape == (len(y), 3) and folds == 5  # ... and the out-of-fold logits cover every row
-    c_all, _, logits_all, _ = choose_c(x, y, groups, n_classes=3, search_rows=None)
-    if c_all == c:
-        assert (logits.argmax(axis=1) == logits_all.argmax(axis=1)).mean() > 0.95
