@@ -196,4 +196,3 @@ def test_a_class_whose_items_share_one_fold_is_still_predicted_out_of_fold():
     x = np.eye(8)[y] * 3.0 + rng.normal(scale=0.5, size=(len(y), 8))  # well separated classes
     _, _, logits, _ = choose_c(x, y, groups, n_classes=8, folds=5, seed=seed)
     assert (logits.argmax(axis=1) == y).mean() > 0.95  # no class lost to an unlucky fold
-
