@@ -152,7 +152,7 @@ def run_job(ws_root: Path) -> dict:
     """One nightly job in this process: `train` then `deploy`, with phase seconds and peak RSS."""
     import resource
 
-    from loop.learning.gate import deploy
+    from loop.learning.deployment import deploy
     from loop.learning.train import train
 
     ws = open_workspace(ws_root)
