@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -53,6 +54,8 @@ class Decoded:
     size_bytes: int = -1
     mtime_ns: int = -1
     error: str | None = None
+    hash_s: float = 0.0  # worker seconds spent hashing, and decoding (+ pHash, EXIF): the sort's profile
+    decode_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -79,12 +82,15 @@ def decode_one(path: Path, size: int, describe: bool = True) -> Decoded:
     try:
         st = check_regular_file(path)
         rec.size_bytes, rec.mtime_ns = st.st_size, st.st_mtime_ns
+        started = time.perf_counter()
         rec.image_id = file_sha256(path)
+        hashed = time.perf_counter()
         # Same steps as loop.data.images.load_model_input, split so the oriented image also feeds pHash.
         img = open_image(path, draft_size=size)
         rec.pixels = np.asarray(resize_and_crop(img, size), dtype=np.uint8)
         if describe:
             rec.phash, rec.taken_raw = perceptual_hash(img), exif_time_raw(img)
+        rec.hash_s, rec.decode_s = hashed - started, time.perf_counter() - hashed
     except ImageError as exc:
         rec.error = exc.reason
     except OSError as exc:  # vanished, permission denied, symlink loop, I/O error while hashing
@@ -296,6 +302,14 @@ def _serial(source: Iterator, size: int, describe: bool, decode_fn: DecodeFn) ->
     return _Serial(run())
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (a container's or `taskset`'s limit), not the host's
+    count, which `os.cpu_count` gives; more decode workers than CPUs only contend with the model."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; Windows and macOS have no affinity call in `os`
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def default_workers(configured: int) -> int:
-    """The configured worker count, capped at the number of CPUs (at least 0)."""
-    return max(0, min(configured, os.cpu_count() or 1))
+    """The configured worker count, capped at the CPUs available to this process (at least 0)."""
+    return max(0, min(configured, available_cpus()))

@@ -43,7 +43,10 @@ from loop.model.artifact import load_predictor, read_spec
 from loop.model.evaluate import classification_metrics, evaluate_predictor
 from loop.progress import ProgressCallback, no_progress
 from loop.scoring.paired import Paired, class_tests, holm, loss_test
+from loop.tables import write_table_atomic
 from loop.workspace import Workspace
+
+GATE_PREDICTIONS_FILE = "gate_predictions.parquet"  # a version's own probabilities on gate photos, by image_id
 
 LABELED_SET, NEW_LABELS = "labeled_set", "new_labels"
 EVIDENCE_NAMES = {LABELED_SET: "your labeled set", NEW_LABELS: "your photos labeled since the last model"}
@@ -303,14 +306,38 @@ def _measure(ws: Workspace, model_dir, rows: pd.DataFrame, on_progress: Progress
 
     A photo that can no longer be read is left out (the metrics say how many were scored).
     """
-    from loop.data.resized import resized_path
+    from loop.data.resized import ensure_resized, resized_path
 
     predictor = load_predictor(model_dir, "onnx")
-    _, probs = evaluate_predictor(ws, predictor, rows, on_progress=on_progress)
+    ensure_resized(ws, rows["image_id"].tolist(), rows["path"].tolist(), predictor.image_size)
     kept = rows[[resized_path(ws, i, predictor.image_size).exists() for i in rows["image_id"]]].reset_index(drop=True)
+    probs = gate_probabilities(ws, predictor, Path(model_dir), kept, on_progress)
     labels = kept["label"].astype(str).to_numpy()
     predicted = np.array([predictor.classes[i] for i in probs.argmax(axis=1)]) if len(probs) else np.zeros(0, str)
     return classification_metrics(labels.tolist(), probs, predictor.classes), predicted == labels, kept
+
+
+def gate_probabilities(ws: Workspace, predictor, model_dir: Path, rows: pd.DataFrame,
+                       on_progress: ProgressCallback) -> np.ndarray:
+    """The artifact's probabilities (N, K) on gate photos `rows` (resized), predicting only photos it never scored.
+
+    Why: every nightly deploy measures the deployed version on the whole gate set again, thousands of
+    photos for a shop (bench/train_scale.py); its artifact and the resized inputs (keyed by content hash)
+    never change, so its outputs are kept in its folder (GATE_PREDICTIONS_FILE) and only photos new to
+    the gate set are run.
+    """
+    path = model_dir / GATE_PREDICTIONS_FILE
+    known = pd.read_parquet(path) if path.exists() else pd.DataFrame({"image_id": [], "probs": []})
+    stored = dict(zip(known["image_id"].astype(str), known["probs"], strict=True))
+    ids = rows["image_id"].astype(str)
+    todo = rows[~ids.isin(stored.keys())]
+    if len(todo):
+        _, new = evaluate_predictor(ws, predictor, todo, on_progress=on_progress)
+        stored.update(zip(todo["image_id"].astype(str), list(new), strict=True))
+        frame = pd.DataFrame({"image_id": list(stored), "probs": [np.asarray(p, np.float32) for p in stored.values()]})
+        write_table_atomic(frame, path)
+    width = len(predictor.classes)
+    return np.stack([stored[i] for i in ids]).astype(np.float32) if len(ids) else np.zeros((0, width), np.float32)
 
 
 def _acc(value: float | None) -> str:

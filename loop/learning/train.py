@@ -52,6 +52,7 @@ from loop.model.backbones import create_network, get_backbone, weights_tag
 from loop.model.estimates import class_indices, describe_learning, learning_estimates, oof_frame
 from loop.model.evaluate import confusion_png, metrics_by_source, summary_line
 from loop.model.head import backbone_cv_accuracy, fit_head
+from loop.phases import PhaseClock
 from loop.progress import ProgressCallback, no_progress
 from loop.workspace import Workspace
 
@@ -79,6 +80,7 @@ class TrainResult:
     n_new: int | None = None  # labels the deployed model did not train on (None: unknown for an old model)
     unchanged: bool = False
     notes: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds per phase (loop.phases)
 
     def summary(self) -> str:
         if self.unchanged:
@@ -171,6 +173,7 @@ def train(
     if mode not in MODES:
         raise ModelError(f"unknown training mode {mode!r}; valid: {', '.join(MODES)}")
     started = time.monotonic()
+    clock = PhaseClock()
 
     # 1. The data: labeled rows and their stable, item-grouped split (assigned at ingest). "valid" is the
     #    small gate set no model trains on; every other label trains.
@@ -190,9 +193,11 @@ def train(
 
     # 2. The resized cache: decode each photo once (draft JPEG, EXIF upright) into a lossless PNG at the
     #    model's size; every feature pass and gate re-evaluation reads these instead of originals.
+    clock.lap("data")
     skipped = ensure_resized(ws, rows["image_id"].tolist(), rows["path"].tolist(), size, on_progress=on_progress)
     if skipped:
         rows = rows[[resized_path(ws, i, size).exists() for i in rows["image_id"]]].reset_index(drop=True)
+    clock.lap("resize")
     train_rows = rows[rows["split"] == "train"].reset_index(drop=True)
     valid_rows = rows[rows["split"] == "valid"].reset_index(drop=True)
     classes = sorted(train_rows["label"].astype(str).unique())  # fastai's order; stored, never re-derived
@@ -221,6 +226,7 @@ def train(
 
     # 3. The network: timm architecture with the offline ImageNet body and a fresh classifier.
     net = create_network(ws, backbone.name, len(classes), pretrained=pretrained, seed=settings.seed)
+    clock.lap("network")
 
     # 4. Fit. Both paths leave `net` a complete classifier and return gate-set probabilities computed the
     #    way the mode's own tooling computes them (in-memory torch head / fastai get_preds). Head mode also
@@ -228,12 +234,13 @@ def train(
     oof = None
     if mode == "head":
         details, valid_probs, oof = fit_head(ws, net, backbone, train_rows, valid_rows, classes,
-                                             pretrained=pretrained, on_progress=on_progress)
+                                             pretrained=pretrained, on_progress=on_progress, clock=clock)
     else:
         from loop.model.finetune import fit_finetune  # fastai is imported only on this path
 
         details, valid_probs = fit_finetune(ws, net, backbone, train_rows, valid_rows, classes,
                                             pretrained=pretrained, on_progress=on_progress)
+        clock.lap("finetune")
 
     # 5. Evaluate: the gate set (user and web separately), the out-of-fold predictions (the estimate that
     #    uses every training label), calibration before/after, and the flag curves.
@@ -241,6 +248,7 @@ def train(
     temperature = float(details.get("temperature", 1.0))
     extras = learning_estimates(train_rows, valid_rows, valid_probs, oof, classes, temperature)
     metrics.update(extras.pop("metrics"))
+    clock.lap("estimates")
 
     # 6. Write the candidate: extras first, `model.json` last (a folder without it is not a version).
     version, out = registry.new_version_dir(ws)
@@ -277,15 +285,18 @@ def train(
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
+    clock.lap("export")
 
     # 7. A faster INT8 copy for sorting: calibrated on training photos, used only if it is not significantly
     #    worse than the float model on the labeled validation photos (its verdict lands in model.json).
     if settings.int8:
         write_int8(ws, out, train_rows, valid_rows)
+        clock.lap("int8")
     notes = [describe_learning(spec, ws)]
     result = TrainResult(version, mode, metrics, out, time.monotonic() - started, skipped, len(train_rows), n_new,
-                         notes=notes)
+                         notes=notes, phases=clock.seconds)
     logger.info("%s", result.summary())
+    logger.info("train phases: %s", clock.summary())
     return result
 
 

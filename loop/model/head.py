@@ -21,6 +21,7 @@ from loop.data.resized import load_resized
 from loop.model.backbones import Backbone, weights_tag
 from loop.model.features import cached_features, features_dir
 from loop.model.ray_features import ray_features
+from loop.phases import PhaseClock
 from loop.progress import ProgressCallback, no_progress
 from loop.workspace import Workspace
 
@@ -56,6 +57,7 @@ def fit_head(
     *,
     pretrained: bool = True,
     on_progress: ProgressCallback = no_progress,
+    clock: PhaseClock | None = None,
 ) -> tuple[dict, np.ndarray, OutOfFold | None]:
     """Fit StandardScaler + LogisticRegression on cached features and fold them into `net`'s classifier.
 
@@ -68,13 +70,15 @@ def fit_head(
 
     from loop.model.calibration import fit_temperature, fold_temperature
 
+    clock = clock or PhaseClock()
     details, oof = linear_probe(ws, net, backbone, train_rows, classes, pretrained=pretrained,
-                                on_progress=on_progress)
+                                on_progress=on_progress, clock=clock)
     temperature = 1.0
     if oof is not None and ws.settings.model.calibrate:
         temperature = fit_temperature(oof.logits, oof.labels)
         fold_temperature(net, temperature)
     details["temperature"] = temperature
+    clock.lap("calibration")
 
     # Validation probabilities through the torch classifier itself (no mirror: the network sees one view).
     valid_feats = _features(ws, net, backbone, valid_rows["image_id"].tolist(), pretrained=pretrained,
@@ -83,6 +87,7 @@ def fit_head(
     if len(valid_feats):
         with torch.inference_mode():
             probs = torch.softmax(net.get_classifier()(torch.from_numpy(valid_feats[:, 0])), dim=1).numpy()
+    clock.lap("features")
     return details, probs, oof
 
 
@@ -95,6 +100,7 @@ def linear_probe(
     *,
     pretrained: bool = True,
     on_progress: ProgressCallback = no_progress,
+    clock: PhaseClock | None = None,
 ) -> tuple[dict, OutOfFold | None]:
     """Set `net`'s classifier to the best linear head on its frozen body's features.
 
@@ -112,6 +118,8 @@ def linear_probe(
     x = train_feats.reshape(-1, train_feats.shape[-1])
     y = np.repeat(train_rows["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy(), 2)
     groups = np.repeat(train_rows["item_id"].fillna(train_rows["image_id"]).astype(str).to_numpy(), 2)
+    clock = clock or PhaseClock()
+    clock.lap("features")
 
     # C by group k-fold: held-out folds are unseen items, like the validation set. One BLAS thread:
     # these fits are tiny, and multi-threaded BLAS on a busy machine made them ~50x slower (measured).
@@ -119,8 +127,10 @@ def linear_probe(
         c_value, cv_scores, oof_logits, n_folds = choose_c(x, y, groups, n_classes=len(classes),
                                                            folds=ws.settings.model.cv_folds,
                                                            seed=ws.settings.model.seed)
+        clock.lap("cv")
         scaler = StandardScaler().fit(x)
         model = LogisticRegression(C=c_value, max_iter=3000).fit(scaler.transform(x), y)
+        clock.lap("fit")
 
     # Fold scaler + regression into one linear layer: W' = W / s, b' = b - W' m.
     coef, intercept = _full_coef(model, len(classes))

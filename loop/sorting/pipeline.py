@@ -30,6 +30,7 @@ from loop.data.decode import Decoded, decode_stream, default_workers
 from loop.data.images import iter_image_files
 from loop.errors import ModelError, SortloopError, first_disk_full, stopped_by_full_disk
 from loop.model.artifact import Predictor, read_spec
+from loop.phases import PhaseClock
 from loop.progress import ProgressCallback, no_progress
 from loop.scoring.flagging import describe, settings_point
 from loop.scoring.strategies import get_strategy
@@ -151,10 +152,11 @@ def sort_into(
 
     pending: list[Placed] = []
     copier = Copier(report, pending)
+    clock = PhaseClock()  # the run's profile (report.stages), printed by bench/sort.py
     if isinstance(stream, _Listed):
         predicted = _placed_batches(remote(stream.paths, model_dir, predictor), report)
     else:
-        predicted = _predicted_batches(stream, predictor, options.batch_size, report)
+        predicted = _predicted_batches(stream, predictor, options.batch_size, report, clock)
     disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
     try:
         for batch, probs, placed, failures in predicted:
@@ -174,23 +176,30 @@ def sort_into(
             processed += len(batch) + failures
             report.seen = processed
             on_progress(processed, total)
+            clock.lap("place")
             if copier.disk_full:
                 break
             if len(pending) >= FLUSH_EVERY:
                 copier.collect(wait=True)
+                clock.lap("copy_wait")
                 _flush(sink, pending, report)
+                clock.lap("record")
         copier.collect(wait=True)
+        clock.lap("copy_wait")
     except OSError as exc:
         disk_full = first_disk_full(exc, None)
     finally:
         predicted.close()
         stream.close()
         copier.close()  # finishes copies in flight (and records them) even when interrupted
+        clock.lap("copy_wait")
         report.seen = processed
         try:
             _flush(sink, pending, report)  # again after a failed flush: the sinks' writes are idempotent
         except OSError as exc:
             disk_full = first_disk_full(exc, disk_full)
+        clock.lap("record")
+        report.stages.update(clock.seconds)
     disk_full = disk_full or copier.disk_full
     if disk_full is not None:
         raise stopped_by_full_disk(disk_full, dest, report.summary()) from None
@@ -259,10 +268,17 @@ class _Listed:
 Predicted = Iterator[tuple[list[Decoded], "np.ndarray | None", "list[Done] | None", int]]
 
 
-def _predicted_batches(stream: Iterator[Decoded], predictor: Predictor, size: int, report: SortReport) -> Predicted:
+def _predicted_batches(stream: Iterator[Decoded], predictor: Predictor, size: int, report: SortReport,
+                       clock: PhaseClock) -> Predicted:
     """Local engine: (decoded batch, probs, None = copies still to make, failures) with the model here."""
+    stages = report.stages
     for batch, failures in _batches(stream, size, report):
+        clock.lap("wait_decode")
         probs = predictor.predict(np.stack([rec.pixels for rec in batch])) if batch else None
+        clock.lap("predict")
+        for rec in batch:
+            stages["worker_hash"] = stages.get("worker_hash", 0.0) + rec.hash_s
+            stages["worker_decode"] = stages.get("worker_decode", 0.0) + rec.decode_s
         yield batch, probs, None, failures
 
 

@@ -29,6 +29,9 @@ class SortReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     per_label: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # Where the time went (`loop.sorting.pipeline.sort_into`): the main process's wall seconds per stage (wait_decode,
+    # predict, place, copy_wait, record) and the decode workers' summed seconds (worker_hash, worker_decode)
+    stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

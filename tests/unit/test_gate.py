@@ -382,3 +382,29 @@ def test_gate_promotes_a_candidate_much_better_on_the_shops_photos(trained_ikea,
     assert new["candidate_accuracy"] >= new["current_accuracy"] + 0.10, new
     assert decision.promoted, decision.reasons
     assert any(r.startswith("not significantly worse on your labeled set") for r in decision.reasons)
+
+
+def test_a_version_runs_on_each_gate_photo_once_and_its_outputs_are_kept(gated, monkeypatch):
+    from loop.learning import gate
+    from loop.model.artifact import load_predictor
+    from loop.model.evaluate import evaluate_predictor
+    from loop.progress import no_progress
+
+    ws, good, _ = gated
+    model_dir = registry.model_dir(ws, good)
+    rows, _ = gate_rows(ws, [model_dir])
+    assert (model_dir / gate.GATE_PREDICTIONS_FILE).exists()  # written when it was gated
+    predictor = load_predictor(model_dir, "onnx")
+    _, fresh = evaluate_predictor(ws, predictor, rows)
+
+    def predicted_again(*args, **kwargs):
+        raise AssertionError("a photo the version had scored was predicted again")
+
+    monkeypatch.setattr(gate, "evaluate_predictor", predicted_again)
+    stored = gate.gate_probabilities(ws, predictor, model_dir, rows, no_progress)
+    np.testing.assert_allclose(stored, fresh, atol=1e-6)
+    monkeypatch.undo()
+    first = rows.head(5)
+    (model_dir / gate.GATE_PREDICTIONS_FILE).unlink()  # a new photo is predicted, then kept
+    assert np.allclose(gate.gate_probabilities(ws, predictor, model_dir, first, no_progress), fresh[:5], atol=1e-6)
+    assert len(pd.read_parquet(model_dir / gate.GATE_PREDICTIONS_FILE)) == 5

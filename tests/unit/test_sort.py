@@ -54,6 +54,10 @@ def test_sorts_real_photos_once_with_identical_bytes(deployed, shared_data, tmp_
     assert sorted(copies_by_hash) == sorted(h for h, _ in before.values())
     assert all(len(paths) == 1 for paths in copies_by_hash.values())  # exactly one class folder each
     assert not [p for p in dest.rglob("*") if p.name.startswith(".")]  # no temp files left
+    # the run's profile: every stage of the main process timed, the workers' hashing and decoding summed
+    assert {"wait_decode", "predict", "place", "copy_wait", "record"} <= set(report.stages)
+    assert report.stages["worker_hash"] > 0 and report.stages["worker_decode"] > report.stages["worker_hash"]
+    assert sum(v for k, v in report.stages.items() if not k.startswith("worker")) <= report.seconds
 
     records = copies.load_records(deployed, dest)
     assert len(records) == len(before)

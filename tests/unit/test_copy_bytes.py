@@ -1,0 +1,68 @@
+"""copies.copy_bytes: in-kernel copies where the system has them, a plain loop otherwise, same bytes always."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from loop.data import decode
+from loop.sorting import copies
+
+
+@pytest.fixture
+def source(tmp_path):
+    path = tmp_path / "src.jpg"
+    path.write_bytes(os.urandom(3 * copies.COPY_CHUNK + 12345))
+    return path
+
+
+def _copy(src, dest):
+    with open(src, "rb") as fin, open(dest, "xb") as fout:
+        how = copies.copy_bytes(fin, fout)
+    return how
+
+
+def test_copy_bytes_gives_identical_bytes(source, tmp_path):
+    how = _copy(source, tmp_path / "out.jpg")
+    assert (tmp_path / "out.jpg").read_bytes() == source.read_bytes()
+    expected = {"reflink", "copy_file_range"} if hasattr(os, "copy_file_range") else {"read_write"}
+    assert how in expected
+
+
+@pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="Linux only")
+def test_a_kernel_copy_failing_midway_starts_over_with_a_plain_loop(source, tmp_path, monkeypatch):
+    import fcntl
+
+    real = os.copy_file_range
+    calls = []
+
+    def half_then_fail(fd_in, fd_out, count):
+        calls.append(count)
+        if len(calls) == 1:
+            return real(fd_in, fd_out, copies.COPY_CHUNK)  # a partial copy, then the file system refuses
+        raise OSError(errno.EXDEV, "cross-device")
+
+    def no_reflink(*args):
+        raise OSError(errno.EOPNOTSUPP, "no reflink")
+
+    monkeypatch.setattr(fcntl, "ioctl", no_reflink)
+    monkeypatch.setattr(os, "copy_file_range", half_then_fail)
+    assert _copy(source, tmp_path / "out.jpg") == "read_write"
+    assert (tmp_path / "out.jpg").read_bytes() == source.read_bytes()
+    assert len(calls) == 2
+
+
+def test_without_kernel_copies_the_loop_copies(source, tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    assert _copy(source, tmp_path / "out.jpg") == "read_write"
+    assert (tmp_path / "out.jpg").read_bytes() == source.read_bytes()
+
+
+def test_workers_follow_the_affinity_mask_not_the_host(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert decode.available_cpus() == 1
+    assert decode.default_workers(4) == 1
+    assert decode.default_workers(0) == 0
