@@ -413,7 +413,7 @@ def test_pulled_correction_moves_the_sorted_copy(ls_ws, sdk, sort_model, shared_
     from loop.sorting.review_csv import REVIEW_CSV
     from loop.workspace import Workspace
     from sortloop.jobs import pull_reviews
-    from tests.unit.sort_helpers import deploy_copy, ikea_classes, sample_ikea
+    from tests.helpers.sorting import deploy_copy, ikea_classes, sample_ikea
 
     monkeypatch.setenv("SORTLOOP_SORT__FLAG_THRESHOLD", "0")  # every copy flagged, so every photo is pushed
     ws = Workspace(ls_ws.root)
