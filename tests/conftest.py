@@ -30,14 +30,14 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def trained_ikea(tmp_path_factory, shared_data):
     """ikea_products ingested as user photos with its own item groups, trained (head mode) and deployed,
-    once per session. Read-only: copy it with `tests.unit.model_helpers.copy_workspace` to change it.
+    once per session. Read-only: copy it with `tests.helpers.models.copy_workspace` to change it.
 
     Yields (workspace, TrainResult, Decision).
     """
     from loop.learning.deployment import deploy
     from loop.learning.train import train
     from loop.workspace import init_workspace
-    from tests.unit.model_helpers import ingest_ikea
+    from tests.helpers.models import ingest_ikea
 
     root = tmp_path_factory.mktemp("trained_ikea")
     ws = init_workspace(root / "ws")
@@ -50,8 +50,8 @@ def trained_ikea(tmp_path_factory, shared_data):
 @pytest.fixture(scope="session")
 def sort_model(tmp_path_factory, shared_data) -> Path:
     """An untrained model artifact (pretrained Lite0 body, random head, the 11 ikea classes), built once per
-    session, for sort mechanics. Deploy a copy with `tests.unit.sort_helpers.deploy_copy(ws, sort_model)`."""
-    from tests.unit.sort_helpers import build_sort_model
+    session, for sort mechanics. Deploy a copy with `tests.helpers.sorting.deploy_copy(ws, sort_model)`."""
+    from tests.helpers.sorting import build_sort_model
 
     return build_sort_model(tmp_path_factory.mktemp("sort_model"), shared_data)
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from tests.helpers.faults import fill_disk, hidden_temps, small_disk
 from tests.integration.conftest import build_manifest
-from tests.unit.fault_helpers import fill_disk, hidden_temps, small_disk
 
 pytestmark = pytest.mark.integration
 

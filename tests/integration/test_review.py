@@ -413,7 +413,7 @@ def test_pulled_correction_moves_the_sorted_copy(ls_ws, sdk, sort_model, shared_
     from loop.sorting.review_csv import REVIEW_CSV
     from loop.workspace import Workspace
     from sortloop.jobs import pull_reviews
-    from tests.unit.sort_helpers import deploy_copy, ikea_classes, sample_ikea
+    from tests.helpers.sorting import deploy_copy, ikea_classes, sample_ikea
 
     monkeypatch.setenv("SORTLOOP_SORT__FLAG_THRESHOLD", "0")  # every copy flagged, so every photo is pushed
     ws = Workspace(ls_ws.root)
@@ -433,7 +433,7 @@ def test_pulled_correction_moves_the_sorted_copy(ls_ws, sdk, sort_model, shared_
 
     old = Path(rec.dest_path)
     new = dest / label / old.relative_to(dest / rec.label)
-    assert pulled.ok and pulled.labeled == 1 and f"{old} -> {new}" in pulled.summary()
+    assert pulled.ok and pulled.pulled.labeled == 1 and f"{old} -> {new}" in pulled.summary()
     assert not old.exists() and new.read_bytes() == Path(rec.source_path).read_bytes()
     assert Path(rec.source_path).exists()  # the original stays
     with open(dest / REVIEW_CSV, newline="") as fh:

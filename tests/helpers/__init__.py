@@ -1,0 +1,1 @@
+"""Builders the unit and integration tests share: photos, models, workspaces, fault injection."""
