@@ -221,7 +221,7 @@ def start(
     Example: sortloop init --classes table,console,cabinet && sortloop start ~/Photos/archive
     """
     from loop.workspace import open_workspace
-    from sortloop.start import start_archive
+    from sortloop.first_steps.start import start_archive
 
     ws = open_workspace(workspace)
     with progress_bar("preparing") as on_progress:
