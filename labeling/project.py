@@ -43,7 +43,8 @@ def state_path(ws: Workspace) -> Path:
 
 
 def known_classes(ws: Workspace, manifest: pd.DataFrame | None = None) -> list[str]:
-    """Classes a reviewer may pick: the deployed model's (in its order), then manifest labels (sorted)."""
+    """Classes a reviewer may pick: the deployed model's (in its order), the declared ones, then other manifest
+    labels (sorted)."""
     from loop.data import manifest as mf
     from loop.learning.registry import current_model_dir
     from loop.model.artifact import read_spec
@@ -53,7 +54,8 @@ def known_classes(ws: Workspace, manifest: pd.DataFrame | None = None) -> list[s
         spec = read_spec(current_model_dir(ws))
         classes = [str(c) for c in spec.get("classes", [])]
     except ModelError:
-        pass  # no model deployed yet: the manifest's labels are the classes
+        pass  # no model deployed yet: the declared classes and the manifest's labels are the classes
+    classes += [c for c in ws.settings.classes if c not in classes]  # declared: `sortloop init --classes`
     df = mf.load(ws) if manifest is None else manifest
     extra = sorted({str(v) for v in df["label"].dropna().unique()} - set(classes))
     return classes + extra

@@ -154,6 +154,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SORTLOOP_", env_nested_delimiter="__", extra="forbid")
 
+    classes: list[str] = Field(default_factory=list)  # declared categories (`sortloop init --classes`)
     split: SplitConfig = SplitConfig()
     items: ItemsConfig = ItemsConfig()
     model: ModelConfig = ModelConfig()
@@ -223,6 +224,10 @@ def _valid_keys(loc: tuple) -> list[str]:
 
 DEFAULT_TOML = '''# sortloop workspace configuration. Every key is optional; these are the defaults.
 # Environment variables override this file: SORTLOOP_<SECTION>__<KEY>, e.g. SORTLOOP_SORT__FLAG_THRESHOLD=0.6
+
+# your categories, e.g. ["table", "console", "cabinet"] (`sortloop init --classes`); labeled folders, reviews
+# and moves can add more
+classes = []
 
 [split]
 user_valid_fraction = 0.2     # the gate set: share of user-photo ITEMS held out to compare models (stable);

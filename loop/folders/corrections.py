@@ -12,7 +12,8 @@ starting with "_" or ".") → reported, not a label.
 Copies sortloop moved itself (`apply`, `resort`) are in the records already, so they are not moves; scan
 holds the moves lock (`loop.folders.moves.exclusive`) and finishes a batch a crash interrupted before it looks.
 A move scan follows is marked `placed_by = user`: apply and resort never move that copy again.
-Copies made by the standalone sorter on another PC are imported first from DEST/.sortloop (loop.sorting.handback).
+Copies made by the standalone sorter on another PC are imported first from DEST/.sortloop (loop.sorting.handback);
+their manifest rows point at the copy, so a move points them at its new place (`manifest.follow_copies`).
 
 Caveat: a copy moved OUTSIDE the sorted tree looks deleted; a copy that was edited (new bytes) is a
 different image and is reported as modified, not followed.
@@ -205,6 +206,7 @@ def _scan(ws: Workspace, dest: Path, on_progress: ProgressCallback) -> ScanRepor
             updates.setdefault(r, {}).update({"status": "modified", "checked_at": now})
 
     report.labels_changed = _record_corrections(ws, report.corrections)
+    manifest.follow_copies(ws, {m.old_path: m.new_path for m in report.moves})  # bytes first seen as a copy
     copies.update_records(ws, updates)
     if updates:
         write_review_csv(ws, dest)
