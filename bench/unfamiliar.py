@@ -199,14 +199,14 @@ def alternative_scores(lab_feats: np.ndarray, y_lab: np.ndarray, inside: tuple[n
                        outside: tuple[np.ndarray, np.ndarray], familiarity=None
                        ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(in-scope scores, out-of-scope scores) per candidate, from (features, deployed logits) of each side;
-    with `familiarity`, also the larger of kNN and energy on its in-scope scale (the product takes the mean)."""
+    with `familiarity`, also the mean of kNN and energy on its in-scope scale (the product takes the max)."""
     (f_in, z_in), (f_out, z_out) = inside, outside
     mixed = {}
     if familiarity is not None and familiarity.energy_points is not None:
-        def larger(f, z):
-            return np.maximum(on_scale(familiarity.knn_points, knn_scores(f, lab_feats, 1)),
-                              on_scale(familiarity.energy_points, energy(z)))
-        mixed = {"max(knn, energy)": (larger(f_in, z_in), larger(f_out, z_out))}
+        def mean(f, z):
+            return (on_scale(familiarity.knn_points, knn_scores(f, lab_feats, 1))
+                    + on_scale(familiarity.energy_points, energy(z))) / 2
+        mixed = {"mean(knn, energy)": (mean(f_in, z_in), mean(f_out, z_out))}
     return {**mixed,
         **{f"knn k={k}": (knn_scores(f_in, lab_feats, k), knn_scores(f_out, lab_feats, k)) for k in (1, 5, 10)},
         "mahalanobis": (mahalanobis_scores(lab_feats, y_lab, f_in), mahalanobis_scores(lab_feats, y_lab, f_out)),

@@ -5,10 +5,10 @@ how far a photo is from every photo it learned from, and how badly every class f
 both, from what the model computes anyway: (1) kNN: one minus the cosine similarity of the photo's pooled
 body features to its k-th nearest labeled photo (`K_NEAREST`); (2) energy: -logsumexp of the calibrated
 logits. Each is put on the scale of the labeled photos' own out-of-fold scores (the share of them below
-it), and the two are averaged (`combined`). Chosen by measurement (`bench/unfamiliar.py`,
+it), and the larger one counts (`combined`). Chosen by measurement (`bench/unfamiliar.py`,
 docs/unfamiliar.md): kNN separates other kinds of things almost perfectly (AUROC 0.999 on toys, fruit,
 non-photos; energy 0.88), energy separates an unknown kind of furniture better (0.81 vs 0.63-0.76), and
-their mean does about as well as the better one on each (0.99, 0.83).
+the larger of the two keeps kNN's strength where it has it.
 
 Calibration, out of fold: each labeled photo is scored against the reference set without the photos of
 its own item (leave one item out), i.e. as a photo of a new item is scored at sort time. The operating
@@ -104,13 +104,10 @@ def on_scale(points: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def combined(knn_points: np.ndarray, knn: np.ndarray, energy_points: np.ndarray, energies: np.ndarray) -> np.ndarray:
-    """The mean of the two scores on the in-scope scale: far from every labeled photo (kNN) and/or a photo
+    """The larger of the two scores on the in-scope scale: far from every labeled photo (kNN), or a photo
     no class fits (energy). kNN catches other kinds of things; energy catches near misses (an unknown
-    piece of furniture) that sit close to known photos in feature space. The mean beat the larger of the
-    two on a furniture class the model never learned (AUROC 0.83 vs 0.74) at nearly the same on far ones
-    (0.99 vs 1.00; bench/unfamiliar.py): a photo must look unusual to both to be sent, or very unusual
-    to one (the scale continues above the labeled photos' largest score)."""
-    return (on_scale(knn_points, knn) + on_scale(energy_points, energies)) / 2
+    piece of furniture) that sit close to known photos in feature space (bench/unfamiliar.py)."""
+    return np.maximum(on_scale(knn_points, knn), on_scale(energy_points, energies))
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -201,7 +198,7 @@ def fit_familiarity(features: np.ndarray, labels: np.ndarray, items: np.ndarray,
         np.zeros((0, reference.shape[1]), np.float32)
     familiarity = Familiarity(reference.astype(np.float16).astype(np.float32),
                               neg.astype(np.float16).astype(np.float32), k, threshold, knn_points, energy_points)
-    summary = {"score": "knn_cosine" if energy_points is None else "mean(knn_cosine, energy)", "k": k,
+    summary = {"score": "knn_cosine" if energy_points is None else "max(knn_cosine, energy)", "k": k,
                "threshold": threshold, "max_share": max_share,
                "reference_rows": int(len(rows)), "negative_rows": int(len(neg)), "calibration_photos": int(len(oof)),
                "oof_in_scope_sent": float((finite >= threshold).mean()) if len(finite) else 0.0,

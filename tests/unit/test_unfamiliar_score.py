@@ -129,7 +129,7 @@ def test_with_out_of_fold_logits_the_score_also_catches_photos_no_class_fits() -
     sure = np.where(labels[:, None] == classes[None, :], 8.0, 0.0) + rng.normal(0, 0.5, (len(labels), 3))
     knn_only, _, _ = fit_familiarity(feats, labels, items, max_share=0.05)
     both, summary, _ = fit_familiarity(feats, labels, items, max_share=0.05, oof_logits=sure)
-    assert summary["score"] == "mean(knn_cosine, energy)" and len(both.knn_points) == 101
+    assert summary["score"] == "max(knn_cosine, energy)" and len(both.knn_points) == 101
     near = feats[:5] * 1.001  # next to labeled photos...
     flat = np.full((5, 3), -5.0)  # ...that no class fits
     assert not knn_only.decide(near)[1].any()
