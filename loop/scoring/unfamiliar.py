@@ -106,7 +106,9 @@ def on_scale(points: np.ndarray, values: np.ndarray) -> np.ndarray:
 def combined(knn_points: np.ndarray, knn: np.ndarray, energy_points: np.ndarray, energies: np.ndarray) -> np.ndarray:
     """The larger of the two scores on the in-scope scale: far from every labeled photo (kNN), or a photo
     no class fits (energy). kNN catches other kinds of things; energy catches near misses (an unknown
-    piece of furniture) that sit close to known photos in feature space (bench/unfamiliar.py)."""
+    piece of furniture) that sit close to known photos in feature space (bench/unfamiliar.py). Their mean
+    was measured too: better on a furniture class never learned (AUROC 0.83 vs 0.74), but it let through
+    10% of eth80 and sent more in-scope photos (5.2% on one seed) at the same goal."""
     return np.maximum(on_scale(knn_points, knn), on_scale(energy_points, energies))
 
 
