@@ -18,13 +18,13 @@ def choice(label: str) -> list[dict]:
 def test_none_of_these_reaches_the_manifest_and_keeps_the_copy_in_other(ls_ws, sdk, sort_model, shared_data,
                                                                          tmp_path):
     from labeling.payloads import config_classes
-    from labeling.pull import pull
     from labeling.push import push
     from loop.data import manifest as mf
     from loop.data.classnames import OTHER_LABEL
     from loop.learning.train import labeled_rows
     from loop.sorting import copies
     from loop.sorting.folder import sort_folder
+    from sortloop.jobs import pull_reviews
     from tests.unit.sort_helpers import deploy_copy, sample_ikea
     from tests.unit.test_unfamiliar_sort import _non_photos, _with_familiarity
 
@@ -50,7 +50,8 @@ def test_none_of_these_reaches_the_manifest_and_keeps_the_copy_in_other(ls_ws, s
 
     sdk.annotations.create(id=tasks[none_id].id, result=choice(OTHER_LABEL))  # "None of these"
     sdk.annotations.create(id=tasks[chair_id].id, result=choice("chair"))  # it is a chair after all
-    pulled = pull(ls_ws)
+    done = pull_reviews(ls_ws)  # what `sortloop review pull` runs: the labels, then the folders follow
+    pulled = done.pulled
     assert pulled.ok and pulled.labeled == 2, pulled.summary()
 
     df = mf.load(ls_ws).set_index("image_id")
