@@ -25,8 +25,8 @@ def test_none_of_these_reaches_the_manifest_and_keeps_the_copy_in_other(ls_ws, s
     from loop.sorting import copies
     from loop.sorting.folder import sort_folder
     from sortloop.jobs import pull_reviews
-    from tests.unit.sort_helpers import deploy_copy, sample_ikea
-    from tests.unit.test_unfamiliar_sort import _non_photos, _with_familiarity
+    from tests.helpers.sorting import deploy_copy, sample_ikea
+    from tests.unit.sorting.test_unfamiliar_sort import _non_photos, _with_familiarity
 
     reference = sample_ikea(shared_data, tmp_path / "reference", per_class=4, classes=4)
     deploy_copy(ls_ws, _with_familiarity(sort_model, reference, tmp_path / "artifact"))

@@ -40,7 +40,7 @@ def ray_local():
 def photos(tmp_path_factory, shared_data) -> Path:
     """110 real ikea photos (10 per class, class folders kept), two broken files and four non-photos (flat
     colours, noise: unfamiliar to the model, so they go to _other)."""
-    from tests.unit.test_unfamiliar_sort import _non_photos
+    from tests.unit.sorting.test_unfamiliar_sort import _non_photos
 
     src = tmp_path_factory.mktemp("ray_src") / "inbox"
     sample_ikea(shared_data, src, per_class=10, classes=11)

@@ -22,8 +22,8 @@ from loop.scoring.unfamiliar import fit_familiarity, save_familiarity
 from loop.sorting import copies
 from loop.sorting.folder import sort_folder
 from sortloop.bundle import build_bundle
-from tests.unit.sort_helpers import deploy_copy, sample_ikea
-from tests.unit.test_bundle import _fake_sorter, _run_sorter_from_source
+from tests.helpers.sorting import deploy_copy, sample_ikea
+from tests.unit.sortloop.test_bundle import _fake_sorter, _run_sorter_from_source
 
 
 def _with_familiarity(artifact: Path, photos: list[Path], out: Path) -> Path:
