@@ -15,10 +15,13 @@ from xml.sax.saxutils import quoteattr
 
 import pandas as pd
 
+from loop.data.classnames import OTHER_LABEL
+
 FROM_NAME = "label"  # the Choices control
 TO_NAME = "image"  # the Image object; task data key holding the image URL is also "image"
 SERVED_SUBDIR = "photos"  # the storage folder under the document root (a storage may not BE the root)
 HOTKEYS = "1234567890" + "qwertyuiopasdfgzxcvbnm"  # h, j, k, l avoided: the editor uses some of them
+UNFAMILIAR_FLAG = "unfamiliar"  # the manifest flag of a photo sort sent to the unfamiliar folder
 
 
 # The review screen: the photo on the left, every class as a vertical list on the right, so all choices stay
@@ -41,10 +44,13 @@ INSTRUCTIONS = (
     "<p><b>Pick the category this photo belongs to.</b> One category is already selected: the one a person "
     "moved the photo to, or else the model's guess (the line above the categories says which). Press "
     "<b>Submit</b> if it is right, otherwise click the right category (or press its key) first.</p>"
-    "<p>Press <b>Skip</b> if the photo fits no category or you cannot tell; skipped photos are not used for "
-    "training. <i>Label All Tasks</i> gives the most useful photos first: those a person moved, then those "
-    "that teach the model most. The task list can also be sorted by <i>confidence</i> (least sure first).</p>"
+    "<p>Pick <b>None of these</b> if the photo fits no category (the workshop, a truck, a sketch): it stays in "
+    "the unfamiliar folder and teaches the model what is out of scope. Press <b>Skip</b> if you cannot tell; "
+    "skipped photos are not used for training. <i>Label All Tasks</i> gives the most useful photos first: those "
+    "a person moved, then those that teach the model most. The task list can also be sorted by "
+    "<i>confidence</i> (least sure first).</p>"
 )
+OTHER_TEXT = "None of these"  # what the reviewer reads; the result carries OTHER_LABEL
 
 # Every prediction carries this one `model_version`: Label Studio pre-selects, in "Label All Tasks", only the
 # predictions whose version equals the project's (set once, from the first import), so a per-model version
@@ -53,15 +59,18 @@ PREDICTION_VERSION = "sortloop"
 
 
 def label_config(classes: list[str]) -> str:
-    """A single-choice image classification config: the photo beside a vertical list of classes with hotkeys.
+    """A single-choice image classification config: the photo beside a vertical list of classes with hotkeys,
+    and "None of these" last (a reviewer's answer for a photo that fits no category: `OTHER_LABEL`).
 
     Args:
         classes: class names in display order (non-empty, unique).
     """
     choices = []
-    for i, name in enumerate(classes):
+    for i, name in enumerate([c for c in classes if c != OTHER_LABEL]):
         hotkey = f" hotkey={quoteattr(HOTKEYS[i])}" if i < len(HOTKEYS) else ""
         choices.append(f"      <Choice value={quoteattr(name)}{hotkey}/>")
+    # "None of these": last; `html` shows the words, the result keeps OTHER_LABEL
+    choices.append(f"      <Choice value={quoteattr(OTHER_LABEL)} html={quoteattr(OTHER_TEXT)}/>")
     return _LAYOUT.replace("{to}", TO_NAME).replace("{name}", FROM_NAME).replace("{choices}", "\n".join(choices))
 
 
@@ -88,14 +97,21 @@ def review_tab(project_id: int) -> dict:
 
 
 def config_classes(config_xml: str) -> list[str]:
-    """The class names in a label config made by `label_config` (or edited by hand), in order."""
+    """The class names in a label config made by `label_config` (or edited by hand), in order
+    ("None of these" is not a class: left out)."""
     import xml.etree.ElementTree as ET
 
     root = ET.fromstring(config_xml)
     for choices in root.iter("Choices"):
         if choices.get("name") == FROM_NAME:
-            return [c.get("value") or c.get("alias") or "" for c in choices.iter("Choice")]
+            names = [c.get("value") or c.get("alias") or "" for c in choices.iter("Choice")]
+            return [n for n in names if n != OTHER_LABEL]
     return []
+
+
+def has_other_choice(config_xml: str) -> bool:
+    """Whether the config offers "None of these" (projects made before it existed do not)."""
+    return f"value={quoteattr(OTHER_LABEL)}" in config_xml
 
 
 def image_url(served_name: str) -> str:
@@ -157,7 +173,9 @@ def task(row: pd.Series, served_name: str) -> dict:
     # browser test): the person's choice is imported last, so it is listed first and the model's guess second.
     predictions = []
     if not pd.isna(row.get("pred_label")):
-        predictions.append(prediction(str(row["pred_label"]), row.get("pred_conf")))
+        # an unfamiliar photo (the model sent it to the unfamiliar folder): "None of these" is its guess
+        guessed = OTHER_LABEL if row.get("flag") == UNFAMILIAR_FLAG else str(row["pred_label"])
+        predictions.append(prediction(guessed, row.get("pred_conf")))
     if moved_by_person(row):
         predictions.append(prediction(str(row["label"]), None))
     if predictions:

@@ -3,7 +3,8 @@
 The bundle is one folder (or a zip of it):
 
     sortloop-sort[.exe]  _internal/   the sorter frozen by PyInstaller (`sortloop/sortloop-sort.spec`)
-    model/model.onnx  model/model.json   the deployed model (and its gated INT8 model.int8.onnx if any);
+    model/model.onnx  model/model.json   the deployed model (and its gated INT8 model.int8.onnx if any,
+                                         and unfamiliar.npy: the unfamiliar score's reference set);
                                          model.json also carries the workspace's sort settings ("sorting")
                                          and the bundle's identity ("bundle")
     README.txt   bundle.json
@@ -161,7 +162,8 @@ def build_bundle(
         info = {"model_version": spec.get("version", model_dir.name), "built_at": built_at,
                 "sortloop": __version__, "system": f"{platform.system()} {platform.machine()}",
                 "platform": target, "sorter": _executable(stage).name, "classes": list(spec["classes"]),
-                "flags": describe(settings_point(spec, ws.settings.sort))}
+                "flags": describe(settings_point(spec, ws.settings.sort)),
+                "other_folder": ws.settings.sort.other_folder}
         (stage / BUNDLE_JSON).write_text(json.dumps(info, indent=2), encoding="utf-8")
         (stage / README).write_text(readme_text(info), encoding="utf-8",
                                     newline="\r\n" if target == "windows" else "\n")
@@ -255,6 +257,11 @@ PHOTOS IT IS UNSURE ABOUT
   They are still copied to the category it thinks most likely, and listed in "_review.csv"
   in the sorted folder, so someone can check them (it {info['flags']}).
 
+PHOTOS THAT FIT NO CATEGORY
+  Photos unlike every photo the model learned from (the workshop, a truck, a sketch) go to
+  the "{info.get('other_folder', '_other')}" folder instead, and are listed in "_review.csv" as "unfamiliar".
+  If one of them does belong to a category, move it there: that teaches the model too.
+
 IF A PHOTO IS IN THE WRONG FOLDER
   Move it (drag it) into the right category folder. That is all: your move teaches the model
   once the sorted folder is back on the main computer (see below).
@@ -286,12 +293,17 @@ def _write_model(ws: Workspace, model_dir: Path, spec: dict, target: Path, built
     if (model_dir / INT8_FILE).is_file():  # sort.precision "auto" uses it when it passed its gate: so does the PC
         shutil.copy2(model_dir / INT8_FILE, target / INT8_FILE)
         files["int8"] = INT8_FILE
+    reference = (spec.get("unfamiliar") or {}).get("file")
+    if reference:  # the unfamiliar score's reference set (hash-checked when the sorter loads it)
+        shutil.copy2(model_dir / reference, target / reference)
+        files["unfamiliar"] = reference
     options = sort_options(ws)
     full = {**spec, "version": spec.get("version", model_dir.name),
             "sorting": {"flag_strategy": options.flag_strategy, "flag_target": options.flag_target,
                         "flag_budget": options.flag_budget, "flag_threshold": options.flag_threshold,
                         "keep_tree": options.keep_tree, "batch_size": options.batch_size,
-                        "workers": options.workers, "precision": options.precision},
+                        "workers": options.workers, "precision": options.precision,
+                        "unfamiliar": options.unfamiliar, "other_folder": options.other_folder},
             "bundle": {"built_at": built_at, "sortloop": __version__}}
     full["files"] = files
     (target / SPEC_FILE).write_text(json.dumps(full, indent=2, default=str), encoding="utf-8")

@@ -54,9 +54,24 @@ def _models(ws: Workspace) -> tuple[dict[str, Any] | None, list[dict[str, Any]],
             "calibration": spec.get("calibration"),
             "flag_point": settings_point(spec, ws.settings.sort),
             "sort_precision": _sort_precision(ws, spec),
+            "unfamiliar": {**{k: v for k, v in (spec.get("unfamiliar") or {}).items() if k in (
+                "threshold", "max_share", "oof_in_scope_sent", "reference_rows", "negative_rows")},
+                "summary": _describe_unfamiliar(spec.get("unfamiliar") or {}, ws.settings.sort)},
         }
     newer = [v for v in versions if current is None or v["version"] > current]
     return model, versions, newer
+
+
+def _describe_unfamiliar(section: dict, sort) -> str:
+    """One line: where unfamiliar photos go and what the threshold was calibrated to send there."""
+    if not sort.unfamiliar:
+        return "off (sort.unfamiliar = false): every photo goes to a category"
+    if not section:
+        return "no score in this model (trained before it): every photo goes to a category; retrain to add it"
+    taught = f", {section['negative_rows']} 'none of these' photos" if section.get("negative_rows") else ""
+    return (f"photos unlike every labeled one go to {sort.other_folder}/ (threshold {section['threshold']:.3f}: "
+            f"{section['oof_in_scope_sent']:.0%} of labeled photos of unseen items out of fold; "
+            f"{section['reference_rows']} reference photos{taught})")
 
 
 def _sort_precision(ws: Workspace, spec: dict[str, Any]) -> dict[str, Any]:
@@ -254,6 +269,7 @@ def format_status(status: dict[str, Any]) -> str:
         if decision.get("evidence"):
             lines.append(f"            deployed by the gate: {describe_evidence(decision['evidence'])} "
                          "(previous -> this model)")
+        lines.append(f"unfamiliar  {(model.get('unfamiliar') or {}).get('summary', '')}")
         precision = model.get("sort_precision") or {}
         lines.append(f"sorting     {'INT8' if precision.get('int8') else 'float'} model: {precision.get('reason', '')}")
     for cand in status["candidates"]:

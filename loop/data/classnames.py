@@ -19,6 +19,7 @@ from loop.data.filenames import windows_name_problem
 from loop.errors import ClassNameError
 
 MAX_BYTES = 255  # one path component on ext4/NTFS/APFS
+OTHER_LABEL = "_other"  # "none of these": a label, never a class (a class cannot start with "_")
 
 
 def class_name_problem(name: object) -> str | None:
@@ -38,6 +39,11 @@ def class_name_problem(name: object) -> str | None:
     if len(name.encode("utf-8")) > MAX_BYTES:
         return f"it is longer than {MAX_BYTES} bytes"
     return windows_name_problem(name)  # <>:"|?*, a trailing dot, CON/NUL/COM1...: not a folder on Windows
+
+
+def check_label(name: object) -> str:
+    """Return `name` if it can be a label: a class name, or OTHER_LABEL ("none of these"); else raise."""
+    return OTHER_LABEL if name == OTHER_LABEL else check_class_name(name)
 
 
 def check_class_name(name: object) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from loop.atomic import append_jsonl, atomic_write, read_jsonl
-from loop.data.classnames import check_class_name
+from loop.data.classnames import check_label
 from loop.data.splits import assign_splits
 from loop.tables import conform, locked, read_table, update_table, write_table_atomic
 from loop.workspace import Workspace
@@ -36,7 +36,7 @@ COLUMNS: dict[str, str] = {
     "source": "string",  # "user" (real photos; metrics are on these) or "web"
     "item_id": "string",  # physical item: all its photos stay on one side of the split
     "item_rule": "string",  # how item_id was set: csv, exact, near_duplicate, burst, single
-    "label": "string",  # the current label (NA = unlabeled)
+    "label": "string",  # the current label (NA = unlabeled; "_other" = none of these, never a class)
     "label_source": "string",  # folder, review, user_move, ...
     "label_by": "string",  # who set it (reviewer e-mail, "ingest", "scan", ...)
     "label_at": "datetime64[ns, UTC]",
@@ -212,7 +212,7 @@ def set_labels(ws: Workspace, changes: Iterable[LabelChange],
         return 0
     for c in changes:
         if c.label is not None:
-            check_class_name(c.label)
+            check_label(c.label)  # a class, or "none of these" (OTHER_LABEL)
     path = manifest_path(ws)
     with locked(path):
         df = read_table(path, COLUMNS)

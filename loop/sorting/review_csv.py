@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 REVIEW_CSV = "_review.csv"
 REVIEW_COLUMNS = ["dest_path", "source_path", "pred_label", "pred_conf", "score", "strategy", "model_version",
-                  "image_id", "sorted_at"]
+                  "image_id", "sorted_at", "flag"]  # flag: low_confidence, or unfamiliar (in the unfamiliar folder)
 
 
 def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
@@ -58,7 +58,7 @@ def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
         rows[rec.dest_path] = review_row(
             rec.dest_path, rec.source_path, rec.label, rec.confidence, rec.score,
             _strategy(ws, str(rec.model_version), strategies), rec.model_version, rec.image_id,
-            "" if pd.isna(rec.sorted_at) else rec.sorted_at.isoformat())
+            "" if pd.isna(rec.sorted_at) else rec.sorted_at.isoformat(), rec.category == ws.settings.sort.other_folder)
     return [rows[k] for k in sorted(rows)]
 
 
@@ -91,11 +91,11 @@ def write_review_csv(ws: Workspace, dest: Path) -> Path:
 
 
 def review_row(dest_path: str, source_path: str, label: str, conf: float, score: float, strategy: str,
-               version: str, image_id: str, sorted_at: str) -> dict[str, str]:
+               version: str, image_id: str, sorted_at: str, unfamiliar: bool = False) -> dict[str, str]:
     """One line of `_review.csv` (columns REVIEW_COLUMNS), as both the workspace and a DEST record write it."""
     return {"dest_path": dest_path, "source_path": source_path, "pred_label": label, "pred_conf": f"{conf:.4f}",
             "score": f"{score:.4f}", "strategy": strategy, "model_version": version, "image_id": image_id,
-            "sorted_at": sorted_at}
+            "sorted_at": sorted_at, "flag": "unfamiliar" if unfamiliar else "low_confidence"}
 
 
 def append_review(path: Path, placed: list[Placed], strategy: str, version: str) -> None:
@@ -105,12 +105,18 @@ def append_review(path: Path, placed: list[Placed], strategy: str, version: str)
     if not rows:
         return
     new = not path.exists()
+    header = REVIEW_COLUMNS if new else _header(path)  # a list an older sorter began keeps its columns
     with open(path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=REVIEW_COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
         if new:
             writer.writeheader()
         for p in rows:
             writer.writerow(review_row(str(p.final), str(p.rec.path), p.label, p.conf, p.score, strategy, version,
-                                       p.rec.image_id or "", p.sorted_at.isoformat()))
+                                       p.rec.image_id or "", p.sorted_at.isoformat(), p.unfamiliar))
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return next(csv.reader(fh), None) or REVIEW_COLUMNS

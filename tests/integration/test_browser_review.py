@@ -1,7 +1,7 @@
 """End to end in a real headless Chromium at 1280x800: the task list hides the keys and shows the guess and its
-confidence; every one of the 11 class choices is on screen and clickable; a reviewer corrects a pushed photo,
-then `pull` records it. "Label All Tasks" serves the push order, a person's move opens with their choice
-selected and said in words, and the "To review" tab keeps only unanswered tasks."""
+confidence; every one of the 11 class choices and "None of these" is on screen and clickable; a reviewer corrects
+a pushed photo, then `pull` records it. "Label All Tasks" serves the push order, a person's move opens with their
+choice selected and said in words, and the "To review" tab keeps only unanswered tasks."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ CLASSES = ["bed", "bench", "cabinet", "chair", "chest_of_drawers", "desk", "shel
 
 
 def test_reviewer_corrects_a_guess_in_the_browser_and_pull_records_it(ls_ws, labelstudio):
+    from labeling.payloads import OTHER_TEXT
     from labeling.pull import pull
     from labeling.push import push
     from loop.data import manifest as mf
@@ -41,7 +42,7 @@ def test_reviewer_corrects_a_guess_in_the_browser_and_pull_records_it(ls_ws, lab
     shot = ARTIFACTS / "review_submit.png"
     shot.unlink(missing_ok=True)
     args = {"url": labelstudio.url, "email": labelstudio.username, "password": labelstudio.password,
-            "project": report.project_id, "task": task_id, "pick": "wardrobe", "classes": classes,
+            "project": report.project_id, "task": task_id, "pick": "wardrobe", "classes": classes + [OTHER_TEXT],
             "screenshot": str(shot), "timeout_ms": 30000, "viewport": [1280, 800]}
     run = subprocess.run(["node", str(BROWSER_DIR / "review.js"), json.dumps(args)], cwd=BROWSER_DIR,
                          capture_output=True, text=True, timeout=240)
@@ -53,10 +54,10 @@ def test_reviewer_corrects_a_guess_in_the_browser_and_pull_records_it(ls_ws, lab
     assert image_id[:16] not in seen["listText"] and str(IKEA) not in seen["listText"]
 
     assert seen["naturalWidth"] > 0 and "local-files" in seen["imageSrc"]
-    assert len(seen["choices"]) == 11  # one radio per class
+    assert len(seen["choices"]) == 12  # one radio per class, and "None of these"
     assert seen["prefilled"].startswith("table")  # the model's guess, pre-filled
-    # all 11 choices inside the 1280x800 viewport and reachable by a click (nothing covers them)
-    assert [b["cls"] for b in seen["boxes"]] == classes
+    # all 12 choices inside the 1280x800 viewport and reachable by a click (nothing covers them)
+    assert [b["cls"] for b in seen["boxes"]] == classes + [OTHER_TEXT]
     for b in seen["boxes"]:
         box = b["box"]
         assert box is not None and b["clickable"], b
