@@ -50,7 +50,7 @@ from bench.learning import (  # noqa: E402
     link_tree,
     new_workspace,
     probe_accuracy,
-    product_selection,
+    review_batch,
 )
 from bench.learning import test_report as report_on  # noqa: E402
 from loop.config import DEFAULT_BATCH_STRATEGY  # noqa: E402
@@ -137,11 +137,8 @@ def run_seed(seed: int, args, scratch: Path) -> dict:
         decisions = []
         for r in range(1, args.rounds + 1):
             sort_pool(ws, pool_ids, pool_feats)
-            if arm == "product":
-                chosen = product_selection(ws, args.reviews, DEFAULT_BATCH_STRATEGY)
-            else:
-                left = [i for i in pool_ids if i not in set(asked)]
-                chosen = list(rng.choice(left, size=min(args.reviews, len(left)), replace=False))
+            chosen = review_batch(ws, DEFAULT_BATCH_STRATEGY if arm == "product" else None, args.reviews, pool_ids,
+                                  asked, rng)
             asked += chosen
             guessed = manifest.load(ws).set_index("image_id")["pred_label"]
             wrong = sum(truth[i] != guessed[i] for i in chosen)

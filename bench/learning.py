@@ -193,6 +193,16 @@ def product_selection(ws, k: int, strategy: str) -> list[str]:
     return rows["image_id"].astype(str).tolist()
 
 
+def review_batch(ws, strategy: str | None, k: int, pool_ids: list[str], asked: list[str],
+                 rng: np.random.Generator) -> list[str]:
+    """One round's reviews: what `review push` sends with `strategy` (`product_selection`), or, with None,
+    `k` random pool photos not asked before (the baseline arm)."""
+    if strategy is not None:
+        return product_selection(ws, k, strategy)
+    left = [i for i in pool_ids if i not in set(asked)]
+    return list(rng.choice(left, size=min(k, len(left)), replace=False))
+
+
 def load_meta(name: str, per_group: int) -> pd.DataFrame:
     """The dataset's manifest, thinned to at most `per_group` photos per item group (0 = all)."""
     meta = pd.read_csv(DATA / name / "manifest.csv")
@@ -282,11 +292,8 @@ def run_split(name: str, meta: pd.DataFrame, seed: int, args, scratch: Path) -> 
         rng = np.random.default_rng(seed)
         asked: list[str] = []
         for _ in range(args.rounds):
-            if arm != "random":
-                chosen = product_selection(ws_arm, args.reviews, arm.split(":")[1])
-            else:
-                left = [i for i in pool_ids if i not in set(asked)]
-                chosen = list(rng.choice(left, size=min(args.reviews, len(left)), replace=False))
+            chosen = review_batch(ws_arm, None if arm == "random" else arm.split(":")[1], args.reviews, pool_ids,
+                                  asked, rng)
             asked += chosen
             record_reviews(ws_arm, pd.DataFrame({"image_id": chosen, "truth": [truth[i] for i in chosen]}))
             trained = train(ws_arm)
