@@ -174,7 +174,7 @@ def task(row: pd.Series, served_name: str) -> dict:
     predictions = []
     if not pd.isna(row.get("pred_label")):
         # an unfamiliar photo (the model sent it to the unfamiliar folder): "None of these" is its guess
-        guessed = OTHER_LABEL if row.get("flag") == UNFAMILIAR_FLAG else str(row["pred_label"])
+        guessed = OTHER_LABEL if _str(row.get("flag")) == UNFAMILIAR_FLAG else str(row["pred_label"])
         predictions.append(prediction(guessed, row.get("pred_conf")))
     if moved_by_person(row):
         predictions.append(prediction(str(row["label"]), None))

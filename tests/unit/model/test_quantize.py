@@ -61,7 +61,7 @@ def test_gate_records_its_paired_test_measured_against_float(ws, sort_model, pho
     assert verdict["p"] == pytest.approx(binomial_p(int((~agree).sum()), int((~agree).sum())))
     assert verdict["mean_prob_diff"] == pytest.approx(
         float(np.abs(float_probs.max(1) - int8_probs.max(1)).mean()), abs=1e-6)
-    assert verdict["passed"] == (verdict["p"] >= quantize.DEFAULT_ALPHA and "class significantly worse" not in
+    assert verdict["passed"] == (verdict["p"] >= quantize.DEFAULT_ALPHA and "class significantly worse:" not in
                                  verdict["reason"] and verdict["mean_prob_diff"] <= quantize.MEAN_PROB_DIFF)
     assert "McNemar p=" in verdict["reason"]
 
