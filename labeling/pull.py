@@ -73,6 +73,7 @@ class PullReport:
     reverted: int = 0  # labels taken back because their annotation was deleted in Label Studio
     folders: str = ""  # what `loop.folders.apply.apply_labels` did to the sorted trees afterwards
     folders_error: str = ""  # why it moved nothing (e.g. a label unusable as a folder name)
+    unreadable: list[str] = field(default_factory=list)  # annotations skipped as unreadable (first pull seeing each)
 
     @property
     def ok(self) -> bool:
@@ -90,6 +91,8 @@ class PullReport:
         if self.rejected:
             text += f", {len(self.rejected)} REJECTED"
         text += f" ({self.seconds:.1f} s)"
+        for line in self.unreadable:
+            text += f"\nunreadable annotation skipped (fix or delete it in Label Studio): {line}"
         if self.folders:
             text += f"\n{self.folders}"
         if self.folders_error:
@@ -194,6 +197,24 @@ def _label_problem(d: payloads.Decision, allowed: set[str], allow_new: bool) -> 
     return None
 
 
+def _unreadable(url: str, project_id: int, tasks: list[dict], state: dict) -> list[str]:
+    """One line per unreadable annotation (`payloads.annotation_problem`) not reported by an earlier pull,
+    with its task link; each is remembered in the pull state, so it is reported once and never holds the
+    watermark (the other decisions go on)."""
+    seen: list = state.setdefault("unreadable", [])
+    lines = []
+    for t in tasks:
+        for annotation_id, problem in payloads.unreadable_annotations(t):
+            key = f"{t.get('id')}/{annotation_id}/{problem}"
+            if key in seen:
+                continue
+            seen.append(key)
+            line = f"{url}/projects/{project_id}/data?task={t.get('id')} (annotation {annotation_id}): {problem}"
+            logger.warning("unreadable annotation skipped: %s", line)
+            lines.append(line)
+    return lines
+
+
 def pull(ws: Workspace) -> PullReport:
     """Bring reviewers' decisions made since the last pull into the manifest and label history, then move
     the sorted copies of labeled photos to their label's folder (`loop.folders.apply.apply_labels`).
@@ -239,6 +260,7 @@ def _pull(ws: Workspace) -> PullReport:
 
         # One decision per image: the latest annotation over all its tasks (dedupe by annotation id).
         decisions: dict[str, payloads.Decision] = {}
+        unreadable = _unreadable(client.url, pid, tasks, state)
         for t in tasks:
             d = payloads.decide(t)
             if d is None:
@@ -307,6 +329,7 @@ def _pull(ws: Workspace) -> PullReport:
     write_state(ws, state)
     n_skipped = sum(1 for s, _ in statuses.values() if s == "skipped")
     report = PullReport(client.url, pid, fresh, labeled, unchanged, n_skipped, unknown, rejected,
-                        state["watermark"], time.monotonic() - start, reverted=len(taken_back))
+                        state["watermark"], time.monotonic() - start, reverted=len(taken_back),
+                        unreadable=unreadable)
     logger.info(report.summary())
     return report
