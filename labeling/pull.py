@@ -35,7 +35,7 @@ from labeling.client import Client, connect
 from labeling.project import find_project, known_classes
 from loop.atomic import write_json_atomic
 from loop.data import manifest as mf
-from loop.data.classnames import class_name_problem
+from loop.data.classnames import class_name_problem, normal_name, twin_problem
 from loop.errors import LabelStudioError, SortloopError
 from loop.folders.apply import apply_labels
 from loop.workspace import Workspace
@@ -191,6 +191,9 @@ def _label_problem(d: payloads.Decision, allowed: set[str], allow_new: bool) -> 
     problem = class_name_problem(d.label)
     if problem is not None:
         return f"{d.label!r} cannot be a class name ({problem}); pick another label in Label Studio"
+    twin = twin_problem(d.label, allowed)
+    if twin is not None:
+        return f"{d.label!r} cannot be a class name ({twin}); pick the existing class in Label Studio"
     if d.label not in allowed and not allow_new:
         return (f"{d.label!r} is not a known class ({', '.join(sorted(allowed))}); fix it in Label Studio or set "
                 "labelstudio.allow_new_classes = true")
@@ -265,6 +268,8 @@ def _pull(ws: Workspace) -> PullReport:
             d = payloads.decide(t)
             if d is None:
                 continue
+            if d.label is not None:  # one stored form per class name (NFC): `café` typed as NFD is `café`
+                d = replace(d, label=normal_name(d.label))
             prev = decisions.get(d.image_id)
             if prev is None or (d.updated_at, d.annotation_id) > (prev.updated_at, prev.annotation_id):
                 decisions[d.image_id] = d

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from loop.data import manifest
-from loop.data.classnames import class_name_problem
+from loop.data.classnames import class_name_problem, twin_problem
 from loop.data.resized import ensure_resized, load_resized, resized_path
 from loop.errors import ModelError
 from loop.learning import registry
@@ -196,8 +196,8 @@ def train(
     train_rows = rows[rows["split"] == "train"].reset_index(drop=True)
     valid_rows = rows[rows["split"] == "valid"].reset_index(drop=True)
     classes = sorted(train_rows["label"].astype(str).unique())  # fastai's order; stored, never re-derived
-    for name in classes:  # a manifest written before names were checked where they enter
-        problem = class_name_problem(name)
+    for i, name in enumerate(classes):  # a manifest written before names were checked where they enter
+        problem = class_name_problem(name) or twin_problem(name, classes[:i])
         if problem is not None:
             raise ModelError(f"label {name!r} cannot be a class ({problem}); relabel those photos "
                              "(e.g. in Label Studio) before training")

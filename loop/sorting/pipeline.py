@@ -27,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from loop.data.classnames import class_name_problem
+from loop.data.classnames import class_name_problem, twin_problem
 from loop.data.decode import Decoded, decode_stream, default_workers
 from loop.data.images import iter_image_files
 from loop.errors import DiskFullError, ModelError, SortloopError, is_disk_full
@@ -219,17 +219,15 @@ def check_folders(src: Path, dest: Path) -> tuple[Path, Path]:
 def check_classes(classes: list[str]) -> None:
     """Class names become folder names under DEST (on Windows too), and `scan` reads them back: refuse
     unusable ones (`loop.data.classnames`), and two names that differ only in case (one folder on Windows)."""
-    seen: dict[str, str] = {}
-    for name in classes:
+    for i, name in enumerate(classes):
         problem = class_name_problem(name)
         if problem is not None:
             raise ModelError(f"the deployed model's class {name!r} cannot be a category folder ({problem}); "
                              "fix the label (`sortloop train` refuses such labels) and retrain, or "
                              "`sortloop rollback`")
-        twin = seen.setdefault(name.casefold(), name)
-        if twin != name:
-            raise ModelError(f"class names {twin!r} and {name!r} differ only in case: one folder on Windows; "
-                             "merge or rename them and retrain")
+        twin = twin_problem(name, classes[:i])
+        if twin is not None:
+            raise ModelError(f"class name {name!r}: {twin}; merge or rename them and retrain")
 
 
 def check_category_folders(dest: Path, classes: list[str]) -> None:
