@@ -23,7 +23,7 @@ import pandas as pd
 
 from loop.learning.gate import describe_evidence
 from loop.scoring.flagging import describe, settings_point
-from loop.workspace import Workspace
+from loop.workspace import Workspace, make_private
 from sortloop.mistakes import plot_mistakes, worst_mistakes
 
 logger = logging.getLogger(__name__)
@@ -325,8 +325,7 @@ def write_report(ws: Workspace) -> Path:
     from loop.data.manifest import history, load
     from loop.learning.registry import current_version, read_log
 
-    out = ws.report_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_private(ws.report_dir)  # its thumbnails show the user's photos
     versions = _versions(ws)
     current = current_version(ws)
     spec = next((v["spec"] for v in versions if v["version"] == current), None)
