@@ -30,8 +30,13 @@ def _counts(series: pd.Series) -> dict[str, int]:
     return {str(k): int(v) for k, v in series.dropna().value_counts().sort_index().items()}
 
 
-def _read_spec(ws: Workspace, version: str) -> dict[str, Any]:
-    return json.loads((ws.models_dir / version / "model.json").read_text())
+def _read_spec(ws: Workspace, version: str) -> dict[str, Any] | None:
+    """A version's model.json, or None if it is missing or unreadable (status reports it, never stops)."""
+    try:
+        spec = json.loads((ws.models_dir / version / "model.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    return spec if isinstance(spec, dict) else None
 
 
 def _accuracy(spec: dict[str, Any], split: str = "user_valid") -> float | None:
@@ -39,15 +44,26 @@ def _accuracy(spec: dict[str, Any], split: str = "user_valid") -> float | None:
     return None if value is None else float(value)
 
 
-def _models(ws: Workspace) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
-    """(current model, all versions, candidates = versions newer than the current one)."""
-    from loop.learning.registry import current_version, list_versions, pointer_path, read_log
+def _models(ws: Workspace, problems: list[str]) -> tuple[dict[str, Any] | None, list[dict[str, Any]],
+                                                        list[dict[str, Any]]]:
+    """(current model, all versions, candidates = versions newer than the current one); what cannot be
+    read is left out and said in `problems` (one line each, with the repair)."""
+    from loop.errors import ModelError
+    from loop.learning.registry import REPAIR, current_version, list_versions, pointer_path, read_log
 
-    current = current_version(ws)
+    try:
+        current = current_version(ws)
+    except ModelError as exc:
+        problems.append(str(exc))
+        current = None
     log = read_log(ws)
     versions = []
     for version in list_versions(ws):
         spec = _read_spec(ws, version)
+        if spec is None:
+            problems.append(f"{ws.models_dir / version / 'model.json'} is unreadable: version {version} left out "
+                            "(it cannot be deployed; `sortloop train` makes a new one)")
+            continue
         decisions = [e for e in log if e.get("version") == version]
         versions.append(
             {
@@ -62,9 +78,12 @@ def _models(ws: Workspace) -> tuple[dict[str, Any] | None, list[dict[str, Any]],
             }
         )
     model = None
-    if current is not None:
-        spec = _read_spec(ws, current)
-        since = json.loads(pointer_path(ws).read_text()).get("since")
+    spec = _read_spec(ws, current) if current is not None else None
+    if current is not None and spec is None:
+        problems.append(f"the deployed version {current} has no readable {ws.models_dir / current / 'model.json'} "
+                        f"(folder deleted?); sorting stops until {REPAIR}")
+    if current is not None and spec is not None:
+        since = json.loads(pointer_path(ws).read_bytes()).get("since")
         model = {
             "version": current,
             "since": since,
@@ -153,11 +172,14 @@ def measured_catch(hist: pd.DataFrame, last: int = MEASURED_CATCH_PHOTOS) -> dic
             "flagged": int(flagged.sum()), "models": sorted(first["pred_model"].dropna().astype(str).unique())}
 
 
-def _jobs(ws: Workspace) -> dict[str, Any]:
+def _jobs(ws: Workspace, problems: list[str]) -> dict[str, Any]:
     from sortloop.jobs import read_job_log
-    from sortloop.schedule import JOB_IDS, is_serving, next_run_times
+    from sortloop.schedule import JOB_IDS, is_serving, jobstore_problem, next_run_times
 
-    next_runs = next_run_times(ws)
+    damaged = jobstore_problem(ws)
+    if damaged:
+        problems.append(damaged)
+    next_runs = {} if damaged else next_run_times(ws)
     log = read_job_log(ws)
     jobs: dict[str, Any] = {}
     for job_id in JOB_IDS:
@@ -207,7 +229,8 @@ def collect_status(ws: Workspace, *, check_labelstudio: bool = True) -> dict[str
         >>> status["model"]["version"], status["flags"]["waiting"]
         ('v0003', 12)
     """
-    model, versions, candidates = _models(ws)
+    problems: list[str] = []
+    model, versions, candidates = _models(ws, problems)
     last_trained_at = None
     if versions and versions[-1]["created_at"]:
         last_trained_at = pd.Timestamp(versions[-1]["created_at"])
@@ -215,7 +238,9 @@ def collect_status(ws: Workspace, *, check_labelstudio: bool = True) -> dict[str
             last_trained_at = last_trained_at.tz_localize("UTC")
     status: dict[str, Any] = {"workspace": str(ws.root), "model": model, "versions": versions, "candidates": candidates}
     status.update(_labels_and_splits(ws, last_trained_at))
-    status.update(_jobs(ws))
+    status.update(_jobs(ws, problems))
+    problems += damaged_logs(ws)
+    status["problems"] = problems
     status["labelstudio"] = (
         labelstudio_health(ws) if check_labelstudio else {"url": labelstudio_url(ws), "reachable": None}
     )
@@ -226,9 +251,24 @@ def _fmt_acc(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def damaged_logs(ws: Workspace) -> list[str]:
+    """One line per JSON-lines log with damaged lines (skipped by every reader: `loop.atomic.read_jsonl`)."""
+    from loop.atomic import damaged_lines
+
+    logs = [ws.history_dir / "labels.jsonl", ws.history_dir / "pushes.jsonl", ws.models_dir / "registry.jsonl",
+            ws.runs_dir / "jobs.jsonl"]
+    out = []
+    for path in logs:
+        n = damaged_lines(path)
+        if n:
+            out.append(f"{path}: {n} damaged line(s) skipped (a write torn by a crash; harmless, nothing to repair)")
+    return out
+
+
 def format_status(status: dict[str, Any]) -> str:
     """`collect_status`'s dict as a few lines of plain text for the terminal."""
     lines = [f"workspace   {status['workspace']}"]
+    lines += [f"PROBLEM     {line}" for line in status.get("problems") or []]
     model = status["model"]
     if model is None:
         lines.append("model       none deployed (run `sortloop train` then `sortloop deploy`)")

@@ -174,8 +174,12 @@ def deploy(ws: Workspace, version: str | None = None, *, force: bool = False,
     version = version or versions[-1]
     candidate_dir = registry.model_dir(ws, version)
     with locked(ws.models_dir / "deploy"):
-        current = registry.current_version(ws)
+        current = deployed_version(ws)
         if current == version:
+            if not _pointer_names(ws, version):  # torn or stale current.json: deploying what runs repairs it
+                registry.set_current(ws, version)
+                return Decision(True, version, [f"{version} is the deployed model; {registry.pointer_path(ws)} "
+                                                "repaired"], previous=current)
             decision = Decision(False, version, [f"{version} is already the deployed model"], previous=current)
             _log(ws, "refused", decision)
             return decision
@@ -309,7 +313,7 @@ def rollback(ws: Workspace) -> str:
     """
     with locked(ws.models_dir / "deploy"):
         stack = deployment_stack(ws)
-        current = registry.current_version(ws)
+        current = deployed_version(ws)
         if not stack:
             raise ModelError("nothing to roll back to: no model has been deployed yet "
                              "(run `sortloop train` then `sortloop deploy`)")
@@ -324,6 +328,29 @@ def rollback(ws: Workspace) -> str:
                                                      .get("metrics", {}).get("user_valid"))})
     logger.info("rolled back from %s to %s", current, restored)
     return restored
+
+
+def deployed_version(ws: Workspace) -> str | None:
+    """The deployed version as `deploy` and `rollback` see it: they must be able to repair a torn
+    `current.json`, or one naming a deleted version, so then the newest deployment in the registry log
+    whose folder still exists stands in (None if there is none)."""
+    try:
+        current = registry.current_version(ws)
+    except ModelError as exc:
+        logger.warning("%s; using the registry log instead", exc)
+        current = None
+    present = registry.list_versions(ws)
+    if current in present:
+        return current
+    logged = [v for v in deployment_stack(ws) if v in present]
+    return logged[-1] if logged else None
+
+
+def _pointer_names(ws: Workspace, version: str) -> bool:
+    try:
+        return registry.current_version(ws) == version
+    except ModelError:
+        return False
 
 
 def deployment_stack(ws: Workspace) -> list[str]:
