@@ -50,6 +50,7 @@ from loop.sorting.pipeline import (  # noqa: F401  (SortReport is part of this m
     SortOptions,
     SortReport,
     check_folders,
+    check_writable,
     sort_into,
 )
 from loop.sorting.review_csv import REVIEW_CSV, write_review_csv  # noqa: F401  (REVIEW_CSV: re-exported)
@@ -126,7 +127,7 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
         logger.info("%s no longer exists: retiring %d records of earlier sorts into it", dest, len(done))
         copies.update_records(ws, {rid: {"status": "gone"} for rid in done["record_id"]})
         done = done.iloc[0:0]
-    dest.mkdir(parents=True, exist_ok=True)
+    check_writable(dest)  # a read-only DEST is one line before any photo is read
     sink = _WorkspaceSink(ws, dest, done)
     remote = _RayRemote(ws, src, dest, options, sink) if engine == "ray" else None
     disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported

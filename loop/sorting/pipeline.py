@@ -17,9 +17,9 @@ overlap. Caveat: the model is fixed when the run starts (a deploy during a run i
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +216,25 @@ def check_folders(src: Path, dest: Path) -> tuple[Path, Path]:
     return src, dest
 
 
+def check_writable(dest: Path) -> None:
+    """Create `dest` and prove it takes a file (made and removed), before any photo is read: a read-only
+    or full DEST is one line, not a failure per photo and a traceback.
+
+    Raises:
+        SortloopError (DiskFullError when full): naming DEST and the reason.
+    """
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".sortloop-probe.", dir=dest)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(dest) from None
+        raise SortloopError(f"cannot write into {dest} ({exc.strerror or exc}); sort into a folder you can write "
+                            "to, or make this one writable") from None
+
+
 def check_classes(classes: list[str]) -> None:
     """Class names become folder names under DEST (on Windows too), and `scan` reads them back: refuse
     unusable ones (`loop.data.classnames`), and two names that differ only in case (one folder on Windows)."""
@@ -253,24 +272,6 @@ def review_row(dest_path: str, source_path: str, label: str, conf: float, score:
     return {"dest_path": dest_path, "source_path": source_path, "pred_label": label, "pred_conf": f"{conf:.4f}",
             "score": f"{score:.4f}", "strategy": strategy, "model_version": version, "image_id": image_id,
             "sorted_at": sorted_at}
-
-
-def append_review(path: Path, placed: list[Placed], strategy: str, version: str) -> None:
-    """Append the flagged copies to `DEST/_review.csv` (header on first write), durably: the standalone
-    sorter's review list (a workspace rebuilds its list from the records instead: `loop.sorting.review_csv`)."""
-    rows = [p for p in placed if p.flagged]
-    if not rows:
-        return
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=REVIEW_COLUMNS)
-        if new:
-            writer.writeheader()
-        for p in rows:
-            writer.writerow(review_row(str(p.final), str(p.rec.path), p.label, p.conf, p.score, strategy, version,
-                                       p.rec.image_id or "", p.sorted_at.isoformat()))
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 # --- helpers -----------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Why rebuilt, not appended: the list must follow what happened after the sort (a 
 a person moved the copy, `apply` or `resort` moved it, a newer model is sure of it now). So it is written
 whole, atomically, from the copy records (`loop.sorting.copies`: where each copy is, its current flag) and the
 manifest (who labeled the image): one row per flagged copy present in the tree, sorted by path, header
-always. A photo a person labeled (review, user move) or a reviewer marked reviewed leaves the list.
+always. The standalone sorter's flagged copies (`DEST/.sortloop/copies.csv`) not imported by a scan yet
+are listed too, so a sort from the workspace never drops the PC's rows. A photo a person labeled (review,
+user move) or a reviewer marked reviewed leaves the list.
 Caveat: the file is sortloop's own; edits to it are overwritten by the next sort, scan, apply or resort.
 """
 
@@ -14,7 +16,7 @@ import contextlib
 import csv
 import io
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
@@ -23,7 +25,7 @@ from loop.data import manifest
 from loop.errors import ModelError
 from loop.model.artifact import read_spec
 from loop.scoring.flagging import settings_point
-from loop.sorting import copies
+from loop.sorting import copies, dest_record
 from loop.sorting.pipeline import REVIEW_COLUMNS, REVIEW_CSV, review_row
 from loop.workspace import Workspace
 
@@ -32,9 +34,11 @@ logger = logging.getLogger(__name__)
 
 def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
     """The flagged copies under `dest` that no person has labeled or reviewed yet, sorted by path."""
-    records = copies.load_records(ws, dest)
-    records = records[(records["status"] == "present") & records["flagged"].fillna(False).astype(bool)]
-    if records.empty:
+    every = copies.load_records(ws, dest)
+    records = every[(every["status"] == "present") & every["flagged"].fillna(False).astype(bool)]
+    from_pc = [r for r in dest_record.read_rows(dest) if r.get("flagged") == "1"
+               and r["record_id"] not in set(every["record_id"])]  # the standalone sorter's, not imported yet
+    if records.empty and not from_pc:
         return []
     df = manifest.load(ws).set_index("image_id")
     human = df["label_source"].isin(manifest.HUMAN_SOURCES).fillna(False) | (df["review_status"] == "reviewed")
@@ -48,6 +52,13 @@ def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
             rec.dest_path, rec.source_path, rec.label, rec.confidence, rec.score,
             _strategy(ws, str(rec.model_version), strategies), rec.model_version, rec.image_id,
             "" if pd.isna(rec.sorted_at) else rec.sorted_at.isoformat())
+    for r in from_pc:
+        final = str(Path(dest).joinpath(*PurePosixPath(r["dest_path"]).parts))
+        if r["image_id"] in done or final in rows or not Path(final).exists():
+            continue
+        rows[final] = review_row(final, r["source_path"], r["label"], float(r["confidence"]), float(r["score"]),
+                                 _strategy(ws, r["model_version"], strategies), r["model_version"], r["image_id"],
+                                 r["sorted_at"])
     return [rows[k] for k in sorted(rows)]
 
 
