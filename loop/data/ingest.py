@@ -122,10 +122,11 @@ def ingest_folder(
     explicit = read_items_csv(Path(items_csv), root) if items_csv else {}
     current = manifest.load(ws)
     known = set(current["image_id"].dropna())
-    files = list(iter_image_files(root))
+    unlisted: list[tuple[str, str]] = []
+    files = list(iter_image_files(root, on_error=lambda f, why: unlisted.append((str(f), why))))
     if labeled:
         _check_class_folders(root, files, set(current["label"].dropna().astype(str)))
-    report = IngestReport(seen=len(files))
+    report = IngestReport(seen=len(files), unreadable=unlisted)
     infos: list[ImageInfo] = []
 
     def one(path: Path) -> ImageInfo | tuple[str, str]:

@@ -118,7 +118,7 @@ def sort_into(
 
     def todo() -> Iterator[Path]:
         nonlocal processed
-        for path in iter_image_files(src, skip=skip_dirs):
+        for path in iter_image_files(src, skip=skip_dirs, on_error=lambda f, why: report.failed.append((str(f), why))):
             try:
                 st = path.stat()
                 if sink.is_done(path, st.st_size, st.st_mtime_ns):
@@ -142,7 +142,7 @@ def sort_into(
         predictor = Predictor(model_dir, options.runtime, precision=options.precision)
         check_classes(predictor.classes)
         check_category_folders(dest, predictor.classes)
-        total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))
+        total = sum(1 for _ in iter_image_files(src, skip=skip_dirs, on_error=lambda f, why: None))
     except BaseException:
         stream.close()
         raise
