@@ -40,7 +40,7 @@ from loop.data import manifest as mf
 from loop.data.items import item_keys
 from loop.errors import ModelError
 from loop.learning import registry
-from loop.model.artifact import load_predictor, read_spec
+from loop.model.artifact import check_artifact, load_predictor, read_spec
 from loop.model.evaluate import classification_metrics, evaluate_predictor
 from loop.progress import ProgressCallback, no_progress
 from loop.scoring.paired import Paired, class_tests, holm, loss_test
@@ -173,6 +173,7 @@ def deploy(ws: Workspace, version: str | None = None, *, force: bool = False,
         raise ModelError("no model versions yet; run `sortloop train` first")
     version = version or versions[-1]
     candidate_dir = registry.model_dir(ws, version)
+    check_artifact(candidate_dir)  # a damaged or mismatched artifact is refused before the gate, --force or not
     with locked(ws.models_dir / "deploy"):
         current = deployed_version(ws)
         if current == version:

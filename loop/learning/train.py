@@ -47,7 +47,7 @@ from loop.data.classnames import class_name_problem, twin_problem
 from loop.data.resized import ensure_resized, load_resized, resized_path
 from loop.errors import ModelError
 from loop.learning import registry
-from loop.model.artifact import read_spec, save_artifact
+from loop.model.artifact import check_artifact, read_spec, save_artifact
 from loop.model.backbones import create_network, get_backbone, weights_tag
 from loop.model.estimates import class_indices, describe_learning, learning_estimates, oof_frame
 from loop.model.evaluate import confusion_png, metrics_by_source, summary_line
@@ -282,6 +282,7 @@ def train(
     #    worse than the float model on the labeled validation photos (its verdict lands in model.json).
     if settings.int8:
         write_int8(ws, out, train_rows, valid_rows)
+    check_artifact(out)  # read back whole: a candidate that cannot sort never reaches the gate
     notes = [describe_learning(spec, ws)]
     result = TrainResult(version, mode, metrics, out, time.monotonic() - started, skipped, len(train_rows), n_new,
                          notes=notes)

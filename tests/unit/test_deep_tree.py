@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from typer.testing import CliRunner
-
 from loop.app.cli import app
 from loop.ingest import ingest_folder
+from typer.testing import CliRunner
+
 from tests.conftest import make_image
 from tests.unit.sort_helpers import deploy_copy
 
