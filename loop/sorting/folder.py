@@ -146,7 +146,7 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
                     raise
                 disk_full = disk_full or exc
     if disk_full is not None:
-        logger.warning("stopped: disk full (%s). %s", disk_full, report.summary())
+        logger.info("stopped: disk full (%s). %s", disk_full, report.summary())  # the CLI prints it once
         where = getattr(disk_full, "path", None) or disk_full.filename or dest
         raise DiskFullError(where, summary=report.summary()) from None
     logger.info(report.summary())
