@@ -36,6 +36,8 @@ import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,6 +167,32 @@ def train(
         >>> result = train(open_workspace("data"))            # doctest: +SKIP
         >>> print(result.summary())
     """
+    with one_training(ws):  # a hand-run train racing serve's retrain would make two identical versions
+        return _train(ws, mode=mode, pretrained=pretrained, force=force, on_progress=on_progress)
+
+
+@contextmanager
+def one_training(ws: Workspace) -> Iterator[None]:
+    """Hold the workspace's training lock; a second training waits for the first (then finds nothing new to
+    learn from, unless labels arrived meanwhile, and says so instead of writing a twin version)."""
+    from filelock import FileLock, Timeout
+
+    ws.models_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(ws.models_dir / "training.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.warning("another training is running in %s; waiting for it to finish", ws.root)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _train(ws: Workspace, *, mode: str | None, pretrained: bool, force: bool,
+           on_progress: ProgressCallback | None) -> TrainResult:
+    """`train` once the training lock is held."""
     settings = ws.settings.model
     on_progress = on_progress or no_progress
     mode = mode or settings.train_mode
