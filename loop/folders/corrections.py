@@ -227,7 +227,7 @@ def _flag_refused(ws: Workspace, moves: list[Move]) -> None:
     """A move whose folder cannot be a class stays a review item: flagged `user_moved`, its label unchanged."""
     if not moves:
         return
-    from loop.ingest import ImageInfo, register_images
+    from loop.data.ingest import ImageInfo, register_images
 
     register_images(ws, [ImageInfo(image_id=m.image_id, path=m.new_path) for m in moves], source="user")
     ids = {m.image_id for m in moves}

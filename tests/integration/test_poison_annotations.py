@@ -19,7 +19,7 @@ LABELED = {"chair": 2, "sofa": 2, "table": 2}
 def test_a_malformed_annotation_is_reported_once_and_the_other_reviews_come_back(ls_ws, sdk):
     from labeling.pull import pull
     from labeling.push import push
-    from loop import manifest as mf
+    from loop.data import manifest as mf
 
     odd, text, good = build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED)
     report = push(ls_ws)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from loop.app.cli import app
-from loop.ingest import ingest_folder
 from typer.testing import CliRunner
 
+from loop.data.ingest import ingest_folder
+from sortloop.cli import app
 from tests.conftest import make_image
 from tests.unit.sort_helpers import deploy_copy
 

@@ -121,9 +121,9 @@ def test_a_full_dest_is_the_summary_once_and_one_line_in_a_real_terminal(ws, sor
         shutil.copy2(p, src / p.name)
     with small_disk(tmp_path / "dest", "300k") as dest:
         runs = {
-            "sort": run_child("import sys; from loop.app.cli import main; sys.argv[0] = 'sortloop'; main()",
+            "sort": run_child("import sys; from sortloop.cli import main; sys.argv[0] = 'sortloop'; main()",
                               "sort", str(src), str(dest / "ws"), "-w", str(ws.root)),
-            "sorter": run_child("import sys; from loop.app.sorter import main; sys.exit(main(sys.argv[1:]))",
+            "sorter": run_child("import sys; from sortloop.sorter import main; sys.exit(main(sys.argv[1:]))",
                                 str(src), str(dest / "pc"), "--model", str(ws.models_dir / "v0001"), "--no-pause"),
         }
     for name, proc in runs.items():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from loop import registry
-from loop.ingest import ingest_folder
-from loop.train import train
+from loop.data.ingest import ingest_folder
+from loop.learning import registry
+from loop.learning.train import train
 from tests.conftest import make_image
 
 
