@@ -121,6 +121,15 @@ def read_state(ws: Workspace, url: str, project_id: int) -> dict:
     return state
 
 
+def unreadable_count(ws: Workspace) -> int:
+    """How many annotations the pulls skipped as unreadable and nobody has fixed yet (for `sortloop status`)."""
+    try:
+        state = json.loads(state_path(ws).read_bytes())
+    except (OSError, ValueError):
+        return 0
+    return len(state.get("unreadable") or []) if isinstance(state, dict) else 0
+
+
 def write_state(ws: Workspace, state: dict) -> None:
     write_json_atomic(state_path(ws), state, perms=0o600)
 
@@ -207,7 +216,10 @@ def _unreadable(url: str, project_id: int, tasks: list[dict], state: dict) -> li
     seen: list = state.setdefault("unreadable", [])
     lines = []
     for t in tasks:
-        for annotation_id, problem in payloads.unreadable_annotations(t):
+        bad = payloads.unreadable_annotations(t)
+        if not bad:  # fixed or deleted in Label Studio since: no longer counted (`sortloop status`)
+            seen[:] = [k for k in seen if not k.startswith(f"{t.get('id')}/")]
+        for annotation_id, problem in bad:
             key = f"{t.get('id')}/{annotation_id}/{problem}"
             if key in seen:
                 continue

@@ -240,6 +240,12 @@ def collect_status(ws: Workspace, *, check_labelstudio: bool = True) -> dict[str
     status.update(_labels_and_splits(ws, last_trained_at))
     status.update(_jobs(ws, problems))
     problems += damaged_logs(ws)
+    from labeling.pull import unreadable_count  # the SDK loads only when status runs
+
+    skipped = unreadable_count(ws)
+    if skipped:
+        problems.append(f"{skipped} unreadable annotation(s) skipped by `review pull` (each listed once, with its "
+                        "task link, by the pull that found it); fix or delete them in Label Studio")
     status["problems"] = problems
     status["labelstudio"] = (
         labelstudio_health(ws) if check_labelstudio else {"url": labelstudio_url(ws), "reachable": None}

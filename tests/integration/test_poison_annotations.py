@@ -42,3 +42,6 @@ def test_a_malformed_annotation_is_reported_once_and_the_other_reviews_come_back
     assert pd.isna(df.loc[odd, "label"]) and pd.isna(df.loc[text, "label"])
     again = pull(ls_ws)
     assert again.unreadable == []  # reported once
+    from sortloop.status import collect_status
+
+    assert any("unreadable annotation" in p for p in collect_status(ls_ws, check_labelstudio=False)["problems"])
