@@ -8,8 +8,9 @@ before it is published, and the server's document root is `<served>` with ONE st
 `<served>/photos`. Nothing else is ever put there, so nothing else (credentials, the server's database,
 a symlink's target, the rest of a photo folder) can be fetched. The served folder must be empty or
 sortloop's own (the marker file `MARKER`): an existing folder with other contents is refused, and its
-modes are never changed. Cost of copying: the disk space of the photos in review, and one copy per push
-(`bench/labelstudio.py`).
+modes are never changed. Cost of copying: the disk space of the photos in review, and one read + write per
+pushed photo (`bench/served_copy.py` measures it against hard links). Entries are not fsynced (they can be
+made again; a torn one fails the hash check of the next push).
 
 `<served>` is `labelstudio.served_dir`, by default `<workspace>/labelstudio/served` (owner-only, like the
 rest of that tree). A team server must see the same folder at the same path (docker-compose mounts one
@@ -22,6 +23,7 @@ Caveat: an entry published by an earlier version as a hard link is re-made as a 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from labeling import payloads
 from loop.errors import ConfigError, SortloopError
-from loop.sorting.copies import SourceChanged, safe_copy, same_content
+from loop.sorting.copies import COPY_CHUNK, same_content
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -181,6 +183,21 @@ def publish(ws: Workspace, photos: dict[str, str]) -> tuple[dict[str, str], dict
     return names, refused
 
 
+def _copy_hashed(src: Path, dst: Path, image_id: str, mode: int) -> bool:
+    """Copy `src` to a new file `dst` (permission bits `mode`), hashing the bytes as they pass; True if they
+    hash to `image_id`. Not fsynced: an entry torn by a power cut fails the check of `_publish_one` at the
+    next push and is made again."""
+    digest = hashlib.sha256()
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fout.fileno(), mode)  # whatever the umask
+        while block := fin.read(COPY_CHUNK):
+            digest.update(block)
+            fout.write(block)
+    return digest.hexdigest() == image_id
+
+
 def _publish_one(storage: Path, image_id: str, path: str, file_mode: int) -> str:
     """One entry: copied into a staging folder outside the storage, checked to hash to `image_id`, then
     linked into place under its final name; returns that name. An existing entry is kept only if it is a
@@ -200,16 +217,9 @@ def _publish_one(storage: Path, image_id: str, path: str, file_mode: int) -> str
     staging = storage.parent / STAGING
     staged = staging / f"{name}.{uuid.uuid4().hex[:8]}"
     try:
-        size = real.stat().st_size
-        changed = PublishError(f"{path}: its bytes changed since it was added (no longer {image_id[:12]}...); "
+        if not _copy_hashed(real, staged, image_id, file_mode):
+            raise PublishError(f"{path}: its bytes changed since it was added (no longer {image_id[:12]}...); "
                                "run `sortloop ingest` on its folder again")
-        try:
-            staged, _ = safe_copy(real, staging, staged.name, image_id=image_id, size=size)
-        except SourceChanged:
-            raise changed from None
-        if not same_content(staged, size, image_id):  # the copy as it landed
-            raise changed
-        os.chmod(staged, file_mode)
         with contextlib.suppress(FileExistsError):  # a concurrent push published it meanwhile
             os.link(staged, target)
     except OSError as exc:
