@@ -173,7 +173,6 @@ def deploy(ws: Workspace, version: str | None = None, *, force: bool = False,
         raise ModelError("no model versions yet; run `sortloop train` first")
     version = version or versions[-1]
     candidate_dir = registry.model_dir(ws, version)
-    check_artifact(candidate_dir)  # a damaged or mismatched artifact is refused before the gate, --force or not
     with locked(ws.models_dir / "deploy"):
         current = deployed_version(ws)
         if current == version:
@@ -184,6 +183,7 @@ def deploy(ws: Workspace, version: str | None = None, *, force: bool = False,
             decision = Decision(False, version, [f"{version} is already the deployed model"], previous=current)
             _log(ws, "refused", decision)
             return decision
+        check_artifact(candidate_dir)  # a damaged or mismatched artifact is refused before the gate, --force or not
         current_dir = registry.model_dir(ws, current) if current else None
         evidences = gather_evidence(ws, candidate_dir, current_dir, on_progress)
         labeled = evidences[0]

@@ -35,10 +35,11 @@ def test_a_class_list_that_does_not_match_the_outputs_is_refused_not_an_index_er
                                       "--workspace", str(ws.root)])
     assert result.exit_code != 0 and "outputs but model.json lists 3 classes" in result.output  # IndexError before
     assert result.exception is None or isinstance(result.exception, SystemExit)
-    with pytest.raises(ModelError, match="outputs"):
-        from loop.learning.gate import deploy
+    from loop.learning.gate import deploy
 
-        deploy(ws, "v0001", force=True)
+    shutil.copytree(ws.models_dir / "v0001", ws.models_dir / "v0002")  # as a candidate: deploy checks it whole
+    with pytest.raises(ModelError, match="outputs"):
+        deploy(ws, "v0002", force=True)
 
 
 def test_a_truncated_model_file_is_refused_by_sort_deploy_and_bundle(ws, sort_model, tmp_path) -> None:
