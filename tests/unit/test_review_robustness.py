@@ -119,3 +119,31 @@ def test_webhook_callers_dripping_bytes_are_cut_at_a_total_deadline_and_connecti
             ok.settimeout(5)
             assert ok.recv(1024).startswith(b"HTTP/1.0 204")
         assert receiver.calls == 1
+
+
+def test_the_webhook_pull_thread_survives_a_pull_that_raises(ws, monkeypatch) -> None:
+    """A KeyError in one pull (a malformed annotation before) ended the thread while the receiver kept
+    answering 204: every later save went unpulled."""
+    import time
+
+    from labeling.webhook import HEADER, Receiver
+
+    monkeypatch.setenv("SORTLOOP_LABELSTUDIO__WEBHOOK_PORT", str(free_port()))
+    ws = open_workspace(ws.root)
+
+    def broken() -> None:
+        raise KeyError(0)
+
+    with Receiver(ws, on_event=broken, debounce_s=0.05) as receiver:
+        port = ws.settings.labelstudio.webhook_port
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                conn.sendall(f"POST /labelstudio/webhook HTTP/1.1\r\nHost: x\r\n{HEADER}: {receiver.secret}\r\n"
+                             "Content-Length: 0\r\n\r\n".encode())
+                conn.settimeout(5)
+                assert conn.recv(1024).startswith(b"HTTP/1.0 204")
+            deadline = time.monotonic() + 10
+            before = receiver.runs
+            while receiver.runs == before and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert receiver.runs == 2
