@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from loop.data import manifest
-from loop.data.classnames import check_class_name
+from loop.data.classnames import check_class_name, normal_name, twin_problem
 from loop.errors import ClassNameError, ConfigError, DiskFullError, ImageError, SortloopError
 from loop.data.images import check_regular_file, file_sha256, iter_image_files, open_image, perceptual_hash
 from loop.data.items import assign_items, exif_taken_at
@@ -120,11 +120,13 @@ def ingest_folder(
     if not root.is_dir():
         raise SortloopError(f"{root} is not a folder")
     explicit = read_items_csv(Path(items_csv), root) if items_csv else {}
-    known = set(manifest.load(ws)["image_id"].dropna())
-    files = list(iter_image_files(root))
+    current = manifest.load(ws)
+    known = set(current["image_id"].dropna())
+    unlisted: list[tuple[str, str]] = []
+    files = list(iter_image_files(root, on_error=lambda f, why: unlisted.append((str(f), why))))
     if labeled:
-        _check_class_folders(root, files)
-    report = IngestReport(seen=len(files))
+        _check_class_folders(root, files, set(current["label"].dropna().astype(str)))
+    report = IngestReport(seen=len(files), unreadable=unlisted)
     infos: list[ImageInfo] = []
 
     def one(path: Path) -> ImageInfo | tuple[str, str]:
@@ -152,7 +154,7 @@ def ingest_folder(
             known.add(result.image_id)  # a byte-identical copy later in the same tree is the same image
             rel = Path(path).relative_to(root)  # as walked: a symlinked file may point elsewhere
             if labeled and len(rel.parts) > 1:
-                result.label = rel.parts[0]
+                result.label = normal_name(rel.parts[0])
             result.item_id = explicit.get(os.path.normpath(path))
             infos.append(result)
     try:
@@ -164,13 +166,20 @@ def ingest_folder(
     return report
 
 
-def _check_class_folders(root: Path, files: list[Path]) -> None:
-    """Refuse, before reading any photo, a class folder whose name cannot be a class."""
-    for name in sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1}):
+def _check_class_folders(root: Path, files: list[Path], classes: set[str]) -> None:
+    """Refuse, before reading any photo, a class folder whose name cannot be a class, or that is a case-only
+    or look-alike twin of another folder or of a class the manifest has (`loop.data.classnames.twin_problem`)."""
+    folders = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
+    accepted = set(classes)
+    for name in folders:
         try:
-            check_class_name(name)
+            label = check_class_name(normal_name(name))
+            problem = twin_problem(label, accepted)
+            if problem is not None:
+                raise ClassNameError(f"{label!r} cannot be a class name: {problem}")
         except ClassNameError as exc:
             raise ClassNameError(f"class folder {root / name}: {exc}; rename the folder and ingest again") from None
+        accepted.add(label)
 
 
 def register_images(
