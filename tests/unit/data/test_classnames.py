@@ -126,7 +126,7 @@ def test_scan_refuses_a_case_twin_folder_as_a_label_and_keeps_the_photo_flagged(
 
     from loop.folders.corrections import scan
     from loop.sorting.folder import sort_folder
-    from tests.unit.sort_helpers import sort_sample
+    from tests.helpers.sorting import sort_sample
 
     ws, src, dest = sort_sample(ws, sort_model, shared_data, tmp_path)
     register = manifest.load(ws)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from loop.data.ingest import ingest_folder
 from sortloop.cli import app
 from tests.conftest import make_image
-from tests.unit.sort_helpers import deploy_copy
+from tests.helpers.sorting import deploy_copy
 
 PATH_MAX = os.pathconf("/", "PC_PATH_MAX")
 

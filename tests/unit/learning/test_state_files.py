@@ -15,7 +15,7 @@ from sortloop import schedule
 from sortloop.cli import app
 from sortloop.status import collect_status
 from tests.conftest import make_image
-from tests.unit.serve_helpers import build
+from tests.helpers.serving import build
 
 
 @pytest.fixture(autouse=True)

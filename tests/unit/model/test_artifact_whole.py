@@ -13,7 +13,7 @@ from loop.errors import ModelError
 from loop.model.artifact import ONNX_FILE, Predictor, check_artifact
 from sortloop.cli import app
 from tests.conftest import make_image
-from tests.unit.sort_helpers import deploy_copy
+from tests.helpers.sorting import deploy_copy
 
 
 def copy_model(sort_model: Path, tmp_path: Path) -> Path:
@@ -35,7 +35,7 @@ def test_a_class_list_that_does_not_match_the_outputs_is_refused_not_an_index_er
                                       "--workspace", str(ws.root)])
     assert result.exit_code != 0 and "outputs but model.json lists 3 classes" in result.output  # IndexError before
     assert result.exception is None or isinstance(result.exception, SystemExit)
-    from loop.learning.gate import deploy
+    from loop.learning.deployment import deploy
 
     shutil.copytree(ws.models_dir / "v0001", ws.models_dir / "v0002")  # as a candidate: deploy checks it whole
     with pytest.raises(ModelError, match="outputs"):

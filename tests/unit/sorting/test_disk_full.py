@@ -112,7 +112,7 @@ def test_a_full_dest_is_the_summary_once_and_one_line_in_a_real_terminal(ws, sor
                                                                           tmp_path) -> None:
     """What a person sees (stdout and stderr of real processes, logging included): no per-file line, the
     summary once, one error line, for `sortloop sort` and the standalone sorter."""
-    from tests.unit.fault_helpers import run_child
+    from tests.helpers.faults import run_child
 
     deploy_copy(ws, sort_model)
     src = tmp_path / "src"

@@ -18,8 +18,8 @@ from sortloop.cli import app
 from sortloop.sorter import main as sorter_main
 from sortloop.sorter import sort_standalone
 from tests.conftest import make_image
-from tests.unit.fault_helpers import small_disk
-from tests.unit.sort_helpers import deploy_copy, sample_ikea
+from tests.helpers.faults import small_disk
+from tests.helpers.sorting import deploy_copy, sample_ikea
 
 
 @pytest.fixture
