@@ -63,7 +63,9 @@ def main() -> None:
         zipped = build_bundle(ws, scratch / "bundle-zip", as_zip=True)  # the cached sorter, zipped
         print(f"{len(paths)} JPEGs of 4000x3000 (mean {mb:.1f} MB) on {os.cpu_count()} CPUs; "
               f"model {folder.model_version}")
-        print(f"bundle: folder {folder.size_bytes / 1e6:.0f} MB, zip {zipped.size_bytes / 1e6:.0f} MB; "
+        print(f"{folder.platform} bundle: folder {folder.size_bytes / 1e6:.0f} MB, "
+              f"zip {zipped.size_bytes / 1e6:.0f} MB "
+              f"({zipped.unpacked_bytes / 1e6:.0f} MB unzipped: the zip stores the folder's symlinks as files); "
               f"freezing the sorter took {build_s:.0f} s (uncached)")
 
         exe = folder.out / EXE_NAME

@@ -15,10 +15,13 @@ from xml.sax.saxutils import quoteattr
 
 import pandas as pd
 
+from loop.data.classnames import OTHER_LABEL
+
 FROM_NAME = "label"  # the Choices control
 TO_NAME = "image"  # the Image object; task data key holding the image URL is also "image"
 SERVED_SUBDIR = "photos"  # the storage folder under the document root (a storage may not BE the root)
 HOTKEYS = "1234567890" + "qwertyuiopasdfgzxcvbnm"  # h, j, k, l avoided: the editor uses some of them
+UNFAMILIAR_FLAG = "unfamiliar"  # the manifest flag of a photo sort sent to the unfamiliar folder
 
 
 # The review screen: the photo on the left, every class as a vertical list on the right, so all choices stay
@@ -29,6 +32,7 @@ _LAYOUT = (
     '    <Image name="{to}" value="${to}" zoom="true" zoomControl="true" maxHeight="520px"/>\n'
     "  </View>\n"
     '  <View style="flex: 0 0 230px">\n'
+    '    <Text name="note" value="$note"/>\n'
     '    <Choices name="{name}" toName="{to}" choice="single-radio" required="true" layout="vertical">\n'
     "{choices}\n"
     "    </Choices>\n"
@@ -37,30 +41,43 @@ _LAYOUT = (
 )
 
 INSTRUCTIONS = (
-    "<p><b>Pick the category this photo belongs to.</b> The model's guess is already selected: press "
+    "<p><b>Pick the category this photo belongs to.</b> One category is already selected: the one a person "
+    "moved the photo to, or else the model's guess (the line above the categories says which). Press "
     "<b>Submit</b> if it is right, otherwise click the right category (or press its key) first.</p>"
-    "<p>Press <b>Skip</b> if the photo fits no category or you cannot tell; skipped photos are not used for "
-    "training. The task list can be sorted by <i>confidence</i>: the model's least sure guesses first.</p>"
+    "<p>Pick <b>None of these</b> if the photo fits no category (the workshop, a truck, a sketch): it stays in "
+    "the unfamiliar folder and teaches the model what is out of scope. Press <b>Skip</b> if you cannot tell; "
+    "skipped photos are not used for training. <i>Label All Tasks</i> gives the most useful photos first: those "
+    "a person moved, then those that teach the model most. The task list can also be sorted by "
+    "<i>confidence</i> (least sure first).</p>"
 )
+OTHER_TEXT = "None of these"  # what the reviewer reads; the result carries OTHER_LABEL
+
+# Every prediction carries this one `model_version`: Label Studio pre-selects, in "Label All Tasks", only the
+# predictions whose version equals the project's (set once, from the first import), so a per-model version
+# would stop pre-selecting after the next deploy. Which model guessed is in the task's `model` field.
+PREDICTION_VERSION = "sortloop"
 
 
 def label_config(classes: list[str]) -> str:
-    """A single-choice image classification config: the photo beside a vertical list of classes with hotkeys.
+    """A single-choice image classification config: the photo beside a vertical list of classes with hotkeys,
+    and "None of these" last (a reviewer's answer for a photo that fits no category: `OTHER_LABEL`).
 
     Args:
         classes: class names in display order (non-empty, unique).
     """
     choices = []
-    for i, name in enumerate(classes):
+    for i, name in enumerate([c for c in classes if c != OTHER_LABEL]):
         hotkey = f" hotkey={quoteattr(HOTKEYS[i])}" if i < len(HOTKEYS) else ""
         choices.append(f"      <Choice value={quoteattr(name)}{hotkey}/>")
+    # "None of these": last; `html` shows the words, the result keeps OTHER_LABEL
+    choices.append(f"      <Choice value={quoteattr(OTHER_LABEL)} html={quoteattr(OTHER_TEXT)}/>")
     return _LAYOUT.replace("{to}", TO_NAME).replace("{name}", FROM_NAME).replace("{choices}", "\n".join(choices))
 
 
 # Task-list columns hidden in the review tab: sortloop's keys (sha256, absolute path: in the task data, not for
 # reading) and Label Studio's own default-hidden bookkeeping columns, so photo, guess and confidence fit on screen.
 HIDDEN_COLUMNS = [
-    "tasks:data.image_id", "tasks:data.path", "tasks:inner_id", "tasks:annotations_results",
+    "tasks:data.image_id", "tasks:data.path", "tasks:data.note", "tasks:inner_id", "tasks:annotations_results",
     "tasks:annotations_ids", "tasks:predictions_score", "tasks:predictions_model_versions",
     "tasks:predictions_results", "tasks:file_upload", "tasks:storage_filename", "tasks:created_at",
     "tasks:updated_at", "tasks:updated_by", "tasks:avg_lead_time", "tasks:draft_exists",
@@ -68,21 +85,33 @@ HIDDEN_COLUMNS = [
 
 
 def review_tab(project_id: int) -> dict:
-    """The project's first Data Manager tab: least confident guesses first, sha256 and path hidden."""
+    """The project's first Data Manager tab: the tasks nobody annotated or skipped yet, in push order (the most
+    useful first: "Label All Tasks" follows it), sha256 and path hidden."""
     hidden = {"explore": HIDDEN_COLUMNS, "labeling": HIDDEN_COLUMNS}
-    return {"project": project_id, "data": {"title": "To review", "hiddenColumns": hidden,
-                                            "ordering": ["tasks:data.confidence"]}}
+    waiting = {"conjunction": "and", "items": [
+        {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+        {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0},
+    ]}
+    return {"project": project_id, "data": {"title": "To review", "hiddenColumns": hidden, "filters": waiting,
+                                            "ordering": ["tasks:id"]}}
 
 
 def config_classes(config_xml: str) -> list[str]:
-    """The class names in a label config made by `label_config` (or edited by hand), in order."""
+    """The class names in a label config made by `label_config` (or edited by hand), in order
+    ("None of these" is not a class: left out)."""
     import xml.etree.ElementTree as ET
 
     root = ET.fromstring(config_xml)
     for choices in root.iter("Choices"):
         if choices.get("name") == FROM_NAME:
-            return [c.get("value") or c.get("alias") or "" for c in choices.iter("Choice")]
+            names = [c.get("value") or c.get("alias") or "" for c in choices.iter("Choice")]
+            return [n for n in names if n != OTHER_LABEL]
     return []
+
+
+def has_other_choice(config_xml: str) -> bool:
+    """Whether the config offers "None of these" (projects made before it existed do not)."""
+    return f"value={quoteattr(OTHER_LABEL)}" in config_xml
 
 
 def image_url(served_name: str) -> str:
@@ -95,16 +124,36 @@ def choice_result(label: str) -> list[dict]:
     return [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices", "value": {"choices": [label]}}]
 
 
-def prediction(label: str, score: float | None, model_version: str | None) -> dict:
-    """A pre-filled guess; `score` is the model's confidence in `label` (0..1)."""
-    pred: dict = {"model_version": model_version or "unknown", "result": choice_result(label)}
+def prediction(label: str, score: float | None) -> dict:
+    """A pre-filled choice; `score` is the model's confidence in `label` (0..1), None for a person's choice."""
+    pred: dict = {"model_version": PREDICTION_VERSION, "result": choice_result(label)}
     if score is not None and not pd.isna(score):
         pred["score"] = float(score)
     return pred
 
 
+def moved_by_person(row: dict | pd.Series) -> bool:
+    """A photo whose label is a person's move of its sorted copy (scan), waiting for a reviewer to confirm it."""
+    return (_str(row.get("flag")) == "user_moved" and _str(row.get("label_source")) == "user_move"
+            and _str(row.get("label")) is not None)
+
+
+def note(row: dict | pd.Series) -> str:
+    """The line above the choices: what is pre-selected and why (a person's move, or the model's guess)."""
+    guess, conf, model = _str(row.get("pred_label")), row.get("pred_conf"), _str(row.get("pred_model"))
+    said = "" if guess is None else f"the model{f' {model}' if model else ''} guessed {guess}" + (
+        "" if conf is None or pd.isna(conf) else f" ({float(conf):.0%} sure)")
+    if moved_by_person(row):
+        at = row.get("label_at")
+        when = "" if at is None or pd.isna(at) else f" on {pd.Timestamp(at).strftime('%Y-%m-%d')}"
+        return f"Moved by a person from {guess or 'its folder'} to {row['label']}{when}" + (
+            f"; {said}." if said else ".")
+    return (said[0].upper() + said[1:] + ".") if said else "No guess yet: pick the category."
+
+
 def task(row: pd.Series, served_name: str) -> dict:
-    """A task for one manifest row whose photo is published as `served_name`, with the model's prediction."""
+    """A task for one manifest row whose photo is published as `served_name`: the model's guess and, for a copy a
+    person moved, their choice (pre-selected) as predictions, and a `note` saying which is pre-selected."""
     image_id = str(row["image_id"])
     guess, conf = row.get("pred_label"), row.get("pred_conf")
     out: dict = {
@@ -118,8 +167,19 @@ def task(row: pd.Series, served_name: str) -> dict:
         },
         "meta": {"image_id": image_id, "source": "sortloop"},
     }
+    out["data"]["model"] = _str(row.get("pred_model"))
+    out["data"]["note"] = note(row)
+    # Label Studio lists a task's predictions newest first and pre-selects the first one listed (seen in the
+    # browser test): the person's choice is imported last, so it is listed first and the model's guess second.
+    predictions = []
     if not pd.isna(row.get("pred_label")):
-        out["predictions"] = [prediction(str(row["pred_label"]), row.get("pred_conf"), _str(row.get("pred_model")))]
+        # an unfamiliar photo (the model sent it to the unfamiliar folder): "None of these" is its guess
+        guessed = OTHER_LABEL if row.get("flag") == UNFAMILIAR_FLAG else str(row["pred_label"])
+        predictions.append(prediction(guessed, row.get("pred_conf")))
+    if moved_by_person(row):
+        predictions.append(prediction(str(row["label"]), None))
+    if predictions:
+        out["predictions"] = predictions
     return out
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 from labeling import payloads, served
 from labeling.client import Client
 from loop.atomic import write_json_atomic
+from loop.data.classnames import OTHER_LABEL
 from loop.errors import LabelStudioError, ModelError
 from loop.workspace import Workspace
 
@@ -43,7 +44,8 @@ def state_path(ws: Workspace) -> Path:
 
 
 def known_classes(ws: Workspace, manifest: pd.DataFrame | None = None) -> list[str]:
-    """Classes a reviewer may pick: the deployed model's (in its order), then manifest labels (sorted)."""
+    """Classes a reviewer may pick: the deployed model's (in its order), the declared ones, then other manifest
+    labels (sorted)."""
     from loop.data import manifest as mf
     from loop.learning.registry import current_model_dir
     from loop.model.artifact import read_spec
@@ -53,9 +55,10 @@ def known_classes(ws: Workspace, manifest: pd.DataFrame | None = None) -> list[s
         spec = read_spec(current_model_dir(ws))
         classes = [str(c) for c in spec.get("classes", [])]
     except ModelError:
-        pass  # no model deployed yet: the manifest's labels are the classes
+        pass  # no model deployed yet: the declared classes and the manifest's labels are the classes
+    classes += [c for c in ws.settings.classes if c not in classes]  # declared: `sortloop init --classes`
     df = mf.load(ws) if manifest is None else manifest
-    extra = sorted({str(v) for v in df["label"].dropna().unique()} - set(classes))
+    extra = sorted({str(v) for v in df["label"].dropna().unique()} - set(classes) - {OTHER_LABEL})
     return classes + extra
 
 
@@ -131,8 +134,8 @@ def ensure_project(client: Client, ws: Workspace, *, classes: list[str] | None =
     pid = int(project.id)
 
     current = payloads.config_classes(project.label_config)
-    wanted = current + [c for c in classes if c not in current]
-    if wanted != current:
+    wanted = current + [c for c in classes if c not in current and c != OTHER_LABEL]
+    if wanted != current or not payloads.has_other_choice(project.label_config):
         client.call(f"update the label config of project {pid}", client.projects.update, pid,
                     label_config=payloads.label_config(wanted))
         logger.info("project %s: added classes %s to the label config", pid, wanted[len(current):])

@@ -35,7 +35,7 @@ from labeling.client import Client, connect
 from labeling.project import find_project, known_classes
 from loop.atomic import write_json_atomic
 from loop.data import manifest as mf
-from loop.data.classnames import class_name_problem, normal_name, twin_problem
+from loop.data.classnames import OTHER_LABEL, class_name_problem, normal_name, twin_problem
 from loop.errors import LabelStudioError
 from loop.workspace import Workspace
 
@@ -188,7 +188,7 @@ def _iso(ts: pd.Timestamp) -> str:
 def _label_problem(d: payloads.Decision, allowed: set[str], allow_new: bool) -> str | None:
     """Why a reviewer's label cannot be applied, or None: every label must be a valid class name (even with
     `allow_new_classes`), and a known class unless new ones are allowed."""
-    if d.kind != "label":
+    if d.kind != "label" or d.label == OTHER_LABEL:  # "None of these" is a label, never a class
         return None
     problem = class_name_problem(d.label)
     if problem is not None:

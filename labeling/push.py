@@ -60,14 +60,22 @@ class PushReport:
     seconds: float
     project_created: bool = False
     refused: dict[str, str] = field(default_factory=dict)  # image_id -> why its photo may not be served
+    waiting: int = 0  # photos wanting review held back by today's budget (they go first tomorrow)
+    daily_budget: int = 0  # review.daily_budget (0: no limit)
+    by_reason: dict[str, int] = field(default_factory=dict)  # what the new tasks are: REASONS -> count
 
     @property
     def ok(self) -> bool:
         return not self.refused
 
     def summary(self) -> str:
-        text = (f"pushed {self.imported} new task(s) to {self.url}/projects/{self.project_id} "
-                f"({self.linked} already there, {self.batches} batch(es), {self.seconds:.1f} s)")
+        what = ", ".join(f"{n} {reason}" for reason, n in self.by_reason.items() if n)
+        text = (f"sent {self.imported} photo(s) for review{f' ({what})' if what else ''} to "
+                f"{self.url}/projects/{self.project_id} ({self.linked} already there, {self.batches} batch(es), "
+                f"{self.seconds:.1f} s)")
+        if self.waiting:
+            text += (f"\n{self.waiting} more wait for review: today's budget is spent (review.daily_budget = "
+                     f"{self.daily_budget} a day, besides photos people moved); they go first tomorrow")
         for reason in list(self.refused.values())[:10]:
             text += f"\n  not sent: {reason}"
         if len(self.refused) > 10:
@@ -99,6 +107,18 @@ def select_candidates(df: pd.DataFrame, *, trust_hints: bool = True) -> pd.DataF
                                      rows["pred_conf"].to_numpy(float, na_value=np.nan)))
     rows = rows.sort_values(["_group", "_key", "image_id"], na_position="last")
     return rows.drop(columns=["_group", "_key"])
+
+
+# Why a photo is sent for review, in the words `sort`, `status` and `review push` share (in push order).
+REASONS = {"user_moved": "moved by a person", "selected": "chosen to teach the model most",
+           "suspected_mislabel": "labels that look wrong", "low_confidence": "flagged by sort as unsure"}
+
+
+def reason_counts(rows: pd.DataFrame) -> dict[str, int]:
+    """How many of `rows` are sent for each reason of `REASONS` (a queued row with no flag: "selected")."""
+    flag = rows["flag"].astype(object).where(rows["flag"].notna(), "selected")
+    counts = flag.value_counts()
+    return {words: int(counts.get(key, 0)) for key, words in REASONS.items()}
 
 
 def within_budget(rows: pd.DataFrame, left: int | None) -> pd.DataFrame:
@@ -164,7 +184,8 @@ def push(ws: Workspace, *, limit: int | None = None, select: bool = True,
 
     Example:
         >>> push(open_workspace("data")).summary()   # doctest: +SKIP
-        'pushed 42 new task(s) to http://127.0.0.1:8080/projects/1 (0 already there, 1 batch(es), 0.4 s)'
+        'sent 42 photo(s) for review (42 flagged by sort as unsure) to http://127.0.0.1:8080/projects/1 (0 already
+        there, 1 batch(es), 0.4 s)'
     """
     start = time.monotonic()
     batch_size = ws.settings.labelstudio.push_batch_size
@@ -177,12 +198,16 @@ def push(ws: Workspace, *, limit: int | None = None, select: bool = True,
         df = mf.load(ws)
         project = ensure_project(client, ws)
         trust = previous == project.id and not project.created
-        rows = within_budget(select_candidates(df, trust_hints=trust), queue.budget_left(ws))
+        wanted = select_candidates(df, trust_hints=trust)
+        rows = within_budget(wanted, queue.budget_left(ws))
+        held = len(wanted) - len(rows)
         if limit is not None:
             rows = rows.head(limit)
         total = len(rows)
+        budget = ws.settings.review.daily_budget
         if total == 0:
-            return PushReport(client.url, project.id, 0, 0, 0, 0, time.monotonic() - start, project.created)
+            return PushReport(client.url, project.id, 0, 0, 0, 0, time.monotonic() - start, project.created,
+                              waiting=held, daily_budget=budget)
 
         # Already in the project (a crash after an import, or hints from another project): link, don't import.
         existing = {} if project.created else project_image_ids(client, project.id)
@@ -224,5 +249,7 @@ def push(ws: Workspace, *, limit: int | None = None, select: bool = True,
             if on_progress:
                 on_progress(len(linked) + imported, total)
         logger.info("pushed %d task(s) to project %s in %d batch(es)", imported, project.id, batches)
+        sent = rows[~rows["image_id"].isin(refused.keys())]
         return PushReport(client.url, project.id, total, imported, len(linked), batches,
-                          time.monotonic() - start, project.created, refused)
+                          time.monotonic() - start, project.created, refused, waiting=held, daily_budget=budget,
+                          by_reason=reason_counts(sent))

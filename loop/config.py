@@ -69,6 +69,10 @@ class ModelConfig(Section):
     backbone_candidates: list[str] = Field(default_factory=list)  # >1: `train` picks one by item-grouped CV
     int8: bool = True  # also write a gated INT8 copy of model.onnx at train time (loop.model.quantize)
     feature_engine: Literal["local", "ray"] = "local"  # where new photos' body features are computed
+    unfamiliar: bool = True  # fit the unfamiliar-photo score (loop.scoring.unfamiliar) and ship it with the model
+    # its threshold sends at most this share of photos of new, in-scope items to the unfamiliar folder
+    # (upper confidence bound on the labeled photos' out-of-fold scores; fewer labels, fewer sent)
+    unfamiliar_max_share: float = Field(0.05, gt=0.0, lt=0.5)
 
 
 class SortConfig(Section):
@@ -85,6 +89,8 @@ class SortConfig(Section):
     precision: Literal["auto", "float", "int8"] = "auto"  # auto: the INT8 model when it passed its gate
     resort_after_deploy: bool = True  # serve: after a deploy, re-sort copies no person has checked
     engine: Literal["local", "ray"] = "local"  # "ray": decode, predict and copy on a Ray cluster ([ray])
+    unfamiliar: bool = True  # photos unlike every labeled one go to `other_folder` (flag "unfamiliar")
+    other_folder: str = Field("_other", pattern=r"^_[^/\\:*?\"<>|]+$")  # under DEST; "_": never a category
 
 
 class RayConfig(Section):
@@ -154,6 +160,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SORTLOOP_", env_nested_delimiter="__", extra="forbid")
 
+    classes: list[str] = Field(default_factory=list)  # declared categories (`sortloop init --classes`)
     split: SplitConfig = SplitConfig()
     items: ItemsConfig = ItemsConfig()
     model: ModelConfig = ModelConfig()
@@ -224,6 +231,10 @@ def _valid_keys(loc: tuple) -> list[str]:
 DEFAULT_TOML = '''# sortloop workspace configuration. Every key is optional; these are the defaults.
 # Environment variables override this file: SORTLOOP_<SECTION>__<KEY>, e.g. SORTLOOP_SORT__FLAG_THRESHOLD=0.6
 
+# your categories, e.g. ["table", "console", "cabinet"] (`sortloop init --classes`); labeled folders, reviews
+# and moves can add more
+classes = []
+
 [split]
 user_valid_fraction = 0.2     # the gate set: share of user-photo ITEMS held out to compare models (stable);
                               # everything else trains (reviews and user moves always do); metrics by CV
@@ -249,6 +260,8 @@ calibrate = true              # temperature scaling on out-of-fold predictions (
 backbone_candidates = []      # e.g. ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]: pick by grouped CV
 int8 = true                   # also write model.int8.onnx, used by sort only if not significantly worse
 feature_engine = "local"      # "ray": compute new photos' features on the Ray cluster of [ray] (train --ray)
+unfamiliar = true             # fit the unfamiliar-photo score (distance to the labeled photos) with the model
+unfamiliar_max_share = 0.05   # its threshold sends at most this share of new in-scope photos to _other
 
 [sort]
 batch_size = 32
@@ -267,6 +280,8 @@ precision = "auto"            # "auto": the INT8 model when it passed its gate (
 resort_after_deploy = true    # serve: after a deploy, move copies no person has checked to the new model's
                               # class (`sortloop undo` puts them back)
 engine = "local"              # "ray": decode, predict and copy on the Ray cluster of [ray] (sort --ray)
+unfamiliar = true             # photos unlike every labeled one go to other_folder, flagged "unfamiliar"
+other_folder = "_other"       # under DEST (must start with "_", so no category can have its name)
 
 [ray]                         # needs `pip install 'sortloop[ray]'`; SRC, DEST (and for training the
                               # workspace) must be mounted at the same path on every Ray node

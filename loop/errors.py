@@ -10,6 +10,14 @@ import errno
 class SortloopError(Exception):
     """Base class: an expected failure with a message meant for the user."""
 
+    exit_code = 1  # what the CLI exits with
+
+
+class UnknownChoiceError(SortloopError, ValueError):
+    """An option got a value that is none of its choices (a typo): a usage error, like click's."""
+
+    exit_code = 2
+
 
 class ConfigError(SortloopError):
     """A configuration value is missing or invalid (the message names the key)."""
@@ -17,6 +25,10 @@ class ConfigError(SortloopError):
 
 class WorkspaceError(SortloopError):
     """The workspace is missing, not initialised, or locked by another process."""
+
+
+class IngestRefused(SortloopError):
+    """`ingest --labeled` was given folders that do not look like categories (the message says how to go on)."""
 
 
 class ManifestError(SortloopError):

@@ -8,13 +8,19 @@ Caveat: the workspace is found as `--workspace`, else `$SORTLOOP_WORKSPACE`, els
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from loop.atomic import remove_stale_temps
+from loop.atomic import atomic_write, remove_stale_temps
 from loop.config import CONFIG_FILENAME, DEFAULT_TOML, Settings, load_settings
 from loop.errors import WorkspaceError
+
+if TYPE_CHECKING:
+    import tomlkit
 
 DEFAULT_WORKSPACE = Path("data")
 
@@ -89,6 +95,16 @@ def resolve_root(path: Path | str | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
+def _folder_or_error(root: Path) -> Path:
+    """`root`, unless it (or a folder above it) is a file: a workspace is a folder (one line, no traceback)."""
+    for place in (root, *root.parents):
+        if place.exists() and not place.is_dir():
+            raise WorkspaceError(f"{place} is a file, not a workspace folder; give a folder (e.g. -w ./data)")
+        if place.exists():
+            break
+    return root
+
+
 def init_workspace(path: Path | str | None = None) -> Workspace:
     """Create (or complete) a workspace; an existing config file is never overwritten.
 
@@ -97,7 +113,7 @@ def init_workspace(path: Path | str | None = None) -> Workspace:
         >>> ws.config_file.exists()
         True
     """
-    ws = Workspace(resolve_root(path))
+    ws = Workspace(_folder_or_error(resolve_root(path)))
     ws.root.mkdir(parents=True, exist_ok=True)
     for folder in ws.folders():
         folder.mkdir(exist_ok=True)
@@ -116,7 +132,7 @@ def open_workspace(path: Path | str | None = None) -> Workspace:
     a live process's are kept): in the workspace's own folders, not in the caches (recomputable, and too
     many files to walk at every start) nor in Label Studio's server data.
     """
-    ws = Workspace(resolve_root(path))
+    ws = Workspace(_folder_or_error(resolve_root(path)))
     if not ws.config_file.exists():
         raise WorkspaceError(f"{ws.root} is not a sortloop workspace; run `sortloop init {ws.root}` first")
     for folder, recursive in ((ws.root, False), (ws.manifest_dir, True), (ws.history_dir, True),
@@ -126,3 +142,25 @@ def open_workspace(path: Path | str | None = None) -> Workspace:
         if folder.exists():
             make_private(folder)
     return ws
+
+
+def edit_config(ws: Workspace, change: Callable[[tomlkit.TOMLDocument], None]) -> None:
+    """Edit the workspace config in place with `change(document)`, keeping its comments (tomlkit).
+
+    The new text must load as a whole valid config before it replaces the file (atomically, under a lock),
+    so a bad edit or a crash leaves the old file in place.
+    """
+    import tomlkit
+    from filelock import FileLock
+
+    with FileLock(str(ws.config_file) + ".lock", timeout=30):
+        doc = tomlkit.parse(ws.config_file.read_text() if ws.config_file.exists() else "")
+        change(doc)
+        new_text = tomlkit.dumps(doc)
+        with tempfile.NamedTemporaryFile("w", dir=ws.root, prefix=".check-", suffix=".toml") as check:
+            check.write(new_text)
+            check.flush()
+            load_settings(Path(check.name))  # the whole file must still be a valid config
+        with atomic_write(ws.config_file, "w") as fh:
+            fh.write(new_text)
+    ws.__dict__.pop("settings", None)  # the Workspace caches its settings

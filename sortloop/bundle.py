@@ -3,7 +3,8 @@
 The bundle is one folder (or a zip of it):
 
     sortloop-sort[.exe]  _internal/   the sorter frozen by PyInstaller (`sortloop/sortloop-sort.spec`)
-    model/model.onnx  model/model.json   the deployed model (and its gated INT8 model.int8.onnx if any);
+    model/model.onnx  model/model.json   the deployed model (and its gated INT8 model.int8.onnx if any,
+                                         and unfamiliar.npy: the unfamiliar score's reference set);
                                          model.json also carries the workspace's sort settings ("sorting")
                                          and the bundle's identity ("bundle")
     README.txt   bundle.json
@@ -11,9 +12,10 @@ The bundle is one folder (or a zip of it):
 The executable depends only on the code, not on the model, so it is built once per code version and
 platform and cached in `<workspace>/cache/sorter/<key>/`; a new model only re-assembles the bundle.
 A bundle written over an older one replaces it whole (new folder beside it, then swapped in).
-Caveat: PyInstaller does not cross-compile: this machine builds a sorter for its own system. For a
-Windows PC, take the `sortloop-sort` folder that the Windows CI workflow builds from the same spec
-(`.github/workflows/windows-bundle.yml`) and pass it with `--sorter`.
+Caveat: PyInstaller does not cross-compile: this machine builds a sorter for its own system, and the
+bundle says which (`--platform windows` without `--sorter` on Linux is refused). For a Windows PC, take
+the `sortloop-sort` folder that the Windows CI workflow builds from the same spec
+(`.github/workflows/windows-bundle.yml`, artifact `sortloop-sort-windows`) and pass it with `--sorter`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from loop import __version__
+from loop.choices import check_choice
 from loop.errors import ModelError, SortloopError
 from loop.learning.registry import current_model_dir
 from loop.model.artifact import INT8_FILE, ONNX_FILE, SPEC_FILE, check_artifact, check_files, read_spec
@@ -52,8 +55,28 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = (ROOT / "loop", ROOT / "sortloop")  # the code the sorter is frozen from
 
 
+PLATFORMS = ("windows", "linux", "macos")
+PLATFORM_NAMES = {"windows": "Windows", "linux": "Linux", "macos": "macOS"}
+WINDOWS_SORTER_HINT = (
+    "a Windows sorter is built on Windows: take the `sortloop-sort-windows` artifact of the GitHub workflow "
+    ".github/workflows/windows-bundle.yml (the repository's Actions tab -> windows-bundle -> the latest run -> "
+    "Artifacts), unzip it, and pass its folder with --sorter")
+
+
 class BundleError(SortloopError):
     """The bundle cannot be built or written (PyInstaller missing, OUT is something else, ...)."""
+
+
+def this_platform() -> str:
+    """"windows", "linux" or "macos": what PyInstaller builds for here."""
+    return {"Windows": "windows", "Darwin": "macos"}.get(platform.system(), "linux")
+
+
+def sorter_platform(folder: Path) -> str:
+    """The platform a frozen sorter folder runs on: Windows if it holds `sortloop-sort.exe`, else this one's
+    kind of system (a Linux or macOS build cannot be told apart by name; `bundle.json` keeps the builder's)."""
+    return "windows" if (folder / f"{EXE_NAME}.exe").is_file() else (
+        this_platform() if this_platform() != "windows" else "linux")
 
 
 @dataclass
@@ -63,15 +86,19 @@ class BundleReport:
     out: Path
     model_version: str
     built_at: str
-    size_bytes: int
+    size_bytes: int  # the zip file, or the folder
     sorter: Path  # the frozen sorter folder that was used
     sorter_built: bool  # False: taken from the cache or from --sorter
     replaced: str | None  # model version of the bundle this one replaced
+    platform: str = "linux"  # what the sorter runs on: windows, linux, macos
+    unpacked_bytes: int = 0  # the folder's size (the zip's contents when zipped)
 
     def summary(self) -> str:
-        how = "built" if self.sorter_built else "reused"
-        text = (f"wrote {self.out} ({self.size_bytes / 1e6:.1f} MB): sorter {how} from {self.sorter}, "
-                f"model {self.model_version}, bundle {self.built_at}")
+        how = "built here" if self.sorter_built else "reused"
+        size = (f"{self.size_bytes / 1e6:.0f} MB zipped, {self.unpacked_bytes / 1e6:.0f} MB unzipped"
+                if self.out.suffix == ".zip" else f"{self.size_bytes / 1e6:.0f} MB")
+        text = (f"wrote a {PLATFORM_NAMES[self.platform]} bundle: {self.out} ({size}); sorter {how} from "
+                f"{self.sorter}, model {self.model_version}, bundle {self.built_at}")
         if self.replaced is not None:
             text += f"; replaced the bundle with model {self.replaced}"
         return text
@@ -79,6 +106,7 @@ class BundleReport:
 
 def build_bundle(
     ws: Workspace, out: Path | str, *, as_zip: bool = False, sorter: Path | str | None = None,
+    for_platform: str | None = None,
 ) -> BundleReport:
     """Write the standalone sorter with the deployed model to `out` (a folder, or a zip with `as_zip`).
 
@@ -89,8 +117,11 @@ def build_bundle(
         as_zip: write one zip file instead of a folder.
         sorter: a frozen `sortloop-sort` folder built elsewhere from the same spec (e.g. the Windows CI
             artifact); default: build one here (cached per code version).
+        for_platform: "windows", "linux" or "macos" (default: the sorter's, else this system's). A sorter
+            for another system than this one must come as `sorter` (PyInstaller does not cross-compile).
     Raises:
-        ModelError: nothing deployed. BundleError: PyInstaller missing or fails, OUT is not a bundle.
+        ModelError: nothing deployed. BundleError: PyInstaller missing or fails, OUT is not a bundle, a
+        bundle for another system without its sorter (the message says where a Windows one comes from).
 
     Example:
         >>> print(build_bundle(open_workspace("data"), "sorter-bundle", as_zip=True).summary())  # doctest: +SKIP
@@ -105,10 +136,22 @@ def build_bundle(
         raise ModelError(f"{model_dir / ONNX_FILE} is missing: the sorter needs the ONNX export; retrain, or "
                          "deploy a version that has one")
     check_files(model_dir, (ONNX_FILE,))  # before minutes of freezing: a damaged export is refused now
+    if for_platform is not None:
+        check_choice("--platform", for_platform, PLATFORMS)
     replaced = _existing_bundle(out)
     if sorter is not None:
         frozen, built = _check_sorter(Path(sorter).expanduser().absolute()), False
+        target = sorter_platform(frozen)
+        if for_platform is not None and for_platform != target:
+            raise BundleError(f"{frozen} is a {PLATFORM_NAMES[target]} sorter, not a {PLATFORM_NAMES[for_platform]} "
+                              "one" + (f"; {WINDOWS_SORTER_HINT}" if for_platform == "windows" else ""))
     else:
+        target = for_platform or this_platform()
+        if target != this_platform():
+            raise BundleError(f"cannot build a {PLATFORM_NAMES[target]} sorter on {PLATFORM_NAMES[this_platform()]} "
+                              "(PyInstaller builds for the system it runs on); "
+                              + (WINDOWS_SORTER_HINT if target == "windows" else
+                                 f"build the bundle on {PLATFORM_NAMES[target]}, or pass --sorter"))
         frozen, built = build_sorter(ws)
 
     built_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -119,19 +162,23 @@ def build_bundle(
         _write_model(ws, model_dir, spec, stage / MODEL_FOLDER, built_at)
         info = {"model_version": spec.get("version", model_dir.name), "built_at": built_at,
                 "sortloop": __version__, "system": f"{platform.system()} {platform.machine()}",
-                "sorter": _executable(stage).name, "classes": list(spec["classes"]),
-                "flags": describe(settings_point(spec, ws.settings.sort))}
+                "platform": target, "sorter": _executable(stage).name, "classes": list(spec["classes"]),
+                "flags": describe(settings_point(spec, ws.settings.sort)),
+                "other_folder": ws.settings.sort.other_folder}
         (stage / BUNDLE_JSON).write_text(json.dumps(info, indent=2), encoding="utf-8")
-        (stage / README).write_text(readme_text(info), encoding="utf-8", newline="\r\n")
+        (stage / README).write_text(readme_text(info), encoding="utf-8",
+                                    newline="\r\n" if target == "windows" else "\n")
+        unpacked = sum(p.lstat().st_size for p in stage.rglob("*") if p.is_file() and not p.is_symlink())
         if as_zip:
             _zip_folder(stage, out)
+            with zipfile.ZipFile(out) as zf:  # what unzipping gives (a symlink is stored as the file it names)
+                unpacked = sum(info.file_size for info in zf.infolist())
         else:
             _swap_in(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    size = out.stat().st_size if as_zip else sum(p.lstat().st_size for p in out.rglob("*")
-                                                 if p.is_file() and not p.is_symlink())
-    report = BundleReport(out, str(info["model_version"]), built_at, size, frozen, built, replaced)
+    size = out.stat().st_size if as_zip else unpacked
+    report = BundleReport(out, str(info["model_version"]), built_at, size, frozen, built, replaced, target, unpacked)
     logger.info(report.summary())
     return report
 
@@ -181,10 +228,16 @@ def sorter_key() -> str:
 
 
 def readme_text(info: dict) -> str:
-    """The one page for the person at the PC."""
+    """The one page for the person at the PC, in plain words, for the system the sorter runs on."""
     exe = info["sorter"]
     classes = ", ".join(info["classes"])
-    return f"""SORTLOOP PHOTO SORTER
+    windows = info.get("platform", "windows") == "windows"
+    example = (f'{exe} "D:\\Photos\\new"' if windows else f'./{exe} ~/Photos/new')
+    prompt = "a command prompt" if windows else "a terminal"
+    first_run = ('  Windows may warn about an unknown program the first time: choose "More info", then\n'
+                 '  "Run anyway".\n' if windows else
+                 f'  If it will not start, make it runnable once: chmod +x "{exe}"\n')
+    return f"""SORTLOOP PHOTO SORTER ({PLATFORM_NAMES.get(info.get("platform", "windows"), "")})
 =====================
 Model {info['model_version']}, built {info['built_at']}. Nothing to install: no Python needed.
 
@@ -195,21 +248,31 @@ WHAT IT DOES
 
 HOW TO USE IT
   1. Unzip this whole folder somewhere (keep "{exe}", "_internal" and "model" together).
-  2. Drag the folder of photos onto "{exe}".
-     The sorted copies go to a new folder beside it, named "<your folder> sorted".
+  2. Drag a folder of photos onto "{exe}" (several folders at once is fine).
+     Each one is copied, sorted, into a new folder beside it, named "<your folder> sorted".
      A window shows the progress, then a summary. Press Enter to close it.
-  Or, in a command prompt:   {exe} "D:\\Photos\\new" "D:\\Photos\\sorted"
-  Running it again on the same folder only sorts the new photos.
+  Or, in {prompt}:   {example}
+  Running it again on the same folder only sorts the photos that are new.
 
-UNSURE PHOTOS
-  Photos the model is not sure about are still copied to its best guess, and listed in
-  "_review.csv" in the sorted folder (the model's flags: {info['flags']}).
+PHOTOS IT IS UNSURE ABOUT
+  They are still copied to the category it thinks most likely, and listed in "_review.csv"
+  in the sorted folder, so someone can check them (it {info['flags']}).
+
+PHOTOS THAT FIT NO CATEGORY
+  Photos unlike every photo the model learned from (the workshop, a truck, a sketch) go to
+  the "{info.get('other_folder', '_other')}" folder instead, and are listed in "_review.csv" as "unfamiliar".
+  If one of them does belong to a category, move it there: that teaches the model too.
 
 IF A PHOTO IS IN THE WRONG FOLDER
-  Move it (drag it) into the right category folder. That is all: when the sorted folder
-  is next checked on the main computer ("sortloop scan"), your move teaches the model.
-  Do not rename category folders, and do not delete the hidden ".sortloop" folder:
+  Move it (drag it) into the right category folder. That is all: your move teaches the model
+  once the sorted folder is back on the main computer (see below).
+  Do not rename the category folders, and do not delete the hidden ".sortloop" folder:
   it records what was sorted.
+
+BRINGING THE SORTED FOLDER BACK
+  Copy the whole "<your folder> sorted" folder (with its hidden ".sortloop" folder) to the
+  main computer, or share it on the network. There, run:   sortloop scan "<that folder>"
+  It brings in what was sorted here and every photo you moved, so the next model learns it.
 
 A NEWER SORTER
   When you receive a new bundle, delete this folder and use the new one. An old sorter
@@ -217,8 +280,7 @@ A NEWER SORTER
 
 IF SOMETHING GOES WRONG
   The window says which photos were not sorted and why (damaged file, not a photo...).
-  Windows may warn about an unknown program the first time: choose "More info" then "Run anyway".
-"""
+{first_run}"""
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -232,12 +294,17 @@ def _write_model(ws: Workspace, model_dir: Path, spec: dict, target: Path, built
     if (model_dir / INT8_FILE).is_file():  # sort.precision "auto" uses it when it passed its gate: so does the PC
         shutil.copy2(model_dir / INT8_FILE, target / INT8_FILE)
         files["int8"] = INT8_FILE
+    reference = (spec.get("unfamiliar") or {}).get("file")
+    if reference:  # the unfamiliar score's reference set (hash-checked when the sorter loads it)
+        shutil.copy2(model_dir / reference, target / reference)
+        files["unfamiliar"] = reference
     options = sort_options(ws)
     full = {**spec, "version": spec.get("version", model_dir.name),
             "sorting": {"flag_strategy": options.flag_strategy, "flag_target": options.flag_target,
                         "flag_budget": options.flag_budget, "flag_threshold": options.flag_threshold,
                         "keep_tree": options.keep_tree, "batch_size": options.batch_size,
-                        "workers": options.workers, "precision": options.precision},
+                        "workers": options.workers, "precision": options.precision,
+                        "unfamiliar": options.unfamiliar, "other_folder": options.other_folder},
             "bundle": {"built_at": built_at, "sortloop": __version__}}
     full["files"] = files
     full["checksums"] = {name: digest for name, digest in (spec.get("checksums") or {}).items()

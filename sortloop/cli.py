@@ -27,6 +27,7 @@ from sortloop.console import (
     out,
     print_json,
     progress_bar,
+    quiet_library_logs,
     set_global_options,
     sortloop_command,
 )
@@ -41,7 +42,8 @@ if TYPE_CHECKING:
     from loop.workspace import Workspace
 
 app = typer.Typer(
-    help="Sort photos into category folders with a classifier that learns from your corrections.",
+    help="Sort photos into category folders with a classifier that learns from your corrections.\n\n"
+         "Example: sortloop sort ~/Photos/inbox ~/Photos/sorted   (every command: sortloop COMMAND --help)",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -68,7 +70,7 @@ def command(*args: Any, **kwargs: Any) -> Any:
     return command_of(app, *args, **kwargs)
 
 
-RayOption = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (needs `pip install 'sortloop\\[ray]'`); "
+RayOption = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (needs `pip install 'sortloop[ray]'`); "
                                          "default: sort.engine / model.feature_engine.")]
 RayAddressOption = Annotated[str | None, typer.Option(help="The Ray cluster: host:6379, ray://host:10001, or "
                                                        "'local' for a fresh local instance (default: ray.address, "
@@ -90,16 +92,26 @@ def _with_ray(workspace: Path | None, address: str | None) -> Workspace:
 
 @command()
 def init(
-    path: Annotated[Path | None, typer.Argument(metavar="PATH", help="Workspace folder (default ./data).")] = None,
+    path: Annotated[Path | None, typer.Argument(metavar="PATH", help="Workspace folder (default "
+                                                "$SORTLOOP_WORKSPACE, else ./data).")] = None,
+    classes: Annotated[str | None, typer.Option(help="Your categories, separated by commas (they become the "
+                                                "folders under DEST), e.g. table,console,cabinet.")] = None,
+    workspace: WorkspaceOption = None,
 ) -> None:
     """Create a workspace: config file with documented defaults, manifest, history, models, caches.
 
-    Example: sortloop init ./data
+    Run it again to add categories; an existing config is kept.
+
+    Example: sortloop init ./data --classes table,console,cabinet
     """
+    from loop.data.classes import declare_classes, parse_class_list
     from loop.workspace import init_workspace
 
-    ws = init_workspace(path)
-    out.print(f"workspace ready: {ws.root}  (settings: {ws.config_file})")
+    names = parse_class_list(classes) if classes is not None else None  # a bad list creates nothing
+    ws = init_workspace(path or workspace)
+    out.print(f"workspace ready: {ws.root}  (settings: {ws.config_file})", highlight=False)
+    if names is not None:
+        out.print(f"categories: {', '.join(declare_classes(ws, names))}", highlight=False)
 
 
 @command()
@@ -108,21 +120,28 @@ def ingest(
     source: Annotated[Source, typer.Option(help="'user' for real photos, 'web' for web images.")] = Source.user,
     labeled: Annotated[bool, typer.Option(help="Take labels from class folder names (imagenet style).")] = False,
     items: Annotated[Path | None, typer.Option(help="CSV with columns path,item_id.")] = None,
+    classes: Annotated[str | None, typer.Option(help="With --labeled: your categories, separated by commas; a "
+                                                "photo takes the first folder on its path named like one.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="With --labeled: take the folder names as categories even "
+                                      "if they look like projects or dates, or hold few photos.")] = False,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Add a folder of images to the manifest (idempotent), group them into items, assign splits.
 
-    Exit code 1 if any file could not be read (each listed with why; the others are added), like sort.
+    With --labeled, prints the categories it made and their photo counts. Exit code 1 if any file could not
+    be read (each listed with why; the others are added), like sort.
 
     Example: sortloop ingest ~/photos/labeled --source user --labeled
     """
+    from loop.data.classes import parse_class_list
     from loop.data.ingest import ingest_folder
     from loop.workspace import open_workspace
 
     ws = open_workspace(workspace)
+    names = parse_class_list(classes) if classes is not None else None
     with progress_bar("ingesting") as on_progress:
-        report = ingest_folder(ws, folder, source=source.value, labeled=labeled, items_csv=items,
-                               on_progress=on_progress)
+        report = ingest_folder(ws, folder, source=source.value, labeled=labeled, items_csv=items, classes=names,
+                               check_folders=not yes, on_progress=on_progress)
     out.print(report.summary())
     for path, reason in report.unreadable:
         console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
@@ -183,6 +202,35 @@ def history(
 
 
 # --- the whole loop -------------------------------------------------------------------------------
+
+
+@command()
+def start(
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Your unsorted photos (searched recursively; "
+                                           "never changed).")],
+    per_class: Annotated[int, typer.Option(min=1, max=100, help="Photos per category in the first batch "
+                                           "to label.")] = 8,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Start from an archive where nothing is sorted: add its photos, send the first ones to label for review.
+
+    Declare your categories first (`sortloop init --classes ...`). The first batch covers the archive: the
+    most typical photo of each group of similar ones, about --per-class per category. Label them in Label
+    Studio, then `review pull`, `train`, `deploy` and `sort`.
+
+    Example: sortloop init --classes table,console,cabinet && sortloop start ~/Photos/archive
+    """
+    from loop.workspace import open_workspace
+    from sortloop.first_steps.start import start_archive
+
+    ws = open_workspace(workspace)
+    with progress_bar("preparing") as on_progress:
+        report = start_archive(ws, folder, per_class=per_class, on_progress=on_progress,
+                               on_step=lambda name, text: console.print(f"{name}: {text}", highlight=False,
+                                                                        markup=False))
+    out.print(report.lines()[-1], highlight=False, soft_wrap=True)
+    run = lambda args: cli_hint(args, ws.root)  # noqa: E731
+    out.print(f"then: {run('review pull')} && {run('train')} && {run('deploy')}", highlight=False, soft_wrap=True)
 
 
 @command()
@@ -278,6 +326,12 @@ def sort(
         report = sort_folder(ws, src, dest, keep_tree=keep_tree, engine="ray" if ray else None,
                              on_progress=on_progress)
     out.print(report.summary(), highlight=False, soft_wrap=True)
+    from loop.folders.watchlist import add_sorted_tree
+
+    if add_sorted_tree(ws, dest):  # `serve` scans it for moves from now on (`watch list` shows it)
+        out.print(f"registered {dest.expanduser().resolve()} for `serve` to scan for corrections "
+                  f"(undo: {cli_hint(f'watch remove-tree {shlex.quote(str(dest))}', ws.root)})",
+                  highlight=False, soft_wrap=True)
     for path, reason in report.failed:
         console.print(f"[yellow]not sorted[/yellow] {path}: {reason}", highlight=False)
     if not report.ok:
@@ -414,6 +468,9 @@ def bundle(
     zip_: Annotated[bool, typer.Option("--zip", help="Write one zip file instead of a folder.")] = False,
     sorter: Annotated[Path | None, typer.Option(help="A sortloop-sort folder frozen elsewhere from the same spec "
                                                      "(e.g. the Windows CI build); default: build one here.")] = None,
+    for_platform: Annotated[str | None, typer.Option("--platform", help="windows, linux or macos (default: the "
+                                                     "--sorter's system, else this one). Another system than this "
+                                                     "one needs --sorter.")] = None,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Write a standalone sorter with the deployed model, for a PC with no Python (runs `sortloop-sort SRC DEST`).
@@ -426,7 +483,7 @@ def bundle(
     from sortloop.bundle import build_bundle
 
     with console.status("building the sorter bundle (a minute or two the first time)"):
-        report = build_bundle(open_workspace(workspace), target, as_zip=zip_, sorter=sorter)
+        report = build_bundle(open_workspace(workspace), target, as_zip=zip_, sorter=sorter, for_platform=for_platform)
     out.print(report.summary(), highlight=False, soft_wrap=True)
 
 
@@ -489,7 +546,7 @@ def deploy(
     with progress_bar("evaluating") as on_progress:
         decision = run_gate(open_workspace(workspace), version, force=force, on_progress=on_progress)
     out.print(decision.summary(), highlight=False, markup=False)
-    if not decision.promoted:
+    if not decision.promoted and not decision.unchanged:
         raise typer.Exit(2)
 
 
@@ -556,6 +613,7 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("apscheduler.scheduler").setLevel(logging.WARNING)  # job runs are logged by sortloop.jobs
+    quiet_library_logs()
     ws = init_workspace(workspace) if init else open_workspace(workspace)
 
     def started(scheduler: Any) -> None:

@@ -52,12 +52,26 @@ class GlobalOptions:
     as_json: bool = False
 
 
+# HTTP client libraries log every request at INFO (URL-encoded filters and all): only with -vv.
+CHATTY_LOGGERS = ("httpx", "httpcore", "urllib3")
+_verbosity = 0
+
+
 def set_global_options(ctx: typer.Context, options: GlobalOptions) -> None:
     """Store the global options on the root context and turn on logging for -v/-vv."""
+    global _verbosity
     ctx.obj = options
+    _verbosity = options.verbose
     if options.verbose:
         logging.basicConfig(level=logging.DEBUG if options.verbose > 1 else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    quiet_library_logs()
+
+
+def quiet_library_logs() -> None:
+    """Keep the HTTP libraries' request lines out of the console unless -vv was given."""
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if _verbosity > 1 else logging.WARNING)
 
 
 def _apply_global_options(ctx: typer.Context, kwargs: dict[str, Any]) -> None:
@@ -98,7 +112,7 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
                 out.print(exc.summary, highlight=False, markup=False, soft_wrap=True)
             message = exc if isinstance(exc, SortloopError) else DiskFullError(exc.filename or "a folder it writes")
             console.print(Text.assemble(("error:", "red"), f" {message}"), highlight=False)
-            raise typer.Exit(1) from None
+            raise typer.Exit(getattr(message, "exit_code", 1)) from None
 
     sig = inspect.signature(func, eval_str=True)
     extra = inspect.Parameter(_CTX, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)

@@ -247,7 +247,7 @@ def new_labels_since_last_train(ws: Workspace) -> tuple[bool, str]:
     if latest is None:
         return True, "no model trained yet"
     version, spec = latest
-    if spec.get("labels_fingerprint") == labels_fingerprint(labeled_rows(ws)):
+    if spec.get("labels_fingerprint") == labels_fingerprint(labeled_rows(ws, none_of_these=True)):
         return False, f"no new labels since {version} was trained"
     return True, f"labels changed since {version} was trained"
 

@@ -11,9 +11,10 @@ import typer
 
 from sortloop.console import JsonOption, WorkspaceOption, command_of, console, out, print_json, progress_bar
 
-labelstudio_app = typer.Typer(help="Run the embedded Label Studio review server.", no_args_is_help=True)
-review_app = typer.Typer(help="Send flagged photos to Label Studio and bring reviewers' labels back.",
-                         no_args_is_help=True)
+labelstudio_app = typer.Typer(help="Run the embedded Label Studio review server.\n\n"
+                              "Example: sortloop labelstudio up && sortloop labelstudio status", no_args_is_help=True)
+review_app = typer.Typer(help="Send flagged photos to Label Studio and bring reviewers' labels back.\n\n"
+                         "Example: sortloop review push && sortloop review pull", no_args_is_help=True)
 
 
 @command_of(labelstudio_app, "up")

@@ -409,7 +409,7 @@ def _headline(facts: _Facts) -> str:
     if cal.get("ece_oof_before") is not None:
         headline += (f" Calibrated (temperature {cal['temperature']:.2f}): expected calibration error "
                      f"{cal['ece_oof_before']:.3f} &rarr; {cal['ece_oof_after']:.3f} out of fold.")
-    return headline + f" Flags: {html.escape(describe(facts.point))}."
+    return headline + f" Flags: {html.escape(describe(facts.point, detail=True))}."
 
 
 def _page(ws: Workspace, facts: _Facts) -> str:

@@ -43,7 +43,7 @@ from sortloop.jobs import STOP, append_job_log, now_utc, sorted_trees
 logger = logging.getLogger(__name__)
 
 JOB_IDS = ("pull", "push", "scan", "watch", "retrain")
-START_NOW = ("pull", "push")  # `serve` runs these at start-up, then on their interval
+START_NOW = ("pull", "push", "scan")  # `serve` runs these at start-up, then on their interval
 JOBSTORE_FILE = "scheduler.sqlite"
 CONFIG_HINT = "sortloop.toml's [schedule]"
 LOCK_FILE = "serve.lock"
@@ -298,6 +298,8 @@ def describe_jobs(
         else:
             local = nxt.astimezone().strftime("%a %d %b at %H:%M %Z")
             lines.append(f"{job_id} {WHAT[job_id]} {_when(job.trigger)}; next run {local}")
+        if job_id == "scan":
+            lines += [f"  scans {tree}" for tree in sorted_trees(ws)]
     return lines
 
 

@@ -97,6 +97,28 @@ class _ConsoleProgress:
         sys.stderr.flush()
 
 
+HELP = """sortloop-sort copies your photos into one folder per category; the originals are never changed.
+To use it, drag a folder of photos (or several) onto this program: each one is sorted into a new folder
+beside it, named "<your folder> sorted". Or type: sortloop-sort FOLDER [SORTED-FOLDER]. README.txt, next
+to the program, says more (including how to bring the sorted folder back to the main computer)."""
+
+
+def plan(paths: list[Path], dest: Path | None) -> list[tuple[Path, Path]]:
+    """(source, destination) pairs for the folders given: what a typed command or a drop means.
+
+    `SRC DEST` (typed) sorts SRC into DEST when DEST does not exist yet or was sorted before (it holds
+    `.sortloop`); otherwise every path is a dropped folder, each sorted into its own `<folder> sorted`.
+    `--dest` always means one destination for the one source.
+    """
+    if dest is not None:
+        if len(paths) != 1:
+            raise SortloopError("--dest takes one folder to sort; drop or give the others one at a time")
+        return [(paths[0], dest)]
+    if len(paths) == 2 and (not paths[1].exists() or (paths[1] / dest_record.RECORD_DIR).is_dir()):
+        return [(paths[0], paths[1])]
+    return [(src, default_dest(src)) for src in paths]
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code (0 sorted, 1 some files failed, 2 could not sort)."""
     multiprocessing.freeze_support()  # decode workers re-launch the frozen executable
@@ -104,41 +126,60 @@ def main(argv: list[str] | None = None) -> int:
         prog="sortloop-sort",
         description="Copy every photo under SRC into DEST/<category>/ (originals are never changed). "
                     "Photos the model is unsure about are listed in DEST/_review.csv.",
-        epilog='Example: sortloop-sort "D:\\Photos\\new" "D:\\Photos\\sorted"   (or drop a folder onto the program)',
+        epilog='Example: sortloop-sort "D:\\Photos\\new" "D:\\Photos\\sorted"   (or drop folders onto the program)',
     )
-    parser.add_argument("src", type=Path, help="folder of photos to sort")
-    parser.add_argument("dest", type=Path, nargs="?", help="sorted folder (default: '<SRC> sorted' beside SRC)")
+    parser.add_argument("paths", type=Path, nargs="*", metavar="SRC [DEST]",
+                        help="folder of photos to sort, and where to (default: '<SRC> sorted' beside SRC); "
+                             "several folders: each to its own '<folder> sorted'")
+    parser.add_argument("--dest", type=Path, help="sort the one SRC into this folder")
     parser.add_argument("--model", type=Path, help="model folder (default: 'model' beside the program)")
     parser.add_argument("--flat", action="store_true", help="do not keep SRC's sub-folders under each category")
     parser.add_argument("--workers", type=int, help="decoder processes (default: the bundle's setting)")
     parser.add_argument("--no-pause", action="store_true", help="do not wait for Enter at the end")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    dropped = args.dest is None  # one folder: what a drag-and-drop onto the program gives
-    dest = args.dest or default_dest(args.src)
+    # a double-click or a drop (no DEST typed): keep the window open at the end so the summary can be read
+    dropped = args.dest is None and all(dest == default_dest(src) for src, dest in plan(args.paths, None))
+    if not args.paths:  # a double-click: no folder at all
+        print(HELP)
+        code = 2
+    else:
+        code = 0
+        try:
+            jobs = plan(args.paths, args.dest)
+        except SortloopError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            jobs, code = [], 2
+        for src, dest in jobs:
+            code = max(code, _sort_one(src, dest, args))
+            if code == 130:
+                break
+    if dropped and not args.no_pause and sys.stdin is not None and sys.stdin.isatty():
+        input("Press Enter to close this window.")
+    return code
+
+
+def _sort_one(src: Path, dest: Path, args: argparse.Namespace) -> int:
+    """Sort one folder and print its summary; the exit code for it."""
     model_dir = args.model or bundle_dir() / MODEL_FOLDER
-    code = 0
     try:
-        report = sort_standalone(args.src, dest, model_dir, keep_tree=False if args.flat else None,
+        report = sort_standalone(src, dest, model_dir, keep_tree=False if args.flat else None,
                                  workers=args.workers, on_progress=_ConsoleProgress())
         sys.stderr.write("\n")
         print(report.summary())
         for path, reason in report.failed:
             print(f"not sorted: {path}: {reason}")
         print(f"sorted photos are in: {report.dest}")
-        code = 0 if report.ok else 1
+        return 0 if report.ok else 1
     except SortloopError as exc:
         sys.stderr.write("\n")
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {src}: {exc}", file=sys.stderr)
         if getattr(exc, "summary", ""):  # a full disk: what was done before it stopped
             print(exc.summary)
-        code = 2
+        return 2
     except KeyboardInterrupt:
         print("\nstopped; run it again to finish (photos already sorted are skipped)", file=sys.stderr)
-        code = 130
-    if dropped and not args.no_pause and sys.stdin is not None and sys.stdin.isatty():
-        input("Press Enter to close this window.")
-    return code
+        return 130
 
 
 if __name__ == "__main__":

@@ -66,9 +66,24 @@ def _models(ws: Workspace, problems: list[str]) -> tuple[dict[str, Any] | None, 
             "calibration": spec.get("calibration"),
             "flag_point": settings_point(spec, ws.settings.sort),
             "sort_precision": _sort_precision(ws, spec),
+            "unfamiliar": {**{k: v for k, v in (spec.get("unfamiliar") or {}).items() if k in (
+                "threshold", "max_share", "oof_in_scope_sent", "reference_rows", "negative_rows")},
+                "summary": _describe_unfamiliar(spec.get("unfamiliar") or {}, ws.settings.sort)},
         }
     newer = [v for v in versions if current is None or v["version"] > current]
     return model, versions, newer
+
+
+def _describe_unfamiliar(section: dict, sort) -> str:
+    """One line: where unfamiliar photos go and what the threshold was calibrated to send there."""
+    if not sort.unfamiliar:
+        return "off (sort.unfamiliar = false): every photo goes to a category"
+    if not section:
+        return "no score in this model (trained before it): every photo goes to a category; retrain to add it"
+    taught = f", {section['negative_rows']} 'none of these' photos" if section.get("negative_rows") else ""
+    return (f"photos unlike every labeled one go to {sort.other_folder}/ (threshold {section['threshold']:.3f}: "
+            f"{section['oof_in_scope_sent']:.0%} of labeled photos of unseen items out of fold; "
+            f"{section['reference_rows']} reference photos{taught})")
 
 
 def _sort_precision(ws: Workspace, spec: dict[str, Any]) -> dict[str, Any]:
@@ -101,8 +116,13 @@ def _labels_and_splits(ws: Workspace, last_trained_at: pd.Timestamp | None) -> d
             "labeled_images": int(part["label"].notna().sum()),
             "user_images": int((part["source"] == "user").sum()),
         }
+    from labeling.push import reason_counts, select_candidates, within_budget
+    from loop.review.queue import budget_left
+
     flagged = df[df["flag"].notna()]
     status = flagged["review_status"].fillna("queued")
+    waiting = select_candidates(df)  # what `review push` would send, most useful first
+    today = within_budget(waiting, budget_left(ws))
     hist = history(ws)
     reviews = hist[hist["source"] == "review"]
     if last_trained_at is not None:
@@ -120,7 +140,10 @@ def _labels_and_splits(ws: Workspace, last_trained_at: pd.Timestamp | None) -> d
         "flags": {
             "total": len(flagged),
             "by_reason": _counts(flagged["flag"]),
-            "waiting": int((status == "queued").sum()),  # flagged, not yet pushed to Label Studio
+            "waiting": len(waiting),  # wanting review, not sent yet (flagged by sort, chosen, moved by a person)
+            "waiting_by_reason": reason_counts(waiting),
+            "sendable_today": len(today),  # of those, what today's budget lets `review push` send
+            "daily_budget": ws.settings.review.daily_budget,
             "in_review": int((status == "pushed").sum()),
             "reviewed": int((status == "reviewed").sum()),
             "skipped": int((status == "skipped").sum()),
@@ -184,7 +207,18 @@ def labelstudio_health(ws: Workspace, *, timeout: float = HEALTH_TIMEOUT_S) -> d
     except httpx.HTTPError as exc:
         return {"url": url, "reachable": False, "detail": f"{type(exc).__name__}: {exc}"}
     ok = response.status_code == 200
-    return {"url": url, "reachable": ok, "detail": f"HTTP {response.status_code}"}
+    return {"url": url, "reachable": ok, "detail": f"HTTP {response.status_code}",
+            "whose": whose_server(ws) if ok else None}
+
+
+def whose_server(ws: Workspace) -> str:
+    """Whose Label Studio answers at the configured URL: "team" (labelstudio.url), "this workspace" (the embedded
+    one it started, or one that accepts its login), or "another" (someone else's server on that port)."""
+    from labeling import server
+
+    if ws.settings.labelstudio.url:
+        return "team"
+    return "another" if server.status(ws).foreign else "this workspace"
 
 
 def collect_status(ws: Workspace, *, check_labelstudio: bool = True) -> dict[str, Any]:
@@ -259,9 +293,9 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append(f"            out-of-fold accuracy {_fmt_acc(cv['accuracy'])} on {cv['n']} training photos "
                          f"({model.get('n_train')} labels trained)")
         cal = model.get("calibration") or {}
-        if cal.get("ece_oof_before") is not None:
-            lines.append(f"            calibration: temperature {cal['temperature']:.2f}, "
-                         f"ECE {cal['ece_oof_before']:.3f} -> {cal['ece_oof_after']:.3f} (out of fold)")
+        if cal.get("ece_oof_before") is not None:  # temperature and ECE: `status --json` and the report
+            lines.append(f"            confidence calibrated: off by {cal['ece_oof_before']:.0%} on average before, "
+                         f"{cal['ece_oof_after']:.0%} after (out of fold)")
         lines.append(f"flags       {describe(model['flag_point'])}")
         measured = status["flags"].get("measured")
         if measured and measured["photos"]:
@@ -274,6 +308,7 @@ def format_status(status: dict[str, Any]) -> str:
         if decision.get("evidence"):
             lines.append(f"            deployed by the gate: {describe_evidence(decision['evidence'])} "
                          "(previous -> this model)")
+        lines.append(f"unfamiliar  {(model.get('unfamiliar') or {}).get('summary', '')}")
         precision = model.get("sort_precision") or {}
         lines.append(f"sorting     {'INT8' if precision.get('int8') else 'float'} model: {precision.get('reason', '')}")
     for cand in status["candidates"]:
@@ -301,9 +336,15 @@ def format_status(status: dict[str, Any]) -> str:
         )
     flags = status["flags"]
     reasons = ", ".join(f"{k} {v}" for k, v in flags["by_reason"].items()) or "none"
+    why = ", ".join(f"{n} {reason}" for reason, n in flags["waiting_by_reason"].items() if n)
+    budget = ""
+    if flags["daily_budget"] and flags["sendable_today"] < flags["waiting"]:
+        budget = (f"; {flags['sendable_today']} can be sent today (review.daily_budget = {flags['daily_budget']} "
+                  "a day, besides photos people moved), the rest tomorrow")
     lines.append(
-        f"flags       {flags['waiting']} waiting to be pushed, {flags['in_review']} in review, "
-        f"{flags['reviewed_since_last_train']} reviewed since last train (by reason: {reasons})"
+        f"flags       {flags['waiting']} waiting to be sent for review{f' ({why})' if why else ''}{budget}; "
+        f"{flags['in_review']} in review, {flags['reviewed_since_last_train']} reviewed since last train "
+        f"(all flags by reason: {reasons})"
     )
     lines.append(f"serve       {'running' if status['serving'] else 'not running'}")
     for job_id, job in status["jobs"].items():
@@ -319,5 +360,9 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"job {job_id:<8}next {nxt}; {last_text}")
     ls = status["labelstudio"]
     reach = {True: "reachable", False: f"NOT reachable ({ls.get('detail')})", None: "not checked"}[ls["reachable"]]
-    lines.append(f"labelstudio {ls['url']} {reach}")
+    whose = {"team": " (the team server of labelstudio.url)", "this workspace": " (this workspace's)",
+             "another": " - but it is NOT this workspace's server (it refuses this workspace's login): another "
+                        "workspace's Label Studio uses that port; set labelstudio.port in this workspace's "
+                        "sortloop.toml, or stop the other one"}.get(ls.get("whose") or "", "")
+    lines.append(f"labelstudio {ls['url']} {reach}{whose}")
     return "\n".join(lines)

@@ -13,7 +13,9 @@ import typer
 
 from sortloop.console import JsonOption, WorkspaceOption, cli_hint, command_of, out, print_json
 
-watch_app = typer.Typer(help="Inboxes `serve` sorts and sorted trees it scans for user moves.", no_args_is_help=True)
+watch_app = typer.Typer(help="Inboxes `serve` sorts and sorted trees it scans for user moves.\n\n"
+                        "Example: sortloop watch add ~/Photos/inbox ~/Photos/sorted && sortloop watch list",
+                        no_args_is_help=True)
 
 
 def _restart_note(ws) -> str:  # noqa: ANN001

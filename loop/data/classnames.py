@@ -34,6 +34,7 @@ _LOOKALIKES = str.maketrans({
     "α": "a", "β": "b", "ε": "e", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "τ": "t", "υ": "u",
     "χ": "x", "ı": "i", "ℓ": "l", "０": "0", "ǀ": "l",
 })
+OTHER_LABEL = "_other"  # "none of these": a label, never a class (a class cannot start with "_")
 
 
 def class_name_problem(name: object) -> str | None:
@@ -81,6 +82,9 @@ def twin_problem(name: str, existing: Iterable[str]) -> str | None:
         if other != name and look_alike_key(other) == key:
             return f"it differs from the class {other!r} only in case or in look-alike letters (one folder on Windows)"
     return None
+def check_label(name: object) -> str:
+    """Return `name` if it can be a label: a class name, or OTHER_LABEL ("none of these"); else raise."""
+    return OTHER_LABEL if name == OTHER_LABEL else check_class_name(name)
 
 
 def check_class_name(name: object) -> str:

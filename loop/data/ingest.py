@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ import pandas as pd
 
 from loop.data import manifest
 from loop.data.classnames import check_class_name, normal_name, twin_problem
-from loop.errors import ClassNameError, ConfigError, DiskFullError, ImageError, SortloopError
+from loop.errors import ClassNameError, ConfigError, DiskFullError, ImageError, IngestRefused, SortloopError
 from loop.data.images import check_regular_file, file_sha256, iter_image_files, open_image, perceptual_hash
 from loop.data.items import assign_items, exif_taken_at
 from loop.progress import ProgressCallback, no_progress
@@ -53,14 +55,21 @@ class IngestReport:
     seen: int = 0
     added: int = 0
     already_present: int = 0
+    duplicates: int = 0  # byte-identical copies of a photo seen earlier in this same ingest
     labeled: int = 0
     unreadable: list[tuple[str, str]] = field(default_factory=list)
+    class_counts: dict[str, int] = field(default_factory=dict)  # labeled photos added, per class
 
     def summary(self) -> str:
-        return (
-            f"{self.seen} files: {self.added} added ({self.labeled} labeled), "
-            f"{self.already_present} already in the manifest, {len(self.unreadable)} unreadable"
-        )
+        text = f"{self.seen} files: {self.added} added ({self.labeled} labeled), "
+        if self.duplicates:
+            text += f"{self.duplicates} duplicate copies of photos in this folder, "
+        text += f"{self.already_present} already in the manifest, {len(self.unreadable)} unreadable"
+        if self.class_counts:
+            counts = ", ".join(f"{name} {n}" for name, n in sorted(self.class_counts.items()))
+            n = len(self.class_counts)
+            text += f"\n{n} {'category' if n == 1 else 'categories'} (photos added): {counts}"
+        return text
 
 
 def describe_image(path: Path, image_id: str | None = None) -> ImageInfo:
@@ -98,6 +107,8 @@ def ingest_folder(
     source: str = "user",
     labeled: bool = False,
     items_csv: Path | str | None = None,
+    classes: list[str] | None = None,
+    check_folders: bool = False,
     on_progress: ProgressCallback = no_progress,
     threads: int = 4,
 ) -> IngestReport:
@@ -107,7 +118,13 @@ def ingest_folder(
         source: "user" for real photos (validation metrics are reported on these) or "web".
         labeled: take the label from the first class folder under `folder`.
         items_csv: optional CSV `path,item_id` giving explicit item groups (wins over inference).
+        classes: with `labeled`, the categories: a photo takes the first folder on its path named like one
+            (others are added unlabeled); without it every first-level folder is a category.
+        check_folders: with `labeled`, refuse folders that do not look like categories (what the CLI does
+            unless `--yes`): project- or date-like names, or most holding fewer than 3 photos.
     Raises:
+        IngestRefused: (labeled, check_folders) the folders look like projects or dates, or most hold fewer than
+            3 photos; nothing was read.
         ConfigError: a bad source or items CSV. DiskFullError: the workspace's disk is full (nothing was
         added; `.summary` says what was found).
     Example:
@@ -124,10 +141,13 @@ def ingest_folder(
     known = set(current["image_id"].dropna())
     unlisted: list[tuple[str, str]] = []
     files = list(iter_image_files(root, on_error=lambda f, why: unlisted.append((str(f), why))))
+    wanted = list(classes) if classes else None
     if labeled:
-        _check_class_folders(root, files, set(current["label"].dropna().astype(str)))
+        _check_class_folders(root, files, wanted, set(current["label"].dropna().astype(str)),
+                             check_folders=check_folders)
     report = IngestReport(seen=len(files), unreadable=unlisted)
     infos: list[ImageInfo] = []
+    added_now: set[str] = set()
 
     def one(path: Path) -> ImageInfo | tuple[str, str]:
         try:
@@ -149,12 +169,16 @@ def ingest_folder(
                 logger.warning("skipped %s: %s", *result)
                 continue
             if result.image_id in known:
-                report.already_present += 1
+                if result.image_id in added_now:
+                    report.duplicates += 1
+                else:
+                    report.already_present += 1
                 continue
             known.add(result.image_id)  # a byte-identical copy later in the same tree is the same image
-            rel = Path(path).relative_to(root)  # as walked: a symlinked file may point elsewhere
-            if labeled and len(rel.parts) > 1:
-                result.label = normal_name(rel.parts[0])
+            added_now.add(result.image_id)
+            if labeled:
+                label = folder_label(Path(path).relative_to(root), wanted)  # as walked, not resolved
+                result.label = None if label is None else normal_name(label)  # macOS folder names are NFD
             result.item_id = explicit.get(os.path.normpath(path))
             infos.append(result)
     try:
@@ -163,15 +187,34 @@ def ingest_folder(
         exc.summary = report.summary()
         raise
     report.labeled = sum(1 for i in infos if i.label)
+    report.class_counts = dict(Counter(i.label for i in infos if i.label))
     return report
 
 
-def _check_class_folders(root: Path, files: list[Path], classes: set[str]) -> None:
-    """Refuse, before reading any photo, a class folder whose name cannot be a class, or that is a case-only
-    or look-alike twin of another folder or of a class the manifest has (`loop.data.classnames.twin_problem`)."""
-    folders = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
-    accepted = set(classes)
-    for name in folders:
+def folder_label(rel: Path, classes: list[str] | None) -> str | None:
+    """The label a photo's place gives it: its first folder, or with `classes` the first folder on its path
+    that is one of them (so `2024-03 Smith order/table/IMG_1.jpg` is a table); None if none."""
+    folders = rel.parts[:-1]
+    if classes is None:
+        return folders[0] if folders else None
+    return next((part for part in folders if part in classes), None)
+
+
+# A folder name that looks like a project or a date, not a category: a year or a date in it, or a long phrase.
+_PROJECT_LIKE = re.compile(r"(?:^|\D)(?:19|20)\d{2}(?:\D|$)|\d{1,2}[-._/]\d{1,2}[-._/]\d{2,4}|(?:\S+\s+){3,}\S")
+MIN_PHOTOS_PER_CLASS = 3  # fewer for most classes: not a sorted set to learn from yet
+
+
+def _check_class_folders(root: Path, files: list[Path], classes: list[str] | None, known: set[str], *,
+                         check_folders: bool) -> None:
+    """Before reading any photo: refuse a folder name that cannot be a class, or that is a case-only or
+    look-alike twin of another folder or of a class the manifest has (`known`;
+    `loop.data.classnames.twin_problem`), and (with `check_folders`) folders that look like projects or
+    dates, or too few photos per class, naming `--classes` and `--yes`."""
+    counts = Counter(folder_label(f.relative_to(root), classes) for f in files)
+    counts.pop(None, None)
+    accepted = set(known)
+    for name in sorted(counts):
         try:
             label = check_class_name(normal_name(name))
             problem = twin_problem(label, accepted)
@@ -180,6 +223,21 @@ def _check_class_folders(root: Path, files: list[Path], classes: set[str]) -> No
         except ClassNameError as exc:
             raise ClassNameError(f"class folder {root / name}: {exc}; rename the folder and ingest again") from None
         accepted.add(label)
+    if not check_folders or classes is not None or not counts:
+        return
+    fix = ("name your categories: `--classes table,chair,...` (a photo then takes the first folder on its path "
+           "that is one of them), or ingest it anyway with `--yes`")
+    looks_like_projects = sorted(n for n in counts if _PROJECT_LIKE.search(n))
+    if len(looks_like_projects) * 2 > len(counts):
+        shown = ", ".join(repr(n) for n in looks_like_projects[:3]) + (", ..." if len(looks_like_projects) > 3 else "")
+        raise IngestRefused(f"{len(looks_like_projects)} of the {len(counts)} folders under {root} look like "
+                            f"projects or dates, not categories ({shown}); {fix}")
+    few = sorted(n for n, c in counts.items() if c < MIN_PHOTOS_PER_CLASS)
+    if len(few) * 2 > len(counts):
+        raise IngestRefused(f"{len(few)} of the {len(counts)} folders under {root} hold fewer than "
+                            f"{MIN_PHOTOS_PER_CLASS} photos ({', '.join(few[:3])}{', ...' if len(few) > 3 else ''}): "
+                            "too few to learn a "
+                            f"category from; {fix}")
 
 
 def register_images(

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from loop.choices import check_choice
 from loop.data import manifest as mf
 from loop.errors import ManifestError
+from loop.data.ingest import SOURCES
+from loop.data.manifest import FLAGS, HUMAN_SOURCES, REVIEW_STATUSES
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -28,6 +31,22 @@ LIST_COLUMNS = ["image_id", "label", "label_source", "label_by", "source", "spli
 FILTERS = {"label": "label", "source": "source", "label_source": "label_source", "flag": "flag",
            "review": "review_status", "split": "split"}
 MISSING = "none"
+# The values each filter can take besides those in the manifest (so a typo is caught on a new workspace too).
+KNOWN_VALUES: dict[str, tuple[str, ...]] = {
+    "source": SOURCES,
+    "label_source": ("folder", *HUMAN_SOURCES),
+    "flag": FLAGS,
+    "review": REVIEW_STATUSES,
+    "split": ("train", "valid"),
+}
+
+
+def valid_values(ws: Workspace, df: pd.DataFrame, name: str) -> list[str]:
+    """What filter `name` can match: its known values, the manifest's, and for `label` the declared classes."""
+    values = set(KNOWN_VALUES.get(name, ())) | {str(v) for v in df[FILTERS[name]].dropna().unique()}
+    if name == "label":
+        values |= set(ws.settings.classes)
+    return sorted(values)
 
 
 def filter_labels(ws: Workspace, **filters: str | None) -> pd.DataFrame:
@@ -39,6 +58,7 @@ def filter_labels(ws: Workspace, **filters: str | None) -> pd.DataFrame:
 
     Raises:
         ManifestError: an unknown filter name (the valid ones are listed).
+        UnknownChoiceError: a value none of the photos can have (a typo), with the valid ones.
 
     Example:
         >>> filter_labels(open_workspace("data"), label="chair", split="valid")   # doctest: +SKIP
@@ -51,6 +71,7 @@ def filter_labels(ws: Workspace, **filters: str | None) -> pd.DataFrame:
     for name, value in filters.items():
         if value is None:
             continue
+        check_choice(f"--{name.replace('_', '-')}", value, [MISSING, *valid_values(ws, df, name)])
         column = df[FILTERS[name]]
         keep &= column.isna() if value == MISSING else (column == value).fillna(False)
     rows = df.loc[keep, LIST_COLUMNS]

@@ -7,7 +7,9 @@ equal to what the manifest committed, whatever moment a process is killed at (`c
 the changes are first written as intents (`history/labels.pending.jsonl`), then the manifest is replaced,
 then they are appended to the history; an intent left by a kill is appended the next time the history is
 read or a label written, only if the manifest shows it (`recover_history`): no phantom, lost or doubled line.
-Caveat: `path` is where the image was first seen; later copies elsewhere do not move it.
+`path` is where the image was first seen. When those bytes are a sorted copy (the standalone sorter's,
+imported by `scan`) and the copy moves, `follow_copies` points the row at its new place, so push, train,
+apply and resort can still read it. Caveat: later copies elsewhere do not move a path that still reads.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from loop.atomic import append_jsonl, atomic_write, read_jsonl
-from loop.data.classnames import check_class_name
+from loop.data.classnames import check_label
 from loop.data.splits import assign_splits
 from loop.tables import conform, locked, read_table, update_table, write_table_atomic
 from loop.workspace import Workspace
@@ -34,7 +36,7 @@ COLUMNS: dict[str, str] = {
     "source": "string",  # "user" (real photos; metrics are on these) or "web"
     "item_id": "string",  # physical item: all its photos stay on one side of the split
     "item_rule": "string",  # how item_id was set: csv, exact, near_duplicate, burst, single
-    "label": "string",  # the current label (NA = unlabeled)
+    "label": "string",  # the current label (NA = unlabeled; "_other" = none of these, never a class)
     "label_source": "string",  # folder, review, user_move, ...
     "label_by": "string",  # who set it (reviewer e-mail, "ingest", "scan", ...)
     "label_at": "datetime64[ns, UTC]",
@@ -57,6 +59,9 @@ logger = logging.getLogger(__name__)
 HISTORY_FILE = "labels.jsonl"
 PENDING_FILE = "labels.pending.jsonl"  # intents of the one label write in progress (see commit_with_history)
 HUMAN_SOURCES = ("review", "user_move")  # label sources that mean a person looked at this photo
+# The values `flag` and `review_status` take (what `sortloop labels --flag/--review` accepts besides "none")
+FLAGS = ("low_confidence", "user_moved", "selected", "suspected_mislabel")
+REVIEW_STATUSES = ("queued", "pushed", "reviewed", "skipped")
 
 
 def manifest_path(ws: Workspace) -> Path:
@@ -83,6 +88,28 @@ def update(ws: Workspace, change: Callable[[pd.DataFrame], pd.DataFrame]) -> pd.
     Do not change labels this way: use `set_labels`, which keeps the history.
     """
     return update_table(manifest_path(ws), COLUMNS, change)
+
+
+def follow_copies(ws: Workspace, moved: dict[str, str]) -> int:
+    """Rows whose `path` is a copy that moved (old path -> new path) now point at the new place.
+
+    Why: a photo first seen as a copy (sorted on another PC) has no other known bytes; a person moving
+    that copy must not make it unreadable. Rows whose path is elsewhere (an original) are left alone.
+    Returns how many rows changed.
+    """
+    if not moved:
+        return 0
+    changed = 0
+
+    def follow(df: pd.DataFrame) -> pd.DataFrame:
+        nonlocal changed
+        hit = df["path"].isin(list(moved))
+        changed = int(hit.sum())
+        df.loc[hit, "path"] = df.loc[hit, "path"].map(moved)
+        return df
+
+    update(ws, follow)
+    return changed
 
 
 def now_utc() -> pd.Timestamp:
@@ -185,7 +212,7 @@ def set_labels(ws: Workspace, changes: Iterable[LabelChange],
         return 0
     for c in changes:
         if c.label is not None:
-            check_class_name(c.label)
+            check_label(c.label)  # a class, or "none of these" (OTHER_LABEL)
     path = manifest_path(ws)
     with locked(path):
         df = read_table(path, COLUMNS)

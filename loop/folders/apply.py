@@ -2,7 +2,8 @@
 
 `apply_labels(ws)` runs after every `review pull` (and as `sortloop apply [DEST]`). The rule: a photo with
 a label in the manifest (a reviewer's, a confirmed user move, a labeled folder, however it was set)
-belongs in `DEST/<label>/`; its copies elsewhere move there, keeping their sub-folders and name.
+belongs in `DEST/<label>/` ("none of these" in the unfamiliar folder, `sort.other_folder`); its copies
+elsewhere move there, keeping their sub-folders and name.
 
 Only copies sortloop made and left untouched move: still at the recorded path, with the recorded bytes
 (size + mtime, or the sha256 when only the mtime changed), and not placed by a person (a move `scan`
@@ -22,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from loop.data import manifest
-from loop.data.classnames import class_name_problem
+from loop.data.classnames import OTHER_LABEL, class_name_problem
 from loop.data.images import file_sha256
 from loop.errors import SortloopError
 from loop.folders import moves
@@ -147,6 +148,8 @@ def _plan(ws: Workspace, report: ApplyReport) -> list[moves.Move]:
     for path, group in records.groupby("dest_path", sort=True):
         rec = group.iloc[0]
         label, category = str(labels[rec["image_id"]]), rec["category"]
+        if label == OTHER_LABEL:  # "none of these": its copy belongs in the unfamiliar folder
+            label = ws.settings.sort.other_folder
         if not pd.isna(category) and category == label:
             continue
         report.checked += 1
@@ -160,7 +163,8 @@ def _plan(ws: Workspace, report: ApplyReport) -> list[moves.Move]:
         if state == "edited":
             report.edited.append(str(path))
             continue
-        check_folder_name(label, what=f"the label of {Path(path).name}")
+        if label != ws.settings.sort.other_folder:
+            check_folder_name(label, what=f"the label of {Path(path).name}")
         root = Path(rec["dest_root"])
         planned.append(moves.Move(
             record_ids=list(group["record_id"]), image_id=str(rec["image_id"]), size=int(Path(path).stat().st_size),

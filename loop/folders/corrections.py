@@ -4,15 +4,17 @@
 at its recorded path with its recorded size and mtime is unchanged and is not read again. A copy missing
 from its path is looked for elsewhere in the tree BY CONTENT (sha256), not by name, so a renamed copy is
 found too; only files whose size matches a missing copy are hashed. Found in another category folder
-(the first folder under DEST) → `LabelChange(source="user_move")` through `manifest.set_labels` (which
-keeps the label history) and the manifest flag `user_moved`, so a reviewer can confirm it. Not found →
-reported as deleted; a deletion is not a label. Moved out of every category (to DEST itself or a folder
-starting with "_" or ".") → reported, not a label.
+(the first folder under DEST; the unfamiliar folder `sort.other_folder` counts as one, and a copy moved
+there is labeled "none of these", `OTHER_LABEL`) → `LabelChange(source="user_move")` through
+`manifest.set_labels` (which keeps the label history) and the manifest flag `user_moved`, so a reviewer
+can confirm it. Not found → reported as deleted; a deletion is not a label. Moved out of every category
+(to DEST itself or another folder starting with "_" or ".") → reported, not a label.
 
 Copies sortloop moved itself (`apply`, `resort`) are in the records already, so they are not moves; scan
 holds the moves lock (`loop.folders.moves.exclusive`) and finishes a batch a crash interrupted before it looks.
 A move scan follows is marked `placed_by = user`: apply and resort never move that copy again.
-Copies made by the standalone sorter on another PC are imported first from DEST/.sortloop (loop.sorting.handback).
+Copies made by the standalone sorter on another PC are imported first from DEST/.sortloop (loop.sorting.handback);
+their manifest rows point at the copy, so a move points them at its new place (`manifest.follow_copies`).
 
 Caveat: a copy moved OUTSIDE the sorted tree looks deleted; a copy that was edited (new bytes) is a
 different image and is reported as modified, not followed.
@@ -28,7 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from loop.data import manifest
-from loop.data.classnames import class_name_problem, normal_name, twin_problem
+from loop.data.classnames import OTHER_LABEL, class_name_problem, normal_name, twin_problem
 from loop.data.images import file_sha256, iter_image_files
 from loop.errors import SortloopError
 from loop.folders import moves
@@ -87,10 +89,14 @@ class ScanReport:
         return text
 
 
-def category_of(path: Path, dest: Path) -> str | None:
-    """The category folder a file under `dest` is in (first folder below dest), or None if in none."""
+def category_of(path: Path, dest: Path, other_folder: str | None = None) -> str | None:
+    """The category folder a file under `dest` is in (first folder below dest; `other_folder`, the
+    unfamiliar folder, counts as one), or None if in none."""
     parts = path.relative_to(dest).parts
     if len(parts) < 2:
+        return None
+    if parts[0] == other_folder:
+        return parts[0]
         return None
     name = normal_name(parts[0])  # macOS writes folder names in NFD; a class name is stored in NFC
     return None if class_name_problem(name) is not None else name  # "_x", ".x", "CONIN$"...: not a category
@@ -193,7 +199,7 @@ def _scan(ws: Workspace, dest: Path, on_progress: ProgressCallback) -> ScanRepor
             new_path = candidates[0]
             claimed.add(new_path)
             old_cat = None if pd.isna(rec["category"]) else str(rec["category"])
-            new_cat = category_of(Path(new_path), dest)
+            new_cat = category_of(Path(new_path), dest, ws.settings.sort.other_folder)
             move = MovedCopy(str(rec["image_id"]), str(rec["dest_path"]), new_path, old_cat, new_cat)
             report.moves.append(move)
             twin = None if new_cat is None else twin_problem(new_cat, classes)
@@ -215,6 +221,7 @@ def _scan(ws: Workspace, dest: Path, on_progress: ProgressCallback) -> ScanRepor
 
     report.labels_changed = _record_corrections(ws, report.corrections)
     _flag_refused(ws, [m for m, _ in report.refused])
+    manifest.follow_copies(ws, {m.old_path: m.new_path for m in report.moves})  # bytes first seen as a copy
     copies.update_records(ws, updates)
     if updates:
         write_review_csv(ws, dest)
@@ -247,9 +254,10 @@ def _record_corrections(ws: Workspace, moves: list[MovedCopy]) -> int:
 
     # A copy sorted before the manifest knew it (or a reset manifest): register it first.
     register_images(ws, [ImageInfo(image_id=m.image_id, path=m.new_path) for m in moves], source="user")
+    other = ws.settings.sort.other_folder  # a copy moved there: "none of these", like the review answer
     changes = [
-        manifest.LabelChange(image_id=m.image_id, label=str(m.new_category), source="user_move", by=SCANNER,
-                             note=f"moved {m.old_path} -> {m.new_path}")
+        manifest.LabelChange(image_id=m.image_id, label=OTHER_LABEL if m.new_category == other else str(m.new_category),
+                             source="user_move", by=SCANNER, note=f"moved {m.old_path} -> {m.new_path}")
         for m in moves
     ]
     changed = manifest.set_labels(ws, changes)

@@ -162,6 +162,7 @@ def _execute(ws: Workspace, batch: dict, always_log: bool = True) -> dict:
         copies.update_records(ws, changes)
         _update_manifest(ws, {m["image_id"]: m["manifest_updates"] for m in moves
                               if m["final"] is not None and m["manifest_updates"]})
+        manifest.follow_copies(ws, {m["src"]: m["final"] for m in moves if m["final"] not in (None, m["src"])})
     for root in batch["dest_roots"]:
         if Path(root).is_dir():
             write_review_csv(ws, Path(root))

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 RECORD_FIELDS = ("label", "confidence", "score", "flagged", "model_version", "placed_by")
 MANIFEST_FIELDS = ("pred_label", "pred_conf", "pred_score", "pred_model", "flag")
+MODEL_FLAGS = (None, "low_confidence", "unfamiliar")  # flags a re-sort may replace (a person's never)
 SMALL = 64  # fewer copies than this are decoded in this process (starting decoder processes costs seconds)
 
 
@@ -143,6 +144,7 @@ def _plan(ws: Workspace, report: ResortReport, on_progress: ProgressCallback) ->
     report.model_version = predictor.version
     point = settings_point(predictor.spec, settings)  # the deployed model's flag operating point
     strategy, threshold = get_strategy(point["strategy"]), point["threshold"]
+    other = settings.other_folder if settings.unfamiliar else None  # where the model's unfamiliar photos go
     by_path = {str(g.iloc[0]["dest_path"]): g for g in groups}
     planned: list[moves.Move] = []
     total, done = len(groups), 0
@@ -159,12 +161,12 @@ def _plan(ws: Workspace, report: ResortReport, on_progress: ProgressCallback) ->
             else:
                 batch.append(item)
             if len(batch) >= settings.batch_size:
-                planned += _predict(batch, predictor, strategy, threshold, by_path, df, report)
+                planned += _predict(batch, predictor, strategy, threshold, by_path, df, report, other)
                 done += len(batch)
                 on_progress(done, total)
                 batch = []
         if batch:
-            planned += _predict(batch, predictor, strategy, threshold, by_path, df, report)
+            planned += _predict(batch, predictor, strategy, threshold, by_path, df, report, other)
     finally:
         stream.close()
     on_progress(total, total)
@@ -192,27 +194,31 @@ def _still_unchecked(ws: Workspace, planned: list[moves.Move], report: ResortRep
 
 
 def _predict(batch: list, predictor: Any, strategy: Any, threshold: float | None, by_path: dict[str, pd.DataFrame],
-             df: pd.DataFrame, report: ResortReport) -> list[moves.Move]:
-    probs = predictor.predict(np.stack([item.pixels for item in batch]))
+             df: pd.DataFrame, report: ResortReport, other: str | None) -> list[moves.Move]:
+    prediction = predictor.predict_with_familiarity(np.stack([item.pixels for item in batch]))
+    probs = prediction.probs
     scores = strategy(probs)
     out = []
-    for item, p, s in zip(batch, probs, scores, strict=True):
+    for i, (item, p, s) in enumerate(zip(batch, probs, scores, strict=True)):
         report.checked += 1
         group = by_path[str(item.path)]
         rec = group.iloc[0]
         k = int(np.argmax(p))
         label = predictor.classes[k]
-        if label == rec["category"]:
+        unfamiliar = other is not None and prediction.unfamiliar is not None and bool(prediction.unfamiliar[i])
+        category = other if unfamiliar else label  # the folder: as `sortloop sort` decides it
+        if category == rec["category"]:
             continue
-        flagged = threshold is not None and float(s) >= threshold
+        flagged = unfamiliar or (threshold is not None and float(s) >= threshold)
         row = df.loc[rec["image_id"]] if rec["image_id"] in df.index else None
         old_flag = None if row is None or pd.isna(row["flag"]) else str(row["flag"])
-        new_flag = old_flag if old_flag not in (None, "low_confidence") else ("low_confidence" if flagged else None)
+        new_flag = old_flag if old_flag not in MODEL_FLAGS else \
+            ("unfamiliar" if unfamiliar else "low_confidence" if flagged else None)
         path = Path(str(rec["dest_path"]))
         out.append(moves.Move(
             record_ids=list(group["record_id"]), image_id=str(rec["image_id"]), size=int(item.size_bytes),
-            src=str(path), folder=str(target_folder(Path(report.dest), path, str(rec["category"]), label)),
-            name=path.name, category=label, old_category=str(rec["category"]),
+            src=str(path), folder=str(target_folder(Path(report.dest), path, str(rec["category"]), category)),
+            name=path.name, category=category, old_category=str(rec["category"]),
             record_updates={"label": label, "confidence": float(p[k]), "score": float(s), "flagged": flagged,
                             "model_version": predictor.version, "placed_by": "resort"},
             old_record={f: _plain(rec[f]) for f in RECORD_FIELDS},

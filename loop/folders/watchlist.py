@@ -11,16 +11,12 @@ first inbox or tree (the folders themselves are re-read at every run).
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import tomlkit
-from filelock import FileLock
 
-from loop.atomic import atomic_write
-from loop.config import load_settings
 from loop.errors import ConfigError
-from loop.workspace import Workspace
+from loop.workspace import Workspace, edit_config
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +27,10 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _edit(ws: Workspace, key: str, change) -> list:  # noqa: ANN001  (change: list -> list)
     """Apply `change(current list) -> new list` to `schedule.<key>` in the config file, atomically."""
-    with FileLock(str(ws.config_file) + ".lock", timeout=30):
-        text = ws.config_file.read_text() if ws.config_file.exists() else ""
-        doc = tomlkit.parse(text)
+    new: list = []
+
+    def edit(doc: tomlkit.TOMLDocument) -> None:
+        nonlocal new
         if "schedule" not in doc:
             doc["schedule"] = tomlkit.table()
         schedule = doc["schedule"]
@@ -43,14 +40,8 @@ def _edit(ws: Workspace, key: str, change) -> list:  # noqa: ANN001  (change: li
         array.multiline(len(new) > 1)
         array.extend(new)
         schedule[key] = array  # type: ignore[index]
-        new_text = tomlkit.dumps(doc)
-        with tempfile.NamedTemporaryFile("w", dir=ws.root, prefix=".check-", suffix=".toml") as check:
-            check.write(new_text)
-            check.flush()
-            load_settings(Path(check.name))  # the whole file must still be a valid config
-        with atomic_write(ws.config_file, "w") as fh:
-            fh.write(new_text)
-    ws.__dict__.pop("settings", None)  # the Workspace caches its settings
+
+    edit_config(ws, edit)
     return new
 
 

@@ -38,8 +38,12 @@ class Decision:
     forced: bool = False
     extra: dict = field(default_factory=dict)
     evidence: dict[str, dict] = field(default_factory=dict)  # Evidence.compact() by key
+    unchanged: bool = False  # `version` was already the deployed model: nothing was judged
 
     def summary(self) -> str:
+        if self.unchanged:
+            return (f"nothing to deploy: {self.version} is already the deployed model (train a new candidate "
+                    "first: `sortloop train`)")
         head = (f"deployed {self.version}" + (" (forced)" if self.forced else "") if self.promoted
                 else f"refused {self.version}")
         prev = f" (previous: {self.previous})" if self.previous else ""
@@ -67,9 +71,8 @@ def deploy(ws: Workspace, version: str | None = None, *, force: bool = False,
                 registry.set_current(ws, version)
                 return Decision(True, version, [f"{version} is the deployed model; {registry.pointer_path(ws)} "
                                                 "repaired"], previous=current)
-            decision = Decision(False, version, [f"{version} is already the deployed model"], previous=current)
-            _log(ws, "refused", decision)
-            return decision
+            return Decision(False, version, [f"{version} is already the deployed model"], previous=current,
+                            unchanged=True)
         check_artifact(candidate_dir)  # a damaged or mismatched artifact is refused before the gate, --force or not
         current_dir = registry.model_dir(ws, current) if current else None
         ok, reasons, evidences = gate.judge(ws, candidate_dir, current_dir, on_progress)

@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from loop.data import manifest
-from loop.data.classnames import class_name_problem, twin_problem
+from loop.data.classnames import OTHER_LABEL, class_name_problem, twin_problem
 from loop.data.resized import ensure_resized, load_resized, resized_path
 from loop.errors import ModelError
 from loop.learning import registry
@@ -56,6 +56,7 @@ from loop.model.evaluate import confusion_png, metrics_by_source, summary_line
 from loop.model.head import backbone_cv_accuracy, fit_head
 from loop.phases import PhaseClock
 from loop.progress import ProgressCallback, no_progress
+from loop.scoring.unfamiliar import fit_familiarity, save_familiarity
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -94,10 +95,15 @@ class TrainResult:
         return "\n".join(lines + [f"  {note}" for note in self.notes])
 
 
-def labeled_rows(ws: Workspace) -> pd.DataFrame:
-    """Manifest rows that can train or validate: a label and a split (train/valid)."""
+def labeled_rows(ws: Workspace, *, none_of_these: bool = False) -> pd.DataFrame:
+    """Manifest rows that can train or validate: a label and a split (train/valid).
+
+    "None of these" (OTHER) rows are out-of-scope evidence, not a class: left out unless `none_of_these`
+    (training takes them for the unfamiliar score, and they count in the labels' fingerprint)."""
     df = manifest.load(ws)
     keep = df["label"].notna() & df["split"].isin(["train", "valid"])
+    if not none_of_these:
+        keep &= df["label"] != OTHER_LABEL
     return df.loc[keep].reset_index(drop=True)
 
 
@@ -205,11 +211,13 @@ def _train(ws: Workspace, *, mode: str | None, pretrained: bool, force: bool,
 
     # 1. The data: labeled rows and their stable, item-grouped split (assigned at ingest). "valid" is the
     #    small gate set no model trains on; every other label trains.
-    rows = labeled_rows(ws)
+    rows = labeled_rows(ws, none_of_these=True)
+    fingerprint = labels_fingerprint(rows)  # "none of these" labels included: they change the model too
+    negatives = rows[rows["label"] == OTHER_LABEL].reset_index(drop=True)  # out-of-scope evidence, never a class
+    rows = rows[rows["label"] != OTHER_LABEL].reset_index(drop=True)
     if rows.empty:
         raise ModelError("no labeled images with a split in the manifest; run `sortloop ingest FOLDER --labeled`")
     this_recipe = recipe(ws, mode, settings.backbone, pretrained)
-    fingerprint = labels_fingerprint(rows)
     same = None if force else _unchanged(ws, fingerprint, this_recipe)
     if same is not None:
         n_train = int((rows["split"] == "train").sum())
@@ -225,6 +233,9 @@ def _train(ws: Workspace, *, mode: str | None, pretrained: bool, force: bool,
     skipped = ensure_resized(ws, rows["image_id"].tolist(), rows["path"].tolist(), size, on_progress=on_progress)
     if skipped:
         rows = rows[[resized_path(ws, i, size).exists() for i in rows["image_id"]]].reset_index(drop=True)
+    if len(negatives) and settings.unfamiliar:
+        ensure_resized(ws, negatives["image_id"].tolist(), negatives["path"].tolist(), size)
+        negatives = negatives[[resized_path(ws, i, size).exists() for i in negatives["image_id"]]]
     clock.lap("resize")
     train_rows = rows[rows["split"] == "train"].reset_index(drop=True)
     valid_rows = rows[rows["split"] == "valid"].reset_index(drop=True)
@@ -281,6 +292,14 @@ def _train(ws: Workspace, *, mode: str | None, pretrained: bool, force: bool,
     # 6. Write the candidate: extras first, `model.json` last (a folder without it is not a version).
     version, out = registry.new_version_dir(ws)
     try:
+        # The unfamiliar-photo score: reference set + threshold calibrated out of fold (`loop.scoring.unfamiliar`).
+        oof_logits = None if oof is None else oof.logits / temperature  # as the shipped head computes them
+        unfamiliar, oof_sent = (familiarity_section(ws, net, backbone, train_rows, negatives, out, oof_logits,
+                                                    mode=mode, pretrained=pretrained)
+                                if settings.unfamiliar else (None, None))
+        if oof is not None and oof_sent is not None and oof_sent.any():
+            # Flags are sized on the photos that reach a category folder: the unfamiliar ones are flagged anyway
+            extras["flagging"] = kept_flagging(train_rows, oof, temperature, ~oof_sent)
         for name, m in metrics.items():
             if m["n"]:
                 confusion_png(m, out / f"confusion_{name}.png", title=f"{version} {name}")
@@ -308,6 +327,7 @@ def _train(ws: Workspace, *, mode: str | None, pretrained: bool, force: bool,
             "n_train": len(train_rows),
             "n_new": n_new,
             "n_valid": len(valid_rows),
+            **({"unfamiliar": unfamiliar} if unfamiliar else {}),
         }
         save_artifact(net, spec, out)
     except BaseException:
@@ -327,6 +347,66 @@ def _train(ws: Workspace, *, mode: str | None, pretrained: bool, force: bool,
     logger.info("%s", result.summary())
     logger.info("train phases: %s", clock.summary())
     return result
+
+
+def familiarity_section(ws: Workspace, net, backbone, train_rows: pd.DataFrame, negatives: pd.DataFrame,
+                        out: Path, oof_logits: np.ndarray | None, *, mode: str, pretrained: bool
+                        ) -> tuple[dict | None, np.ndarray | None]:
+    """Fit the unfamiliar score on the shipped network's body features (and, in head mode, the calibrated
+    out-of-fold logits of the same photos), write its reference file into `out`, and return the
+    `model.json["unfamiliar"]` section and which training photos it sends to `_other` out of fold
+    ((None, None) with fewer than 2 items)."""
+    items = train_rows["item_id"].fillna(train_rows["image_id"]).astype(str).to_numpy()
+    if len(np.unique(items)) < 2:
+        logger.info("no unfamiliar-photo threshold: the training labels show fewer than 2 items")
+        return None, None
+    feats = shipped_body_features(ws, net, backbone, train_rows["image_id"].tolist(), mode=mode, pretrained=pretrained)
+    neg = (shipped_body_features(ws, net, backbone, negatives["image_id"].tolist(), mode=mode, pretrained=pretrained)
+           if len(negatives) else None)
+    settings = ws.settings.model
+    familiarity, summary, oof = fit_familiarity(feats, train_rows["label"].astype(str).to_numpy(), items,
+                                                negatives=neg,
+                                           max_share=settings.unfamiliar_max_share, oof_logits=oof_logits,
+                                           seed=settings.seed)
+    section = save_familiarity(familiarity, summary, out)
+    logger.info("unfamiliar threshold %.4f (sends %.1f%% of %d labeled photos out of fold), %d reference rows",
+                section["threshold"], 100 * section["oof_in_scope_sent"], section["calibration_photos"],
+                section["reference_rows"])
+    return section, np.isfinite(oof) & (oof >= familiarity.threshold)
+
+
+def kept_flagging(train_rows: pd.DataFrame, oof, temperature: float, kept: np.ndarray) -> dict:
+    """The flag curves (`loop.scoring.flagging.estimate`) on the out-of-fold photos the unfamiliar score keeps:
+    the flags are there to catch the mistakes among photos that go to a category folder."""
+    from loop.data.items import item_keys
+    from loop.model.calibration import calibrated
+    from loop.scoring.flagging import estimate
+
+    rows = train_rows[kept].reset_index(drop=True)
+    shop = rows["label_source"].isin(manifest.HUMAN_SOURCES).fillna(False).to_numpy(bool) \
+        if "label_source" in rows else None  # as `loop.model.estimates` does for every photo
+    flagging = estimate(calibrated(oof.logits[kept], temperature), oof.labels[kept], item_keys(rows), focus=shop)
+    on = f"out-of-fold ({oof.folds} item-grouped folds), photos not sent to the unfamiliar folder"
+    if "focus" in flagging:
+        on += f"; capped by your {flagging['focus']['n']} photos labeled after sorting"
+    return {**flagging, "estimated_on": on}
+
+
+def shipped_body_features(ws: Workspace, net, backbone, ids: list[str], *, mode: str, pretrained: bool
+                          ) -> np.ndarray:
+    """(N, F) pooled body features of `ids` through the network that ships: the cached frozen-body features
+    in head mode (the body is not trained); recomputed through the trained body in finetune mode."""
+    from loop.model.features import body_features
+
+    if mode == "head":
+        from loop.model.head import head_features
+
+        return head_features(ws, net, backbone, ids, pretrained=pretrained)
+    size = ws.settings.model.image_size
+    batch = ws.settings.model.batch_size
+    parts = [body_features(net, np.stack([load_resized(ws, i, size) for i in ids[s:s + batch]]), backbone.mean,
+                           backbone.std) for s in range(0, len(ids), batch)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
 def write_int8(ws: Workspace, model_dir: Path, train_rows: pd.DataFrame, valid_rows: pd.DataFrame) -> None:

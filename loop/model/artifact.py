@@ -26,6 +26,7 @@ import logging
 import os
 import platform
 import warnings
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ import numpy as np
 from loop.atomic import write_json_atomic
 from loop.data.images import file_sha256, normalise
 from loop.errors import ModelError
+from loop.scoring.unfamiliar import Familiarity, load_familiarity
 
 if TYPE_CHECKING:  # torch is imported lazily: the ONNX path does not need it
     import torch
@@ -46,6 +48,7 @@ SPEC_FILE = "model.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # written by loop.model.quantize; used only when model.json["int8"]["passed"]
 ONNX_OPSET = 17
+FEATURES_OUTPUT = "features"  # the ONNX graph's second output (models exported before it have only logits)
 RUNTIMES = ("onnx", "torch")
 PRECISIONS = ("auto", "float", "int8")  # auto: INT8 ONNX when model.json["int8"]["passed"]; int8: even if not
 REQUIRED_SPEC_KEYS = ("architecture", "classes", "image_size", "mean", "std")
@@ -110,10 +113,10 @@ def save_artifact(model: torch.nn.Module, spec: dict, out_dir: Path | str) -> Pa
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            static_padding(probe, size), (dummy,), str(out_dir / ONNX_FILE), input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET,
-            dynamo=False,
+            with_features(static_padding(probe, size)), (dummy,), str(out_dir / ONNX_FILE), input_names=["input"],
+            output_names=["logits", FEATURES_OUTPUT],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, FEATURES_OUTPUT: {0: "batch"}},
+            opset_version=ONNX_OPSET, dynamo=False,
         )
 
     # 3. the self-describing spec, last
@@ -125,6 +128,28 @@ def save_artifact(model: torch.nn.Module, spec: dict, out_dir: Path | str) -> Pa
     write_json_atomic(out_dir / SPEC_FILE, full, indent=2, default=str)
     logger.info("saved model artifact to %s", out_dir)
     return out_dir
+
+
+def with_features(net: torch.nn.Module) -> torch.nn.Module:
+    """`net` wrapped to return (logits, pooled body features), so the exported ONNX graph has both outputs
+    (the features are what `loop.scoring.unfamiliar` scores; they cost nothing extra: the network computes them)."""
+    import torch
+
+    class WithFeatures(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return network_outputs(self.net, x)
+
+    return WithFeatures()
+
+
+def network_outputs(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, pooled pre-classifier features) of a timm network: one pass, the same as `net(x)`."""
+    features = net.forward_head(net.forward_features(x), pre_logits=True)
+    return net.get_classifier()(features), features
 
 
 def static_padding(net: torch.nn.Module, size: int) -> torch.nn.Module:
@@ -258,6 +283,12 @@ class Predictor:
             check_output_size(self.spec, self._session.get_outputs()[0].shape[-1], self.model_dir / model_file)
         else:
             self._net = _torch_network(self.spec, self.model_dir / WEIGHTS_FILE, threads)
+        # The unfamiliar-photo decision (None: a model trained before it existed, which sorts as before).
+        self.familiarity: Familiarity | None = load_familiarity(self.model_dir, self.spec)
+        if self.familiarity is not None and self._session is not None and FEATURES_OUTPUT not in {
+                o.name for o in self._session.get_outputs()}:
+            raise ModelError(f"{self.model_dir}: model.json has an unfamiliar threshold but the ONNX model has no "
+                             f"'{FEATURES_OUTPUT}' output; the artifact is mixed up, retrain or pick another version")
 
     def __repr__(self) -> str:
         runtime = f"{self.runtime} int8" if self.int8 else self.runtime
@@ -271,6 +302,29 @@ class Predictor:
         Returns:
             float32 (N, K) probabilities, rows sum to 1, columns in `classes` order.
         """
+        return softmax(self._forward(batch, features=False)[0])
+
+    def predict_with_familiarity(self, batch: np.ndarray) -> Prediction:
+        """Probabilities and, if the model has the score, each photo's unfamiliar score and decision.
+
+        The one call every sorter makes (`loop.sortcore`, the frozen sorter, the Ray workers), so all of
+        them send the same photos to `_other/`.
+        """
+        if self.familiarity is None:
+            return Prediction(self.predict(batch), None, None)
+        logits, features = self._forward(batch, features=True)
+        scores, unfamiliar = self.familiarity.decide(features, logits)
+        return Prediction(softmax(logits), scores, unfamiliar)
+
+    def body_features(self, batch: np.ndarray) -> np.ndarray:
+        """(N, F) pooled body features of a batch: what the unfamiliar score compares (float32)."""
+        if self._session is not None and FEATURES_OUTPUT not in {o.name for o in self._session.get_outputs()}:
+            raise ModelError(f"{self.model_dir}: this ONNX model has no '{FEATURES_OUTPUT}' output (exported "
+                             "before the unfamiliar score); use runtime 'torch' or retrain")
+        return self._forward(batch, features=True)[1]
+
+    def _forward(self, batch: np.ndarray, *, features: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits (N, K), pooled body features (N, F) if asked for)."""
         batch = np.asarray(batch)
         if batch.ndim == 3:
             raise ModelError(f"predict takes a batch (N, H, W, 3); got one image {batch.shape}: use batch[None]")
@@ -279,17 +333,36 @@ class Predictor:
             raise ModelError(f"predict takes uint8 (N, {self.image_size}, {self.image_size}, 3); "
                              f"got {batch.dtype} {batch.shape}")
         if len(batch) == 0:
-            return np.zeros((0, len(self.classes)), np.float32)
+            width = len(self.familiarity.reference[0]) if self.familiarity is not None else 0
+            return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, width), np.float32)
         x = normalise(batch, self.mean, self.std)
+        feats = None
         if self._session is not None:
-            logits = self._session.run(None, {"input": x})[0]
+            outputs = self._session.run(["logits", FEATURES_OUTPUT] if features else ["logits"], {"input": x})
+            logits, feats = outputs[0], (outputs[1] if features else None)
         else:
             import torch
 
             with torch.inference_mode():
                 tensor = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
-                logits = self._net(tensor).float().numpy()
-        return softmax(logits)
+                out, body = network_outputs(self._net, tensor)
+                logits, feats = out.float().numpy(), (body.float().numpy() if features else None)
+        return np.asarray(logits, np.float32), feats
+
+
+@dataclass
+class Prediction:
+    """One batch's output: probabilities, and the unfamiliar scores and decisions (None: no score in the model)."""
+
+    probs: np.ndarray
+    unfamiliar_scores: np.ndarray | None
+    unfamiliar: np.ndarray | None
+
+    def subset(self, rows: list[int]) -> Prediction:
+        """The same for `rows` only."""
+        scores, unfamiliar = self.unfamiliar_scores, self.unfamiliar
+        return Prediction(self.probs[rows], None if scores is None else scores[rows],
+                          None if unfamiliar is None else unfamiliar[rows])
 
 
 def load_predictor(model_dir: Path | str, runtime: str = "onnx", *, threads: int | None = None,

@@ -89,14 +89,15 @@ def oof_frame(train_rows: pd.DataFrame, oof: OutOfFold, classes: list[str], temp
 
 
 def describe_learning(spec: dict, ws: Workspace) -> str:
-    """One line: out-of-fold accuracy, calibration (T, ECE before -> after) and the flags' operating point."""
+    """One line in plain words: out-of-fold accuracy, whether confidence was calibrated, the flags' operating point."""
     parts = []
     cv = (spec.get("metrics") or {}).get("cv_user") or {}
     if cv.get("accuracy") is not None:
         parts.append(f"out-of-fold accuracy {cv['accuracy']:.3f} (n={cv['n']})")
     cal = spec.get("calibration") or {}
-    if cal.get("ece_oof_before") is not None:
-        parts.append(f"calibration T={cal['temperature']:.2f}, ECE {cal['ece_oof_before']:.3f} -> "
-                     f"{cal['ece_oof_after']:.3f}")
+    if cal.get("ece_oof_before") is not None:  # the numbers (T, ECE) are in model.json and the report
+        better = cal["ece_oof_after"] < cal["ece_oof_before"]
+        parts.append("confidence calibrated" + (" (its stated confidence now matches how often it is right more "
+                                                "closely)" if better else ""))
     parts.append(describe(settings_point(spec, ws.settings.sort)))
     return "; ".join(parts)

@@ -127,10 +127,13 @@ def confusion_png(metrics: dict, path: Path, *, title: str = "") -> Path:
 
 
 def summary_line(metrics: dict) -> str:
-    """One line: user-valid and web-valid accuracy with their sizes."""
+    """One line: user-valid accuracy (and web-valid, when there are web images) with their sizes."""
     parts = []
     for name in SETS:
         m = metrics.get(name) or {}
         acc = m.get("accuracy")
-        parts.append(f"{name} accuracy {acc:.3f} (n={m['n']})" if acc is not None else f"{name}: no images")
+        if acc is not None:
+            parts.append(f"{name} accuracy {acc:.3f} (n={m['n']})")
+        elif name == "user_valid":
+            parts.append(f"{name}: no gate-set photos yet")  # web images are optional: unmentioned when absent
     return ", ".join(parts)

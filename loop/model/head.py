@@ -183,6 +183,13 @@ def _full_coef(model, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return full_coef, full_bias
 
 
+def head_features(ws: Workspace, net: torch.nn.Module, backbone: Backbone, ids: list[str], *,
+                  pretrained: bool = True) -> np.ndarray:
+    """(N, F) cached frozen-body features of `ids` (the image rows, no mirror): what the shipped network's
+    body computes for them in head mode."""
+    return _features(ws, net, backbone, ids, pretrained=pretrained, on_progress=no_progress)[:, 0]
+
+
 def _features(ws: Workspace, net: torch.nn.Module, backbone: Backbone, ids: list[str], *, pretrained: bool,
               on_progress: ProgressCallback) -> np.ndarray:
     """(N, 2, F) cached body features (image, mirror) of `ids`, keyed by the body's weights."""

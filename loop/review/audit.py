@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from loop.data import manifest as mf
+from loop.data.classnames import OTHER_LABEL
 from loop.errors import ConfigError, ModelError
 from loop.model.embeddings import embeddings
 from loop.review.probe import fit_probe, probe_probs
@@ -199,7 +200,7 @@ def audit(ws: Workspace, *, folds: int = DEFAULT_FOLDS, flag: bool = True, on_pr
         >>> print(audit(open_workspace("data")).summary())   # doctest: +SKIP
     """
     df = mf.load(ws)
-    rows = df[df["label"].notna()].reset_index(drop=True)
+    rows = df[df["label"].notna() & (df["label"] != OTHER_LABEL)].reset_index(drop=True)  # "none of these": no class
     classes = sorted(rows["label"].astype(str).unique())
     if len(classes) < 2:
         raise ModelError(f"the audit needs labels of at least 2 classes, found {len(classes)}; label more photos")

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 CURVE_POINTS = 101  # flag shares 0, 0.01, ..., 1.0
 DEFAULT_STRATEGY = "least_confidence"
 MIN_PHOTOS = 20  # fewer predictions (or no mistake among them) give no curve: the fixed threshold (0.5) applies
-SORT_FLAGS = ("low_confidence",)  # the manifest's flag values that mean "the flags marked this photo"
+SORT_FLAGS = ("low_confidence", "unfamiliar")  # the manifest's flag values that mean "the flags marked this photo"
 CATCH_CONFIDENCE = 0.8  # the target is met by the catch rate's lower bound at this one-sided confidence
 Z_ONE_SIDED = 0.8416  # normal quantile of CATCH_CONFIDENCE
 
@@ -205,15 +205,22 @@ def flags(scores: np.ndarray, threshold: float | None) -> np.ndarray:
     return scores >= threshold
 
 
-def describe(point: dict) -> str:
-    """One line for status and the report, e.g. "flags 31% of photos, expected to catch 80% of mistakes"."""
+def describe(point: dict, *, detail: bool = False) -> str:
+    """One line for status and training, e.g. "flags 31% of photos, expected to catch 80% of mistakes".
+
+    Plain words by default; `detail` (the report) adds the strategy and its score threshold.
+    """
+    threshold = "flags nothing" if point["threshold"] is None else (
+        f"{point['strategy']} score >= {point['threshold']:.3f}" if isinstance(point["threshold"], float)
+        else f"{point['strategy']} score >= {point['threshold']}")
     if point.get("expected_share") is None:
-        return f"{point['strategy']} >= {point['threshold']} ({point['goal']}; no estimate for this model)"
-    threshold = "nothing" if point["threshold"] is None else f"{point['strategy']} >= {point['threshold']:.3f}"
+        return f"flags unsure photos ({point['goal']}; no estimate for this model" + (
+            f"; {threshold})" if detail else ")")
     assured = point.get("assured_catch")
     bound = f", at least {assured:.0%} with {CATCH_CONFIDENCE:.0%} confidence" if assured is not None else ""
+    how = f"{threshold}; goal: {point['goal']}" if detail else f"goal: {point['goal']}"
     return (f"flags {point['expected_share']:.0%} of photos, expected to catch {point['expected_catch']:.0%} "
-            f"of mistakes{bound} ({threshold}; goal: {point['goal']})")
+            f"of mistakes{bound} ({how})")
 
 
 def settings_point(spec: dict, sort_settings) -> dict:

@@ -28,13 +28,19 @@ class Placed:
     """One photo sorted: where its copy is (`copied` False: identical bytes were already there)."""
 
     rec: Decoded
-    label: str
+    label: str  # the model's best class
     conf: float
     score: float
     flagged: bool
     final: Path
     copied: bool
     sorted_at: datetime
+    category: str = ""  # the folder under DEST it went to: `label`, or the unfamiliar folder ("" = `label`)
+    unfamiliar: bool = False  # the unfamiliar score sent it to the unfamiliar folder (loop.scoring.unfamiliar)
+
+    @property
+    def folder(self) -> str:
+        return self.category or self.label
 
 
 Done = tuple[Path, bool] | OSError | None  # a remote copy: (final path, copied?), its error, or none made
@@ -48,6 +54,8 @@ class _Job:
     score: float
     flagged: bool
     future: Future
+    category: str
+    unfamiliar: bool
 
 
 class Copier:
@@ -61,8 +69,9 @@ class Copier:
         self.disk_full: OSError | None = None  # the first "no space left" of a copy: the run stops
 
     def submit(self, rec: Decoded, label: str, conf: float, score: float, flagged: bool, folder: Path,
-               done: Done = None) -> None:
-        """Copy `rec` into `folder`; or, with `done`, record a copy a remote worker made (or failed to make)."""
+               done: Done = None, *, category: str = "", unfamiliar: bool = False) -> None:
+        """Copy `rec` into `folder`; or, with `done`, record a copy a remote worker made (or failed to make).
+        `category` names the folder under DEST (default: `label`)."""
         if done is None:
             future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
                                       size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False,
@@ -73,7 +82,7 @@ class Copier:
                 future.set_exception(done)
             else:
                 future.set_result(done)
-        self.jobs.append(_Job(rec, label, conf, score, flagged, future))
+        self.jobs.append(_Job(rec, label, conf, score, flagged, future, category or label, unfamiliar))
 
     def collect(self, wait: bool = False) -> None:
         """Record finished copies (all of them if `wait`); re-raises anything but an OSError."""
@@ -108,7 +117,8 @@ class Copier:
             report.renamed += final.name != job.rec.path.name
         else:
             report.identical_existing += 1
-        report.per_label[job.label] = report.per_label.get(job.label, 0) + 1
+        report.per_label[job.category] = report.per_label.get(job.category, 0) + 1
         report.flagged += job.flagged
+        report.unfamiliar += job.unfamiliar
         self.pending.append(Placed(job.rec, job.label, job.conf, job.score, job.flagged, final, copied,
-                                   datetime.now(UTC)))
+                                   datetime.now(UTC), job.category, job.unfamiliar))

@@ -21,9 +21,14 @@ would rename many photos to `name (2).jpg` and lose which project each came from
 `sort.keep_tree = false`) puts every copy directly in `DEST/<label>/`. Either way `scan` reads the
 category from the first folder under DEST.
 
+Unfamiliar photos (unlike every labeled one: `loop.scoring.unfamiliar`, scored by the model itself) are copied to
+`DEST/<sort.other_folder>/` (default `_other`, sub-folders kept the same way) instead of a category, and
+flagged `unfamiliar` so they reach review, where "none of these" is an answer.
+
 Also written: predictions (`pred_label`, `pred_conf`, `pred_score`, `pred_model`) and `flag =
-low_confidence` into the manifest (new images are registered first), and `DEST/_review.csv` (rebuilt
-from the records by `loop.sorting.review_csv`: the flagged copies no person has looked at yet).
+low_confidence` (or `unfamiliar`) into the manifest (new images are registered first), and
+`DEST/_review.csv` (rebuilt from the records by `loop.sorting.review_csv`: the flagged copies no person has
+looked at yet).
 Caveat: flags are set only on images no person has labeled yet (`label_source` not review/user_move),
 and an existing `user_moved` flag is never replaced.
 """
@@ -63,6 +68,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HUMAN_SOURCES = manifest.HUMAN_SOURCES
+LOW_CONFIDENCE = "low_confidence"  # manifest flag: the model is unsure which category
+UNFAMILIAR = "unfamiliar"  # manifest flag: unlike every labeled photo, copied to the unfamiliar folder
 ENGINES = ("local", "ray")
 
 
@@ -159,19 +166,27 @@ def sort_options(ws: Workspace, *, keep_tree: bool | None = None) -> SortOptions
     return options
 
 
-def record_predictions(ws: Workspace, preds: dict[str, tuple[str, float, float, bool]], version: str) -> None:
-    """Predictions into the manifest (`{image_id: (label, conf, score, flagged)}`), and the flag
-    `low_confidence` on flagged images no person has labeled and that carry no flag yet."""
+def record_predictions(ws: Workspace, preds: dict[str, tuple[str, float, float, bool]], version: str,
+                       unfamiliar: set[str] | frozenset[str] = frozenset()) -> None:
+    """Predictions into the manifest (`{image_id: (label, conf, score, flagged)}`), and a flag on flagged
+    images no person has labeled: `unfamiliar` for the ids in `unfamiliar` (they went to the unfamiliar
+    folder; it replaces `low_confidence`, it says more), else `low_confidence` where no flag is set yet."""
 
     def apply(df: pd.DataFrame) -> pd.DataFrame:
         rows = df["image_id"].isin(preds.keys())
         for i in df.index[rows]:
-            label, conf, score, flagged = preds[df.at[i, "image_id"]]
+            image_id = df.at[i, "image_id"]
+            label, conf, score, flagged = preds[image_id]
             df.at[i, "pred_label"], df.at[i, "pred_conf"], df.at[i, "pred_score"] = label, conf, score
             df.at[i, "pred_model"] = version
             human = df.at[i, "label_source"] in HUMAN_SOURCES if not pd.isna(df.at[i, "label_source"]) else False
-            if flagged and not human and pd.isna(df.at[i, "flag"]):
-                df.at[i, "flag"] = "low_confidence"
+            flag = df.at[i, "flag"]
+            if human or not flagged:
+                continue
+            if image_id in unfamiliar and (pd.isna(flag) or flag == LOW_CONFIDENCE):
+                df.at[i, "flag"] = UNFAMILIAR
+            elif pd.isna(flag):
+                df.at[i, "flag"] = LOW_CONFIDENCE
         return df
 
     manifest.update(ws, apply)
@@ -208,7 +223,7 @@ class _WorkspaceSink:
                            taken_at=p.rec.taken_at) for p in placed]
         report.registered += register_images(self.ws, infos, source="user")
         record_predictions(self.ws, {p.rec.image_id or "": (p.label, p.conf, p.score, p.flagged) for p in placed},
-                           report.model_version)
+                           report.model_version, {p.rec.image_id or "" for p in placed if p.unfamiliar})
         records = []
         for p in placed:
             st = p.final.stat()
@@ -218,7 +233,7 @@ class _WorkspaceSink:
                 "source_size": p.rec.size_bytes, "source_mtime_ns": p.rec.mtime_ns, "dest_root": report.dest,
                 "dest_path": str(p.final), "label": p.label, "confidence": p.conf, "score": p.score,
                 "flagged": p.flagged, "model_version": report.model_version, "sorted_at": now,
-                "run_id": report.run_id, "category": p.label, "dest_size": st.st_size,
+                "run_id": report.run_id, "category": p.folder, "dest_size": st.st_size,
                 "dest_mtime_ns": st.st_mtime_ns, "status": "present", "checked_at": now, "placed_by": "sort",
             })
         copies.append_records(self.ws, records)
@@ -241,6 +256,7 @@ class _RayRemote:
             known.setdefault(path, []).append(image_id)
         return sort_batches(paths, known, model_dir, src=self.src, dest=self.dest, keep_tree=self.options.keep_tree,
                             runtime=self.options.runtime, int8=predictor.int8, batch_size=self.options.batch_size,
+                            other_folder=self.options.other_folder if self.options.unfamiliar else None,
                             address=self.ray.address, actors=self.ray.actors)
 
 

@@ -31,7 +31,7 @@ from loop.data.classnames import class_name_problem, twin_problem
 from loop.data.decode import Decoded, decode_stream, default_workers
 from loop.data.images import iter_image_files
 from loop.errors import DiskFullError, ModelError, SortloopError, first_disk_full, is_disk_full, stopped_by_full_disk
-from loop.model.artifact import Predictor, read_spec
+from loop.model.artifact import Prediction, Predictor, read_spec
 from loop.phases import PhaseClock
 from loop.progress import ProgressCallback, no_progress
 from loop.scoring.flagging import describe, settings_point
@@ -63,14 +63,17 @@ class SortOptions:
     workers: int = 2
     runtime: str = "onnx"
     precision: str = "auto"  # "auto": the INT8 ONNX model when it passed its gate (loop.model.artifact.PRECISIONS)
+    unfamiliar: bool = True  # photos the model's unfamiliar score rejects go to `other_folder` (scoring.unfamiliar)
+    other_folder: str = "_other"
 
 
-RemoteBatches = Iterator[tuple[list[Decoded], np.ndarray, list[Done]]]
+RemoteBatches = Iterator[tuple[list[Decoded], Prediction, list[Done]]]
 
 
 class Remote(Protocol):
-    """Another engine (`loop.sorting.ray_sort` through `loop.sorting.folder`): decodes, predicts and copies `paths` with
-    the artifact in `model_dir`, yielding (records, probs, where each copy landed) per finished batch."""
+    """Another engine (`loop.sorting.ray_sort` through `loop.sorting.folder`): decodes, predicts and copies
+    `paths` with the artifact in `model_dir`, yielding (records, prediction, where each copy landed) per
+    finished batch."""
 
     def __call__(self, paths: list[Path], model_dir: Path, predictor: Predictor) -> RemoteBatches:
         """The batches as they finish (failed records carry `error`)."""
@@ -143,7 +146,7 @@ def sort_into(
     try:
         predictor = Predictor(model_dir, options.runtime, precision=options.precision)
         check_classes(predictor.classes)
-        check_category_folders(dest, predictor.classes)
+        check_category_folders(dest, predictor.classes + ([options.other_folder] if predictor.familiarity else []))
         total = sum(1 for _ in iter_image_files(src, skip=skip_dirs, on_error=lambda f, why: None))
     except BaseException:
         stream.close()
@@ -161,8 +164,9 @@ def sort_into(
         predicted = _predicted_batches(stream, predictor, options.batch_size, report, clock)
     disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
     try:
-        for batch, probs, placed, failures in predicted:
+        for batch, prediction, placed, failures in predicted:
             if batch:
+                probs = prediction.probs
                 scores = strategy(probs)
                 for i, (rec, p, s) in enumerate(zip(batch, probs, scores, strict=True)):
                     if sink.seen_before(rec):
@@ -170,10 +174,14 @@ def sort_into(
                         continue
                     k = int(np.argmax(p))
                     label = predictor.classes[k]
-                    flagged = threshold is not None and float(s) >= threshold
+                    unfamiliar = options.unfamiliar and prediction.unfamiliar is not None and \
+                        bool(prediction.unfamiliar[i])
+                    flagged = unfamiliar or (threshold is not None and float(s) >= threshold)
+                    folder = options.other_folder if unfamiliar else label
                     copier.submit(rec, label, float(p[k]), float(s), flagged,
-                                  copies.category_folder(dest, label, src, rec.path, keep_tree=options.keep_tree),
-                                  done=placed[i] if placed is not None else None)
+                                  copies.category_folder(dest, folder, src, rec.path, keep_tree=options.keep_tree),
+                                  done=placed[i] if placed is not None else None,
+                                  category=folder, unfamiliar=unfamiliar)
             copier.collect()
             processed += len(batch) + failures
             report.seen = processed
@@ -284,31 +292,31 @@ class _Listed:
         pass
 
 
-Predicted = Iterator[tuple[list[Decoded], "np.ndarray | None", "list[Done] | None", int]]
+Predicted = Iterator[tuple[list[Decoded], "Prediction | None", "list[Done] | None", int]]
 
 
 def _predicted_batches(stream: Iterator[Decoded], predictor: Predictor, size: int, report: SortReport,
                        clock: PhaseClock) -> Predicted:
-    """Local engine: (decoded batch, probs, None = copies still to make, failures) with the model here."""
+    """Local engine: (decoded batch, prediction, None = copies still to make, failures) with the model here."""
     stages = report.stages
     for batch, failures in _batches(stream, size, report):
         clock.lap("wait_decode")
-        probs = predictor.predict(np.stack([rec.pixels for rec in batch])) if batch else None
+        prediction = predictor.predict_with_familiarity(np.stack([rec.pixels for rec in batch])) if batch else None
         clock.lap("predict")
         for rec in batch:
             stages["worker_hash"] = stages.get("worker_hash", 0.0) + rec.hash_s
             stages["worker_decode"] = stages.get("worker_decode", 0.0) + rec.decode_s
-        yield batch, probs, None, failures
+        yield batch, prediction, None, failures
 
 
 def _placed_batches(results: RemoteBatches, report: SortReport) -> Predicted:
     """Remote engine: the same, plus where each worker's copy landed."""
-    for recs, probs, placed in results:
+    for recs, prediction, placed in results:
         ok = [i for i, rec in enumerate(recs) if rec.ok]
         for rec in recs:
             if not rec.ok:
                 _failed(report, rec)
-        yield [recs[i] for i in ok], probs[ok], [placed[i] for i in ok], len(recs) - len(ok)
+        yield [recs[i] for i in ok], prediction.subset(ok), [placed[i] for i in ok], len(recs) - len(ok)
 
 
 def _failed(report: SortReport, rec: Decoded) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from loop.cluster import connected, pooled, results
 from loop.data.decode import Decoded, decode_chunk
-from loop.model.artifact import INT8_FILE, ONNX_FILE, SPEC_FILE, WEIGHTS_FILE, load_predictor
+from loop.model.artifact import INT8_FILE, ONNX_FILE, SPEC_FILE, WEIGHTS_FILE, Prediction, load_predictor, read_spec
 from loop.sorting import copies
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class SortJob:
     keep_tree: bool
     runtime: str
     int8: bool = False  # the gated INT8 ONNX model, when the driver's predictor uses it
+    other_folder: str | None = None  # where unfamiliar photos go (None: every photo to its class)
 
 
 class _SortActor:
@@ -70,15 +71,19 @@ class _SortActor:
         recs = decode_chunk([Path(p) for p in batch["path"]], size)
         n, k = len(recs), len(predictor.classes)
         probs = np.full((n, k), np.nan, np.float32)
+        unfamiliar, unfamiliar_score = np.zeros(n, bool), np.full(n, np.nan, np.float32)
         ok = [i for i, rec in enumerate(recs) if rec.ok]
-        if ok:
-            probs[ok] = predictor.predict(np.stack([recs[i].pixels for i in ok]))
+        if ok:  # the same call, on the same artifact files, as a local sort: the same decisions
+            prediction = predictor.predict_with_familiarity(np.stack([recs[i].pixels for i in ok]))
+            probs[ok] = prediction.probs
+            if prediction.unfamiliar is not None and self.job.other_folder:
+                unfamiliar[ok], unfamiliar_score[ok] = prediction.unfamiliar, prediction.unfamiliar_scores
         dest_path, copied, copy_error, copy_errno = [""] * n, np.zeros(n, bool), [""] * n, np.zeros(n, np.int64)
         for i in ok:
             rec = recs[i]
             if rec.image_id in str(batch["known"][i]).split(","):
                 continue  # sorted before; the file was only touched
-            label = predictor.classes[int(np.argmax(probs[i]))]
+            label = self.job.other_folder if unfamiliar[i] else predictor.classes[int(np.argmax(probs[i]))]
             folder = copies.category_folder(self.dest, label, self.src, rec.path, keep_tree=self.job.keep_tree)
             try:
                 final, copied[i] = copies.safe_copy(rec.path, folder, rec.path.name, image_id=rec.image_id or "",
@@ -96,6 +101,8 @@ class _SortActor:
             "mtime_ns": np.array([r.mtime_ns for r in recs], np.int64),
             "error": np.array([r.error or "" for r in recs], dtype=object),
             "probs": probs,
+            "unfamiliar": unfamiliar,
+            "unfamiliar_score": unfamiliar_score,
             "dest_path": np.array(dest_path, dtype=object),
             "copied": copied,
             "copy_error": np.array(copy_error, dtype=object),
@@ -116,17 +123,19 @@ def sort_batches(
     keep_tree: bool,
     runtime: str = "onnx",
     int8: bool = False,
+    other_folder: str | None = None,
     batch_size: int = 32,
     address: str = "",
     actors: int = 0,
-) -> Iterator[tuple[list[Decoded], np.ndarray, list[Placed]]]:
-    """Decode, predict and copy `paths` on Ray; yields (records, probs (N, K), placed) per finished batch.
+) -> Iterator[tuple[list[Decoded], Prediction, list[Placed]]]:
+    """Decode, predict and copy `paths` on Ray; yields (records, prediction, placed) per finished batch.
 
     Args:
         paths: the files to sort (listed by the driver; already-sorted ones left out).
         known: source path -> image_ids it was sorted with before (not copied again if unchanged).
         model_dir: the artifact folder (its bytes are shipped; workers need not see the workspace).
         int8: use the gated INT8 ONNX model, as the driver's `Predictor.int8` says (same results as local).
+        other_folder: where photos the model's unfamiliar score rejects go (None: to their class, as before).
     Yields:
         Records in completion order: failed ones carry `error` (their probs are NaN, placed None); placed
         is where the worker's copy landed, the copy's OSError, or None for a file sorted before.
@@ -138,9 +147,11 @@ def sort_batches(
         import ray.data
 
         names = [SPEC_FILE, (INT8_FILE if int8 else ONNX_FILE) if runtime == "onnx" else WEIGHTS_FILE]
+        reference = (read_spec(model_dir).get("unfamiliar") or {}).get("file")
+        names += [reference] if reference else []
         model = ray.put({name: (model_dir / name).read_bytes() for name in names})
         rows = [{"path": str(p), "known": ",".join(known.get(str(p), []))} for p in paths]
-        job = SortJob(str(src), str(dest), keep_tree, runtime, int8)
+        job = SortJob(str(src), str(dest), keep_tree, runtime, int8, other_folder)
         dataset = pooled(rows, _SortActor, {"model": [model], "job": job}, batch_size, actors)
         placed_folders: set[Path] = set()
         seen: set[Path] = set()  # a batch re-run after a crash must not be recorded twice, however Ray delivers it
@@ -151,7 +162,11 @@ def sort_batches(
                 seen.add(recs[i].path)
                 if isinstance(placed[i], tuple):
                     placed_folders.add(placed[i][0].parent)
-            yield [recs[i] for i in fresh], np.asarray(out["probs"], np.float32)[fresh], [placed[i] for i in fresh]
+            scored = other_folder is not None and bool(np.isfinite(out["unfamiliar_score"]).any())
+            prediction = Prediction(np.asarray(out["probs"], np.float32)[fresh],
+                                    np.asarray(out["unfamiliar_score"], np.float32)[fresh] if scored else None,
+                                    np.asarray(out["unfamiliar"], bool)[fresh] if scored else None)
+            yield [recs[i] for i in fresh], prediction, [placed[i] for i in fresh]
         # An actor killed mid-copy leaves its temp file; its batch was re-run, so the copy itself is there.
         removed = sum(copies.remove_orphan_temps(folder) for folder in placed_folders)
         if removed:

@@ -24,6 +24,7 @@ class SortReport:
     identical_existing: int = 0  # an identical file already sat at the destination name
     renamed: int = 0  # copied under a unique name because a different file had the name
     flagged: int = 0
+    unfamiliar: int = 0  # of the flagged: photos unlike every labeled one, copied to the unfamiliar folder
     registered: int = 0  # new images added to the manifest
     flag_strategy: str = ""  # the strategy the flags used (the options' may be "auto")
     failed: list[tuple[str, str]] = field(default_factory=list)
@@ -44,7 +45,8 @@ class SortReport:
         lines = [
             f"sorted {self.seen} files from {self.src} into {self.dest} with model {self.model_version}: "
             f"{self.copied} copied ({self.renamed} under a new name), {self.identical_existing} already there, "
-            f"{self.already_sorted} sorted before, {self.flagged} flagged for review, {len(self.failed)} failed "
+            f"{self.already_sorted} sorted before, {self.flagged} flagged for review "
+            f"({self.flagged - self.unfamiliar} unsure, {self.unfamiliar} unfamiliar), {len(self.failed)} failed "
             f"({self.seconds:.1f} s" + (f", {rate:.1f} images/s)" if rate > 0 else ")"),
         ]
         if self.left_for_rerun:

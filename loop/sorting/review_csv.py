@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 REVIEW_CSV = "_review.csv"
 REVIEW_COLUMNS = ["dest_path", "source_path", "pred_label", "pred_conf", "score", "strategy", "model_version",
-                  "image_id", "sorted_at"]
+                  "image_id", "sorted_at", "flag"]  # flag: low_confidence, or unfamiliar (in the unfamiliar folder)
 
 
 def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
@@ -60,14 +60,15 @@ def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
         rows[rec.dest_path] = review_row(
             rec.dest_path, rec.source_path, rec.label, rec.confidence, rec.score,
             _strategy(ws, str(rec.model_version), strategies), rec.model_version, rec.image_id,
-            "" if pd.isna(rec.sorted_at) else rec.sorted_at.isoformat())
+            "" if pd.isna(rec.sorted_at) else rec.sorted_at.isoformat(), rec.category == ws.settings.sort.other_folder)
     for r in from_pc:
         final = str(Path(dest).joinpath(*PurePosixPath(r["dest_path"]).parts))
         if r["image_id"] in done or final in rows or not Path(final).exists():
             continue
+        unfamiliar = PurePosixPath(r["dest_path"]).parts[0] == ws.settings.sort.other_folder
         rows[final] = review_row(final, r["source_path"], r["label"], float(r["confidence"]), float(r["score"]),
                                  _strategy(ws, r["model_version"], strategies), r["model_version"], r["image_id"],
-                                 r["sorted_at"])
+                                 r["sorted_at"], unfamiliar)
     return [rows[k] for k in sorted(rows)]
 
 
@@ -100,8 +101,8 @@ def write_review_csv(ws: Workspace, dest: Path) -> Path:
 
 
 def review_row(dest_path: str, source_path: str, label: str, conf: float, score: float, strategy: str,
-               version: str, image_id: str, sorted_at: str) -> dict[str, str]:
+               version: str, image_id: str, sorted_at: str, unfamiliar: bool = False) -> dict[str, str]:
     """One line of `_review.csv` (columns REVIEW_COLUMNS), as both the workspace and a DEST record write it."""
     return {"dest_path": dest_path, "source_path": source_path, "pred_label": label, "pred_conf": f"{conf:.4f}",
             "score": f"{score:.4f}", "strategy": strategy, "model_version": version, "image_id": image_id,
-            "sorted_at": sorted_at}
+            "sorted_at": sorted_at, "flag": "unfamiliar" if unfamiliar else "low_confidence"}

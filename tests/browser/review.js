@@ -2,14 +2,70 @@
 // pre-filled guess and that every class choice is inside the viewport and clickable, pick another class,
 // submit. Prints one JSON line with what it saw; exits non-zero on any failure.
 //
+// With "stream": true it first works as a reviewer does: the "To review" tab, then "Label All Tasks": which task
+// comes first, what is pre-selected and what the note above the choices says; submit it as is, see which task
+// comes next, and read the tab again (the submitted task must have left it).
+//
 // usage: node review.js '{"url": ..., "email": ..., "password": ..., "project": 1, "task": 3,
 //                         "pick": "sofa", "classes": ["chair", "sofa", "table"], "screenshot": "test-artifacts/x.png",
-//                         "viewport": [1280, 800]}'
+//                         "viewport": [1280, 800], "stream": true}'
 // Caveat: choice labels render as "sofa[2]" (hotkey hint), so labels are matched by prefix, not exact text.
 const { chromium } = require('playwright-core');
 
 const ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
   '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'];
+
+async function checkedChoice(page, classes) {
+  const radios = await page.locator('input[type=radio]').evaluateAll((els) => els.map((el) => {
+    let node = el;  // the nearest ancestor with text is the choice's label
+    while (node && !node.textContent.trim()) node = node.parentElement;
+    return { text: node ? node.textContent.trim() : '', checked: el.checked };
+  }));
+  const choices = radios.filter((r) => classes.some((c) => r.text === c || r.text.startsWith(`${c}[`)));
+  return (choices.find((r) => r.checked) || { text: '' }).text;
+}
+
+async function labelAllTasks(page, o, out) {
+  const served = [];  // task ids in the order the labeling stream hands them out
+  out.apiCalls = [];
+  page.on('response', async (r) => {
+    if (r.url().includes('/api/')) out.apiCalls.push(`${r.request().method()} ${r.url().replace(o.url, '')}`);
+    // Label Studio 1.23's stream asks POST /api/dm/actions?id=next_task (older ones GET /api/projects/N/next)
+    if (/id=next_task|\/api\/projects\/\d+\/next/.test(r.url())) {
+      try { served.push((await r.json()).id); } catch (e) { /* not JSON: the stream ended */ }
+    }
+  });
+  const until = async (cond) => { for (let i = 0; i < 600 && !cond(); i += 1) await page.waitForTimeout(100); };
+  const footer = async () => ((await page.locator('body').innerText()).match(/Tasks:\s*(\d+)\s*\/\s*(\d+)/) || []).slice(1);
+  await page.locator('button', { hasText: /Label All Tasks/ }).first().waitFor();
+  out.tabBefore = await footer();
+  await page.locator('button', { hasText: /Label All Tasks/ }).first().click();
+  await until(() => served.length >= 1);
+  await page.locator('label', { hasText: new RegExp(`^\\s*${o.classes[0]}`) }).first().waitFor();
+  await page.waitForTimeout(500);
+  // the stream opens with the project's instructions in a dialog: read them, then close it as a reviewer would
+  const dialog = page.getByText('Labeling Instructions');
+  if (await dialog.isVisible()) {
+    out.instructionsShown = true;
+    await page.keyboard.press('Escape');
+    await dialog.waitFor({ state: 'hidden' });
+  }
+  out.streamText = await page.locator('body').innerText();
+  out.streamPrefilled = await checkedChoice(page, o.classes);
+  if (o.screenshot) await page.screenshot({ path: o.screenshot.replace(/\.png$/, '-stream.png') });
+  const submit = page.locator('button', { hasText: /^\s*Submit\s*$/ }).first();
+  const [response] = await Promise.all([
+    page.waitForResponse((r) => /\/api\/tasks\/\d+\/annotations/.test(r.url()) && r.request().method() === 'POST'),
+    submit.click(),
+  ]);
+  out.streamAnnotation = await response.json();
+  await until(() => served.length >= 2);
+  out.served = served.slice();
+  await page.goto(`${o.url}/projects/${o.project}/data`);
+  await page.locator('img[src*="local-files"]').first().waitFor({ state: 'visible' });
+  await page.waitForTimeout(500);
+  out.tabAfter = await footer();
+}
 
 async function main() {
   const o = JSON.parse(process.argv[2]);
@@ -31,6 +87,8 @@ async function main() {
     await page.waitForTimeout(500);
     out.listText = await page.locator('body').innerText();
     if (o.screenshot) await page.screenshot({ path: o.screenshot.replace(/\.png$/, '-list.png') });
+
+    if (o.stream) await labelAllTasks(page, o, out);
 
     await page.goto(`${o.url}/projects/${o.project}/data?task=${o.task}`);
     // the task's photo, served in place through /data/local-files/

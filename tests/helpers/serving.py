@@ -98,6 +98,7 @@ def build(ws: Workspace, tmp_path: Path) -> Built:
         frame.loc[frame.index[3:6], "flag"] = "low_confidence"
         frame.loc[frame.index[3], "review_status"] = "queued"
         frame.loc[frame.index[4:6], "review_status"] = "pushed"
+        frame.loc[frame.index[4:6], "review_task"] = [11, 12]  # pushed: Label Studio gave them tasks
         frame.loc[frame.index[6], "flag"] = "user_moved"
         frame.loc[frame.index[6], "review_status"] = "reviewed"
         return frame

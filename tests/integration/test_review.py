@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from labeling.payloads import PREDICTION_VERSION
 from tests.integration.conftest import build_manifest
 
 pytestmark = pytest.mark.integration
@@ -59,7 +60,7 @@ def test_push_creates_one_task_per_flagged_image_with_predictions(ls_ws, sdk):
     by_image = {t.data["image_id"]: t for t in tasks}
     for image_id, (_, guess, conf, _) in zip(ids, FLAGGED, strict=True):
         (pred,) = by_image[image_id].predictions
-        assert pred.model_version == "v0001"
+        assert pred.model_version == PREDICTION_VERSION and by_image[image_id].data["model"] == "v0001"
         assert pred.score == pytest.approx(conf)
         assert pred.result[0]["value"]["choices"] == [guess]
     # most useful first: the user move, then the active-learning selection in its rank order
@@ -203,9 +204,18 @@ def test_cli_push_and_pull(ls_ws):
 
     build_manifest(ls_ws, labeled=LABELED, flagged=FLAGGED[:3])
     runner = CliRunner()
-    res = runner.invoke(app, ["review", "push", "-w", str(ls_ws.root)])
-    assert res.exit_code == 0, res.output
-    assert "pushed 3 new task(s)" in res.output
+    # one vocabulary in status and push, and the daily budget named when it holds photos back
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SORTLOOP_REVIEW__DAILY_BUDGET", "2")
+        status = runner.invoke(app, ["status", "-w", str(ls_ws.root)])
+        assert "3 waiting to be sent for review (3 flagged by sort as unsure); 2 can be sent today " \
+               "(review.daily_budget = 2 a day" in status.output, status.output
+        res = runner.invoke(app, ["review", "push", "-w", str(ls_ws.root)])
+        assert res.exit_code == 0, res.output
+        assert "sent 2 photo(s) for review (2 flagged by sort as unsure)" in res.output
+        assert "1 more wait for review: today's budget is spent (review.daily_budget = 2 a day" in res.output
+    res = runner.invoke(app, ["review", "push", "-w", str(ls_ws.root)])  # the default budget: the last one goes
+    assert res.exit_code == 0 and "sent 1 photo(s) for review" in res.output, res.output
     res = runner.invoke(app, ["review", "pull", "-w", str(ls_ws.root)])
     assert res.exit_code == 0 and "0 label(s) set" in res.output, res.output
     assert (mf.load(ls_ws)["review_status"] == "pushed").sum() == 3

@@ -42,10 +42,28 @@ def test_task_carries_hash_and_prediction():
     t = payloads.task(row, "abc.jpg")
     assert t["data"]["image_id"] == t["meta"]["image_id"] == "abc"
     assert t["data"]["image"] == payloads.image_url("abc.jpg")
-    assert t["predictions"] == [{"model_version": "v0003", "score": 0.42, "result": payloads.choice_result("sofa")}]
+    assert t["predictions"] == [{"model_version": payloads.PREDICTION_VERSION, "score": 0.42,
+                                 "result": payloads.choice_result("sofa")}]
+    assert t["data"]["model"] == "v0003" and t["data"]["note"] == "The model v0003 guessed sofa (42% sure)."
     row2 = row.copy()
     row2["pred_label"] = pd.NA
     assert "predictions" not in payloads.task(row2, "abc.jpg")
+
+
+def test_a_persons_move_is_pre_selected_before_the_models_guess_and_said_in_words():
+    row = pd.Series({"image_id": "abc", "path": "/p/x.jpg", "flag": "user_moved", "label": "bench",
+                     "label_source": "user_move", "label_at": pd.Timestamp("2026-11-30 16:05", tz="UTC"),
+                     "pred_label": "stool", "pred_conf": 0.7503, "pred_model": "v0002"})
+    t = payloads.task(row, "abc.jpg")
+    # imported last = listed first by Label Studio, which pre-selects it (tests/integration/test_browser_review.py)
+    assert [p["result"] for p in t["predictions"]] == [payloads.choice_result(c) for c in ("stool", "bench")]
+    assert "score" not in t["predictions"][1] and t["predictions"][0]["score"] == 0.7503
+    assert t["data"]["note"] == ("Moved by a person from stool to bench on 2026-11-30; "
+                                 "the model v0002 guessed stool (75% sure).")
+    # a reviewer's label on a moved photo (flag cleared) is no longer presented as a person's move
+    reviewed = row.copy()
+    reviewed["flag"], reviewed["label_source"] = pd.NA, "review"
+    assert len(payloads.task(reviewed, "abc.jpg")["predictions"]) == 1
 
 
 def test_decide_latest_non_cancelled_wins_over_earlier_and_later_skips():

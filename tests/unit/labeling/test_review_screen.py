@@ -29,10 +29,13 @@ def test_task_data_has_guess_and_confidence_columns_and_keeps_its_keys():
     assert data["image_id"] == "abc" and data["path"] == "/p/x.jpg"  # still there for push/pull, just hidden
 
 
-def test_review_tab_hides_keys_and_sorts_least_confident_first():
+def test_review_tab_hides_keys_and_keeps_the_push_order_of_tasks_nobody_answered():
     tab = payloads.review_tab(7)
     assert tab["project"] == 7
     for where in ("explore", "labeling"):
         assert {"tasks:data.image_id", "tasks:data.path"} <= set(tab["data"]["hiddenColumns"][where])
-    assert tab["data"]["ordering"] == ["tasks:data.confidence"]
+    assert tab["data"]["ordering"] == ["tasks:id"]  # push order: the most useful first (review push)
+    filters = {(f["filter"], f["operator"], f["value"]) for f in tab["data"]["filters"]["items"]}
+    assert filters == {("filter:tasks:total_annotations", "equal", 0),
+                       ("filter:tasks:cancelled_annotations", "equal", 0)}
     assert "Submit" in payloads.INSTRUCTIONS and "Skip" in payloads.INSTRUCTIONS

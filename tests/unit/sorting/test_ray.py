@@ -38,9 +38,13 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory, shared_data) -> Path:
-    """110 real ikea photos (10 per class, class folders kept) plus two broken files."""
+    """110 real ikea photos (10 per class, class folders kept), two broken files and four non-photos (flat
+    colours, noise: unfamiliar to the model, so they go to _other)."""
+    from tests.unit.sorting.test_unfamiliar_sort import _non_photos
+
     src = tmp_path_factory.mktemp("ray_src") / "inbox"
     sample_ikea(shared_data, src, per_class=10, classes=11)
+    _non_photos(src / "misc", n=2)
     (src / "broken").mkdir()
     (src / "broken" / "empty.jpg").write_bytes(b"")
     jpg = next(src.rglob("*.jpg")).read_bytes()
@@ -95,6 +99,8 @@ def test_ray_sort_matches_local_sort(ray_local, trained_ikea, photos, local_sort
 
     _same_results(ws, dest, ref_ws, ref_dest)
     assert report.copied == ref.copied >= 110 and report.flagged == ref.flagged > 0
+    assert report.unfamiliar == ref.unfamiliar >= 4  # the same photos to _other (the trees are equal)
+    assert {p.name for p in (dest / "_other").rglob("*.png")} == {p.name for p in (photos / "misc").iterdir()}
     assert sorted(report.failed) == sorted(ref.failed) and len(report.failed) == 2  # per file, same reasons
     review = pd.read_csv(dest / REVIEW_CSV).sort_values("source_path")
     ref_review = pd.read_csv(ref_dest / REVIEW_CSV).sort_values("source_path")

@@ -7,6 +7,7 @@ import ast
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,7 +20,14 @@ from loop.errors import ModelError, SortloopError
 from loop.folders.corrections import scan
 from loop.sorting import copies, dest_copies, dest_record
 from loop.sorting.folder import sort_folder
-from sortloop.bundle import BUNDLE_JSON, EXE_NAME, BundleError, build_bundle
+from sortloop.bundle import (
+    BUNDLE_JSON,
+    EXE_NAME,
+    PLATFORM_NAMES,
+    BundleError,
+    build_bundle,
+    this_platform,
+)
 from tests.helpers.models import copy_workspace
 from tests.helpers.sorting import deploy_copy, sample_ikea
 
@@ -117,13 +125,39 @@ def test_sorter_matches_sort_without_heavy_imports_and_scan_brings_moves_back(so
     assert len(dest_copies.read_rows(dest)) == 12
 
 
+def test_the_sorter_forgives_a_double_click_and_several_dropped_folders(sorter_setup, tmp_path: Path) -> None:
+    from sortloop.sorter import HELP, plan
+
+    ws, model_dir, photos = sorter_setup
+    # a double-click: no folder at all -> a paragraph of help (and, in a console window, the pause), exit 2
+    run = _run_sorter_from_source("--model", str(model_dir))
+    assert run["rc"] == 2 and HELP.splitlines()[0] in run["out"] and "required" not in run["err"]
+
+    # two folders dropped at once: each sorted into its own "<folder> sorted", neither into the other
+    second = tmp_path / "second inbox"
+    shutil.copytree(photos, second)
+    run = _run_sorter_from_source(str(photos), str(second), "--model", str(model_dir), "--workers", "0")
+    assert run["rc"] == 0, run["err"]
+    for src in (photos, second):
+        assert len(dest_record.read_rows(src.with_name(src.name + " sorted"))) == 12
+    assert not (second / ".sortloop").exists() and not list(second.glob("*/*/*.jpg"))  # second is untouched
+
+    # typed SRC DEST still means "into DEST" when DEST is new or was sorted before; --dest always does
+    new_dest, sorted_before = tmp_path / "new", photos.with_name("inbox sorted")
+    assert plan([photos, new_dest], None) == [(photos, new_dest)]
+    assert plan([second, sorted_before], None) == [(second, sorted_before)]
+    assert plan([photos], tmp_path / "d") == [(photos, tmp_path / "d")]
+    with pytest.raises(SortloopError, match="--dest takes one folder"):
+        plan([photos, second], tmp_path / "d")
+
+
 def test_the_bundle_flags_at_the_models_operating_point_like_sort(sorter_setup, sort_model: Path,
                                                                     tmp_path: Path) -> None:
     """Flags come from the catch curves in model.json (here: only `margin`, so "auto" must pick it and its
     threshold for an 80% catch), not from a fixed 0.5: the bundle ships them and flags exactly like sort."""
     import numpy as np
 
-    from loop.scoring.flagging import catch_curve, settings_point
+    from loop.scoring.flagging import catch_curve, describe, settings_point
     from sortloop.sorter import sort_standalone
 
     ws, model_dir, photos = sorter_setup
@@ -139,7 +173,7 @@ def test_the_bundle_flags_at_the_models_operating_point_like_sort(sorter_setup, 
     bundle = build_bundle(ws, tmp_path / "bundle", sorter=_fake_sorter(tmp_path))
     shipped = json.loads((bundle.out / "model" / "model.json").read_text())
     assert shipped["flagging"] == spec["flagging"]
-    assert point["strategy"] in (bundle.out / "README.txt").read_text()
+    assert describe(point) in (bundle.out / "README.txt").read_text()  # in plain words
     standalone = sort_standalone(photos, tmp_path / "pc", bundle.out / "model", workers=1)
     main = sort_folder(ws, photos, tmp_path / "main")
     assert standalone.ok and main.ok and standalone.flag_strategy == main.flag_strategy == "margin"
@@ -192,7 +226,10 @@ def test_bundle_layout_replacement_and_zip(ws, sort_model: Path, tmp_path: Path)
     assert spec["version"] == "v0001" and spec["bundle"]["built_at"] == first.built_at
     assert spec["sorting"]["flag_threshold"] == ws.settings.sort.flag_threshold
     assert (out / "model" / "model.onnx").read_bytes() == (ws.models_dir / "v0001" / "model.onnx").read_bytes()
-    assert "v0001" in (out / "README.txt").read_text() and "Drag the folder" in (out / "README.txt").read_text()
+    readme = (out / "README.txt").read_text()
+    assert "v0001" in readme and "Drag a folder of photos" in readme and "sortloop scan" in readme
+    assert first.platform == this_platform() and f"{PLATFORM_NAMES[first.platform]} bundle" in first.summary()
+    assert ">=" not in readme and "entropy" not in readme  # plain words: the numbers stay in model.json
 
     # a newer model: the bundle is replaced whole
     deploy_copy(ws, sort_model, "v0002")
@@ -234,6 +271,35 @@ def test_bundle_command(ws, sort_model: Path, tmp_path: Path) -> None:
     assert "model v0001" in result.output and (tmp_path / "b.zip").is_file()
     result = CliRunner().invoke(app, ["bundle", str(tmp_path / "c"), "--sorter", str(tmp_path), "-w", str(ws.root)])
     assert result.exit_code == 1 and "no sortloop-sort" in result.output
+
+
+def test_a_bundle_names_its_platform_and_a_windows_one_needs_the_windows_sorter(ws, sort_model: Path,
+                                                                                 tmp_path: Path) -> None:
+    deploy_copy(ws, sort_model)
+    if this_platform() != "windows":  # PyInstaller cannot build for Windows here: refused, saying where one comes from
+        with pytest.raises(BundleError, match="sortloop-sort-windows.*windows-bundle.yml.*--sorter"):
+            build_bundle(ws, tmp_path / "win", as_zip=True, for_platform="windows")
+        assert not (tmp_path / "win.zip").exists()
+    with pytest.raises(SortloopError, match="did you mean 'windows'"):
+        build_bundle(ws, tmp_path / "x", for_platform="widnows")
+    # the CI artifact: a folder holding sortloop-sort.exe is a Windows sorter, and its README.txt says Windows
+    win = tmp_path / "artifact" / EXE_NAME
+    (win / "_internal").mkdir(parents=True)
+    (win / f"{EXE_NAME}.exe").write_bytes(b"MZ")
+    report = build_bundle(ws, tmp_path / "shop-pc", as_zip=True, sorter=win)
+    assert report.platform == "windows" and "wrote a Windows bundle" in report.summary()
+    assert f"{report.size_bytes / 1e6:.0f} MB zipped, {report.unpacked_bytes / 1e6:.0f} MB unzipped" in report.summary()
+    with zipfile.ZipFile(report.out) as zf:
+        readme = zf.read("shop-pc/README.txt").decode()
+        assert json.loads(zf.read("shop-pc/bundle.json"))["platform"] == "windows"
+        assert report.unpacked_bytes == sum(i.file_size for i in zf.infolist())
+    assert "(Windows)" in readme and "D:\\Photos" in readme and "Run anyway" in readme and "\r\n" in readme
+    with pytest.raises(BundleError, match="is a Windows sorter, not a Linux one"):
+        build_bundle(ws, tmp_path / "y", sorter=win, for_platform="linux")
+    if this_platform() == "linux":
+        linux = build_bundle(ws, tmp_path / "linux", sorter=_fake_sorter(tmp_path))
+        text = (linux.out / "README.txt").read_text()
+        assert "(Linux)" in text and "D:\\" not in text and "Run anyway" not in text and "chmod +x" in text
 
 
 # --- the Windows CI recipe ---------------------------------------------------------------------------------
