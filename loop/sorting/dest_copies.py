@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 logger = logging.getLogger(__name__)
 
@@ -37,3 +37,8 @@ def read_rows(dest: Path) -> list[dict[str, str]]:
     if len(complete) < len(rows):
         logger.warning("ignoring %d incomplete lines in %s", len(rows) - len(complete), path)
     return complete
+
+
+def pc_unfamiliar(row: dict[str, str]) -> bool:
+    """Whether a DEST-record row is an unfamiliar photo: it went to the unfamiliar folder, not its label's."""
+    return PurePosixPath(row["dest_path"]).parts[0] != row["label"]

@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from loop.atomic import atomic_write, write_json_atomic
 from loop.data.decode import Decoded
 from loop.errors import SortloopError
-from loop.sorting.dest_copies import COLUMNS, COPIES_CSV, RECORD_DIR, read_rows
+from loop.sorting.dest_copies import COLUMNS, COPIES_CSV, RECORD_DIR, pc_unfamiliar, read_rows
 from loop.sorting.pipeline import Placed, SortReport
 from loop.sorting.review_csv import REVIEW_COLUMNS, REVIEW_CSV, review_row
 
@@ -118,7 +118,7 @@ def write_review(dest: Path, strategy: str) -> None:
     for final, r in own.items():
         if r.get("flagged") == "1" and Path(final).exists():
             rows[final] = review_row(final, r["source_path"], r["label"], float(r["confidence"]), float(r["score"]),
-                                     strategy, r["model_version"], r["image_id"], r["sorted_at"])
+                                     strategy, r["model_version"], r["image_id"], r["sorted_at"], pc_unfamiliar(r))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=REVIEW_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()

@@ -65,10 +65,9 @@ def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
         final = str(Path(dest).joinpath(*PurePosixPath(r["dest_path"]).parts))
         if r["image_id"] in done or final in rows or not Path(final).exists():
             continue
-        unfamiliar = PurePosixPath(r["dest_path"]).parts[0] == ws.settings.sort.other_folder
         rows[final] = review_row(final, r["source_path"], r["label"], float(r["confidence"]), float(r["score"]),
                                  _strategy(ws, r["model_version"], strategies), r["model_version"], r["image_id"],
-                                 r["sorted_at"], unfamiliar)
+                                 r["sorted_at"], dest_copies.pc_unfamiliar(r))
     return [rows[k] for k in sorted(rows)]
 
 
