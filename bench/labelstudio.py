@@ -7,7 +7,7 @@ each compared with Label Studio's own bulk operation measured in the same run on
 * pull  vs one JSON export (`GET /api/projects/{id}/export?exportType=JSON`, annotated tasks) of the same
   project.
 
-Push publishes each photo into the served folder (a hard link, checked by hashing it: `labeling.served`),
+Push publishes each photo into the served folder (a copy, checked by hashing it: `labeling.served`),
 builds its payloads from the manifest and encodes them inside the timing; the baselines get the payloads
 ready-made. Target: push <= 1.1x the SDK import at the default sizes; at small sizes the fixed costs of a
 push (project lookup, the storage, manifest writes) weigh more. Timings on a shared 2-core machine vary a

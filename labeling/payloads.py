@@ -185,8 +185,8 @@ def task(row: pd.Series, served_name: str) -> dict:
 
 def task_image_id(task_json: dict) -> str | None:
     """The content hash a task was created for (data first, then meta), or None for a foreign task."""
-    data = task_json.get("data") or {}
-    meta = task_json.get("meta") or {}
+    data, meta = task_json.get("data"), task_json.get("meta")
+    data, meta = data if isinstance(data, dict) else {}, meta if isinstance(meta, dict) else {}
     value = data.get("image_id") or meta.get("image_id")
     return str(value) if value else None
 
@@ -209,22 +209,74 @@ class Decision:
 
 
 def annotation_label(annotation: dict) -> str | None:
-    """The class an annotation picks in our Choices control, or None if it picks none (empty result)."""
+    """The class an annotation picks in our Choices control, or None if it picks none (empty result).
+
+    Raises:
+        ValueError: the annotation is not in the shape our config makes (see `annotation_problem`).
+    """
+    problem = annotation_problem(annotation)
+    if problem is not None:
+        raise ValueError(problem)
     for item in annotation.get("result") or []:
         if item.get("from_name") == FROM_NAME and item.get("type") == "choices":
-            picked = (item.get("value") or {}).get("choices") or []
+            picked = item["value"].get("choices") or []
             if picked:
                 return str(picked[0])
     return None
 
 
+def annotation_problem(annotation: object) -> str | None:
+    """Why an annotation cannot be read (a few words), or None.
+
+    Label Studio's API stores what a client sends (`{"value": {"choices": {"a": 1}}}`, `"value": "bed"`), so
+    one hand-made annotation must be skipped and reported, never stop the pull of every other one.
+    """
+    if not isinstance(annotation, dict):
+        return "the annotation is not a JSON object"
+    try:
+        int(annotation["id"])
+        pd.Timestamp(annotation.get("updated_at") or annotation.get("created_at"))
+    except (KeyError, TypeError, ValueError):
+        return "the annotation has no valid id or time"
+    result = annotation.get("result") or []
+    if not isinstance(result, list):
+        return "its result is not a list"
+    for item in result:
+        if not isinstance(item, dict):
+            return "a result entry is not a JSON object"
+        if item.get("from_name") == FROM_NAME and item.get("type") == "choices":
+            value = item.get("value")
+            if not isinstance(value, dict):
+                return f"its choice value is {type(value).__name__}, not an object with 'choices'"
+            picked = value.get("choices")
+            if picked is not None and not (isinstance(picked, list) and all(isinstance(c, str) for c in picked)):
+                return "its 'choices' is not a list of class names"
+    return None
+
+
+def unreadable_annotations(task_json: dict) -> list[tuple[int | None, str]]:
+    """(annotation id or None, why) for each annotation of a task that `decide` skips as unreadable."""
+    out = []
+    for a in task_json.get("annotations") or []:
+        problem = annotation_problem(a)
+        if problem is not None:
+            ident = a.get("id") if isinstance(a, dict) else None
+            out.append((ident if isinstance(ident, int) else None, problem))
+    return out
+
+
 def decide(task_json: dict) -> Decision | None:
     """The decision for a task: latest non-cancelled annotation with a choice wins; else skipped; else None.
 
-    Cancelled ("skipped") annotations and annotations with an empty result never become labels.
+    Cancelled ("skipped") annotations and annotations with an empty result never become labels; unreadable
+    ones (`annotation_problem`) are left out (`unreadable_annotations` lists them for the pull's report).
     """
     image_id = task_image_id(task_json)
-    annotations = task_json.get("annotations") or []
+    try:
+        task_id = int(task_json["id"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    annotations = [a for a in task_json.get("annotations") or [] if annotation_problem(a) is None]
     if image_id is None or not annotations:
         return None
 
@@ -234,12 +286,12 @@ def decide(task_json: dict) -> Decision | None:
     labelled = [a for a in annotations if not a.get("was_cancelled") and annotation_label(a) is not None]
     if labelled:
         best = max(labelled, key=stamp)
-        return Decision(image_id, int(task_json["id"]), "label", annotation_label(best), int(best["id"]),
+        return Decision(image_id, task_id, "label", annotation_label(best), int(best["id"]),
                         _reviewer(best), stamp(best)[0])
     cancelled = [a for a in annotations if a.get("was_cancelled")]
     if cancelled:
         best = max(cancelled, key=stamp)
-        return Decision(image_id, int(task_json["id"]), "skipped", None, int(best["id"]), _reviewer(best),
+        return Decision(image_id, task_id, "skipped", None, int(best["id"]), _reviewer(best),
                         stamp(best)[0])
     return None
 

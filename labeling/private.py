@@ -3,8 +3,8 @@ database holds the same API token.
 
 Folders are 0700 and files lose their group/other bits; the embedded server runs with umask 077, so what it
 creates later is owner-only too; `make_owner_only` repairs trees older versions left readable.
-Caveat: a hard link (a served photo, `labeling.served`) shares its inode with the user's original, so its
-mode is left as it is: changing it would change the user's file. And Django chmods the files it stores
+Caveat: a hard link (a served photo made by an older version) shares its inode with the user's original,
+so its mode is left as it is: changing it would change the user's file. And Django chmods the files it stores
 (export snapshots, uploads) to 0644 whatever the umask (`FILE_UPLOAD_PERMISSIONS`, not settable through
 Label Studio's environment). The 0700 folders around both keep them private; `up` repairs the modes.
 """

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -35,7 +35,7 @@ from labeling.client import Client, connect
 from labeling.project import find_project, known_classes
 from loop.atomic import write_json_atomic
 from loop.data import manifest as mf
-from loop.data.classnames import OTHER_LABEL, class_name_problem
+from loop.data.classnames import OTHER_LABEL, class_name_problem, normal_name, twin_problem
 from loop.errors import LabelStudioError
 from loop.workspace import Workspace
 
@@ -70,6 +70,7 @@ class PullReport:
     watermark: str | None = None
     seconds: float = 0.0
     reverted: int = 0  # labels taken back because their annotation was deleted in Label Studio
+    unreadable: list[str] = field(default_factory=list)  # annotations skipped as unreadable (first pull seeing each)
 
     @property
     def ok(self) -> bool:
@@ -86,7 +87,10 @@ class PullReport:
             text += f", {self.unknown_images} for images not in this manifest"
         if self.rejected:
             text += f", {len(self.rejected)} REJECTED"
-        return text + f" ({self.seconds:.1f} s)"
+        text += f" ({self.seconds:.1f} s)"
+        for line in self.unreadable:
+            text += f"\nunreadable annotation skipped (fix or delete it in Label Studio): {line}"
+        return text
 
 
 def state_path(ws: Workspace) -> Path:
@@ -108,6 +112,15 @@ def read_state(ws: Workspace, url: str, project_id: int) -> dict:
         return fresh
     state.setdefault("applied", {})
     return state
+
+
+def unreadable_count(ws: Workspace) -> int:
+    """How many annotations the pulls skipped as unreadable and nobody has fixed yet (for `sortloop status`)."""
+    try:
+        state = json.loads(state_path(ws).read_bytes())
+    except (OSError, ValueError):
+        return 0
+    return len(state.get("unreadable") or []) if isinstance(state, dict) else 0
 
 
 def write_state(ws: Workspace, state: dict) -> None:
@@ -180,10 +193,34 @@ def _label_problem(d: payloads.Decision, allowed: set[str], allow_new: bool) -> 
     problem = class_name_problem(d.label)
     if problem is not None:
         return f"{d.label!r} cannot be a class name ({problem}); pick another label in Label Studio"
+    twin = twin_problem(d.label, allowed)
+    if twin is not None:
+        return f"{d.label!r} cannot be a class name ({twin}); pick the existing class in Label Studio"
     if d.label not in allowed and not allow_new:
         return (f"{d.label!r} is not a known class ({', '.join(sorted(allowed))}); fix it in Label Studio or set "
                 "labelstudio.allow_new_classes = true")
     return None
+
+
+def _unreadable(url: str, project_id: int, tasks: list[dict], state: dict) -> list[str]:
+    """One line per unreadable annotation (`payloads.annotation_problem`) not reported by an earlier pull,
+    with its task link; each is remembered in the pull state, so it is reported once and never holds the
+    watermark (the other decisions go on)."""
+    seen: list = state.setdefault("unreadable", [])
+    lines = []
+    for t in tasks:
+        bad = payloads.unreadable_annotations(t)
+        if not bad:  # fixed or deleted in Label Studio since: no longer counted (`sortloop status`)
+            seen[:] = [k for k in seen if not k.startswith(f"{t.get('id')}/")]
+        for annotation_id, problem in bad:
+            key = f"{t.get('id')}/{annotation_id}/{problem}"
+            if key in seen:
+                continue
+            seen.append(key)
+            line = f"{url}/projects/{project_id}/data?task={t.get('id')} (annotation {annotation_id}): {problem}"
+            logger.warning("unreadable annotation skipped: %s", line)
+            lines.append(line)
+    return lines
 
 
 def pull(ws: Workspace) -> PullReport:
@@ -220,7 +257,7 @@ def pull(ws: Workspace) -> PullReport:
     n_skipped = sum(1 for s, _ in outcome.statuses.values() if s == "skipped")
     report = PullReport(fetched.url, fetched.project_id, outcome.fresh, labeled, len(outcome.changes) - labeled,
                         n_skipped, outcome.unknown, outcome.rejected, watermark, time.monotonic() - start,
-                        reverted=len(taken_back))
+                        reverted=len(taken_back), unreadable=fetched.unreadable)
     logger.info(report.summary())
     return report
 
@@ -235,6 +272,7 @@ class _Fetched:
     tasks: list[dict] = field(default_factory=list)
     emptied: list[dict] = field(default_factory=list)
     decisions: dict[str, payloads.Decision] = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)  # `_unreadable`'s lines: reported once each
 
 
 @dataclass
@@ -264,14 +302,17 @@ def _fetch(ws: Workspace, df: pd.DataFrame) -> _Fetched:
         emptied = deleted.emptied_tasks(client, pid, since, [int(t) for t in reviewed_tasks])
         # One decision per image: the latest annotation over all its tasks (dedupe by annotation id).
         decisions: dict[str, payloads.Decision] = {}
+        unreadable = _unreadable(client.url, pid, tasks, state)
         for t in tasks:
             d = payloads.decide(t)
             if d is None:
                 continue
+            if d.label is not None:  # one stored form per class name (NFC): `café` typed as NFD is `café`
+                d = replace(d, label=normal_name(d.label))
             prev = decisions.get(d.image_id)
             if prev is None or (d.updated_at, d.annotation_id) > (prev.updated_at, prev.annotation_id):
                 decisions[d.image_id] = d
-        return _Fetched(client.url, pid, state, tasks, emptied, decisions)
+        return _Fetched(client.url, pid, state, tasks, emptied, decisions, unreadable)
 
 
 def _decide(ws: Workspace, df: pd.DataFrame, fetched: _Fetched) -> _Outcome:

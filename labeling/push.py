@@ -9,9 +9,9 @@ Order: user moves first; then the photos `loop.review.queue` selected (by `revie
 order, topped up at each push to `review.daily_budget`); then audit suspects (`suspected_mislabel`, surest
 first); then other flags, lowest confidence first. Everything but user moves counts against the daily
 budget (`history/pushes.jsonl`), so a reviewer gets the most useful photos and a bounded day's work.
-Each photo is published into the served folder first (`labeling.served`: a hard link or copy named by its
-hash); a photo that may not be served (a symlink leaving its folder, missing, changed) is not sent, and
-is reported in `PushReport.refused` (it stays flagged: the next push tries again).
+Each photo is published into the served folder first (`labeling.served`: a copy named by its hash); a
+photo that may not be served (a symlink leaving its folder, missing, changed) is not sent, and is reported
+in `PushReport.refused` (it stays flagged: the next push tries again).
 Tasks go in batches through Label Studio's own bulk import (`Client.import_tasks`: the SDK's request,
 encoded once; the payloads are built in `labeling.payloads`). The next batch is published and built while
 the server imports the current one (one import in flight). The manifest learns the new task ids every

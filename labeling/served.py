@@ -2,24 +2,28 @@
 
 Label Studio's local-files storage serves any file under a storage's folder to a logged-in user, and it
 follows symlinks. So photos are never served in place: each pushed photo gets a read-only entry
-`<served>/photos/<sha256><.ext>` (a hard link to the original where the file system allows it, else a
-copy), checked to hash to the photo's image_id before it is published, and the server's document root is
-`<served>` with ONE storage on `<served>/photos`. Nothing else is ever put there, so nothing else
-(credentials, the server's database, a symlink's target, the rest of a photo folder) can be fetched.
+`<served>/photos/<sha256><.ext>`, a COPY (never a hard link: a photo rewritten in place would change a
+linked entry, and a link keeps the original's permission bits), checked to hash to the photo's image_id
+before it is published, and the server's document root is `<served>` with ONE storage on
+`<served>/photos`. Nothing else is ever put there, so nothing else (credentials, the server's database,
+a symlink's target, the rest of a photo folder) can be fetched. The served folder must be empty or
+sortloop's own (the marker file `MARKER`): an existing folder with other contents is refused, and its
+modes are never changed. Cost of copying: the disk space of the photos in review, and one read + write per
+pushed photo (`bench/served_copy.py` measures it against hard links). Entries are not fsynced (they can be
+made again; a torn one fails the hash check of the next push).
 
 `<served>` is `labelstudio.served_dir`, by default `<workspace>/labelstudio/served` (owner-only, like the
 rest of that tree). A team server must see the same folder at the same path (docker-compose mounts one
 volume at `/served` in both containers); with `labelstudio.url` set its entries are world-readable
 (0755/0644), because that server runs as another user, and they hold only photos the team reviews.
-Caveat: a hard link shares the original's inode, so it keeps the original's permission bits (changing them
-would change the user's file) and keeps its bytes on disk after the original is deleted, until the entry
-is removed. A photo edited in place after it was published changes its entry too; it is then served with
-bytes that no longer match its task (rare: sortloop never edits photos).
+Caveat: an entry published by an earlier version as a hard link is re-made as a copy at the next push
+(`publish` re-checks every entry it is asked for: a hard link or an entry whose size changed is replaced).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -29,12 +33,13 @@ from pathlib import Path
 
 from labeling import payloads
 from loop.errors import ConfigError, SortloopError
-from loop.sorting.copies import safe_copy, same_content
+from loop.sorting.copies import COPY_CHUNK, same_content
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
 STAGING = ".staging"  # beside the storage folder, never under it: half-made entries are never servable
+MARKER = ".sortloop-served"  # in the served folder: sortloop made it, so its contents are sortloop's
 _SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
 
 
@@ -104,10 +109,32 @@ def prepare(ws: Workspace) -> Path:
     mode = 0o755 if shared(ws) else 0o700
     root = served_dir(ws)
     root.parent.mkdir(parents=True, exist_ok=True)
+    check_ours(root)
     _mkdir(root, mode)
+    marker = root / MARKER
+    if not marker.exists():
+        marker.write_text("sortloop's served folder: only photos pushed for review; do not put files here\n")
     _mkdir(root / payloads.SERVED_SUBDIR, mode)
     _mkdir(root / STAGING, 0o700)
     return root / payloads.SERVED_SUBDIR
+
+
+def check_ours(root: Path) -> None:
+    """Refuse a served folder that exists, is not empty and has no `MARKER`: its contents (someone's
+    photos, documents) would become servable, and its modes would be changed.
+
+    Raises:
+        ConfigError: naming the folder and the fix.
+    """
+    try:
+        entries = {p.name for p in root.iterdir()}
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"labelstudio.served_dir {root} cannot be read ({exc.strerror or exc})") from None
+    if entries and MARKER not in entries:
+        raise ConfigError(f"labelstudio.served_dir {root} is an existing folder with other files in it (e.g. "
+                          f"{sorted(entries)[0]!r}); they would be served: give an empty or new folder")
 
 
 def source_problem(path: Path) -> str | None:
@@ -156,13 +183,32 @@ def publish(ws: Workspace, photos: dict[str, str]) -> tuple[dict[str, str], dict
     return names, refused
 
 
+def _copy_hashed(src: Path, dst: Path, image_id: str, mode: int) -> bool:
+    """Copy `src` to a new file `dst` (permission bits `mode`), hashing the bytes as they pass; True if they
+    hash to `image_id`. Not fsynced: an entry torn by a power cut fails the check of `_publish_one` at the
+    next push and is made again."""
+    digest = hashlib.sha256()
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fout.fileno(), mode)  # whatever the umask
+        while block := fin.read(COPY_CHUNK):
+            digest.update(block)
+            fout.write(block)
+    return digest.hexdigest() == image_id
+
+
 def _publish_one(storage: Path, image_id: str, path: str, file_mode: int) -> str:
-    """One entry: made in a staging folder outside the storage (hard link, else copy), checked to hash to
-    `image_id`, then linked into place under its final name; returns that name."""
+    """One entry: copied into a staging folder outside the storage, checked to hash to `image_id`, then
+    linked into place under its final name; returns that name. An existing entry is kept only if it is a
+    copy (one link) that still hashes to `image_id`."""
     name = served_name(image_id, path)
     target = storage / name
-    if target.is_file() and not target.is_symlink():
-        return name
+    with contextlib.suppress(OSError):
+        st = target.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and same_content(target, st.st_size, image_id):
+            return name  # our own copy, unchanged
+        target.unlink()  # a hard link of an earlier version, or changed: made again below
     src = Path(path)
     problem = source_problem(src)
     if problem is not None:
@@ -171,18 +217,9 @@ def _publish_one(storage: Path, image_id: str, path: str, file_mode: int) -> str
     staging = storage.parent / STAGING
     staged = staging / f"{name}.{uuid.uuid4().hex[:8]}"
     try:
-        size = real.stat().st_size
-        try:
-            os.link(real, staged, follow_symlinks=False)
-            linked = True
-        except OSError:  # another file system, no hard links, or not ours (protected_hardlinks): copy
-            staged, _ = safe_copy(real, staging, staged.name, image_id=image_id, size=size)
-            linked = False
-        if not same_content(staged, size, image_id):
+        if not _copy_hashed(real, staged, image_id, file_mode):
             raise PublishError(f"{path}: its bytes changed since it was added (no longer {image_id[:12]}...); "
                                "run `sortloop ingest` on its folder again")
-        if not linked:
-            os.chmod(staged, file_mode)
         with contextlib.suppress(FileExistsError):  # a concurrent push published it meanwhile
             os.link(staged, target)
     except OSError as exc:

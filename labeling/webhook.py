@@ -13,10 +13,12 @@ this machine.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
 import secrets
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,6 +35,8 @@ PATH = "/labelstudio/webhook"
 HEADER = "X-Sortloop-Secret"
 ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
 SOCKET_TIMEOUT_S = 10.0  # a caller that stops sending mid-request is dropped (Label Studio itself waits 1 s)
+REQUEST_DEADLINE_S = 15.0  # a whole request, however it drips in: then the connection is closed
+MAX_CONNECTIONS = 16  # open at once; more are closed at once (Label Studio sends one call per save)
 
 
 def secret_path(ws: Workspace) -> Path:
@@ -84,10 +88,14 @@ class Receiver:
         debounce_s: wait this long after a call before running, so a burst of saves is one pull.
         socket_timeout_s: a connection idle this long mid-request is closed, so a stalled or hostile
             caller cannot hold a receiver thread forever.
+        request_deadline_s: a connection is closed this long after it opened, however slowly its bytes
+            drip in (the socket timeout is per read).
+        max_connections: connections handled at once; one more is closed unanswered.
     """
 
     def __init__(self, ws: Workspace, *, on_event: Callable[[], object] | None = None, debounce_s: float = 1.0,
-                 socket_timeout_s: float = SOCKET_TIMEOUT_S):
+                 socket_timeout_s: float = SOCKET_TIMEOUT_S, request_deadline_s: float = REQUEST_DEADLINE_S,
+                 max_connections: int = MAX_CONNECTIONS):
         cfg = ws.settings.labelstudio
         if cfg.webhook_port <= 0:
             raise LabelStudioError("labelstudio.webhook_port is 0 (off); set a port to receive webhooks")
@@ -95,12 +103,13 @@ class Receiver:
         self.secret = webhook_secret(ws)
         self.debounce_s = debounce_s
         self.socket_timeout_s = socket_timeout_s
+        self.request_deadline_s = request_deadline_s
         self.on_event = on_event or self._pull
         self.calls = 0  # valid calls received
         self.runs = 0  # on_event runs completed
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._server = ThreadingHTTPServer((cfg.host, cfg.webhook_port), self._handler())
+        self._server = _CappedServer((cfg.host, cfg.webhook_port), self._handler(), max_connections)
         self._threads = [threading.Thread(target=self._server.serve_forever, name="webhook-http", daemon=True),
                          threading.Thread(target=self._work, name="webhook-pull", daemon=True)]
 
@@ -114,6 +123,23 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             timeout = receiver.socket_timeout_s  # socketserver sets it on the connection: reads cannot hang
+
+            def setup(self) -> None:
+                super().setup()
+                self._deadline = threading.Timer(receiver.request_deadline_s, self._expire)
+                self._deadline.daemon = True
+                self._deadline.start()
+
+            def _expire(self) -> None:  # the whole request took too long: its reads end now
+                logger.warning("webhook caller %s exceeded %.0f s; disconnected", self.client_address[0],
+                               receiver.request_deadline_s)
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+
+            def finish(self) -> None:
+                self._deadline.cancel()
+                with contextlib.suppress(OSError):  # the deadline may have closed it under us
+                    super().finish()
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 try:
@@ -150,6 +176,8 @@ class Receiver:
                 self.on_event()
             except SortloopError as exc:  # the next call or scheduled pull retries; nothing is lost
                 logger.error("pull after webhook failed: %s", exc)
+            except Exception:  # never let one bad pull end the thread while the receiver keeps answering 204
+                logger.exception("pull after webhook failed; the next call retries")
             self.runs += 1
 
     def start(self) -> Receiver:
@@ -175,6 +203,35 @@ class Receiver:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _CappedServer(ThreadingHTTPServer):
+    """A threading HTTP server that handles at most `max_connections` connections at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int):
+        self.max_connections = max_connections
+        self.slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            logger.warning("webhook: %d connections open; closing one more from %s", self.max_connections,
+                           client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 def listen(ws: Workspace, *, on_event: Callable[[], object] | None = None, debounce_s: float = 1.0) -> Receiver:

@@ -138,19 +138,35 @@ def _ends_with_newline(path: Path) -> bool:
 
 def read_jsonl(path: Path | str) -> list[Any]:
     """Every record of a JSON-lines file, oldest first ([] if absent). A damaged line — the torn last line
-    of a crash mid-append — is logged and skipped, so a log stays readable whatever happened to it."""
+    of a crash mid-append, even one torn inside a multi-byte character — is logged and skipped, so a log
+    stays readable whatever happened to it (lines are split and decoded as bytes, one at a time)."""
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("ignoring a damaged line in %s", path)
+            records.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            logger.warning("ignoring a damaged line (line %d) in %s", number, path)
     return records
+
+
+def damaged_lines(path: Path | str) -> int:
+    """How many lines `read_jsonl` skips in `path` (0 if absent): for `sortloop status`."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    damaged = 0
+    for line in path.read_bytes().split(b"\n"):
+        if line.strip():
+            try:
+                json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                damaged += 1
+    return damaged
 
 
 def remove_stale_temps(folder: Path, *, recursive: bool = True) -> list[Path]:

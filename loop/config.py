@@ -313,7 +313,7 @@ push_batch_size = 500         # tasks per import request
 allow_new_classes = false     # true: a label a reviewer adds in Label Studio becomes a new class
 webhook_port = 0              # >0: `sortloop review listen` receives Label Studio webhooks here (127.0.0.1)
                               # and pulls at once; the embedded server must be restarted to allow it
-served_dir = ""               # the only folder Label Studio serves: pushed photos (hard links or copies)
+served_dir = ""               # the only folder Label Studio serves: copies of the pushed photos
                               # named by hash; empty = <workspace>/labelstudio/served. A team server must
                               # see it at the same path (docker-compose: the `served` volume at /served)
 

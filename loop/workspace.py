@@ -71,6 +71,23 @@ class Workspace:
     def folders(self) -> list[Path]:
         return [self.manifest_dir, self.history_dir, self.models_dir, self.cache_dir, self.runs_dir]
 
+    def private_folders(self) -> list[Path]:
+        """Folders of files derived from the user's photos (resized copies, features, the report's
+        thumbnails): owner-only, so a photo readable only by its owner stays so in every derived form."""
+        return [self.cache_dir, self.report_dir]
+
+
+PRIVATE_MODE = 0o700
+
+
+def make_private(folder: Path) -> Path:
+    """Create `folder` owner-only, or take the group/other bits off an existing one (older versions made
+    them 0755); returns it. One chmod, not a walk: the files inside are reachable only through it."""
+    folder.mkdir(mode=PRIVATE_MODE, parents=True, exist_ok=True)
+    if os.name == "posix" and folder.stat().st_mode & 0o077:
+        os.chmod(folder, PRIVATE_MODE)
+    return folder
+
 
 def resolve_root(path: Path | str | None = None) -> Path:
     """The workspace folder: `path`, else `$SORTLOOP_WORKSPACE`, else `./data` (absolute)."""
@@ -100,6 +117,8 @@ def init_workspace(path: Path | str | None = None) -> Workspace:
     ws.root.mkdir(parents=True, exist_ok=True)
     for folder in ws.folders():
         folder.mkdir(exist_ok=True)
+    for folder in ws.private_folders():
+        make_private(folder)
     if not ws.config_file.exists():
         ws.config_file.write_text(DEFAULT_TOML)
     ws.settings  # noqa: B018  (fail now, with the key named, if the config is bad)
@@ -119,6 +138,9 @@ def open_workspace(path: Path | str | None = None) -> Workspace:
     for folder, recursive in ((ws.root, False), (ws.manifest_dir, True), (ws.history_dir, True),
                               (ws.models_dir, True), (ws.runs_dir, True), (ws.labelstudio_dir, False)):
         remove_stale_temps(folder, recursive=recursive)
+    for folder in ws.private_folders():
+        if folder.exists():
+            make_private(folder)
     return ws
 
 

@@ -38,7 +38,7 @@ from loop import __version__
 from loop.choices import check_choice
 from loop.errors import ModelError, SortloopError
 from loop.learning.registry import current_model_dir
-from loop.model.artifact import INT8_FILE, ONNX_FILE, SPEC_FILE, read_spec
+from loop.model.artifact import INT8_FILE, ONNX_FILE, SPEC_FILE, check_artifact, check_files, read_spec
 from loop.scoring.flagging import describe, settings_point
 from loop.sorting.folder import sort_options
 from loop.sorting.pipeline import check_classes
@@ -135,6 +135,7 @@ def build_bundle(
     if not (model_dir / ONNX_FILE).is_file():
         raise ModelError(f"{model_dir / ONNX_FILE} is missing: the sorter needs the ONNX export; retrain, or "
                          "deploy a version that has one")
+    check_files(model_dir, (ONNX_FILE,))  # before minutes of freezing: a damaged export is refused now
     if for_platform is not None:
         check_choice("--platform", for_platform, PLATFORMS)
     replaced = _existing_bundle(out)
@@ -306,7 +307,13 @@ def _write_model(ws: Workspace, model_dir: Path, spec: dict, target: Path, built
                         "unfamiliar": options.unfamiliar, "other_folder": options.other_folder},
             "bundle": {"built_at": built_at, "sortloop": __version__}}
     full["files"] = files
+    full["checksums"] = {name: digest for name, digest in (spec.get("checksums") or {}).items()
+                         if (target / name).is_file()}  # what the PC gets, checked there when it loads
     (target / SPEC_FILE).write_text(json.dumps(full, indent=2, default=str), encoding="utf-8")
+    try:
+        check_artifact(target)  # the copies as they landed: a truncated model never ships
+    except ModelError as exc:
+        raise BundleError(f"the bundled model is not usable: {exc}") from None
 
 
 def _executable_or_none(folder: Path) -> Path | None:

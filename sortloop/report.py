@@ -25,7 +25,7 @@ from loop.atomic import atomic_write
 from loop.learning.gate import describe_evidence
 from loop.model.artifact import read_spec
 from loop.scoring.flagging import describe, settings_point
-from loop.workspace import Workspace
+from loop.workspace import Workspace, make_private
 from sortloop.mistakes import plot_mistakes, worst_mistakes
 
 logger = logging.getLogger(__name__)
@@ -340,8 +340,7 @@ def write_report(ws: Workspace) -> Path:
         >>> page.name
         'index.html'
     """
-    out = ws.report_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_private(ws.report_dir)  # its thumbnails show the user's photos
     facts = _read_facts(ws)
     _draw_plots(ws, facts, out)
     page_path = out / "index.html"

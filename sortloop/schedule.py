@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 JOB_IDS = ("pull", "push", "scan", "watch", "retrain")
 START_NOW = ("pull", "push", "scan")  # `serve` runs these at start-up, then on their interval
 JOBSTORE_FILE = "scheduler.sqlite"
+CONFIG_HINT = "sortloop.toml's [schedule]"
 LOCK_FILE = "serve.lock"
 
 
@@ -133,6 +134,7 @@ def build_scheduler(
     ws.runs_dir.mkdir(parents=True, exist_ok=True)
     sched = ws.settings.schedule
     wanted = triggers(ws)
+    quarantine_damaged_jobstore(ws)
     previous = stored_jobs(ws)
     scheduler = scheduler_cls(
         jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{jobstore_path(ws)}")},
@@ -194,6 +196,36 @@ def _remove_stored_job(ws: Workspace, job_id: str) -> None:
         logger.info("job %s is no longer configured; removed from the job store", job_id)
     finally:
         store.shutdown()
+
+
+def jobstore_problem(ws: Workspace) -> str | None:
+    """One line if the job store file exists but is not a readable SQLite database, else None."""
+    import sqlite3
+
+    path = jobstore_path(ws)
+    if not path.exists():
+        return None
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            con.execute("SELECT name FROM sqlite_master").fetchall()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        return (f"{path} is damaged ({exc}); `sortloop serve` moves it aside and rebuilds the schedule from "
+                f"{CONFIG_HINT}")
+    return None
+
+
+def quarantine_damaged_jobstore(ws: Workspace) -> None:
+    """Move a damaged job store aside (`.damaged`): it holds only the schedule, rebuilt from the config."""
+    problem = jobstore_problem(ws)
+    if problem is None:
+        return
+    path = jobstore_path(ws)
+    aside = path.with_name(path.name + ".damaged")
+    os.replace(path, aside)
+    logger.warning("%s; moved to %s and rebuilt", problem.split(";")[0], aside)
 
 
 def next_run_times(ws: Workspace) -> dict[str, datetime | None]:

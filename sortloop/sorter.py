@@ -22,7 +22,7 @@ from pathlib import Path
 from loop.errors import SortloopError
 from loop.model.artifact import SPEC_FILE, read_spec
 from loop.sorting import dest_record
-from loop.sorting.pipeline import SortOptions, SortReport, check_folders, sort_into
+from loop.sorting.pipeline import SortOptions, SortReport, check_folders, check_writable, sort_into
 
 MODEL_FOLDER = "model"
 SORTED_SUFFIX = " sorted"
@@ -66,17 +66,18 @@ def sort_standalone(src: Path, dest: Path, model_dir: Path, *, keep_tree: bool |
     spec = read_spec(model_dir)
     options = options_from(spec, keep_tree=keep_tree, workers=workers)
     version, built_at = str(spec.get("version", "")), spec.get("bundle", {}).get("built_at")
-    dest_record.check_bundle(dest, built_at, version)
-    dest.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    report = SortReport(src=str(src), dest=str(dest), run_id=run_id)
-    try:
-        sort_into(src, dest, model_dir, dest_record.DestRecordSink(dest), report, options=options,
-                  on_progress=on_progress)
-    finally:
-        report.seconds = time.perf_counter() - started
-    dest_record.note_bundle(dest, built_at, report.model_version)
+    check_writable(dest)
+    with dest_record.sorter_lock(dest):  # one sorter per DEST (two would record every copy twice)
+        dest_record.check_bundle(dest, built_at, version)
+        started = time.perf_counter()
+        run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        report = SortReport(src=str(src), dest=str(dest), run_id=run_id)
+        try:
+            sort_into(src, dest, model_dir, dest_record.DestRecordSink(dest), report, options=options,
+                      on_progress=on_progress)
+        finally:
+            report.seconds = time.perf_counter() - started
+        dest_record.note_bundle(dest, built_at, report.model_version)
     return report
 
 

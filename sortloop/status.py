@@ -31,17 +31,29 @@ def _counts(series: pd.Series) -> dict[str, int]:
     return {str(k): int(v) for k, v in series.dropna().value_counts().sort_index().items()}
 
 
-def _models(ws: Workspace) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
-    """(current model, all versions, candidates = versions newer than the current one)."""
+def _models(ws: Workspace, problems: list[str]) -> tuple[dict[str, Any] | None, list[dict[str, Any]],
+                                                        list[dict[str, Any]]]:
+    """(current model, all versions, candidates = versions newer than the current one); what cannot be
+    read is left out and said in `problems` (one line each, with the repair)."""
+    from loop.errors import ModelError
     from loop.learning.deployment import describe_versions
-    from loop.learning.registry import current_version, pointer_path
+    from loop.learning.registry import REPAIR, current_version, pointer_path
 
-    current = current_version(ws)
-    versions = [{**row, "current": row["deployed"]} for row in describe_versions(ws)]
+    try:
+        current = current_version(ws)
+    except ModelError as exc:
+        problems.append(str(exc))
+        current = None
+    versions = [{**row, "current": row["deployed"]} for row in describe_versions(ws, problems)]
     model = None
-    if current is not None:
-        spec = read_spec(ws.models_dir / current)
-        since = json.loads(pointer_path(ws).read_text()).get("since")
+    try:
+        spec = read_spec(ws.models_dir / current) if current is not None else None
+    except ModelError:
+        spec = None
+        problems.append(f"the deployed version {current} has no readable {ws.models_dir / current / 'model.json'} "
+                        f"(folder deleted?); sorting stops until {REPAIR}")
+    if current is not None and spec is not None:
+        since = json.loads(pointer_path(ws).read_bytes()).get("since")
         model = {
             "version": current,
             "since": since,
@@ -153,11 +165,14 @@ def measured_catch(hist: pd.DataFrame, last: int = MEASURED_CATCH_PHOTOS) -> dic
             "flagged": int(flagged.sum()), "models": sorted(first["pred_model"].dropna().astype(str).unique())}
 
 
-def _jobs(ws: Workspace) -> dict[str, Any]:
+def _jobs(ws: Workspace, problems: list[str]) -> dict[str, Any]:
     from sortloop.jobs import read_job_log
-    from sortloop.schedule import JOB_IDS, is_serving, next_run_times
+    from sortloop.schedule import JOB_IDS, is_serving, jobstore_problem, next_run_times
 
-    next_runs = next_run_times(ws)
+    damaged = jobstore_problem(ws)
+    if damaged:
+        problems.append(damaged)
+    next_runs = {} if damaged else next_run_times(ws)
     log = read_job_log(ws)
     jobs: dict[str, Any] = {}
     for job_id in JOB_IDS:
@@ -218,7 +233,8 @@ def collect_status(ws: Workspace, *, check_labelstudio: bool = True) -> dict[str
         >>> status["model"]["version"], status["flags"]["waiting"]
         ('v0003', 12)
     """
-    model, versions, candidates = _models(ws)
+    problems: list[str] = []
+    model, versions, candidates = _models(ws, problems)
     last_trained_at = None
     if versions and versions[-1]["created_at"]:
         last_trained_at = pd.Timestamp(versions[-1]["created_at"])
@@ -226,7 +242,15 @@ def collect_status(ws: Workspace, *, check_labelstudio: bool = True) -> dict[str
             last_trained_at = last_trained_at.tz_localize("UTC")
     status: dict[str, Any] = {"workspace": str(ws.root), "model": model, "versions": versions, "candidates": candidates}
     status.update(_labels_and_splits(ws, last_trained_at))
-    status.update(_jobs(ws))
+    status.update(_jobs(ws, problems))
+    problems += damaged_logs(ws)
+    from labeling.pull import unreadable_count  # the SDK loads only when status runs
+
+    skipped = unreadable_count(ws)
+    if skipped:
+        problems.append(f"{skipped} unreadable annotation(s) skipped by `review pull` (each listed once, with its "
+                        "task link, by the pull that found it); fix or delete them in Label Studio")
+    status["problems"] = problems
     status["labelstudio"] = (
         labelstudio_health(ws) if check_labelstudio else {"url": labelstudio_url(ws), "reachable": None}
     )
@@ -237,9 +261,24 @@ def _fmt_acc(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def damaged_logs(ws: Workspace) -> list[str]:
+    """One line per JSON-lines log with damaged lines (skipped by every reader: `loop.atomic.read_jsonl`)."""
+    from loop.atomic import damaged_lines
+
+    logs = [ws.history_dir / "labels.jsonl", ws.history_dir / "pushes.jsonl", ws.models_dir / "registry.jsonl",
+            ws.runs_dir / "jobs.jsonl"]
+    out = []
+    for path in logs:
+        n = damaged_lines(path)
+        if n:
+            out.append(f"{path}: {n} damaged line(s) skipped (a write torn by a crash; harmless, nothing to repair)")
+    return out
+
+
 def format_status(status: dict[str, Any]) -> str:
     """`collect_status`'s dict as a few lines of plain text for the terminal."""
     lines = [f"workspace   {status['workspace']}"]
+    lines += [f"PROBLEM     {line}" for line in status.get("problems") or []]
     model = status["model"]
     if model is None:
         lines.append("model       none deployed (run `sortloop train` then `sortloop deploy`)")

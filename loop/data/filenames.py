@@ -10,7 +10,7 @@ from __future__ import annotations
 import unicodedata
 
 WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*')
-WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)),
+WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", *(f"COM{i}" for i in range(10)),
                               *(f"LPT{i}" for i in range(10)), "COM¹", "COM²", "COM³", "LPT¹", "LPT²", "LPT³"})
 WINDOWS_MAX_PATH = 259  # characters in a full path (MAX_PATH is 260 including the terminating NUL)
 MAX_NAME_BYTES = 255  # one path component (ext4, NTFS, APFS)
@@ -23,7 +23,7 @@ def windows_name_problem(name: str) -> str | None:
     if name != name.rstrip(". "):
         return "it ends with a dot or a space (Windows drops them)"
     if _device_stem(name).upper() in WINDOWS_RESERVED:
-        return "Windows reserves it for a device (CON, PRN, AUX, NUL, COM1-9, LPT1-9, with any extension)"
+        return "Windows reserves it for a device (CON, CONIN$, CONOUT$, PRN, AUX, NUL, COM1-9, LPT1-9, any extension)"
     return None
 
 

@@ -11,16 +11,19 @@ Caveat: draft decoding depends on the requested size, so a resized cache must be
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from loop.errors import ImageError
+
+logger = logging.getLogger(__name__)
 
 try:  # HEIC support is optional (pillow-heif); without it .heic files are reported unreadable
     from pillow_heif import register_heif_opener
@@ -41,18 +44,29 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def iter_image_files(root: Path, skip: Iterator[Path] | None = None) -> Iterator[Path]:
+def iter_image_files(root: Path, skip: Iterator[Path] | None = None, *,
+                     on_error: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
     """Image files under `root`, recursively, in a stable order; never follows directory symlinks.
 
     Not following directory links makes symlink loops harmless. Hidden files and folders (".x") are
     skipped, which also skips sortloop's own temp files. `skip`: folders not to descend into.
+    `on_error(folder, reason)` hears of each folder that cannot be listed (unreadable, or a path longer than
+    the system allows): its photos are not silently missing, the caller reports them (default: a warning).
     """
     root = Path(root)
     skipped = {Path(p).resolve() for p in (skip or [])}
     if root.is_file():
         yield root
         return
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+
+    def unlisted(exc: OSError) -> None:
+        folder, reason = Path(exc.filename or root), exc.strerror or str(exc)
+        if on_error is None:
+            logger.warning("cannot list %s: %s", folder, reason)
+        else:
+            on_error(folder, f"folder not read ({reason}); its photos were not sorted")
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unlisted):
         here = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skipped)
         for name in sorted(filenames):

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from loop.data import manifest
-from loop.data.classnames import check_class_name
+from loop.data.classnames import check_class_name, normal_name, twin_problem
 from loop.errors import ClassNameError, ConfigError, DiskFullError, ImageError, IngestRefused, SortloopError
 from loop.data.images import check_regular_file, file_sha256, iter_image_files, open_image, perceptual_hash
 from loop.data.items import assign_items, exif_taken_at
@@ -137,12 +137,15 @@ def ingest_folder(
     if not root.is_dir():
         raise SortloopError(f"{root} is not a folder")
     explicit = read_items_csv(Path(items_csv), root) if items_csv else {}
-    known = set(manifest.load(ws)["image_id"].dropna())
-    files = list(iter_image_files(root))
+    current = manifest.load(ws)
+    known = set(current["image_id"].dropna())
+    unlisted: list[tuple[str, str]] = []
+    files = list(iter_image_files(root, on_error=lambda f, why: unlisted.append((str(f), why))))
     wanted = list(classes) if classes else None
     if labeled:
-        _check_class_folders(root, files, wanted, check_folders=check_folders)
-    report = IngestReport(seen=len(files))
+        _check_class_folders(root, files, wanted, set(current["label"].dropna().astype(str)),
+                             check_folders=check_folders)
+    report = IngestReport(seen=len(files), unreadable=unlisted)
     infos: list[ImageInfo] = []
     added_now: set[str] = set()
 
@@ -174,7 +177,8 @@ def ingest_folder(
             known.add(result.image_id)  # a byte-identical copy later in the same tree is the same image
             added_now.add(result.image_id)
             if labeled:
-                result.label = folder_label(Path(path).relative_to(root), wanted)  # as walked, not resolved
+                label = folder_label(Path(path).relative_to(root), wanted)  # as walked, not resolved
+                result.label = None if label is None else normal_name(label)  # macOS folder names are NFD
             result.item_id = explicit.get(os.path.normpath(path))
             infos.append(result)
     try:
@@ -201,16 +205,24 @@ _PROJECT_LIKE = re.compile(r"(?:^|\D)(?:19|20)\d{2}(?:\D|$)|\d{1,2}[-._/]\d{1,2}
 MIN_PHOTOS_PER_CLASS = 3  # fewer for most classes: not a sorted set to learn from yet
 
 
-def _check_class_folders(root: Path, files: list[Path], classes: list[str] | None, *, check_folders: bool) -> None:
-    """Before reading any photo: refuse a folder name that cannot be a class, and (with `check_folders`) folders
-    that look like projects or dates, or too few photos per class, naming `--classes` and `--yes`."""
+def _check_class_folders(root: Path, files: list[Path], classes: list[str] | None, known: set[str], *,
+                         check_folders: bool) -> None:
+    """Before reading any photo: refuse a folder name that cannot be a class, or that is a case-only or
+    look-alike twin of another folder or of a class the manifest has (`known`;
+    `loop.data.classnames.twin_problem`), and (with `check_folders`) folders that look like projects or
+    dates, or too few photos per class, naming `--classes` and `--yes`."""
     counts = Counter(folder_label(f.relative_to(root), classes) for f in files)
     counts.pop(None, None)
+    accepted = set(known)
     for name in sorted(counts):
         try:
-            check_class_name(name)
+            label = check_class_name(normal_name(name))
+            problem = twin_problem(label, accepted)
+            if problem is not None:
+                raise ClassNameError(f"{label!r} cannot be a class name: {problem}")
         except ClassNameError as exc:
             raise ClassNameError(f"class folder {root / name}: {exc}; rename the folder and ingest again") from None
+        accepted.add(label)
     if not check_folders or classes is not None or not counts:
         return
     fix = ("name your categories: `--classes table,chair,...` (a photo then takes the first folder on its path "

@@ -22,7 +22,7 @@ from loop.atomic import atomic_write
 from loop.errors import ImageError
 from loop.data.images import load_model_input
 from loop.progress import ProgressCallback, no_progress
-from loop.workspace import Workspace
+from loop.workspace import Workspace, make_private
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ def ensure_resized(
 ) -> list[tuple[str, str]]:
     """Make sure every image has a cached model input; returns [(path, reason)] for those that failed."""
     todo = [(i, p) for i, p in zip(image_ids, paths, strict=True) if not resized_path(ws, i, size).exists()]
+    if todo:
+        make_private(ws.cache_dir)  # resized copies of owner-only photos must stay owner-only
     failed: list[tuple[str, str]] = []
     on_progress(0, len(todo))
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from loop.data import manifest
-from loop.data.classnames import OTHER_LABEL, class_name_problem
+from loop.data.classnames import OTHER_LABEL, class_name_problem, normal_name, twin_problem
 from loop.data.images import file_sha256, iter_image_files
 from loop.errors import SortloopError
 from loop.folders import moves
@@ -71,6 +71,7 @@ class ScanReport:
     modified: list[str] = field(default_factory=list)
     uncategorised: list[str] = field(default_factory=list)
     imported: int = 0  # copies the standalone sorter made, imported from DEST/.sortloop by this scan
+    refused: list[tuple[MovedCopy, str]] = field(default_factory=list)  # moves into a twin of a class: flagged only
 
     def summary(self) -> str:
         text = f"imported {self.imported} copies the standalone sorter made; " if self.imported else ""
@@ -82,6 +83,9 @@ class ScanReport:
         )
         for move in self.corrections[:20]:
             text += f"\n  {Path(move.new_path).name}: {move.old_category} -> {move.new_category}"
+        for move, why in self.refused[:20]:
+            text += (f"\n  NOT a label: {Path(move.new_path).name} moved into {move.new_category!r}: {why}; "
+                     "flagged for review instead (rename the folder to the class it means)")
         return text
 
 
@@ -93,9 +97,9 @@ def category_of(path: Path, dest: Path, other_folder: str | None = None) -> str 
         return None
     if parts[0] == other_folder:
         return parts[0]
-    if class_name_problem(parts[0]) is not None:  # "_x", ".x", ...: not a category
         return None
-    return parts[0]
+    name = normal_name(parts[0])  # macOS writes folder names in NFD; a class name is stored in NFC
+    return None if class_name_problem(name) is not None else name  # "_x", ".x", "CONIN$"...: not a category
 
 
 def _recorded_stat(rec: pd.Series) -> tuple[int, int] | None:
@@ -150,6 +154,7 @@ def _scan(ws: Workspace, dest: Path, on_progress: ProgressCallback) -> ScanRepor
     missing: list[pd.Series] = []
     claimed: set[str] = set()
     now = manifest.now_utc()
+    classes = set(manifest.load(ws)["label"].dropna().astype(str))  # a move into a twin of one is refused
     for i, (_, rec) in enumerate(present.iterrows()):
         report.checked += 1
         stat = on_disk.get(rec["dest_path"])
@@ -197,8 +202,11 @@ def _scan(ws: Workspace, dest: Path, on_progress: ProgressCallback) -> ScanRepor
             new_cat = category_of(Path(new_path), dest, ws.settings.sort.other_folder)
             move = MovedCopy(str(rec["image_id"]), str(rec["dest_path"]), new_path, old_cat, new_cat)
             report.moves.append(move)
+            twin = None if new_cat is None else twin_problem(new_cat, classes)
             if new_cat is None:
                 report.uncategorised.append(new_path)
+            elif twin is not None:  # `Chair/` beside `chair/`: one folder on Windows, never a class
+                report.refused.append((move, twin))
             elif new_cat != old_cat:
                 report.corrections.append(move)
             size, mtime = on_disk[new_path]
@@ -212,6 +220,7 @@ def _scan(ws: Workspace, dest: Path, on_progress: ProgressCallback) -> ScanRepor
             updates.setdefault(r, {}).update({"status": "modified", "checked_at": now})
 
     report.labels_changed = _record_corrections(ws, report.corrections)
+    _flag_refused(ws, [m for m, _ in report.refused])
     manifest.follow_copies(ws, {m.old_path: m.new_path for m in report.moves})  # bytes first seen as a copy
     copies.update_records(ws, updates)
     if updates:
@@ -219,6 +228,22 @@ def _scan(ws: Workspace, dest: Path, on_progress: ProgressCallback) -> ScanRepor
     on_progress(total, total)
     logger.info(report.summary())
     return report
+
+
+def _flag_refused(ws: Workspace, moves: list[MovedCopy]) -> None:
+    """A move whose folder cannot be a class stays a review item: flagged `user_moved`, its label unchanged."""
+    if not moves:
+        return
+    from loop.data.ingest import ImageInfo, register_images
+
+    register_images(ws, [ImageInfo(image_id=m.image_id, path=m.new_path) for m in moves], source="user")
+    ids = {m.image_id for m in moves}
+
+    def flag(df: pd.DataFrame) -> pd.DataFrame:
+        df.loc[df["image_id"].isin(ids), "flag"] = "user_moved"
+        return df
+
+    manifest.update(ws, flag)
 
 
 def _record_corrections(ws: Workspace, moves: list[MovedCopy]) -> int:

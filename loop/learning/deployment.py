@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from loop.errors import ModelError
 from loop.learning import gate, registry
-from loop.model.artifact import read_spec
+from loop.model.artifact import check_artifact, read_spec
 from loop.progress import ProgressCallback, no_progress
 from loop.tables import locked
 from loop.workspace import Workspace
@@ -65,10 +65,15 @@ def deploy(ws: Workspace, version: str | None = None, *, force: bool = False,
     version = version or versions[-1]
     candidate_dir = registry.model_dir(ws, version)
     with locked(ws.models_dir / "deploy"):
-        current = registry.current_version(ws)
+        current = deployed_version(ws)
         if current == version:
+            if not _pointer_names(ws, version):  # torn or stale current.json: deploying what runs repairs it
+                registry.set_current(ws, version)
+                return Decision(True, version, [f"{version} is the deployed model; {registry.pointer_path(ws)} "
+                                                "repaired"], previous=current)
             return Decision(False, version, [f"{version} is already the deployed model"], previous=current,
                             unchanged=True)
+        check_artifact(candidate_dir)  # a damaged or mismatched artifact is refused before the gate, --force or not
         current_dir = registry.model_dir(ws, current) if current else None
         ok, reasons, evidences = gate.judge(ws, candidate_dir, current_dir, on_progress)
         labeled = evidences[0]
@@ -95,7 +100,7 @@ def rollback(ws: Workspace) -> str:
     """
     with locked(ws.models_dir / "deploy"):
         stack = deployment_stack(ws)
-        current = registry.current_version(ws)
+        current = deployed_version(ws)
         if not stack:
             raise ModelError("nothing to roll back to: no model has been deployed yet "
                              "(run `sortloop train` then `sortloop deploy`)")
@@ -112,6 +117,29 @@ def rollback(ws: Workspace) -> str:
     return restored
 
 
+def deployed_version(ws: Workspace) -> str | None:
+    """The deployed version as `deploy` and `rollback` see it: they must be able to repair a torn
+    `current.json`, or one naming a deleted version, so then the newest deployment in the registry log
+    whose folder still exists stands in (None if there is none)."""
+    try:
+        current = registry.current_version(ws)
+    except ModelError as exc:
+        logger.warning("%s; using the registry log instead", exc)
+        current = None
+    present = registry.list_versions(ws)
+    if current in present:
+        return current
+    logged = [v for v in deployment_stack(ws) if v in present]
+    return logged[-1] if logged else None
+
+
+def _pointer_names(ws: Workspace, version: str) -> bool:
+    try:
+        return registry.current_version(ws) == version
+    except ModelError:
+        return False
+
+
 def deployment_stack(ws: Workspace) -> list[str]:
     """Deployed versions in order, as the log records them (promotions push, rollbacks pop)."""
     stack: list[str] = []
@@ -123,18 +151,30 @@ def deployment_stack(ws: Workspace) -> list[str]:
     return stack
 
 
-def describe_versions(ws: Workspace) -> list[dict]:
+def describe_versions(ws: Workspace, problems: list[str] | None = None) -> list[dict]:
     """The version table (`models`, `status`, `report`): one dict per version (oldest first) with what its
     model.json measured at training (version, created_at, train_mode, classes, accuracies), whether it is
-    deployed, the gate's last verdict on it with both kinds of evidence, and the log's last entry about it."""
-    current = registry.current_version(ws)
+    deployed, the gate's last verdict on it with both kinds of evidence, and the log's last entry about it.
+
+    Tolerant, because status must show a damaged workspace: a torn `current.json` counts as nothing
+    deployed, and a version whose model.json is unreadable is left out, with one line in `problems`."""
+    try:
+        current = registry.current_version(ws)
+    except ModelError:
+        current = None
     log = registry.read_log(ws)
     verdicts = {e["version"]: e for e in log if e.get("event") in DECISION_EVENTS and "version" in e}
     last = {e["version"]: e for e in log if "version" in e}
     out = []
     for version in registry.list_versions(ws):
-        spec = read_spec(ws.models_dir / version)
-        metrics = spec.get("metrics", {})
+        try:
+            spec = read_spec(ws.models_dir / version)
+        except ModelError:
+            if problems is not None:
+                problems.append(f"{ws.models_dir / version / 'model.json'} is unreadable: version {version} left "
+                                "out (it cannot be deployed; `sortloop train` makes a new one)")
+            continue
+        metrics = spec.get("metrics") or {}
         verdict = verdicts.get(version) or {}
         out.append({
             "version": version,

@@ -43,12 +43,29 @@ def list_versions(ws: Workspace) -> list[str]:
     return sorted(p.name for p in ws.models_dir.iterdir() if p.is_dir() and (p / SPEC_FILE).exists())
 
 
+REPAIR = "`sortloop deploy VERSION` or `sortloop rollback` rewrites it"
+
+
 def current_version(ws: Workspace) -> str | None:
-    """The deployed version, or None if nothing was ever deployed."""
+    """The deployed version, or None if nothing was ever deployed.
+
+    Raises:
+        ModelError: `current.json` is torn or not sortloop's (one line naming the repair: `deploy` and
+            `rollback` rewrite it, see `loop.gate`).
+    """
     path = pointer_path(ws)
-    if not path.exists():
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
         return None
-    return json.loads(path.read_text())["version"]
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} is damaged ({type(exc).__name__}); {REPAIR} "
+                         f"(versions: {', '.join(list_versions(ws)) or 'none'})") from None
+    version = data.get("version") if isinstance(data, dict) else None
+    if not isinstance(version, str) or "/" in version or "\\" in version or version.startswith("."):
+        known = ", ".join(list_versions(ws)) or "none"
+        raise ModelError(f"{path} names no model version; {REPAIR} (versions: {known})")
+    return version
 
 
 def current_model_dir(ws: Workspace) -> Path:

@@ -36,6 +36,8 @@ import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,11 +45,11 @@ import numpy as np
 import pandas as pd
 
 from loop.data import manifest
-from loop.data.classnames import OTHER_LABEL, class_name_problem
+from loop.data.classnames import OTHER_LABEL, class_name_problem, twin_problem
 from loop.data.resized import ensure_resized, load_resized, resized_path
 from loop.errors import ModelError
 from loop.learning import registry
-from loop.model.artifact import read_spec, save_artifact
+from loop.model.artifact import check_artifact, read_spec, save_artifact
 from loop.model.backbones import create_network, get_backbone, weights_tag
 from loop.model.estimates import class_indices, describe_learning, learning_estimates, oof_frame
 from loop.model.evaluate import confusion_png, metrics_by_source, summary_line
@@ -173,6 +175,32 @@ def train(
         >>> result = train(open_workspace("data"))            # doctest: +SKIP
         >>> print(result.summary())
     """
+    with one_training(ws):  # a hand-run train racing serve's retrain would make two identical versions
+        return _train(ws, mode=mode, pretrained=pretrained, force=force, on_progress=on_progress)
+
+
+@contextmanager
+def one_training(ws: Workspace) -> Iterator[None]:
+    """Hold the workspace's training lock; a second training waits for the first (then finds nothing new to
+    learn from, unless labels arrived meanwhile, and says so instead of writing a twin version)."""
+    from filelock import FileLock, Timeout
+
+    ws.models_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(ws.models_dir / "training.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.warning("another training is running in %s; waiting for it to finish", ws.root)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _train(ws: Workspace, *, mode: str | None, pretrained: bool, force: bool,
+           on_progress: ProgressCallback | None) -> TrainResult:
+    """`train` once the training lock is held."""
     settings = ws.settings.model
     on_progress = on_progress or no_progress
     mode = mode or settings.train_mode
@@ -212,8 +240,8 @@ def train(
     train_rows = rows[rows["split"] == "train"].reset_index(drop=True)
     valid_rows = rows[rows["split"] == "valid"].reset_index(drop=True)
     classes = sorted(train_rows["label"].astype(str).unique())  # fastai's order; stored, never re-derived
-    for name in classes:  # a manifest written before names were checked where they enter
-        problem = class_name_problem(name)
+    for i, name in enumerate(classes):  # a manifest written before names were checked where they enter
+        problem = class_name_problem(name) or twin_problem(name, classes[:i])
         if problem is not None:
             raise ModelError(f"label {name!r} cannot be a class ({problem}); relabel those photos "
                              "(e.g. in Label Studio) before training")
@@ -312,6 +340,7 @@ def train(
     if settings.int8:
         write_int8(ws, out, train_rows, valid_rows)
         clock.lap("int8")
+    check_artifact(out)  # read back whole: a candidate that cannot sort never reaches the gate
     notes = [describe_learning(spec, ws)]
     result = TrainResult(version, mode, metrics, out, time.monotonic() - started, skipped, len(train_rows), n_new,
                          notes=notes, phases=clock.seconds)

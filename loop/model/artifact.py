@@ -6,6 +6,10 @@ network is rebuilt from `model.json` with timm and loaded *strictly*, and the wh
 exported to ONNX, which sorts ~2x faster on CPU. Nothing is unpickled and fastai is never imported on the
 loading path; the ONNX runtime does not even import torch.
 
+The artifact is checked whole where it is used (train, deploy, sort, bundle: `check_files` and the
+Predictor): each file's sha256 is in `model.json["checksums"]`, and the network's output size must equal
+the class count, so a truncated file or a hand-edited class list is refused there with one line, never an
+IndexError in the middle of a sort.
 Caveat: the class order in `model.json` is the truth (fastai sorts label strings case-sensitively);
 never re-derive it from folder names.
 
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loop.atomic import write_json_atomic
-from loop.data.images import normalise
+from loop.data.images import file_sha256, normalise
 from loop.errors import ModelError
 from loop.scoring.unfamiliar import Familiarity, load_familiarity
 
@@ -120,6 +124,7 @@ def save_artifact(model: torch.nn.Module, spec: dict, out_dir: Path | str) -> Pa
     full.setdefault("created_at", datetime.now(UTC).isoformat())
     full.setdefault("versions", runtime_versions())
     full["files"] = {"weights": WEIGHTS_FILE, "onnx": ONNX_FILE, "onnx_opset": ONNX_OPSET}
+    full["checksums"] = {name: file_sha256(out_dir / name) for name in (WEIGHTS_FILE, ONNX_FILE)}
     write_json_atomic(out_dir / SPEC_FILE, full, indent=2, default=str)
     logger.info("saved model artifact to %s", out_dir)
     return out_dir
@@ -183,10 +188,60 @@ def read_spec(model_dir: Path | str) -> dict:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelError(f"{path} not found: {model_dir} is not a model artifact") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
         raise ModelError(f"{path} is unreadable ({exc}); pick another version") from None
     _check_spec(spec)
     return spec
+
+
+def check_files(model_dir: Path | str, names: tuple[str, ...] | None = None) -> dict:
+    """The spec, after checking the artifact's files against `model.json["checksums"]` (all listed files,
+    or only `names`): each must exist and hash as recorded. An artifact older than checksums is only
+    checked for presence.
+
+    Raises:
+        ModelError: a file is missing or damaged (one line naming it and the way out).
+    """
+    model_dir = Path(model_dir)
+    spec = read_spec(model_dir)
+    sums = spec.get("checksums") or {}
+    if not isinstance(sums, dict):
+        raise ModelError(f"{model_dir / SPEC_FILE} has no valid checksums; {_WAY_OUT}")
+    for name in names if names is not None else tuple(sums):
+        path = model_dir / name
+        if not path.is_file():
+            raise ModelError(f"{path} is missing; the artifact is incomplete: {_WAY_OUT}")
+        if name in sums:
+            try:
+                digest = file_sha256(path)
+            except OSError as exc:
+                raise ModelError(f"{path} is unreadable ({exc.strerror or exc}): {_WAY_OUT}") from None
+            if digest != sums[name]:
+                raise ModelError(f"{path} is damaged (its sha256 is not the one in {SPEC_FILE}): {_WAY_OUT}")
+    return spec
+
+
+def check_artifact(model_dir: Path | str) -> dict:
+    """The spec of a whole, usable artifact: every checksummed file intact (`check_files`) and the ONNX
+    model loading with one output per class. For train, deploy and bundle (sort checks what it loads).
+
+    Raises:
+        ModelError: what is wrong, in one line.
+    """
+    spec = check_files(model_dir)
+    Predictor(model_dir, "onnx")
+    return spec
+
+
+_WAY_OUT = "deploy or roll back to another version (`sortloop rollback`), or train again"
+
+
+def check_output_size(spec: dict, n_outputs: object, where: Path) -> None:
+    """The network must have one output per class in `model.json` (a hand-edited class list would make the
+    sort index past the end, or label photos with the wrong class)."""
+    if n_outputs != len(spec["classes"]):
+        raise ModelError(f"{where} has {n_outputs} outputs but {SPEC_FILE} lists {len(spec['classes'])} classes; "
+                         f"the artifact does not fit together: {_WAY_OUT}")
 
 
 class Predictor:
@@ -221,8 +276,11 @@ class Predictor:
         if precision == "int8" and (runtime != "onnx" or not (self.model_dir / INT8_FILE).exists()):
             raise ModelError(f"precision 'int8' needs runtime 'onnx' and {INT8_FILE} in {self.model_dir}; "
                              "retrain with model.int8 = true, or use precision 'auto'")
+        model_file = (INT8_FILE if self.int8 else ONNX_FILE) if runtime == "onnx" else WEIGHTS_FILE
+        check_files(self.model_dir, (model_file,))
         if runtime == "onnx":
-            self._session = _onnx_session(self.model_dir / (INT8_FILE if self.int8 else ONNX_FILE), threads)
+            self._session = _onnx_session(self.model_dir / model_file, threads)
+            check_output_size(self.spec, self._session.get_outputs()[0].shape[-1], self.model_dir / model_file)
         else:
             self._net = _torch_network(self.spec, self.model_dir / WEIGHTS_FILE, threads)
         # The unfamiliar-photo decision (None: a model trained before it existed, which sorts as before).

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from loop.atomic import write_json_atomic
-from loop.data.images import normalise
+from loop.data.images import file_sha256, normalise
 from loop.model.artifact import INT8_FILE, ONNX_FILE, SPEC_FILE, read_spec, softmax
 from loop.scoring.paired import Paired, class_tests, holm, loss_test
 
@@ -91,6 +91,7 @@ def quantize_artifact(model_dir: Path | str, calibration: np.ndarray, validation
 
     verdict = int8_gate(model_dir, validation, labels, classes=spec["classes"], mean=mean, std=std, alpha=alpha)
     spec["int8"] = verdict
+    spec.setdefault("checksums", {})[INT8_FILE] = file_sha256(model_dir / INT8_FILE)  # checked where it is loaded
     write_json_atomic(model_dir / SPEC_FILE, spec, indent=2, default=str)
     logger.info("INT8 %s: %s", "passed" if verdict["passed"] else "refused", verdict["reason"])
     return verdict

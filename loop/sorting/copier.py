@@ -91,10 +91,14 @@ class Copier:
             try:
                 final, copied = job.future.result()
             except OSError as exc:  # includes SourceChanged; the file is reported, the run goes on
+                if is_disk_full(exc):  # not a failure of this file: the run stops, one line says why
+                    self.report.left_for_rerun += 1
+                    logger.debug("copy of %s stopped: disk full", job.rec.path)
+                    if self.disk_full is None:
+                        self.disk_full = DiskFullError(self.report.dest)
+                    continue
                 self.report.failed.append((str(job.rec.path), f"copy failed ({exc.strerror or exc})"))
                 logger.warning("copy of %s failed: %s", job.rec.path, exc)
-                if is_disk_full(exc) and self.disk_full is None:
-                    self.disk_full = DiskFullError(self.report.dest)
                 continue
             self._record(job, final, copied)
 

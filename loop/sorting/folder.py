@@ -56,6 +56,7 @@ from loop.sorting.pipeline import (  # noqa: F401  (SortReport is part of this m
     SortOptions,
     SortReport,
     check_folders,
+    check_writable,
     sort_into,
 )
 from loop.sorting.review_csv import write_review_csv
@@ -134,7 +135,7 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
         logger.info("%s no longer exists: retiring %d records of earlier sorts into it", dest, len(done))
         copies.update_records(ws, {rid: {"status": "gone"} for rid in done["record_id"]})
         done = done.iloc[0:0]
-    dest.mkdir(parents=True, exist_ok=True)
+    check_writable(dest)  # a read-only DEST is one line before any photo is read
     sink = _WorkspaceSink(ws, dest, done)
     remote = _RayRemote(ws, src, dest, options, sink) if engine == "ray" else None
     disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
@@ -151,7 +152,7 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
             except OSError as exc:
                 disk_full = first_disk_full(exc, disk_full)
     if disk_full is not None:
-        logger.warning("stopped: disk full (%s). %s", disk_full, report.summary())
+        logger.info("stopped: disk full (%s). %s", disk_full, report.summary())  # the CLI prints it once
         raise stopped_by_full_disk(disk_full, dest, report.summary()) from None
     logger.info(report.summary())
     return report

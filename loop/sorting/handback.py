@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from loop.sorting import copies, dest_record
+from loop.sorting import copies, dest_copies
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def import_dest_record(ws: Workspace, dest: Path | str) -> int:
     from loop.sorting.folder import record_predictions
 
     dest = Path(dest).expanduser().absolute()
-    rows = dest_record.read_rows(dest)
+    rows = dest_copies.read_rows(dest)
     if not rows:
         return 0
     known = set(copies.load_records(ws)["record_id"])

@@ -18,6 +18,8 @@ overlap. Caveat: the model is fixed when the run starts (a deploy during a run i
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +27,10 @@ from typing import Protocol
 
 import numpy as np
 
-from loop.data.classnames import class_name_problem
+from loop.data.classnames import class_name_problem, twin_problem
 from loop.data.decode import Decoded, decode_stream, default_workers
 from loop.data.images import iter_image_files
-from loop.errors import ModelError, SortloopError, first_disk_full, stopped_by_full_disk
+from loop.errors import DiskFullError, ModelError, SortloopError, first_disk_full, is_disk_full, stopped_by_full_disk
 from loop.model.artifact import Prediction, Predictor, read_spec
 from loop.phases import PhaseClock
 from loop.progress import ProgressCallback, no_progress
@@ -121,7 +123,7 @@ def sort_into(
 
     def todo() -> Iterator[Path]:
         nonlocal processed
-        for path in iter_image_files(src, skip=skip_dirs):
+        for path in iter_image_files(src, skip=skip_dirs, on_error=lambda f, why: report.failed.append((str(f), why))):
             try:
                 st = path.stat()
                 if sink.is_done(path, st.st_size, st.st_mtime_ns):
@@ -145,7 +147,7 @@ def sort_into(
         predictor = Predictor(model_dir, options.runtime, precision=options.precision)
         check_classes(predictor.classes)
         check_category_folders(dest, predictor.classes + ([options.other_folder] if predictor.familiarity else []))
-        total = sum(1 for _ in iter_image_files(src, skip=skip_dirs))
+        total = sum(1 for _ in iter_image_files(src, skip=skip_dirs, on_error=lambda f, why: None))
     except BaseException:
         stream.close()
         raise
@@ -227,20 +229,37 @@ def check_folders(src: Path, dest: Path) -> tuple[Path, Path]:
     return src, dest
 
 
+def check_writable(dest: Path) -> None:
+    """Create `dest` and prove it takes a file (made and removed), before any photo is read: a read-only
+    or full DEST is one line, not a failure per photo and a traceback.
+
+    Raises:
+        SortloopError (DiskFullError when full): naming DEST and the reason.
+    """
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".sortloop-probe.", dir=dest)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(dest) from None
+        raise SortloopError(f"cannot write into {dest} ({exc.strerror or exc}); sort into a folder you can write "
+                            "to, or make this one writable") from None
+
+
 def check_classes(classes: list[str]) -> None:
     """Class names become folder names under DEST (on Windows too), and `scan` reads them back: refuse
     unusable ones (`loop.data.classnames`), and two names that differ only in case (one folder on Windows)."""
-    seen: dict[str, str] = {}
-    for name in classes:
+    for i, name in enumerate(classes):
         problem = class_name_problem(name)
         if problem is not None:
             raise ModelError(f"the deployed model's class {name!r} cannot be a category folder ({problem}); "
                              "fix the label (`sortloop train` refuses such labels) and retrain, or "
                              "`sortloop rollback`")
-        twin = seen.setdefault(name.casefold(), name)
-        if twin != name:
-            raise ModelError(f"class names {twin!r} and {name!r} differ only in case: one folder on Windows; "
-                             "merge or rename them and retrain")
+        twin = twin_problem(name, classes[:i])
+        if twin is not None:
+            raise ModelError(f"class name {name!r}: {twin}; merge or rename them and retrain")
 
 
 def check_category_folders(dest: Path, classes: list[str]) -> None:

@@ -33,11 +33,12 @@ class SortReport:
     # Where the time went (`loop.sorting.pipeline.sort_into`): the main process's wall seconds per stage (wait_decode,
     # predict, place, copy_wait, record) and the decode workers' summed seconds (worker_hash, worker_decode)
     stages: dict[str, float] = field(default_factory=dict)
+    left_for_rerun: int = 0  # decoded, but not copied because the disk filled up (a rerun copies them)
 
     @property
     def ok(self) -> bool:
         """True if every file was sorted (or had been before)."""
-        return not self.failed
+        return not self.failed and not self.left_for_rerun
 
     def summary(self) -> str:
         rate = (self.copied + self.identical_existing) / self.seconds if self.seconds > 0 else 0.0
@@ -48,6 +49,8 @@ class SortReport:
             f"({self.flagged - self.unfamiliar} unsure, {self.unfamiliar} unfamiliar), {len(self.failed)} failed "
             f"({self.seconds:.1f} s" + (f", {rate:.1f} images/s)" if rate > 0 else ")"),
         ]
+        if self.left_for_rerun:
+            lines[0] += f"; stopped with {self.left_for_rerun} not copied yet (disk full)"
         if self.per_label:
             lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(self.per_label.items())))
         if self.failed:

@@ -4,10 +4,12 @@ Why rebuilt, not appended: the list must follow what happened after the sort (a 
 a person moved the copy, `apply` or `resort` moved it, a newer model is sure of it now). So it is written
 whole, atomically, from the copy records (`loop.sorting.copies`: where each copy is, its current flag) and the
 manifest (who labeled the image): one row per flagged copy present in the tree, sorted by path, header
-always. A photo a person labeled (review, user move) or a reviewer marked reviewed leaves the list.
-The standalone sorter, which has no workspace, appends to the same file instead (`append_review`).
+always. The standalone sorter's flagged copies (`DEST/.sortloop/copies.csv`) not imported by a scan yet
+are listed too, so a sort from the workspace never drops the PC's rows. A photo a person labeled (review,
+user move) or a reviewer marked reviewed leaves the list.
 Caveat: the file is sortloop's own; edits to it are overwritten by the next sort, scan, apply or resort.
-The manifest (pandas) is imported where the list is rebuilt, so the frozen sorter can append without it.
+The manifest (pandas) is imported where the list is rebuilt, so the frozen sorter can import this module
+without it (it rebuilds its own list: `loop.sorting.dest_record.write_review`).
 """
 
 from __future__ import annotations
@@ -16,18 +18,16 @@ import contextlib
 import csv
 import io
 import logging
-import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from loop.atomic import atomic_write
 from loop.errors import ModelError
 from loop.model.artifact import read_spec
 from loop.scoring.flagging import settings_point
-from loop.sorting import copies
+from loop.sorting import copies, dest_copies
 
 if TYPE_CHECKING:
-    from loop.sorting.pipeline import Placed
     from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,11 @@ def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
 
     from loop.data import manifest
 
-    records = copies.load_records(ws, dest)
-    records = records[(records["status"] == "present") & records["flagged"].fillna(False).astype(bool)]
-    if records.empty:
+    every = copies.load_records(ws, dest)
+    records = every[(every["status"] == "present") & every["flagged"].fillna(False).astype(bool)]
+    from_pc = [r for r in dest_copies.read_rows(dest) if r.get("flagged") == "1"
+               and r["record_id"] not in set(every["record_id"])]  # the standalone sorter's, not imported yet
+    if records.empty and not from_pc:
         return []
     df = manifest.load(ws).set_index("image_id")
     human = df["label_source"].isin(manifest.HUMAN_SOURCES).fillna(False) | (df["review_status"] == "reviewed")
@@ -59,6 +61,13 @@ def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
             rec.dest_path, rec.source_path, rec.label, rec.confidence, rec.score,
             _strategy(ws, str(rec.model_version), strategies), rec.model_version, rec.image_id,
             "" if pd.isna(rec.sorted_at) else rec.sorted_at.isoformat(), rec.category == ws.settings.sort.other_folder)
+    for r in from_pc:
+        final = str(Path(dest).joinpath(*PurePosixPath(r["dest_path"]).parts))
+        if r["image_id"] in done or final in rows or not Path(final).exists():
+            continue
+        rows[final] = review_row(final, r["source_path"], r["label"], float(r["confidence"]), float(r["score"]),
+                                 _strategy(ws, r["model_version"], strategies), r["model_version"], r["image_id"],
+                                 r["sorted_at"], dest_copies.pc_unfamiliar(r))
     return [rows[k] for k in sorted(rows)]
 
 
@@ -96,27 +105,3 @@ def review_row(dest_path: str, source_path: str, label: str, conf: float, score:
     return {"dest_path": dest_path, "source_path": source_path, "pred_label": label, "pred_conf": f"{conf:.4f}",
             "score": f"{score:.4f}", "strategy": strategy, "model_version": version, "image_id": image_id,
             "sorted_at": sorted_at, "flag": "unfamiliar" if unfamiliar else "low_confidence"}
-
-
-def append_review(path: Path, placed: list[Placed], strategy: str, version: str) -> None:
-    """Append the flagged copies to `DEST/_review.csv` (header on first write), durably: the standalone
-    sorter's review list (a workspace rebuilds its list from the records instead: `write_review_csv`)."""
-    rows = [p for p in placed if p.flagged]
-    if not rows:
-        return
-    new = not path.exists()
-    header = REVIEW_COLUMNS if new else _header(path)  # a list an older sorter began keeps its columns
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        for p in rows:
-            writer.writerow(review_row(str(p.final), str(p.rec.path), p.label, p.conf, p.score, strategy, version,
-                                       p.rec.image_id or "", p.sorted_at.isoformat(), p.unfamiliar))
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return next(csv.reader(fh), None) or REVIEW_COLUMNS

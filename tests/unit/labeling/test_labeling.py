@@ -332,3 +332,14 @@ def test_personal_access_token_is_exchanged_for_a_bearer_access_token():
         expired = jwt.encode({"exp": now - 10, "token_type": "refresh"}, KEY, algorithm="HS256")
         with pytest.raises(LabelStudioError, match="SORTLOOP_X.*expired"):
             Client(fake.url, expired, token_source="the token in SORTLOOP_X")
+
+
+@pytest.mark.parametrize("value", [{"choices": {"a": 1}}, "bed", None, {"choices": [1]}, ["bed"]])
+def test_decide_skips_an_unreadable_annotation_and_lists_it(value) -> None:
+    odd = {"id": 7, "result": [{"from_name": "label", "to_name": "image", "type": "choices", "value": value}],
+           "updated_at": "2026-01-01T11:00:00Z"}
+    t = task([ann(3, "chair", "2026-01-01T10:00:00Z"), odd])
+    d = payloads.decide(t)  # raised KeyError / AttributeError before
+    assert d is not None and d.label == "chair" and d.annotation_id == 3
+    assert [i for i, _ in payloads.unreadable_annotations(t)] == [7]
+    assert payloads.decide(task([odd])) is None

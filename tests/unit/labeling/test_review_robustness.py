@@ -71,3 +71,79 @@ def test_a_lost_pull_request_hints_at_a_pull_not_a_push() -> None:
         client.close()
     finally:
         silent.close()
+
+
+def test_webhook_callers_dripping_bytes_are_cut_at_a_total_deadline_and_connections_are_capped(ws,
+                                                                                             monkeypatch) -> None:
+    """60 connections dripping one byte every few seconds held every thread before (the timeout is per read)."""
+    import time
+
+    from labeling.webhook import HEADER, Receiver
+
+    monkeypatch.setenv("SORTLOOP_LABELSTUDIO__WEBHOOK_PORT", str(free_port()))
+    ws = open_workspace(ws.root)
+    with Receiver(ws, on_event=lambda: None, socket_timeout_s=5.0, request_deadline_s=1.5,
+                  max_connections=4) as receiver:
+        port = ws.settings.labelstudio.webhook_port
+        drips = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", port))
+        extra.settimeout(3)
+        assert extra.recv(1024) == b""  # over the cap: closed at once
+        extra.close()
+        started = time.monotonic()
+        closed: set[int] = set()
+        while len(closed) < len(drips) and time.monotonic() - started < 10:
+            for i, conn in enumerate(drips):
+                if i in closed:
+                    continue
+                try:
+                    conn.sendall(b"P")  # one byte at a time: each read succeeds, the request never ends
+                except OSError:
+                    closed.add(i)
+                    continue
+                conn.settimeout(0.05)
+                try:
+                    if conn.recv(1024) == b"":
+                        closed.add(i)
+                except TimeoutError:
+                    pass
+            time.sleep(0.2)
+        assert len(closed) == 4 and time.monotonic() - started < 5  # cut at the total deadline
+        for conn in drips:
+            conn.close()
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port)) as ok:  # the slots are free again
+            ok.sendall(f"POST /labelstudio/webhook HTTP/1.1\r\nHost: x\r\n{HEADER}: {receiver.secret}\r\n"
+                       "Content-Length: 0\r\n\r\n".encode())
+            ok.settimeout(5)
+            assert ok.recv(1024).startswith(b"HTTP/1.0 204")
+        assert receiver.calls == 1
+
+
+def test_the_webhook_pull_thread_survives_a_pull_that_raises(ws, monkeypatch) -> None:
+    """A KeyError in one pull (a malformed annotation before) ended the thread while the receiver kept
+    answering 204: every later save went unpulled."""
+    import time
+
+    from labeling.webhook import HEADER, Receiver
+
+    monkeypatch.setenv("SORTLOOP_LABELSTUDIO__WEBHOOK_PORT", str(free_port()))
+    ws = open_workspace(ws.root)
+
+    def broken() -> None:
+        raise KeyError(0)
+
+    with Receiver(ws, on_event=broken, debounce_s=0.05) as receiver:
+        port = ws.settings.labelstudio.webhook_port
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                conn.sendall(f"POST /labelstudio/webhook HTTP/1.1\r\nHost: x\r\n{HEADER}: {receiver.secret}\r\n"
+                             "Content-Length: 0\r\n\r\n".encode())
+                conn.settimeout(5)
+                assert conn.recv(1024).startswith(b"HTTP/1.0 204")
+            deadline = time.monotonic() + 10
+            before = receiver.runs
+            while receiver.runs == before and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert receiver.runs == 2

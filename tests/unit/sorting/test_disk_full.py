@@ -106,3 +106,30 @@ def test_a_label_write_on_a_full_workspace_changes_nothing(tmp_path) -> None:
         filler.unlink()
         assert manifest.set_labels(open_workspace(ws.root), changes) == 6
         assert len(manifest.history(ws)) == 6 and (manifest.load(ws)["label"] == "chair").all()
+
+
+def test_a_full_dest_is_the_summary_once_and_one_line_in_a_real_terminal(ws, sort_model, shared_data,
+                                                                          tmp_path) -> None:
+    """What a person sees (stdout and stderr of real processes, logging included): no per-file line, the
+    summary once, one error line, for `sortloop sort` and the standalone sorter."""
+    from tests.helpers.faults import run_child
+
+    deploy_copy(ws, sort_model)
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in sorted((shared_data / "ikea_products" / "chair").glob("*.jpg"))[:30]:
+        shutil.copy2(p, src / p.name)
+    with small_disk(tmp_path / "dest", "300k") as dest:
+        runs = {
+            "sort": run_child("import sys; from sortloop.cli import main; sys.argv[0] = 'sortloop'; main()",
+                              "sort", str(src), str(dest / "ws"), "-w", str(ws.root)),
+            "sorter": run_child("import sys; from sortloop.sorter import main; sys.exit(main(sys.argv[1:]))",
+                                str(src), str(dest / "pc"), "--model", str(ws.models_dir / "v0001"), "--no-pause"),
+        }
+    for name, proc in runs.items():
+        text = proc.stdout + proc.stderr
+        assert proc.returncode in (1, 2), (name, text)
+        assert "Traceback" not in text and "copy failed" not in text and "not sorted" not in text, (name, text)
+        assert sum(line.startswith("sorted ") for line in text.splitlines()) == 1, (name, text)  # twice before
+        assert sum(line.startswith("error:") for line in text.splitlines()) == 1, (name, text)
+        assert "not copied yet (disk full)" in text, (name, text)

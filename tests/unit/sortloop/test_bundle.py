@@ -18,7 +18,7 @@ import pytest
 from loop.data import manifest
 from loop.errors import ModelError, SortloopError
 from loop.folders.corrections import scan
-from loop.sorting import copies, dest_record
+from loop.sorting import copies, dest_copies, dest_record
 from loop.sorting.folder import sort_folder
 from sortloop.bundle import (
     BUNDLE_JSON,
@@ -92,7 +92,7 @@ def test_sorter_matches_sort_without_heavy_imports_and_scan_brings_moves_back(so
     dest = photos.with_name("inbox sorted")
     assert run["rc"] == 0, run["err"]
     assert run["heavy"] == []  # the sort path runs with numpy, Pillow and ONNX Runtime only
-    rows = dest_record.read_rows(dest)
+    rows = dest_copies.read_rows(dest)
     assert len(rows) == 12 and (dest / "_review.csv").exists()
     main_dest = tmp_path / "main"
     assert sort_folder(ws, photos, main_dest).ok
@@ -104,7 +104,7 @@ def test_sorter_matches_sort_without_heavy_imports_and_scan_brings_moves_back(so
     # a rerun copies nothing; the record does not grow
     again = _run_sorter_from_source(str(photos), str(dest), "--model", str(model_dir), "--workers", "0")
     assert again["rc"] == 0 and "12 sorted before" in again["out"]
-    assert len(dest_record.read_rows(dest)) == 12
+    assert len(dest_copies.read_rows(dest)) == 12
 
     # back on the main machine: scan imports the record, sees the move as a correction, flags reach review
     classes = json.loads((model_dir / "model.json").read_text())["classes"]
@@ -120,9 +120,9 @@ def test_sorter_matches_sort_without_heavy_imports_and_scan_brings_moves_back(so
     assert len(copies.load_records(ws, dest)) == 12 and again.imported == 0 and again.corrections == []  # once
 
     # a crash mid-append leaves a torn last line: it is skipped, the rest still reads
-    with open(dest_record.copies_csv(dest), "a", encoding="utf-8") as fh:
+    with open(dest_copies.copies_csv(dest), "a", encoding="utf-8") as fh:
         fh.write("deadbeef,abc,/x.jpg,12")
-    assert len(dest_record.read_rows(dest)) == 12
+    assert len(dest_copies.read_rows(dest)) == 12
 
 
 def test_the_sorter_forgives_a_double_click_and_several_dropped_folders(sorter_setup, tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ def test_the_bundle_flags_at_the_models_operating_point_like_sort(sorter_setup, 
     standalone = sort_standalone(photos, tmp_path / "pc", bundle.out / "model", workers=1)
     main = sort_folder(ws, photos, tmp_path / "main")
     assert standalone.ok and main.ok and standalone.flag_strategy == main.flag_strategy == "margin"
-    rows = dest_record.read_rows(tmp_path / "pc")
+    rows = dest_copies.read_rows(tmp_path / "pc")
     records = copies.load_records(ws, tmp_path / "main").to_dict("records")
     for row in rows:
         assert (row["flagged"] == "1") == (float(row["score"]) >= point["threshold"]), row
@@ -356,7 +356,7 @@ def test_frozen_sorter_smoke(frozen_bundle, tmp_path: Path) -> None:
 
     main_dest = tmp_path / "main sorted"
     assert sort_folder(ws, photos, main_dest).ok  # what `sortloop sort` runs
-    rows = dest_record.read_rows(dest)
+    rows = dest_copies.read_rows(dest)
     frozen = _by_source(rows, photos, dest)
     main = _by_source(copies.load_records(ws, main_dest).to_dict("records"), photos, main_dest)
     assert len(main) >= 50
