@@ -41,7 +41,7 @@ import bench.learning as learning  # noqa: E402
 from loop.data.images import load_model_input  # noqa: E402
 from loop.data.ingest import ingest_folder  # noqa: E402
 from loop.learning import registry  # noqa: E402
-from loop.learning.gate import deploy  # noqa: E402
+from loop.learning.deployment import deploy  # noqa: E402
 from loop.learning.train import train  # noqa: E402
 from loop.model.artifact import load_predictor, read_spec, softmax  # noqa: E402
 from loop.scoring.flagging import estimate, settings_point  # noqa: E402
