@@ -68,8 +68,9 @@ def test_gate_records_its_paired_test_measured_against_float(ws, sort_model, pho
 
 def test_int8_gate_on_real_photos_passes_the_recipe_and_refuses_a_damaged_model(trained_ikea, tmp_path,
                                                                                 monkeypatch) -> None:
-    """Both directions against the labels of real validation photos: the recipe (stem and classifier kept in
-    float) passes; quantising every layer (measured: ~70% agreement with float) is significantly worse."""
+    """Both directions on real validation photos: the recipe (stem and classifier kept in float) passes;
+    quantising every layer is refused (measured: 42 of 73 photos agree with float and confidence moves by 0.158
+    on average; against the labels it loses 14 and gains 11, so here the confidence rule is what refuses it)."""
     from loop.data.resized import load_resized
     from loop.learning.gate import user_valid_rows
     from loop.model.estimates import class_indices
