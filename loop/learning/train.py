@@ -16,13 +16,12 @@ a small, stable **gate set** (`split.user_valid_fraction`, 20% of the user's ing
 user moves always train, see `loop.data.splits`). Metrics, the calibration temperature and the flag curves come
 from item-grouped k-fold cross-validation over the training labels (out-of-fold predictions: each photo
 scored by a model that never saw its item); the model that ships is then refit on all of them. The gate
-compares candidate and deployed model on the gate set, which neither trained on.
-Why not prequential evaluation (score the current model on labels that arrived since, the candidate out
-of fold on the same photos): the new labels are mostly reviewed photos the model itself picked as hard,
-so the yardstick would change with every round, be biased towards hard cases and be tiny (30 reviews);
-a fixed gate set gives paired, comparable numbers across versions at the cost of 20% of the ingested
-labels. The cost is measured in the README (`bench/learning.py`: product vs an all-labels probe). With
-too few items per class for a gate set, `loop.learning.gate` compares both versions out of fold on the same photos.
+(`loop.learning.gate`) compares candidate and deployed model on the gate set, which neither trained on, and
+on the labels that arrived since the deployed model (it as it is, the candidate out of fold): those are
+the shop's own photos, unlike what was ingested first. They are few per round and biased towards the
+model's doubts, so they refuse only on a significant loss, and the gate set stays as the guard against
+forgetting. With too few items per class for a gate set, both versions' out-of-fold predictions on the
+same labeled photos stand in for it.
 
 Both read images from the resized cache; the promotion gate (`loop.learning.gate`) decides which model ships.
 `train` refuses to make a version identical to the newest one (same labels, same recipe).
