@@ -65,6 +65,7 @@ def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, 
     from loop.learning.deployment import deploy
     from loop.learning.registry import current_version
     from loop.learning.train import train
+    from loop.scoring.flagging import SORT_FLAGS
     from sortloop.status import collect_status
 
     per_class = LABELED_PER_CLASS + INBOX_PER_CLASS + LATER_PER_CLASS
@@ -92,16 +93,18 @@ def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, 
     try:
         assert {job.id for job in scheduler.get_jobs()} == {"pull", "push", "scan", "watch", "retrain"}
 
-        # 2. watch: the inbox is sorted with the deployed model; every photo flagged
+        # 2. watch: the inbox is sorted with the deployed model; every photo flagged (unsure, or unfamiliar:
+        #    sent to the unfamiliar folder)
         watched = run_now(scheduler, ws, "watch")
         assert watched["ok"], watched
         df = manifest.load(ws).set_index("path")
         inbox_rows = df.loc[list(truth)]
         assert (inbox_rows["pred_model"] == first.version).all()
-        assert (inbox_rows["flag"] == "low_confidence").all() and inbox_rows["label"].isna().all()
+        assert inbox_rows["flag"].isin(SORT_FLAGS).all() and inbox_rows["label"].isna().all()
 
         # 2b. scan: a person moves one wrongly sorted copy into its right folder; that is a correction
-        wrong = inbox_rows[inbox_rows["pred_label"] != inbox_rows.index.map(truth)]
+        in_category = (inbox_rows["flag"] == "low_confidence").to_numpy(bool)  # copied to its guess's folder
+        wrong = inbox_rows[(inbox_rows["pred_label"] != inbox_rows.index.map(truth)).to_numpy(bool) & in_category]
         assert len(wrong), "the weak model got every inbox photo right; the scan check needs one wrong"
         moved_path, moved_row = wrong.index[0], wrong.iloc[0]
         (copy,) = dest.joinpath(moved_row["pred_label"]).rglob(Path(moved_path).name)
