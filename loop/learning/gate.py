@@ -78,11 +78,13 @@ class Evidence:
                 "how": self.how}
 
 
-def user_valid_rows(ws: Workspace) -> pd.DataFrame:
-    """Today's labeled user photos in the gate set (split "valid"): "your labeled set"."""
+def user_valid_rows(ws: Workspace, labeled: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Today's labeled user photos in the gate set (split "valid"): "your labeled set".
+
+    `labeled`: `loop.learning.train.labeled_rows` when the caller has them already."""
     from loop.learning.train import labeled_rows
 
-    rows = labeled_rows(ws)
+    rows = labeled_rows(ws) if labeled is None else labeled
     return rows[(rows["split"] == "valid") & (rows["source"] == "user")].reset_index(drop=True)
 
 
@@ -143,23 +145,27 @@ def judge(ws: Workspace, candidate_dir: Path, current_dir: Path | None,
     Returns:
         (passes, the reasons with their numbers, the evidence: [your labeled set, your new photos]).
     """
-    evidences = gather_evidence(ws, candidate_dir, current_dir, on_progress)
-    labeled = evidences[0]
+    from loop.learning.train import labeled_rows
+
+    df = mf.load(ws)  # once: every kind of evidence reads today's labels from it
+    labeled = labeled_rows(ws, df=df)
+    evidences = gather_evidence(ws, df, labeled, candidate_dir, current_dir, on_progress)
     if current_dir is None:
-        ok, reasons = first_deployment(labeled.candidate_metrics["n"] if labeled.candidate_metrics else 0,
-                                       labeled.how)
+        first = evidences[0]
+        ok, reasons = first_deployment(first.candidate_metrics["n"] if first.candidate_metrics else 0, first.how)
     else:
         ok, reasons = compare(evidences, alpha=ws.settings.gate.alpha,
-                              dropped_classes=dropped_classes(ws, candidate_dir, current_dir))
+                              dropped_classes=dropped_classes(labeled, candidate_dir, current_dir))
     return ok, reasons, evidences
 
 
-def gather_evidence(ws: Workspace, candidate_dir, current_dir, on_progress: ProgressCallback) -> list[Evidence]:
-    """[your labeled set, your photos labeled since the last model] for this pair of versions."""
-    from loop.learning.train import labeled_rows
+def gather_evidence(ws: Workspace, df: pd.DataFrame, labeled: pd.DataFrame, candidate_dir, current_dir,
+                    on_progress: ProgressCallback) -> list[Evidence]:
+    """[your labeled set, your photos labeled since the last model] for this pair of versions.
 
-    labeled = labeled_rows(ws).set_index("image_id", drop=False)
-    rows, excluded = gate_rows(ws, [candidate_dir] + ([current_dir] if current_dir else []))
+    `df`: the manifest; `labeled`: its rows that can train or validate (`labeled_rows`)."""
+    rows, excluded = gate_rows(ws, [candidate_dir] + ([current_dir] if current_dir else []), labeled)
+    labeled = labeled.set_index("image_id", drop=False)
     if rows.empty:  # too few items per class for a gate set: both versions out of fold
         first = out_of_fold_evidence(candidate_dir, current_dir, labeled)
     else:
@@ -174,7 +180,7 @@ def gather_evidence(ws: Workspace, candidate_dir, current_dir, on_progress: Prog
                          else "")
     if current_dir is None:
         return [first]
-    return [first, new_label_evidence(ws, candidate_dir, current_dir, labeled, on_progress)]
+    return [first, new_label_evidence(ws, df, candidate_dir, current_dir, labeled, on_progress)]
 
 
 def out_of_fold_evidence(candidate_dir, current_dir, labeled: pd.DataFrame) -> Evidence:
@@ -209,7 +215,7 @@ def out_of_fold_evidence(candidate_dir, current_dir, labeled: pd.DataFrame) -> E
                     current_metrics, how=how)
 
 
-def new_label_evidence(ws: Workspace, candidate_dir, current_dir, labeled: pd.DataFrame,
+def new_label_evidence(ws: Workspace, df: pd.DataFrame, candidate_dir, current_dir, labeled: pd.DataFrame,
                        on_progress: ProgressCallback) -> Evidence:
     """Labels the deployed model never trained on, of user photos of items it never saw: the deployed model
     as it is against the candidate out of fold, with today's labels."""
@@ -221,7 +227,6 @@ def new_label_evidence(ws: Workspace, candidate_dir, current_dir, labeled: pd.Da
         missing = ("the candidate kept no out-of-fold predictions" if oof is None
                    else "the deployed version did not record what it trained on")
         return Evidence(NEW_LABELS, None, how=f"not measurable: {missing}")
-    df = mf.load(ws)
     item_of = dict(zip(df["image_id"].astype(str), item_keys(df), strict=True))
     known_items = {item_of.get(str(i), str(i)) for i in seen["image_id"]}
     fresh = oof[(oof["source"] == "user") & oof["image_id"].isin(labeled.index)
@@ -241,14 +246,13 @@ def new_label_evidence(ws: Workspace, candidate_dir, current_dir, labeled: pd.Da
                     how=how, left_out=left_out)
 
 
-def dropped_classes(ws: Workspace, candidate_dir, current_dir) -> dict[str, int]:
-    """Classes of the deployed model the candidate lacks, that photos are still labeled with -> how many."""
-    from loop.learning.train import labeled_rows
-
+def dropped_classes(labeled: pd.DataFrame, candidate_dir, current_dir) -> dict[str, int]:
+    """Classes of the deployed model the candidate lacks, that photos (`labeled`) are still labeled with ->
+    how many."""
     lost = set(read_spec(current_dir)["classes"]) - set(read_spec(candidate_dir)["classes"])
     if not lost:
         return {}
-    counts = labeled_rows(ws)["label"].astype(str).value_counts()
+    counts = labeled["label"].astype(str).value_counts()
     return {name: int(counts[name]) for name in lost if name in counts.index}
 
 
@@ -268,15 +272,16 @@ def describe_evidence(evidence: dict[str, dict] | None) -> str:
     return "; ".join(parts) if parts else "no comparison recorded"
 
 
-def gate_rows(ws: Workspace, model_dirs: list) -> tuple[pd.DataFrame, int]:
+def gate_rows(ws: Workspace, model_dirs: list, labeled: pd.DataFrame | None = None) -> tuple[pd.DataFrame, int]:
     """Today's gate photos minus any photo one of `model_dirs` trained on; and how many were left out.
+    `labeled`: `labeled_rows` when the caller has them already.
 
     By construction (stable splits) no model trains on the gate set; this check makes it a guarantee,
     even for a version trained before a split setting changed.
     """
     from loop.learning.train import training_set
 
-    rows = user_valid_rows(ws)
+    rows = user_valid_rows(ws, labeled)
     trained: set[str] = set()
     for model_dir in model_dirs:
         seen = training_set(model_dir)

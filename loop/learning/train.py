@@ -94,12 +94,13 @@ class TrainResult:
         return "\n".join(lines + [f"  {note}" for note in self.notes])
 
 
-def labeled_rows(ws: Workspace, *, none_of_these: bool = False) -> pd.DataFrame:
+def labeled_rows(ws: Workspace, *, none_of_these: bool = False, df: pd.DataFrame | None = None) -> pd.DataFrame:
     """Manifest rows that can train or validate: a label and a split (train/valid).
 
     "None of these" (OTHER) rows are out-of-scope evidence, not a class: left out unless `none_of_these`
-    (training takes them for the unfamiliar score, and they count in the labels' fingerprint)."""
-    df = manifest.load(ws)
+    (training takes them for the unfamiliar score, and they count in the labels' fingerprint). `df`: the
+    manifest when the caller has already loaded it."""
+    df = manifest.load(ws) if df is None else df
     keep = df["label"].notna() & df["split"].isin(["train", "valid"])
     if not none_of_these:
         keep &= df["label"] != OTHER_LABEL
