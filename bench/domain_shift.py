@@ -51,11 +51,11 @@ from bench.learning import (  # noqa: E402
     new_workspace,
     probe_accuracy,
     review_batch,
+    start_arm,
 )
 from bench.learning import test_report as report_on  # noqa: E402
 from loop.config import DEFAULT_BATCH_STRATEGY  # noqa: E402
 from loop.data import manifest  # noqa: E402
-from loop.data.ingest import ingest_folder  # noqa: E402
 from loop.learning import registry  # noqa: E402
 from loop.learning.deployment import deploy  # noqa: E402
 from loop.learning.gate import NEW_LABELS, describe_evidence  # noqa: E402
@@ -126,11 +126,8 @@ def run_seed(seed: int, args, scratch: Path) -> dict:
     print(f"  all-labels probe (ikea + all {len(pool)} pool photos labeled, same recipe): test accuracy "
           f"{out['probe']:.3f}")
     for arm in ARMS:
-        ws = new_workspace(scratch / f"ws-{arm}")
+        ws = start_arm(scratch / f"ws-{arm}", labeled_dir, labeled_items, pool_dir, pool_items)
         assert not ws.settings.model.int8, "SORTLOOP_MODEL__INT8=false did not reach the bench workspace"
-        ingest_folder(ws, labeled_dir, source="user", labeled=True, items_csv=labeled_items)
-        ingest_folder(ws, pool_dir, source="user", labeled=False, items_csv=pool_items)
-        deploy(ws, train(ws).version)
         accs = [report_on(ws, test_feats, test_labels)["accuracy"]]
         rng = np.random.default_rng(seed)
         asked: list[str] = []

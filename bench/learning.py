@@ -193,6 +193,15 @@ def product_selection(ws, k: int, strategy: str) -> list[str]:
     return rows["image_id"].astype(str).tolist()
 
 
+def start_arm(root: Path, labeled_dir: Path, labeled_items: Path, pool_dir: Path, pool_items: Path):
+    """One arm's workspace: the labeled folder ingested with labels, the pool without, a first model deployed."""
+    ws = new_workspace(root)
+    ingest_folder(ws, labeled_dir, source="user", labeled=True, items_csv=labeled_items)
+    ingest_folder(ws, pool_dir, source="user", labeled=False, items_csv=pool_items)
+    deploy(ws, train(ws).version)
+    return ws
+
+
 def review_batch(ws, strategy: str | None, k: int, pool_ids: list[str], asked: list[str],
                  rng: np.random.Generator) -> list[str]:
     """One round's reviews: what `review push` sends with `strategy` (`product_selection`), or, with None,
@@ -284,10 +293,7 @@ def run_split(name: str, meta: pd.DataFrame, seed: int, args, scratch: Path) -> 
     truth = dict(zip(features_ids(pool_dir, parts["pool"]), parts["pool"]["cls"], strict=True))
     pool_ids = list(truth)
     for arm in [*(f"product:{s}" for s in args.strategies), "random"]:
-        ws_arm = new_workspace(scratch / f"ws-{arm.replace(':', '-')}")
-        ingest_folder(ws_arm, labeled_dir, source="user", labeled=True, items_csv=labeled_items)
-        ingest_folder(ws_arm, pool_dir, source="user", labeled=False, items_csv=pool_items)
-        deploy(ws_arm, train(ws_arm).version)
+        ws_arm = start_arm(scratch / f"ws-{arm.replace(':', '-')}", labeled_dir, labeled_items, pool_dir, pool_items)
         accs = [test_report(ws_arm, test_feats, test_labels)["accuracy"]]
         rng = np.random.default_rng(seed)
         asked: list[str] = []
