@@ -313,3 +313,11 @@ def available_cpus() -> int:
 def default_workers(configured: int) -> int:
     """The configured worker count, capped at the CPUs available to this process (at least 0)."""
     return max(0, min(configured, available_cpus()))
+
+
+def model_threads(workers: int) -> int:
+    """Intra-op threads for the model beside `workers` decode processes: the CPUs they leave, at least one.
+
+    Why: the runtimes default to every core, so on 2 CPUs a 2-thread forward pass and 2 decoders ran 4
+    threads on 2 CPUs; one thread measured as fast or faster (`bench/sort.py`, 29 vs 26-29 images/s)."""
+    return max(1, available_cpus() - workers)

@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from loop.data.classnames import class_name_problem, twin_problem
-from loop.data.decode import Decoded, decode_stream, default_workers
+from loop.data.decode import Decoded, decode_stream, default_workers, model_threads
 from loop.data.images import iter_image_files
 from loop.errors import DiskFullError, ModelError, SortloopError, first_disk_full, is_disk_full, stopped_by_full_disk
 from loop.model.artifact import Prediction, Predictor, read_spec
@@ -137,6 +137,7 @@ def sort_into(
     # Start decoding now: the worker processes spawn and decode the first batches while the model loads
     # and the tree is counted. Two batches in flight (~10 MB at 224 px) give slack for uneven decode times.
     # A remote engine gets the list instead (listed here, so resume works as for a local sort).
+    workers = 0
     if remote is not None:
         stream: Iterator[Decoded] | _Listed = _Listed(list(todo()))
     else:
@@ -144,7 +145,8 @@ def sort_into(
         stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
                                prefetch=max(4 * workers, 2 * options.batch_size // chunk), describe=sink.describe)
     try:
-        predictor = Predictor(model_dir, options.runtime, precision=options.precision)
+        predictor = Predictor(model_dir, options.runtime, precision=options.precision,
+                              threads=model_threads(workers) if remote is None else None)
         check_classes(predictor.classes)
         check_category_folders(dest, predictor.classes + ([options.other_folder] if predictor.familiarity else []))
         total = sum(1 for _ in iter_image_files(src, skip=skip_dirs, on_error=lambda f, why: None))

@@ -66,3 +66,11 @@ def test_workers_follow_the_affinity_mask_not_the_host(monkeypatch):
     assert decode.available_cpus() == 1
     assert decode.default_workers(4) == 1
     assert decode.default_workers(0) == 0
+
+
+def test_the_model_gets_the_cpus_the_decoders_leave(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert decode.model_threads(2) == 1  # 2 decoders on 2 CPUs: one thread, not four on two
+    assert decode.model_threads(0) == 2  # decoding in the main process: the model may use every CPU
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert decode.model_threads(2) == 6
