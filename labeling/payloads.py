@@ -16,12 +16,12 @@ from xml.sax.saxutils import quoteattr
 import pandas as pd
 
 from loop.data.classnames import OTHER_LABEL
+from loop.flags import UNFAMILIAR, USER_MOVED
 
 FROM_NAME = "label"  # the Choices control
 TO_NAME = "image"  # the Image object; task data key holding the image URL is also "image"
 SERVED_SUBDIR = "photos"  # the storage folder under the document root (a storage may not BE the root)
 HOTKEYS = "1234567890" + "qwertyuiopasdfgzxcvbnm"  # h, j, k, l avoided: the editor uses some of them
-UNFAMILIAR_FLAG = "unfamiliar"  # the manifest flag of a photo sort sent to the unfamiliar folder
 
 
 # The review screen: the photo on the left, every class as a vertical list on the right, so all choices stay
@@ -134,7 +134,7 @@ def prediction(label: str, score: float | None) -> dict:
 
 def moved_by_person(row: dict | pd.Series) -> bool:
     """A photo whose label is a person's move of its sorted copy (scan), waiting for a reviewer to confirm it."""
-    return (_str(row.get("flag")) == "user_moved" and _str(row.get("label_source")) == "user_move"
+    return (_str(row.get("flag")) == USER_MOVED and _str(row.get("label_source")) == "user_move"
             and _str(row.get("label")) is not None)
 
 
@@ -174,7 +174,7 @@ def task(row: pd.Series, served_name: str) -> dict:
     predictions = []
     if not pd.isna(row.get("pred_label")):
         # an unfamiliar photo (the model sent it to the unfamiliar folder): "None of these" is its guess
-        guessed = OTHER_LABEL if _str(row.get("flag")) == UNFAMILIAR_FLAG else str(row["pred_label"])
+        guessed = OTHER_LABEL if _str(row.get("flag")) == UNFAMILIAR else str(row["pred_label"])
         predictions.append(prediction(guessed, row.get("pred_conf")))
     if moved_by_person(row):
         predictions.append(prediction(str(row["label"]), None))

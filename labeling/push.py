@@ -37,6 +37,7 @@ from labeling import payloads, served
 from labeling.client import Client, connect
 from labeling.project import ensure_project, remembered_project
 from loop.data import manifest as mf
+from loop.flags import LOW_CONFIDENCE, SELECTED, SUSPECTED_MISLABEL, UNFAMILIAR, USER_MOVED
 from loop.progress import ProgressCallback
 from loop.review import queue
 from loop.workspace import Workspace
@@ -100,8 +101,8 @@ def select_candidates(df: pd.DataFrame, *, trust_hints: bool = True) -> pd.DataF
     rows = df[wanted & ~done & ~pushed].copy()
     flag = rows["flag"].astype(object)
     ranked = rows["review_rank"].notna().to_numpy()
-    suspect = (flag == "suspected_mislabel").to_numpy(bool)
-    rows["_group"] = np.select([(flag == "user_moved").to_numpy(bool), ranked, suspect], [0, 1, 2], 3)
+    suspect = (flag == SUSPECTED_MISLABEL).to_numpy(bool)
+    rows["_group"] = np.select([(flag == USER_MOVED).to_numpy(bool), ranked, suspect], [0, 1, 2], 3)
     rows["_key"] = np.where(ranked, rows["review_rank"].to_numpy(float, na_value=np.nan),
                             np.where(suspect, -rows["pred_score"].to_numpy(float, na_value=np.nan),
                                      rows["pred_conf"].to_numpy(float, na_value=np.nan)))
@@ -110,13 +111,14 @@ def select_candidates(df: pd.DataFrame, *, trust_hints: bool = True) -> pd.DataF
 
 
 # Why a photo is sent for review, in the words `sort`, `status` and `review push` share (in push order).
-REASONS = {"user_moved": "moved by a person", "selected": "chosen to teach the model most",
-           "suspected_mislabel": "labels that look wrong", "low_confidence": "flagged by sort as unsure"}
+REASONS = {USER_MOVED: "moved by a person", SELECTED: "chosen to teach the model most",
+           SUSPECTED_MISLABEL: "labels that look wrong", LOW_CONFIDENCE: "flagged by sort as unsure",
+           UNFAMILIAR: "like none of the labeled photos"}
 
 
 def reason_counts(rows: pd.DataFrame) -> dict[str, int]:
     """How many of `rows` are sent for each reason of `REASONS` (a queued row with no flag: "selected")."""
-    flag = rows["flag"].astype(object).where(rows["flag"].notna(), "selected")
+    flag = rows["flag"].astype(object).where(rows["flag"].notna(), SELECTED)
     counts = flag.value_counts()
     return {words: int(counts.get(key, 0)) for key, words in REASONS.items()}
 
@@ -125,7 +127,7 @@ def within_budget(rows: pd.DataFrame, left: int | None) -> pd.DataFrame:
     """User moves, then at most `left` other rows (None: all), keeping the order."""
     if left is None:
         return rows
-    moved = (rows["flag"].astype(object) == "user_moved").to_numpy(bool)
+    moved = (rows["flag"].astype(object) == USER_MOVED).to_numpy(bool)
     keep = moved | (np.cumsum(~moved) <= left)
     return rows[keep]
 
@@ -242,7 +244,7 @@ def push(ws: Workspace, *, limit: int | None = None, select: bool = True,
                 _mark_pushed(ws, hints)
                 hints.clear()
                 written = time.monotonic()
-            counted = int((batch["flag"].astype(object) != "user_moved").sum())
+            counted = int((batch["flag"].astype(object) != USER_MOVED).sum())
             queue.record_pushed(ws, list(mapping), counted=counted)
             imported += len(tasks)
             batches += 1

@@ -16,9 +16,10 @@ from typing import Any
 import pandas as pd
 
 from loop.data.manifest import HUMAN_SOURCES
+from loop.flags import MODEL_FLAGS
 from loop.learning.gate import describe_evidence
 from loop.model.artifact import read_spec
-from loop.scoring.flagging import SORT_FLAGS, describe, settings_point
+from loop.scoring.flagging import describe, settings_point
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def measured_catch(hist: pd.DataFrame, last: int = MEASURED_CATCH_PHOTOS) -> dic
     human = hist[hist["source"].isin(HUMAN_SOURCES) & hist["pred_label"].notna()]
     first = human.drop_duplicates("image_id", keep="first").tail(last)
     wrong = (first["new_label"].astype(str) != first["pred_label"].astype(str)).to_numpy(bool)
-    flagged = first["flag"].isin(SORT_FLAGS).to_numpy(bool)
+    flagged = first["flag"].isin(MODEL_FLAGS).to_numpy(bool)
     return {"photos": len(first), "mistakes": int(wrong.sum()), "flagged_mistakes": int((wrong & flagged).sum()),
             "flagged": int(flagged.sum()), "models": sorted(first["pred_model"].dropna().astype(str).unique())}
 

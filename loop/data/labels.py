@@ -19,7 +19,8 @@ from loop.choices import check_choice
 from loop.data import manifest as mf
 from loop.errors import ManifestError
 from loop.data.ingest import SOURCES
-from loop.data.manifest import FLAGS, HUMAN_SOURCES, REVIEW_STATUSES
+from loop.data.manifest import HUMAN_SOURCES, REVIEW_STATUSES
+from loop.flags import FLAGS
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)

@@ -33,6 +33,7 @@ from loop.data import manifest
 from loop.data.classnames import OTHER_LABEL, class_name_problem, normal_name, twin_problem
 from loop.data.images import file_sha256, iter_image_files
 from loop.errors import SortloopError
+from loop.flags import USER_MOVED
 from loop.folders import moves
 from loop.progress import ProgressCallback, no_progress
 from loop.sorting import copies
@@ -240,7 +241,7 @@ def _flag_refused(ws: Workspace, moves: list[MovedCopy]) -> None:
     ids = {m.image_id for m in moves}
 
     def flag(df: pd.DataFrame) -> pd.DataFrame:
-        df.loc[df["image_id"].isin(ids), "flag"] = "user_moved"
+        df.loc[df["image_id"].isin(ids), "flag"] = USER_MOVED
         return df
 
     manifest.update(ws, flag)
@@ -264,7 +265,7 @@ def _record_corrections(ws: Workspace, moves: list[MovedCopy]) -> int:
     ids = {m.image_id for m in moves}
 
     def flag(df: pd.DataFrame) -> pd.DataFrame:
-        df.loc[df["image_id"].isin(ids), "flag"] = "user_moved"
+        df.loc[df["image_id"].isin(ids), "flag"] = USER_MOVED
         return df
 
     manifest.update(ws, flag)

@@ -26,6 +26,7 @@ import pandas as pd
 from loop.data import manifest
 from loop.data.decode import decode_stream, default_workers
 from loop.errors import SortloopError
+from loop.flags import LOW_CONFIDENCE, MODEL_FLAGS, UNFAMILIAR
 from loop.folders import moves
 from loop.folders.apply import check_folder_name, copy_state, recorded_roots, target_folder
 from loop.progress import ProgressCallback, no_progress
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 RECORD_FIELDS = ("label", "confidence", "score", "flagged", "model_version", "placed_by")
 MANIFEST_FIELDS = ("pred_label", "pred_conf", "pred_score", "pred_model", "flag")
-MODEL_FLAGS = (None, "low_confidence", "unfamiliar")  # flags a re-sort may replace (a person's never)
+REPLACEABLE_FLAGS = (None, *MODEL_FLAGS)  # flags a re-sort may replace (a person's never)
 SMALL = 64  # fewer copies than this are decoded in this process (starting decoder processes costs seconds)
 
 
@@ -212,8 +213,8 @@ def _predict(batch: list, predictor: Any, strategy: Any, threshold: float | None
         flagged = unfamiliar or (threshold is not None and float(s) >= threshold)
         row = df.loc[rec["image_id"]] if rec["image_id"] in df.index else None
         old_flag = None if row is None or pd.isna(row["flag"]) else str(row["flag"])
-        new_flag = old_flag if old_flag not in MODEL_FLAGS else \
-            ("unfamiliar" if unfamiliar else "low_confidence" if flagged else None)
+        new_flag = old_flag if old_flag not in REPLACEABLE_FLAGS else \
+            (UNFAMILIAR if unfamiliar else LOW_CONFIDENCE if flagged else None)
         path = Path(str(rec["dest_path"]))
         out.append(moves.Move(
             record_ids=list(group["record_id"]), image_id=str(rec["image_id"]), size=int(item.size_bytes),

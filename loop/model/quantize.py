@@ -119,7 +119,7 @@ def int8_gate(model_dir: Path, validation: np.ndarray, labels: np.ndarray | None
     judged = "labels" if labels is not None else "float model's own guesses (no labels)"
     truth = np.asarray(labels) if labels is not None else p_float.argmax(1)
     names = np.array([classes[i] if 0 <= i < len(classes) else "(no class)" for i in truth])
-    paired = Paired(names, p_int8.argmax(1) == truth, p_float.argmax(1) == truth)
+    paired = Paired(names, p_int8.argmax(1) == truth, p_float.argmax(1) == truth, names=("INT8", "float"))
     where = "validation photos"
     overall = holm([loss_test(paired, where)], alpha)[0]
     per_class = holm(class_tests(paired, where), alpha)

@@ -29,13 +29,13 @@ import pandas as pd
 from loop.data import manifest as mf
 from loop.data.classnames import OTHER_LABEL
 from loop.errors import ConfigError, ModelError
+from loop.flags import SUSPECTED_MISLABEL, USER_MOVED
 from loop.model.embeddings import embeddings
 from loop.review.probe import fit_probe, probe_probs
 from loop.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
-FLAG = "suspected_mislabel"
 AUDIT_MODEL = "audit"
 DEFAULT_FOLDS = 5
 HUMAN_SOURCES = ("review",)  # labels a reviewer gave: trusted, never flagged again by the audit
@@ -182,7 +182,7 @@ class AuditReport:
 
     def summary(self) -> str:
         return (f"audited {self.checked} labeled photo(s) ({self.folds}-fold, item-grouped): "
-                f"{len(self.suspects)} suspect(s), {self.flagged} newly flagged {FLAG}")
+                f"{len(self.suspects)} suspect(s), {self.flagged} newly flagged {SUSPECTED_MISLABEL}")
 
 
 def audit(ws: Workspace, *, folds: int = DEFAULT_FOLDS, flag: bool = True, on_progress=None) -> AuditReport:
@@ -237,10 +237,10 @@ def _flag(ws: Workspace, suspects: pd.DataFrame) -> int:
 
     def change(df: pd.DataFrame) -> pd.DataFrame:
         nonlocal newly
-        hit = df["image_id"].isin(by_id.index) & (df["flag"].astype(object) != "user_moved").to_numpy(bool)
+        hit = df["image_id"].isin(by_id.index) & (df["flag"].astype(object) != USER_MOVED).to_numpy(bool)
         ids = df.loc[hit, "image_id"]
-        newly = int((df.loc[hit, "flag"].astype(object) != FLAG).sum())
-        df.loc[hit, "flag"] = FLAG
+        newly = int((df.loc[hit, "flag"].astype(object) != SUSPECTED_MISLABEL).sum())
+        df.loc[hit, "flag"] = SUSPECTED_MISLABEL
         df.loc[hit, "pred_label"] = ids.map(by_id["alternative"]).to_numpy()
         df.loc[hit, "pred_conf"] = ids.map(by_id["p_alternative"]).to_numpy()
         df.loc[hit, "pred_score"] = ids.map(by_id["score"]).to_numpy()

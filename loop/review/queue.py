@@ -25,6 +25,7 @@ import pandas as pd
 from loop.atomic import append_jsonl, read_jsonl
 from loop.data import manifest as mf
 from loop.data.items import item_keys
+from loop.flags import SELECTED, SUSPECTED_MISLABEL, USER_MOVED
 from loop.model.embeddings import embeddings
 from loop.progress import ProgressCallback
 from loop.review.probe import fit_probe, probe_probs
@@ -34,9 +35,8 @@ from loop.workspace import Workspace
 logger = logging.getLogger(__name__)
 
 DONE_STATUSES = ("pushed", "reviewed", "skipped", "queued")
-OWN_ORDER_FLAGS = ("user_moved", "suspected_mislabel")  # pushed by their own rule, never "selected"
+OWN_ORDER_FLAGS = (USER_MOVED, SUSPECTED_MISLABEL)  # pushed by their own rule, never "selected"
 PUSH_LOG = "pushes.jsonl"
-SELECTED_FLAG = "selected"  # a photo flagged only because selection chose it
 ITEM_SPREAD = 3  # the strategy ranks this many times the budget, from which one photo per item goes first
 
 
@@ -140,7 +140,7 @@ def queue(ws: Workspace, selection: Selection) -> int:
             ("pushed", "reviewed", "skipped")).to_numpy(bool)
         df.loc[hit, "review_rank"] = start + df.loc[hit, "image_id"].map(rank_of).astype(float)
         df.loc[hit, "review_status"] = "queued"
-        df.loc[hit & df["flag"].isna(), "flag"] = SELECTED_FLAG  # low_confidence stays: it says more
+        df.loc[hit & df["flag"].isna(), "flag"] = SELECTED  # low_confidence stays: it says more
         no_pred = hit & df["pred_label"].isna()
         df.loc[no_pred, "pred_label"] = df.loc[no_pred, "image_id"].map(guess_of).to_numpy()
         df.loc[no_pred & df["pred_label"].notna(), "pred_model"] = "selection"

@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 CURVE_POINTS = 101  # flag shares 0, 0.01, ..., 1.0
 DEFAULT_STRATEGY = "least_confidence"
 MIN_PHOTOS = 20  # fewer predictions (or no mistake among them) give no curve: the fixed threshold (0.5) applies
-SORT_FLAGS = ("low_confidence", "unfamiliar")  # the manifest's flag values that mean "the flags marked this photo"
 CATCH_CONFIDENCE = 0.8  # the target is met by the catch rate's lower bound at this one-sided confidence
 Z_ONE_SIDED = 0.8416  # normal quantile of CATCH_CONFIDENCE
 

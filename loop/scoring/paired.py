@@ -20,11 +20,14 @@ OVERALL = "overall"
 
 @dataclass
 class Paired:
-    """Per-photo outcomes of two models on the same photos: true labels, candidate right, current right."""
+    """Per-photo outcomes of two models on the same photos: true labels, candidate right, current right.
+
+    `names`: what the reasons call the two (the gate's candidate and deployed model; INT8 and float)."""
 
     labels: np.ndarray
     candidate: np.ndarray
     current: np.ndarray
+    names: tuple[str, str] = ("the candidate", "the current model")
 
     @property
     def n(self) -> int:
@@ -50,6 +53,7 @@ class LossTest:
     candidate_accuracy: float | None
     threshold: float | None = None
     significant: bool = False
+    names: tuple[str, str] = ("the candidate", "the current model")
 
     def describe(self) -> str:
         """e.g. "chair recall 1.00 -> 0.82 on 11 photos (lost 2, gained 0, one-sided binomial p=0.25 >= 0.0023)"."""
@@ -58,7 +62,7 @@ class LossTest:
         versus = "<" if self.significant else ">="
         holm = f" {versus} Holm threshold {self.threshold:.3g}" if self.threshold is not None else ""
         return (f"{measure} {_fmt(self.current_accuracy)} -> {_fmt(self.candidate_accuracy)} on {self.n} photos "
-                f"(right only for the candidate on {self.gained}, only for the current model on {self.lost}; "
+                f"(right only for {self.names[0]} on {self.gained}, only for {self.names[1]} on {self.lost}; "
                 f"{test} p={self.p:.3g}{holm})")
 
 
@@ -77,7 +81,7 @@ def loss_test(paired: Paired, where: str, what: str = OVERALL) -> LossTest:
     n = int(mask.sum())
     return LossTest(what, where, n, gained, lost, binomial_p(lost, gained + lost),
                     float(paired.current[mask].mean()) if n else None,
-                    float(paired.candidate[mask].mean()) if n else None)
+                    float(paired.candidate[mask].mean()) if n else None, names=paired.names)
 
 
 def class_tests(paired: Paired, where: str) -> list[LossTest]:

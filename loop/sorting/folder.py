@@ -48,6 +48,7 @@ from loop.atomic import append_jsonl
 from loop.data import manifest
 from loop.data.decode import Decoded
 from loop.errors import DiskFullError, SortloopError, first_disk_full, stopped_by_full_disk
+from loop.flags import LOW_CONFIDENCE, UNFAMILIAR
 from loop.progress import ProgressCallback
 from loop.sorting import copies
 from loop.sorting.pipeline import (  # noqa: F401  (SortReport is part of this module's interface)
@@ -68,8 +69,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HUMAN_SOURCES = manifest.HUMAN_SOURCES
-LOW_CONFIDENCE = "low_confidence"  # manifest flag: the model is unsure which category
-UNFAMILIAR = "unfamiliar"  # manifest flag: unlike every labeled photo, copied to the unfamiliar folder
 ENGINES = ("local", "ray")
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from loop.atomic import atomic_write
 from loop.errors import ModelError
+from loop.flags import LOW_CONFIDENCE, UNFAMILIAR
 from loop.model.artifact import read_spec
 from loop.scoring.flagging import settings_point
 from loop.sorting import copies, dest_copies
@@ -104,4 +105,4 @@ def review_row(dest_path: str, source_path: str, label: str, conf: float, score:
     """One line of `_review.csv` (columns REVIEW_COLUMNS), as both the workspace and a DEST record write it."""
     return {"dest_path": dest_path, "source_path": source_path, "pred_label": label, "pred_conf": f"{conf:.4f}",
             "score": f"{score:.4f}", "strategy": strategy, "model_version": version, "image_id": image_id,
-            "sorted_at": sorted_at, "flag": "unfamiliar" if unfamiliar else "low_confidence"}
+            "sorted_at": sorted_at, "flag": UNFAMILIAR if unfamiliar else LOW_CONFIDENCE}

@@ -62,10 +62,10 @@ def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, 
     from loop.data import manifest
     from loop.data.images import file_sha256
     from loop.data.ingest import ImageInfo, register_images
+    from loop.flags import MODEL_FLAGS
     from loop.learning.deployment import deploy
     from loop.learning.registry import current_version
     from loop.learning.train import train
-    from loop.scoring.flagging import SORT_FLAGS
     from sortloop.status import collect_status
 
     per_class = LABELED_PER_CLASS + INBOX_PER_CLASS + LATER_PER_CLASS
@@ -100,7 +100,7 @@ def test_scheduled_cycle_pull_retrain_deploy_and_sort_with_the_new_model(ls_ws, 
         df = manifest.load(ws).set_index("path")
         inbox_rows = df.loc[list(truth)]
         assert (inbox_rows["pred_model"] == first.version).all()
-        assert inbox_rows["flag"].isin(SORT_FLAGS).all() and inbox_rows["label"].isna().all()
+        assert inbox_rows["flag"].isin(MODEL_FLAGS).all() and inbox_rows["label"].isna().all()
 
         # 2b. scan: a person moves one wrongly sorted copy into its right folder; that is a correction
         in_category = (inbox_rows["flag"] == "low_confidence").to_numpy(bool)  # copied to its guess's folder

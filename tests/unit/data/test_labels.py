@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from loop.data import manifest as mf
 from loop.data.ingest import ingest_folder
 from loop.data.labels import filter_labels, image_history
-from loop.errors import ManifestError
+from loop.errors import ManifestError, UnknownChoiceError
 from sortloop.cli import app
 from tests.conftest import make_image
 
@@ -71,3 +71,10 @@ def test_history_shows_one_photos_changes_by_path_or_prefix(labeled_ws, tmp_path
     assert bad.exit_code == 1 and "not a sha256 prefix" in bad.output
     missing = runner.invoke(app, ["-w", str(labeled_ws.root), "history", "abcdef0123"])
     assert missing.exit_code == 1 and "no photo in the manifest has a sha256 starting with abcdef0123" in missing.output
+
+
+def test_every_flag_sort_sets_is_a_valid_filter(labeled_ws):
+    """`labels --flag unfamiliar` was rejected as a typo until a photo had that flag: the known values lacked it."""
+    assert len(filter_labels(labeled_ws, flag="unfamiliar")) == 0  # none yet, and no error
+    with pytest.raises(UnknownChoiceError, match="unfamiliar"):  # a typo's message names it among the valid values
+        filter_labels(labeled_ws, flag="unfamilar")

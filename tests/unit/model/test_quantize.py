@@ -64,6 +64,8 @@ def test_gate_records_its_paired_test_measured_against_float(ws, sort_model, pho
     assert verdict["passed"] == (verdict["p"] >= quantize.DEFAULT_ALPHA and "class significantly worse:" not in
                                  verdict["reason"] and verdict["mean_prob_diff"] <= quantize.MEAN_PROB_DIFF)
     assert "McNemar p=" in verdict["reason"]
+    lost = int((~agree).sum())  # the reason names the two models as what they are, not candidate and current
+    assert f"right only for INT8 on 0, only for float on {lost}" in verdict["reason"]
 
 
 def test_int8_gate_on_real_photos_passes_the_recipe_and_refuses_a_damaged_model(trained_ikea, tmp_path,

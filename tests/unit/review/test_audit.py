@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from loop.data import manifest as mf
-from loop.review.audit import FLAG, ISSUE_METHODS, audit, confident_joint, find_label_issues, out_of_fold_probs
+from loop.flags import SUSPECTED_MISLABEL
+from loop.review.audit import ISSUE_METHODS, audit, confident_joint, find_label_issues, out_of_fold_probs
 from tests.helpers.queues import centres_for, synthetic_workspace
 
 
@@ -65,7 +66,7 @@ def test_audit_flags_suspects_with_the_alternative(ws, monkeypatch):
     df = mf.load(ws).set_index("image_id")
     for i in flipped:
         row = df.loc[ids[i]]
-        assert row["flag"] == FLAG and row["pred_label"] == true[i] and row["pred_model"] == "audit"
+        assert row["flag"] == SUSPECTED_MISLABEL and row["pred_label"] == true[i] and row["pred_model"] == "audit"
         assert row["label"] == labels[i]  # the audit never changes a label: a reviewer does
     assert report.flagged == 3 and audit(ws).flagged == 0  # idempotent
 

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from loop.data import manifest as mf
 from loop.errors import ConfigError
+from loop.flags import SELECTED
 from loop.review import queue as rq
 from tests.helpers.queues import centres_for, synthetic_workspace
 
@@ -30,7 +31,7 @@ def test_select_queues_unlabeled_photos_in_rank_order(ws, monkeypatch):
     df = mf.load(ws).set_index("image_id")
     assert df.loc[chosen.image_ids, "label"].isna().all()
     assert (df.loc[chosen.image_ids, "review_status"] == "queued").all()
-    assert (df.loc[chosen.image_ids, "flag"] == rq.SELECTED_FLAG).all()
+    assert (df.loc[chosen.image_ids, "flag"] == SELECTED).all()
     assert df.loc[chosen.image_ids, "review_rank"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     assert set(df.loc[chosen.image_ids, "pred_label"]) <= set(CLASSES)
     # a second selection never picks a queued photo, and ranks continue after the first batch
