@@ -412,16 +412,25 @@ def shipped_body_features(ws: Workspace, net, backbone, ids: list[str], *, mode:
 def write_int8(ws: Workspace, model_dir: Path, train_rows: pd.DataFrame, valid_rows: pd.DataFrame) -> None:
     """`loop.model.quantize.quantize_artifact` on resized photos; a failure keeps the float model and is recorded.
 
-    INT8 is judged on the labeled validation photos; without any (no gate set), on training photos outside the
-    calibration sample: the float model knows them, but what is measured is what quantisation changes.
+    INT8 is judged on the labeled validation photos (a uniform sample of JUDGE_MAX_PHOTOS beyond that); without
+    any (no gate set), on training photos outside the calibration sample: the float model knows them, but what
+    is measured is what quantisation changes.
     """
-    from loop.model.quantize import CALIBRATION_PHOTOS, JUDGE_PHOTOS, quantize_artifact, record_failure
+    from loop.model.quantize import (
+        CALIBRATION_PHOTOS,
+        JUDGE_MAX_PHOTOS,
+        JUDGE_PHOTOS,
+        quantize_artifact,
+        record_failure,
+    )
 
     size = ws.settings.model.image_size
     calibration_ids = train_rows["image_id"].sample(frac=1.0, random_state=ws.settings.model.seed)
     calibration_ids = calibration_ids.head(CALIBRATION_PHOTOS)
     judged = valid_rows if len(valid_rows) else \
         train_rows[~train_rows["image_id"].isin(set(calibration_ids))].head(JUDGE_PHOTOS)
+    if len(judged) > JUDGE_MAX_PHOTOS:
+        judged = judged.sample(n=JUDGE_MAX_PHOTOS, random_state=ws.settings.model.seed)
 
     def load(ids: pd.Series) -> np.ndarray:
         return np.stack([load_resized(ws, i, size) for i in ids] or [np.zeros((size, size, 3), np.uint8)])[:len(ids)]

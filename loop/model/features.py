@@ -6,14 +6,18 @@ rows: the features of the image and of its horizontal mirror (a free augmentatio
 Features are computed from the resized cache (`loop.data.images.load_model_input` output), so they are exactly
 what the deployed network's body computes at sort time.
 Missing features are computed here, or on a Ray cluster when the caller passes `remote` (`train --ray`,
-see `loop.model.ray_features.ray_features`); either way this module writes the cache.
+see `loop.model.ray_features.ray_features`); either way this module writes the cache. Here, many images
+go through ONNX Runtime (the body exported once per call, as `sortloop sort` runs it: ~4x torch's speed on
+2 CPUs, the nightly's largest phase), a few through torch; both give the same features to ~1e-5.
 Caveat: the cache is keyed by image_id (content hash), backbone, input size and a hash of the body
 weights; a random-initialised body gets its own key. Delete `<workspace>/cache/features` to free space.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,12 +26,16 @@ import numpy as np
 
 from loop.atomic import atomic_write
 from loop.data.images import normalise
+from loop.errors import ModelError
+from loop.model.artifact import FEATURES_OUTPUT, export_onnx
 from loop.progress import ProgressCallback, no_progress
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+
+ONNX_MIN_IMAGES = 64  # fewer: torch (exporting the body, ~3 s, costs more than ONNX Runtime's faster pass saves)
 
 
 def features_dir(cache_dir: Path, backbone: str, size: int, tag: str) -> Path:
@@ -95,10 +103,31 @@ def cached_features(
 def _computed(net: torch.nn.Module, image_ids: list[str], load: Callable[[str], np.ndarray], mean: Sequence[float],
               std: Sequence[float], batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
     """(image_ids, (n, 2, F)) batches computed here, in order."""
+    forward: Callable[[np.ndarray], np.ndarray] = lambda batch: body_features(net, batch, mean, std)  # noqa: E731
     for start in range(0, len(image_ids), batch_size):
         chunk = image_ids[start : start + batch_size]
-        feats = body_features(net, mirrored(np.stack([load(i) for i in chunk])), mean, std)
+        pixels = np.stack([load(i) for i in chunk])
+        if start == 0 and len(image_ids) >= ONNX_MIN_IMAGES:
+            forward = _onnx_body(net, pixels.shape[1], mean, std) or forward
+        feats = forward(mirrored(pixels))
         yield chunk, np.stack([feats[: len(chunk)], feats[len(chunk) :]], axis=1)
+
+
+def _onnx_body(net: torch.nn.Module, size: int, mean: Sequence[float],
+               std: Sequence[float]) -> Callable[[np.ndarray], np.ndarray] | None:
+    """`body_features` through ONNX Runtime: a copy of `net` exported as the artifact's graph is; None (torch
+    is used) if the network does not export."""
+    import onnxruntime as ort
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="sortloop-body-") as tmp:
+            path = Path(tmp) / "body.onnx"
+            export_onnx(copy.deepcopy(net), size, path)
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except (ModelError, RuntimeError, ValueError, OSError) as exc:  # torch.onnx raises assorted types
+        logger.warning("features computed with torch: the body does not export to ONNX (%s)", str(exc)[:200])
+        return None
+    return lambda batch: session.run([FEATURES_OUTPUT], {"input": normalise(batch, tuple(mean), tuple(std))})[0]
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -97,6 +97,23 @@ def test_int8_gate_on_real_photos_passes_the_recipe_and_refuses_a_damaged_model(
                                                     in damaged["reason"] or damaged["mean_prob_diff"] > 0.02)
 
 
+def test_int8_is_judged_on_a_bounded_sample_of_the_validation_photos(trained_ikea, tmp_path, monkeypatch) -> None:
+    """At 50,000 labeled photos the validation set is 10,000: judging all of them took minutes and 1.5 GB a night."""
+    from loop.data import manifest
+    from loop.learning.gate import user_valid_rows
+    from loop.learning.train import write_int8
+    from tests.helpers.models import copy_workspace
+
+    ws = copy_workspace(trained_ikea[0], tmp_path / "ws")
+    model_dir = ws.models_dir / trained_ikea[1].version
+    df = manifest.load(ws)
+    valid = user_valid_rows(ws)
+    assert len(valid) > 30
+    monkeypatch.setattr(quantize, "JUDGE_MAX_PHOTOS", 30)
+    write_int8(ws, model_dir, df[(df["split"] == "train") & df["label"].notna()], valid)
+    assert read_spec(model_dir)["int8"]["n"] == 30
+
+
 def manifest_train_ids(ws) -> list[str]:
     from loop.data import manifest
 
