@@ -31,7 +31,8 @@ def labeled_ws(ws, tmp_path):
 
 @pytest.mark.parametrize(("option", "typo", "valid", "guess"), [
     ("--label", "chiar", "chair, none, table", "chair"),
-    ("--flag", "low_confidense", "low_confidence, none, selected, suspected_mislabel, user_moved", "low_confidence"),
+    ("--flag", "low_confidense", "low_confidence, none, selected, suspected_mislabel, unfamiliar, user_moved",
+     "low_confidence"),
     ("--review", "reviewd", "none, pushed, queued, reviewed, skipped", "reviewed"),
     ("--source", "usr", "none, user, web", "user"),
     ("--label-source", "folders", "folder, none, review, user_move", "folder"),
