@@ -12,7 +12,10 @@ The gate then judges INT8 the way `loop.learning.gate` judges a candidate, again
 photos (`loop.scoring.paired`): refused if it is significantly less accurate than the float model (one-sided exact
 McNemar on the photos exactly one of them gets right) or significantly worse on a class (one-sided
 binomial per class, Holm-corrected), or if its confidences move by more than `MEAN_PROB_DIFF` on average
-(the flags' thresholds are sized on the float model's confidences). Not a fixed agreement share: with
+(the flags' thresholds are sized on the float model's confidences), or, for a model with the unfamiliar
+score, if it sends significantly more of the validation photos (all in scope) to `_other` than float does
+(one-sided binomial on the photos only one of them sends there; the threshold was calibrated on float
+features). Not a fixed agreement share: with
 187 validation photos 99.5% agreement fails on a single photo, which is noise, not a loss. The verdict and
 its numbers go into `model.json["int8"]`; the Predictor loads the INT8 file only when `passed` is true,
 so a model that quantises badly simply keeps sorting in float (and `sortloop status` says why).
@@ -34,8 +37,9 @@ import numpy as np
 
 from loop.atomic import write_json_atomic
 from loop.data.images import file_sha256, normalise
-from loop.model.artifact import INT8_FILE, ONNX_FILE, SPEC_FILE, read_spec, softmax
-from loop.scoring.paired import Paired, class_tests, holm, loss_test
+from loop.model.artifact import FEATURES_OUTPUT, INT8_FILE, ONNX_FILE, SPEC_FILE, read_spec, softmax
+from loop.scoring.paired import Paired, binomial_p, class_tests, holm, loss_test
+from loop.scoring.unfamiliar import Familiarity, load_familiarity
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +121,9 @@ def int8_gate(model_dir: Path, validation: np.ndarray, labels: np.ndarray | None
     if len(validation) == 0:
         return {**base, "passed": False, "agreement": None, "mean_prob_diff": None,
                 "reason": "no validation photos to check the INT8 model against; sorting stays in float"}
-    p_float, p_int8 = (_probabilities(_session(model_dir / name), validation, mean, std)
-                       for name in (ONNX_FILE, INT8_FILE))
+    familiarity = load_familiarity(model_dir, read_spec(model_dir))
+    (p_float, off_float), (p_int8, off_int8) = (_outputs(_session(model_dir / name), validation, mean, std, familiarity)
+                                                for name in (ONNX_FILE, INT8_FILE))
     judged = "labels" if labels is not None else "float model's own guesses (no labels)"
     truth = np.asarray(labels) if labels is not None else p_float.argmax(1)
     names = np.array([classes[i] if 0 <= i < len(classes) else "(no class)" for i in truth])
@@ -129,14 +134,16 @@ def int8_gate(model_dir: Path, validation: np.ndarray, labels: np.ndarray | None
     worse = [t for t in per_class if t.significant]
     agreeing = int((p_float.argmax(1) == p_int8.argmax(1)).sum())
     mean_diff = float(np.abs(p_float.max(1) - p_int8.max(1)).mean())
-    passed = not overall.significant and not worse and mean_diff <= MEAN_PROB_DIFF
+    other = _other_test(off_float, off_int8, alpha)
+    passed = not overall.significant and not worse and mean_diff <= MEAN_PROB_DIFF and not other["significant"]
     classes_text = ("class significantly worse: " + "; ".join(t.describe() for t in worse) if worse
                     else f"no class significantly worse ({len(per_class)} class tests, Holm-corrected at {alpha})")
     reason = (f"against the {judged}, INT8 vs float {overall.describe()}; {classes_text}; top-1 agrees with float "
               f"on {agreeing} of {len(validation)}; confidence differs by {mean_diff:.3f} on average "
-              f"(allowed {MEAN_PROB_DIFF})")
+              f"(allowed {MEAN_PROB_DIFF}){other['text']}")
     return {**base, "passed": passed, "gained": overall.gained, "lost": overall.lost, "p": overall.p,
             "agreement": agreeing / len(validation), "mean_prob_diff": mean_diff,
+            **({"other": {k: v for k, v in other.items() if k != "text"}} if familiarity is not None else {}),
             "reason": reason if passed else f"kept float: {reason}"}
 
 
@@ -147,12 +154,33 @@ def record_failure(model_dir: Path | str, reason: str) -> None:
     write_json_atomic(Path(model_dir) / SPEC_FILE, spec, indent=2, default=str)
 
 
-def _probabilities(session: Any, photos: np.ndarray, mean: tuple, std: tuple) -> np.ndarray:
-    """Softmax outputs of `session` on uint8 photos, GATE_BATCH at a time: measured on 400 photos, one
-    batch of them all took peak RSS from 1.0 to 4.8 GB (ONNX Runtime's activations grow with the batch),
-    batches of 64 to 1.7 GB; a shop's gate set has thousands."""
-    return np.concatenate([softmax(session.run(None, {"input": normalise(photos[i:i + GATE_BATCH], mean, std)})[0])
-                           for i in range(0, len(photos), GATE_BATCH)])
+def _outputs(session: Any, photos: np.ndarray, mean: tuple, std: tuple,
+             familiarity: Familiarity | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(softmax outputs, which photos the unfamiliar score sends to `_other` or None) of `session` on uint8
+    photos, GATE_BATCH at a time: measured on 400 photos, one batch of them all took peak RSS from 1.0 to
+    4.8 GB (ONNX Runtime's activations grow with the batch), batches of 64 to 1.7 GB."""
+    names = ["logits", FEATURES_OUTPUT] if familiarity is not None else ["logits"]
+    probs, other = [], []
+    for i in range(0, len(photos), GATE_BATCH):
+        out = session.run(names, {"input": normalise(photos[i:i + GATE_BATCH], mean, std)})
+        probs.append(softmax(out[0]))
+        if familiarity is not None:
+            other.append(familiarity.decide(out[1], out[0])[1])
+    return np.concatenate(probs), (np.concatenate(other) if familiarity is not None else None)
+
+
+def _other_test(off_float: np.ndarray | None, off_int8: np.ndarray | None, alpha: float) -> dict[str, Any]:
+    """Does INT8 send significantly more validation photos (all in scope) to `_other` than float does?"""
+    if off_float is None or off_int8 is None:
+        return {"significant": False, "text": ""}
+    only_int8, only_float = int((off_int8 & ~off_float).sum()), int((off_float & ~off_int8).sum())
+    p = binomial_p(only_int8, only_int8 + only_float)
+    significant = p < alpha
+    return {"significant": significant, "int8": int(off_int8.sum()), "float": int(off_float.sum()),
+            "only_int8": only_int8, "only_float": only_float, "p": p,
+            "text": f"; sends {int(off_int8.sum())} of {len(off_int8)} to _other vs {int(off_float.sum())} for float "
+                    f"(only INT8 {only_int8}, only float {only_float}; one-sided binomial p={p:.3g} "
+                    f"{'<' if significant else '>='} {alpha})"}
 
 
 def _session(path: Path) -> Any:
