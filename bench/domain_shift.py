@@ -8,7 +8,8 @@ Per seed, through the product's own library calls (what the CLI runs):
 
 0. `ingest --labeled` (ikea) -> `train` -> `deploy`: the ikea-only model; the pool is registered unlabeled.
 1. each round, per arm: "sort" the pool (the deployed model's predictions and flags recorded in the manifest
-   as `sort` records them, computed from cached features: the deployed network's output, no copies made);
+   as `sort` records them, computed from cached features: the deployed network's output, no copies made;
+   photos its unfamiliar score rejects are flagged `unfamiliar`, as `sort` flags those it copies to `_other`);
    review 30 photos, the **product** arm what `review push` sends with a day's budget of 30 (the review
    queue), the **random** arm 30 random pool photos, the simulated reviewer answering with the true class as
    `review pull` records it; `train`; `deploy` with the product's own gate; test accuracy of the deployed
@@ -16,7 +17,8 @@ Per seed, through the product's own library calls (what the CLI runs):
 
 Printed per round and arm: test accuracy, the gate's decision with both kinds of evidence, and for every
 refused candidate what it would have scored on the test part; after the last round, the flags' catch rate
-on the test part (share of the deployed model's test mistakes its flags mark) and the share flagged. The
+on the test part (share of the deployed model's test mistakes its flags mark: unsure alone, and unsure or
+unfamiliar, which is every photo `sort` flags for review) and the share flagged. The
 summary gives means over the seeds, the gain over ikea-only, the product - random difference per round,
 an all-labels probe (the same recipe on ikea plus every pool photo with its true class: the ceiling of any
 selection), and the refusals that were >= 0.02 better on the test part than the model they failed to replace.
@@ -47,6 +49,7 @@ from bench.learning import (  # noqa: E402
     DATA,
     Features,
     deployed_logits,
+    deployed_unfamiliar,
     link_tree,
     new_workspace,
     probe_accuracy,
@@ -88,10 +91,11 @@ def sort_pool(ws, pool_ids: list[str], pool_feats: np.ndarray) -> None:
     point = settings_point(spec, ws.settings.sort)
     scores = score(probs, point["strategy"])
     flagged = scores >= point["threshold"] if point["threshold"] is not None else np.zeros(len(probs), bool)
+    other = deployed_unfamiliar(ws, pool_feats, logits)  # sort copies these to _other, flagged `unfamiliar`
     classes = spec["classes"]
-    record_predictions(ws, {i: (classes[int(p.argmax())], float(p.max()), float(s), bool(f))
-                            for i, p, s, f in zip(pool_ids, probs, scores, flagged, strict=True)},
-                       registry.current_version(ws))
+    record_predictions(ws, {i: (classes[int(p.argmax())], float(p.max()), float(s), bool(f or o))
+                            for i, p, s, f, o in zip(pool_ids, probs, scores, flagged, other, strict=True)},
+                       registry.current_version(ws), unfamiliar={i for i, o in zip(pool_ids, other, strict=True) if o})
 
 
 def run_seed(seed: int, args, scratch: Path) -> dict:
@@ -115,7 +119,8 @@ def run_seed(seed: int, args, scratch: Path) -> dict:
     truth = dict(zip(pool_ids, pool["cls"], strict=True))
     test_labels = test["cls"].tolist()
 
-    out: dict = {"accuracy": {}, "refused": [], "catch": {}, "flag_share": {}, "decisions": {}}
+    out: dict = {"accuracy": {}, "refused": [], "catch": {}, "flag_share": {}, "catch_any": {}, "flag_share_any": {},
+                 "decisions": {}}
     # The ceiling: the same recipe on ikea plus EVERY pool photo with its true class (no selection at all).
     ikea_feats = features.of([ikea / p for p in ikea_meta["path"]])
     classes = sorted(ikea_meta["cls"].unique())
@@ -156,11 +161,14 @@ def run_seed(seed: int, args, scratch: Path) -> dict:
             decisions.append((decision.promoted, (decision.evidence.get(NEW_LABELS) or {}).get("n", 0)))
         final = report_on(ws, test_feats, test_labels)
         print(f"  {arm:<8} test accuracy per round " + " -> ".join(f"{a:.3f}" for a in accs)
-              + f"; flags on the test part: {final['flag_share']:.0%} flagged, {final['catch']:.2f} of "
-              f"{final['mistakes']} mistakes caught ({final['point']['goal']})")
+              + f"; flags on the test part: unsure {final['flag_share']:.0%} flagged, {final['catch']:.2f} of "
+              f"{final['mistakes']} mistakes caught ({final['point']['goal']}); unsure or unfamiliar "
+              f"{final['flag_share_any']:.0%} flagged, {final['catch_any']:.2f} caught")
         out["accuracy"][arm] = accs
         out["catch"][arm] = (round(final["catch"] * final["mistakes"]), final["mistakes"])
         out["flag_share"][arm] = final["flag_share"]
+        out["catch_any"][arm] = (round(final["catch_any"] * final["mistakes"]), final["mistakes"])
+        out["flag_share_any"][arm] = final["flag_share_any"]
         out["decisions"][arm] = decisions
     return out
 
@@ -179,11 +187,13 @@ def summarize(runs: list[dict], rounds: int) -> None:
     print("  product - random per round: " + ", ".join(f"{d:+.3f}" for d in diff.mean(0))
           + f" (product ahead at every round: {bool((diff.mean(0) >= 0).all())})")
     for arm in ARMS:
-        caught = sum(r["catch"][arm][0] for r in runs)
         mistakes = sum(r["catch"][arm][1] for r in runs)
-        share = np.mean([r["flag_share"][arm] for r in runs])
-        print(f"  {arm:<8} flags after round {rounds}: {share:.0%} of test photos flagged, caught {caught}/{mistakes}"
-              f" = {caught / max(1, mistakes):.2f} of the test part's mistakes")
+        for what, catch, flags in (("unsure", "catch", "flag_share"),
+                                   ("unsure or unfamiliar (all sort flags)", "catch_any", "flag_share_any")):
+            caught = sum(r[catch][arm][0] for r in runs)
+            share = np.mean([r[flags][arm] for r in runs])
+            print(f"  {arm:<8} flags after round {rounds}, {what}: {share:.0%} of test photos flagged, caught "
+                  f"{caught}/{mistakes} = {caught / max(1, mistakes):.2f} of the test part's mistakes")
     refused = [x for r in runs for x in r["refused"]]
     promoted = sum(p for r in runs for arm in ARMS for p, _ in r["decisions"][arm])
     costly = [x for x in refused if x["gain"] >= 0.02]

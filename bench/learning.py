@@ -66,6 +66,7 @@ from loop.model.head import choose_c  # noqa: E402
 from loop.review import queue  # noqa: E402
 from loop.scoring.flagging import settings_point  # noqa: E402
 from loop.scoring.strategies import score  # noqa: E402
+from loop.scoring.unfamiliar import load_familiarity  # noqa: E402
 from loop.workspace import init_workspace  # noqa: E402
 from sortloop.demo_review import record_reviews  # noqa: E402
 
@@ -142,6 +143,14 @@ def deployed_logits(ws, feats: np.ndarray, version: str | None = None) -> tuple[
     return feats @ state[f"{head}.weight"].T + state[f"{head}.bias"], spec
 
 
+def deployed_unfamiliar(ws, feats: np.ndarray, logits: np.ndarray, version: str | None = None) -> np.ndarray:
+    """Which photos the deployed model (or `version`) sends to `_other` (flag `unfamiliar`), as `sort` decides;
+    all False for a model without the unfamiliar score."""
+    model_dir = registry.model_dir(ws, version) if version else registry.current_model_dir(ws)
+    familiarity = load_familiarity(model_dir, read_spec(model_dir))
+    return familiarity.decide(feats, logits)[1] if familiarity is not None else np.zeros(len(feats), bool)
+
+
 def check_against_onnx(ws, paths: list[Path], feats: np.ndarray) -> float:
     """Max |p_features - p_onnx| over a sample: the feature shortcut is the deployed network."""
     predictor = load_predictor(registry.current_model_dir(ws), "onnx")
@@ -169,7 +178,10 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, groups: np.ndarray, x_test: np.
 
 
 def test_report(ws, feats_test: np.ndarray, labels_test: list[str], version: str | None = None) -> dict:
-    """Accuracy, flags at the operating point and ECE of the deployed model (or `version`) on the test items."""
+    """Accuracy, flags at the operating point and ECE of the deployed model (or `version`) on the test items.
+
+    `catch`: the share of mistakes flagged unsure (the flags' operating point); `catch_any`: flagged unsure or
+    sent to `_other` (flag `unfamiliar`), every photo `sort` flags for review."""
     logits, spec = deployed_logits(ws, feats_test, version)
     classes = spec["classes"]
     y = np.array([classes.index(v) if v in classes else -1 for v in labels_test])
@@ -179,8 +191,10 @@ def test_report(ws, feats_test: np.ndarray, labels_test: list[str], version: str
     flagged = score(probs, point["strategy"]) >= point["threshold"] if point["threshold"] is not None \
         else np.zeros(len(y), bool)
     raw = softmax(logits * float(spec.get("temperature", 1.0)))
+    either = flagged | deployed_unfamiliar(ws, feats_test, logits, version)
     return {"accuracy": float((~wrong).mean()), "point": point, "flag_share": float(flagged.mean()),
             "catch": float((flagged & wrong).sum() / max(1, wrong.sum())), "mistakes": int(wrong.sum()),
+            "flag_share_any": float(either.mean()), "catch_any": float((either & wrong).sum() / max(1, wrong.sum())),
             "ece_before": expected_calibration_error(raw, y), "ece_after": expected_calibration_error(probs, y),
             "spec": spec}
 
