@@ -30,8 +30,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from loop.data.images import (
+    check_regular_file,
+    exif_time_raw,
+    file_sha256,
+    open_image,
+    perceptual_hash,
+    resize_and_crop,
+)
 from loop.errors import ImageError, SortloopError
-from loop.data.images import check_regular_file, exif_time_raw, file_sha256, open_image, perceptual_hash, resize_and_crop
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,7 +46,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 POOL_START_TIMEOUT_S = 120.0
-CRASH_RETRIES = 1  # a file is retried alone this many times after its decoder process died
+CRASH_RETRIES = 1  # a file that crashed its decoder process while alone in the pool is retried this many times
 
 
 @dataclass
@@ -117,6 +124,7 @@ class _Task:
     future: Future | None
     pool_generation: int
     attempts: int = 0
+    suspect: bool = False  # in flight when a decoder died: runs alone, one file, so a crash is its own
 
 
 def _succeeded(future: Future | None) -> bool:
@@ -203,33 +211,39 @@ class DecodeStream:
     def _run(self) -> Iterator[Decoded]:
         _check_started(self.pool, self._ping)
         queue = self.queue
-        while queue:
+        while True:
+            if not any(t.suspect for t in queue):  # new work waits until every suspect has run alone
+                self._refill()
+            if not queue:
+                return
             task = queue[0]
+            if task.future is None:  # a suspect: submitted only now, with nothing else in flight
+                self._submit(task)
             try:
                 results = task.future.result()  # type: ignore[union-attr]
             except BrokenProcessPool:
-                # A decoder process died (a crashing codec, the OOM killer). Rebuild the pool once per
-                # breakage, then retry the broken task's files one by one so only the culprit fails.
+                # A decoder process died (a crashing codec, the OOM killer) and took every task in flight
+                # with it. Rebuild the pool once per breakage. A suspect ran alone, so the crash was its file's:
+                # retry it CRASH_RETRIES times, then fail it. Otherwise which file crashed is unknown: every
+                # file not decoded yet becomes a suspect and runs alone, in order, so only the culprit fails.
                 if task.pool_generation == self.generation:
                     self._restart_pool()
                 queue.popleft()
-                if len(task.paths) > 1:
-                    retry = [_Task([p], None, self.generation) for p in task.paths]
-                elif task.attempts < CRASH_RETRIES:
-                    retry = [_Task(task.paths, None, self.generation, task.attempts + 1)]
-                else:
-                    yield Decoded(path=task.paths[0], error="the decoder process crashed on this file")
+                if task.suspect:
+                    if task.attempts >= CRASH_RETRIES:
+                        yield Decoded(path=task.paths[0], error="the decoder process crashed on this file")
+                        continue
+                    queue.appendleft(_Task(task.paths, None, self.generation, task.attempts + 1, suspect=True))
                     continue
-                for t in retry:
-                    self._submit(t)
-                queue.extendleft(reversed(retry))
-                # tasks queued behind were submitted to the dead pool: resubmit them to the new one
-                for t in queue:
-                    if t.pool_generation != self.generation and not _succeeded(t.future):
-                        self._submit(t)
+                pending = [task, *queue]
+                queue.clear()
+                for t in pending:
+                    queue.extend([t] if _succeeded(t.future) else
+                                 [_Task([p], None, self.generation, suspect=True) for p in t.paths])
                 continue
             queue.popleft()
-            self._refill()
+            if not any(t.suspect for t in queue):  # keep the workers busy while the caller takes these
+                self._refill()
             yield from results
 
 

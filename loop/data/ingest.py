@@ -22,11 +22,11 @@ import pandas as pd
 
 from loop.data import manifest
 from loop.data.classnames import check_class_name, normal_name, twin_problem
-from loop.errors import ClassNameError, ConfigError, DiskFullError, ImageError, IngestRefused, SortloopError
 from loop.data.images import check_regular_file, file_sha256, iter_image_files, open_image, perceptual_hash
 from loop.data.items import assign_items, exif_taken_at
-from loop.progress import ProgressCallback, no_progress
 from loop.data.splits import assign_splits
+from loop.errors import ClassNameError, ConfigError, DiskFullError, ImageError, IngestRefused, SortloopError
+from loop.progress import ProgressCallback, no_progress
 from loop.tables import conform, locked, read_table
 from loop.workspace import Workspace
 

@@ -17,9 +17,9 @@ import pandas as pd
 
 from loop.choices import check_choice
 from loop.data import manifest as mf
-from loop.errors import ManifestError
 from loop.data.ingest import SOURCES
 from loop.data.manifest import HUMAN_SOURCES, REVIEW_STATUSES
+from loop.errors import ManifestError
 from loop.flags import FLAGS
 from loop.workspace import Workspace
 

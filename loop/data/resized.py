@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from loop.atomic import atomic_write
-from loop.errors import ImageError
 from loop.data.images import load_model_input
+from loop.errors import ImageError
 from loop.progress import ProgressCallback, no_progress
 from loop.workspace import Workspace, make_private
 

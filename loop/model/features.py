@@ -88,7 +88,8 @@ def cached_features(
     total = len(todo)
     on_progress(0, total)
     net.eval()
-    batches = remote(todo) if remote is not None and todo else _computed(net, todo, load, mean, std, batch_size)
+    batches = remote(todo) if remote is not None and todo else _computed(net, todo, load, mean, std, batch_size,
+                                                                        folder)
     done = 0
     for ids, feats in batches:
         for image_id, pair in zip(ids, feats, strict=True):
@@ -101,26 +102,27 @@ def cached_features(
 
 
 def _computed(net: torch.nn.Module, image_ids: list[str], load: Callable[[str], np.ndarray], mean: Sequence[float],
-              std: Sequence[float], batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+              std: Sequence[float], batch_size: int, folder: Path) -> Iterator[tuple[list[str], np.ndarray]]:
     """(image_ids, (n, 2, F)) batches computed here, in order."""
-    forward: Callable[[np.ndarray], np.ndarray] = lambda batch: body_features(net, batch, mean, std)  # noqa: E731
+    onnx = None
     for start in range(0, len(image_ids), batch_size):
         chunk = image_ids[start : start + batch_size]
         pixels = np.stack([load(i) for i in chunk])
         if start == 0 and len(image_ids) >= ONNX_MIN_IMAGES:
-            forward = _onnx_body(net, pixels.shape[1], mean, std) or forward
-        feats = forward(mirrored(pixels))
+            onnx = _onnx_body(net, pixels.shape[1], mean, std, folder)
+        feats = onnx(mirrored(pixels)) if onnx is not None else body_features(net, mirrored(pixels), mean, std)
         yield chunk, np.stack([feats[: len(chunk)], feats[len(chunk) :]], axis=1)
 
 
-def _onnx_body(net: torch.nn.Module, size: int, mean: Sequence[float],
-               std: Sequence[float]) -> Callable[[np.ndarray], np.ndarray] | None:
-    """`body_features` through ONNX Runtime: a copy of `net` exported as the artifact's graph is; None (torch
-    is used) if the network does not export."""
+def _onnx_body(net: torch.nn.Module, size: int, mean: Sequence[float], std: Sequence[float],
+               folder: Path) -> Callable[[np.ndarray], np.ndarray] | None:
+    """`body_features` through ONNX Runtime: a copy of `net` exported as the artifact's graph is (in a temporary
+    folder inside the cache `folder`: nothing is written outside the workspace); None (torch is used) if the
+    network does not export."""
     import onnxruntime as ort
 
     try:
-        with tempfile.TemporaryDirectory(prefix="sortloop-body-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=".body-", dir=folder) as tmp:
             path = Path(tmp) / "body.onnx"
             export_onnx(copy.deepcopy(net), size, path)
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -7,6 +7,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -174,3 +175,27 @@ def test_a_binary_items_csv_is_a_clear_error(ws, tmp_path, shared_data) -> None:
     result = CliRunner().invoke(app, ["ingest", str(photos), "--items", str(binary), "-w", str(ws.root)])
     assert result.exit_code == 1 and "not a UTF-8 text CSV" in result.output
     assert not isinstance(result.exception, UnicodeDecodeError)
+
+
+def slow_or_crash(paths: list[Path], size: int, describe: bool = True):
+    """Dies at once on poison*; takes its time on every other file, so those are in flight when it dies."""
+    for p in paths:
+        if Path(p).name.startswith("poison"):
+            os._exit(3)
+    time.sleep(0.3)
+    return decode_chunk(paths, size, describe)
+
+
+def test_files_in_flight_when_a_decoder_dies_are_not_blamed(shared_data, tmp_path) -> None:
+    """A crash takes every task in flight with it: before, an innocent file in flight during the culprit's
+    first crash and its retry used up its own retry and was reported as crashing."""
+    photos = sorted((shared_data / "ikea_products" / "desk").glob("*.jpg"))[:4]
+    poison = tmp_path / "poison.jpg"
+    shutil.copy2(photos[0], poison)
+    paths = [photos[0], poison, *photos[1:]]
+    for prefetch in (1, 4):  # 1: the culprit is the only task in flight and fails last; the files after it still come
+        results = list(decode_stream(paths, 64, workers=2, chunk=1, prefetch=prefetch, describe=False,
+                                     decode_fn=slow_or_crash))
+        assert [r.path for r in results] == paths
+        assert [r.ok for r in results] == [True, False, True, True, True], [r.error for r in results]
+        assert "crashed" in (results[1].error or "")
