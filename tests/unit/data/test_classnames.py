@@ -56,14 +56,19 @@ def test_register_and_set_labels_refuse_a_path_as_label(ws, tmp_path) -> None:
     assert list(manifest.history(ws)["new_label"]) == ["chair"]
 
 
-def test_training_refuses_a_bad_label_already_in_an_old_manifest(ws, tmp_path) -> None:
-    from loop.learning.train import train
-
+def _four_labeled_photos(ws, tmp_path) -> None:
+    """Two chairs and two tables registered with their labels: the manifest an old version then rewrote."""
     infos = []
     for i, label in enumerate(["chair", "chair", "table", "table"]):
         photo = make_image(tmp_path / "p" / f"{i}.jpg", (60 * i, 10, 10))
         infos.append(ImageInfo(file_sha256(photo), str(photo), label=label))
     register_images(ws, infos)
+
+
+def test_training_refuses_a_bad_label_already_in_an_old_manifest(ws, tmp_path) -> None:
+    from loop.learning.train import train
+
+    _four_labeled_photos(ws, tmp_path)
     # a manifest written before names were checked: bypass set_labels as an old version did
     manifest.update(ws, lambda df: df.assign(label=df["label"].where(df["label"] != "table", "../../etc"),
                                              split=pd.array(["train"] * len(df), dtype="string")))
@@ -149,11 +154,7 @@ def test_scan_refuses_a_case_twin_folder_as_a_label_and_keeps_the_photo_flagged(
 def test_training_refuses_a_case_twin_already_in_an_old_manifest(ws, tmp_path) -> None:
     from loop.learning.train import train
 
-    infos = []
-    for i, label in enumerate(["chair", "chair", "table", "table"]):
-        photo = make_image(tmp_path / "p" / f"{i}.jpg", (60 * i, 10, 10))
-        infos.append(ImageInfo(file_sha256(photo), str(photo), label=label))
-    register_images(ws, infos)
+    _four_labeled_photos(ws, tmp_path)
     manifest.update(ws, lambda df: df.assign(label=pd.array(["Chair", "chair", "table", "table"], dtype="string"),
                                              split=pd.array(["train"] * len(df), dtype="string")))
     with pytest.raises(ModelError, match="'chair' cannot be a class.*only in case"):
