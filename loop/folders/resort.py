@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from loop.data import manifest
-from loop.data.decode import decode_stream, default_workers
+from loop.data.decode import decode_stream, default_workers, model_threads
 from loop.errors import SortloopError
 from loop.flags import LOW_CONFIDENCE, MODEL_FLAGS, UNFAMILIAR
 from loop.folders import moves
@@ -139,7 +139,8 @@ def _plan(ws: Workspace, report: ResortReport, on_progress: ProgressCallback) ->
         return []
 
     model_dir = current_model_dir(ws)
-    predictor = load_predictor(model_dir, runtime=settings.runtime)
+    workers = default_workers(settings.workers) if len(groups) >= SMALL else 0
+    predictor = load_predictor(model_dir, runtime=settings.runtime, threads=model_threads(workers))
     for name in predictor.classes:
         check_folder_name(name, what=f"class of model {predictor.version}")
     report.model_version = predictor.version
@@ -150,8 +151,7 @@ def _plan(ws: Workspace, report: ResortReport, on_progress: ProgressCallback) ->
     planned: list[moves.Move] = []
     total, done = len(groups), 0
     on_progress(0, total)
-    stream = decode_stream((Path(p) for p in by_path), predictor.image_size, describe=False,
-                           workers=default_workers(settings.workers) if total >= SMALL else 0)
+    stream = decode_stream((Path(p) for p in by_path), predictor.image_size, describe=False, workers=workers)
     try:
         batch: list = []
         for item in stream:
