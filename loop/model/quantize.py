@@ -96,7 +96,8 @@ def quantize_artifact(model_dir: Path | str, calibration: np.ndarray, validation
                         nodes_to_exclude=sensitive_nodes(prepared))
         (Path(tmp) / INT8_FILE).replace(model_dir / INT8_FILE)
 
-    verdict = int8_gate(model_dir, validation, labels, classes=spec["classes"], mean=mean, std=std, alpha=alpha)
+    verdict = int8_gate(model_dir, validation, labels, classes=spec["classes"], mean=mean, std=std, alpha=alpha,
+                        familiarity=load_familiarity(model_dir, spec))
     spec["int8"] = verdict
     spec.setdefault("checksums", {})[INT8_FILE] = file_sha256(model_dir / INT8_FILE)  # checked where it is loaded
     write_json_atomic(model_dir / SPEC_FILE, spec, indent=2, default=str)
@@ -115,13 +116,15 @@ def sensitive_nodes(onnx_path: Path) -> list[str]:
 
 
 def int8_gate(model_dir: Path, validation: np.ndarray, labels: np.ndarray | None, *, classes: list[str],
-              mean: tuple, std: tuple, alpha: float = DEFAULT_ALPHA) -> dict[str, Any]:
-    """Judge the INT8 model against the float one on `validation`; the verdict `quantize_artifact` records."""
+              mean: tuple, std: tuple, alpha: float = DEFAULT_ALPHA,
+              familiarity: Familiarity | None = None) -> dict[str, Any]:
+    """Judge the INT8 model against the float one on `validation`; the verdict `quantize_artifact` records.
+
+    `familiarity`: the version's unfamiliar score, if it has one (then `_other` decisions are compared too)."""
     base = {"file": INT8_FILE, "alpha": alpha, "mean_prob_diff_allowed": MEAN_PROB_DIFF, "n": int(len(validation))}
     if len(validation) == 0:
         return {**base, "passed": False, "agreement": None, "mean_prob_diff": None,
                 "reason": "no validation photos to check the INT8 model against; sorting stays in float"}
-    familiarity = load_familiarity(model_dir, read_spec(model_dir))
     (p_float, off_float), (p_int8, off_int8) = (_outputs(_session(model_dir / name), validation, mean, std, familiarity)
                                                 for name in (ONNX_FILE, INT8_FILE))
     judged = "labels" if labels is not None else "float model's own guesses (no labels)"
