@@ -1,8 +1,8 @@
 """A streaming, bounded-memory decode pipeline: paths in, model inputs out, in order, in worker processes.
 
-Each file becomes a `Decoded` record: its sha256 (`image_id`), the model's view of it (uint8
-(size, size, 3), exactly what `loop.data.images.load_model_input` returns: JPEG draft + EXIF transpose +
-RGB + resize + centre crop), its perceptual hash and EXIF time (for the manifest), or, if it cannot be
+Each file is read once (`read_hashed`) and becomes a `Decoded` record: its sha256 (`image_id`), the model's
+view of it (uint8 (size, size, 3), exactly what `loop.data.images.load_model_input` returns: JPEG draft +
+EXIF transpose + RGB + resize + centre crop), its perceptual hash and EXIF time (for the manifest), or, if it cannot be
 read, a one-line `error`. A broken file never raises out of the pipeline — not even one that crashes
 the decoder process: the pool is rebuilt and the culprit is reported.
 
@@ -33,9 +33,9 @@ import numpy as np
 from loop.data.images import (
     check_regular_file,
     exif_time_raw,
-    file_sha256,
     open_image,
     perceptual_hash,
+    read_hashed,
     resize_and_crop,
 )
 from loop.errors import ImageError, SortloopError
@@ -90,10 +90,10 @@ def decode_one(path: Path, size: int, describe: bool = True) -> Decoded:
         st = check_regular_file(path)
         rec.size_bytes, rec.mtime_ns = st.st_size, st.st_mtime_ns
         started = time.perf_counter()
-        rec.image_id = file_sha256(path)
+        rec.image_id, data = read_hashed(path, st.st_size)
         hashed = time.perf_counter()
         # Same steps as loop.data.images.load_model_input, split so the oriented image also feeds pHash.
-        img = open_image(path, draft_size=size)
+        img = open_image(path, draft_size=size, data=data)
         rec.pixels = np.asarray(resize_and_crop(img, size), dtype=np.uint8)
         if describe:
             rec.phash, rec.taken_raw = perceptual_hash(img), exif_time_raw(img)

@@ -11,6 +11,7 @@ Caveat: draft decoding depends on the requested size, so a resized cache must be
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import stat
@@ -84,6 +85,9 @@ def check_regular_file(path: Path) -> os.stat_result:
     return st
 
 
+READ_WHOLE_MAX_BYTES = 64 << 20  # files up to this size are read once, then hashed and decoded from memory
+
+
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of the file's bytes: the image's identity everywhere in sortloop."""
     digest = hashlib.sha256()
@@ -93,22 +97,36 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def open_image(path: Path, draft_size: int | None = None) -> Image.Image:
-    """Open and fully decode `path` as an upright RGB image.
+def read_hashed(path: Path, size: int) -> tuple[str, bytes | None]:
+    """The file's sha256 and, if its `size` (from stat) is at most READ_WHOLE_MAX_BYTES, its bytes.
+
+    Why: a sort hashes and decodes every photo; reading it once saves a second pass over a 2-5 MB file
+    (`bench/sort.py`), and the identity and the pixels then come from the same bytes even if the file
+    changes meanwhile. Larger files are hashed in chunks and decoded from disk, so memory stays bounded."""
+    if size > READ_WHOLE_MAX_BYTES:
+        return file_sha256(path), None
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def open_image(path: Path, draft_size: int | None = None, data: bytes | None = None) -> Image.Image:
+    """Open and fully decode `path` (or `data`, its bytes already read) as an upright RGB image.
 
     Args:
         draft_size: if set, let libjpeg decode at the smallest power-of-two scale that is still at least
             this many pixels on each side (only JPEG supports it; other formats ignore it).
+        data: the file's bytes (`read_hashed`); `path` then only names it in errors.
     Raises:
         ImageError: with a short reason (empty file, not an image, truncated, too large, ...).
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        if (len(data) if data is not None else path.stat().st_size) == 0:
             raise ImageError(path, "empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(data) if data is not None else path)
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(path, f"too large ({img.width}x{img.height} pixels; decompression-bomb guard)")
             if draft_size and img.format == "JPEG":

@@ -232,9 +232,14 @@ def test_interrupted_run_resumes_without_duplicates(deployed, shared_data, tmp_p
     assert len(hashes) == 6 and len(set(hashes)) == 6
 
 
-def test_decode_matches_the_one_preprocessing_path(shared_data, tmp_path) -> None:
+@pytest.mark.parametrize("read_whole", [True, False], ids=["read-once", "large-file-streamed"])
+def test_decode_matches_the_one_preprocessing_path(shared_data, tmp_path, monkeypatch, read_whole) -> None:
     from PIL import Image
 
+    from loop.data import images
+
+    if not read_whole:  # a file above the cap is hashed in chunks and decoded from disk: the same results
+        monkeypatch.setattr(images, "READ_WHOLE_MAX_BYTES", 0)
     photo = next((shared_data / "ikea_products" / "bed").glob("*.jpg"))
     rotated = tmp_path / "rotated.jpg"
     img = Image.open(photo)
