@@ -81,57 +81,82 @@ def assign_items(
     """Fill `item_id`/`item_rule` for rows of `new` that have none, following the module's rule.
 
     Args:
-        new: rows being added (columns image_id, path, phash, taken_at, item_id, item_rule); rows with an
-            item_id already (from a CSV) are kept as they are.
+        new: rows being added, in order (columns image_id, path, phash, taken_at, item_id, item_rule); rows
+            with an item_id already (from a CSV) are kept as they are.
         existing: the manifest before this addition (its items are joined, never changed).
     Returns:
         `new` with item_id and item_rule filled for every row.
+
+    Runs on every flush of a sort, so the loop works on plain lists and the burst rule on a per-folder
+    index, not on pandas rows (a scan of the manifest per photo took 42 ms a photo at 20,000 rows).
     """
     new = new.copy()
-    todo = new["item_id"].isna()
+    todo = new["item_id"].isna().to_numpy()
     # Pool = existing photos with a hash, then the new ones in order: a photo may join an earlier one.
     # Hash bits and labels are known up front; the pool grows as rows get their item (`size`).
     known = existing.dropna(subset=["phash"])
-    joining = new.loc[todo & new["phash"].notna()]
+    joining = new.loc[todo & new["phash"].notna().to_numpy()]
     pool_bits = _hash_bits([*known["phash"], *joining["phash"]])
     pool_labels = np.array([None if pd.isna(x) else str(x) for x in [*known["label"], *joining["label"]]], object)
     pool_items: list[str] = list(known["item_id"])
-    for idx in new.index[todo]:
-        row = new.loc[idx]
-        item, rule = None, None
-        size = len(pool_items)
-        if not pd.isna(row["phash"]) and size:
-            # Photos with two different labels cannot show the same item, however alike they look.
-            labels = pool_labels[:size]
-            allowed = pd.isna(labels) | (labels == row["label"]) if not pd.isna(row["label"]) else np.ones(size, bool)
-            j = nearest_by_hash(_hash_bits([row["phash"]])[0], pool_bits[:size], near_duplicate_distance, allowed)
-            if j >= 0:
-                item, rule = pool_items[j], "near_duplicate"
-        if item is None and burst_seconds > 0 and not pd.isna(row["taken_at"]):
-            item = _burst_item(row, existing, new.loc[new.index < idx], burst_seconds)
-            rule = "burst" if item else None
-        if item is None:
-            item, rule = single_item_id(row["image_id"]), "single"
-        new.at[idx, "item_id"], new.at[idx, "item_rule"] = item, rule
-        if not pd.isna(row["phash"]):
-            pool_items.append(item)
+    bursts = _Bursts(existing, burst_seconds) if burst_seconds > 0 else None
+    items, rules = new["item_id"].tolist(), new["item_rule"].tolist()
+    columns = zip(new["image_id"], new["path"], new["phash"], new["label"], new["taken_at"], strict=True)
+    for pos, (image_id, path, phash, label, taken) in enumerate(columns):
+        if todo[pos]:
+            item, rule = None, None
+            size = len(pool_items)
+            if not pd.isna(phash) and size:
+                # Photos with two different labels cannot show the same item, however alike they look.
+                labels = pool_labels[:size]
+                allowed = pd.isna(labels) | (labels == label) if not pd.isna(label) else np.ones(size, bool)
+                j = nearest_by_hash(_hash_bits([phash])[0], pool_bits[:size], near_duplicate_distance, allowed)
+                if j >= 0:
+                    item, rule = pool_items[j], "near_duplicate"
+            if item is None and bursts is not None and not pd.isna(taken):
+                item = bursts.nearest(str(path), taken)
+                rule = "burst" if item else None
+            if item is None:
+                item, rule = single_item_id(image_id), "single"
+            items[pos], rules[pos] = item, rule
+            if not pd.isna(phash):
+                pool_items.append(item)
+        if bursts is not None and not pd.isna(taken) and not pd.isna(items[pos]):
+            bursts.add(str(path), taken, str(items[pos]))
+    new["item_id"], new["item_rule"] = items, rules
     return new
 
 
-def _burst_item(row: pd.Series, existing: pd.DataFrame, earlier: pd.DataFrame, seconds: float) -> str | None:
-    """Item of a photo in the same folder taken within `seconds` of this one, if any."""
-    folder = os.path.dirname(str(row["path"]))
-    for frame in (earlier, existing):
-        if frame.empty:
-            continue
-        folders = frame["path"].astype(str).map(os.path.dirname)
-        same = frame[folders == folder].dropna(subset=["taken_at", "item_id"])
-        if same.empty:
-            continue
-        gap = (same["taken_at"] - row["taken_at"]).abs().dt.total_seconds()
-        if gap.min() <= seconds:
-            return str(same.loc[gap.idxmin(), "item_id"])
-    return None
+class _Bursts:
+    """The burst rule's lookup: capture times (ns) and items by folder, of the existing photos and of the new
+    ones so far. A photo joins the closest earlier new photo in its folder within `seconds`, else the closest
+    existing one."""
+
+    def __init__(self, existing: pd.DataFrame, seconds: float) -> None:
+        self.limit_ns = seconds * 1e9
+        rows = existing.dropna(subset=["taken_at", "item_id"])
+        times = pd.to_datetime(rows["taken_at"], utc=True).dt.as_unit("ns").astype("int64").to_numpy()
+        folders = rows["path"].astype(str).map(os.path.dirname).to_numpy()
+        items = rows["item_id"].astype(str).to_numpy()
+        self.existing = {folder: (times[np.asarray(idx)], items[np.asarray(idx)])
+                         for folder, idx in pd.Series(range(len(rows))).groupby(folders, sort=False).groups.items()}
+        self.new: dict[str, tuple[list[int], list[str]]] = {}
+
+    def add(self, path: str, taken: pd.Timestamp, item: str) -> None:
+        times, items = self.new.setdefault(os.path.dirname(path), ([], []))
+        times.append(pd.Timestamp(taken).value)
+        items.append(item)
+
+    def nearest(self, path: str, taken: pd.Timestamp) -> str | None:
+        folder, t = os.path.dirname(path), pd.Timestamp(taken).value
+        for times, items in (self.new.get(folder, ([], [])), self.existing.get(folder, ([], []))):
+            if len(times) == 0:
+                continue
+            gap = np.abs(np.asarray(times, np.int64) - t)
+            j = int(np.argmin(gap))
+            if gap[j] <= self.limit_ns:
+                return str(items[j])
+        return None
 
 
 def item_keys(rows: pd.DataFrame) -> np.ndarray:
