@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 from loop.atomic import append_jsonl
@@ -171,21 +172,24 @@ def record_predictions(ws: Workspace, preds: dict[str, tuple[str, float, float, 
     images no person has labeled: `unfamiliar` for the ids in `unfamiliar` (they went to the unfamiliar
     folder; it replaces `low_confidence`, it says more), else `low_confidence` where no flag is set yet."""
 
-    def apply(df: pd.DataFrame) -> pd.DataFrame:
-        rows = df["image_id"].isin(preds.keys())
-        for i in df.index[rows]:
-            image_id = df.at[i, "image_id"]
-            label, conf, score, flagged = preds[image_id]
-            df.at[i, "pred_label"], df.at[i, "pred_conf"], df.at[i, "pred_score"] = label, conf, score
-            df.at[i, "pred_model"] = version
-            human = df.at[i, "label_source"] in HUMAN_SOURCES if not pd.isna(df.at[i, "label_source"]) else False
-            flag = df.at[i, "flag"]
-            if human or not flagged:
-                continue
-            if image_id in unfamiliar and (pd.isna(flag) or flag == LOW_CONFIDENCE):
-                df.at[i, "flag"] = UNFAMILIAR
-            elif pd.isna(flag):
-                df.at[i, "flag"] = LOW_CONFIDENCE
+    def apply(df: pd.DataFrame) -> pd.DataFrame:  # column-wise: it runs on every flush of a sort
+        rows = df["image_id"].isin(preds.keys()).to_numpy()
+        ids = df.loc[rows, "image_id"]
+        picked = [preds[i] for i in ids]
+        df.loc[rows, "pred_label"] = [label for label, _, _, _ in picked]
+        df.loc[rows, "pred_conf"] = [conf for _, conf, _, _ in picked]
+        df.loc[rows, "pred_score"] = [score for _, _, score, _ in picked]
+        df.loc[rows, "pred_model"] = version
+        flag = df.loc[rows, "flag"]
+        flagged = np.array([f for _, _, _, f in picked], bool)
+        may = flagged & ~df.loc[rows, "label_source"].isin(HUMAN_SOURCES).to_numpy(bool)
+        open_flag = flag.isna().to_numpy(bool)
+        replaceable = open_flag | flag.eq(LOW_CONFIDENCE).fillna(False).to_numpy(bool)  # unfamiliar says more
+        to_unfamiliar = may & ids.isin(unfamiliar).to_numpy(bool) & replaceable
+        to_unsure = may & ~to_unfamiliar & open_flag
+        where = df.index[rows]
+        df.loc[where[to_unfamiliar], "flag"] = UNFAMILIAR
+        df.loc[where[to_unsure], "flag"] = LOW_CONFIDENCE
         return df
 
     manifest.update(ws, apply)
