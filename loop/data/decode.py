@@ -166,6 +166,7 @@ class DecodeStream:
         self.generation = 0
         self.queue: deque[_Task] = deque()
         self._closed = False
+        self.all_submitted = False  # every path was handed to a worker: soon their CPUs have nothing to do
         self._refill()
         self._gen = self._run()
 
@@ -196,6 +197,7 @@ class DecodeStream:
         while len(self.queue) < self.prefetch:
             block = [Path(p) for p in islice(self.source, self.chunk)]
             if not block:
+                self.all_submitted = True
                 return
             task = _Task(block, None, self.generation)
             self._submit(task)
@@ -256,7 +258,7 @@ def decode_stream(
     prefetch: int | None = None,
     describe: bool = True,
     decode_fn: DecodeFn = decode_chunk,
-) -> Iterator[Decoded]:
+) -> DecodeStream | SerialStream:
     """Decode `paths` lazily, in order, with at most `prefetch` chunks of `chunk` files in flight.
 
     With workers > 0 the processes start and the first `prefetch` chunks are taken from `paths` and
@@ -286,19 +288,21 @@ def decode_stream(
                         describe=describe, decode_fn=decode_fn)
 
 
-class _Serial:
+class SerialStream:
     """`decode_stream` with no worker processes (same interface: iterator with close and with-support)."""
+
+    all_submitted = False  # decoding runs in the caller's thread: no worker CPUs to lend
 
     def __init__(self, gen: Iterator[Decoded]) -> None:
         self._gen = gen
 
-    def __iter__(self) -> _Serial:
+    def __iter__(self) -> SerialStream:
         return self
 
     def __next__(self) -> Decoded:
         return next(self._gen)
 
-    def __enter__(self) -> _Serial:
+    def __enter__(self) -> SerialStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -308,12 +312,12 @@ class _Serial:
         self._gen.close()  # type: ignore[attr-defined]
 
 
-def _serial(source: Iterator, size: int, describe: bool, decode_fn: DecodeFn) -> _Serial:
+def _serial(source: Iterator, size: int, describe: bool, decode_fn: DecodeFn) -> SerialStream:
     def run() -> Iterator[Decoded]:
         for path in source:
             yield from decode_fn([Path(path)], size, describe)
 
-    return _Serial(run())
+    return SerialStream(run())
 
 
 def available_cpus() -> int:
@@ -335,3 +339,12 @@ def model_threads(workers: int) -> int:
     Why: the runtimes default to every core, so on 2 CPUs a 2-thread forward pass and 2 decoders ran 4
     threads on 2 CPUs; one thread measured as fast or faster (`bench/sort.py`, 29 vs 26-29 images/s)."""
     return max(1, available_cpus() - workers)
+
+
+def tail_parts(workers: int) -> int:
+    """Sub-batches the model runs at once (in threads, each with `model_threads`) once the decoders have every
+    photo: their CPUs go idle for the last batches, and a runtime's own threads are fixed when it loads.
+
+    Why: the last ~2 batches of a run ran on one thread of two idle CPUs (`bench/sort.py`: 0.9 s of a
+    7 s run came after the last decode)."""
+    return max(1, available_cpus() // model_threads(workers)) if workers > 0 else 1

@@ -372,6 +372,15 @@ class Prediction:
         return Prediction(self.probs[rows], None if scores is None else scores[rows],
                           None if unfamiliar is None else unfamiliar[rows])
 
+    @staticmethod
+    def concat(parts: list[Prediction]) -> Prediction:
+        """The predictions of consecutive sub-batches as one batch's."""
+        def joined(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+            return None if any(a is None for a in arrays) else np.concatenate(arrays)  # type: ignore[arg-type]
+
+        return Prediction(np.concatenate([p.probs for p in parts]), joined([p.unfamiliar_scores for p in parts]),
+                          joined([p.unfamiliar for p in parts]))
+
 
 def load_predictor(model_dir: Path | str, runtime: str = "onnx", *, threads: int | None = None,
                    precision: str = "float") -> Predictor:

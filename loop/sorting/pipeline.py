@@ -12,7 +12,9 @@ listed files are decoded, predicted and copied on the cluster, and its copies ar
 
 How it is fast: files stream through `loop.data.decode` (worker processes, a bounded number in flight), the
 model runs on batches, and copies happen in a background thread, so decoding, inference and file I/O
-overlap. Caveat: the model is fixed when the run starts (a deploy during a run is picked up by the next).
+overlap. The model gets the CPUs the decoders leave (`model_threads`), and theirs too once they have every
+photo (`tail_parts`: the last batches run as sub-batches in threads). Caveat: the model is fixed when the
+run starts (a deploy during a run is picked up by the next).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -28,7 +31,15 @@ from typing import Protocol
 import numpy as np
 
 from loop.data.classnames import class_name_problem, twin_problem
-from loop.data.decode import Decoded, decode_stream, default_workers, model_threads
+from loop.data.decode import (
+    Decoded,
+    DecodeStream,
+    SerialStream,
+    decode_stream,
+    default_workers,
+    model_threads,
+    tail_parts,
+)
 from loop.data.images import iter_image_files
 from loop.errors import DiskFullError, ModelError, SortloopError, first_disk_full, is_disk_full, stopped_by_full_disk
 from loop.model.artifact import Prediction, Predictor, read_spec
@@ -139,7 +150,7 @@ def sort_into(
     # A remote engine gets the list instead (listed here, so resume works as for a local sort).
     workers = 0
     if remote is not None:
-        stream: Iterator[Decoded] | _Listed = _Listed(list(todo()))
+        stream: DecodeStream | SerialStream | _Listed = _Listed(list(todo()))
     else:
         workers, chunk = default_workers(options.workers), 4
         stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
@@ -163,7 +174,7 @@ def sort_into(
     if isinstance(stream, _Listed):
         predicted = _placed_batches(remote(stream.paths, model_dir, predictor), report)
     else:
-        predicted = _predicted_batches(stream, predictor, options.batch_size, report, clock)
+        predicted = _predicted_batches(stream, predictor, options.batch_size, report, clock, tail_parts(workers))
     disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
     try:
         for batch, prediction, placed, failures in predicted:
@@ -297,18 +308,28 @@ class _Listed:
 Predicted = Iterator[tuple[list[Decoded], "Prediction | None", "list[Done] | None", int]]
 
 
-def _predicted_batches(stream: Iterator[Decoded], predictor: Predictor, size: int, report: SortReport,
-                       clock: PhaseClock) -> Predicted:
-    """Local engine: (decoded batch, prediction, None = copies still to make, failures) with the model here."""
+def _predicted_batches(stream: DecodeStream | SerialStream, predictor: Predictor, size: int, report: SortReport,
+                       clock: PhaseClock, parts: int) -> Predicted:
+    """Local engine: (decoded batch, prediction, None = copies still to make, failures) with the model here.
+
+    Once the decoders have every photo, a batch runs as `parts` sub-batches in threads (`tail_parts`)."""
     stages = report.stages
-    for batch, failures in _batches(stream, size, report):
-        clock.lap("wait_decode")
-        prediction = predictor.predict_with_familiarity(np.stack([rec.pixels for rec in batch])) if batch else None
-        clock.lap("predict")
-        for rec in batch:
-            stages["worker_hash"] = stages.get("worker_hash", 0.0) + rec.hash_s
-            stages["worker_decode"] = stages.get("worker_decode", 0.0) + rec.decode_s
-        yield batch, prediction, None, failures
+    with ThreadPoolExecutor(parts, thread_name_prefix="sortloop-model") as threads:
+        for batch, failures in _batches(stream, size, report):
+            clock.lap("wait_decode")
+            prediction = None
+            if batch:
+                pixels = np.stack([rec.pixels for rec in batch])
+                if parts > 1 and stream.all_submitted and len(batch) >= parts:
+                    prediction = Prediction.concat(list(threads.map(predictor.predict_with_familiarity,
+                                                                    np.array_split(pixels, parts))))
+                else:
+                    prediction = predictor.predict_with_familiarity(pixels)
+            clock.lap("predict")
+            for rec in batch:
+                stages["worker_hash"] = stages.get("worker_hash", 0.0) + rec.hash_s
+                stages["worker_decode"] = stages.get("worker_decode", 0.0) + rec.decode_s
+            yield batch, prediction, None, failures
 
 
 def _placed_batches(results: RemoteBatches, report: SortReport) -> Predicted:

@@ -179,3 +179,29 @@ def test_a_copy_moved_into_other_is_none_of_these_and_apply_keeps_it_there(ws, f
     assert OTHER_LABEL in set(history["new_label"])
     assert apply_labels(ws).moved == []  # both copies are where their labels say
     assert moved.is_file() and back.is_file()
+
+
+def test_batches_split_over_idle_cpus_sort_exactly_as_whole_ones(ws, familiar_model: Path, inbox: Path,
+                                                                  tmp_path: Path, monkeypatch) -> None:
+    """Once the decoders have every photo, a batch runs as sub-batches in threads (`tail_parts`): the same
+    labels, confidences, flags and `_other` decisions as one whole batch."""
+    from loop.model.artifact import Prediction
+    from loop.sorting import pipeline
+
+    deploy_copy(ws, familiar_model)
+    joined = []
+    concat = Prediction.concat
+    monkeypatch.setattr(Prediction, "concat", staticmethod(lambda parts: joined.append(len(parts)) or concat(parts)))
+    columns = ["source_path", "category", "label", "confidence", "score", "flagged"]
+    runs = {}
+    for parts in (1, 3):  # 3: uneven sub-batches of the 16 photos
+        monkeypatch.setattr(pipeline, "tail_parts", lambda workers, parts=parts: parts)
+        dest = tmp_path / f"parts{parts}"
+        assert sort_folder(ws, inbox, dest).ok
+        runs[parts] = copies.load_records(ws, dest)[columns].sort_values("source_path").reset_index(drop=True)
+    assert joined == [3], "the second sort ran its one batch as 3 sub-batches"
+    assert (runs[3]["category"] == "_other").sum() == 8
+    np.testing.assert_allclose(runs[3]["confidence"], runs[1]["confidence"], atol=1e-6)
+    np.testing.assert_allclose(runs[3]["score"], runs[1]["score"], atol=1e-6)
+    same = ["source_path", "category", "label", "flagged"]
+    assert runs[3][same].equals(runs[1][same])
