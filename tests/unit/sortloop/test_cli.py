@@ -65,3 +65,14 @@ def test_sort_without_a_deployed_model_says_how_to_get_one(ws, tmp_path):
     result = runner.invoke(app, ["sort", str(tmp_path), str(tmp_path / "out"), "-w", str(ws.root)])
     assert result.exit_code == 1
     assert "no model is deployed yet; run `sortloop train` then `sortloop deploy`" in result.output
+
+
+def test_the_console_script_entry_imports_nothing_heavy() -> None:
+    """Each decode worker of a sort re-imports the console script (spawn); its module must stay light."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sortloop.launch; heavy = {'typer', 'rich', 'pandas', 'pydantic', 'numpy', 'torch'}; "
+            "print(sorted(heavy & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
