@@ -22,6 +22,7 @@ import pandas as pd
 from labeling import payloads
 from labeling.client import Client
 from loop.data import manifest as mf
+from loop.data.label_sources import REVIEW
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +72,14 @@ def reverts(ws, emptied: list[dict], applied: dict[str, list]) -> tuple[list[mf.
 
 
 def _set_by(row: pd.Series, annotation_id: int) -> bool:
-    return row["source"] == "review" and str(row["note"]).endswith(f"annotation {annotation_id}")
+    return row["source"] == REVIEW and str(row["note"]).endswith(f"annotation {annotation_id}")
 
 
 def _before_reviews(rows: pd.DataFrame) -> tuple[str | None, str | None]:
     """(label, source) before the trailing run of review changes of one image's history."""
     label = source = None
     for _, row in rows.iloc[::-1].iterrows():
-        if row["source"] != "review":
+        if row["source"] != REVIEW:
             break
         label, source = row["old_label"], row["old_source"]
     return (None if pd.isna(label) else str(label)), (None if pd.isna(source) else str(source))

@@ -16,6 +16,7 @@ from xml.sax.saxutils import quoteattr
 import pandas as pd
 
 from loop.data.classnames import OTHER_LABEL
+from loop.data.label_sources import USER_MOVE
 from loop.flags import UNFAMILIAR, USER_MOVED
 
 FROM_NAME = "label"  # the Choices control
@@ -134,7 +135,7 @@ def prediction(label: str, score: float | None) -> dict:
 
 def moved_by_person(row: dict | pd.Series) -> bool:
     """A photo whose label is a person's move of its sorted copy (scan), waiting for a reviewer to confirm it."""
-    return (_str(row.get("flag")) == USER_MOVED and _str(row.get("label_source")) == "user_move"
+    return (_str(row.get("flag")) == USER_MOVED and _str(row.get("label_source")) == USER_MOVE
             and _str(row.get("label")) is not None)
 
 

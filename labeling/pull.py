@@ -36,6 +36,7 @@ from labeling.project import find_project, known_classes
 from loop.atomic import write_json_atomic
 from loop.data import manifest as mf
 from loop.data.classnames import OTHER_LABEL, class_name_problem, normal_name, twin_problem
+from loop.data.label_sources import REVIEW
 from loop.errors import LabelStudioError
 from loop.workspace import Workspace
 
@@ -337,7 +338,7 @@ def _decide(ws: Workspace, df: pd.DataFrame, fetched: _Fetched) -> _Outcome:
             out.hold_before = task_updated if out.hold_before is None else min(out.hold_before, task_updated)
             continue
         if d.kind == "label":
-            out.changes.append(mf.LabelChange(d.image_id, str(d.label), "review", d.reviewer,
+            out.changes.append(mf.LabelChange(d.image_id, str(d.label), REVIEW, d.reviewer,
                                               at=d.updated_at, note=f"label studio task {d.task_id}, annotation "
                                                                     f"{d.annotation_id}"))
         out.statuses[d.image_id] = ("reviewed" if d.kind == "label" else "skipped", d.task_id)

@@ -35,6 +35,7 @@ from loop.atomic import write_json_atomic
 from loop.data import manifest as mf
 from loop.data.images import file_sha256, iter_image_files
 from loop.data.ingest import ingest_folder
+from loop.data.label_sources import FOLDER
 from loop.errors import SortloopError
 from loop.progress import ProgressCallback, no_progress
 from loop.workspace import Workspace, init_workspace
@@ -106,7 +107,7 @@ def prepare(ws: Workspace, labeled: Path, *, holdout: float, items_csv: Path | s
         raise SortloopError(f"no photos in class folders under {root} (expected {root}/<class>/<photo>)")
     held = hold_out(truth.rename(columns={"label": "_", "truth": "label"}), holdout)
     learn = truth[~truth["image_id"].isin(held) & truth["label"].isna()]  # never overwrite a later label
-    mf.set_labels(ws, [mf.LabelChange(r.image_id, r.truth, "folder", "demo", note=f"class folder under {root}")
+    mf.set_labels(ws, [mf.LabelChange(r.image_id, r.truth, FOLDER, "demo", note=f"class folder under {root}")
                        for r in learn.itertuples()])
     held_out = {i: c for i, c in zip(truth["image_id"], truth["truth"], strict=True) if i in held}
     write_state(ws, {"labeled": str(root)})

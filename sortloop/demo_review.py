@@ -26,6 +26,7 @@ import pandas as pd
 from labeling import payloads, server
 from labeling.push import select_candidates, within_budget
 from loop.data import manifest as mf
+from loop.data.label_sources import HUMAN_SOURCES, REVIEW
 from loop.errors import SortloopError
 from loop.learning import registry
 from loop.learning.gate import describe_evidence
@@ -133,7 +134,7 @@ def folder_accuracy(ws: Workspace, dest: Path, answers: dict[str, str]) -> Folde
     records = records[(records["status"] == "present") & records["image_id"].isin(answers)]
     right = (records["category"].astype(str) == records["image_id"].map(answers)).to_numpy(bool)
     source = mf.load(ws).set_index("image_id")["label_source"]
-    checked = records["image_id"].map(source).isin(mf.HUMAN_SOURCES).to_numpy(bool)
+    checked = records["image_id"].map(source).isin(HUMAN_SOURCES).to_numpy(bool)
     return FolderAccuracy(int(right.sum()), len(records), int((right & ~checked).sum()), int((~checked).sum()))
 
 
@@ -200,7 +201,7 @@ def _move_misfiled(ws: Workspace, n: int) -> int:
     records = load_records(ws, dest)
     records = records[(records["status"] == "present") & records["image_id"].isin(truth)]
     wrong = records[(records["category"] != records["image_id"].map(truth))
-                    & ~records["image_id"].map(labels).isin(["review", "user_move"])]
+                    & ~records["image_id"].map(labels).isin(HUMAN_SOURCES)]
     moved = 0
     for row in wrong.sort_values("dest_path").head(n).itertuples():
         old = Path(str(row.dest_path))
@@ -234,7 +235,7 @@ def _review_in_labelstudio(ws: Workspace, chosen: pd.DataFrame) -> None:
 def record_reviews(ws: Workspace, chosen: pd.DataFrame) -> None:
     """What `review pull` writes for reviews (`chosen`: image_id, truth): labels through the same
     `set_labels` call, then review_status "reviewed" (so neither push nor selection offers them again)."""
-    mf.set_labels(ws, [mf.LabelChange(r.image_id, str(r.truth), "review", REVIEWER, note="demo --simulate-review")
+    mf.set_labels(ws, [mf.LabelChange(r.image_id, str(r.truth), REVIEW, REVIEWER, note="demo --simulate-review")
                        for r in chosen.itertuples()])
     ids = set(chosen["image_id"])
 

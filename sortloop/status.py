@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from loop.data.manifest import HUMAN_SOURCES
+from loop.data.label_sources import HUMAN_SOURCES, REVIEW
 from loop.flags import MODEL_FLAGS
 from loop.learning.gate import describe_evidence
 from loop.model.artifact import read_spec
@@ -125,7 +125,7 @@ def _labels_and_splits(ws: Workspace, last_trained_at: pd.Timestamp | None) -> d
     waiting = select_candidates(df)  # what `review push` would send, most useful first
     today = within_budget(waiting, budget_left(ws))
     hist = history(ws)
-    reviews = hist[hist["source"] == "review"]
+    reviews = hist[hist["source"] == REVIEW]
     if last_trained_at is not None:
         reviews = reviews[reviews["at"] > last_trained_at]
     return {

@@ -24,6 +24,7 @@ from loop.data import manifest
 from loop.data.classnames import check_class_name, normal_name, twin_problem
 from loop.data.images import check_regular_file, file_sha256, iter_image_files, open_image, perceptual_hash
 from loop.data.items import assign_items, exif_taken_at
+from loop.data.label_sources import FOLDER
 from loop.data.splits import assign_splits
 from loop.errors import ClassNameError, ConfigError, DiskFullError, ImageError, IngestRefused, SortloopError
 from loop.progress import ProgressCallback, no_progress
@@ -182,7 +183,7 @@ def ingest_folder(
             result.item_id = explicit.get(os.path.normpath(path))
             infos.append(result)
     try:
-        report.added = register_images(ws, infos, source=source, label_source="folder")
+        report.added = register_images(ws, infos, source=source, label_source=FOLDER)
     except DiskFullError as exc:  # nothing was added (the manifest write is atomic): say what was found
         exc.summary = report.summary()
         raise
@@ -241,7 +242,7 @@ def _check_class_folders(root: Path, files: list[Path], classes: list[str] | Non
 
 
 def register_images(
-    ws: Workspace, infos: list[ImageInfo], *, source: str = "user", label_source: str = "folder"
+    ws: Workspace, infos: list[ImageInfo], *, source: str = "user", label_source: str = FOLDER
 ) -> int:
     """Add images not yet in the manifest (by image_id): items inferred, labels kept in the history, splits
     assigned. Returns how many rows were added. Safe to call concurrently (manifest lock).

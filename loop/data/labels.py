@@ -18,7 +18,8 @@ import pandas as pd
 from loop.choices import check_choice
 from loop.data import manifest as mf
 from loop.data.ingest import SOURCES
-from loop.data.manifest import HUMAN_SOURCES, REVIEW_STATUSES
+from loop.data.label_sources import LABEL_SOURCES
+from loop.data.manifest import REVIEW_STATUSES
 from loop.errors import ManifestError
 from loop.flags import FLAGS
 from loop.workspace import Workspace
@@ -35,7 +36,7 @@ MISSING = "none"
 # The values each filter can take besides those in the manifest (so a typo is caught on a new workspace too).
 KNOWN_VALUES: dict[str, tuple[str, ...]] = {
     "source": SOURCES,
-    "label_source": ("folder", *HUMAN_SOURCES),
+    "label_source": LABEL_SOURCES,
     "flag": FLAGS,
     "review": REVIEW_STATUSES,
     "split": ("train", "valid"),

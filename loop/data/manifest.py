@@ -58,7 +58,6 @@ logger = logging.getLogger(__name__)
 
 HISTORY_FILE = "labels.jsonl"
 PENDING_FILE = "labels.pending.jsonl"  # intents of the one label write in progress (see commit_with_history)
-HUMAN_SOURCES = ("review", "user_move")  # label sources that mean a person looked at this photo
 # The values `review_status` takes (what `sortloop labels --review` accepts besides "none"; flags: loop.flags)
 REVIEW_STATUSES = ("queued", "pushed", "reviewed", "skipped")
 

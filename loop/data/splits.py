@@ -22,9 +22,9 @@ import math
 import pandas as pd
 
 from loop.config import SplitConfig
+from loop.data.label_sources import HUMAN_SOURCES
 
 TRAIN, VALID = "train", "valid"
-ALWAYS_TRAIN_SOURCES = ("review", "user_move")  # label_source values that never enter the gate set
 
 
 def _order_key(item_id: str, seed: int) -> str:
@@ -47,7 +47,7 @@ def assign_splits(df: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
     labeled = df[df["label"].notna()]
     unplaced = labeled.loc[labeled["split"].isna()]
     if "label_source" in df.columns:  # reviewed / moved photos of new items: straight to train
-        reviewed = unplaced["label_source"].isin(ALWAYS_TRAIN_SOURCES).fillna(False).astype(bool)
+        reviewed = unplaced["label_source"].isin(HUMAN_SOURCES).fillna(False).astype(bool)
         to_train = unplaced.loc[reviewed, "item_id"].unique()
         df.loc[df["split"].isna() & df["item_id"].isin(to_train), "split"] = TRAIN
         unplaced = unplaced[~unplaced["item_id"].isin(to_train)]
@@ -58,7 +58,7 @@ def assign_splits(df: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
         return df
     placed = df["split"].notna() & df["label"].notna()
     if "label_source" in df.columns:  # the ratio is kept among ingested labels, reviews aside
-        placed &= ~df["label_source"].isin(ALWAYS_TRAIN_SOURCES).fillna(False).astype(bool)
+        placed &= ~df["label_source"].isin(HUMAN_SOURCES).fillna(False).astype(bool)
     assigned_items = df.loc[placed].groupby("item_id").agg(
         source=("source", "first"), label=("label", lambda s: s.value_counts().index[0]), split=("split", "first")
     )

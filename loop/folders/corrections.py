@@ -32,6 +32,7 @@ import pandas as pd
 from loop.data import manifest
 from loop.data.classnames import OTHER_LABEL, class_name_problem, normal_name, twin_problem
 from loop.data.images import file_sha256, iter_image_files
+from loop.data.label_sources import USER_MOVE
 from loop.errors import SortloopError
 from loop.flags import USER_MOVED
 from loop.folders import moves
@@ -258,7 +259,7 @@ def _record_corrections(ws: Workspace, moves: list[MovedCopy]) -> int:
     other = ws.settings.sort.other_folder  # a copy moved there: "none of these", like the review answer
     changes = [
         manifest.LabelChange(image_id=m.image_id, label=OTHER_LABEL if m.new_category == other else str(m.new_category),
-                             source="user_move", by=SCANNER, note=f"moved {m.old_path} -> {m.new_path}")
+                             source=USER_MOVE, by=SCANNER, note=f"moved {m.old_path} -> {m.new_path}")
         for m in moves
     ]
     changed = manifest.set_labels(ws, changes)

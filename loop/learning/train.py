@@ -45,6 +45,7 @@ import pandas as pd
 
 from loop.data import manifest
 from loop.data.classnames import OTHER_LABEL, class_name_problem, twin_problem
+from loop.data.label_sources import HUMAN_SOURCES
 from loop.data.resized import ensure_resized, load_resized, resized_path
 from loop.errors import ModelError
 from loop.learning import registry
@@ -383,7 +384,7 @@ def kept_flagging(train_rows: pd.DataFrame, oof, temperature: float, kept: np.nd
     from loop.scoring.flagging import estimate
 
     rows = train_rows[kept].reset_index(drop=True)
-    shop = rows["label_source"].isin(manifest.HUMAN_SOURCES).fillna(False).to_numpy(bool) \
+    shop = rows["label_source"].isin(HUMAN_SOURCES).fillna(False).to_numpy(bool) \
         if "label_source" in rows else None  # as `loop.model.estimates` does for every photo
     flagging = estimate(calibrated(oof.logits[kept], temperature), oof.labels[kept], item_keys(rows), focus=shop)
     on = f"out-of-fold ({oof.folds} item-grouped folds), photos not sent to the unfamiliar folder"

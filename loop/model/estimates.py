@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from loop.data.items import item_keys
-from loop.data.manifest import HUMAN_SOURCES
+from loop.data.label_sources import HUMAN_SOURCES
 from loop.model.calibration import calibrated, expected_calibration_error
 from loop.model.evaluate import classification_metrics
 from loop.model.head import OutOfFold

@@ -28,6 +28,7 @@ import pandas as pd
 
 from loop.data import manifest as mf
 from loop.data.classnames import OTHER_LABEL
+from loop.data.label_sources import REVIEW
 from loop.errors import ConfigError, ModelError
 from loop.flags import SUSPECTED_MISLABEL, USER_MOVED
 from loop.model.embeddings import embeddings
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 AUDIT_MODEL = "audit"
 DEFAULT_FOLDS = 5
-HUMAN_SOURCES = ("review",)  # labels a reviewer gave: trusted, never flagged again by the audit
+TRUSTED_SOURCES = (REVIEW,)  # labels a reviewer gave: trusted, never flagged again by the audit
 
 
 def out_of_fold_probs(
@@ -211,7 +212,7 @@ def audit(ws: Workspace, *, folds: int = DEFAULT_FOLDS, flag: bool = True, on_pr
     n_folds = min(folds, len(np.unique(groups)))
     probs = out_of_fold_probs(feats, y, groups, len(classes), folds=folds, seed=ws.settings.model.seed)
     found = find_label_issues(y, probs)
-    human = rows["label_source"].astype(object).isin(HUMAN_SOURCES).to_numpy(bool)
+    human = rows["label_source"].astype(object).isin(TRUSTED_SOURCES).to_numpy(bool)
     order = [i for i in found.ranked() if not human[i]]
     suspects = pd.DataFrame({
         "image_id": rows["image_id"].to_numpy()[order],

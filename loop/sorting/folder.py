@@ -48,6 +48,7 @@ import pandas as pd
 from loop.atomic import append_jsonl
 from loop.data import manifest
 from loop.data.decode import Decoded
+from loop.data.label_sources import HUMAN_SOURCES
 from loop.errors import DiskFullError, SortloopError, first_disk_full, stopped_by_full_disk
 from loop.flags import LOW_CONFIDENCE, UNFAMILIAR
 from loop.progress import ProgressCallback
@@ -69,7 +70,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-HUMAN_SOURCES = manifest.HUMAN_SOURCES
 ENGINES = ("local", "ray")
 
 

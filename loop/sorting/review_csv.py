@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from loop.atomic import atomic_write
+from loop.data.label_sources import HUMAN_SOURCES
 from loop.errors import ModelError
 from loop.flags import LOW_CONFIDENCE, UNFAMILIAR
 from loop.model.artifact import read_spec
@@ -51,7 +52,7 @@ def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
     if records.empty and not from_pc:
         return []
     df = manifest.load(ws).set_index("image_id")
-    human = df["label_source"].isin(manifest.HUMAN_SOURCES).fillna(False) | (df["review_status"] == "reviewed")
+    human = df["label_source"].isin(HUMAN_SOURCES).fillna(False) | (df["review_status"] == "reviewed")
     done = set(df.index[human.fillna(False).astype(bool)])
     strategies: dict[str, str] = {}
     rows: dict[str, dict[str, str]] = {}

@@ -72,7 +72,7 @@ def test_the_console_script_entry_imports_nothing_heavy() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, sortloop.launch; heavy = {'typer', 'rich', 'pandas', 'pydantic', 'numpy', 'torch'}; "
+    code = ("import sys, sortloop; heavy = {'typer', 'rich', 'pandas', 'pydantic', 'numpy', 'torch'}; "
             "print(sorted(heavy & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
