@@ -46,7 +46,7 @@ from loop.model.artifact import Prediction, Predictor, read_spec
 from loop.phases import PhaseClock
 from loop.progress import ProgressCallback, no_progress
 from loop.scoring.flagging import describe, settings_point
-from loop.scoring.strategies import get_strategy
+from loop.scoring.strategies import Strategy, get_strategy
 from loop.sorting import copies
 from loop.sorting.copier import Copier, Done, Placed
 from loop.sorting.report import SortReport
@@ -126,7 +126,6 @@ def sort_into(
     # Flags: the strategy and threshold that meet the goal (catch rate, budget or fixed threshold) for THIS
     # model, from the curves estimated at its training and stored in its model.json.
     point = settings_point(spec, options)
-    strategy, threshold = get_strategy(point["strategy"]), point["threshold"]
     report.flag_strategy = point["strategy"]
     logger.info("flags: %s", describe(point))
     skip_dirs = [dest] if is_within(dest, src) else []
@@ -168,6 +167,7 @@ def sort_into(
     logger.info("sorting %s -> %s with %r (run %s)", src, dest, predictor, report.run_id)
     on_progress(processed, total)
 
+    placement = _Placement(src, dest, predictor.classes, get_strategy(point["strategy"]), point["threshold"], options)
     pending: list[Placed] = []
     copier = Copier(report, pending)
     clock = PhaseClock()  # the run's profile (report.stages), printed by bench/sort.py
@@ -179,22 +179,7 @@ def sort_into(
     try:
         for batch, prediction, placed, failures in predicted:
             if batch:
-                probs = prediction.probs
-                scores = strategy(probs)
-                for i, (rec, p, s) in enumerate(zip(batch, probs, scores, strict=True)):
-                    if sink.seen_before(rec):
-                        report.already_sorted += 1
-                        continue
-                    k = int(np.argmax(p))
-                    label = predictor.classes[k]
-                    unfamiliar = options.unfamiliar and prediction.unfamiliar is not None and \
-                        bool(prediction.unfamiliar[i])
-                    flagged = unfamiliar or (threshold is not None and float(s) >= threshold)
-                    folder = options.other_folder if unfamiliar else label
-                    copier.submit(rec, label, float(p[k]), float(s), flagged,
-                                  copies.category_folder(dest, folder, src, rec.path, keep_tree=options.keep_tree),
-                                  done=placed[i] if placed is not None else None,
-                                  category=folder, unfamiliar=unfamiliar)
+                placement.submit(batch, prediction, placed, sink, copier, report)
             copier.collect()
             processed += len(batch) + failures
             report.seen = processed
@@ -293,6 +278,36 @@ def is_within(inner: Path, outer: Path) -> bool:
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Placement:
+    """Where each photo of a run goes: its class's folder, or `options.other_folder` when the model's
+    unfamiliar score rejects it; flagged when unsure (the flags' operating point) or unfamiliar."""
+
+    src: Path
+    dest: Path
+    classes: list[str]
+    strategy: Strategy
+    threshold: float | None  # None: no flags
+    options: SortOptions
+
+    def submit(self, batch: list[Decoded], prediction: Prediction, placed: list[Done] | None, sink: Sink,
+               copier: Copier, report: SortReport) -> None:
+        """Queue the copy of every photo of `batch` not sorted before (`placed`: where a remote engine put it)."""
+        options = self.options
+        scores = self.strategy(prediction.probs)
+        for i, (rec, p, s) in enumerate(zip(batch, prediction.probs, scores, strict=True)):
+            if sink.seen_before(rec):
+                report.already_sorted += 1
+                continue
+            k = int(np.argmax(p))
+            unfamiliar = options.unfamiliar and prediction.unfamiliar is not None and bool(prediction.unfamiliar[i])
+            flagged = unfamiliar or (self.threshold is not None and float(s) >= self.threshold)
+            folder = options.other_folder if unfamiliar else self.classes[k]
+            copier.submit(rec, self.classes[k], float(p[k]), float(s), flagged,
+                          copies.category_folder(self.dest, folder, self.src, rec.path, keep_tree=options.keep_tree),
+                          done=placed[i] if placed is not None else None, category=folder, unfamiliar=unfamiliar)
 
 
 class _Listed:
