@@ -1,4 +1,4 @@
-"""The sort's copier: copies in one background thread, results counted and queued in order.
+"""The sort's copier: copies in background threads, results counted and queued in submission order.
 
 Why apart from `loop.sorting.pipeline`: the pipeline decides what goes where; this keeps the file I/O (and fsync)
 overlapping inference, and records, in submission order, copies made here or reported by a remote engine
@@ -9,6 +9,7 @@ Caveat: `collect` must be called from the thread that submits (the pending list 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +22,12 @@ from loop.sorting import copies
 from loop.sorting.report import SortReport
 
 logger = logging.getLogger(__name__)
+
+# Copies in flight at once, one thread each: a copy mostly waits for its fsync (the disk), not for a CPU, and a
+# disk or a network share serves several at once; one thread made the sort wait ~2 ms a photo for copies at
+# the end of a `bench/sort.py` round on a busy disk. Each destination folder keeps to one lane, so the names
+# in a folder (`name (2)`, ...) are still chosen in submission order, and no two threads list one folder.
+COPY_LANES = 4
 
 
 @dataclass
@@ -59,12 +66,13 @@ class _Job:
 
 
 class Copier:
-    """Copies files in one background thread (in submission order), so file I/O and fsync overlap
-    inference; results are counted and queued for the sink in the main thread, in order, by `collect`."""
+    """Copies files in background threads (`COPY_LANES`, a destination folder per lane), so file I/O and fsync
+    overlap inference; results are counted and queued for the sink in the main thread, in submission order,
+    by `collect`."""
 
     def __init__(self, report: SortReport, pending: list[Placed]) -> None:
         self.report, self.pending = report, pending
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sortloop-copy")
+        self.lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="sortloop-copy") for _ in range(COPY_LANES)]
         self.jobs: deque[_Job] = deque()
         self.disk_full: OSError | None = None  # the first "no space left" of a copy: the run stops
 
@@ -73,9 +81,10 @@ class Copier:
         """Copy `rec` into `folder`; or, with `done`, record a copy a remote worker made (or failed to make).
         `category` names the folder under DEST (default: `label`)."""
         if done is None:
-            future = self.pool.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
-                                      size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False,
-                                      root=Path(self.report.dest))
+            lane = self.lanes[zlib.crc32(str(folder).casefold().encode()) % len(self.lanes)]  # casefold: Windows
+            future = lane.submit(copies.safe_copy, rec.path, folder, rec.path.name, image_id=rec.image_id or "",
+                                 size=rec.size_bytes, mtime_ns=rec.mtime_ns, sync_dir=False,
+                                 root=Path(self.report.dest))
         else:
             future = Future()
             if isinstance(done, OSError):
@@ -104,7 +113,8 @@ class Copier:
 
     def close(self) -> None:
         """Let copies in flight finish and record the ones that succeeded (used on the way out)."""
-        self.pool.shutdown(wait=True)
+        for lane in self.lanes:
+            lane.shutdown(wait=True)
         while self.jobs:
             job = self.jobs.popleft()
             if not job.future.cancelled() and job.future.exception() is None:

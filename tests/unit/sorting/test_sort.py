@@ -100,6 +100,33 @@ def test_keep_tree_and_flat_layouts(deployed, shared_data, tmp_path) -> None:
         assert Path(rec.dest_path).parent == tmp_path / "flat" / rec.label
 
 
+def test_copies_into_one_folder_keep_one_thread_and_the_order_of_the_source(deployed, shared_data, tmp_path,
+                                                                             monkeypatch) -> None:
+    """Copies run in several threads (`loop.sorting.copier.COPY_LANES`), but each destination folder keeps to
+    one: same-named photos get `name`, `name (2)`, ... in the order the source lists them, on every run."""
+    import threading
+
+    photo = sorted((shared_data / "ikea_products" / "sofa").glob("*.jpg"))[0]
+    src = tmp_path / "inbox"
+    for i in range(5):  # five DIFFERENT files (trailing bytes differ, pixels do not), one name
+        (src / f"d{i}").mkdir(parents=True)
+        (src / f"d{i}" / "IMG_0001.jpg").write_bytes(photo.read_bytes() + bytes([i]) * (i + 1))
+    threads: dict[Path, set[int]] = {}
+    safe_copy = copies.safe_copy
+
+    def recording(src_path, folder, *args, **kwargs):
+        threads.setdefault(Path(folder), set()).add(threading.get_ident())
+        return safe_copy(src_path, folder, *args, **kwargs)
+
+    monkeypatch.setattr(copies, "safe_copy", recording)
+    dest = tmp_path / "sorted"
+    assert sort_folder(deployed, src, dest, keep_tree=False).copied == 5
+    records = copies.load_records(deployed, dest)
+    names = {Path(r.source_path).parent.name: Path(r.dest_path).name for r in records.itertuples()}
+    assert names == {"d0": "IMG_0001.jpg", **{f"d{i}": f"IMG_0001 ({i + 1}).jpg" for i in range(1, 5)}}
+    assert all(len(ids) == 1 for ids in threads.values()) and len(threads) == 1
+
+
 def test_name_collisions_never_overwrite(deployed, shared_data, tmp_path) -> None:
     photo = sorted((shared_data / "ikea_products" / "sofa").glob("*.jpg"))[0]
     src = tmp_path / "inbox"
