@@ -22,7 +22,7 @@ import pandas as pd
 
 from loop.data import manifest
 from loop.data.classnames import check_class_name, normal_name, twin_problem
-from loop.data.images import check_regular_file, file_sha256, iter_image_files, open_image, perceptual_hash
+from loop.data.images import check_regular_file, file_sha256, iter_image_files, open_image, perceptual_hash, read_hashed
 from loop.data.items import assign_items, exif_taken_at
 from loop.data.label_sources import FOLDER
 from loop.data.splits import assign_splits
@@ -73,10 +73,11 @@ class IngestReport:
         return text
 
 
-def describe_image(path: Path, image_id: str | None = None) -> ImageInfo:
-    """Hash (unless given), perceptual hash and EXIF time of one file; raises ImageError if it cannot be decoded."""
+def describe_image(path: Path, image_id: str | None = None, data: bytes | None = None) -> ImageInfo:
+    """Hash (unless given), perceptual hash and EXIF time of one file (decoded from `data`, its bytes, when the
+    caller read them: `read_hashed`); raises ImageError if it cannot be decoded."""
     image_id = image_id or file_sha256(path)
-    img = open_image(path, draft_size=HASH_DECODE_SIZE)
+    img = open_image(path, draft_size=HASH_DECODE_SIZE, data=data)
     taken = exif_taken_at(img)
     return ImageInfo(image_id=image_id, path=str(Path(path).absolute()), phash=perceptual_hash(img), taken_at=taken)
 
@@ -152,11 +153,11 @@ def ingest_folder(
 
     def one(path: Path) -> ImageInfo | tuple[str, str]:
         try:
-            check_regular_file(path)  # a FIFO named x.jpg would block the read forever
-            image_id = file_sha256(path)
+            st = check_regular_file(path)  # a FIFO named x.jpg would block the read forever
+            image_id, data = read_hashed(path, st.st_size)  # read once: hashed, and decoded if new
             if image_id in known:
                 return ImageInfo(image_id=image_id, path=str(path))
-            return describe_image(path, image_id)
+            return describe_image(path, image_id, data)
         except ImageError as exc:
             return (str(path), exc.reason)
         except OSError as exc:
