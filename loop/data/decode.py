@@ -2,8 +2,8 @@
 
 Each file is read once (`read_hashed`) and becomes a `Decoded` record: its sha256 (`image_id`), the model's
 view of it (uint8 (size, size, 3), exactly what `loop.data.images.load_model_input` returns: JPEG draft +
-EXIF transpose + RGB + resize + centre crop), its perceptual hash and EXIF time (for the manifest), or, if it cannot be
-read, a one-line `error`. A broken file never raises out of the pipeline — not even one that crashes
+EXIF transpose + RGB + resize + centre crop), its perceptual hash and EXIF time (for the manifest), or, if
+it cannot be read, a one-line `error`. A broken file never raises out of the pipeline — not even one that crashes
 the decoder process: the pool is rebuilt and the culprit is reported.
 
 Why processes: decoding is CPU-bound Python/C that holds the GIL in places; worker processes decode the

@@ -135,11 +135,12 @@ class _Bursts:
     def __init__(self, existing: pd.DataFrame, seconds: float) -> None:
         self.limit_ns = seconds * 1e9
         rows = existing.dropna(subset=["taken_at", "item_id"])
-        times = pd.to_datetime(rows["taken_at"], utc=True).dt.as_unit("ns").astype("int64").to_numpy()
-        folders = rows["path"].astype(str).map(os.path.dirname).to_numpy()
-        items = rows["item_id"].astype(str).to_numpy()
-        self.existing = {folder: (times[np.asarray(idx)], items[np.asarray(idx)])
-                         for folder, idx in pd.Series(range(len(rows))).groupby(folders, sort=False).groups.items()}
+        index = pd.DataFrame({
+            "folder": rows["path"].astype(str).map(os.path.dirname),
+            "ns": pd.to_datetime(rows["taken_at"], utc=True).dt.as_unit("ns").astype("int64"),  # a manifest may hold µs
+            "item": rows["item_id"].astype(str)})
+        self.existing = {str(folder): (group["ns"].to_numpy(), group["item"].to_numpy())
+                         for folder, group in index.groupby("folder", sort=False)}
         self.new: dict[str, tuple[list[int], list[str]]] = {}
 
     def add(self, path: str, taken: pd.Timestamp, item: str) -> None:
