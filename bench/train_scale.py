@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_scale.py [--sizes 5000 20000 50000] [--dataset ikea_products]
                                           [--new-labels 1000] [--new-photos 500] [--noise 1.0]
+                                          [--sorted-photos 2000]
 
 For each size N the bench builds a workspace of N labeled user photos and times, each in a fresh
 process (what the scheduler's nightly job is):
@@ -9,6 +10,9 @@ process (what the scheduler's nightly job is):
 1. **full**: the first `train` + `deploy` (nothing deployed yet);
 2. **nightly**: then `--new-labels` reviewed labels arrive, `--new-photos` of them on photos new to the
    manifest and the rest on photos that were in it unlabeled; `train` + `deploy` again.
+
+Both jobs also have `--sorted-photos` photos a sort predicted and nobody reviewed: they self-train the head
+(`loop.model.self_training`, a second fit per fold and C), as a shop's own sorted photos do.
 
 It prints wall time (process start to exit, imports included), peak RSS (the process's ru_maxrss), the
 share of each phase (`loop.phases`: data, resize, features, cv, fit, calibration, estimates, export,
@@ -93,8 +97,10 @@ def derived_id(image_id: str, copy: int) -> str:
 
 
 def build(base: Workspace, rows: pd.DataFrame, feats: np.ndarray, dest: Path, n: int, n_unlabeled: int,
-          noise: float, seed: int) -> Workspace:
-    """A workspace of `n` labeled rows derived from `rows` (caches filled) plus `n_unlabeled` bare ones."""
+          noise: float, seed: int, n_sorted: int = 0) -> Workspace:
+    """A workspace of `n` labeled rows derived from `rows` (caches filled), `n_unlabeled` bare ones, and
+    `n_sorted` unlabeled ones with a sort's prediction (caches filled): the sorted, unreviewed photos that
+    self-train the head (`loop.model.self_training`, which samples at most 2,000)."""
     ws = init_workspace(dest)
     size = ws.settings.model.image_size
     backbone = get_backbone(ws.settings.model.backbone)
@@ -107,17 +113,18 @@ def build(base: Workspace, rows: pd.DataFrame, feats: np.ndarray, dest: Path, n:
     spread = feats.reshape(-1, feats.shape[-1]).std(axis=0)
     now = manifest.now_utc()
     out = []
-    for k in range(n + n_unlabeled):
+    for k in range(n + n_unlabeled + n_sorted):
         b, copy = k % len(rows), k // len(rows)
         src = rows.iloc[b]
         image_id = derived_id(src["image_id"], copy)
-        labeled = k < n
+        labeled, predicted = k < n, k >= n + n_unlabeled
         out.append({"image_id": image_id, "path": src["path"], "source": "user",
                     "item_id": f"{src['item_id']}#{copy}", "item_rule": "csv",
                     "label": src["label"] if labeled else None, "label_source": "folder" if labeled else None,
                     "label_by": "ingest" if labeled else None, "label_at": now if labeled else None,
+                    "pred_label": src["label"] if predicted else None, "pred_conf": 0.9 if predicted else None,
                     "added_at": now})
-        if labeled:
+        if labeled or predicted:
             target = resized_path(ws, image_id, size)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.link(resized_path(base, src["image_id"], size), target)
@@ -130,7 +137,8 @@ def build(base: Workspace, rows: pd.DataFrame, feats: np.ndarray, dest: Path, n:
 
 
 def nightly_labels(ws: Workspace, rows: pd.DataFrame, n_new_photos: int) -> int:
-    """Append `n_new_photos` new photos, then label them and every unlabeled photo as a reviewer would."""
+    """Append `n_new_photos` new photos, then label them and every unlabeled, unsorted photo as a reviewer
+    would (the sorted ones stay unreviewed)."""
     df = manifest.load(ws)
     start = len(df)
     now = manifest.now_utc()
@@ -141,7 +149,7 @@ def nightly_labels(ws: Workspace, rows: pd.DataFrame, n_new_photos: int) -> int:
                     "item_id": f"{src['item_id']}#{k // len(rows)}", "item_rule": "csv", "added_at": now})
     manifest.update(ws, lambda d: pd.concat([d, conform(pd.DataFrame(new), manifest.COLUMNS)], ignore_index=True))
     df = manifest.load(ws)
-    todo = df[df["label"].isna()]
+    todo = df[df["label"].isna() & df["pred_label"].isna()]
     truth = dict(zip(rows["path"], rows["label"], strict=True))
     changes = [manifest.LabelChange(i, truth[p], "review", "bench") for i, p in zip(todo["image_id"], todo["path"],
                                                                                    strict=True)]
@@ -215,6 +223,8 @@ def main() -> None:
     parser.add_argument("--new-labels", type=int, default=1000)
     parser.add_argument("--new-photos", type=int, default=500)
     parser.add_argument("--noise", type=float, default=1.0)
+    parser.add_argument("--sorted-photos", type=int, default=2000,
+                        help="unlabeled photos with a sort's prediction (they self-train the head)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-nightly", action="store_true", help="time only the full train")
     parser.add_argument("--keep", action="store_true", help="keep the scratch workspaces")
@@ -231,7 +241,7 @@ def main() -> None:
         for n in args.sizes:
             started = time.perf_counter()
             ws = build(base, rows, feats, scratch / f"ws-{n}", n, args.new_labels - args.new_photos, args.noise,
-                       args.seed)
+                       args.seed, args.sorted_photos)
             print(f"{n} labeled rows built in {time.perf_counter() - started:.0f} s", flush=True)
             results[(n, "full")] = timed_job(ws)
             report(n, "full", results[(n, "full")])

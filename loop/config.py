@@ -64,6 +64,7 @@ class ModelConfig(Section):
     learning_rate: float = Field(2e-3, gt=0, le=1.0)
     seed: int = 0
     cv_folds: int = Field(5, ge=2, le=20)  # item-grouped folds for out-of-fold metrics, calibration, flags
+    self_training: bool = True  # head mode: sorted, unreviewed photos train with the head's sure guesses
     calibrate: bool = True  # temperature scaling fitted on out-of-fold predictions, folded into the model
     backbone_weights_file: Path | None = None  # timm hub backbones: a local weight file instead of a download
     backbone_candidates: list[str] = Field(default_factory=list)  # >1: `train` picks one by item-grouped CV
@@ -255,6 +256,7 @@ batch_size = 32
 learning_rate = 0.002
 seed = 0
 cv_folds = 5                  # item-grouped folds: out-of-fold metrics, calibration and flag sizing
+self_training = true          # head mode: sorted, unreviewed photos train with the head's sure guesses
 calibrate = true              # temperature scaling on out-of-fold predictions (ships in model.onnx/json)
 # backbone_weights_file = "/path/to/weights.safetensors"   # for a timm hub backbone, instead of a download
 backbone_candidates = []      # e.g. ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]: pick by grouped CV

@@ -54,6 +54,7 @@ from loop.model.backbones import create_network, get_backbone, weights_tag
 from loop.model.estimates import class_indices, describe_learning, learning_estimates, oof_frame
 from loop.model.evaluate import confusion_png, metrics_by_source, summary_line
 from loop.model.head import backbone_cv_accuracy, fit_head
+from loop.model.self_training import sorted_unlabeled_rows
 from loop.phases import PhaseClock
 from loop.progress import ProgressCallback, no_progress
 from loop.scoring.unfamiliar import fit_familiarity, save_familiarity
@@ -119,7 +120,7 @@ def recipe(ws: Workspace, mode: str, backbone: str, pretrained: bool) -> dict:
     """The settings that change what training produces from the same labels (kept in model.json)."""
     m = ws.settings.model
     out = {"mode": mode, "backbone": backbone, "image_size": m.image_size, "pretrained": pretrained,
-           "seed": m.seed, "cv_folds": m.cv_folds, "calibrate": m.calibrate,
+           "seed": m.seed, "cv_folds": m.cv_folds, "calibrate": m.calibrate, "self_training": m.self_training,
            "backbone_weights_file": str(m.backbone_weights_file or ""),
            "backbone_candidates": list(m.backbone_candidates)}
     if mode == "finetune":
@@ -212,7 +213,8 @@ def _train(ws: Workspace, *, mode: str | None, pretrained: bool, force: bool,
 
     # 1. The data: labeled rows and their stable, item-grouped split (assigned at ingest). "valid" is the
     #    small gate set no model trains on; every other label trains.
-    rows = labeled_rows(ws, none_of_these=True)
+    df = manifest.load(ws)
+    rows = labeled_rows(ws, none_of_these=True, df=df)
     fingerprint = labels_fingerprint(rows)  # "none of these" labels included: they change the model too
     negatives = rows[rows["label"] == OTHER_LABEL].reset_index(drop=True)  # out-of-scope evidence, never a class
     rows = rows[rows["label"] != OTHER_LABEL].reset_index(drop=True)
@@ -237,6 +239,11 @@ def _train(ws: Workspace, *, mode: str | None, pretrained: bool, force: bool,
     if len(negatives) and settings.unfamiliar:
         ensure_resized(ws, negatives["image_id"].tolist(), negatives["path"].tolist(), size)
         negatives = negatives[[resized_path(ws, i, size).exists() for i in negatives["image_id"]]]
+    unlabeled = None  # the shop's sorted, unreviewed photos: they self-train the head (loop.model.self_training)
+    if mode == "head" and settings.self_training:
+        unlabeled = sorted_unlabeled_rows(df, seed=settings.seed)
+        ensure_resized(ws, unlabeled["image_id"].tolist(), unlabeled["path"].tolist(), size)
+        unlabeled = unlabeled[[resized_path(ws, i, size).exists() for i in unlabeled["image_id"]]]
     clock.lap("resize")
     train_rows = rows[rows["split"] == "train"].reset_index(drop=True)
     valid_rows = rows[rows["split"] == "valid"].reset_index(drop=True)
@@ -274,7 +281,8 @@ def _train(ws: Workspace, *, mode: str | None, pretrained: bool, force: bool,
     oof = None
     if mode == "head":
         details, valid_probs, oof = fit_head(ws, net, backbone, train_rows, valid_rows, classes,
-                                             pretrained=pretrained, on_progress=on_progress, clock=clock)
+                                             pretrained=pretrained, on_progress=on_progress, clock=clock,
+                                             unlabeled_rows=unlabeled)
     else:
         from loop.model.finetune import fit_finetune  # fastai is imported only on this path
 

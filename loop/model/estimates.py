@@ -99,5 +99,9 @@ def describe_learning(spec: dict, ws: Workspace) -> str:
         better = cal["ece_oof_after"] < cal["ece_oof_before"]
         parts.append("confidence calibrated" + (" (its stated confidence now matches how often it is right more "
                                                 "closely)" if better else ""))
+    guessed = ((spec.get("training") or {}).get("self_training") or {})
+    if guessed.get("trained_on"):
+        parts.append(f"also learned from {guessed['trained_on']} of {guessed['sorted_photos']} sorted, unreviewed "
+                     f"photos it was sure of (each counts {guessed['weight']:g} of a label)")
     parts.append(describe(settings_point(spec, ws.settings.sort)))
     return "; ".join(parts)

@@ -21,6 +21,7 @@ from loop.data.resized import load_resized
 from loop.model.backbones import Backbone, weights_tag
 from loop.model.features import cached_features, features_dir
 from loop.model.ray_features import ray_features
+from loop.model.self_training import SELF_TRAINING_CONFIDENCE, SELF_TRAINING_WEIGHT, design_matrix, student
 from loop.phases import PhaseClock
 from loop.progress import ProgressCallback, no_progress
 from loop.workspace import Workspace
@@ -58,10 +59,12 @@ def fit_head(
     pretrained: bool = True,
     on_progress: ProgressCallback = no_progress,
     clock: PhaseClock | None = None,
+    unlabeled_rows: pd.DataFrame | None = None,
 ) -> tuple[dict, np.ndarray, OutOfFold | None]:
     """Fit StandardScaler + LogisticRegression on cached features and fold them into `net`'s classifier.
 
-    With `model.calibrate`, the temperature fitted on the out-of-fold logits is folded in as well.
+    With `model.calibrate`, the temperature fitted on the out-of-fold logits is folded in as well;
+    `unlabeled_rows` self-train the head (`linear_probe`).
     Returns:
         (details for model.json, validation probs (N, K) from the in-memory torch head, out-of-fold
         predictions of the training photos, or None with fewer than 3 item groups).
@@ -72,7 +75,7 @@ def fit_head(
 
     clock = clock or PhaseClock()
     details, oof = linear_probe(ws, net, backbone, train_rows, classes, pretrained=pretrained,
-                                on_progress=on_progress, clock=clock)
+                                on_progress=on_progress, clock=clock, unlabeled_rows=unlabeled_rows)
     temperature = 1.0
     if oof is not None and ws.settings.model.calibrate:
         temperature = fit_temperature(oof.logits, oof.labels)
@@ -101,9 +104,12 @@ def linear_probe(
     pretrained: bool = True,
     on_progress: ProgressCallback = no_progress,
     clock: PhaseClock | None = None,
+    unlabeled_rows: pd.DataFrame | None = None,
 ) -> tuple[dict, OutOfFold | None]:
     """Set `net`'s classifier to the best linear head on its frozen body's features.
 
+    `unlabeled_rows`: sorted, unreviewed photos (resized cache filled) that self-train the head
+    (`loop.model.self_training`); None or empty: the labels alone.
     Returns:
         (details, out-of-fold predictions of the chosen C, or None with fewer than 3 item groups).
     """
@@ -118,6 +124,10 @@ def linear_probe(
     x = train_feats.reshape(-1, train_feats.shape[-1])
     y = np.repeat(train_rows["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy(), 2)
     groups = np.repeat(train_rows["item_id"].fillna(train_rows["image_id"]).astype(str).to_numpy(), 2)
+    unlabeled = None
+    if unlabeled_rows is not None and len(unlabeled_rows):
+        unlabeled = _features(ws, net, backbone, unlabeled_rows["image_id"].tolist(), pretrained=pretrained,
+                              on_progress=on_progress)
     clock = clock or PhaseClock()
     clock.lap("features")
 
@@ -126,10 +136,13 @@ def linear_probe(
     with threadpool_limits(1):
         c_value, cv_scores, oof_logits, n_folds = choose_c(x, y, groups, n_classes=len(classes),
                                                            folds=ws.settings.model.cv_folds,
-                                                           seed=ws.settings.model.seed)
+                                                           seed=ws.settings.model.seed, unlabeled=unlabeled)
         clock.lap("cv")
-        scaler = StandardScaler().fit(x)
-        model = LogisticRegression(C=c_value, max_iter=3000).fit(scaler.transform(x), y)
+        x_all = design_matrix(x, np.arange(len(x)), unlabeled)
+        scaler = StandardScaler().fit(x_all[: len(x)])
+        x_all = scaler.transform(x_all, copy=False)
+        model = student(LogisticRegression(C=c_value, max_iter=3000).fit(x_all[: len(x)], y), x_all, y, len(x))
+        del x_all
         clock.lap("fit")
 
     # Fold scaler + regression into one linear layer: W' = W / s, b' = b - W' m.
@@ -143,8 +156,11 @@ def linear_probe(
     oof = None
     if oof_logits is not None:  # the image rows only (even indices): the network sees no mirror at sort time
         oof = OutOfFold(train_rows["image_id"].astype(str).tolist(), oof_logits[0::2], y[0::2], n_folds)
+    self_training = {"sorted_photos": 0 if unlabeled is None else len(unlabeled),
+                     "trained_on": int(getattr(model, "n_guesses_", 0)), "confidence": SELF_TRAINING_CONFIDENCE,
+                     "weight": SELF_TRAINING_WEIGHT}
     return {"head": "standard_scaler+logistic_regression", "C": c_value, "cv_accuracy": cv_scores,
-            "cv_folds": n_folds, "mirror_augmented": True}, oof
+            "cv_folds": n_folds, "mirror_augmented": True, "self_training": self_training}, oof
 
 
 def backbone_cv_accuracy(ws: Workspace, name: str, train_rows: pd.DataFrame, classes: list[str], *,
@@ -203,12 +219,14 @@ def _features(ws: Workspace, net: torch.nn.Module, backbone: Backbone, ids: list
 
 
 def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_classes: int | None = None, folds: int = 5,
-             seed: int = 0) -> tuple[float, dict, np.ndarray | None, int]:
+             seed: int = 0, unlabeled: np.ndarray | None = None) -> tuple[float, dict, np.ndarray | None, int]:
     """The C of HEAD_C_GRID with the best group k-fold accuracy, and its out-of-fold logits.
 
     Within a fold the grid is walked from strong to weak regularisation with warm starts, which cuts
     L-BFGS iterations several-fold compared with independent fits. The same folds give the out-of-fold
     logits (N, K) of every row for the chosen C: the metrics, calibration and flag curves all use them.
+    `unlabeled` (M, 2, F): sorted photos for self-training (`loop.model.self_training`); each fold's fit at
+    each C is the teacher of that fold's student, and the student's logits are the out-of-fold ones.
     Returns:
         (C, {C: accuracy}, out-of-fold logits or None, number of folds); (1.0, {}, None, 0) with fewer
         than 3 item groups.
@@ -223,8 +241,9 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_classes: int
     splits = item_folds(groups, min(folds, n_groups), seed=seed)
     logits = {c: np.zeros((len(y), n_classes)) for c in HEAD_C_GRID}
     for fit_idx, held_idx in splits + class_rescues(splits, y, groups):  # rescues overwrite their rows
-        scaler = StandardScaler().fit(x[fit_idx])
-        x_fit, x_held = scaler.transform(x[fit_idx]), scaler.transform(x[held_idx])
+        x_all, n_fit = design_matrix(x, fit_idx, unlabeled), len(fit_idx)
+        scaler = StandardScaler().fit(x_all[:n_fit])
+        x_all, x_held = scaler.transform(x_all, copy=False), scaler.transform(x[held_idx])
         if len(np.unique(y[fit_idx])) < 2:  # a fold with one class: it can only guess that class
             for c in HEAD_C_GRID:
                 logits[c][held_idx] = MISSING_CLASS_BIAS
@@ -232,8 +251,8 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_classes: int
             continue
         model = LogisticRegression(max_iter=3000, warm_start=True)
         for c in sorted(HEAD_C_GRID):
-            model.set_params(C=c).fit(x_fit, y[fit_idx])
-            coef, intercept = _full_coef(model, n_classes)
+            model.set_params(C=c).fit(x_all[:n_fit], y[fit_idx])
+            coef, intercept = _full_coef(student(model, x_all, y[fit_idx], n_fit), n_classes)
             logits[c][held_idx] = x_held @ coef.T + intercept
     correct = {c: int((logits[c].argmax(axis=1) == y).sum()) for c in HEAD_C_GRID}
     scores = {str(c): n / len(y) for c, n in correct.items()}

@@ -196,3 +196,45 @@ def test_a_class_whose_items_share_one_fold_is_still_predicted_out_of_fold():
     x = np.eye(8)[y] * 3.0 + rng.normal(scale=0.5, size=(len(y), 8))  # well separated classes
     _, _, logits, _ = choose_c(x, y, groups, n_classes=8, folds=5, seed=seed)
     assert (logits.argmax(axis=1) == y).mean() > 0.95  # no class lost to an unlucky fold
+
+
+def test_sorted_unreviewed_photos_self_train_the_next_model_and_never_become_labels(trained_ikea, tmp_path,
+                                                                                   shared_data):
+    """Photos `sort` copied and nobody reviewed train the next head with its sure guesses (model.json says
+    how many); they are not labels: not in the training set, the out-of-fold predictions or the manifest."""
+    import shutil
+
+    from loop.learning.train import TRAINING_SET_FILE
+    from loop.sorting.folder import sort_folder
+
+    ws = copy_workspace(trained_ikea[0], tmp_path / "ws")
+    shop = tmp_path / "shop"
+    rooms = pd.read_csv(shared_data / "rooms" / "manifest.csv").groupby("cls").head(12)
+    for k, rel in enumerate(rooms["path"]):
+        shop.mkdir(exist_ok=True)
+        shutil.copy(shared_data / "rooms" / rel, shop / f"{k:03d}.jpg")
+    assert sort_folder(ws, shop, tmp_path / "sorted").ok
+    before = manifest.load(ws)
+    sorted_ids = set(before.loc[before["label"].isna() & before["pred_label"].notna(), "image_id"])
+    assert len(sorted_ids) >= 30
+
+    result = train(ws, force=True)
+    spec = read_spec(result.model_dir)
+    guessed = spec["training"]["self_training"]
+    assert 20 <= guessed["sorted_photos"] <= len(sorted_ids)
+    assert 0 < guessed["trained_on"] <= guessed["sorted_photos"]
+    assert spec["recipe"]["self_training"] is True
+    assert any("sorted, unreviewed photos" in note for note in result.notes)
+    trained = set(pd.read_parquet(result.model_dir / TRAINING_SET_FILE)["image_id"])
+    oof = set(pd.read_parquet(result.model_dir / "oof_predictions.parquet")["image_id"])
+    assert not (trained | oof) & sorted_ids
+    after = manifest.load(ws)
+    assert after.loc[after["image_id"].isin(sorted_ids), "label"].isna().all()  # guesses are never written
+
+    # Off: the labels alone, a different recipe (so the switch retrains), other head weights
+    ws.settings.model.self_training = False
+    alone = train(ws)
+    assert not alone.unchanged
+    alone_spec = read_spec(alone.model_dir)
+    assert alone_spec["training"]["self_training"]["trained_on"] == 0
+    assert alone_spec["recipe"]["self_training"] is False
