@@ -180,7 +180,7 @@ def summarize(runs: list[dict], rounds: int) -> None:
     acc = {arm: np.array([r["accuracy"][arm] for r in runs]) for arm in ARMS}
     for arm in ARMS:
         print(f"  {arm:<8} test accuracy per round " + " -> ".join(f"{a:.3f}" for a in acc[arm].mean(0))
-              + f"  (gain after round {rounds} over ikea-only: {(acc[arm][:, -1] - acc[arm][:, 0]).mean():+.3f})")
+              + f"  (gain after round {rounds} over ikea-only: {(acc[arm][:, -1] - acc[arm][:, 0]).mean():+.4f})")
     print(f"  all-labels probe (ikea + every pool photo, the ceiling of any selection): "
           f"{np.mean([r['probe'] for r in runs]):.3f}")
     diff = acc["product"][:, 1:] - acc["random"][:, 1:]

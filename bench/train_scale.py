@@ -177,6 +177,7 @@ def run_job(ws_root: Path) -> dict:
             "n_trained": result.n_trained, "n_new": result.n_new, "promoted": decision.promoted,
             "cv_accuracy": cv, "C": spec.get("training", {}).get("C"),
             "int8": (spec.get("int8") or {}).get("passed"),
+            "self_training": (spec.get("training") or {}).get("self_training") or {},
             "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -199,6 +200,9 @@ def report(n: int, kind: str, r: dict) -> None:
           f"trained {r['n_trained']} ({r['n_new']} new), C={r['C']}, out-of-fold acc "
           f"{r['cv_accuracy'] or 0:.3f}, int8 {'passed' if r['int8'] else 'refused'}, "
           f"{'promoted' if r['promoted'] else 'refused'}")
+    guessed = r.get("self_training") or {}
+    print(f"         self-training: {guessed.get('trained_on', 0)} of {guessed.get('sorted_photos', 0)} sorted photos "
+          f"trained with the head's guesses")
     print(f"         phases: {shares}")
     print("         seconds: " + ", ".join(f"{p} {r['phases'][p]:.1f}" for p in PHASES if p in r["phases"]), flush=True)
 

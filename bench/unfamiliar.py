@@ -285,6 +285,7 @@ def run_seed(seed: int, out_paths: list[Path], out_feats: np.ndarray, out_kind: 
         "catch_today": float((flagged_today & wrong).sum() / max(1, wrong.sum())),
         "flagged_today": float(flagged_today.mean()), "flagged_kept": float(flagged[kept].mean()),
         "catch_kept": float((flagged & wrong & kept).sum() / max(1, (wrong & kept).sum())),
+        "catch_today_on_kept": float((flagged_today & wrong & kept).sum() / max(1, (wrong & kept).sum())),
         "catch_with_unfamiliar": float(((flagged | sent_in) & wrong).sum() / max(1, wrong.sum())),
         "mistakes_sent": float((wrong & sent_in).sum() / max(1, wrong.sum())),
         "n_in": len(y), "n_out": len(out_feats), "gap": gap,
@@ -347,7 +348,8 @@ def main() -> None:
           f"{mean['in_sent_ikea']:.1%}, rooms {mean['in_sent_rooms']:.1%}; out of fold {mean['oof_sent']:.1%}")
     print(f"  in-scope accuracy today {mean['acc_today']:.3f} -> on kept photos {mean['acc_kept']:.3f}; flags' catch "
           f"today {mean['catch_today']:.2f} ({mean['flagged_today']:.0%} flagged) -> on kept photos "
-          f"{mean['catch_kept']:.2f} ({mean['flagged_kept']:.0%} flagged; with the unfamiliar flag, of "
+          f"{mean['catch_kept']:.2f} ({mean['flagged_kept']:.0%} flagged; today's flags on those same kept photos "
+          f"{mean['catch_today_on_kept']:.2f}; with the unfamiliar flag, of "
           f"every in-scope mistake: {mean['catch_with_unfamiliar']:.2f}); "
           f"{mean['mistakes_sent']:.0%} of today's mistakes go to _other")
     held = [r["held_out"] for r in runs if "held_out" in r]

@@ -13,5 +13,6 @@ SELECTED = "selected"  # the review queue chose it to teach the model most (it h
 SUSPECTED_MISLABEL = "suspected_mislabel"  # the audit thinks its label is wrong
 
 FLAGS = (LOW_CONFIDENCE, UNFAMILIAR, USER_MOVED, SELECTED, SUSPECTED_MISLABEL)  # what `labels --flag` accepts
+SELECTION_GUESS = "selection"  # `pred_model` of a guess the review queue's head made: no sort predicted the photo
 MODEL_FLAGS = (LOW_CONFIDENCE, UNFAMILIAR)  # set from the model's output: "the flags marked this photo";
 #                                              a re-sort may replace them, never a person's or the audit's

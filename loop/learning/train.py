@@ -242,8 +242,12 @@ def _train(ws: Workspace, *, mode: str | None, pretrained: bool, force: bool,
     unlabeled = None  # the shop's sorted, unreviewed photos: they self-train the head (loop.model.self_training)
     if mode == "head" and settings.self_training:
         unlabeled = sorted_unlabeled_rows(df, seed=settings.seed)
+        # optional evidence: a source folder deleted after sorting is no warning per photo, each night
+        readable = [resized_path(ws, i, size).exists() or Path(p).exists()
+                    for i, p in zip(unlabeled["image_id"], unlabeled["path"], strict=True)]
+        unlabeled = unlabeled[np.array(readable, bool)]
         ensure_resized(ws, unlabeled["image_id"].tolist(), unlabeled["path"].tolist(), size)
-        unlabeled = unlabeled[[resized_path(ws, i, size).exists() for i in unlabeled["image_id"]]]
+        unlabeled = unlabeled[np.array([resized_path(ws, i, size).exists() for i in unlabeled["image_id"]], bool)]
     clock.lap("resize")
     train_rows = rows[rows["split"] == "train"].reset_index(drop=True)
     valid_rows = rows[rows["split"] == "valid"].reset_index(drop=True)

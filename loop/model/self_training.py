@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from loop.flags import UNFAMILIAR
+from loop.flags import SELECTION_GUESS, UNFAMILIAR
 
 SELF_TRAINING_CONFIDENCE = 0.8  # the teacher's (uncalibrated) probability a sorted photo needs to train
 SELF_TRAINING_WEIGHT = 0.2  # its weight against a labeled photo's 1.0: a guess counts less than a person
@@ -30,11 +30,13 @@ SELF_TRAINING_MIN_PHOTOS = 20  # fewer sorted photos than this: not worth the se
 def sorted_unlabeled_rows(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     """Manifest rows of photos a `sort` predicted and no person labeled: the shop's own, unreviewed photos.
 
-    Left out: photos sent to the unfamiliar folder (no category to guess), web images (not the shop's),
-    photos without a path to read. At most SELF_TRAINING_MAX_PHOTOS, a random sample by `seed`; empty
-    below SELF_TRAINING_MIN_PHOTOS.
+    Left out: photos sent to the unfamiliar folder (no category to guess), photos only the review queue
+    guessed at (no sort's unfamiliar score screened them: a truck photo would get a furniture guess), web
+    images (not the shop's), photos without a path to read. At most SELF_TRAINING_MAX_PHOTOS, a random
+    sample by `seed`; empty below SELF_TRAINING_MIN_PHOTOS.
     """
     keep = df["label"].isna() & df["pred_label"].notna() & df["path"].notna()
+    keep &= df["pred_model"].notna() & df["pred_model"].astype(object).ne(SELECTION_GUESS)
     keep &= df["flag"].astype(object).ne(UNFAMILIAR) & df["source"].astype(object).ne("web")
     rows = df[keep.to_numpy(bool)]
     if len(rows) < SELF_TRAINING_MIN_PHOTOS:

@@ -25,7 +25,7 @@ import pandas as pd
 from loop.atomic import append_jsonl, read_jsonl
 from loop.data import manifest as mf
 from loop.data.items import item_keys
-from loop.flags import SELECTED, SUSPECTED_MISLABEL, USER_MOVED
+from loop.flags import SELECTED, SELECTION_GUESS, SUSPECTED_MISLABEL, USER_MOVED
 from loop.model.embeddings import embeddings
 from loop.progress import ProgressCallback
 from loop.review.probe import fit_probe, probe_probs
@@ -143,7 +143,7 @@ def queue(ws: Workspace, selection: Selection) -> int:
         df.loc[hit & df["flag"].isna(), "flag"] = SELECTED  # low_confidence stays: it says more
         no_pred = hit & df["pred_label"].isna()
         df.loc[no_pred, "pred_label"] = df.loc[no_pred, "image_id"].map(guess_of).to_numpy()
-        df.loc[no_pred & df["pred_label"].notna(), "pred_model"] = "selection"
+        df.loc[no_pred & df["pred_label"].notna(), "pred_model"] = SELECTION_GUESS
         marked = int(hit.sum())
         return df
 

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
+from loop.flags import SELECTION_GUESS
 from loop.model.head import choose_c
 from loop.model.self_training import (
     SELF_TRAINING_MAX_PHOTOS,
@@ -92,7 +93,7 @@ def test_out_of_fold_logits_never_see_the_held_fold_through_a_guess():
 def _manifest(n: int) -> pd.DataFrame:
     return pd.DataFrame({
         "image_id": [f"i{k}" for k in range(n)], "path": [f"/p/{k}.jpg" for k in range(n)],
-        "label": pd.array([None] * n, dtype="string"), "pred_label": ["chair"] * n,
+        "label": pd.array([None] * n, dtype="string"), "pred_label": ["chair"] * n, "pred_model": ["v0001"] * n,
         "flag": pd.array([None] * n, dtype="string"), "source": ["user"] * n})
 
 
@@ -104,8 +105,9 @@ def test_sorted_unlabeled_rows_are_the_shops_own_unreviewed_predicted_photos():
     df.loc[3, "pred_label"] = None  # never sorted
     df.loc[4, "path"] = None  # nothing to read
     df.loc[5, "flag"] = "low_confidence"  # unsure photos may still train if the NEW head is sure
+    df.loc[6, "pred_model"] = SELECTION_GUESS  # only the review queue guessed: never screened by a sort
     ids = set(sorted_unlabeled_rows(df)["image_id"])
-    assert ids == {f"i{k}" for k in range(5, 40)}
+    assert ids == {f"i{k}" for k in (5, *range(7, 40))}
     assert sorted_unlabeled_rows(_manifest(SELF_TRAINING_MIN_PHOTOS - 1)).empty
     many = sorted_unlabeled_rows(_manifest(SELF_TRAINING_MAX_PHOTOS + 50), seed=3)
     assert len(many) == SELF_TRAINING_MAX_PHOTOS
