@@ -123,6 +123,7 @@ def build(base: Workspace, rows: pd.DataFrame, feats: np.ndarray, dest: Path, n:
                     "label": src["label"] if labeled else None, "label_source": "folder" if labeled else None,
                     "label_by": "ingest" if labeled else None, "label_at": now if labeled else None,
                     "pred_label": src["label"] if predicted else None, "pred_conf": 0.9 if predicted else None,
+                    "pred_model": "v0000" if predicted else None,  # what `sort` records: the model's version
                     "added_at": now})
         if labeled or predicted:
             target = resized_path(ws, image_id, size)
