@@ -4,7 +4,8 @@ A shop reviews a few dozen of the thousands of photos it sorts, and its photos l
 (other rooms, light, clutter). A head fitted on the labels alone learns the shop's look only from those few
 reviews. Here the head first fits the labels (the teacher); every sorted photo it is at least
 SELF_TRAINING_CONFIDENCE sure of joins the fit with that guess and SELF_TRAINING_WEIGHT of a label's weight
-(the student). Measured with `bench/domain_shift.py` (docs/training-and-gate.md). The teacher is the same
+(the student). Measured with `bench/domain_shift.py`, against the alternatives (EM class priors, per-domain
+standardisation, an older teacher) with `bench/adaptation.py` (docs/training-and-gate.md). The teacher is the same
 fit that the labels alone would give, never an older model: an older model's sure mistakes are exactly
 what the newest reviews correct, and measured, an older teacher made round 1 worse than no self-training.
 
