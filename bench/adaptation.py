@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.domain_shift import split_rooms  # noqa: E402
 from bench.learning import DATA, Features, new_workspace  # noqa: E402
-from loop.model.self_training import design_matrix, student  # noqa: E402
+from loop.model.self_training import scaled_design, student  # noqa: E402
 
 ROUNDS = (0, 30, 60, 90)
 C_SWEEP = (0.1, 0.3, 1.0, 3.0, 10.0)
@@ -59,7 +59,7 @@ def fit(x: np.ndarray, y: np.ndarray, c: float, unlabeled: np.ndarray | None = N
             tx, ty = teacher_labels
             teacher = LogisticRegression(C=c, max_iter=3000).fit(scaler.transform(tx.reshape(-1, tx.shape[-1])),
                                                                  np.repeat(ty, 2))
-        x_all = scaler.transform(design_matrix(flat, np.arange(len(flat)), unlabeled), copy=False)
+        _, x_all = scaled_design(flat, np.arange(len(flat)), unlabeled)  # the same scaler as `scaler`
         guessed = student(teacher, x_all, yy, len(flat))  # this label set plus the teacher's sure guesses
         model = guessed if guessed is not teacher else model
     prior = np.bincount(yy, minlength=int(y.max()) + 1) / len(yy)

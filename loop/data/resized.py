@@ -31,6 +31,11 @@ def resized_path(ws: Workspace, image_id: str, size: int) -> Path:
     return ws.cache_dir / "resized" / str(size) / image_id[:2] / f"{image_id}.png"
 
 
+def has_resized(ws: Workspace, image_ids: Sequence[str], size: int) -> np.ndarray:
+    """(N,) bool: which images have a cached model input (after `ensure_resized`, the ones that did not fail)."""
+    return np.array([resized_path(ws, i, size).exists() for i in image_ids], dtype=bool)
+
+
 def ensure_resized(
     ws: Workspace,
     image_ids: Sequence[str],

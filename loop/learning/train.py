@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -46,7 +47,7 @@ import pandas as pd
 from loop.data import manifest
 from loop.data.classnames import OTHER_LABEL, class_name_problem, twin_problem
 from loop.data.label_sources import HUMAN_SOURCES
-from loop.data.resized import ensure_resized, load_resized, resized_path
+from loop.data.resized import ensure_resized, has_resized, load_resized
 from loop.errors import ModelError
 from loop.learning import registry
 from loop.model.artifact import check_artifact, read_spec, save_artifact
@@ -235,19 +236,18 @@ def _train(ws: Workspace, *, mode: str | None, pretrained: bool, force: bool,
     clock.lap("data")
     skipped = ensure_resized(ws, rows["image_id"].tolist(), rows["path"].tolist(), size, on_progress=on_progress)
     if skipped:
-        rows = rows[[resized_path(ws, i, size).exists() for i in rows["image_id"]]].reset_index(drop=True)
+        rows = rows[has_resized(ws, rows["image_id"], size)].reset_index(drop=True)
     if len(negatives) and settings.unfamiliar:
         ensure_resized(ws, negatives["image_id"].tolist(), negatives["path"].tolist(), size)
-        negatives = negatives[[resized_path(ws, i, size).exists() for i in negatives["image_id"]]]
+        negatives = negatives[has_resized(ws, negatives["image_id"], size)]
     unlabeled = None  # the shop's sorted, unreviewed photos: they self-train the head (loop.model.self_training)
     if mode == "head" and settings.self_training:
         unlabeled = sorted_unlabeled_rows(df, seed=settings.seed)
         # optional evidence: a source folder deleted after sorting is no warning per photo, each night
-        readable = [resized_path(ws, i, size).exists() or Path(p).exists()
-                    for i, p in zip(unlabeled["image_id"], unlabeled["path"], strict=True)]
-        unlabeled = unlabeled[np.array(readable, bool)]
+        readable = has_resized(ws, unlabeled["image_id"], size) | unlabeled["path"].map(os.path.exists).to_numpy(bool)
+        unlabeled = unlabeled[readable]
         ensure_resized(ws, unlabeled["image_id"].tolist(), unlabeled["path"].tolist(), size)
-        unlabeled = unlabeled[np.array([resized_path(ws, i, size).exists() for i in unlabeled["image_id"]], bool)]
+        unlabeled = unlabeled[has_resized(ws, unlabeled["image_id"], size)]
     clock.lap("resize")
     train_rows = rows[rows["split"] == "train"].reset_index(drop=True)
     valid_rows = rows[rows["split"] == "valid"].reset_index(drop=True)

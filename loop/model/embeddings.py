@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from loop.data.resized import ensure_resized, load_resized, resized_path
+from loop.data.resized import ensure_resized, has_resized, load_resized
 from loop.model.backbones import create_network, get_backbone, weights_tag
 from loop.model.features import cached_features, features_dir
 from loop.progress import ProgressCallback, no_progress
@@ -39,7 +39,7 @@ def embeddings(ws: Workspace, rows: pd.DataFrame, *, on_progress: ProgressCallba
     size = settings.image_size
     ids = rows["image_id"].astype(str).tolist()
     ensure_resized(ws, ids, rows["path"].astype(str).tolist(), size, on_progress=on_progress)
-    ok = np.array([resized_path(ws, i, size).exists() for i in ids], dtype=bool)
+    ok = has_resized(ws, ids, size)
     usable = [i for i, good in zip(ids, ok, strict=True) if good]
     folder = features_dir(ws.cache_dir, backbone.name, size, weights_tag(ws, backbone.name, seed=settings.seed))
     missing = [i for i in usable if not (folder / f"{i}.npy").exists()]

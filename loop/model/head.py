@@ -21,7 +21,7 @@ from loop.data.resized import load_resized
 from loop.model.backbones import Backbone, weights_tag
 from loop.model.features import cached_features, features_dir
 from loop.model.ray_features import ray_features
-from loop.model.self_training import SELF_TRAINING_CONFIDENCE, SELF_TRAINING_WEIGHT, design_matrix, student
+from loop.model.self_training import SELF_TRAINING_CONFIDENCE, SELF_TRAINING_WEIGHT, scaled_design, student
 from loop.phases import PhaseClock
 from loop.progress import ProgressCallback, no_progress
 from loop.workspace import Workspace
@@ -115,7 +115,6 @@ def linear_probe(
     """
     import torch
     from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
     # Every training image contributes itself and its mirror (same item group, so CV never splits them).
@@ -138,9 +137,7 @@ def linear_probe(
                                                            folds=ws.settings.model.cv_folds,
                                                            seed=ws.settings.model.seed, unlabeled=unlabeled)
         clock.lap("cv")
-        x_all = design_matrix(x, np.arange(len(x)), unlabeled)
-        scaler = StandardScaler().fit(x_all[: len(x)])
-        x_all = scaler.transform(x_all, copy=False)
+        scaler, x_all = scaled_design(x, np.arange(len(x)), unlabeled)
         model = student(LogisticRegression(C=c_value, max_iter=3000).fit(x_all[: len(x)], y), x_all, y, len(x))
         del x_all
         clock.lap("fit")
@@ -232,7 +229,6 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_classes: int
         than 3 item groups.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
 
     n_classes = n_classes or int(y.max()) + 1
     n_groups = len(np.unique(groups))
@@ -241,9 +237,8 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_classes: int
     splits = item_folds(groups, min(folds, n_groups), seed=seed)
     logits = {c: np.zeros((len(y), n_classes)) for c in HEAD_C_GRID}
     for fit_idx, held_idx in splits + class_rescues(splits, y, groups):  # rescues overwrite their rows
-        x_all, n_fit = design_matrix(x, fit_idx, unlabeled), len(fit_idx)
-        scaler = StandardScaler().fit(x_all[:n_fit])
-        x_all, x_held = scaler.transform(x_all, copy=False), scaler.transform(x[held_idx])
+        (scaler, x_all), n_fit = scaled_design(x, fit_idx, unlabeled), len(fit_idx)
+        x_held = scaler.transform(x[held_idx])
         if len(np.unique(y[fit_idx])) < 2:  # a fold with one class: it can only guess that class
             for c in HEAD_C_GRID:
                 logits[c][held_idx] = MISSING_CLASS_BIAS

@@ -60,6 +60,16 @@ def design_matrix(x: np.ndarray, rows: np.ndarray, unlabeled: np.ndarray | None)
     return out
 
 
+def scaled_design(x: np.ndarray, rows: np.ndarray, unlabeled: np.ndarray | None):
+    """`design_matrix`, standardised in place by a StandardScaler fitted on its labeled rows only (so the
+    guesses never move the scale the labels are fitted on); returns (scaler, array)."""
+    from sklearn.preprocessing import StandardScaler
+
+    out = design_matrix(x, rows, unlabeled)
+    scaler = StandardScaler().fit(out[: len(rows)])
+    return scaler, scaler.transform(out, copy=False)
+
+
 def student(teacher, x: np.ndarray, y: np.ndarray, n_labeled: int):
     """A LogisticRegression like `teacher` (fitted on x[:n_labeled], y), refitted on all of `x`: the rows after
     n_labeled are image, mirror pairs of sorted photos, each with the teacher's guess, weighted
