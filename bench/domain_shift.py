@@ -15,8 +15,11 @@ Per seed, through the product's own library calls (what the CLI runs):
    `review pull` records it; `train`; `deploy` with the product's own gate; test accuracy of the deployed
    model on the test part.
 
-Printed per round and arm: test accuracy, the gate's decision with both kinds of evidence, and for every
-refused candidate what it would have scored on the test part; after the last round, the flags' catch rate
+Printed per round and arm: test accuracy (the classifier's top class), the gate's decision with both kinds
+of evidence, for every refused candidate what it would have scored on the test part, and what `sort` does:
+the share of the test part sent to `_other` by the unfamiliar score (in-scope photos lost from their
+folders), the share in the right folder, and the share of out-of-scope photos (eth80, 5 views per object,
+and generated non-photos; never trained on) sent to `_other`; after the last round, the flags' catch rate
 on the test part (share of the deployed model's test mistakes its flags mark: unsure alone, and unsure or
 unfamiliar, which is every photo `sort` flags for review) and the share flagged. The
 summary gives means over the seeds, the gain over ikea-only, the product - random difference per round,
@@ -51,12 +54,14 @@ from bench.learning import (  # noqa: E402
     deployed_logits,
     deployed_unfamiliar,
     link_tree,
+    load_meta,
     new_workspace,
     probe_accuracy,
     review_batch,
     start_arm,
 )
 from bench.learning import test_report as report_on  # noqa: E402
+from bench.unfamiliar import non_photos  # noqa: E402
 from loop.config import DEFAULT_BATCH_STRATEGY  # noqa: E402
 from loop.data import manifest  # noqa: E402
 from loop.learning import registry  # noqa: E402
@@ -69,6 +74,7 @@ from loop.scoring.strategies import score  # noqa: E402
 from loop.sorting.folder import record_predictions  # noqa: E402
 from sortloop.demo_review import record_reviews  # noqa: E402
 
+OUT_OF_SCOPE_VIEWS = 5  # eth80 views per object (as bench/unfamiliar.py's default), plus generated non-photos
 ARMS = ("product", "random")
 
 
@@ -118,9 +124,15 @@ def run_seed(seed: int, args, scratch: Path) -> dict:
     pool_ids = [features.sha(p) for p in pool_paths]
     truth = dict(zip(pool_ids, pool["cls"], strict=True))
     test_labels = test["cls"].tolist()
+    # Out of scope, never trained on: what the unfamiliar score must still send to _other as it adapts.
+    eth = load_meta("eth80", OUT_OF_SCOPE_VIEWS)
+    outside = features.of([DATA / "eth80" / p for p in eth["path"]] + non_photos(scratch / "non-photos"))[:, 0]
+
+    def outside_sent(ws) -> float:
+        return float(deployed_unfamiliar(ws, outside, deployed_logits(ws, outside)[0]).mean())
 
     out: dict = {"accuracy": {}, "refused": [], "catch": {}, "flag_share": {}, "catch_any": {}, "flag_share_any": {},
-                 "decisions": {}}
+                 "decisions": {}, "other": {}, "right_folder": {}, "outside_sent": {}}
     # The ceiling: the same recipe on ikea plus EVERY pool photo with its true class (no selection at all).
     ikea_feats = features.of([ikea / p for p in ikea_meta["path"]])
     classes = sorted(ikea_meta["cls"].unique())
@@ -133,7 +145,9 @@ def run_seed(seed: int, args, scratch: Path) -> dict:
     for arm in ARMS:
         ws = start_arm(scratch / f"ws-{arm}", labeled_dir, labeled_items, pool_dir, pool_items)
         assert not ws.settings.model.int8, "SORTLOOP_MODEL__INT8=false did not reach the bench workspace"
-        accs = [report_on(ws, test_feats, test_labels)["accuracy"]]
+        first = report_on(ws, test_feats, test_labels)
+        accs, others, rights, outs = [first["accuracy"]], [first["other_share"]], [first["right_folder"]], \
+            [outside_sent(ws)]
         rng = np.random.default_rng(seed)
         asked: list[str] = []
         decisions = []
@@ -147,11 +161,16 @@ def run_seed(seed: int, args, scratch: Path) -> dict:
             record_reviews(ws, pd.DataFrame({"image_id": chosen, "truth": [truth[i] for i in chosen]}))
             trained = train(ws)
             decision = deploy(ws, trained.version)
-            accs.append(report_on(ws, test_feats, test_labels)["accuracy"])
+            now = report_on(ws, test_feats, test_labels)
+            accs.append(now["accuracy"])
+            others.append(now["other_share"])
+            rights.append(now["right_folder"])
+            outs.append(outside_sent(ws))
             evidence = describe_evidence(decision.evidence)
             verdict = "promoted" if decision.promoted else "REFUSED"
             line = (f"  {arm:<8} round {r}: {len(chosen)} reviews ({wrong} corrections); {trained.version} {verdict}"
-                    f" ({evidence}); test accuracy {accs[-1]:.3f}")
+                    f" ({evidence}); test accuracy {accs[-1]:.3f}; to _other {others[-1]:.0%} of the test part "
+                    f"(right folder {rights[-1]:.3f}), {outs[-1]:.0%} of out-of-scope photos")
             if not decision.promoted:
                 refused = report_on(ws, test_feats, test_labels, trained.version)["accuracy"]
                 why = next((x for x in decision.reasons if x.startswith("FAIL")), decision.reasons[0])
@@ -165,6 +184,7 @@ def run_seed(seed: int, args, scratch: Path) -> dict:
               f"{final['mistakes']} mistakes caught ({final['point']['goal']}); unsure or unfamiliar "
               f"{final['flag_share_any']:.0%} flagged, {final['catch_any']:.2f} caught")
         out["accuracy"][arm] = accs
+        out["other"][arm], out["right_folder"][arm], out["outside_sent"][arm] = others, rights, outs
         out["catch"][arm] = (round(final["catch"] * final["mistakes"]), final["mistakes"])
         out["flag_share"][arm] = final["flag_share"]
         out["catch_any"][arm] = (round(final["catch_any"] * final["mistakes"]), final["mistakes"])
@@ -181,6 +201,12 @@ def summarize(runs: list[dict], rounds: int) -> None:
     for arm in ARMS:
         print(f"  {arm:<8} test accuracy per round " + " -> ".join(f"{a:.3f}" for a in acc[arm].mean(0))
               + f"  (gain after round {rounds} over ikea-only: {(acc[arm][:, -1] - acc[arm][:, 0]).mean():+.4f})")
+    for arm in ARMS:
+        per_round = {k: np.array([r[k][arm] for r in runs]).mean(0) for k in ("other", "right_folder", "outside_sent")}
+        print(f"  {arm:<8} sort's view per round: test photos to _other "
+              + " -> ".join(f"{a:.1%}" for a in per_round["other"]) + "; in the right folder "
+              + " -> ".join(f"{a:.3f}" for a in per_round["right_folder"]) + "; out-of-scope photos to _other "
+              + " -> ".join(f"{a:.1%}" for a in per_round["outside_sent"]))
     print(f"  all-labels probe (ikea + every pool photo, the ceiling of any selection): "
           f"{np.mean([r['probe'] for r in runs]):.3f}")
     diff = acc["product"][:, 1:] - acc["random"][:, 1:]

@@ -181,7 +181,9 @@ def test_report(ws, feats_test: np.ndarray, labels_test: list[str], version: str
     """Accuracy, flags at the operating point and ECE of the deployed model (or `version`) on the test items.
 
     `catch`: the share of mistakes flagged unsure (the flags' operating point); `catch_any`: flagged unsure or
-    sent to `_other` (flag `unfamiliar`), every photo `sort` flags for review."""
+    sent to `_other` (flag `unfamiliar`), every photo `sort` flags for review. `accuracy` is the classifier's
+    (every photo's top class); `right_folder` is what `sort` gets right: the top class and not sent to
+    `_other` (`other_share`)."""
     logits, spec = deployed_logits(ws, feats_test, version)
     classes = spec["classes"]
     y = np.array([classes.index(v) if v in classes else -1 for v in labels_test])
@@ -191,8 +193,10 @@ def test_report(ws, feats_test: np.ndarray, labels_test: list[str], version: str
     flagged = score(probs, point["strategy"]) >= point["threshold"] if point["threshold"] is not None \
         else np.zeros(len(y), bool)
     raw = softmax(logits * float(spec.get("temperature", 1.0)))
-    either = flagged | deployed_unfamiliar(ws, feats_test, logits, version)
+    other = deployed_unfamiliar(ws, feats_test, logits, version)
+    either = flagged | other
     return {"accuracy": float((~wrong).mean()), "point": point, "flag_share": float(flagged.mean()),
+            "other_share": float(other.mean()), "right_folder": float((~wrong & ~other).mean()),
             "catch": float((flagged & wrong).sum() / max(1, wrong.sum())), "mistakes": int(wrong.sum()),
             "flag_share_any": float(either.mean()), "catch_any": float((either & wrong).sum() / max(1, wrong.sum())),
             "ece_before": expected_calibration_error(raw, y), "ece_after": expected_calibration_error(probs, y),

@@ -82,8 +82,10 @@ def _describe_unfamiliar(section: dict, sort) -> str:
     if not section:
         return "no score in this model (trained before it): every photo goes to a category; retrain to add it"
     taught = f", {section['negative_rows']} 'none of these' photos" if section.get("negative_rows") else ""
+    shop = (f", and at most {section['max_share']:.0%} of your {section['shop_photos']} photos labeled after sorting"
+            if section.get("threshold_shop_photos") is not None else "")
     return (f"photos unlike every labeled one go to {sort.other_folder}/ (threshold {section['threshold']:.3f}: "
-            f"{section['oof_in_scope_sent']:.0%} of labeled photos of unseen items out of fold; "
+            f"{section['oof_in_scope_sent']:.0%} of labeled photos of unseen items out of fold{shop}; "
             f"{section['reference_rows']} reference photos{taught})")
 
 

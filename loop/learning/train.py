@@ -46,7 +46,7 @@ import pandas as pd
 
 from loop.data import manifest
 from loop.data.classnames import OTHER_LABEL, class_name_problem, twin_problem
-from loop.data.label_sources import HUMAN_SOURCES
+from loop.data.label_sources import labeled_after_sorting
 from loop.data.resized import ensure_resized, has_resized, load_resized
 from loop.errors import ModelError
 from loop.learning import registry
@@ -377,14 +377,16 @@ def familiarity_section(ws: Workspace, net, backbone, train_rows: pd.DataFrame, 
     neg = (shipped_body_features(ws, net, backbone, negatives["image_id"].tolist(), mode=mode, pretrained=pretrained)
            if len(negatives) else None)
     settings = ws.settings.model
+    shop = labeled_after_sorting(train_rows)
     familiarity, summary, oof = fit_familiarity(feats, train_rows["label"].astype(str).to_numpy(), items,
-                                                negatives=neg,
-                                           max_share=settings.unfamiliar_max_share, oof_logits=oof_logits,
-                                           seed=settings.seed)
+                                                negatives=neg, focus=shop,
+                                                max_share=settings.unfamiliar_max_share, oof_logits=oof_logits,
+                                                seed=settings.seed)
     section = save_familiarity(familiarity, summary, out)
-    logger.info("unfamiliar threshold %.4f (sends %.1f%% of %d labeled photos out of fold), %d reference rows",
+    logger.info("unfamiliar threshold %.4f (sends %.1f%% of %d labeled photos out of fold%s), %d reference rows",
                 section["threshold"], 100 * section["oof_in_scope_sent"], section["calibration_photos"],
-                section["reference_rows"])
+                "" if section["threshold_shop_photos"] is None else
+                f"; bounded on your {section['shop_photos']} labeled photos as well", section["reference_rows"])
     return section, np.isfinite(oof) & (oof >= familiarity.threshold)
 
 
@@ -396,8 +398,7 @@ def kept_flagging(train_rows: pd.DataFrame, oof, temperature: float, kept: np.nd
     from loop.scoring.flagging import estimate
 
     rows = train_rows[kept].reset_index(drop=True)
-    shop = rows["label_source"].isin(HUMAN_SOURCES).fillna(False).to_numpy(bool) \
-        if "label_source" in rows else None  # as `loop.model.estimates` does for every photo
+    shop = labeled_after_sorting(rows)  # as `loop.model.estimates` does for every photo
     flagging = estimate(calibrated(oof.logits[kept], temperature), oof.labels[kept], item_keys(rows), focus=shop)
     on = f"out-of-fold ({oof.folds} item-grouped folds), photos not sent to the unfamiliar folder"
     if "focus" in flagging:

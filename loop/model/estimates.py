@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from loop.data.items import item_keys
-from loop.data.label_sources import HUMAN_SOURCES
+from loop.data.label_sources import labeled_after_sorting
 from loop.model.calibration import calibrated, expected_calibration_error
 from loop.model.evaluate import classification_metrics
 from loop.model.head import OutOfFold
@@ -58,8 +58,7 @@ def learning_estimates(train_rows: pd.DataFrame, valid_rows: pd.DataFrame, valid
         calibration.update(ece_oof_before=expected_calibration_error(calibrated(oof.logits, 1.0), oof.labels),
                            ece_oof_after=expected_calibration_error(probs, oof.labels), n_oof=len(oof.labels),
                            folds=oof.folds)
-        shop = train_rows["label_source"].isin(HUMAN_SOURCES).fillna(False).to_numpy(bool) \
-            if "label_source" in train_rows else None
+        shop = labeled_after_sorting(train_rows)
         flagging = estimate(probs, oof.labels, item_keys(train_rows), focus=shop)
         on = f"out-of-fold ({oof.folds} item-grouped folds)"
         if "focus" in flagging:

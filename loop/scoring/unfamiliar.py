@@ -39,7 +39,7 @@ import numpy as np
 
 from loop.data.images import file_sha256
 from loop.errors import ModelError
-from loop.scoring.flagging import wilson_lower
+from loop.scoring.flagging import MIN_PHOTOS, wilson_lower
 
 REFERENCE_FILE = "unfamiliar.npy"
 K_NEAREST = 1  # the k-th nearest labeled photo (bench/unfamiliar.py: best k on a held-out class, ~equal on far ones)
@@ -166,8 +166,8 @@ def choose_reference(labels: np.ndarray, limit: int, seed: int = 0) -> np.ndarra
 
 def fit_familiarity(features: np.ndarray, labels: np.ndarray, items: np.ndarray, *,
                     max_share: float, oof_logits: np.ndarray | None = None, negatives: np.ndarray | None = None,
-                    k: int = K_NEAREST, max_reference: int = MAX_REFERENCE, seed: int = 0
-                    ) -> tuple[Familiarity, dict, np.ndarray]:
+                    focus: np.ndarray | None = None, k: int = K_NEAREST, max_reference: int = MAX_REFERENCE,
+                    seed: int = 0) -> tuple[Familiarity, dict, np.ndarray]:
     """The reference set and threshold from labeled in-scope photos (and optional "none of these" ones).
 
     Args:
@@ -176,6 +176,8 @@ def fit_familiarity(features: np.ndarray, labels: np.ndarray, items: np.ndarray,
         oof_logits: (N, K) calibrated out-of-fold logits of the same photos (item-grouped folds): with them
             the score also weighs the energy (`combined`); without (finetune mode), kNN alone.
         negatives: (N', F) features of photos a reviewer labeled "none of these".
+        focus: (N,) bool, the shop's own photos (labeled by a person after sorting): from `MIN_PHOTOS` of
+            them on, the bound must also hold on them alone (`shop_bounded_threshold`).
         max_share: the share of new in-scope photos the threshold may send to `_other` (upper bound).
     Returns:
         (Familiarity, the summary for model.json: threshold, max_share, k, sizes, out-of-fold score quantiles;
@@ -194,7 +196,9 @@ def fit_familiarity(features: np.ndarray, labels: np.ndarray, items: np.ndarray,
         knn_points, energy_points = _points(oof), _points(energies)
         oof = np.where(np.isfinite(oof), combined(knn_points, oof, energy_points, energies), np.nan)
     finite = oof[np.isfinite(oof)]
-    threshold = bounded_threshold(oof, items, max_share)
+    labeled_threshold = bounded_threshold(oof, items, max_share)
+    shop_threshold = shop_bounded_threshold(oof, items, focus, max_share)
+    threshold = max(labeled_threshold, shop_threshold or labeled_threshold)
     reference = unit_rows(features)[rows]
     neg = unit_rows(negatives)[:MAX_NEGATIVES] if negatives is not None and len(negatives) else \
         np.zeros((0, reference.shape[1]), np.float32)
@@ -204,6 +208,8 @@ def fit_familiarity(features: np.ndarray, labels: np.ndarray, items: np.ndarray,
                "threshold": threshold, "max_share": max_share,
                "reference_rows": int(len(rows)), "negative_rows": int(len(neg)), "calibration_photos": int(len(oof)),
                "oof_in_scope_sent": float((finite >= threshold).mean()) if len(finite) else 0.0,
+               "threshold_all_photos": labeled_threshold, "threshold_shop_photos": shop_threshold,
+               "shop_photos": int(np.sum(focus)) if focus is not None else 0,
                "oof_quantiles": {str(q): float(np.quantile(finite, q)) for q in (0.5, 0.9, 0.95, 0.99)}
                if len(finite) else {}}
     return familiarity, summary, oof
@@ -226,6 +232,24 @@ def bounded_threshold(oof: np.ndarray, items: np.ndarray, max_share: float) -> f
     if not len(ok):
         return float(np.nextafter(np.float32(finite[0]), np.float32(np.inf)))
     return float(finite[ok[-1]])
+
+
+def shop_bounded_threshold(oof: np.ndarray, items: np.ndarray, focus: np.ndarray | None,
+                           max_share: float) -> float | None:
+    """`bounded_threshold` on the shop's own photos alone (None with fewer than `MIN_PHOTOS` of them).
+
+    The labeled set is usually of another kind (studio shots, web photos) than the shop's photos, which then
+    all sit far from it: a threshold sized on the labeled set alone sends many of the shop's in-scope photos to
+    `_other` (45% in the demo). Once people have labeled enough of the shop's photos, the share they would
+    send must stay within `max_share` on them too. They are mostly photos that were flagged, the least
+    familiar of the shop's, so the bound errs towards keeping photos in their category.
+    """
+    if focus is None:
+        return None
+    focus = np.asarray(focus, bool) & np.isfinite(oof)
+    if focus.sum() < MIN_PHOTOS:
+        return None
+    return bounded_threshold(oof[focus], np.asarray(items)[focus], max_share)
 
 
 def save_familiarity(familiarity: Familiarity, summary: dict, model_dir: Path | str) -> dict:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MANY_UNFAMILIAR = 0.2  # a larger share of a run sent to the unfamiliar folder gets a hint in the summary
+
 
 @dataclass
 class SortReport:
@@ -53,6 +55,13 @@ class SortReport:
             lines[0] += f"; stopped with {self.left_for_rerun} not copied yet (disk full)"
         if self.per_label:
             lines.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(self.per_label.items())))
+        placed = self.copied + self.identical_existing
+        if placed and self.unfamiliar / placed > MANY_UNFAMILIAR:
+            # the day-one case: the labeled set is of another kind than the shop's photos (studio vs workshop)
+            lines.append(f"  {self.unfamiliar} of {placed} photos ({self.unfamiliar / placed:.0%}) looked unlike every "
+                         "labeled photo and went to the unfamiliar folder; if most of them belong to your categories, "
+                         "your photos differ from the labeled ones: review some, and the next model learns them "
+                         "(once enough of your photos are labeled, it sizes that folder on them too)")
         if self.failed:
             reasons: dict[str, int] = {}
             for _, reason in self.failed:

@@ -138,3 +138,35 @@ def test_with_out_of_fold_logits_the_score_also_catches_photos_no_class_fits() -
     with pytest.raises(ModelError, match="logits"):
         both.decide(near)
     np.testing.assert_allclose(on_scale(np.linspace(0, 1, 101), np.array([0.5, 1.0, 1.5])), [0.5, 1.0, 2.0])
+
+
+def _shop_photos(rng: np.random.Generator, n: int, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The shop's own photos: the same 3 classes, but every photo also shows the same kind of scene (a shared
+    direction the labeled set lacks, like a room around the furniture) and varies more."""
+    centres = np.eye(3, dim) * 5 + 1 + np.eye(1, dim, 6)[0] * 4
+    labels = np.arange(n) % 3
+    return np.abs(centres[labels] + rng.normal(0, 0.9, (n, dim))), np.array([f"c{c}" for c in labels])
+
+
+def test_the_shop_photos_people_labeled_bound_the_share_of_their_kind_sent_to_other() -> None:
+    rng = np.random.default_rng(0)
+    feats, labels, items = _clusters(rng, n_items=60, per_item=3)
+    shop, shop_labels = _shop_photos(rng, 40)
+    x, y = np.concatenate([feats, shop]), np.concatenate([labels, shop_labels])
+    ids = np.concatenate([items, [f"shop{i}" for i in range(len(shop))]])
+    focus = np.r_[np.zeros(len(feats), bool), np.ones(len(shop), bool)]
+    pooled, pooled_summary, _ = fit_familiarity(x, y, ids, max_share=0.05)
+    bounded, summary, oof = fit_familiarity(x, y, ids, max_share=0.05, focus=focus)
+    few, few_summary, _ = fit_familiarity(x, y, ids, max_share=0.05, focus=focus & (np.arange(len(x)) < len(feats) + 5))
+
+    assert pooled_summary["threshold_shop_photos"] is None and pooled_summary["shop_photos"] == 0
+    assert few_summary["threshold_shop_photos"] is None  # 5 photos: too few to bound anything on
+    assert few.threshold == pooled.threshold == summary["threshold_all_photos"]
+    assert summary["shop_photos"] == 40 and bounded.threshold == summary["threshold_shop_photos"] > pooled.threshold
+    sent = (oof[focus] >= bounded.threshold).mean()
+    assert 1 - wilson_lower((1 - sent) * 40, 40) <= 0.05  # the bound holds on the shop's photos alone
+    new_shop, _ = _shop_photos(np.random.default_rng(1), 300)
+    far = np.abs(rng.normal(0, 1, (20, feats.shape[1]))) + np.eye(20, feats.shape[1], 8) * 9
+    assert pooled.decide(new_shop)[1].mean() > 0.1  # sized on the labeled set, its own kind: many sent
+    assert bounded.decide(new_shop)[1].mean() <= 0.05
+    assert bounded.decide(far)[1].all()  # what fits no category still goes

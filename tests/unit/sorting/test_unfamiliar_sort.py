@@ -6,6 +6,7 @@ as a folder."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ from loop.folders.corrections import scan
 from loop.scoring.unfamiliar import fit_familiarity, save_familiarity
 from loop.sorting import copies
 from loop.sorting.folder import sort_folder
+from loop.sorting.report import MANY_UNFAMILIAR
 from sortloop.bundle import build_bundle
 from tests.helpers.sorting import deploy_copy, sample_ikea
 from tests.unit.sortloop.test_bundle import _fake_sorter, _run_sorter_from_source
@@ -92,6 +94,10 @@ def test_unfamiliar_photos_go_to_other_flagged_and_counted_apart(ws, familiar_mo
     report = sort_folder(ws, inbox, dest)
     assert report.ok and report.unfamiliar == len(odd) and report.per_label["_other"] == len(odd)
     assert f"({report.flagged - len(odd)} unsure, {len(odd)} unfamiliar)" in report.summary()
+    share = len(odd) / report.copied  # a large share gets the hint that the labeled set is of another kind
+    assert ("looked unlike every labeled photo" in report.summary()) == (share > MANY_UNFAMILIAR)
+    assert f"{len(odd)} of {len(odd)} photos (100%)" in dataclasses.replace(report, copied=len(odd)).summary()
+    assert "looked unlike" not in dataclasses.replace(report, copied=len(odd) * 10).summary()
     for p in odd:  # SRC's sub-folders kept under _other, as under a category
         assert (dest / "_other" / "site" / "misc" / p.name).is_file()
     records = copies.load_records(ws, dest)
