@@ -17,7 +17,10 @@ threshold is the lowest one whose share of those in-scope photos sent to `_other
 the flags' catch rate: `loop.flagging`), counting items as the evidence: with 700 labeled photos it sends
 ~3.7% of them, with 50 far fewer, so the share of new in-scope photos sent stays under the goal however
 few labels there are. Only the labeled photos set it; no out-of-scope photo is needed, and none is tuned
-on.
+on. The shop's own photos (labeled by a person after sorting) are usually of another kind than the labeled
+set and score higher; from `MIN_PHOTOS` of them on, the bound must hold on them alone as well
+(`shop_bounded_threshold`; bench/domain_shift.py: 4.1% -> 1.9% of the shop's test photos sent after 90
+reviews, out-of-scope photos sent 97.5% -> 93.8%).
 Photos a reviewer called "none of these" (label `loop.classnames.OTHER_LABEL`) are kept as a second,
 small reference set: a photo closer to one of them than to any in-scope photo is unfamiliar too, whatever
 its distance.
