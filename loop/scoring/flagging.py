@@ -16,8 +16,7 @@ vanishes with many mistaken items; where even catching every seen mistake cannot
 flags stop at the share that catches them all.
 The shop's own photos (labeled by a person after sorting: reviews, moves) are where the model makes other
 mistakes than on the labeled set; once there are enough of them the curve is capped by what each threshold
-catches on them as well (`estimate(focus=...)`), so the goal must hold on both; while their mistakes are
-too few to assure anything (`FOCUS_ASSURING_MISTAKES`), they cap it only where they show it missed.
+catches on them as well (`estimate(focus=...)`), so the goal must hold on both.
 Caveat: the curve is estimated on the training items (out of fold); on photos unlike them (a new kind of
 scene) mistakes are more frequent and the same threshold catches a smaller share.
 """
@@ -36,11 +35,6 @@ logger = logging.getLogger(__name__)
 CURVE_POINTS = 101  # flag shares 0, 0.01, ..., 1.0
 DEFAULT_STRATEGY = "least_confidence"
 MIN_PHOTOS = 20  # fewer predictions (or no mistake among them) give no curve: the fixed threshold (0.5) applies
-# The fewest mistaken items whose lower bound may miss one of them and still assure the default goal (0.8) at
-# CATCH_CONFIDENCE (10 of 11 does, 9 of 10 does not). With fewer, the shop's photos can only assure the goal by
-# catching every mistake, so one sure mistake would set the flags for every photo; they cap the curve by
-# their upper bound instead (`bounded_by`).
-FOCUS_ASSURING_MISTAKES = 11
 CATCH_CONFIDENCE = 0.8  # the target is met by the catch rate's lower bound at this one-sided confidence
 Z_ONE_SIDED = 0.8416  # normal quantile of CATCH_CONFIDENCE
 
@@ -144,23 +138,16 @@ def estimate(probs: np.ndarray, labels: np.ndarray, items: np.ndarray | None = N
 def bounded_by(curve: dict, scores: np.ndarray, wrong: np.ndarray, evidence: int) -> dict:
     """`curve` with its catch rates (and their lower bounds) capped by what its thresholds catch on a subset.
 
-    The shares stay those of all photos; at each threshold the subset's catch rate is computed on its own
-    mistakes (`evidence` independent ones). From `FOCUS_ASSURING_MISTAKES` on, the subset must assure the
-    goal too: the catch rate and the lower bound are each capped by the subset's. With fewer, it may only
-    refute it: both are capped by the subset's upper bound (Wilson, same confidence), so 2 of 3 mistakes
-    caught leaves the curve as it was, and 0 of 5 does not.
+    The shares stay those of all photos; at each threshold the subset's catch rate and Wilson bound are
+    computed on its own mistakes (`evidence` independent ones), and the lower value of the two is kept.
     """
     mistakes = np.sort(np.asarray(scores, np.float64)[np.asarray(wrong, bool)])
     catch, low = list(curve["catch"]), list(curve.get("catch_low") or curve["catch"])
     for i, threshold in enumerate(curve["threshold"]):
         caught = 0.0 if threshold is None else \
             float(len(mistakes) - np.searchsorted(mistakes, threshold, side="left")) / len(mistakes)
-        if evidence >= FOCUS_ASSURING_MISTAKES:
-            catch[i] = min(catch[i], caught)
-            low[i] = min(low[i], round(wilson_lower(caught * evidence, evidence), 4))
-        else:
-            upper = round(1.0 - wilson_lower((1.0 - caught) * evidence, evidence), 4)
-            catch[i], low[i] = min(catch[i], upper), min(low[i], upper)
+        catch[i] = min(catch[i], caught)
+        low[i] = min(low[i], round(wilson_lower(caught * evidence, evidence), 4))
     return {**curve, "catch": catch, "catch_low": low}
 
 
