@@ -5,8 +5,12 @@ One home for the values, so a misspelt source is an import error, not a filter t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # the standalone sorter reads the values below and has no pandas
+    import pandas as pd
 
 FOLDER = "folder"  # the user's labeled set: a class folder (`ingest --labeled`, the demo) or a CSV of labels
 REVIEW = "review"  # a reviewer in Label Studio (`review pull`)
