@@ -199,9 +199,9 @@ def fit_familiarity(features: np.ndarray, labels: np.ndarray, items: np.ndarray,
         knn_points, energy_points = _points(oof), _points(energies)
         oof = np.where(np.isfinite(oof), combined(knn_points, oof, energy_points, energies), np.nan)
     finite = oof[np.isfinite(oof)]
-    labeled_threshold = bounded_threshold(oof, items, max_share)
+    all_photos_threshold = bounded_threshold(oof, items, max_share)
     shop_threshold = shop_bounded_threshold(oof, items, focus, max_share)
-    threshold = max(labeled_threshold, shop_threshold or labeled_threshold)
+    threshold = all_photos_threshold if shop_threshold is None else max(all_photos_threshold, shop_threshold)
     reference = unit_rows(features)[rows]
     neg = unit_rows(negatives)[:MAX_NEGATIVES] if negatives is not None and len(negatives) else \
         np.zeros((0, reference.shape[1]), np.float32)
@@ -211,7 +211,7 @@ def fit_familiarity(features: np.ndarray, labels: np.ndarray, items: np.ndarray,
                "threshold": threshold, "max_share": max_share,
                "reference_rows": int(len(rows)), "negative_rows": int(len(neg)), "calibration_photos": int(len(oof)),
                "oof_in_scope_sent": float((finite >= threshold).mean()) if len(finite) else 0.0,
-               "threshold_all_photos": labeled_threshold, "threshold_shop_photos": shop_threshold,
+               "threshold_all_photos": all_photos_threshold, "threshold_shop_photos": shop_threshold,
                "shop_photos": int(np.sum(focus)) if focus is not None else 0,
                "oof_quantiles": {str(q): float(np.quantile(finite, q)) for q in (0.5, 0.9, 0.95, 0.99)}
                if len(finite) else {}}
