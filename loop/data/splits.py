@@ -22,7 +22,7 @@ import math
 import pandas as pd
 
 from loop.config import SplitConfig
-from loop.data.label_sources import HUMAN_SOURCES
+from loop.data.label_sources import labeled_after_sorting
 
 TRAIN, VALID = "train", "valid"
 
@@ -46,8 +46,8 @@ def assign_splits(df: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
     # 2. Labeled items with no side yet are new items: place them per (source, label) stratum.
     labeled = df[df["label"].notna()]
     unplaced = labeled.loc[labeled["split"].isna()]
-    if "label_source" in df.columns:  # reviewed / moved photos of new items: straight to train
-        reviewed = unplaced["label_source"].isin(HUMAN_SOURCES).fillna(False).astype(bool)
+    reviewed = labeled_after_sorting(unplaced)
+    if reviewed is not None:  # reviewed / moved photos of new items: straight to train
         to_train = unplaced.loc[reviewed, "item_id"].unique()
         df.loc[df["split"].isna() & df["item_id"].isin(to_train), "split"] = TRAIN
         unplaced = unplaced[~unplaced["item_id"].isin(to_train)]
@@ -56,9 +56,10 @@ def assign_splits(df: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
     )
     if new_items.empty:
         return df
-    placed = df["split"].notna() & df["label"].notna()
-    if "label_source" in df.columns:  # the ratio is kept among ingested labels, reviews aside
-        placed &= ~df["label_source"].isin(HUMAN_SOURCES).fillna(False).astype(bool)
+    placed = (df["split"].notna() & df["label"].notna()).to_numpy(bool)
+    human = labeled_after_sorting(df)
+    if human is not None:  # the ratio is kept among ingested labels, reviews aside
+        placed = placed & ~human
     assigned_items = df.loc[placed].groupby("item_id").agg(
         source=("source", "first"), label=("label", lambda s: s.value_counts().index[0]), split=("split", "first")
     )

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from loop.atomic import atomic_write
-from loop.data.label_sources import HUMAN_SOURCES
+from loop.data.label_sources import labeled_after_sorting
 from loop.errors import ModelError
 from loop.flags import LOW_CONFIDENCE, UNFAMILIAR
 from loop.model.artifact import read_spec
@@ -52,8 +52,9 @@ def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
     if records.empty and not from_pc:
         return []
     df = manifest.load(ws).set_index("image_id")
-    human = df["label_source"].isin(HUMAN_SOURCES).fillna(False) | (df["review_status"] == "reviewed")
-    done = set(df.index[human.fillna(False).astype(bool)])
+    reviewed = df["review_status"].eq("reviewed").fillna(False).to_numpy(bool)
+    human = reviewed | labeled_after_sorting(df)  # the manifest always has the column
+    done = set(df.index[human])
     strategies: dict[str, str] = {}
     rows: dict[str, dict[str, str]] = {}
     for rec in records.itertuples():
