@@ -10,7 +10,8 @@ noise so they compress like real photos, ~2 MB each; written to a temp folder, n
                 worker processes, batched inference, safe copies, records, manifest and flags;
   (c) limits  - model forward alone on pre-decoded batches (ONNX Runtime and torch: the faster one is the
                 default runtime; and the INT8 ONNX model `train` writes, see loop.model.quantize), and draft decode
-                alone (`load_model_input` in the same number of worker processes). Decode and forward share
+                alone (`load_model_input` in the same number of worker processes, started and warm before the
+                clock starts, as the forward pass's model is loaded before it). Decode and forward share
                 the same cores, so the ceiling for the pipeline is 1 / (1/decode + 1/forward), printed for
                 the float and the INT8 forward pass. (b) sorts with whichever model the INT8 gate allows.
 
@@ -156,27 +157,37 @@ def _decode(path: Path) -> np.ndarray:
     return load_model_input(path, 224)
 
 
+def _warm(path: Path) -> None:
+    _decode(path)
+    time.sleep(0.2)  # busy: the next warm-up task starts the next process
+
+
 def decode_limit(paths: list[Path], workers: int) -> tuple[float, list[np.ndarray]]:
+    """Draft decode alone, in `workers` processes that started and decoded a photo before the clock starts:
+    the decoders' speed, not their start (which the sort pays, as `sortloop sort` does)."""
     import multiprocessing
 
-    start = time.perf_counter()
     if workers <= 0:
+        _decode(paths[0])
+        start = time.perf_counter()
         arrays = [_decode(p) for p in paths]
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            arrays = list(pool.map(_decode, paths, chunksize=4))
-    return len(paths) / (time.perf_counter() - start), arrays
+        return len(paths) / (time.perf_counter() - start), arrays
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_warm, paths[:workers]))
+        start = time.perf_counter()
+        arrays = list(pool.map(_decode, paths, chunksize=4))
+        return len(paths) / (time.perf_counter() - start), arrays
 
 
 STAGES = {  # report.stages -> what it is (loop.sorting.pipeline.sort_into)
     "wait_decode": "main: waiting for decoded photos",
-    "predict": "main: model forward",
+    "predict": "main: joining the workers' predictions (the model itself with no workers)",
     "place": "main: flags + queueing copies",
     "copy_wait": "main: waiting for copies",
     "record": "main: manifest, copy records, _review.csv",
     "worker_hash": "workers: sha256 (summed)",
     "worker_decode": "workers: decode + pHash (summed)",
+    "worker_predict": "workers: model forward (summed)",
 }
 
 
