@@ -8,8 +8,9 @@ the decoder process: the pool is rebuilt and the culprit is reported.
 
 Why processes: decoding is CPU-bound Python/C that holds the GIL in places; worker processes decode the
 next images while the main process runs the model, and at most `prefetch` chunks are in flight, so
-memory stays flat however many files there are. Workers are started with "spawn" (never "fork"), because
-the main process may hold ONNX Runtime / torch threads.
+memory stays flat however many files there are. Workers are forked from a fork server where the platform
+has one, else spawned (`pool_context`); never forked from the main process, which may hold ONNX Runtime /
+torch threads.
 Caveat: results come back in input order, so one slow file (a huge PNG) delays the ones behind it.
 """
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -135,9 +138,38 @@ def _ping() -> bool:
     return True
 
 
-def _start_pool(workers: int) -> tuple[ProcessPoolExecutor, Future]:
-    """A spawn-context pool; the returned ping future says whether its processes started."""
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+def pool_context(preload: tuple[str, ...] = ()) -> multiprocessing.context.BaseContext:
+    """How decode workers start: "forkserver" where the platform has it (Linux, macOS), else "spawn"
+    (Windows, and a frozen app, whose executable cannot run the server's `-c` command).
+
+    Why not "fork": the main process may hold ONNX Runtime / torch threads. Why not "spawn" everywhere: every
+    spawned worker is a fresh interpreter that imports numpy, Pillow and this module (and re-imports the
+    main script) before its first photo, ~0.3 s of CPU each, per sort. The fork server is started once per
+    process (a fresh interpreter too, so no threads), imports them once, and forks each worker from that.
+
+    Args:
+        preload: names of modules (already imported here) the workers need beyond this one; only the
+            first pool of a process starts the server, so later pools' modules are imported per worker."""
+    if getattr(sys, "frozen", False) or "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__, *preload])  # no effect once the server runs
+    return context
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What each worker process runs once before its first task (`loop.sorting.model_workers` loads the model)."""
+
+    initializer: Callable[..., None] | None = None
+    initargs: tuple = ()
+    preload: tuple[str, ...] = ()  # modules for the fork server to import (`pool_context`)
+
+
+def _start_pool(workers: int, setup: WorkerSetup) -> tuple[ProcessPoolExecutor, Future]:
+    """A pool of `workers` decode processes; the returned ping future says whether they started."""
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=pool_context(setup.preload),
+                               initializer=setup.initializer, initargs=setup.initargs)
     return pool, pool.submit(_ping)
 
 
@@ -155,20 +187,32 @@ def _check_started(pool: ProcessPoolExecutor, ping: Future) -> None:
 
 class DecodeStream:
     """The parallel pipeline behind `decode_stream`: starts its worker processes and the first tasks at
-    construction (so they warm up while the caller loads its model), yields `Decoded` in input order."""
+    construction, in a thread (so they warm up while the caller loads its model), yields `Decoded` in input
+    order."""
 
     def __init__(self, paths: Iterable[Path], size: int, *, workers: int, chunk: int, prefetch: int,
-                 describe: bool, decode_fn: DecodeFn) -> None:
+                 describe: bool, decode_fn: DecodeFn, setup: WorkerSetup) -> None:
         self.source = iter(paths)
         self.size, self.workers, self.chunk, self.prefetch = size, workers, chunk, prefetch
-        self.describe, self.decode_fn = describe, decode_fn
-        self.pool, self._ping = _start_pool(workers)
+        self.describe, self.decode_fn, self.setup = describe, decode_fn, setup
         self.generation = 0
         self.queue: deque[_Task] = deque()
         self._closed = False
-        self.all_submitted = False  # every path was handed to a worker: soon their CPUs have nothing to do
-        self._refill()
+        self.pool: ProcessPoolExecutor | None = None
+        self._ping: Future | None = None
+        self._start_error: BaseException | None = None
+        # A thread: the first start of a fork server blocks ~0.3 s (it imports numpy, Pillow and the model
+        # runtime before it forks), which the caller spends loading its model and counting the tree.
+        self._starter = threading.Thread(target=self._start, name="sortloop-decode-start", daemon=True)
+        self._starter.start()
         self._gen = self._run()
+
+    def _start(self) -> None:
+        try:
+            self.pool, self._ping = _start_pool(self.workers, self.setup)
+            self._refill()
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread, at its first read
+            self._start_error = exc
 
     def __iter__(self) -> DecodeStream:
         return self
@@ -186,31 +230,38 @@ class DecodeStream:
         """Stop: cancel what is queued and let the worker processes exit."""
         if not self._closed:
             self._closed = True
+            self._starter.join()
             self._gen.close()
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _submit(self, task: _Task) -> None:
-        task.future = self.pool.submit(self.decode_fn, task.paths, self.size, self.describe)
+        task.future = self.pool.submit(self.decode_fn, task.paths, self.size, self.describe)  # type: ignore[union-attr]
         task.pool_generation = self.generation
 
     def _refill(self) -> None:
         while len(self.queue) < self.prefetch:
             block = [Path(p) for p in islice(self.source, self.chunk)]
             if not block:
-                self.all_submitted = True
                 return
             task = _Task(block, None, self.generation)
             self._submit(task)
             self.queue.append(task)
 
     def _restart_pool(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.pool, ping = _start_pool(self.workers)
+        self.pool.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
+        self.pool, ping = _start_pool(self.workers, self.setup)
         _check_started(self.pool, ping)
         self.generation += 1
         logger.warning("a decoder process died; restarted the pool")
 
     def _run(self) -> Iterator[Decoded]:
+        self._starter.join()
+        if self.pool is None or self._ping is None:
+            raise SortloopError(f"decoder worker processes did not start ({self._start_error}); "
+                                "or set sort.workers = 0") from self._start_error
+        if self._start_error is not None:
+            raise self._start_error
         _check_started(self.pool, self._ping)
         queue = self.queue
         while True:
@@ -258,6 +309,7 @@ def decode_stream(
     prefetch: int | None = None,
     describe: bool = True,
     decode_fn: DecodeFn = decode_chunk,
+    setup: WorkerSetup | None = None,
 ) -> DecodeStream | SerialStream:
     """Decode `paths` lazily, in order, with at most `prefetch` chunks of `chunk` files in flight.
 
@@ -272,6 +324,7 @@ def decode_stream(
         prefetch: chunks in flight (default 4 per worker).
         describe: compute pHash and EXIF time too.
         decode_fn: module-level function (picklable) doing the work; tests swap it.
+        setup: what each worker process runs first (ignored with workers = 0).
     Yields:
         One `Decoded` per path, in input order.
     Raises:
@@ -285,13 +338,11 @@ def decode_stream(
     if workers <= 0:
         return _serial(iter(paths), size, describe, decode_fn)
     return DecodeStream(paths, size, workers=workers, chunk=chunk, prefetch=prefetch or 4 * workers,
-                        describe=describe, decode_fn=decode_fn)
+                        describe=describe, decode_fn=decode_fn, setup=setup or WorkerSetup())
 
 
 class SerialStream:
     """`decode_stream` with no worker processes (same interface: iterator with close and with-support)."""
-
-    all_submitted = False  # decoding runs in the caller's thread: no worker CPUs to lend
 
     def __init__(self, gen: Iterator[Decoded]) -> None:
         self._gen = gen
@@ -339,12 +390,3 @@ def model_threads(workers: int) -> int:
     Why: the runtimes default to every core, so on 2 CPUs a 2-thread forward pass and 2 decoders ran 4
     threads on 2 CPUs; one thread measured as fast or faster (`bench/sort.py`, 29 vs 26-29 images/s)."""
     return max(1, available_cpus() - workers)
-
-
-def tail_parts(workers: int) -> int:
-    """Sub-batches the model runs at once (in threads, each with `model_threads`) once the decoders have every
-    photo: their CPUs go idle for the last batches, and a runtime's own threads are fixed when it loads.
-
-    Why: the last ~2 batches of a run ran on one thread of two idle CPUs (`bench/sort.py`: 0.9 s of a
-    7 s run came after the last decode)."""
-    return max(1, available_cpus() // model_threads(workers)) if workers > 0 else 1

@@ -10,11 +10,11 @@ What differs is a `Sink`: which files count as sorted before, and where each flu
 ships model.json flags exactly like the workspace. `sortloop sort --ray` passes a `remote` engine: the
 listed files are decoded, predicted and copied on the cluster, and its copies are recorded here the same way.
 
-How it is fast: files stream through `loop.data.decode` (worker processes, a bounded number in flight), the
-model runs on batches, and copies happen in a background thread, so decoding, inference and file I/O
-overlap. The model gets the CPUs the decoders leave (`model_threads`), and theirs too once they have every
-photo (`tail_parts`: the last batches run as sub-batches in threads). Caveat: the model is fixed when the
-run starts (a deploy during a run is picked up by the next).
+How it is fast: files stream through `loop.data.decode` (worker processes, a bounded number in flight), each
+worker decodes a chunk and runs its own one-thread copy of the model on it (`loop.sorting.model_workers`), and
+copies happen in background threads, so decoding, inference and file I/O overlap with two busy threads on two
+CPUs. With no workers (`sort.workers = 0`) the model runs here on every CPU. Caveat: the model is fixed when
+the run starts (a deploy during a run is picked up by the next).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,10 +34,11 @@ from loop.data.decode import (
     Decoded,
     DecodeStream,
     SerialStream,
+    WorkerSetup,
+    decode_chunk,
     decode_stream,
     default_workers,
     model_threads,
-    tail_parts,
 )
 from loop.data.images import iter_image_files
 from loop.errors import DiskFullError, ModelError, SortloopError, first_disk_full, is_disk_full, stopped_by_full_disk
@@ -47,7 +47,7 @@ from loop.phases import PhaseClock
 from loop.progress import ProgressCallback, no_progress
 from loop.scoring.flagging import describe, settings_point
 from loop.scoring.strategies import Strategy, get_strategy
-from loop.sorting import copies
+from loop.sorting import copies, model_workers
 from loop.sorting.copier import Copier, Done, Placed
 from loop.sorting.report import SortReport
 
@@ -144,17 +144,21 @@ def sort_into(
                 pass  # the decoder reports it with the reason
             yield path
 
-    # Start decoding now: the worker processes spawn and decode the first batches while the model loads
-    # and the tree is counted. Two batches in flight (~10 MB at 224 px) give slack for uneven decode times.
-    # A remote engine gets the list instead (listed here, so resume works as for a local sort).
+    # Start decoding now: the worker processes start, load the model and decode and predict the first chunks
+    # while the model is checked here and the tree is counted. Two batches in flight give slack for uneven
+    # decode times. A remote engine gets the list instead (listed here, so resume works as for a local sort).
     workers = 0
     if remote is not None:
         stream: DecodeStream | SerialStream | _Listed = _Listed(list(todo()))
     else:
         workers, chunk = default_workers(options.workers), 4
+        setup = WorkerSetup(model_workers.load_model, (str(model_dir), options.runtime, options.precision),
+                            preload=(model_workers.__name__,))
         stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
-                               prefetch=max(4 * workers, 2 * options.batch_size // chunk), describe=sink.describe)
+                               prefetch=max(4 * workers, 2 * options.batch_size // chunk), describe=sink.describe,
+                               decode_fn=model_workers.decode_and_predict if workers else decode_chunk, setup=setup)
     try:
+        # Loaded here too: its errors are the run's (one line, before any copy), and without workers it predicts.
         predictor = Predictor(model_dir, options.runtime, precision=options.precision,
                               threads=model_threads(workers) if remote is None else None)
         check_classes(predictor.classes)
@@ -174,7 +178,7 @@ def sort_into(
     if isinstance(stream, _Listed):
         predicted = _placed_batches(remote(stream.paths, model_dir, predictor), report)
     else:
-        predicted = _predicted_batches(stream, predictor, options.batch_size, report, clock, tail_parts(workers))
+        predicted = _predicted_batches(stream, predictor, options.batch_size, report, clock)
     disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
     try:
         for batch, prediction, placed, failures in predicted:
@@ -324,27 +328,23 @@ Predicted = Iterator[tuple[list[Decoded], "Prediction | None", "list[Done] | Non
 
 
 def _predicted_batches(stream: DecodeStream | SerialStream, predictor: Predictor, size: int, report: SortReport,
-                       clock: PhaseClock, parts: int) -> Predicted:
-    """Local engine: (decoded batch, prediction, None = copies still to make, failures) with the model here.
-
-    Once the decoders have every photo, a batch runs as `parts` sub-batches in threads (`tail_parts`)."""
+                       clock: PhaseClock) -> Predicted:
+    """Local engine: (decoded batch, prediction, None = copies still to make, failures): the workers'
+    predictions (`model_workers.Predicted`), or with no workers the model here."""
     stages = report.stages
-    with ThreadPoolExecutor(parts, thread_name_prefix="sortloop-model") as threads:
-        for batch, failures in _batches(stream, size, report):
-            clock.lap("wait_decode")
-            prediction = None
-            if batch:
-                pixels = np.stack([rec.pixels for rec in batch])
-                if parts > 1 and stream.all_submitted and len(batch) >= parts:
-                    prediction = Prediction.concat(list(threads.map(predictor.predict_with_familiarity,
-                                                                    np.array_split(pixels, parts))))
-                else:
-                    prediction = predictor.predict_with_familiarity(pixels)
-            clock.lap("predict")
-            for rec in batch:
-                stages["worker_hash"] = stages.get("worker_hash", 0.0) + rec.hash_s
-                stages["worker_decode"] = stages.get("worker_decode", 0.0) + rec.decode_s
-            yield batch, prediction, None, failures
+    for batch, failures in _batches(stream, size, report):
+        clock.lap("wait_decode")
+        prediction = None
+        if batch and all(isinstance(rec, model_workers.Predicted) for rec in batch):
+            prediction = Prediction.concat([rec.prediction for rec in batch])  # type: ignore[attr-defined,misc]
+        elif batch:
+            prediction = predictor.predict_with_familiarity(np.stack([rec.pixels for rec in batch]))
+        clock.lap("predict")
+        for rec in batch:
+            stages["worker_hash"] = stages.get("worker_hash", 0.0) + rec.hash_s
+            stages["worker_decode"] = stages.get("worker_decode", 0.0) + rec.decode_s
+            stages["worker_predict"] = stages.get("worker_predict", 0.0) + getattr(rec, "predict_s", 0.0)
+        yield batch, prediction, None, failures
 
 
 def _placed_batches(results: RemoteBatches, report: SortReport) -> Predicted:

@@ -2,8 +2,8 @@
 
 This is the Windows user's install: `pip install sortloop` to sort, no training stack. The subprocess makes
 `import fastai` and `import torch` fail, then runs the real CLI with its decode worker processes. (Pickling
-is not banned here: the workers send decoded pixels back through multiprocessing; that the model itself is
-loaded without unpickling is tested in test_artifact.py.)
+is not banned here: the workers send their predictions back through multiprocessing; that the model itself
+is loaded without unpickling is tested in test_artifact.py.)
 """
 
 from __future__ import annotations

@@ -187,27 +187,29 @@ def test_a_copy_moved_into_other_is_none_of_these_and_apply_keeps_it_there(ws, f
     assert moved.is_file() and back.is_file()
 
 
-def test_batches_split_over_idle_cpus_sort_exactly_as_whole_ones(ws, familiar_model: Path, inbox: Path,
-                                                                  tmp_path: Path, monkeypatch) -> None:
-    """Once the decoders have every photo, a batch runs as sub-batches in threads (`tail_parts`): the same
-    labels, confidences, flags and `_other` decisions as one whole batch."""
-    from loop.model.artifact import Prediction
-    from loop.sorting import pipeline
+def test_the_workers_models_sort_exactly_as_the_main_process_model(ws, familiar_model: Path, inbox: Path,
+                                                                     tmp_path: Path, monkeypatch) -> None:
+    """Each decode worker predicts with its own copy of the model (`loop.sorting.model_workers`); with no
+    workers the main process predicts: the same labels, confidences, flags and `_other` decisions."""
+    from loop.sorting import model_workers
 
     deploy_copy(ws, familiar_model)
-    joined = []
-    concat = Prediction.concat
-    monkeypatch.setattr(Prediction, "concat", staticmethod(lambda parts: joined.append(len(parts)) or concat(parts)))
     columns = ["source_path", "category", "label", "confidence", "score", "flagged"]
-    runs = {}
-    for parts in (1, 3):  # 3: uneven sub-batches of the 16 photos
-        monkeypatch.setattr(pipeline, "tail_parts", lambda workers, parts=parts: parts)
-        dest = tmp_path / f"parts{parts}"
-        assert sort_folder(ws, inbox, dest).ok
-        runs[parts] = copies.load_records(ws, dest)[columns].sort_values("source_path").reset_index(drop=True)
-    assert joined == [3], "the second sort ran its one batch as 3 sub-batches"
-    assert (runs[3]["category"] == "_other").sum() == 8
-    np.testing.assert_allclose(runs[3]["confidence"], runs[1]["confidence"], atol=1e-6)
-    np.testing.assert_allclose(runs[3]["score"], runs[1]["score"], atol=1e-6)
+    runs, predicted_in_workers = {}, {}
+    for workers in (2, 0):
+        monkeypatch.setenv("SORTLOOP_SORT__WORKERS", str(workers))
+        ws.__dict__.pop("settings", None)  # read the settings again, with the override
+        seen = []
+        monkeypatch.setattr(model_workers.Prediction, "concat", staticmethod(
+            lambda parts, concat=model_workers.Prediction.concat, seen=seen: seen.append(len(parts)) or concat(parts)))
+        dest = tmp_path / f"workers{workers}"
+        report = sort_folder(ws, inbox, dest)
+        assert report.ok and report.copied == 16
+        predicted_in_workers[workers] = report.stages.get("worker_predict", 0.0) > 0 and sum(seen) == 16
+        runs[workers] = copies.load_records(ws, dest)[columns].sort_values("source_path").reset_index(drop=True)
+    assert predicted_in_workers == {2: True, 0: False}
+    assert (runs[2]["category"] == "_other").sum() == 8
+    np.testing.assert_allclose(runs[2]["confidence"], runs[0]["confidence"], atol=1e-6)
+    np.testing.assert_allclose(runs[2]["score"], runs[0]["score"], atol=1e-6)
     same = ["source_path", "category", "label", "flagged"]
-    assert runs[3][same].equals(runs[1][same])
+    assert runs[2][same].equals(runs[0][same])
