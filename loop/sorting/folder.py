@@ -145,8 +145,8 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
         disk_full = exc
     finally:
         report.seconds = time.perf_counter() - started
-        for finish in (lambda: copies.update_records(ws, sink.touched), lambda: write_review_csv(ws, dest),
-                       lambda: _log_run(ws, report)):
+        for finish in (lambda: copies.update_records(ws, sink.touched), lambda: sink.review_csv_current or
+                       write_review_csv(ws, dest), lambda: _log_run(ws, report)):
             try:
                 finish()
             except OSError as exc:
@@ -207,6 +207,9 @@ class _WorkspaceSink:
         self.known_ids = {(p, i): rid for p, i, rid in zip(done["source_path"], done["image_id"],
                                                            done["record_id"], strict=True)}
         self.touched: dict[str, dict] = {}
+        # _review.csv was rebuilt by a flush of this run: nothing since changes what it lists (unflagged
+        # copies and touched records do not), so the run's end need not rebuild it a second time.
+        self.review_csv_current = False
 
     def is_done(self, path: Path, size: int, mtime_ns: int) -> bool:
         return (str(path), size, mtime_ns) in self.known
@@ -222,6 +225,8 @@ class _WorkspaceSink:
         """The manifest (register + predictions + flags), then the copy records, then _review.csv (rebuilt)."""
         from loop.data.ingest import ImageInfo, register_images
 
+        flagged = any(p.flagged for p in placed)
+        self.review_csv_current = self.review_csv_current and not flagged  # until rebuilt below
         infos = [ImageInfo(image_id=p.rec.image_id or "", path=str(p.rec.path), phash=p.rec.phash,
                            taken_at=p.rec.taken_at) for p in placed]
         report.registered += register_images(self.ws, infos, source="user")
@@ -240,8 +245,9 @@ class _WorkspaceSink:
                 "dest_mtime_ns": st.st_mtime_ns, "status": "present", "checked_at": now, "placed_by": "sort",
             })
         copies.append_records(self.ws, records)
-        if any(p.flagged for p in placed):
+        if flagged:
             write_review_csv(self.ws, self.dest)
+            self.review_csv_current = True
 
 
 class _RayRemote:
