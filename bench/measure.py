@@ -15,7 +15,8 @@ from pathlib import Path
 
 
 class PeakRSS:
-    """Samples VmRSS of this process and of its children every 0.1 s (Linux /proc)."""
+    """Samples VmRSS of this process and of its descendants every 0.1 s (Linux /proc): the decode workers
+    are the fork server's children, not this process's."""
 
     def __init__(self) -> None:
         self.main_mb = 0.0
@@ -37,10 +38,14 @@ class PeakRSS:
             mine = self._status(me)
             if "VmRSS" in mine:
                 self.main_mb = max(self.main_mb, int(mine["VmRSS"].split()[0]) / 1024)
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                fields = self._status(pid)
-                if fields.get("PPid", "").strip() == me and "VmRSS" in fields:
-                    self.child_mb = max(self.child_mb, int(fields["VmRSS"].split()[0]) / 1024)
+            every = {pid: self._status(pid) for pid in filter(str.isdigit, os.listdir("/proc"))}
+            family, grew = {me}, True
+            while grew:
+                below = {pid for pid, f in every.items() if f.get("PPid", "").strip() in family}
+                grew, family = not below <= family, family | below
+            for pid in family - {me}:
+                if "VmRSS" in every[pid]:
+                    self.child_mb = max(self.child_mb, int(every[pid]["VmRSS"].split()[0]) / 1024)
 
     def __enter__(self) -> PeakRSS:
         self._thread.start()
