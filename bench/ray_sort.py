@@ -2,7 +2,7 @@
 
 On N large JPEGs (default 200 of 4000x3000, ~2 MB, made like bench/sort.py; written to a temp folder):
 
-  (a) local      - `sort_folder(engine="local")`: decode worker processes + ONNX Runtime in this process;
+  (a) local      - `sort_folder(engine="local")`: decode worker processes, each with its own ONNX Runtime model;
   (b) ray        - `sort_folder(engine="ray")` on a local Ray instance with every CPU of this machine: the
                    same photos, decoded, predicted and copied by an actor pool (actor start-up included;
                    Ray's own start is timed once, apart: a cluster is started once, not per sort);
