@@ -80,7 +80,7 @@ class SortConfig(Section):
     """Sorting and flagging."""
 
     batch_size: int = Field(32, ge=1, le=4096)
-    workers: int = Field(2, ge=0, le=256)  # decode processes; 0 = decode in the main process
+    workers: int = Field(2, ge=0, le=256)  # decode+predict processes; 0 = all in the main process
     flag_strategy: Literal["auto", "least_confidence", "margin", "entropy"] = "auto"  # auto: the model's pick
     flag_target: float = Field(0.8, gt=0.0, le=1.0)  # share of the model's mistakes the flags should catch
     flag_budget: float | None = Field(None, gt=0.0, le=1.0)  # or: share of photos to flag (wins over target)
@@ -267,7 +267,7 @@ unfamiliar_max_share = 0.05   # its threshold sends at most this share of new in
 
 [sort]
 batch_size = 32
-workers = 2                   # decode processes
+workers = 2                   # decode processes, each with its own copy of the model
 flag_strategy = "auto"        # the strategy that catches flag_target with the fewest flags (out-of-fold);
                               # or "least_confidence", "margin", "entropy"
 flag_target = 0.8             # flag enough photos to catch this share of the model's mistakes (estimated
