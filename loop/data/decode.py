@@ -164,17 +164,21 @@ class WorkerSetup:
     initializer: Callable[..., None] | None = None
     initargs: tuple = ()
     preload: tuple[str, ...] = ()  # modules for the fork server to import (`pool_context`)
+    # Run in a worker once it started: what it raises is the run's error (a model that did not load), raised
+    # at the first read as it is, instead of "did not start"
+    check: Callable[[], object] = _ping
 
 
 def _start_pool(workers: int, setup: WorkerSetup) -> tuple[ProcessPoolExecutor, Future]:
     """A pool of `workers` decode processes; the returned ping future says whether they started."""
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=pool_context(setup.preload),
                                initializer=setup.initializer, initargs=setup.initargs)
-    return pool, pool.submit(_ping)
+    return pool, pool.submit(setup.check)
 
 
 def _check_started(pool: ProcessPoolExecutor, ping: Future) -> None:
-    """A pool whose processes cannot start is an error for the whole run, not N failed files."""
+    """A pool whose processes cannot start is an error for the whole run, not N failed files; so is what
+    the setup's `check` raised there (e.g. a ModelError)."""
     try:
         ping.result(timeout=POOL_START_TIMEOUT_S)
     except (BrokenProcessPool, TimeoutError) as exc:
@@ -183,6 +187,9 @@ def _check_started(pool: ProcessPoolExecutor, ping: Future) -> None:
             f"decoder worker processes did not start ({type(exc).__name__}). If you call sortloop from a "
             "script, put the call under `if __name__ == \"__main__\":`; or set sort.workers = 0"
         ) from None
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
 
 
 class DecodeStream:

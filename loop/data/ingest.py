@@ -14,6 +14,7 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,15 +244,19 @@ def _check_class_folders(root: Path, files: list[Path], classes: list[str] | Non
 
 
 def register_images(
-    ws: Workspace, infos: list[ImageInfo], *, source: str = "user", label_source: str = FOLDER
+    ws: Workspace, infos: list[ImageInfo], *, source: str = "user", label_source: str = FOLDER,
+    also: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
 ) -> int:
     """Add images not yet in the manifest (by image_id): items inferred, labels kept in the history, splits
     assigned. Returns how many rows were added. Safe to call concurrently (manifest lock).
 
+    `also`: a further change (no labels: those go through `manifest.set_labels`) committed in the same
+    write, e.g. a sort's predictions, so each flush of a sort reads and writes the manifest once.
+
     Raises:
         ClassNameError: a label cannot be a class (nothing is written then).
     """
-    if not infos:
+    if not infos and also is None:
         return 0
     for label in {i.label for i in infos if i.label is not None}:
         check_class_name(label)
@@ -267,6 +272,8 @@ def register_images(
             seen.add(info.image_id)
             fresh.append(info)
         if not fresh:
+            if also is not None:
+                manifest.commit_with_history(ws, also(df), [])
             return 0
         stamp = manifest.now_utc()
         new = conform(
@@ -303,5 +310,5 @@ def register_images(
             for i in fresh
             if i.label
         ]
-        manifest.commit_with_history(ws, combined, history)
+        manifest.commit_with_history(ws, combined if also is None else also(combined), history)
         return len(fresh)

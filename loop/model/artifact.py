@@ -202,6 +202,11 @@ def read_spec(model_dir: Path | str) -> dict:
     return spec
 
 
+def spec_version(spec: dict, model_dir: Path | str) -> str:
+    """The artifact's version name: model.json's, else its folder's name."""
+    return str(spec.get("version", Path(model_dir).name))
+
+
 def check_files(model_dir: Path | str, names: tuple[str, ...] | None = None) -> dict:
     """The spec, after checking the artifact's files against `model.json["checksums"]` (all listed files,
     or only `names`): each must exist and hash as recorded. An artifact older than checksums is only
@@ -272,7 +277,7 @@ class Predictor:
             raise ModelError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
         self.model_dir = Path(model_dir)
         self.spec = read_spec(self.model_dir)
-        self.version: str = str(self.spec.get("version", self.model_dir.name))
+        self.version: str = spec_version(self.spec, self.model_dir)
         self.classes: list[str] = list(self.spec["classes"])
         self.image_size: int = int(self.spec["image_size"])
         self.mean: tuple[float, ...] = tuple(float(v) for v in self.spec["mean"])

@@ -269,15 +269,20 @@ def save_familiarity(familiarity: Familiarity, summary: dict, model_dir: Path | 
             "negative_rows": int(len(familiarity.negatives))}
 
 
+def has_familiarity(spec: dict) -> bool:
+    """Whether the model has the unfamiliar score (a model trained before it existed has not)."""
+    return bool(spec.get("unfamiliar"))
+
+
 def load_familiarity(model_dir: Path | str, spec: dict) -> Familiarity | None:
     """The version's Familiarity, or None for a model trained before the score existed (it sorts as before).
 
     Raises:
         ModelError: model.json names a reference file that is missing, damaged or of the wrong shape.
     """
-    section = spec.get("unfamiliar")
-    if not section:
+    if not has_familiarity(spec):
         return None
+    section = spec["unfamiliar"]
     path = Path(model_dir) / str(section.get("file", REFERENCE_FILE))
     if not path.is_file():
         raise ModelError(f"{path} not found: the model's unfamiliar-photo reference set is missing; copy the "

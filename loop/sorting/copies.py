@@ -92,12 +92,14 @@ def load_records(ws: Workspace, dest_root: Path | None = None) -> pd.DataFrame:
     return df
 
 
-def append_records(ws: Workspace, rows: list[dict]) -> None:
+def append_records(ws: Workspace, rows: list[dict]) -> pd.DataFrame:
     """Add copy records under the table lock; a row whose (source, dest path, image) is already recorded as
-    present is skipped, so replaying a write (a retry after a failure) never doubles a record."""
-    if not rows:
-        return
+    present is skipped, so replaying a write (a retry after a failure) never doubles a record. Returns every
+    record, as written."""
     import pandas as pd
+
+    if not rows:
+        return load_records(ws)
 
     from loop.tables import update_table
 
@@ -109,7 +111,7 @@ def append_records(ws: Workspace, rows: list[dict]) -> None:
         fresh = new[[k not in known for k in new[key].itertuples(index=False, name=None)]].drop_duplicates(key)
         return pd.concat([df, fresh], ignore_index=True) if len(df) else fresh
 
-    update_table(records_path(ws), RECORD_COLUMNS, change)
+    return update_table(records_path(ws), RECORD_COLUMNS, change)
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -171,6 +172,12 @@ def record_predictions(ws: Workspace, preds: dict[str, tuple[str, float, float, 
     """Predictions into the manifest (`{image_id: (label, conf, score, flagged)}`), and a flag on flagged
     images no person has labeled: `unfamiliar` for the ids in `unfamiliar` (they went to the unfamiliar
     folder; it replaces `low_confidence`, it says more), else `low_confidence` where no flag is set yet."""
+    manifest.update(ws, prediction_change(preds, version, unfamiliar))
+
+
+def prediction_change(preds: dict[str, tuple[str, float, float, bool]], version: str,
+                      unfamiliar: set[str] | frozenset[str] = frozenset()) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """`record_predictions` as a change of the manifest frame (a sort's flush commits it with the new rows)."""
 
     def apply(df: pd.DataFrame) -> pd.DataFrame:  # column-wise: it runs on every flush of a sort
         rows = df["image_id"].isin(preds.keys()).to_numpy()
@@ -192,7 +199,7 @@ def record_predictions(ws: Workspace, preds: dict[str, tuple[str, float, float, 
         df.loc[where[to_unsure], "flag"] = LOW_CONFIDENCE
         return df
 
-    manifest.update(ws, apply)
+    return apply
 
 
 class _WorkspaceSink:
@@ -222,16 +229,23 @@ class _WorkspaceSink:
         return True
 
     def flush(self, placed: list[Placed], report: SortReport) -> None:
-        """The manifest (register + predictions + flags), then the copy records, then _review.csv (rebuilt)."""
+        """The manifest (new rows + predictions + flags, one write), then the copy records, then _review.csv
+        (rebuilt from the two tables just written, not read back)."""
         from loop.data.ingest import ImageInfo, register_images
 
         flagged = any(p.flagged for p in placed)
         self.review_csv_current = self.review_csv_current and not flagged  # until rebuilt below
         infos = [ImageInfo(image_id=p.rec.image_id or "", path=str(p.rec.path), phash=p.rec.phash,
                            taken_at=p.rec.taken_at) for p in placed]
-        report.registered += register_images(self.ws, infos, source="user")
-        record_predictions(self.ws, {p.rec.image_id or "": (p.label, p.conf, p.score, p.flagged) for p in placed},
-                           report.model_version, {p.rec.image_id or "" for p in placed if p.unfamiliar})
+        predict = prediction_change({p.rec.image_id or "": (p.label, p.conf, p.score, p.flagged) for p in placed},
+                                    report.model_version, {p.rec.image_id or "" for p in placed if p.unfamiliar})
+        committed: list[pd.DataFrame] = []
+
+        def predictions(df: pd.DataFrame) -> pd.DataFrame:
+            committed.append(predict(df))
+            return committed[-1]
+
+        report.registered += register_images(self.ws, infos, source="user", also=predictions)
         records = []
         for p in placed:
             st = p.final.stat()
@@ -244,9 +258,9 @@ class _WorkspaceSink:
                 "run_id": report.run_id, "category": p.folder, "dest_size": st.st_size,
                 "dest_mtime_ns": st.st_mtime_ns, "status": "present", "checked_at": now, "placed_by": "sort",
             })
-        copies.append_records(self.ws, records)
+        every_record = copies.append_records(self.ws, records)
         if flagged:
-            write_review_csv(self.ws, self.dest)
+            write_review_csv(self.ws, self.dest, tables=(every_record, committed[-1]))
             self.review_csv_current = True
 
 

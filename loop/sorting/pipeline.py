@@ -42,11 +42,12 @@ from loop.data.decode import (
 )
 from loop.data.images import iter_image_files
 from loop.errors import DiskFullError, ModelError, SortloopError, first_disk_full, is_disk_full, stopped_by_full_disk
-from loop.model.artifact import Prediction, Predictor, read_spec
+from loop.model.artifact import Prediction, Predictor, read_spec, spec_version
 from loop.phases import PhaseClock
 from loop.progress import ProgressCallback, no_progress
 from loop.scoring.flagging import describe, settings_point
 from loop.scoring.strategies import Strategy, get_strategy
+from loop.scoring.unfamiliar import has_familiarity
 from loop.sorting import copies, model_workers
 from loop.sorting.copier import Copier, Done, Placed
 from loop.sorting.report import SortReport
@@ -153,29 +154,36 @@ def sort_into(
     else:
         workers, chunk = default_workers(options.workers), 4
         setup = WorkerSetup(model_workers.load_model, (str(model_dir), options.runtime, options.precision),
-                            preload=(model_workers.__name__,))
+                            preload=(model_workers.__name__,), check=model_workers.check_model)
         stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
                                prefetch=max(4 * workers, 2 * options.batch_size // chunk), describe=sink.describe,
                                decode_fn=model_workers.decode_and_predict if workers else decode_chunk, setup=setup)
     try:
-        # Loaded here too: its errors are the run's (one line, before any copy), and without workers it predicts.
-        predictor = Predictor(model_dir, options.runtime, precision=options.precision,
-                              threads=model_threads(workers) if remote is None else None)
-        check_classes(predictor.classes)
-        check_category_folders(dest, predictor.classes + ([options.other_folder] if predictor.familiarity else []))
+        # With workers, they load the model (what fails there is raised at the first read, before any copy) and
+        # this process needs only model.json; it loads the model itself when it predicts (no workers) or a
+        # remote engine needs it.
+        predictor = None
+        if remote is not None or not workers:
+            predictor = Predictor(model_dir, options.runtime, precision=options.precision,
+                                  threads=model_threads(workers) if remote is None else None)
+        classes = list(spec["classes"])
+        check_classes(classes)
+        check_category_folders(dest, classes + ([options.other_folder] if has_familiarity(spec) else []))
         total = sum(1 for _ in iter_image_files(src, skip=skip_dirs, on_error=lambda f, why: None))
     except BaseException:
         stream.close()
         raise
-    report.model_version = predictor.version
-    logger.info("sorting %s -> %s with %r (run %s)", src, dest, predictor, report.run_id)
+    report.model_version = spec_version(spec, model_dir)
+    logger.info("sorting %s -> %s with %s (run %s)", src, dest, predictor or f"{report.model_version} in "
+                f"{workers} workers", report.run_id)
     on_progress(processed, total)
 
-    placement = _Placement(src, dest, predictor.classes, get_strategy(point["strategy"]), point["threshold"], options)
+    placement = _Placement(src, dest, classes, get_strategy(point["strategy"]), point["threshold"], options)
     pending: list[Placed] = []
     copier = Copier(report, pending)
     clock = PhaseClock()  # the run's profile (report.stages), printed by bench/sort.py
     if isinstance(stream, _Listed):
+        assert predictor is not None
         predicted = _placed_batches(remote(stream.paths, model_dir, predictor), report)
     else:
         predicted = _predicted_batches(stream, predictor, options.batch_size, report, clock)
@@ -327,10 +335,10 @@ class _Listed:
 Predicted = Iterator[tuple[list[Decoded], "Prediction | None", "list[Done] | None", int]]
 
 
-def _predicted_batches(stream: DecodeStream | SerialStream, predictor: Predictor, size: int, report: SortReport,
-                       clock: PhaseClock) -> Predicted:
+def _predicted_batches(stream: DecodeStream | SerialStream, predictor: Predictor | None, size: int,
+                       report: SortReport, clock: PhaseClock) -> Predicted:
     """Local engine: (decoded batch, prediction, None = copies still to make, failures): the workers'
-    predictions (`model_workers.Predicted`), or with no workers the model here."""
+    predictions (`model_workers.Predicted`), or with no workers (`predictor`) the model here."""
     stages = report.stages
     for batch, failures in _batches(stream, size, report):
         clock.lap("wait_decode")
@@ -338,6 +346,7 @@ def _predicted_batches(stream: DecodeStream | SerialStream, predictor: Predictor
         if batch and all(isinstance(rec, model_workers.Predicted) for rec in batch):
             prediction = Prediction.concat([rec.prediction for rec in batch])  # type: ignore[attr-defined,misc]
         elif batch:
+            assert predictor is not None, "decoded without a prediction, and no model here"
             prediction = predictor.predict_with_familiarity(np.stack([rec.pixels for rec in batch]))
         clock.lap("predict")
         for rec in batch:

@@ -30,7 +30,11 @@ from loop.scoring.flagging import settings_point
 from loop.sorting import copies, dest_copies
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from loop.workspace import Workspace
+
+    Tables = tuple[pd.DataFrame, pd.DataFrame]  # (copy records, manifest)
 
 logger = logging.getLogger(__name__)
 
@@ -39,19 +43,21 @@ REVIEW_COLUMNS = ["dest_path", "source_path", "pred_label", "pred_conf", "score"
                   "image_id", "sorted_at", "flag"]  # flag: low_confidence, or unfamiliar (in the unfamiliar folder)
 
 
-def pending_rows(ws: Workspace, dest: Path) -> list[dict[str, str]]:
-    """The flagged copies under `dest` that no person has labeled or reviewed yet, sorted by path."""
+def pending_rows(ws: Workspace, dest: Path, tables: Tables | None = None) -> list[dict[str, str]]:
+    """The flagged copies under `dest` that no person has labeled or reviewed yet, sorted by path.
+
+    `tables`: (every copy record, the manifest) as the caller just wrote them; else both are read."""
     import pandas as pd
 
     from loop.data import manifest
 
-    every = copies.load_records(ws, dest)
+    every = copies.load_records(ws, dest) if tables is None else tables[0][tables[0]["dest_root"] == str(dest)]
     records = every[(every["status"] == "present") & every["flagged"].fillna(False).astype(bool)]
     from_pc = [r for r in dest_copies.read_rows(dest) if r.get("flagged") == "1"
                and r["record_id"] not in set(every["record_id"])]  # the standalone sorter's, not imported yet
     if records.empty and not from_pc:
         return []
-    df = manifest.load(ws).set_index("image_id")
+    df = (manifest.load(ws) if tables is None else tables[1]).set_index("image_id")
     reviewed = df["review_status"].eq("reviewed").fillna(False).to_numpy(bool)
     human = reviewed | labeled_after_sorting(df)  # the manifest always has the column
     done = set(df.index[human])
@@ -84,10 +90,11 @@ def _strategy(ws: Workspace, version: str, cache: dict[str, str]) -> str:
     return cache[version]
 
 
-def write_review_csv(ws: Workspace, dest: Path) -> Path:
-    """Rebuild `dest/_review.csv` atomically from the records and the manifest; returns its path."""
+def write_review_csv(ws: Workspace, dest: Path, tables: Tables | None = None) -> Path:
+    """Rebuild `dest/_review.csv` atomically from the records and the manifest (`tables`: as `pending_rows`);
+    returns its path."""
     path = Path(dest) / REVIEW_CSV
-    rows = pending_rows(ws, Path(dest))
+    rows = pending_rows(ws, Path(dest), tables)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=REVIEW_COLUMNS, lineterminator="\n")
     writer.writeheader()

@@ -56,3 +56,28 @@ def test_a_worker_that_dies_fails_only_its_photo_and_the_new_workers_predict(sor
     assert [r.ok for r in results] == [True, True, False, True, True, True, True]
     assert "crashed" in (results[2].error or "")
     assert all(isinstance(r, model_workers.Predicted) for i, r in enumerate(results) if i != 2)
+
+
+def test_a_model_that_does_not_load_in_the_workers_is_the_runs_error_before_any_copy(ws, sort_model: Path,
+                                                                                    shared_data: Path,
+                                                                                    tmp_path: Path) -> None:
+    """The main process loads no model when workers predict: the workers' ModelError is raised as it is (not
+    "worker processes did not start"), and nothing is copied or recorded."""
+    import pytest
+
+    from loop.errors import ModelError
+    from loop.model.artifact import ONNX_FILE
+    from loop.sorting import copies
+    from loop.sorting.folder import sort_folder
+    from tests.helpers.sorting import deploy_copy
+
+    assert ws.settings.sort.workers > 0
+    deploy_copy(ws, sort_model)
+    onnx = ws.models_dir / "v0001" / ONNX_FILE
+    onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
+    sample_ikea(shared_data, tmp_path / "inbox", per_class=1, classes=3)
+    with pytest.raises(ModelError, match="damaged") as raised:
+        sort_folder(ws, tmp_path / "inbox", tmp_path / "sorted")
+    assert "did not start" not in str(raised.value)
+    assert not [p for p in (tmp_path / "sorted").rglob("*.jpg")]
+    assert copies.load_records(ws).empty

@@ -180,6 +180,55 @@ def test_flags_follow_threshold_and_review_csv(ws, sort_model, shared_data, tmp_
     assert set(df.index[df.flag == "low_confidence"]) == flagged_ids
 
 
+def test_each_flush_writes_the_manifest_once_and_its_review_csv_is_the_one_read_from_disk(
+        ws, sort_model, shared_data, tmp_path, monkeypatch) -> None:
+    """A flush commits its new rows and their predictions in one manifest write, and lists the flagged copies
+    from the tables it just wrote: the same `_review.csv` as a rebuild that reads both back."""
+    from loop.sorting import pipeline
+    from loop.sorting.folder import _WorkspaceSink
+    from loop.sorting.review_csv import write_review_csv
+
+    deploy_copy(ws, sort_model)
+    src = tmp_path / "inbox"
+    photos = sample_ikea(shared_data, src, per_class=3, classes=4)
+    monkeypatch.setattr(pipeline, "FLUSH_EVERY", 3)  # several flushes in one run
+    monkeypatch.setenv("SORTLOOP_SORT__BATCH_SIZE", "3")
+    monkeypatch.setenv("SORTLOOP_SORT__FLAG_BUDGET", "0.5")  # about half flagged: a list to compare
+    fresh = Workspace(ws.root)
+    writes: list[Path] = []
+    real_write = manifest.write_table_atomic
+
+    def counting_write(df, path):
+        writes.append(Path(path))
+        return real_write(df, path)
+
+    monkeypatch.setattr(manifest, "write_table_atomic", counting_write)
+    monkeypatch.setattr("loop.tables.write_table_atomic", counting_write)
+    flushes = []
+    real_flush = _WorkspaceSink.flush
+
+    def counting_flush(self, placed, report):
+        flushes.append(len(placed))
+        return real_flush(self, placed, report)
+
+    monkeypatch.setattr(_WorkspaceSink, "flush", counting_flush)
+    dest = tmp_path / "sorted"
+    report = sort_folder(fresh, src, dest)
+    assert report.ok and report.copied == len(photos) and 0 < report.flagged < len(photos)
+    manifest_writes = sum(p == manifest.manifest_path(fresh) for p in writes)
+    assert len(flushes) > 1 and sum(flushes) == len(photos)
+    assert manifest_writes == len(flushes)  # one per flush (its new rows and their predictions were two)
+    df = manifest.load(fresh).set_index("image_id")
+    records = copies.load_records(fresh, dest)
+    assert df.loc[records.image_id, "pred_label"].tolist() == records.label.tolist()
+    assert set(df.index[df.flag == "low_confidence"]) == set(records.image_id[records.flagged])
+    written = (dest / REVIEW_CSV).read_bytes()
+    (dest / REVIEW_CSV).unlink()
+    write_review_csv(fresh, dest)  # from the tables on disk
+    assert (dest / REVIEW_CSV).read_bytes() == written
+    assert written.count(b"\n") == 1 + report.flagged
+
+
 def test_flags_follow_the_target_through_the_models_catch_curve(ws, sort_model, shared_data, tmp_path,
                                                                 monkeypatch) -> None:
     """The deployed model's stored catch curve turns `sort.flag_target` into the threshold sort uses."""
