@@ -169,18 +169,20 @@ class WorkerSetup:
     check: Callable[[], object] = _ping
 
 
-def _start_pool(workers: int, setup: WorkerSetup) -> tuple[ProcessPoolExecutor, Future]:
-    """A pool of `workers` decode processes; the returned ping future says whether they started."""
+def _start_pool(workers: int, setup: WorkerSetup) -> tuple[ProcessPoolExecutor, list[Future]]:
+    """A pool of `workers` decode processes, all started (one check each: a pool starts its processes as
+    tasks arrive); the returned futures say whether they started."""
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=pool_context(setup.preload),
                                initializer=setup.initializer, initargs=setup.initargs)
-    return pool, pool.submit(setup.check)
+    return pool, [pool.submit(setup.check) for _ in range(workers)]
 
 
-def _check_started(pool: ProcessPoolExecutor, ping: Future) -> None:
+def _check_started(pool: ProcessPoolExecutor, pings: list[Future]) -> None:
     """A pool whose processes cannot start is an error for the whole run, not N failed files; so is what
     the setup's `check` raised there (e.g. a ModelError)."""
     try:
-        ping.result(timeout=POOL_START_TIMEOUT_S)
+        for ping in pings:
+            ping.result(timeout=POOL_START_TIMEOUT_S)
     except (BrokenProcessPool, TimeoutError) as exc:
         pool.shutdown(wait=False, cancel_futures=True)
         raise SortloopError(
@@ -192,13 +194,61 @@ def _check_started(pool: ProcessPoolExecutor, ping: Future) -> None:
         raise
 
 
+class PoolStart:
+    """Decode worker processes starting in a thread, before their stream has paths.
+
+    Why a thread: the first start of a fork server blocks ~0.3 s (it imports numpy, Pillow and the model
+    runtime before it forks), and each worker then runs the setup (loads the model); the caller meanwhile
+    reads its records and checks its folders. A `DecodeStream` takes the pool over (`decode_stream(...,
+    start=...)`); `close` stops it if none did, and is safe to call twice.
+    """
+
+    def __init__(self, workers: int, setup: WorkerSetup) -> None:
+        self.workers, self.setup = workers, setup
+        self.pool: ProcessPoolExecutor | None = None
+        self.pings: list[Future] = []
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, name="sortloop-decode-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            self.pool, self.pings = _start_pool(self.workers, self.setup)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread, by `wait`
+            self.error = exc
+
+    def started(self) -> ProcessPoolExecutor | None:
+        """The pool once its processes were asked to start (None: they could not be; `wait` says why)."""
+        self._thread.join()
+        return self.pool
+
+    def wait(self) -> ProcessPoolExecutor:
+        """The started pool, its workers' checks passed, or the error that stopped it (one line)."""
+        if self.started() is None:
+            raise SortloopError(f"decoder worker processes did not start ({self.error}); "
+                                "or set sort.workers = 0") from self.error
+        assert self.pool is not None
+        _check_started(self.pool, self.pings)
+        return self.pool
+
+    def close(self) -> None:
+        if self.started() is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
+
+    def __enter__(self) -> PoolStart:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class DecodeStream:
-    """The parallel pipeline behind `decode_stream`: starts its worker processes and the first tasks at
-    construction, in a thread (so they warm up while the caller loads its model), yields `Decoded` in input
-    order."""
+    """The parallel pipeline behind `decode_stream`: its worker processes start (`PoolStart`) and, as soon as
+    they exist, the first tasks are submitted, in a thread (so they warm up while the caller prepares), and
+    it yields `Decoded` in input order."""
 
     def __init__(self, paths: Iterable[Path], size: int, *, workers: int, chunk: int, prefetch: int,
-                 describe: bool, decode_fn: DecodeFn, setup: WorkerSetup) -> None:
+                 describe: bool, decode_fn: DecodeFn, setup: WorkerSetup, start: PoolStart | None = None) -> None:
         self.source = iter(paths)
         self.size, self.workers, self.chunk, self.prefetch = size, workers, chunk, prefetch
         self.describe, self.decode_fn, self.setup = describe, decode_fn, setup
@@ -206,20 +256,19 @@ class DecodeStream:
         self.queue: deque[_Task] = deque()
         self._closed = False
         self.pool: ProcessPoolExecutor | None = None
-        self._ping: Future | None = None
-        self._start_error: BaseException | None = None
-        # A thread: the first start of a fork server blocks ~0.3 s (it imports numpy, Pillow and the model
-        # runtime before it forks), which the caller spends loading its model and counting the tree.
-        self._starter = threading.Thread(target=self._start, name="sortloop-decode-start", daemon=True)
-        self._starter.start()
+        self._start = start or PoolStart(workers, setup)
+        self._first_error: BaseException | None = None
+        self._first_tasks = threading.Thread(target=self._submit_first, name="sortloop-decode-first", daemon=True)
+        self._first_tasks.start()
         self._gen = self._run()
 
-    def _start(self) -> None:
-        try:
-            self.pool, self._ping = _start_pool(self.workers, self.setup)
-            self._refill()
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread, at its first read
-            self._start_error = exc
+    def _submit_first(self) -> None:
+        self.pool = self._start.started()
+        if self.pool is not None:
+            try:
+                self._refill()
+            except BaseException as exc:  # noqa: BLE001 - a failing source: raised at the first read
+                self._first_error = exc
 
     def __iter__(self) -> DecodeStream:
         return self
@@ -237,10 +286,11 @@ class DecodeStream:
         """Stop: cancel what is queued and let the worker processes exit."""
         if not self._closed:
             self._closed = True
-            self._starter.join()
+            self._first_tasks.join()
             self._gen.close()
             if self.pool is not None:
                 self.pool.shutdown(wait=False, cancel_futures=True)
+            self._start.close()
 
     def _submit(self, task: _Task) -> None:
         task.future = self.pool.submit(self.decode_fn, task.paths, self.size, self.describe)  # type: ignore[union-attr]
@@ -257,19 +307,16 @@ class DecodeStream:
 
     def _restart_pool(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
-        self.pool, ping = _start_pool(self.workers, self.setup)
-        _check_started(self.pool, ping)
+        self.pool, pings = _start_pool(self.workers, self.setup)
+        _check_started(self.pool, pings)
         self.generation += 1
         logger.warning("a decoder process died; restarted the pool")
 
     def _run(self) -> Iterator[Decoded]:
-        self._starter.join()
-        if self.pool is None or self._ping is None:
-            raise SortloopError(f"decoder worker processes did not start ({self._start_error}); "
-                                "or set sort.workers = 0") from self._start_error
-        if self._start_error is not None:
-            raise self._start_error
-        _check_started(self.pool, self._ping)
+        self._first_tasks.join()
+        self.pool = self._start.wait()
+        if self._first_error is not None:
+            raise self._first_error
         queue = self.queue
         while True:
             if not any(t.suspect for t in queue):  # new work waits until every suspect has run alone
@@ -317,6 +364,7 @@ def decode_stream(
     describe: bool = True,
     decode_fn: DecodeFn = decode_chunk,
     setup: WorkerSetup | None = None,
+    start: PoolStart | None = None,
 ) -> DecodeStream | SerialStream:
     """Decode `paths` lazily, in order, with at most `prefetch` chunks of `chunk` files in flight.
 
@@ -332,6 +380,7 @@ def decode_stream(
         describe: compute pHash and EXIF time too.
         decode_fn: module-level function (picklable) doing the work; tests swap it.
         setup: what each worker process runs first (ignored with workers = 0).
+        start: its workers, started earlier with `workers` and `setup` (`PoolStart`); the stream owns them now.
     Yields:
         One `Decoded` per path, in input order.
     Raises:
@@ -345,7 +394,7 @@ def decode_stream(
     if workers <= 0:
         return _serial(iter(paths), size, describe, decode_fn)
     return DecodeStream(paths, size, workers=workers, chunk=chunk, prefetch=prefetch or 4 * workers,
-                        describe=describe, decode_fn=decode_fn, setup=setup or WorkerSetup())
+                        describe=describe, decode_fn=decode_fn, setup=setup or WorkerSetup(), start=start)
 
 
 class SerialStream:

@@ -35,6 +35,7 @@ and an existing `user_moved` flag is never replaced.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -62,6 +63,7 @@ from loop.sorting.pipeline import (  # noqa: F401  (SortReport is part of this m
     check_folders,
     check_writable,
     sort_into,
+    start_model_workers,
 )
 from loop.sorting.review_csv import write_review_csv
 from loop.workspace import Workspace
@@ -122,41 +124,45 @@ def _sort_locked(ws: Workspace, src: Path, dest: Path, *, keep_tree: bool | None
     dest_is_new = not dest.exists()
     started = time.perf_counter()
 
-    # The model is fixed here, once: a deploy during the run changes the pointer, not this folder.
+    # The model is fixed here, once: a deploy during the run changes the pointer, not this folder. Its workers
+    # start now, loading it while the records are read (the sort takes them over).
     model_dir = current_model_dir(ws)
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + copies.new_record_id()[:6]
-    report = SortReport(src=str(src), dest=str(dest), run_id=run_id)
+    workers = start_model_workers(model_dir, options) if engine == "local" else None
+    with workers or contextlib.nullcontext():  # stopped here if the sort never took them over
+        run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + copies.new_record_id()[:6]
+        report = SortReport(src=str(src), dest=str(dest), run_id=run_id)
 
-    # Resume: what earlier runs already copied from here into this destination. If the whole destination
-    # is gone, so are its copies: their records are retired (a full re-sort follows, and scan must not
-    # mistake the new copies for moves of the old ones).
-    done = copies.load_records(ws, dest)
-    done = done[done["status"] != "gone"]
-    if dest_is_new and len(done):
-        logger.info("%s no longer exists: retiring %d records of earlier sorts into it", dest, len(done))
-        copies.update_records(ws, {rid: {"status": "gone"} for rid in done["record_id"]})
-        done = done.iloc[0:0]
-    check_writable(dest)  # a read-only DEST is one line before any photo is read
-    sink = _WorkspaceSink(ws, dest, done)
-    remote = _RayRemote(ws, src, dest, options, sink) if engine == "ray" else None
-    disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
-    try:
-        sort_into(src, dest, model_dir, sink, report, options=options, on_progress=on_progress, remote=remote)
-    except DiskFullError as exc:
-        disk_full = exc
-    finally:
-        report.seconds = time.perf_counter() - started
-        for finish in (lambda: copies.update_records(ws, sink.touched), lambda: sink.review_csv_current or
-                       write_review_csv(ws, dest), lambda: _log_run(ws, report)):
-            try:
-                finish()
-            except OSError as exc:
-                disk_full = first_disk_full(exc, disk_full)
-    if disk_full is not None:
-        logger.info("stopped: disk full (%s). %s", disk_full, report.summary())  # the CLI prints it once
-        raise stopped_by_full_disk(disk_full, dest, report.summary()) from None
-    logger.info(report.summary())
-    return report
+        # Resume: what earlier runs already copied from here into this destination. If the whole destination
+        # is gone, so are its copies: their records are retired (a full re-sort follows, and scan must not
+        # mistake the new copies for moves of the old ones).
+        done = copies.load_records(ws, dest)
+        done = done[done["status"] != "gone"]
+        if dest_is_new and len(done):
+            logger.info("%s no longer exists: retiring %d records of earlier sorts into it", dest, len(done))
+            copies.update_records(ws, {rid: {"status": "gone"} for rid in done["record_id"]})
+            done = done.iloc[0:0]
+        check_writable(dest)  # a read-only DEST is one line before any photo is read
+        sink = _WorkspaceSink(ws, dest, done)
+        remote = _RayRemote(ws, src, dest, options, sink) if engine == "ray" else None
+        disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
+        try:
+            sort_into(src, dest, model_dir, sink, report, options=options, on_progress=on_progress, remote=remote,
+                      workers=workers)
+        except DiskFullError as exc:
+            disk_full = exc
+        finally:
+            report.seconds = time.perf_counter() - started
+            for finish in (lambda: copies.update_records(ws, sink.touched), lambda: sink.review_csv_current or
+                           write_review_csv(ws, dest), lambda: _log_run(ws, report)):
+                try:
+                    finish()
+                except OSError as exc:
+                    disk_full = first_disk_full(exc, disk_full)
+        if disk_full is not None:
+            logger.info("stopped: disk full (%s). %s", disk_full, report.summary())  # the CLI prints it once
+            raise stopped_by_full_disk(disk_full, dest, report.summary()) from None
+        logger.info(report.summary())
+        return report
 
 
 def sort_options(ws: Workspace, *, keep_tree: bool | None = None) -> SortOptions:

@@ -33,6 +33,7 @@ from loop.data.classnames import class_name_problem, twin_problem
 from loop.data.decode import (
     Decoded,
     DecodeStream,
+    PoolStart,
     SerialStream,
     WorkerSetup,
     decode_chunk,
@@ -107,15 +108,28 @@ class Sink(Protocol):
         `DEST/_review.csv`."""
 
 
+def start_model_workers(model_dir: Path, options: SortOptions) -> PoolStart | None:
+    """Start the decode workers that predict with the artifact in `model_dir` (None: `sort.workers` is 0), so
+    they load while the caller prepares; `sort_into(..., workers=...)` takes them over."""
+    workers = default_workers(options.workers)
+    if not workers:
+        return None
+    setup = WorkerSetup(model_workers.load_model, (str(model_dir), options.runtime, options.precision),
+                        preload=(model_workers.__name__,), check=model_workers.check_model)
+    return PoolStart(workers, setup)
+
+
 def sort_into(
     src: Path, dest: Path, model_dir: Path, sink: Sink, report: SortReport, *,
     options: SortOptions, on_progress: ProgressCallback | None = None, remote: Remote | None = None,
+    workers: PoolStart | None = None,
 ) -> SortReport:
     """Sort every image under `src` into `dest/<predicted label>/` with the artifact in `model_dir`.
 
     The caller checked the folders (`check_folders`) and created `dest`. Copies are recorded through
     `sink` (which also lists the flagged ones in `dest/_review.csv`). Fills and returns `report`.
-    With `remote`, the files are only listed here and `remote` decodes, predicts and copies them.
+    With `remote`, the files are only listed here and `remote` decodes, predicts and copies them. `workers`:
+    the caller's `start_model_workers(model_dir, options)`, now this run's (else they start here).
 
     Raises:
         ModelError: the artifact does not load or has class names that cannot be folders.
@@ -148,24 +162,24 @@ def sort_into(
     # Start decoding now: the worker processes start, load the model and decode and predict the first chunks
     # while the model is checked here and the tree is counted. Two batches in flight give slack for uneven
     # decode times. A remote engine gets the list instead (listed here, so resume works as for a local sort).
-    workers = 0
+    count = 0  # decode workers
     if remote is not None:
         stream: DecodeStream | SerialStream | _Listed = _Listed(list(todo()))
     else:
-        workers, chunk = default_workers(options.workers), 4
-        setup = WorkerSetup(model_workers.load_model, (str(model_dir), options.runtime, options.precision),
-                            preload=(model_workers.__name__,), check=model_workers.check_model)
-        stream = decode_stream(todo(), image_size, workers=workers, chunk=chunk,
-                               prefetch=max(4 * workers, 2 * options.batch_size // chunk), describe=sink.describe,
-                               decode_fn=model_workers.decode_and_predict if workers else decode_chunk, setup=setup)
+        start = workers or start_model_workers(model_dir, options)
+        count, chunk = (start.workers if start is not None else 0), 4
+        stream = decode_stream(todo(), image_size, workers=count, chunk=chunk,
+                               prefetch=max(4 * count, 2 * options.batch_size // chunk), describe=sink.describe,
+                               decode_fn=model_workers.decode_and_predict if count else decode_chunk,
+                               setup=start.setup if start is not None else None, start=start)
     try:
         # With workers, they load the model (what fails there is raised at the first read, before any copy) and
         # this process needs only model.json; it loads the model itself when it predicts (no workers) or a
         # remote engine needs it.
         predictor = None
-        if remote is not None or not workers:
+        if remote is not None or not count:
             predictor = Predictor(model_dir, options.runtime, precision=options.precision,
-                                  threads=model_threads(workers) if remote is None else None)
+                                  threads=model_threads(count) if remote is None else None)
         classes = list(spec["classes"])
         check_classes(classes)
         check_category_folders(dest, classes + ([options.other_folder] if has_familiarity(spec) else []))
@@ -175,7 +189,7 @@ def sort_into(
         raise
     report.model_version = spec_version(spec, model_dir)
     logger.info("sorting %s -> %s with %s (run %s)", src, dest, predictor or f"{report.model_version} in "
-                f"{workers} workers", report.run_id)
+                f"{count} workers", report.run_id)
     on_progress(processed, total)
 
     placement = _Placement(src, dest, classes, get_strategy(point["strategy"]), point["threshold"], options)
