@@ -162,12 +162,12 @@ def sort_into(
     # Start decoding now: the worker processes start, load the model and decode and predict the first chunks
     # while the model is checked here and the tree is counted. Two batches in flight give slack for uneven
     # decode times. A remote engine gets the list instead (listed here, so resume works as for a local sort).
-    count = 0  # decode workers
+    count, chunk = 0, 4  # decode workers, photos per worker task
     if remote is not None:
         stream: DecodeStream | SerialStream | _Listed = _Listed(list(todo()))
     else:
         start = workers or start_model_workers(model_dir, options)
-        count, chunk = (start.workers if start is not None else 0), 4
+        count = start.workers if start is not None else 0
         stream = decode_stream(todo(), image_size, workers=count, chunk=chunk,
                                prefetch=max(4 * count, 2 * options.batch_size // chunk), describe=sink.describe,
                                decode_fn=model_workers.decode_and_predict if count else decode_chunk,
@@ -200,7 +200,9 @@ def sort_into(
         assert predictor is not None
         predicted = _placed_batches(remote(stream.paths, model_dir, predictor), report)
     else:
-        predicted = _predicted_batches(stream, predictor, options.batch_size, report, clock)
+        # The workers predicted each chunk: placed (and copied) as it arrives, so the last copies start with the
+        # last chunk, not after a batch of `batch_size` filled up (the model here batches by `batch_size`)
+        predicted = _predicted_batches(stream, predictor, chunk if count else options.batch_size, report, clock)
     disk_full: OSError | None = None  # a full disk stops the run; what was copied is recorded, then reported
     try:
         for batch, prediction, placed, failures in predicted:
