@@ -23,6 +23,8 @@ each round; the limits measured right before and right after the sort and averag
 within each round, and the median is reported with every round printed.
 Caveat: the naive baseline is slow (~1-4 images/s), so `--naive-n` times it on a subset (default: all N,
 split over the rounds); its one-off `load_learner` is not timed (ours: model load and process start are).
+Round 1's sort also starts the fork server its workers fork from (~0.35 s, as every `sortloop sort` process
+does); later rounds reuse it, as `sortloop serve` does. Each round says which.
 
 usage: .venv/bin/python bench/sort.py [--n 200] [--naive-n N] [--rounds 3] [--workers 2] [--keep]
        (quick check: --n 40 --naive-n 10 --rounds 1)
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import resource
 import shutil
@@ -165,8 +168,6 @@ def _warm(path: Path) -> None:
 def decode_limit(paths: list[Path], workers: int) -> tuple[float, list[np.ndarray]]:
     """Draft decode alone, in `workers` processes that started and decoded a photo before the clock starts:
     the decoders' speed, not their start (which the sort pays, as `sortloop sort` does)."""
-    import multiprocessing
-
     if workers <= 0:
         _decode(paths[0])
         start = time.perf_counter()
@@ -280,7 +281,9 @@ def main() -> None:
                   f"sort/limit {row['sort'] / row['used']:.0%}  (float limit before/after the sort "
                   f"{row['limit_before']:.1f}/{row['limit_after']:.1f}; load average {os.getloadavg()[0]:.1f})",
                   flush=True)
-            print("  profile: " + profile(row["stages"], len(paths)), flush=True)
+            forked = r == 0 and workers and "forkserver" in multiprocessing.get_all_start_methods()
+            print("  profile: " + profile(row["stages"], len(paths)) + ("; this sort started the fork server"
+                  if forked else ""), flush=True)
         peak_main = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
         def med(key: str) -> float:

@@ -45,6 +45,7 @@ from loop.learning.deployment import deploy  # noqa: E402
 from loop.learning.train import train  # noqa: E402
 from loop.model.artifact import load_predictor, read_spec, softmax  # noqa: E402
 from loop.scoring.flagging import estimate, settings_point  # noqa: E402
+from loop.scoring.paired import binomial_p  # noqa: E402
 from loop.scoring.strategies import score  # noqa: E402
 from loop.scoring.unfamiliar import (  # noqa: E402
     bounded_threshold,
@@ -288,6 +289,11 @@ def run_seed(seed: int, out_paths: list[Path], out_feats: np.ndarray, out_kind: 
         "catch_today_on_kept": float((flagged_today & wrong & kept).sum() / max(1, (wrong & kept).sum())),
         "catch_with_unfamiliar": float(((flagged | sent_in) & wrong).sum() / max(1, wrong.sum())),
         "mistakes_sent": float((wrong & sent_in).sum() / max(1, wrong.sum())),
+        # counts, pooled over seeds for the paired test (mistakes on kept photos caught by one set of flags only)
+        "counts": {"wrong": int(wrong.sum()), "caught_today": int((flagged_today & wrong).sum()),
+                   "wrong_kept": int((wrong & kept).sum()), "caught_kept": int((flagged & wrong & kept).sum()),
+                   "kept_only_new": int((flagged & ~flagged_today & wrong & kept).sum()),
+                   "kept_only_today": int((flagged_today & ~flagged & wrong & kept).sum())},
         "n_in": len(y), "n_out": len(out_feats), "gap": gap,
     }
     print(f"\n--- seed {seed}: labeled {len(labeled)} photos, test in-scope {len(y)} "
@@ -352,6 +358,13 @@ def main() -> None:
           f"{mean['catch_today_on_kept']:.2f}; with the unfamiliar flag, of "
           f"every in-scope mistake: {mean['catch_with_unfamiliar']:.2f}); "
           f"{mean['mistakes_sent']:.0%} of today's mistakes go to _other")
+    pooled = {k: sum(r["counts"][k] for r in runs) for k in runs[0]["counts"]}
+    gained, lost = pooled["kept_only_new"], pooled["kept_only_today"]
+    print(f"  pooled over seeds: flags' catch today {pooled['caught_today']}/{pooled['wrong']} mistakes "
+          f"({pooled['caught_today'] / max(1, pooled['wrong']):.3f}); on kept photos {pooled['caught_kept']}/"
+          f"{pooled['wrong_kept']} ({pooled['caught_kept'] / max(1, pooled['wrong_kept']):.3f}); on the same kept "
+          f"mistakes, caught only by the flags sized on kept photos {gained}, only by today's flags {lost} "
+          f"(one-sided exact McNemar, kept flags worse: p={binomial_p(lost, gained + lost):.3g})")
     held = [r["held_out"] for r in runs if "held_out" in r]
     if held:
         print(f"  held-out furniture class (near out-of-scope): AUROC {np.mean([h['auroc'] for h in held]):.3f}, "
