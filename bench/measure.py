@@ -56,6 +56,39 @@ class PeakRSS:
         self._thread.join()
 
 
+class Steal:
+    """Share of CPU time the hypervisor gave to other guests while the block ran (Linux /proc/stat "steal";
+    None elsewhere): a shared VM's speed drifts with it, and a round whose sort saw more of it than its
+    limits did is slower for reasons outside the code."""
+
+    def __enter__(self) -> Steal:
+        self.share: float | None = None
+        self._start = _cpu_times()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = _cpu_times()
+        if self._start and end:
+            total = sum(end) - sum(self._start)
+            self.share = (end[7] - self._start[7]) / total if total > 0 else 0.0
+
+
+def _cpu_times() -> list[int] | None:
+    try:
+        with open("/proc/stat") as fh:
+            return [int(v) for v in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def settle() -> None:
+    """Write back the dirty pages of earlier work (the photos just generated, a baseline's unsynced copies)
+    before a timed part starts, so the kernel's writeback of them does not run inside it: a timed sort still
+    pays for its own copies (it fsyncs them)."""
+    if hasattr(os, "sync"):  # POSIX
+        os.sync()
+
+
 @contextmanager
 def scratch_folder(prefix: str, *, keep: bool = False) -> Iterator[Path]:
     """A temp folder for a benchmark's generated photos and workspace; removed afterwards unless `keep`."""

@@ -14,6 +14,9 @@ noise so they compress like real photos, ~2 MB each; written to a temp folder, n
                 clock starts, as the forward pass's model is loaded before it). Decode and forward share
                 the same cores, so the ceiling for the pipeline is 1 / (1/decode + 1/forward), printed for
                 the float and the INT8 forward pass. (b) sorts with whichever model the INT8 gate allows.
+                Before each timed part the dirty pages of earlier work are written back (`bench.measure.settle`):
+                the generated photos and the naive loop's unsynced copies were flushed by the kernel inside
+                later sorts (100-170 MB dirty throughout a run).
 
 Targets: (b) >= 10x (a), and (b) >= 90% of the limit of the precision it sorts in (INT8 when the model's
 INT8 gate passed, `loop.model.quantize`). Each round prints the sort's per-stage profile (`SortReport.stages`).
@@ -48,7 +51,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.measure import PeakRSS, scratch_folder  # noqa: E402
+from bench.measure import PeakRSS, Steal, scratch_folder, settle  # noqa: E402
 
 IKEA = REPO.parent / "shared" / "data" / "ikea_products"
 SIZE = (4000, 3000)
@@ -242,6 +245,7 @@ def main() -> None:
         rows = []
 
         def limits(other: bool = False) -> dict[str, float]:
+            settle()
             speeds = {}
             speeds["decode"], arrays = decode_limit(paths, workers)
             batches = [np.stack(arrays[i:i + batch]) for i in range(0, len(arrays), batch)]
@@ -255,12 +259,15 @@ def main() -> None:
             # The limits are measured right before and right after the sort, and averaged: the machine's speed
             # drifts within a round (the limit moved 24 -> 34 images/s between rounds of one run), and the mean
             # of both sides follows a drift during the sort instead of taking the speed of the minute before.
-            before = limits(other=r == 0)
+            with Steal() as steal_before:
+                before = limits(other=r == 0)
+            settle()  # the limits wrote nothing; the naive loop's and the generator's copies are written back
             start = time.perf_counter()
-            with PeakRSS() as children:
+            with PeakRSS() as children, Steal() as steal_sort:
                 report = sort_folder(ws, scratch / "photos", scratch / f"sorted{r}")
             sort_s = time.perf_counter() - start
-            after = limits()
+            with Steal() as steal_after:
+                after = limits()
             row = before | {key: (before[key] + after[key]) / 2 for key in after}
             row["limit"] = 1.0 / (1.0 / row["decode"] + 1.0 / row["forward"])
             row["limit_int8"] = 1.0 / (1.0 / row["decode"] + 1.0 / row["int8"])
@@ -282,6 +289,9 @@ def main() -> None:
                   f"{row['limit_before']:.1f}/{row['limit_after']:.1f}; load average {os.getloadavg()[0]:.1f})",
                   flush=True)
             forked = r == 0 and workers and "forkserver" in multiprocessing.get_all_start_methods()
+            if steal_sort.share is not None:
+                print(f"  CPU stolen by the hypervisor: limits before {steal_before.share:.1%}, sort "
+                      f"{steal_sort.share:.1%}, limits after {steal_after.share:.1%}", flush=True)
             print("  profile: " + profile(row["stages"], len(paths)) + ("; this sort started the fork server"
                   if forked else ""), flush=True)
         peak_main = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
