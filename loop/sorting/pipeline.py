@@ -159,9 +159,10 @@ def sort_into(
                 pass  # the decoder reports it with the reason
             yield path
 
-    # Start decoding now: the worker processes start, load the model and decode and predict the first chunks
-    # while the model is checked here and the tree is counted. Two batches in flight give slack for uneven
-    # decode times. A remote engine gets the list instead (listed here, so resume works as for a local sort).
+    # Start decoding now (if the caller did not start the workers already): the worker processes start, load
+    # the model and decode and predict the first chunks while model.json is checked here and the tree is
+    # counted. Two batches in flight give slack for uneven decode times. A remote engine gets the list instead
+    # (listed here, so resume works as for a local sort).
     count, chunk = 0, 4  # decode workers, photos per worker task
     if remote is not None:
         stream: DecodeStream | SerialStream | _Listed = _Listed(list(todo()))
