@@ -185,14 +185,21 @@ def test_each_flush_writes_the_manifest_once_and_its_review_csv_is_the_one_read_
     """A flush commits its new rows and their predictions in one manifest write, and lists the flagged copies
     from the tables it just wrote: the same `_review.csv` as a rebuild that reads both back."""
     from loop.sorting import pipeline
+    from loop.sorting.copier import Copier
     from loop.sorting.folder import _WorkspaceSink
     from loop.sorting.review_csv import write_review_csv
 
     deploy_copy(ws, sort_model)
     src = tmp_path / "inbox"
     photos = sample_ikea(shared_data, src, per_class=3, classes=4)
-    monkeypatch.setattr(pipeline, "FLUSH_EVERY", 3)  # several flushes in one run
-    monkeypatch.setenv("SORTLOOP_SORT__BATCH_SIZE", "3")
+    monkeypatch.setattr(pipeline, "FLUSH_EVERY", 3)  # several flushes in one run: copies collected as each
+    real_collect = Copier.collect  # batch is placed (not when their threads happen to finish), so a flush is due
+
+    def collect_all(self, wait: bool = False) -> None:
+        real_collect(self, wait=True)
+
+    monkeypatch.setattr(Copier, "collect", collect_all)
+    monkeypatch.setenv("SORTLOOP_SORT__BATCH_SIZE", "3")  # the batches of a sort without workers too
     monkeypatch.setenv("SORTLOOP_SORT__FLAG_BUDGET", "0.5")  # about half flagged: a list to compare
     fresh = Workspace(ws.root)
     writes: list[Path] = []
