@@ -38,7 +38,15 @@ from loop import __version__
 from loop.choices import check_choice
 from loop.errors import ModelError, SortloopError
 from loop.learning.registry import current_model_dir
-from loop.model.artifact import INT8_FILE, ONNX_FILE, SPEC_FILE, check_artifact, check_files, read_spec
+from loop.model.artifact import (
+    INT8_FILE,
+    ONNX_FILE,
+    SPEC_FILE,
+    check_artifact,
+    check_files,
+    read_spec,
+    spec_version,
+)
 from loop.scoring.flagging import describe, settings_point
 from loop.sorting.folder import sort_options
 from loop.sorting.pipeline import check_classes
@@ -160,7 +168,7 @@ def build_bundle(
     try:
         shutil.copytree(frozen, stage, symlinks=True)
         _write_model(ws, model_dir, spec, stage / MODEL_FOLDER, built_at)
-        info = {"model_version": spec.get("version", model_dir.name), "built_at": built_at,
+        info = {"model_version": spec_version(spec, model_dir), "built_at": built_at,
                 "sortloop": __version__, "system": f"{platform.system()} {platform.machine()}",
                 "platform": target, "sorter": _executable(stage).name, "classes": list(spec["classes"]),
                 "flags": describe(settings_point(spec, ws.settings.sort)),
@@ -299,7 +307,7 @@ def _write_model(ws: Workspace, model_dir: Path, spec: dict, target: Path, built
         shutil.copy2(model_dir / reference, target / reference)
         files["unfamiliar"] = reference
     options = sort_options(ws)
-    full = {**spec, "version": spec.get("version", model_dir.name),
+    full = {**spec, "version": spec_version(spec, model_dir),
             "sorting": {"flag_strategy": options.flag_strategy, "flag_target": options.flag_target,
                         "flag_budget": options.flag_budget, "flag_threshold": options.flag_threshold,
                         "keep_tree": options.keep_tree, "batch_size": options.batch_size,

@@ -87,9 +87,12 @@ def load_records(ws: Workspace, dest_root: Path | None = None) -> pd.DataFrame:
     from loop.tables import read_table
 
     df = read_table(records_path(ws), RECORD_COLUMNS)
-    if dest_root is not None:
-        df = df[df["dest_root"] == str(dest_root)].reset_index(drop=True)
-    return df
+    return df if dest_root is None else records_under(df, dest_root)
+
+
+def records_under(df: pd.DataFrame, dest_root: Path) -> pd.DataFrame:
+    """The records of copies sorted into the destination root `dest_root`."""
+    return df[df["dest_root"] == str(dest_root)].reset_index(drop=True)
 
 
 def append_records(ws: Workspace, rows: list[dict]) -> pd.DataFrame:

@@ -245,7 +245,7 @@ class _WorkspaceSink:
                            taken_at=p.rec.taken_at) for p in placed]
         predict = prediction_change({p.rec.image_id or "": (p.label, p.conf, p.score, p.flagged) for p in placed},
                                     report.model_version, {p.rec.image_id or "" for p in placed if p.unfamiliar})
-        committed: list[pd.DataFrame] = []
+        committed: list[pd.DataFrame] = []  # the manifest as this flush commits it, for _review.csv below
 
         def predictions(df: pd.DataFrame) -> pd.DataFrame:
             committed.append(predict(df))

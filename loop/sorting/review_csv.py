@@ -51,7 +51,7 @@ def pending_rows(ws: Workspace, dest: Path, tables: Tables | None = None) -> lis
 
     from loop.data import manifest
 
-    every = copies.load_records(ws, dest) if tables is None else tables[0][tables[0]["dest_root"] == str(dest)]
+    every = copies.load_records(ws, dest) if tables is None else copies.records_under(tables[0], dest)
     records = every[(every["status"] == "present") & every["flagged"].fillna(False).astype(bool)]
     from_pc = [r for r in dest_copies.read_rows(dest) if r.get("flagged") == "1"
                and r["record_id"] not in set(every["record_id"])]  # the standalone sorter's, not imported yet
