@@ -147,6 +147,11 @@ def pool_context(preload: tuple[str, ...] = ()) -> multiprocessing.context.BaseC
     main script) before its first photo, ~0.3 s of CPU each, per sort. The fork server is started once per
     process (a fresh interpreter too, so no threads), imports them once, and forks each worker from that.
 
+    Caveat: before Python 3.13 the server never imports "__main__" (CPython gh-126631: it looks for a key
+    that `spawn.get_preparation_data` no longer writes), so every worker re-runs the main script's top level
+    before its first task. Keep an entry script's module level light: the `sortloop` command's costs 2 ms,
+    `bench/sort.py`'s 11 ms; a script importing pandas there made each worker 0.5 s late.
+
     Args:
         preload: names of modules (already imported here) the workers need beyond this one; only the
             first pool of a process starts the server, so later pools' modules are imported per worker."""

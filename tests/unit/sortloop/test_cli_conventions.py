@@ -137,3 +137,16 @@ def test_labelstudio_status_does_not_call_another_workspaces_server_ours(ws, mon
     result = runner.invoke(app, ["-w", str(ws.root), "labelstudio", "status"])
     assert result.exit_code == 1
     assert "this workspace's Label Studio is NOT running; something else answers" in result.output
+
+
+def test_the_sortloop_command_s_entry_imports_nothing_heavy_for_each_worker_to_repeat():
+    """Every decode worker re-runs the parent's main script (a spawned one always; a forked one too before
+    Python 3.13, `pool_context`), and the `sortloop` command's script only imports `sortloop`: had that pulled
+    in the CLI, pandas or the model runtime, each worker of each sort would import them again first."""
+    import subprocess
+    import sys
+
+    heavy = ["pandas", "typer", "rich", "torch", "fastai", "onnxruntime", "label_studio_sdk", "loop"]
+    code = ("import sys, sortloop; print(','.join(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[1:]))))")
+    out = subprocess.run([sys.executable, "-c", code, *heavy], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"`import sortloop` imports {out.stdout.strip()}"
