@@ -76,6 +76,17 @@ def test_the_model_gets_the_cpus_the_decoders_leave(monkeypatch):
     assert decode.model_threads(2) == 6
 
 
+def _safe_copy_whole(source, tmp_path):
+    """`safe_copy` of `source` into a new folder; asserts the copy was made and is whole."""
+    folder = tmp_path / "sorted"
+    folder.mkdir()
+    st = source.stat()
+    final, copied = copies.safe_copy(source, folder, "photo.jpg", image_id="unused", size=st.st_size,
+                                     mtime_ns=st.st_mtime_ns)
+    assert copied and final.read_bytes() == source.read_bytes()
+    return final
+
+
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise: Linux and BSDs only")
 def test_a_copy_leaves_the_page_cache_only_once_it_is_on_disk(source, tmp_path, monkeypatch):
     """The copy's pages are dropped from the cache after its fsync (dropping dirty pages would do nothing, and
@@ -86,12 +97,7 @@ def test_a_copy_leaves_the_page_cache_only_once_it_is_on_disk(source, tmp_path, 
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: (
         events.append(("drop" if advice == os.POSIX_FADV_DONTNEED else advice, os.fstat(fd).st_ino)),
         real_fadvise(fd, offset, length, advice))[1])
-    folder = tmp_path / "sorted"
-    folder.mkdir()
-    st = source.stat()
-    final, copied = copies.safe_copy(source, folder, "photo.jpg", image_id="unused", size=st.st_size,
-                                     mtime_ns=st.st_mtime_ns)
-    assert copied and final.read_bytes() == source.read_bytes()
+    final = _safe_copy_whole(source, tmp_path)
     copy_inode = final.stat().st_ino
     mine = [what for what, inode in events if inode == copy_inode]
     assert mine[:2] == ["fsync", "drop"]
@@ -102,9 +108,4 @@ def test_a_file_system_that_refuses_the_advice_still_gets_its_copy(source, tmp_p
         raise OSError(errno.EINVAL, "not supported")
 
     monkeypatch.setattr(os, "posix_fadvise", refuse, raising=False)
-    folder = tmp_path / "sorted"
-    folder.mkdir()
-    st = source.stat()
-    final, copied = copies.safe_copy(source, folder, "photo.jpg", image_id="unused", size=st.st_size,
-                                     mtime_ns=st.st_mtime_ns)
-    assert copied and final.read_bytes() == source.read_bytes()
+    _safe_copy_whole(source, tmp_path)
