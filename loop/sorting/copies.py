@@ -367,8 +367,8 @@ def _write_temp(src: Path, folder: Path, name: str, image_id: str, size: int, mt
 def drop_from_cache(fd: int) -> None:
     """Let the kernel drop the page cache of a copy just fsynced (clean pages, so none are lost).
 
-    Why: a sort writes each copy once and never reads it back. Kept cached, a sort of 50,000 photos fills the
-    page cache with 100 GB of copies, pushing out what the machine does read (the photos still to decode);
+    Why: a sort writes each copy once and never reads it back. Kept cached, a sort of 50,000 photos (100 GB of
+    copies) cycles all free memory through them, pushing out what the machine does read;
     and on the 2-vCPU VM of `bench/sort.py` each fresh cache page cost the copy threads CPU the decoders
     needed (the main process's system time grew 0.3 -> 1.7 s from one 200-photo sort to the fourth, the
     sort's speed 49 -> 41 photos/s; dropped, it stays at 0.3-0.5 s). A no-op where `posix_fadvise` is
