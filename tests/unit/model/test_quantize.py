@@ -70,9 +70,11 @@ def test_gate_records_its_paired_test_measured_against_float(ws, sort_model, pho
 
 def test_int8_gate_on_real_photos_passes_the_recipe_and_refuses_a_damaged_model(trained_ikea, tmp_path,
                                                                                 monkeypatch) -> None:
-    """Both directions on real validation photos: the recipe (stem and classifier kept in float) passes;
-    quantising every layer is refused (measured: 42 of 73 photos agree with float and confidence moves by 0.158
-    on average; against the labels it loses 14 and gains 11, so here the confidence rule is what refuses it)."""
+    """Both directions on real validation photos: the recipe (stem and classifier kept in float) passes; a damaged
+    INT8 model (every layer quantised, scales calibrated on photos at a quarter of their brightness, so real
+    photos' activations clip; measured: accuracy 0.658 -> 0.466 on 73 photos, McNemar p=0.014) is refused for the
+    loss. Quantising every layer alone is not damage enough to test with: with
+    ONNX Runtime 1.32 it loses 0 photos, gains 4 and is refused only by confidence moving 0.053 > 0.05."""
     from loop.data.resized import load_resized
     from loop.learning.gate import user_valid_rows
     from loop.model.estimates import class_indices
@@ -89,12 +91,11 @@ def test_int8_gate_on_real_photos_passes_the_recipe_and_refuses_a_damaged_model(
     images = np.stack([load_resized(ws, i, size) for i in rows["image_id"]])
     calibration = np.stack([load_resized(ws, i, size) for i in manifest_train_ids(ws)[:64]])
     monkeypatch.setattr(quantize, "sensitive_nodes", lambda path: [])  # quantise every layer
-    damaged = quantize.quantize_artifact(model_dir, calibration, images,
+    damaged = quantize.quantize_artifact(model_dir, calibration // 4, images,
                                          class_indices(rows["label"], read_spec(model_dir)["classes"]))
     print(damaged["reason"])
     assert not damaged["passed"] and damaged["reason"].startswith("kept float")
-    assert damaged["lost"] > damaged["gained"] and (damaged["p"] < 0.05 or "class significantly worse"
-                                                    in damaged["reason"] or damaged["mean_prob_diff"] > 0.02)
+    assert damaged["lost"] > damaged["gained"] and damaged["p"] < quantize.DEFAULT_ALPHA
 
 
 def test_int8_may_not_send_significantly_more_in_scope_photos_to_other(trained_ikea) -> None:
