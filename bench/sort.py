@@ -16,7 +16,12 @@ noise so they compress like real photos, ~2 MB each; written to a temp folder, n
                 the float and the INT8 forward pass. (b) sorts with whichever model the INT8 gate allows.
                 Before each timed part the dirty pages of earlier work are written back (`bench.measure.settle`):
                 the generated photos and the naive loop's unsynced copies were flushed by the kernel inside
-                later sorts (100-170 MB dirty throughout a run).
+                later sorts (100-170 MB dirty throughout a run). And the photos are read once right before each
+                timed part (`bench.measure.read_into_cache`), so each reads them from memory: the VM's proactive
+                reclaim pages out files untouched for a minute.
+  --cold       - also, each round, (b) on photos dropped from the page cache first (read from disk, as a sort of
+                photos nobody opened today), twice: with the read-ahead the decode stream asks for as it queues
+                work (`loop.data.images.read_ahead`) and with it replaced by a no-op (the baseline).
 
 Targets: (b) >= 10x (a), and (b) >= 90% of the limit of the precision it sorts in (INT8 when the model's
 INT8 gate passed, `loop.model.quantize`). Each round prints the sort's per-stage profile (`SortReport.stages`).
@@ -29,7 +34,7 @@ split over the rounds); its one-off `load_learner` is not timed (ours: model loa
 Round 1's sort also starts the fork server its workers fork from (~0.35 s, as every `sortloop sort` process
 does); later rounds reuse it, as `sortloop serve` does. Each round says which.
 
-usage: .venv/bin/python bench/sort.py [--n 200] [--naive-n N] [--rounds 3] [--workers 2] [--keep]
+usage: .venv/bin/python bench/sort.py [--n 200] [--naive-n N] [--rounds 3] [--workers 2] [--cold] [--keep]
        (quick check: --n 40 --naive-n 10 --rounds 1)
 """
 
@@ -45,13 +50,14 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.measure import PeakRSS, Steal, scratch_folder, settle  # noqa: E402
+from bench.measure import PeakRSS, Steal, evict_from_cache, read_into_cache, scratch_folder, settle  # noqa: E402
 
 IKEA = REPO.parent / "shared" / "data" / "ikea_products"
 SIZE = (4000, 3000)
@@ -204,6 +210,26 @@ def profile(stages: dict[str, float], n: int) -> str:
     return ", ".join(parts) + f", main: start-up + rest {rest * 1000 / n:.1f} ms ({rest / total:.0%}) per photo"
 
 
+def cold_sorts(ws, paths: list[Path], scratch: Path, r: int) -> dict[str, float]:
+    """(b) twice on photos dropped from the page cache: without read-ahead (the baseline) and with it, the order
+    swapped every round (a disk or hypervisor cache below this machine's may serve the second read faster)."""
+    from loop.data import decode
+    from loop.sorting.folder import sort_folder
+
+    speeds = {}
+    both = [("cold_off", lambda paths: None), ("cold_on", decode.read_ahead)]
+    for key, advise in both if r % 2 == 0 else both[::-1]:
+        evict_from_cache(paths)
+        with mock.patch.object(decode, "read_ahead", advise):
+            start = time.perf_counter()
+            report = sort_folder(ws, scratch / "photos", scratch / f"{key}{r}")
+            speeds[key] = len(paths) / (time.perf_counter() - start)
+            speeds[key + "_read_ms"] = report.stages.get("worker_hash", 0.0) * 1000 / len(paths)
+        if not report.ok or report.copied != len(paths):
+            raise SystemExit(f"cold sort did not copy everything: {report.summary()}")
+    return speeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200, help="number of large JPEGs (>= 200 for the record)")
@@ -211,6 +237,8 @@ def main() -> None:
                         help="images for the slow naive baseline (default n; 0 skips it)")
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: sort.workers)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (b) and (c); best is kept")
+    parser.add_argument("--cold", action="store_true",
+                        help="also sort from a cold page cache, with and without read-ahead")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -246,6 +274,7 @@ def main() -> None:
 
         def limits(other: bool = False) -> dict[str, float]:
             settle()
+            read_into_cache(paths)
             speeds = {}
             speeds["decode"], arrays = decode_limit(paths, workers)
             batches = [np.stack(arrays[i:i + batch]) for i in range(0, len(arrays), batch)]
@@ -262,6 +291,7 @@ def main() -> None:
             with Steal() as steal_before:
                 before = limits(other=r == 0)
             settle()  # the limits wrote nothing; the naive loop's and the generator's copies are written back
+            read_into_cache(paths)  # in memory, as for the limits
             start = time.perf_counter()
             with PeakRSS() as children, Steal() as steal_sort:
                 report = sort_folder(ws, scratch / "photos", scratch / f"sorted{r}")
@@ -278,10 +308,17 @@ def main() -> None:
             if not report.ok or report.copied != len(paths):
                 raise SystemExit(f"sort did not copy everything: {report.summary()}")
             row["used"] = row["limit_int8"] if sorts_int8 else row["limit"]
+            if args.cold:
+                row |= cold_sorts(ws, paths, scratch, r)
             part = paths[r * naive_n // args.rounds:(r + 1) * naive_n // args.rounds]  # each image once
             row["naive"] = naive_sort(learner, part, scratch / "naive_sorted") if part else float("nan")
             row["naive_n"] = len(part)
             rows.append(row)
+            if args.cold:
+                print(f"  cold page cache: sort {row['cold_on']:.1f} images/s with read-ahead, {row['cold_off']:.1f} "
+                      f"without ({row['cold_on'] / row['cold_off']:.2f}x); warm {row['sort']:.1f}; workers' read + "
+                      f"sha256 {row['cold_on_read_ms']:.1f} vs {row['cold_off_read_ms']:.1f} ms a photo (warm "
+                      f"{row['stages'].get('worker_hash', 0.0) * 1000 / len(paths):.1f})", flush=True)
             print(f"round {r + 1}: naive {row['naive']:.1f} ({len(part)} images), sort {row['sort']:.1f}, "
                   f"decode {row['decode']:.1f}, forward {row['forward']:.1f} (int8 {row['int8']:.1f}), limit "
                   f"{row['used']:.1f} images/s  -> sort/naive {row['sort'] / row['naive']:.1f}x, "
@@ -325,6 +362,11 @@ def main() -> None:
               "(the most any pipeline could gain here)")
         print(f"{default_rt} / {other_rt} forward = {rows[0]['forward'] / rows[0][other_rt]:.2f}x "
               f"-> default runtime: {default_rt}")
+        if args.cold:
+            gains = [row["cold_on"] / row["cold_off"] for row in rows]
+            print(f"cold page cache: read-ahead / none = {np.median(gains):.2f}x median (rounds: "
+                  f"{', '.join(f'{x:.2f}' for x in gains)}); cold with read-ahead / warm = "
+                  f"{np.median([row['cold_on'] / row['sort'] for row in rows]):.0%} median")
         print(f"peak RSS: main {peak_main:.0f} MB (includes the fastai baseline), "
               f"largest decode worker {children.child_mb:.0f} MB")
 

@@ -38,6 +38,7 @@ from loop.data.images import (
     exif_time_raw,
     open_image,
     perceptual_hash,
+    read_ahead,
     read_hashed,
     resize_and_crop,
 )
@@ -307,6 +308,7 @@ class DecodeStream:
             if not block:
                 return
             task = _Task(block, None, self.generation)
+            read_ahead(block)  # the disk reads these while the workers decode the tasks before them
             self._submit(task)
             self.queue.append(task)
 

@@ -16,7 +16,7 @@ import logging
 import os
 import stat
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +86,31 @@ def check_regular_file(path: Path) -> os.stat_result:
 
 
 READ_WHOLE_MAX_BYTES = 64 << 20  # files up to this size are read once, then hashed and decoded from memory
+
+
+def read_ahead(paths: Iterable[Path]) -> None:
+    """Ask the kernel to start reading these files (their first READ_WHOLE_MAX_BYTES) into memory now, and return.
+
+    Why: a decode worker reads a photo, then decodes it; from a cold disk each read is a wait in which its CPU
+    idles. Advised as a task is queued (the decode stream keeps several ahead), the disk reads the next photos
+    while the workers decode the ones before (`bench/sort.py --cold` measures both). Advice only: a file that
+    is not a regular one is left alone (opening a FIFO would block), and where `posix_fadvise` is missing
+    (Windows, macOS) or refused, nothing happens."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # the decoder reports it with the reason
+        try:
+            os.posix_fadvise(fd, 0, READ_WHOLE_MAX_BYTES, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
