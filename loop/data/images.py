@@ -10,6 +10,7 @@ Caveat: draft decoding depends on the requested size, so a resized cache must be
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -100,15 +101,13 @@ def read_ahead(paths: Iterable[Path]) -> None:
         return
     for path in paths:
         try:
-            if not stat.S_ISREG(os.stat(path).st_mode):
-                continue
+            check_regular_file(path)
             fd = os.open(path, os.O_RDONLY)
-        except OSError:
+        except (OSError, ImageError):
             continue  # the decoder reports it with the reason
         try:
-            os.posix_fadvise(fd, 0, READ_WHOLE_MAX_BYTES, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
+            with contextlib.suppress(OSError):  # advice only
+                os.posix_fadvise(fd, 0, READ_WHOLE_MAX_BYTES, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
 

@@ -73,8 +73,8 @@ def test_int8_gate_on_real_photos_passes_the_recipe_and_refuses_a_damaged_model(
     """Both directions on real validation photos: the recipe (stem and classifier kept in float) passes; a damaged
     INT8 model (every layer quantised, scales calibrated on photos at a quarter of their brightness, so real
     photos' activations clip; measured: accuracy 0.658 -> 0.466 on 73 photos, McNemar p=0.014) is refused for the
-    loss. Quantising every layer alone is not damage enough to test with: with
-    ONNX Runtime 1.32 it loses 0 photos, gains 4 and is refused only by confidence moving 0.053 > 0.05."""
+    loss. Quantising every layer alone is not damage enough to test with: with ONNX Runtime 1.32 it loses 0
+    photos, gains 4 and is refused only by confidence moving 0.053 > 0.05."""
     from loop.data.resized import load_resized
     from loop.learning.gate import user_valid_rows
     from loop.model.estimates import class_indices
