@@ -5,7 +5,9 @@ photos with random crops, flips, colour jitter and noise; written to a temp fold
 in one run:
 
   - sorts each folder, recording images/s, peak RSS of the main process (sampled, since ru_maxrss never
-    decreases) and of the largest decode worker; prints RSS(N2) / RSS(N1) per process: target <= 1.2;
+    decreases) and of the largest decode worker; prints RSS(N2) / RSS(N1) per process: target <= 1.2; and the
+    time its flushes took (manifest, copy records, `_review.csv`: they rewrite tables that grow with the
+    workspace, the N2 sort's from N1 to N1 + N2 rows);
   - `scan` of the N2 tree and a rerun of the N2 sort that has nothing to do, each against a plain
     `os.walk` + `stat` of the same tree (the least any tool must do to notice changes): the ratio is
     their cost over that floor.
@@ -109,8 +111,10 @@ def main() -> None:
             if not report.ok or report.copied != n:
                 raise SystemExit(f"sort did not copy everything: {report.summary()}")
             rows[n] = {"rate": n / seconds, "main": rss.main_mb, "worker": rss.child_mb}
+            record_s = report.stages.get("record", 0.0)  # the flushes of manifest, copy records and _review.csv
             print(f"sort {n:6d}: {n / seconds:6.1f} images/s, peak RSS main {rss.main_mb:.0f} MB, "
-                  f"largest worker {rss.child_mb:.0f} MB  (load average {os.getloadavg()[0]:.1f})", flush=True)
+                  f"largest worker {rss.child_mb:.0f} MB, records {record_s:.1f} s ({record_s / seconds:.1%} of "
+                  f"the sort)  (load average {os.getloadavg()[0]:.1f})", flush=True)
 
         a, b = rows[args.n1], rows[args.n2]
         print()

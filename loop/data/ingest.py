@@ -264,7 +264,8 @@ def register_images(
     path = manifest.manifest_path(ws)
     with locked(path):
         df = read_table(path, manifest.COLUMNS)
-        present = set(df["image_id"].dropna())
+        ids = [i.image_id for i in infos]
+        present = set(df.loc[df["image_id"].isin(ids), "image_id"])  # not a set of the whole manifest per flush
         fresh, seen = [], set()
         for info in infos:
             if info.image_id in present or info.image_id in seen:

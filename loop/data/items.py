@@ -42,8 +42,13 @@ def exif_taken_at(img: Image.Image) -> pd.Timestamp | None:
     return parse_exif_time(exif_time_raw(img))
 
 
-def _hash_bits(hashes: Sequence[str]) -> np.ndarray:
-    return np.array([int(h, 16) for h in hashes], dtype=np.uint64)
+def _hash_bits(hashes: Sequence[str] | pd.Series) -> np.ndarray:
+    """pHash hex strings -> uint64 bits. Every flush of a sort parses the whole manifest's hashes, so hashes of
+    16 digits (as `perceptual_hash` writes them) are parsed in one `bytes.fromhex`, not one int() each."""
+    text = hashes.to_numpy(dtype=object) if isinstance(hashes, pd.Series) else list(hashes)
+    if all(len(h) == 16 for h in text):
+        return np.frombuffer(bytes.fromhex("".join(text)), dtype=">u8").astype(np.uint64)
+    return np.array([int(h, 16) for h in text], dtype=np.uint64)
 
 
 def _popcount64(x: np.ndarray) -> np.ndarray:
@@ -96,9 +101,9 @@ def assign_items(
     # Hash bits and labels are known up front; the pool grows as rows get their item (`size`).
     known = existing.dropna(subset=["phash"])
     joining = new.loc[todo & new["phash"].notna().to_numpy()]
-    pool_bits = _hash_bits([*known["phash"], *joining["phash"]])
-    pool_labels = np.array([None if pd.isna(x) else str(x) for x in [*known["label"], *joining["label"]]], object)
-    pool_items: list[str] = list(known["item_id"])
+    pool_bits = _hash_bits(pd.concat([known["phash"], joining["phash"]]).astype("string"))
+    pool_labels = pd.concat([known["label"], joining["label"]]).astype("string").to_numpy(object, na_value=None)
+    pool_items: list[str] = known["item_id"].to_numpy(object).tolist()
     bursts = _Bursts(existing, burst_seconds) if burst_seconds > 0 else None
     items, rules = new["item_id"].tolist(), new["item_rule"].tolist()
     columns = zip(new["image_id"], new["path"], new["phash"], new["label"], new["taken_at"], strict=True)

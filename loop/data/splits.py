@@ -39,9 +39,10 @@ def assign_splits(df: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
     df = df.copy()
     has_split = df["split"].notna()
     item_split = df.loc[has_split].groupby("item_id")["split"].first()
-    # 1. New rows of items that already have a side inherit it.
-    inherit = ~has_split & df["item_id"].isin(item_split.index)
-    df.loc[inherit, "split"] = df.loc[inherit, "item_id"].map(item_split)
+    # 1. New rows of items that already have a side inherit it (a lookup, not `isin`: pandas' isin on Arrow strings
+    # makes a scalar per value, and a shop's manifest has tens of thousands of items; this runs on every flush).
+    inherited = df.loc[~has_split, "item_id"].map(item_split).dropna()
+    df.loc[inherited.index, "split"] = inherited
 
     # 2. Labeled items with no side yet are new items: place them per (source, label) stratum.
     labeled = df[df["label"].notna()]

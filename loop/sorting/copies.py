@@ -110,7 +110,9 @@ def append_records(ws: Workspace, rows: list[dict]) -> pd.DataFrame:
     key = ["source_path", "dest_path", "image_id"]
 
     def change(df: pd.DataFrame) -> pd.DataFrame:
-        known = set(df.loc[df["status"] == "present", key].itertuples(index=False, name=None))
+        # Only records of these images can match: filtered in pandas first, as the table holds every copy ever made
+        same = df["image_id"].isin(new["image_id"]) & df["status"].eq("present").fillna(False)
+        known = set(df.loc[same, key].itertuples(index=False, name=None))
         fresh = new[[k not in known for k in new[key].itertuples(index=False, name=None)]].drop_duplicates(key)
         return pd.concat([df, fresh], ignore_index=True) if len(df) else fresh
 

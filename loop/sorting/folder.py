@@ -215,10 +215,12 @@ class _WorkspaceSink:
 
     def __init__(self, ws: Workspace, dest: Path, done: pd.DataFrame) -> None:
         self.ws, self.dest = ws, dest
-        self.known = {(p, int(s), int(m)) for p, s, m in zip(
-            done["source_path"], done["source_size"].fillna(-1), done["source_mtime_ns"].fillna(-1), strict=True)}
-        self.known_ids = {(p, i): rid for p, i, rid in zip(done["source_path"], done["image_id"],
-                                                           done["record_id"], strict=True)}
+        # Zipped as numpy columns (a sorted tree holds tens of thousands of records; iterating pandas' Arrow
+        # strings is ~10x slower)
+        paths, ids, rids = (done[c].to_numpy(object) for c in ("source_path", "image_id", "record_id"))
+        sizes, mtimes = (done[c].fillna(-1).to_numpy("int64").tolist() for c in ("source_size", "source_mtime_ns"))
+        self.known = set(zip(paths.tolist(), sizes, mtimes, strict=True))
+        self.known_ids = dict(zip(zip(paths.tolist(), ids.tolist(), strict=True), rids.tolist(), strict=True))
         self.touched: dict[str, dict] = {}
         # _review.csv was rebuilt by a flush of this run: nothing since changes what it lists (unflagged
         # copies and touched records do not), so the run's end need not rebuild it a second time.

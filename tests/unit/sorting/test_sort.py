@@ -192,7 +192,7 @@ def test_each_flush_writes_the_manifest_once_and_its_review_csv_is_the_one_read_
     deploy_copy(ws, sort_model)
     src = tmp_path / "inbox"
     photos = sample_ikea(shared_data, src, per_class=3, classes=4)
-    monkeypatch.setattr(pipeline, "FLUSH_EVERY", 3)  # several flushes in one run: copies collected as each
+    monkeypatch.setattr(pipeline, "FLUSH_SECONDS", 0.0)  # several flushes in one run: copies collected as each
     real_collect = Copier.collect  # batch is placed (not when their threads happen to finish), so a flush is due
 
     def collect_all(self, wait: bool = False) -> None:
