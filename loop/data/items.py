@@ -72,6 +72,43 @@ def nearest_by_hash(query: np.uint64, pool: np.ndarray, max_distance: int, allow
     return j if dist[j] <= max_distance else -1
 
 
+INDEXED_MAX_DISTANCE = 7  # up to this distance the pool is searched by blocks of >= 8 bits; beyond, compared whole
+
+
+class _NearDuplicateIndex:
+    """The pool's hashes by blocks of bits, so a photo is compared only with the photos that could be within
+    `max_distance` bits of it, not with the whole manifest (every new photo of every flush did that: O(new x
+    manifest), 0.9 s a flush of 3,000 photos at 20,000).
+
+    Why it finds every match (pigeonhole): cut 64 bits into `max_distance + 1` blocks; two hashes that differ
+    in at most `max_distance` bits agree exactly on at least one block. Each block's values are kept sorted, so
+    the photos agreeing with a query on a block are one `searchsorted` range.
+    """
+
+    def __init__(self, pool: np.ndarray, max_distance: int) -> None:
+        self.edges = [] if max_distance > INDEXED_MAX_DISTANCE else \
+            np.linspace(0, 64, max_distance + 2).round().astype(int).tolist()
+        self.blocks = []
+        for keys in self._keys(pool):
+            order = np.argsort(keys, kind="stable")
+            self.blocks.append((keys[order], order))
+
+    def _keys(self, bits: np.ndarray) -> list[np.ndarray]:
+        return [(bits >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+                for lo, hi in zip(self.edges[:-1], self.edges[1:], strict=True)]
+
+    def candidates(self, query: np.uint64, size: int) -> np.ndarray:
+        """Ascending pool indices below `size` that may lie within the distance of `query` (a superset)."""
+        if not self.edges:
+            return np.arange(size)
+        found = []
+        for (keys, order), key in zip(self.blocks, self._keys(np.array([query], np.uint64)), strict=True):
+            lo, hi = np.searchsorted(keys, key[0], "left"), np.searchsorted(keys, key[0], "right")
+            found.append(order[lo:hi])
+        near = np.unique(np.concatenate(found))
+        return near[near < size]
+
+
 def single_item_id(image_id: str) -> str:
     return f"img-{image_id[:16]}"
 
@@ -104,6 +141,7 @@ def assign_items(
     pool_bits = _hash_bits(pd.concat([known["phash"], joining["phash"]]).astype("string"))
     pool_labels = pd.concat([known["label"], joining["label"]]).astype("string").to_numpy(object, na_value=None)
     pool_items: list[str] = known["item_id"].to_numpy(object).tolist()
+    index = _NearDuplicateIndex(pool_bits, near_duplicate_distance)
     bursts = _Bursts(existing, burst_seconds) if burst_seconds > 0 else None
     items, rules = new["item_id"].tolist(), new["item_rule"].tolist()
     columns = zip(new["image_id"], new["path"], new["phash"], new["label"], new["taken_at"], strict=True)
@@ -112,12 +150,14 @@ def assign_items(
             item, rule = None, None
             size = len(pool_items)
             if not pd.isna(phash) and size:
+                query = _hash_bits([phash])[0]
+                near = index.candidates(query, size)
                 # Photos with two different labels cannot show the same item, however alike they look.
-                labels = pool_labels[:size]
-                allowed = pd.isna(labels) | (labels == label) if not pd.isna(label) else np.ones(size, bool)
-                j = nearest_by_hash(_hash_bits([phash])[0], pool_bits[:size], near_duplicate_distance, allowed)
+                labels = pool_labels[near]
+                allowed = pd.isna(labels) | (labels == label) if not pd.isna(label) else np.ones(len(near), bool)
+                j = nearest_by_hash(query, pool_bits[near], near_duplicate_distance, allowed)
                 if j >= 0:
-                    item, rule = pool_items[j], "near_duplicate"
+                    item, rule = pool_items[near[j]], "near_duplicate"
             if item is None and bursts is not None and not pd.isna(taken):
                 item = bursts.nearest(str(path), taken)
                 rule = "burst" if item else None

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -104,7 +106,7 @@ def category_of(path: Path, dest: Path, other_folder: str | None = None) -> str 
     return None if class_name_problem(name) is not None else name  # "_x", ".x", "CONIN$"...: not a category
 
 
-def _recorded_stat(rec: pd.Series) -> tuple[int, int] | None:
+def _recorded_stat(rec: Mapping[str, Any]) -> tuple[int, int] | None:
     size, mtime = rec["dest_size"], rec["dest_mtime_ns"]
     if pd.isna(size) or pd.isna(mtime):
         return None
@@ -153,11 +155,12 @@ def _scan(ws: Workspace, dest: Path, on_progress: ProgressCallback) -> ScanRepor
         on_disk[str(path)] = (st.st_size, st.st_mtime_ns)
 
     updates: dict[str, dict] = {}
-    missing: list[pd.Series] = []
+    missing: list[dict[str, Any]] = []
     claimed: set[str] = set()
     now = manifest.now_utc()
-    classes = set(manifest.load(ws)["label"].dropna().astype(str))  # a move into a twin of one is refused
-    for i, (_, rec) in enumerate(present.iterrows()):
+    classes = {str(c) for c in manifest.load(ws)["label"].dropna().unique()}  # a move into a twin of one is refused
+    # Rows as plain dicts: a tree holds tens of thousands of copies, and iterrows builds a Series per row (~25x slower)
+    for i, rec in enumerate(present.astype(object).to_dict("records")):
         report.checked += 1
         stat = on_disk.get(rec["dest_path"])
         if stat is not None and stat == _recorded_stat(rec):

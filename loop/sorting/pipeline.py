@@ -24,7 +24,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -325,6 +325,9 @@ class _Placement:
     strategy: Strategy
     threshold: float | None  # None: no flags
     options: SortOptions
+    # (folder, source folder) -> the copy's folder: the same for every photo of a source folder, so it is worked
+    # out (a few stats: sub-folders matched to existing ones ignoring case) once per run, not per photo
+    folders: dict[tuple[str, Path], Path] = field(default_factory=dict)
 
     def submit(self, batch: list[Decoded], prediction: Prediction, placed: list[Done] | None, sink: Sink,
                copier: Copier, report: SortReport) -> None:
@@ -339,8 +342,11 @@ class _Placement:
             unfamiliar = options.unfamiliar and prediction.unfamiliar is not None and bool(prediction.unfamiliar[i])
             flagged = unfamiliar or (self.threshold is not None and float(s) >= self.threshold)
             folder = options.other_folder if unfamiliar else self.classes[k]
-            copier.submit(rec, self.classes[k], float(p[k]), float(s), flagged,
-                          copies.category_folder(self.dest, folder, self.src, rec.path, keep_tree=options.keep_tree),
+            key = (folder, rec.path.parent)
+            if key not in self.folders:
+                self.folders[key] = copies.category_folder(self.dest, folder, self.src, rec.path,
+                                                           keep_tree=options.keep_tree)
+            copier.submit(rec, self.classes[k], float(p[k]), float(s), flagged, self.folders[key],
                           done=placed[i] if placed is not None else None, category=folder, unfamiliar=unfamiliar)
 
 

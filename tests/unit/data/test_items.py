@@ -67,3 +67,48 @@ def test_near_duplicates_join_existing_items_of_a_manifest_read_from_parquet_unl
     assert out.loc[f"{'n1':0<64}", "item_id"] == "item-1" and out.loc[f"{'n1':0<64}", "item_rule"] == "near_duplicate"
     assert out.loc[f"{'n2':0<64}", "item_rule"] == "single"
     assert out.loc[f"{'n3':0<64}", "item_rule"] == "single"
+
+
+def _brute_force_items(existing: pd.DataFrame, new: pd.DataFrame, distance: int) -> list[str]:
+    """The near-duplicate rule by definition: each new photo against every earlier one, nearest first, ties to the
+    earliest, never across two labels; else its own item."""
+    pool = [(int(h, 16), lab, item) for h, lab, item in
+            zip(existing.phash, existing.label, existing.item_id, strict=True)]
+    items = []
+    for image_id, h, lab in zip(new.image_id, new.phash, new.label, strict=True):
+        bits = int(h, 16)
+        best = min(((bin(bits ^ b).count("1"), i) for i, (b, other, _) in enumerate(pool)
+                    if pd.isna(lab) or pd.isna(other) or other == lab), default=(65, -1))
+        item = pool[best[1]][2] if best[0] <= distance else single_item_id(image_id)
+        items.append(item)
+        pool.append((bits, lab, item))
+    return items
+
+
+def test_near_duplicate_search_by_blocks_finds_what_comparing_every_pair_finds() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    bases = rng.integers(0, 2**63, size=60, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+
+    def photos(n: int, tag: str) -> pd.DataFrame:
+        """n hashes, each a base with 0-4 random bits flipped (so distances around the limit), random labels."""
+        hashes, labels = [], []
+        for _ in range(n):
+            bits = int(bases[rng.integers(len(bases))])
+            for b in rng.choice(64, size=int(rng.integers(0, 5)), replace=False):
+                bits ^= 1 << int(b)
+            hashes.append(f"{bits:016x}")
+            labels.append([None, "table", "chair"][int(rng.integers(3))])
+        rows = _rows([(f"{tag}{i}", "a", None) for i in range(n)])
+        rows["phash"], rows["label"] = hashes, labels
+        return rows
+
+    for distance in (0, 1, 2, 3, 10):  # 10: beyond INDEXED_MAX_DISTANCE, every pair is compared
+        existing = photos(300, "e")
+        existing["item_id"] = [f"item-{i}" for i in range(len(existing))]
+        new = photos(300, "n")
+        out = assign_items(new, existing, near_duplicate_distance=distance, burst_seconds=0)
+        assert out["item_id"].tolist() == _brute_force_items(existing, new, distance)
+        joined = (out["item_rule"] == "near_duplicate").sum()
+        assert 0 < joined < len(new)  # both outcomes occur, so the comparison means something
