@@ -57,9 +57,9 @@ from loop.sorting.report import SortReport
 logger = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 30.0  # between flushes of the records. A flush rewrites the workspace's tables, so its cost grows with
-#                       the workspace (0.6 s at 50,000 photos: every 256 photos it was 11% of a sort); on a clock, its
-#                       share stays small at any size. A crash loses no copies: a rerun finds them identical at their
-#                       destination and records them then.
+#                       the workspace (flushed every 256 photos, a sort of 20,000 spent 27.5% of its time flushing:
+#                       bench/sort_scale.py); on a clock, its share stays small at any size. A crash loses no copies:
+#                       a rerun finds them identical at their destination and records them then.
 
 
 @dataclass
