@@ -159,7 +159,7 @@ def _scan(ws: Workspace, dest: Path, on_progress: ProgressCallback) -> ScanRepor
     claimed: set[str] = set()
     now = manifest.now_utc()
     classes = {str(c) for c in manifest.load(ws)["label"].dropna().unique()}  # a move into a twin of one is refused
-    # Rows as plain dicts: a tree holds tens of thousands of copies, and iterrows builds a Series per row (~25x slower)
+    # Rows as plain dicts: a tree holds tens of thousands of copies, and iterrows builds a Series per row
     for i, rec in enumerate(present.astype(object).to_dict("records")):
         report.checked += 1
         stat = on_disk.get(rec["dest_path"])

@@ -215,8 +215,8 @@ class _WorkspaceSink:
 
     def __init__(self, ws: Workspace, dest: Path, done: pd.DataFrame) -> None:
         self.ws, self.dest = ws, dest
-        # Zipped as numpy columns (a sorted tree holds tens of thousands of records; iterating pandas' Arrow
-        # strings is ~10x slower)
+        # Zipped as numpy columns: a sorted tree holds tens of thousands of records, and iterating pandas' Arrow
+        # strings costs ~1 µs an element
         paths, ids, rids = (done[c].to_numpy(object) for c in ("source_path", "image_id", "record_id"))
         sizes, mtimes = (done[c].fillna(-1).to_numpy("int64").tolist() for c in ("source_size", "source_mtime_ns"))
         self.known = set(zip(paths.tolist(), sizes, mtimes, strict=True))
