@@ -217,10 +217,10 @@ class _WorkspaceSink:
         self.ws, self.dest = ws, dest
         # Zipped as numpy columns: a sorted tree holds tens of thousands of records, and iterating pandas' Arrow
         # strings costs ~1 µs an element
-        paths, ids, rids = (done[c].to_numpy(object) for c in ("source_path", "image_id", "record_id"))
+        paths, ids, rids = (done[c].to_numpy(object).tolist() for c in ("source_path", "image_id", "record_id"))
         sizes, mtimes = (done[c].fillna(-1).to_numpy("int64").tolist() for c in ("source_size", "source_mtime_ns"))
-        self.known = set(zip(paths.tolist(), sizes, mtimes, strict=True))
-        self.known_ids = dict(zip(zip(paths.tolist(), ids.tolist(), strict=True), rids.tolist(), strict=True))
+        self.known = set(zip(paths, sizes, mtimes, strict=True))
+        self.known_ids = dict(zip(zip(paths, ids, strict=True), rids, strict=True))
         self.touched: dict[str, dict] = {}
         # _review.csv was rebuilt by a flush of this run: nothing since changes what it lists (unflagged
         # copies and touched records do not), so the run's end need not rebuild it a second time.

@@ -55,9 +55,9 @@ def pending_rows(ws: Workspace, dest: Path, tables: Tables | None = None) -> lis
     records = every[(every["status"] == "present") & every["flagged"].fillna(False).astype(bool)]
     # Rebuilt on every flush of a sort, over tables of tens of thousands of rows: columns go through numpy
     # (iterating pandas' Arrow strings costs ~1 µs an element)
-    imported = set(every["record_id"].to_numpy(object))
-    from_pc = [r for r in dest_copies.read_rows(dest) if r.get("flagged") == "1"
-               and r["record_id"] not in imported]  # the standalone sorter's, not imported yet
+    pc_flagged = [r for r in dest_copies.read_rows(dest) if r.get("flagged") == "1"]  # the standalone sorter's
+    imported = set(every["record_id"].to_numpy(object)) if pc_flagged else set()
+    from_pc = [r for r in pc_flagged if r["record_id"] not in imported]  # not imported by a scan yet
     if records.empty and not from_pc:
         return []
     df = manifest.load(ws) if tables is None else tables[1]
