@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import itertools
 import os
 import shutil
@@ -302,6 +303,7 @@ def test_interrupted_run_resumes_without_duplicates(deployed, shared_data, tmp_p
     monkeypatch.setattr(copies.os, "link", dying_link)
     with pytest.raises(KeyboardInterrupt):
         sort_folder(deployed, src, dest)
+    assert gc.get_freeze_count() == 0  # the run's frozen heap is back in the collector's care
     monkeypatch.setattr(copies.os, "link", real_link)
     assert not [p for p in dest.rglob("*") if p.name.startswith(".") and p.is_file()]  # no half files
     assert 3 <= len(files_under(dest)) < 6  # the 4th copy died; copies already in flight may have landed
@@ -313,6 +315,16 @@ def test_interrupted_run_resumes_without_duplicates(deployed, shared_data, tmp_p
     assert report.copied + report.identical_existing + report.already_sorted == 6
     hashes = [file_sha256(p) for p in files_under(dest)]
     assert len(hashes) == 6 and len(set(hashes)) == 6
+
+
+def test_the_heap_is_frozen_for_the_run_only(deployed, shared_data, tmp_path) -> None:
+    """The objects from before the run skip the collector's full passes while it runs (loop.sorting.pipeline)."""
+    sample_ikea(shared_data, tmp_path / "inbox", per_class=1, classes=3)
+    during: list[int] = []
+    report = sort_folder(deployed, tmp_path / "inbox", tmp_path / "sorted",
+                         on_progress=lambda done, total: during.append(gc.get_freeze_count()))
+    assert report.copied == 3
+    assert max(during) > 1000 and gc.get_freeze_count() == 0
 
 
 @pytest.mark.parametrize("read_whole", [True, False], ids=["read-once", "large-file-streamed"])
