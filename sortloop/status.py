@@ -91,7 +91,7 @@ def _describe_unfamiliar(section: dict, sort) -> str:
 
 def _sort_precision(ws: Workspace, spec: dict[str, Any]) -> dict[str, Any]:
     """Which model file `sort` runs (INT8 or float) and why, from the version's INT8 gate verdict."""
-    from loop.model.artifact import int8_passed
+    from loop.model.artifact import INT8_WEIGHT_BITS, int8_passed
 
     verdict = spec.get("int8") or {}
     if ws.settings.sort.runtime == "onnx" and ws.settings.sort.precision == "int8":
@@ -103,6 +103,10 @@ def _sort_precision(ws: Workspace, spec: dict[str, Any]) -> dict[str, Any]:
     if not verdict:
         return {"int8": False, "reason": "float: this version has no INT8 model (trained before INT8, or model.int8 "
                                          "= false)"}
+    if verdict.get("passed") and not int8_passed(spec):
+        return {"int8": False, "reason": f"float: this version's INT8 model has 8-bit weights (quantised before "
+                                         f"{INT8_WEIGHT_BITS}-bit ones), which give other answers on CPUs without "
+                                         "VNNI than where its gate passed; the next train quantises again"}
     return {"int8": int8_passed(spec), "reason": verdict.get("reason", "")}
 
 

@@ -47,6 +47,10 @@ WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # written by loop.model.quantize; used only when model.json["int8"]["passed"]
+# INT8 weights use 7 of their 8 bits (loop.model.quantize): then every CPU computes the same sums, so the gate's
+# verdict, measured where the model trained, holds on the PC that sorts. An INT8 file without this mark in its
+# verdict ("weight_bits") is not used by precision "auto".
+INT8_WEIGHT_BITS = 7
 ONNX_OPSET = 17
 FEATURES_OUTPUT = "features"  # the ONNX graph's second output (models exported before it have only logits)
 RUNTIMES = ("onnx", "torch")
@@ -405,8 +409,14 @@ def load_predictor(model_dir: Path | str, runtime: str = "onnx", *, threads: int
 
 
 def int8_passed(spec: dict) -> bool:
-    """Whether the version has an INT8 ONNX model that passed its agreement gate."""
-    return bool((spec.get("int8") or {}).get("passed"))
+    """Whether the version has an INT8 ONNX model that passed its gate and computes the same on every CPU.
+
+    Why the second condition: an INT8 file quantised with 8-bit weights (before INT8_WEIGHT_BITS) gives other
+    answers on CPUs without VNNI, whose int16 sums saturate, than on the machine whose gate passed it (measured
+    on an AMD EPYC with AVX2 only: the bench model agreed with float on 50 of 64 photos there, 62 of 64 on the
+    machine it passed on). Such a version sorts in float until it is trained again."""
+    verdict = spec.get("int8") or {}
+    return bool(verdict.get("passed")) and verdict.get("weight_bits") == INT8_WEIGHT_BITS
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

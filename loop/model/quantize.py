@@ -1,7 +1,14 @@
 """INT8 artifact: a statically quantised copy of `model.onnx`, used by `sort` only when it passes its own gate.
 
 On 2 cores the forward pass, not JPEG decoding, bounds sorting speed; ONNX Runtime's INT8 kernels (uint8
-activations, int8 per-channel weights, QDQ format) run EfficientNet-Lite about 2x faster than float.
+activations, int8 per-channel weights, QDQ format) run EfficientNet-Lite 1.5-2x faster than float.
+The weights use 7 bits (`reduce_range`, INT8_WEIGHT_BITS): on x86 CPUs without VNNI (AVX2 only, as many office
+PCs) ONNX Runtime multiplies uint8 by int8 and adds pairs into int16, which saturates with 8-bit weights
+(255 * 127 * 2 > 32767); with 7 bits no pair sum can (255 * 64 * 2 < 32767), so CPUs with and without VNNI compute
+the same integer sums and the gate's verdict, taken where the model trained, holds on the PC that sorts (ONNX
+Runtime's quantization guide advises reduce_range on non-VNNI CPUs). Measured by bench/sort.py's INT8 gate line
+(its model is seeded: the same file every run): 8-bit weights agreed with float on 62 of 64 photos on the machines
+of waves 10-14 and on 50 of 64 on an AVX2-only AMD EPYC; 7-bit weights there: see docs/benchmarks.md.
 Calibration uses training photos (activation ranges by MinMax). The layers that quantisation hurts most stay
 in float: the first `FLOAT_STEM_CONVS` convolutions (the stem's BatchNorm has near-zero-variance channels
 that amplify small input changes), the last 1x1 convolution and the classifier (the folded StandardScaler
@@ -17,8 +24,9 @@ score, if it sends significantly more of the validation photos (all in scope) to
 (one-sided binomial on the photos only one of them sends there; the threshold was calibrated on float
 features). Not a fixed agreement share: with
 187 validation photos 99.5% agreement fails on a single photo, which is noise, not a loss. The verdict and
-its numbers go into `model.json["int8"]`; the Predictor loads the INT8 file only when `passed` is true,
-so a model that quantises badly simply keeps sorting in float (and `sortloop status` says why).
+its numbers go into `model.json["int8"]`; the Predictor loads the INT8 file only when `passed` is true and its
+`weight_bits` are INT8_WEIGHT_BITS, so a model that quantises badly simply keeps sorting in float (and
+`sortloop status` says why).
 
 Caveat: quantisation needs the `train` extra's `onnx` package and costs ~15-60 s per version on 2 cores;
 `model.int8 = false` turns it off. Without labels (`bench/sort.py`) the float model's own guesses stand in
@@ -37,7 +45,15 @@ import numpy as np
 
 from loop.atomic import write_json_atomic
 from loop.data.images import file_sha256, normalise
-from loop.model.artifact import FEATURES_OUTPUT, INT8_FILE, ONNX_FILE, SPEC_FILE, read_spec, softmax
+from loop.model.artifact import (
+    FEATURES_OUTPUT,
+    INT8_FILE,
+    INT8_WEIGHT_BITS,
+    ONNX_FILE,
+    SPEC_FILE,
+    read_spec,
+    softmax,
+)
 from loop.scoring.paired import Paired, binomial_p, class_tests, holm, loss_test
 from loop.scoring.unfamiliar import Familiarity, load_familiarity
 
@@ -92,12 +108,12 @@ def quantize_artifact(model_dir: Path | str, calibration: np.ndarray, validation
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(model_dir / ONNX_FILE), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(Path(tmp) / INT8_FILE), _Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=sensitive_nodes(prepared))
+                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,  # INT8_WEIGHT_BITS
+                        weight_type=QuantType.QInt8, nodes_to_exclude=sensitive_nodes(prepared))
         (Path(tmp) / INT8_FILE).replace(model_dir / INT8_FILE)
 
     verdict = int8_gate(model_dir, validation, labels, classes=spec["classes"], mean=mean, std=std, alpha=alpha,
-                        familiarity=load_familiarity(model_dir, spec))
+                        familiarity=load_familiarity(model_dir, spec)) | {"weight_bits": INT8_WEIGHT_BITS}
     spec["int8"] = verdict
     spec.setdefault("checksums", {})[INT8_FILE] = file_sha256(model_dir / INT8_FILE)  # checked where it is loaded
     write_json_atomic(model_dir / SPEC_FILE, spec, indent=2, default=str)

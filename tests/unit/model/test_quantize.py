@@ -12,7 +12,7 @@ import pytest
 from loop.data.images import load_model_input, normalise
 from loop.learning.registry import current_model_dir
 from loop.model import quantize
-from loop.model.artifact import INT8_FILE, load_predictor, read_spec, softmax
+from loop.model.artifact import INT8_FILE, INT8_WEIGHT_BITS, load_predictor, read_spec, softmax
 from loop.sorting import copies
 from loop.sorting.folder import sort_folder
 from tests.helpers.sorting import deploy_copy, sample_ikea
@@ -191,6 +191,47 @@ def test_float_stem_and_classifier_are_not_quantised(ws, sort_model, photos) -> 
     assert not any(int8_weights[:quantize.FLOAT_STEM_CONVS]) and not int8_weights[-1]
     assert all(int8_weights[quantize.FLOAT_STEM_CONVS:-1])
     assert not any(n.op_type in ("Gemm", "MatMul") and n.input[1] in quantised for n in graph.node)
+
+
+def test_int8_weights_use_seven_bits_so_no_cpu_saturates_their_sums(ws, sort_model, photos) -> None:
+    """Every quantised weight lies in [-64, 64] (symmetric 7 bits): ONNX Runtime's AVX2 kernels (no VNNI) add pairs of uint8 * int8
+    products in int16, which 8-bit weights overflow, so the gate's verdict would not hold on such a PC."""
+    import onnx
+    from onnx import numpy_helper
+
+    _, batch = photos
+    model_dir = _deployed(ws, sort_model)
+    verdict = quantize.quantize_artifact(model_dir, batch[:4], batch[4:8])
+    assert verdict["weight_bits"] == INT8_WEIGHT_BITS == 7
+    graph = onnx.load(str(model_dir / INT8_FILE)).graph
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    weights = [initializers[n.input[0]] for n in graph.node
+               if n.op_type == "DequantizeLinear" and initializers.get(n.input[0], np.zeros(0)).dtype == np.int8]
+    assert len(weights) > 10
+    largest = max(int(np.abs(w.astype(np.int16)).max()) for w in weights)
+    assert 32 < largest <= 64  # 255 * 64 * 2 = 32640 fits int16; and the 7 bits are used, not a narrower range
+
+
+def test_an_int8_model_with_8_bit_weights_sorts_in_float_and_status_says_why(ws, sort_model, photos,
+                                                                             monkeypatch) -> None:
+    """A version quantised before 7-bit weights (its verdict has no weight_bits) passed its gate on the machine
+    that trained it, which says nothing about a PC without VNNI: "auto" keeps it in float until the next train."""
+    from sortloop.status import collect_status, format_status
+
+    _, batch = photos
+    model_dir = _deployed(ws, sort_model)
+    monkeypatch.setattr(quantize, "MEAN_PROB_DIFF", 1.0)
+    assert quantize.quantize_artifact(model_dir, batch[:8], batch[8:], alpha=1e-12)["passed"]
+    assert load_predictor(model_dir, precision="auto").int8
+    spec = read_spec(model_dir)
+    del spec["int8"]["weight_bits"]
+    quantize.write_json_atomic(model_dir / "model.json", spec)
+
+    assert not load_predictor(model_dir, precision="auto").int8
+    assert load_predictor(model_dir, precision="int8").int8  # the user may still force it
+    status = collect_status(ws, check_labelstudio=False)
+    assert status["model"]["sort_precision"]["int8"] is False
+    assert "8-bit weights" in format_status(status) and "VNNI" in format_status(status)
 
 
 def test_failed_export_is_recorded_and_sort_stays_float(ws, sort_model) -> None:
