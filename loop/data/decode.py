@@ -65,8 +65,9 @@ class Decoded:
     size_bytes: int = -1
     mtime_ns: int = -1
     error: str | None = None
-    hash_s: float = 0.0  # worker seconds spent hashing, and decoding (+ pHash, EXIF): the sort's profile
+    hash_s: float = 0.0  # worker seconds spent hashing, decoding, and on pHash + EXIF time: the sort's profile
     decode_s: float = 0.0
+    describe_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -99,9 +100,10 @@ def decode_one(path: Path, size: int, describe: bool = True) -> Decoded:
         # Same steps as loop.data.images.load_model_input, split so the oriented image also feeds pHash.
         img = open_image(path, draft_size=size, data=data)
         rec.pixels = np.asarray(resize_and_crop(img, size), dtype=np.uint8)
+        decoded = time.perf_counter()
         if describe:
             rec.phash, rec.taken_raw = perceptual_hash(img), exif_time_raw(img)
-        rec.hash_s, rec.decode_s = hashed - started, time.perf_counter() - hashed
+        rec.hash_s, rec.decode_s, rec.describe_s = hashed - started, decoded - hashed, time.perf_counter() - decoded
     except ImageError as exc:
         rec.error = exc.reason
     except OSError as exc:  # vanished, permission denied, symlink loop, I/O error while hashing

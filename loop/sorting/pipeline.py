@@ -389,6 +389,7 @@ def _predicted_batches(stream: DecodeStream | SerialStream, predictor: Predictor
         for rec in batch:
             stages["worker_hash"] = stages.get("worker_hash", 0.0) + rec.hash_s
             stages["worker_decode"] = stages.get("worker_decode", 0.0) + rec.decode_s
+            stages["worker_describe"] = stages.get("worker_describe", 0.0) + rec.describe_s
             stages["worker_predict"] = stages.get("worker_predict", 0.0) + getattr(rec, "predict_s", 0.0)
         yield batch, prediction, None, failures
 

@@ -33,7 +33,8 @@ class SortReport:
     per_label: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     # Where the time went (`loop.sorting.pipeline.sort_into`): the main process's wall seconds per stage (wait_decode,
-    # predict, place, copy_wait, record) and the decode workers' summed seconds (worker_hash, worker_decode)
+    # predict, place, copy_wait, record) and the decode workers' summed seconds (worker_hash, worker_decode,
+    # worker_describe: pHash + EXIF time, worker_predict)
     stages: dict[str, float] = field(default_factory=dict)
     left_for_rerun: int = 0  # decoded, but not copied because the disk filled up (a rerun copies them)
 

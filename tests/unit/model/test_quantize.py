@@ -194,8 +194,9 @@ def test_float_stem_and_classifier_are_not_quantised(ws, sort_model, photos) -> 
 
 
 def test_int8_weights_use_seven_bits_so_no_cpu_saturates_their_sums(ws, sort_model, photos) -> None:
-    """Every quantised weight lies in [-64, 64] (symmetric 7 bits): ONNX Runtime's AVX2 kernels (no VNNI) add pairs of uint8 * int8
-    products in int16, which 8-bit weights overflow, so the gate's verdict would not hold on such a PC."""
+    """Every quantised weight lies in [-64, 64] (symmetric 7 bits): ONNX Runtime's AVX2 kernels (no VNNI) add
+    pairs of uint8 * int8 products in int16, which 8-bit weights overflow, so the gate's verdict would not hold
+    on such a PC."""
     import onnx
     from onnx import numpy_helper
 

@@ -58,6 +58,7 @@ def test_sorts_real_photos_once_with_identical_bytes(deployed, shared_data, tmp_
     # the run's profile: every stage of the main process timed, the workers' hashing and decoding summed
     assert {"wait_decode", "predict", "place", "copy_wait", "record"} <= set(report.stages)
     assert report.stages["worker_hash"] > 0 and report.stages["worker_decode"] > report.stages["worker_hash"]
+    assert 0 < report.stages["worker_describe"] < report.stages["worker_decode"]  # pHash + EXIF, timed apart
     assert sum(v for k, v in report.stages.items() if not k.startswith("worker")) <= report.seconds
 
     records = copies.load_records(deployed, dest)
