@@ -117,6 +117,20 @@ def _cpu_times() -> list[int] | None:
         return None
 
 
+def cpu_summary(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU model and its integer-SIMD level, e.g. "AMD EPYC (avx2, no VNNI)": INT8 speed and, with 8-bit
+    weights, INT8 answers differ between CPUs with and without VNNI (loop.model.quantize), so a run says which."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    simd = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
+    vnni = [f for f in ("avx512_vnni", "avx_vnni") if f in flags]
+    return f"{model} ({simd}, {'VNNI: ' + ' '.join(vnni) if vnni else 'no VNNI'})"
+
+
 def settle() -> None:
     """Write back the dirty pages of earlier work (the photos just generated, a baseline's unsynced copies)
     before a timed part starts, so the kernel's writeback of them does not run inside it: a timed sort still

@@ -57,7 +57,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.measure import PeakRSS, Steal, evict_from_cache, read_into_cache, scratch_folder, settle  # noqa: E402
+from bench.measure import (  # noqa: E402
+    PeakRSS,
+    Steal,
+    cpu_summary,
+    evict_from_cache,
+    read_into_cache,
+    scratch_folder,
+    settle,
+)
 
 IKEA = REPO.parent / "shared" / "data" / "ikea_products"
 SIZE = (4000, 3000)
@@ -254,7 +262,7 @@ def main() -> None:
         paths = make_large_jpegs(scratch / "photos", args.n)
         mb = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
         print(f"made {len(paths)} JPEGs of {SIZE[0]}x{SIZE[1]} (mean {mb:.1f} MB) in {time.perf_counter() - t0:.0f} s "
-              f"on {os.cpu_count()} CPUs")
+              f"on {os.cpu_count()} CPUs: {cpu_summary()}")
         ws, net, spec = build_model(scratch)
         workers = ws.settings.sort.workers if args.workers is None else args.workers
         model_dir = current_model_dir(ws)
