@@ -50,7 +50,7 @@ from loop.data.label_sources import labeled_after_sorting
 from loop.data.resized import ensure_resized, has_resized, load_resized
 from loop.errors import ModelError
 from loop.learning import registry
-from loop.model.artifact import check_artifact, read_spec, save_artifact
+from loop.model.artifact import INT8_WEIGHT_BITS, check_artifact, read_spec, save_artifact
 from loop.model.backbones import create_network, get_backbone, weights_tag
 from loop.model.estimates import class_indices, describe_learning, learning_estimates, oof_frame
 from loop.model.evaluate import confusion_png, metrics_by_source, summary_line
@@ -118,12 +118,17 @@ def labels_fingerprint(df: pd.DataFrame) -> str:
 
 
 def recipe(ws: Workspace, mode: str, backbone: str, pretrained: bool) -> dict:
-    """The settings that change what training produces from the same labels (kept in model.json)."""
+    """The settings that change what training produces from the same labels (kept in model.json).
+
+    The INT8 model's format is part of it: a version quantised with other weight bits (an older sortloop's
+    8-bit INT8 sorts in float now, `loop.model.artifact.int8_passed`) is retrained by the next nightly run,
+    new labels or not, instead of sorting slower until labels arrive."""
     m = ws.settings.model
     out = {"mode": mode, "backbone": backbone, "image_size": m.image_size, "pretrained": pretrained,
            "seed": m.seed, "cv_folds": m.cv_folds, "calibrate": m.calibrate, "self_training": m.self_training,
            "backbone_weights_file": str(m.backbone_weights_file or ""),
-           "backbone_candidates": list(m.backbone_candidates)}
+           "backbone_candidates": list(m.backbone_candidates),
+           "int8_weight_bits": INT8_WEIGHT_BITS if m.int8 else None}
     if mode == "finetune":
         out.update(epochs=m.epochs, batch_size=m.batch_size, learning_rate=m.learning_rate)
     return out

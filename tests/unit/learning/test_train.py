@@ -85,6 +85,29 @@ def test_retrain_reuses_caches_and_gives_the_same_model(trained_ikea, tmp_path):
     assert again.metrics["user_valid"]["accuracy"] == trained_ikea[1].metrics["user_valid"]["accuracy"]
 
 
+def test_a_version_with_8_bit_int8_weights_is_retrained_without_new_labels(trained_ikea, tmp_path):
+    """After an upgrade to 7-bit INT8 weights, the newest version's INT8 sorts in float; the next nightly train
+    must not answer "nothing to train" for want of new labels, or the shop sorts slower until labels arrive."""
+    from loop.atomic import write_json_atomic
+    from loop.model.artifact import SPEC_FILE, int8_passed
+
+    ws = copy_workspace(trained_ikea[0], tmp_path / "ws")
+    ws.settings.model.cv_folds = 2  # the retrain is under test, not its metrics: keep it short
+    spec = read_spec(trained_ikea[1].model_dir)
+    spec["recipe"]["cv_folds"] = 2
+    old_dir = ws.models_dir / trained_ikea[1].version
+    old = {**spec, "recipe": {k: v for k, v in spec["recipe"].items() if k != "int8_weight_bits"},
+           "int8": {k: v for k, v in spec["int8"].items() if k != "weight_bits"}}
+    write_json_atomic(old_dir / SPEC_FILE, old, indent=2, default=str)
+    assert not int8_passed(read_spec(old_dir))
+
+    retrained = train(ws, mode="head")
+    assert not retrained.unchanged and retrained.version != trained_ikea[1].version
+    assert read_spec(retrained.model_dir)["recipe"]["int8_weight_bits"] == 7
+    assert int8_passed(read_spec(retrained.model_dir)), read_spec(retrained.model_dir)["int8"]["reason"]
+    assert train(ws, mode="head").unchanged  # and only once
+
+
 def test_labels_fingerprint_tracks_labels_not_row_order():
     df = pd.DataFrame({"image_id": ["a", "b", "c"], "label": ["x", "y", None], "split": ["train", "valid", "train"]})
     assert labels_fingerprint(df) == labels_fingerprint(df.iloc[::-1])
