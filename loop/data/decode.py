@@ -65,7 +65,8 @@ class Decoded:
     size_bytes: int = -1
     mtime_ns: int = -1
     error: str | None = None
-    hash_s: float = 0.0  # worker seconds spent hashing, decoding, and on pHash + EXIF time: the sort's profile
+    # worker seconds hashing, decoding, and on pHash + EXIF time: the sort's profile
+    hash_s: float = 0.0
     decode_s: float = 0.0
     describe_s: float = 0.0
 
