@@ -48,9 +48,8 @@ SPEC_FILE = "model.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # written by loop.model.quantize; used only when model.json["int8"]["passed"]
 # INT8 weights use 7 of their 8 bits (loop.model.quantize): CPUs with and without VNNI then compute the same
-# integer sums, so the gate's
-# verdict, measured where the model trained, holds on the PC that sorts. An INT8 file without this mark in its
-# verdict ("weight_bits") is not used by precision "auto".
+# integer sums, so the gate's verdict, measured where the model trained, holds on the PC that sorts. An INT8 file
+# without this mark in its verdict ("weight_bits") is not used by precision "auto".
 INT8_WEIGHT_BITS = 7
 ONNX_OPSET = 17
 FEATURES_OUTPUT = "features"  # the ONNX graph's second output (models exported before it have only logits)
