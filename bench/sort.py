@@ -254,6 +254,7 @@ def main() -> None:
     import torch
 
     from loop.learning.registry import current_model_dir
+    from loop.model.artifact import load_predictor
     from loop.sorting.folder import sort_folder
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -268,7 +269,8 @@ def main() -> None:
         model_dir = current_model_dir(ws)
         verdict = add_int8(model_dir)
         print(f"INT8 gate on this bench model: {'passed' if verdict['passed'] else 'refused'} ({verdict['reason']})")
-        sorts_int8 = verdict["passed"] and ws.settings.sort.precision in ("auto", "int8")
+        # what the sort's own Predictor picks (the rule has one home: loop.model.artifact), not re-derived here
+        sorts_int8 = load_predictor(model_dir, ws.settings.sort.runtime, precision=ws.settings.sort.precision).int8
         precision = "INT8" if sorts_int8 else "float"
         print(f"(b) sorts in {precision}; sort/limit is taken against the {precision} limit")
 
